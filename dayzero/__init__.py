@@ -1,0 +1,1 @@
+"""dayzero: a faithful, portable DeepSeek-V4 runtime."""
