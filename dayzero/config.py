@@ -1,0 +1,390 @@
+"""Model configuration: `ModelArgs`, built from a hub `config.json` (HF keys) or the official
+`inference/config.json` keys, plus presets with the real V4-Flash / V4-Pro / V4-Flash-0731 shapes.
+
+Layer types are kept per layer as "sliding", "csa" (overlapping compressor + lightning indexer +
+top-k) or "hca" (non-overlapping compressor, all entries); every layer also has the sliding window.
+The MTP module's block is layer id `n_layers` and is always "sliding" (v4-architecture.md 2.4).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LAYER_TYPES = ("sliding", "csa", "hca")
+_HF_LAYER_NAMES = {
+    "sliding_attention": "sliding",
+    "compressed_sparse_attention": "csa",
+    "heavily_compressed_attention": "hca",
+}
+_HF_NAME_OF = {v: k for k, v in _HF_LAYER_NAMES.items()}
+DENSE_DTYPES = ("bfloat16", "float32", "float16")
+
+
+class ConfigError(ValueError):
+    """An inconsistent or unsupported model configuration; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int = 129280
+    dim: int = 4096
+    n_layers: int = 43
+    n_heads: int = 64
+    head_dim: int = 512
+    rope_head_dim: int = 64
+    q_lora_rank: int = 1024
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    window_size: int = 128
+    layer_types: tuple[str, ...] = ()
+    compress_ratios: tuple[int, ...] = ()  # per backbone layer; 0 for sliding
+    n_hash_layers: int = 3
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    n_activated_experts: int = 6
+    moe_inter_dim: int = 2048
+    score_func: str = "sqrtsoftplus"
+    route_scale: float = 1.5
+    swiglu_limit: float = 10.0
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    rope_factor: float = 16.0  # YaRN on compressed layers; 1 or original_seq_len 0 disables it
+    original_seq_len: int = 65536
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    max_seq_len: int = 1048576
+    n_mtp_layers: int = 1
+    dtype: str = "bfloat16"  # storage dtype of dense tensors in the checkpoint
+    quant: str | None = "fp8"  # None: dense linears; "fp8": e4m3 weights, E8M0 128x128 scales
+    expert_dtype: str | None = "fp4"  # routed experts: None (as `quant`), "fp8" or "fp4"
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    extra: dict = field(default_factory=dict, compare=False, hash=False)  # unused hub keys, kept
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def nope_head_dim(self) -> int:
+        return self.head_dim - self.rope_head_dim
+
+    @property
+    def mtp_layer_type(self) -> str:
+        return "sliding"
+
+    @property
+    def routed_expert_format(self) -> str:
+        """'dense', 'fp8' (E8M0 block scales), 'fp8_f32' (fp32 block scales) or 'fp4'."""
+        if self.quant is None:
+            return "dense"
+        if self.expert_dtype in (None, "fp8"):
+            return "fp8" if self.expert_dtype is None else "fp8_f32"
+        return "fp4"
+
+    @property
+    def linear_format(self) -> str:
+        return "dense" if self.quant is None else "fp8"
+
+    def layer_type(self, layer_id: int) -> str:
+        return self.mtp_layer_type if layer_id >= self.n_layers else self.layer_types[layer_id]
+
+    def compress_ratio(self, layer_id: int) -> int:
+        return 0 if layer_id >= self.n_layers else self.compress_ratios[layer_id]
+
+    def is_hash_layer(self, layer_id: int) -> bool:
+        return layer_id < self.n_hash_layers
+
+    def replace(self, **changes: Any) -> "ModelArgs":
+        return dataclasses.replace(self, **changes)
+
+    # ---- validation -----------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        def bad(fieldname: str, why: str) -> None:
+            raise ConfigError(f"config field `{fieldname}`: {why}")
+
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_groups",
+                     "o_lora_rank", "window_size", "n_routed_experts", "n_activated_experts",
+                     "moe_inter_dim", "hc_mult", "hc_sinkhorn_iters", "index_n_heads", "index_head_dim",
+                     "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                bad(name, f"must be a positive integer, got {value!r}")
+        if len(self.layer_types) != self.n_layers:
+            bad("layer_types", f"has {len(self.layer_types)} entries but n_layers is {self.n_layers}")
+        if len(self.compress_ratios) != self.n_layers:
+            bad("compress_ratios", f"has {len(self.compress_ratios)} entries but n_layers is {self.n_layers}")
+        for i, (t, r) in enumerate(zip(self.layer_types, self.compress_ratios)):
+            if t not in LAYER_TYPES:
+                bad("layer_types", f"layer {i} has unknown type {t!r} (allowed: {', '.join(LAYER_TYPES)})")
+            if (t == "sliding") != (r == 0):
+                bad("compress_ratios", f"layer {i} is {t!r} but its compression ratio is {r}")
+            if r < 0 or (t != "sliding" and r < 2):
+                bad("compress_ratios", f"layer {i} has invalid ratio {r}")
+        if self.n_heads % self.o_groups:
+            bad("o_groups", f"{self.o_groups} does not divide n_heads={self.n_heads}")
+        if not 0 < self.rope_head_dim <= self.head_dim or self.rope_head_dim % 2:
+            bad("rope_head_dim", f"{self.rope_head_dim} must be even and in (0, head_dim={self.head_dim}]")
+        if self.rope_head_dim > self.index_head_dim:
+            bad("index_head_dim", f"{self.index_head_dim} is smaller than rope_head_dim={self.rope_head_dim}")
+        if self.n_activated_experts > self.n_routed_experts:
+            bad("num_experts_per_tok",
+                f"top-k {self.n_activated_experts} exceeds n_routed_experts={self.n_routed_experts}")
+        if self.n_shared_experts != 1:
+            bad("n_shared_experts", f"DeepSeek-V4 has exactly 1 shared expert, got {self.n_shared_experts}")
+        if not 0 <= self.n_hash_layers <= self.n_layers:
+            bad("num_hash_layers", f"{self.n_hash_layers} is outside [0, n_layers={self.n_layers}]")
+        if self.score_func not in ("sqrtsoftplus", "sigmoid", "softmax"):
+            bad("scoring_func", f"unknown scoring function {self.score_func!r}")
+        if self.index_topk <= 0:
+            bad("index_topk", f"must be positive, got {self.index_topk}")
+        if self.n_mtp_layers not in (0, 1):
+            bad("num_nextn_predict_layers", f"only 0 or 1 MTP module is supported, got {self.n_mtp_layers}")
+        if self.dtype not in DENSE_DTYPES:
+            bad("torch_dtype", f"unsupported storage dtype {self.dtype!r} (allowed: {', '.join(DENSE_DTYPES)})")
+        if self.quant not in (None, "fp8"):
+            bad("quantization_config", f"unsupported weight quantization {self.quant!r}")
+        if self.expert_dtype not in (None, "fp8", "fp4"):
+            bad("expert_dtype", f"unsupported expert dtype {self.expert_dtype!r}")
+        if self.expert_dtype is not None and self.quant is None:
+            bad("expert_dtype", f"{self.expert_dtype!r} needs a quantization_config (fp8 weights)")
+        if self.routed_expert_format == "fp4" and (self.dim % 32 or self.moe_inter_dim % 32):
+            bad("moe_intermediate_size", "FP4 experts need hidden and expert widths divisible by 32")
+        if self.index_head_dim & (self.index_head_dim - 1):
+            bad("index_head_dim", f"{self.index_head_dim} must be a power of two (Hadamard rotation)")
+
+    # ---- construction from config files ---------------------------------------------------
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ModelArgs":
+        path = Path(path)
+        cfg_path = path / "config.json"
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no config.json (not a DeepSeek-V4 checkpoint directory)") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_path}: invalid JSON ({e})") from None
+        return cls.from_dict(cfg, source=str(cfg_path))
+
+    @classmethod
+    def from_dict(cls, cfg: dict, source: str = "config") -> "ModelArgs":
+        """Accepts hub (HF) keys or official `inference/config.json` keys."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{source}: expected a JSON object")
+        try:
+            if "dim" in cfg and "hidden_size" not in cfg:
+                return cls._from_official(cfg)
+            return cls._from_hf(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        except (TypeError, KeyError) as e:
+            raise ConfigError(f"{source}: missing or malformed field {e}") from None
+
+    @classmethod
+    def _from_official(cls, c: dict) -> "ModelArgs":
+        n_layers = c["n_layers"]
+        ratios = list(c.get("compress_ratios") or [0] * n_layers)
+        types = [_type_of_ratio(r, 4) for r in ratios[:n_layers]]
+        quant = "fp8" if c.get("dtype", "bf16") == "fp8" else None
+        return cls(
+            vocab_size=c["vocab_size"], dim=c["dim"], n_layers=n_layers, n_heads=c["n_heads"],
+            head_dim=c.get("head_dim", 512), rope_head_dim=c.get("rope_head_dim", 64),
+            q_lora_rank=c["q_lora_rank"], o_groups=c["o_groups"], o_lora_rank=c["o_lora_rank"],
+            window_size=c.get("window_size", 128), layer_types=tuple(types),
+            compress_ratios=tuple(ratios[:n_layers]), n_hash_layers=c.get("n_hash_layers", 0),
+            n_routed_experts=c["n_routed_experts"], n_shared_experts=c.get("n_shared_experts", 1),
+            n_activated_experts=c["n_activated_experts"], moe_inter_dim=c["moe_inter_dim"],
+            score_func=c.get("score_func", "sqrtsoftplus"), route_scale=float(c.get("route_scale", 1.0)),
+            swiglu_limit=float(c.get("swiglu_limit", 0.0)), index_n_heads=c.get("index_n_heads", 64),
+            index_head_dim=c.get("index_head_dim", 128), index_topk=c.get("index_topk", 512),
+            hc_mult=c.get("hc_mult", 4), hc_sinkhorn_iters=c.get("hc_sinkhorn_iters", 20),
+            hc_eps=float(c.get("hc_eps", 1e-6)), norm_eps=float(c.get("norm_eps", 1e-6)),
+            rope_theta=float(c.get("rope_theta", 10000.0)),
+            compress_rope_theta=float(c.get("compress_rope_theta", 40000.0)),
+            rope_factor=float(c.get("rope_factor", 40)), original_seq_len=c.get("original_seq_len", 0),
+            beta_fast=float(c.get("beta_fast", 32)), beta_slow=float(c.get("beta_slow", 1)),
+            max_seq_len=c.get("max_seq_len", 1048576), n_mtp_layers=c.get("n_mtp_layers", 1),
+            dtype="bfloat16", quant=quant,
+            expert_dtype=(c.get("expert_dtype") if quant else None),
+        )
+
+    @classmethod
+    def _from_hf(cls, c: dict) -> "ModelArgs":
+        n_layers = c["num_hidden_layers"]
+        rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+        rates.update(c.get("compress_rates") or {})
+        csa_rate, hca_rate = rates["compressed_sparse_attention"], rates["heavily_compressed_attention"]
+        if c.get("layer_types") is not None:
+            types = []
+            for i, name in enumerate(c["layer_types"]):
+                if name not in _HF_LAYER_NAMES:
+                    raise ConfigError(f"config field `layer_types`: layer {i} has unknown type {name!r}")
+                types.append(_HF_LAYER_NAMES[name])
+            ratios = [{"sliding": 0, "csa": csa_rate, "hca": hca_rate}[t] for t in types]
+        elif c.get("compress_ratios") is not None:
+            ratios = list(c["compress_ratios"])
+            types = [_type_of_ratio(r, csa_rate) for r in ratios]
+        else:
+            raise ConfigError("config needs `layer_types` or `compress_ratios`")
+        if len(types) < n_layers:
+            raise ConfigError(f"config field `layer_types`: {len(types)} entries for {n_layers} layers")
+        if c.get("mlp_layer_types") is not None:
+            mlp = list(c["mlp_layer_types"])
+            n_hash = sum(1 for t in mlp if t == "hash_moe")
+            if mlp != ["hash_moe"] * n_hash + ["moe"] * (len(mlp) - n_hash):
+                raise ConfigError(f"config field `mlp_layer_types`: hash layers must come first, got {mlp}")
+        else:
+            n_hash = c.get("num_hash_layers", 3)
+        rope = c.get("rope_scaling") or {}
+        if not rope and isinstance(c.get("rope_parameters"), dict):
+            rope = c["rope_parameters"].get("compress", c["rope_parameters"])
+        yarn = rope.get("rope_type", rope.get("type")) == "yarn"
+        qc = c.get("quantization_config")
+        quant = None
+        if qc:
+            if qc.get("quant_method") != "fp8" or qc.get("fmt", "e4m3") != "e4m3":
+                raise ConfigError(f"config field `quantization_config`: unsupported {qc}")
+            if list(qc.get("weight_block_size", [128, 128])) != [128, 128]:
+                raise ConfigError("config field `quantization_config.weight_block_size`: only [128, 128]")
+            quant = "fp8"
+        expert_dtype = c.get("expert_dtype", (qc or {}).get("expert_dtype"))
+        if quant and expert_dtype is None:
+            expert_dtype = "fp4"  # instruct checkpoints; Base checkpoints say "fp8"
+        used = set(_HF_KEYS_USED)
+        return cls(
+            vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=n_layers,
+            n_heads=c["num_attention_heads"], head_dim=c.get("head_dim", 512),
+            rope_head_dim=c.get("qk_rope_head_dim",
+                                int(c.get("head_dim", 512) * c.get("partial_rotary_factor", 0.125))),
+            q_lora_rank=c["q_lora_rank"], o_groups=c["o_groups"], o_lora_rank=c["o_lora_rank"],
+            window_size=c.get("sliding_window", 128), layer_types=tuple(types[:n_layers]),
+            compress_ratios=tuple(ratios[:n_layers]), n_hash_layers=n_hash,
+            n_routed_experts=c["n_routed_experts"], n_shared_experts=c.get("n_shared_experts", 1),
+            n_activated_experts=c["num_experts_per_tok"], moe_inter_dim=c["moe_intermediate_size"],
+            score_func=c.get("scoring_func", "sqrtsoftplus"),
+            route_scale=float(c.get("routed_scaling_factor", 1.0)),
+            swiglu_limit=float(c.get("swiglu_limit", 0.0)), index_n_heads=c.get("index_n_heads", 64),
+            index_head_dim=c.get("index_head_dim", 128), index_topk=c.get("index_topk", 512),
+            hc_mult=c.get("hc_mult", 4), hc_sinkhorn_iters=c.get("hc_sinkhorn_iters", 20),
+            hc_eps=float(c.get("hc_eps", 1e-6)), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(c.get("rope_theta", 10000.0)),
+            compress_rope_theta=float(c.get("compress_rope_theta", 160000.0)),
+            rope_factor=float(rope.get("factor", 1.0)) if yarn else 1.0,
+            original_seq_len=int(rope.get("original_max_position_embeddings", 0)) if yarn else 0,
+            beta_fast=float(rope.get("beta_fast", 32)), beta_slow=float(rope.get("beta_slow", 1)),
+            max_seq_len=c.get("max_position_embeddings", 1048576),
+            n_mtp_layers=c.get("num_nextn_predict_layers", 0),
+            dtype=c.get("torch_dtype", c.get("dtype", "bfloat16")) or "bfloat16", quant=quant,
+            expert_dtype=expert_dtype if quant else None,
+            bos_token_id=c.get("bos_token_id", 0) or 0, eos_token_id=_first(c.get("eos_token_id", 1)),
+            extra={k: v for k, v in c.items() if k not in used},
+        )
+
+    def to_hf_dict(self) -> dict:
+        """The hub `config.json` for this model (HF keys, readable by transformers too)."""
+        rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+        rates.update({_HF_NAME_OF[t]: r for t, r in zip(self.layer_types, self.compress_ratios) if r})
+        cfg = dict(self.extra)
+        cfg.update({
+            "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
+            "vocab_size": self.vocab_size, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads, "num_key_value_heads": 1, "head_dim": self.head_dim,
+            "qk_rope_head_dim": self.rope_head_dim, "q_lora_rank": self.q_lora_rank,
+            "o_groups": self.o_groups, "o_lora_rank": self.o_lora_rank, "sliding_window": self.window_size,
+            "layer_types": [_HF_NAME_OF[t] for t in self.layer_types],
+            "compress_rates": rates,
+            "compress_ratios": list(self.compress_ratios) + [0] * self.n_mtp_layers,
+            "num_hash_layers": self.n_hash_layers,
+            "mlp_layer_types": ["hash_moe"] * self.n_hash_layers + ["moe"] * (self.n_layers - self.n_hash_layers),
+            "n_routed_experts": self.n_routed_experts, "n_shared_experts": self.n_shared_experts,
+            "num_experts_per_tok": self.n_activated_experts, "moe_intermediate_size": self.moe_inter_dim,
+            "scoring_func": self.score_func, "topk_method": "noaux_tc", "norm_topk_prob": True,
+            "routed_scaling_factor": self.route_scale, "swiglu_limit": self.swiglu_limit,
+            "index_n_heads": self.index_n_heads, "index_head_dim": self.index_head_dim,
+            "index_topk": self.index_topk, "hc_mult": self.hc_mult,
+            "hc_sinkhorn_iters": self.hc_sinkhorn_iters, "hc_eps": self.hc_eps,
+            "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
+            "compress_rope_theta": self.compress_rope_theta,
+            "max_position_embeddings": self.max_seq_len, "num_nextn_predict_layers": self.n_mtp_layers,
+            "hidden_act": "silu", "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+            "tie_word_embeddings": False, "torch_dtype": self.dtype, "attention_bias": False,
+        })
+        if self.yarn:
+            cfg["rope_scaling"] = {"type": "yarn", "factor": self.rope_factor,
+                                   "original_max_position_embeddings": self.original_seq_len,
+                                   "beta_fast": self.beta_fast, "beta_slow": self.beta_slow}
+        if self.quant:
+            cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                          "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
+            cfg["expert_dtype"] = self.expert_dtype or "fp8"
+        return cfg
+
+    @property
+    def yarn(self) -> bool:
+        return self.original_seq_len > 0 and self.rope_factor > 1
+
+
+_HF_KEYS_USED = (
+    "architectures model_type vocab_size hidden_size num_hidden_layers num_attention_heads "
+    "num_key_value_heads head_dim qk_rope_head_dim partial_rotary_factor q_lora_rank o_groups o_lora_rank "
+    "sliding_window layer_types compress_rates compress_ratios num_hash_layers mlp_layer_types "
+    "n_routed_experts n_shared_experts num_experts_per_tok moe_intermediate_size scoring_func topk_method "
+    "norm_topk_prob routed_scaling_factor swiglu_limit index_n_heads index_head_dim index_topk hc_mult "
+    "hc_sinkhorn_iters hc_eps rms_norm_eps rope_theta compress_rope_theta rope_scaling rope_parameters "
+    "max_position_embeddings num_nextn_predict_layers hidden_act bos_token_id eos_token_id "
+    "tie_word_embeddings torch_dtype dtype attention_bias quantization_config expert_dtype"
+).split()
+
+
+def _type_of_ratio(r: int, csa_rate: int) -> str:
+    if not isinstance(r, int) or r < 0:
+        raise ConfigError(f"config field `compress_ratios`: invalid ratio {r!r}")
+    return "sliding" if r == 0 else ("csa" if r == csa_rate else "hca")
+
+
+def _first(x: Any) -> int:
+    return x[0] if isinstance(x, list) else int(x)
+
+
+# ---- presets with the real shapes (v4-architecture.md sections 2 and 2.4) -------------------
+def _schedule(first: list[int], n_pairs: int, tail: list[int]) -> list[int]:
+    return first + [4, 128] * n_pairs + tail
+
+
+def flash() -> ModelArgs:
+    ratios = _schedule([0, 0], 20, [4])
+    return ModelArgs(layer_types=tuple(_type_of_ratio(r, 4) for r in ratios), compress_ratios=tuple(ratios))
+
+
+def flash_0731() -> ModelArgs:
+    """Same backbone as Flash; the three DSpark draft stages are not modelled (absent)."""
+    return flash().replace(extra={"dspark_block_size": 5, "dspark_noise_token_id": 128799,
+                                  "dspark_target_layer_ids": [40, 41, 42], "dspark_markov_rank": 256})
+
+
+def pro() -> ModelArgs:
+    ratios = _schedule([128, 128], 29, [4])
+    return ModelArgs(dim=7168, n_layers=61, n_heads=128, q_lora_rank=1536, o_groups=16,
+                     layer_types=tuple(_type_of_ratio(r, 4) for r in ratios), compress_ratios=tuple(ratios),
+                     n_routed_experts=384, moe_inter_dim=3072, route_scale=2.5, index_topk=1024)
+
+
+PRESETS = {"v4-flash": flash, "v4-pro": pro, "v4-flash-0731": flash_0731}
+
+
+def param_count(args: ModelArgs) -> int:
+    """Logical parameter count (FP4 counted as one parameter per value), MTP included."""
+    from dayzero.reference.model import Transformer  # local: config must not import model at load
+
+    import torch
+    with torch.device("meta"):
+        model = Transformer(args.replace(quant=None, expert_dtype=None))
+    return sum(math.prod(t.shape) for t in model.state_dict().values())

@@ -1,0 +1,225 @@
+"""Reference twins of every op the model uses: plain PyTorch, CPU-runnable, fp32 inside.
+
+Layout conventions written down once (v4-architecture.md 3.3, 3.8, 10.3-10.5):
+- RoPE rotates the LAST `rd` dims of a head, interleaved: pairs (2i, 2i+1) are one complex number.
+- FP8 activation simulation: blocks along the last dim, scale = 2^ceil(log2(amax/448)), amax
+  floored at 1e-4, values rounded to float8_e4m3fn and multiplied back.
+- FP4 simulation: blocks of 32, scale = 2^ceil(log2(amax/6)), amax floored at 6*2^-126, values
+  rounded to the nearest e2m1 value (ties to the even code).
+- Sparse attention indices: -1 marks "no key" (logit -inf, value 0); the per-head sink enters only
+  the softmax denominator.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+# ---- norms -------------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in fp32; the weight is applied in fp32, then one cast back."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+# ---- rotary embeddings ---------------------------------------------------------------------
+def rope_inv_freq(rd: int, base: float, factor: float = 1.0, original_seq_len: int = 0,
+                  beta_fast: float = 32.0, beta_slow: float = 1.0) -> torch.Tensor:
+    """[rd/2] fp32 inverse frequencies; YaRN (DeepSeek-V3 form, no mscale) when factor > 1 and
+    original_seq_len > 0: pairs below `low` keep their frequency, pairs above `high` are divided
+    by `factor`, a linear ramp in between."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))
+    if factor > 1 and original_seq_len > 0:
+        def corr_dim(rot: float) -> float:
+            return rd * math.log(original_seq_len / (rot * 2 * math.pi)) / (2 * math.log(base))
+        low = max(math.floor(corr_dim(beta_fast)), 0)
+        high = min(math.ceil(corr_dim(beta_slow)), rd - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(rd // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        smooth = 1 - ramp
+        inv_freq = inv_freq / factor * (1 - smooth) + inv_freq * smooth
+    return inv_freq.float()
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [...] int -> cos, sin [..., rd/2] fp32."""
+    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate the trailing 2*cos.shape[-1] dims of x (interleaved pairs); cos/sin broadcast
+    against x[..., :rd/2]. inverse=True applies the conjugate rotation (output de-rotation)."""
+    rd = 2 * cos.shape[-1]
+    nope, rope = x[..., :-rd], x[..., -rd:].float()
+    re, im = rope[..., 0::2], rope[..., 1::2]
+    if inverse:
+        sin = -sin
+    out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2)
+    return torch.cat([nope, out.to(x.dtype)], dim=-1)
+
+
+# ---- quantisation simulation ---------------------------------------------------------------
+def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
+    n = x.shape[-1]
+    pad = (-n) % block
+    xf = F.pad(x.float(), (0, pad)) if pad else x.float()
+    return xf.unflatten(-1, (-1, block)), n
+
+
+def pow2_scale(amax: torch.Tensor, qmax: float, floor: float) -> torch.Tensor:
+    """Smallest power of two s with amax / s <= qmax (UE8M0-representable scale)."""
+    return torch.exp2(torch.ceil(torch.log2(amax.clamp(min=floor) / qmax)))
+
+
+def fp8_act_sim(x: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """Quantise to FP8 e4m3 per `block` along the last dim with power-of-two scales and
+    dequantise again (the reference's act_quant, simulated)."""
+    xb, n = _blocks(x, block)
+    scale = pow2_scale(xb.abs().amax(-1, keepdim=True), FP8_MAX, 1e-4)
+    q = (xb / scale).to(torch.float8_e4m3fn).float() * scale
+    return q.flatten(-2)[..., :n].to(x.dtype)
+
+
+def fp4_round(v: torch.Tensor) -> torch.Tensor:
+    """Nearest e2m1 value for |v| <= 6, ties to the even code (as a float4 cast rounds)."""
+    grid = _E2M1.to(v.device)
+    a = v.abs().clamp(max=FP4_MAX)
+    mids = (grid[1:] + grid[:-1]) / 2
+    idx = torch.bucketize(a, mids)  # a == mid goes to the lower code
+    tie = (a == mids[idx.clamp(max=len(mids) - 1)]) & (idx % 2 == 1)
+    idx = idx + tie.long()
+    return torch.sign(v) * grid[idx]
+
+
+def fp4_act_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    xb, n = _blocks(x, block)
+    scale = pow2_scale(xb.abs().amax(-1, keepdim=True), FP4_MAX, FP4_MAX * 2.0 ** -126)
+    q = fp4_round(xb / scale) * scale
+    return q.flatten(-2)[..., :n].to(x.dtype)
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Sylvester-Hadamard rotation H_n / sqrt(n) over the last dim (n a power of 2)."""
+    n = x.shape[-1]
+    y = x.float()
+    h = 1
+    while h < n:
+        y = y.unflatten(-1, (-1, 2, h))
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2).flatten(-3)
+        h *= 2
+    return (y * n ** -0.5).to(x.dtype)
+
+
+# ---- attention ---------------------------------------------------------------------------
+def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """q [B,S,H,D], kv [B,N,D] (shared K=V), sink [H], idx [B,S,K] int (-1 = none) -> [B,S,H,D].
+
+    out = sum_s exp(l_s - M) kv_s / (sum_s exp(l_s - M) + exp(sink_h - M)), l_s = scale q.kv_s;
+    logits and accumulation in fp32."""
+    B, S, H, D = q.shape
+    valid = idx >= 0
+    gathered = torch.gather(kv.float(), 1, idx.clamp(min=0).reshape(B, -1, 1).expand(-1, -1, D))
+    gathered = gathered.view(B, S, -1, D)
+    logits = torch.einsum("bshd,bskd->bshk", q.float(), gathered) * scale
+    logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+    sink_logit = sink.float().view(1, 1, H, 1).expand(B, S, H, 1)
+    m = torch.maximum(logits.amax(-1, keepdim=True), sink_logit)
+    p = torch.exp(logits - m)
+    denom = p.sum(-1, keepdim=True) + torch.exp(sink_logit - m)
+    out = torch.einsum("bshk,bskd->bshd", p / denom, gathered)
+    return out.to(q.dtype)
+
+
+def compress_pool(kv: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Gated pooling of a compressor window: kv, gate [..., slots, C] -> [..., C];
+    per channel softmax over the slots (gate -inf = empty slot), fp32."""
+    return (kv.float() * gate.float().softmax(dim=-2)).sum(dim=-2)
+
+
+def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """q [B,S,H,Di], k [B,T,Di], w [B,S,H] -> I [B,S,T] = sum_h w_h * relu(q_h . k)."""
+    s = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu()
+    return (s * w.float()[..., None]).sum(2)
+
+
+# ---- mHC -----------------------------------------------------------------------------------
+def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int,
+                      iters: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mixes [..., (2+n)n] fp32 -> pre [..., n], post [..., n], comb [..., n, n] (rows j, cols k).
+    Sinkhorn: row softmax + eps, column normalise, then (iters-1) x (row, column) normalisation."""
+    s = scale.float()
+    b = base.float()
+    pre = torch.sigmoid(mixes[..., :n] * s[0] + b[:n]) + eps
+    post = 2 * torch.sigmoid(mixes[..., n:2 * n] * s[1] + b[n:2 * n])
+    comb = (mixes[..., 2 * n:] * s[2] + b[2 * n:]).unflatten(-1, (n, n))
+    comb = comb.softmax(-1) + eps
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return pre, post, comb
+
+
+def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., n, d] streams -> fp32 mixes [..., rows of fn], an unweighted RMSNorm over all n*d
+    values (one statistic per token) before the projection."""
+    flat = x.flatten(-2).float()
+    rsqrt = torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
+    return F.linear(flat, fn.float()) * rsqrt
+
+
+def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """sum_j pre_j X_j in fp32, cast to the stream dtype: [..., n, d] -> [..., d]."""
+    return (pre[..., None] * x.float()).sum(-2).to(x.dtype)
+
+
+def hc_post(y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """X'_k = post_k y + sum_j comb[j, k] X_j (note the transpose), fp32, cast to y's dtype."""
+    mixed = torch.einsum("...jk,...jd->...kd", comb, x.float())
+    return (post[..., None] * y.float()[..., None, :] + mixed).to(y.dtype)
+
+
+# ---- MoE -------------------------------------------------------------------------------------
+def route(logits: torch.Tensor, bias: torch.Tensor | None, topk: int, route_scale: float,
+          score_func: str = "sqrtsoftplus", hash_idx: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, E] fp32 -> (weights [N, k] fp32, expert ids [N, k]). The bias only selects;
+    weights are the unbiased scores of the chosen experts, normalised (not for softmax), scaled."""
+    logits = logits.float()
+    if score_func == "sqrtsoftplus":
+        scores = F.softplus(logits).sqrt()
+    elif score_func == "sigmoid":
+        scores = logits.sigmoid()
+    else:
+        scores = logits.softmax(-1)
+    if hash_idx is not None:
+        idx = hash_idx.long()
+    else:
+        biased = scores if bias is None else scores + bias.float()
+        idx = biased.topk(topk, dim=-1).indices
+    w = scores.gather(-1, idx)
+    if score_func != "softmax":
+        w = w / w.sum(-1, keepdim=True)
+    return w * route_scale, idx
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(min(gate, limit)) * clamp(up, -limit, limit) in fp32 (limit <= 0: no clamp)."""
+    gate, up = gate.float(), up.float()
+    if limit > 0:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(-limit, limit)
+    return F.silu(gate) * up

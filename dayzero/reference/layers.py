@@ -1,0 +1,81 @@
+"""Parameter-holding primitives of the reference model: Linear in every checkpoint format, RMSNorm.
+
+A module's parameters carry the checkpoint's storage dtype and names (`<name>.weight`,
+`<name>.scale`), so `state_dict()` of the model *is* the expected checkpoint inventory.
+Weights are dequantised on use: the reference is the spec, not the fast path.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dayzero.loader.formats import dequant_fp4, dequant_fp8_block
+from dayzero.ops import ref
+
+_STORAGE = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def storage_dtype(name: str) -> torch.dtype:
+    return _STORAGE[name]
+
+
+def _param(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T. Formats (v4-architecture.md 5.3):
+    dense   weight [out, in] in the storage dtype;
+    fp8     weight float8_e4m3fn [out, in], scale float8_e8m0fnu [ceil(out/128), ceil(in/128)];
+    fp8_f32 as fp8 with float32 block scales (Base checkpoints' experts);
+    fp4     weight int8 [out, in/2] (two e2m1 codes per byte, low nibble = even k),
+            scale float8_e8m0fnu [out, in/32].
+    With `official` numerics an FP8/FP4 weight gets its input FP8-simulated per 128 along K
+    (the reference's act_quant before fp8_gemm/fp4_gemm) unless `act_quant=False` (wo_a, which
+    the official converter dequantises to BF16)."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, dtype: torch.dtype,
+                 official: bool = False, act_quant: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.quant_input = official and act_quant and fmt != "dense"
+        o, i = out_features, in_features
+        if fmt == "dense":
+            self.weight = _param((o, i), dtype)
+        elif fmt in ("fp8", "fp8_f32"):
+            self.weight = _param((o, i), torch.float8_e4m3fn)
+            sdt = torch.float8_e8m0fnu if fmt == "fp8" else torch.float32
+            self.scale = _param((math.ceil(o / 128), math.ceil(i / 128)), sdt)
+        elif fmt == "fp4":
+            self.weight = _param((o, i // 2), torch.int8)
+            self.scale = _param((o, i // 32), torch.float8_e8m0fnu)
+        else:
+            raise ValueError(f"unknown weight format {fmt!r}")
+
+    def dequant(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.fmt == "dense":
+            return self.weight.to(dtype)
+        if self.fmt == "fp4":
+            return dequant_fp4(self.weight, self.scale).to(dtype)
+        return dequant_fp8_block(self.weight, self.scale).to(dtype)
+
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.quant_input:
+            x = ref.fp8_act_sim(x, 128)
+        dtype = out_dtype or x.dtype
+        return torch.nn.functional.linear(x.to(dtype), self.dequant(dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.fmt}"
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param((dim,), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ref.rms_norm(x, self.weight, self.eps)

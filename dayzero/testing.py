@@ -1,0 +1,75 @@
+"""Tiny configurations and random non-trivial weights, for tests, examples and `dayzero toy`.
+
+Random weights are drawn so that every mechanism matters: sinks, router biases, mHC weights,
+compressor position biases and norm weights are all away from their init values, and hash
+tables route each token to distinct experts.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dayzero.config import ModelArgs
+
+_BASE = dict(vocab_size=512, dim=256, n_heads=4, head_dim=128, rope_head_dim=64, q_lora_rank=128,
+             o_groups=2, o_lora_rank=128, window_size=16, n_routed_experts=8, n_activated_experts=2,
+             moe_inter_dim=128, index_n_heads=4, index_head_dim=64, index_topk=4, max_seq_len=1048576,
+             route_scale=1.5, swiglu_limit=10.0, dtype="float32", quant=None, expert_dtype=None)
+
+# name -> (compress ratios per layer with HCA ratio 16, n_hash_layers, hc_mult)
+TINY = {
+    # Flash-like: SWA first, then CSA/HCA alternating; hash routing in an SWA and a CSA layer
+    "flash": ([0, 4, 16, 4, 16], 2, 4),
+    # Pro-like: HCA first, no SWA-only backbone layer
+    "pro": ([16, 16, 4, 16, 4], 3, 2),
+    # every type, learned routing only, three streams
+    "mixed": ([4, 0, 16], 0, 3),
+}
+
+
+def tiny_args(name: str = "flash", **changes) -> ModelArgs:
+    ratios, n_hash, hc = TINY[name]
+    types = tuple("sliding" if r == 0 else "csa" if r == 4 else "hca" for r in ratios)
+    kw = dict(_BASE, n_layers=len(ratios), layer_types=types, compress_ratios=tuple(ratios),
+              n_hash_layers=n_hash, hc_mult=hc)
+    kw.update(changes)
+    return ModelArgs(**kw)
+
+
+def random_state(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Dense fp32 random values for every tensor of `model` (built with quant=None)."""
+    g = torch.Generator().manual_seed(seed)
+    args: ModelArgs = model.args
+    out = {}
+    for name, t in model.state_dict().items():
+        shape = tuple(t.shape)
+        leaf = name.rsplit(".", 1)[-1]
+
+        def randn(std: float = 1.0) -> torch.Tensor:
+            return torch.randn(shape, generator=g) * std
+
+        if leaf == "tid2eid":
+            out[name] = torch.stack([torch.randperm(args.n_routed_experts, generator=g)[:shape[1]]
+                                     for _ in range(shape[0])])
+        elif "hc_" in leaf and leaf.endswith("_fn"):
+            out[name] = randn(1 / math.sqrt(shape[1]))
+        elif "hc_" in leaf and leaf.endswith("_base"):
+            out[name] = randn(0.5)
+        elif "hc_" in leaf and leaf.endswith("_scale"):
+            out[name] = 0.5 + torch.rand(shape, generator=g)
+        elif leaf == "attn_sink":
+            out[name] = randn(1.0)
+        elif leaf == "ape":
+            out[name] = randn(0.5)
+        elif leaf == "bias":
+            out[name] = randn(0.1)
+        elif name.endswith("norm.weight"):
+            out[name] = 1 + randn(0.1)
+        elif name == "embed.weight":
+            out[name] = randn(1.0)
+        elif leaf == "weight" and len(shape) == 2:
+            out[name] = randn(1 / math.sqrt(shape[1]))
+        else:
+            raise AssertionError(f"no random rule for {name} {shape}")
+    return out
