@@ -37,7 +37,7 @@ def rope_inv_freq(rd: int, base: float, factor: float = 1.0, original_seq_len: i
     """[rd/2] fp32 inverse frequencies; YaRN (DeepSeek-V3 form, no mscale) when factor > 1 and
     original_seq_len > 0: pairs below `low` keep their frequency, pairs above `high` are divided
     by `factor`, a linear ramp in between."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))
+    inv_freq = 1.0 / (base ** (torch.arange(0, rd, 2, dtype=torch.float64, device="cpu") / rd))
     if factor > 1 and original_seq_len > 0:
         def corr_dim(rot: float) -> float:
             return rd * math.log(original_seq_len / (rot * 2 * math.pi)) / (2 * math.log(base))
@@ -45,7 +45,7 @@ def rope_inv_freq(rd: int, base: float, factor: float = 1.0, original_seq_len: i
         high = min(math.ceil(corr_dim(beta_slow)), rd - 1)
         if low == high:
             high += 0.001
-        ramp = ((torch.arange(rd // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        ramp = ((torch.arange(rd // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
         smooth = 1 - ramp
         inv_freq = inv_freq / factor * (1 - smooth) + inv_freq * smooth
     return inv_freq.float()

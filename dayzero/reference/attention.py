@@ -163,12 +163,13 @@ class Attention(nn.Module):
                                          rotate=False, dtype=dtype, official=official)
         if self.layer_type == "csa":
             self.indexer = Indexer(args, ratio, dtype, official)
-        self.register_buffer("inv_freq", rope_table(args, self.layer_type != "sliding"), persistent=False)
+        self.inv_freq_cpu = rope_table(args, self.layer_type != "sliding")  # not a checkpoint tensor
 
     def forward(self, x: torch.Tensor, start_pos: int, st: AttnState) -> torch.Tensor:
         B, S, _ = x.shape
         positions = start_pos + torch.arange(S, device=x.device)
-        cos, sin = ref.rope_cos_sin(positions, self.inv_freq)
+        inv_freq = self.inv_freq_cpu.to(x.device)
+        cos, sin = ref.rope_cos_sin(positions, inv_freq)
         q_lat = self.q_norm(self.wq_a(x))
         q = self.wq_b(q_lat).unflatten(-1, (self.n_heads, self.head_dim))
         if self.official:  # the reference normalises in the activation dtype
@@ -190,10 +191,10 @@ class Attention(nn.Module):
         idx = idx.expand(B, S, self.window)
 
         if self.layer_type != "sliding":
-            entries = self.compressor(x, start_pos, st.compressor, self.inv_freq)
+            entries = self.compressor(x, start_pos, st.compressor, inv_freq)
             T = entries.shape[1]
             if self.layer_type == "csa":
-                cidx = self.indexer(x, q_lat, positions, start_pos, st.indexer, self.inv_freq)
+                cidx = self.indexer(x, q_lat, positions, start_pos, st.indexer, inv_freq)
             else:
                 ids = torch.arange(T, device=x.device)[None, :]
                 cidx = torch.where(ids < ((positions + 1) // self.ratio)[:, None], ids, -1).expand(B, S, T)

@@ -1,0 +1,93 @@
+"""Load a reference model from an official-layout checkpoint; save any model in that layout.
+
+The model's own `state_dict()` (built on the meta device, no memory) is the expected inventory:
+names, shapes and storage dtypes, so loading is strict by construction.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from dayzero.config import ModelArgs
+from dayzero.loader.checkpoint import CheckpointError, TensorSpec, load_state, read_config
+from dayzero.loader.writer import quantize_state, save_state
+from dayzero.reference.layers import Linear
+from dayzero.reference.model import Transformer
+
+
+def default_compute_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls there are slow and not what accelerators do), bf16 elsewhere."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def expected_tensors(args: ModelArgs) -> dict[str, TensorSpec]:
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in model.state_dict().items()}
+
+
+def load_model(path: str | os.PathLike, numerics: str = "official", dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu", progress: bool | None = None) -> Transformer:
+    """Build the reference model for the checkpoint at `path` and load it strictly."""
+    device = torch.device(device)
+    cfg = read_config(path)
+    try:
+        args = ModelArgs.from_dict(cfg, source=str(Path(path) / "config.json"))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    dtype = dtype or default_compute_dtype(device)
+    with torch.device("meta"):
+        model = Transformer(args, numerics=numerics, compute_dtype=dtype)
+    expected = {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in model.state_dict().items()}
+    state = load_state(path, expected, device=device, progress=progress)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def dense_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """Every tensor of `model` in fp32 (quantised linears dequantised), official names."""
+    out = {}
+    quantized = {name for name, m in model.named_modules() if isinstance(m, Linear) and m.fmt != "dense"}
+    for name, t in model.state_dict().items():
+        prefix = name.rsplit(".", 1)[0]
+        if prefix in quantized:
+            if name.endswith(".weight"):
+                out[name] = model.get_submodule(prefix).dequant(torch.float32)
+            continue
+        out[name] = t.float() if t.is_floating_point() else t
+    return out
+
+
+def checkpoint_state(args: ModelArgs, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Dense fp32 tensors -> the exact tensors of an official checkpoint for `args`: FP8 block /
+    FP4 expert quantisation with E8M0 scales where `args` says so, storage dtypes elsewhere."""
+    with torch.device("meta"):
+        target = Transformer(args)
+    plan = {f"{name}.weight": m.fmt for name, m in target.named_modules()
+            if isinstance(m, Linear) and m.fmt != "dense"}
+    state = quantize_state(dense, plan)
+    expected = target.state_dict()
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ValueError(f"state does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    out = {}
+    for name, want in expected.items():
+        t = state[name]
+        if tuple(t.shape) != tuple(want.shape):
+            raise ValueError(f"tensor {name}: shape {tuple(t.shape)}, model needs {tuple(want.shape)}")
+        out[name] = t.to(want.dtype) if t.dtype != want.dtype else t
+    return out
+
+
+def save_model(path: str | os.PathLike, model: Transformer, args: ModelArgs | None = None, *,
+               tokenizer_json: str | os.PathLike | None = None, max_shard_bytes: int = 5 * 2**30,
+               overwrite: bool = False) -> Path:
+    """Write `model` in the official hub layout, in the formats of `args` (default: its own).
+    Use `args=model.args.replace(quant="fp8", expert_dtype="fp4", dtype="bfloat16")` for the
+    hub's FP8 + FP4 layout, or `quant=None, dtype="float32"` for a dense fp32 copy."""
+    args = args or model.args
+    state = checkpoint_state(args, dense_state(model))
+    return save_state(path, state, args.to_hf_dict(), tokenizer_json=tokenizer_json,
+                      max_shard_bytes=max_shard_bytes, overwrite=overwrite)
