@@ -241,6 +241,9 @@ class ModelArgs:
             n_hash = sum(1 for t in mlp if t == "hash_moe")
             if mlp != ["hash_moe"] * n_hash + ["moe"] * (len(mlp) - n_hash):
                 raise ConfigError(f"config field `mlp_layer_types`: hash layers must come first, got {mlp}")
+            if c.get("num_hash_layers", n_hash) != n_hash:
+                raise ConfigError(f"config field `num_hash_layers`: {c['num_hash_layers']} disagrees with "
+                                  f"the {n_hash} hash_moe entries of `mlp_layer_types`")
         else:
             n_hash = c.get("num_hash_layers", 3)
         rope = c.get("rope_scaling") or {}

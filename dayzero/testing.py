@@ -14,7 +14,7 @@ from dayzero.config import ModelArgs
 
 _BASE = dict(vocab_size=512, dim=256, n_heads=4, head_dim=128, rope_head_dim=64, q_lora_rank=128,
              o_groups=2, o_lora_rank=128, window_size=16, n_routed_experts=8, n_activated_experts=2,
-             moe_inter_dim=128, index_n_heads=4, index_head_dim=64, index_topk=4, max_seq_len=1048576,
+             moe_inter_dim=128, index_n_heads=16, index_head_dim=64, index_topk=4, max_seq_len=1048576,
              route_scale=1.5, swiglu_limit=10.0, dtype="float32", quant=None, expert_dtype=None)
 
 # name -> (compress ratios per layer with HCA ratio 16, n_hash_layers, hc_mult)

@@ -79,13 +79,21 @@ def official_to_hf(state: dict[str, torch.Tensor], n_experts: int) -> dict[str, 
 
 
 def hf_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers names -> official names (experts unstacked into w1/w3/w2)."""
+    """transformers names -> official names (experts unstacked into w1/w3/w2).
+
+    Accepts transformers' module names and also what `save_pretrained` writes for DeepSeek-V4
+    (transformers >= 5.2 reverse-maps to official names under a `model.` prefix, except
+    `embed_tokens`/`hc_head.*`, and writes the main `attn.kv_norm` as `attn.norm`)."""
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
-        if name in _HF_GLOBAL:
-            out[_HF_GLOBAL[name]] = t
+        bare = name[len("model."):] if name.startswith("model.") else name
+        glob = {"embed_tokens.weight": "embed.weight", "lm_head.weight": "head.weight",
+                "hc_head.hc_fn": "hc_head_fn", "hc_head.hc_base": "hc_head_base",
+                "hc_head.hc_scale": "hc_head_scale"}
+        if name in _HF_GLOBAL or bare in glob or bare in _GLOBAL:
+            out[_HF_GLOBAL.get(name) or glob.get(bare) or bare] = t
             continue
-        m = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
+        m = re.match(r"layers\.(\d+)\.(.+)$", bare)
         if not m:
             raise KeyError(f"unknown transformers tensor {name!r}")
         layer, rest = m[1], m[2]
@@ -99,6 +107,10 @@ def hf_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 out[f"layers.{layer}.ffn.experts.{e}.w2.weight"] = t[e]
         elif rest in _HF_LAYER:
             out[f"layers.{layer}.{_HF_LAYER[rest]}"] = t
+        elif rest == "attn.norm.weight":
+            out[f"layers.{layer}.attn.kv_norm.weight"] = t
+        elif rest in _LAYER or _EXPERT.match(bare):
+            out[bare] = t
         else:
             raise KeyError(f"unknown transformers tensor {name!r}")
     return out

@@ -135,7 +135,9 @@ class Indexer(nn.Module):
         T = keys.shape[1]
         usable = torch.arange(T, device=x.device)[None, :] < ((positions + 1) // self.ratio)[:, None]  # [S, T]
         scores = scores.masked_fill(~usable, float("-inf"))
-        top = scores.topk(min(self.topk, T), dim=-1).indices
+        # stable descending sort: ties (e.g. entries whose every head's ReLU is 0) go to the lower
+        # index, so the selection does not depend on how the sequence was split into calls
+        top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :min(self.topk, T)]
         ok = torch.gather(usable.expand(B, S, T), 2, top)
         return torch.where(ok, top, -1)
 

@@ -1,0 +1,130 @@
+"""`dayzero` command line: generate | convert | toy.
+
+serve, chat, bench, verify and tune are not built yet; they are absent rather than stubbed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+FORMATS = {
+    "fp8": dict(quant="fp8", expert_dtype="fp4", dtype="bfloat16"),  # the hub's instruct layout
+    "fp8-base": dict(quant="fp8", expert_dtype="fp8", dtype="bfloat16"),  # Base: FP8 experts, fp32 scales
+    "bf16": dict(quant=None, expert_dtype=None, dtype="bfloat16"),
+    "fp32": dict(quant=None, expert_dtype=None, dtype="float32"),
+}
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise SystemExit(f"--token-ids: expected integers separated by commas or spaces, got {text!r}") from None
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from dayzero import LLM, SamplingParams
+
+    if (a.prompt is None) == (a.token_ids is None):
+        raise SystemExit("generate: give exactly one of --prompt or --token-ids")
+    llm = LLM(a.model, device=a.device, dtype=a.dtype, numerics=a.numerics)
+    prompt = a.prompt if a.prompt is not None else _token_ids(a.token_ids)
+    params = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+                            max_tokens=a.max_tokens, seed=a.seed, stop=a.stop or None,
+                            ignore_eos=a.ignore_eos)
+    show_ids = llm.tokenizer is None
+    if a.stream:
+        printed = 0
+        out = None
+        for tok, out in llm.stream(prompt, params):
+            if show_ids:
+                print(tok, end=" ", flush=True)
+            else:
+                print(out.text[printed:], end="", flush=True)
+                printed = len(out.text)
+        print()
+    else:
+        out = llm.generate([prompt], params)[0]
+        print(" ".join(map(str, out.token_ids)) if show_ids else out.text)
+    print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from dayzero.loader.convert import convert_hf
+
+    out = convert_hf(a.src, a.dst, fmt=FORMATS[a.format], max_shard_bytes=int(a.max_shard_gb * 2**30),
+                     overwrite=a.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_toy(a: argparse.Namespace) -> int:
+    from dayzero.loader.model_io import checkpoint_state
+    from dayzero.loader.writer import save_state
+    from dayzero.reference.model import Transformer
+    from dayzero.testing import TINY, random_state, tiny_args
+
+    if a.preset not in TINY:
+        raise SystemExit(f"toy: unknown preset {a.preset!r} (one of {', '.join(TINY)})")
+    args = tiny_args(a.preset, n_mtp_layers=1)
+    state = random_state(Transformer(args), seed=a.seed)
+    target = args.replace(**FORMATS[a.format])
+    save_state(a.dir, checkpoint_state(target, state), target.to_hf_dict(), overwrite=a.overwrite)
+    print(f"wrote a random-weight tiny DeepSeek-V4 ({a.preset}, {a.format}) to {a.dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dayzero", description="A faithful, portable DeepSeek-V4 runtime.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text or token ids from a checkpoint")
+    g.add_argument("--model", required=True, help="checkpoint directory in the official hub layout")
+    g.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer.json)")
+    g.add_argument("--token-ids", help="prompt as token ids, e.g. '0,17,42'")
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--numerics", choices=["official", "transformers"], default="official")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--dtype", default=None, help="compute dtype: float32 or bfloat16")
+    g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="convert a transformers-saved DeepseekV4 directory to the official layout")
+    c.add_argument("src", help="directory written by DeepseekV4ForCausalLM.save_pretrained")
+    c.add_argument("dst", help="output directory")
+    c.add_argument("--format", choices=sorted(FORMATS), default="bf16",
+                   help="fp8 = the hub's FP8 weights + FP4 experts with E8M0 scales; fp8-base = FP8 experts "
+                        "with fp32 scales; bf16/fp32 = dense")
+    c.add_argument("--max-shard-gb", type=float, default=5.0)
+    c.add_argument("--overwrite", action="store_true", help="replace checkpoint files already in dst")
+    c.set_defaults(func=cmd_convert)
+
+    t = sub.add_parser("toy", help="write a small random-weight DeepSeek-V4 checkpoint (for trying things out)")
+    t.add_argument("dir")
+    t.add_argument("--preset", default="flash", help="flash (SWA+CSA+HCA, hash MoE), pro (HCA first), mixed")
+    t.add_argument("--format", choices=sorted(FORMATS), default="fp8")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--overwrite", action="store_true")
+    t.set_defaults(func=cmd_toy)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return a.func(a)
+    except (ValueError, FileExistsError) as e:
+        print(f"dayzero {a.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

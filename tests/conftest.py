@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny checkpoints in the official layout, built once per session."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dayzero.loader.model_io import checkpoint_state
+from dayzero.loader.writer import save_state
+from dayzero.reference.model import Transformer
+from dayzero.testing import TINY, random_state, tiny_args
+
+FORMATS = {
+    "fp32": dict(quant=None, expert_dtype=None, dtype="float32"),
+    "fp8": dict(quant="fp8", expert_dtype="fp4", dtype="bfloat16"),
+}
+
+
+@pytest.fixture(scope="session")
+def make_ckpt(tmp_path_factory):
+    """make_ckpt(preset, fmt, mtp=1, seed=0) -> directory of a random-weight tiny checkpoint."""
+    cache: dict = {}
+
+    def make(preset: str = "flash", fmt: str = "fp32", mtp: int = 1, seed: int = 0, **changes):
+        key = (preset, fmt, mtp, seed, tuple(sorted(changes.items())))
+        if key not in cache:
+            args = tiny_args(preset, n_mtp_layers=mtp, **changes)
+            state = random_state(Transformer(args), seed=seed)
+            target = args.replace(**FORMATS[fmt])
+            d = tmp_path_factory.mktemp(f"{preset}-{fmt}")
+            save_state(d, checkpoint_state(target, state), target.to_hf_dict(), max_shard_bytes=1 << 20)
+            cache[key] = d
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(params=sorted(TINY))
+def preset(request):
+    return request.param
+
+
+def prompt_ids(n: int, seed: int = 1, vocab: int = 512) -> torch.Tensor:
+    return torch.randint(2, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
