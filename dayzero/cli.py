@@ -27,11 +27,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     if (a.prompt is None) == (a.token_ids is None):
         raise SystemExit("generate: give exactly one of --prompt or --token-ids")
-    llm = LLM(a.model, device=a.device, dtype=a.dtype, numerics=a.numerics)
     prompt = a.prompt if a.prompt is not None else _token_ids(a.token_ids)
     params = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                             max_tokens=a.max_tokens, seed=a.seed, stop=a.stop or None,
                             ignore_eos=a.ignore_eos)
+    llm = LLM(a.model, device=a.device, dtype=a.dtype, numerics=a.numerics)
     show_ids = llm.tokenizer is None
     if a.stream:
         printed = 0
@@ -63,15 +63,22 @@ def cmd_toy(a: argparse.Namespace) -> int:
     from dayzero.loader.model_io import checkpoint_state
     from dayzero.loader.writer import save_state
     from dayzero.reference.model import Transformer
-    from dayzero.testing import TINY, random_state, tiny_args
+    import tempfile
+    from pathlib import Path
+
+    from dayzero.testing import TINY, random_state, tiny_args, tiny_tokenizer
 
     if a.preset not in TINY:
         raise SystemExit(f"toy: unknown preset {a.preset!r} (one of {', '.join(TINY)})")
     args = tiny_args(a.preset, n_mtp_layers=1)
     state = random_state(Transformer(args), seed=a.seed)
     target = args.replace(**FORMATS[a.format])
-    save_state(a.dir, checkpoint_state(target, state), target.to_hf_dict(), overwrite=a.overwrite)
-    print(f"wrote a random-weight tiny DeepSeek-V4 ({a.preset}, {a.format}) to {a.dir}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = Path(tmp) / "tokenizer.json"
+        tiny_tokenizer(tok, vocab_size=args.vocab_size)
+        save_state(a.dir, checkpoint_state(target, state), target.to_hf_dict(), overwrite=a.overwrite,
+                   tokenizer_json=tok)
+    print(f"wrote a random-weight tiny DeepSeek-V4 ({a.preset}, {a.format}, with a toy tokenizer) to {a.dir}")
     return 0
 
 

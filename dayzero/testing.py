@@ -73,3 +73,25 @@ def random_state(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tenso
         else:
             raise AssertionError(f"no random rule for {name} {shape}")
     return out
+
+
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. A faithful model computes the same tokens on every "
+    "device. Sliding windows, compressed entries and a lightning indexer decide what each query sees. "
+    "Hyper-connections mix four residual streams; experts are routed by hash or by a learned gate. "
+)
+
+
+def tiny_tokenizer(path, vocab_size: int = 512) -> None:
+    """Write a byte-level BPE tokenizer.json (BOS id 0, EOS id 1, BOS prepended) of `vocab_size`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_CORPUS] * 20, trainer)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 0)])
+    tok.save(str(path))

@@ -7,7 +7,7 @@ import torch
 from dayzero.loader.model_io import checkpoint_state
 from dayzero.loader.writer import save_state
 from dayzero.reference.model import Transformer
-from dayzero.testing import TINY, random_state, tiny_args
+from dayzero.testing import TINY, random_state, tiny_args, tiny_tokenizer
 
 FORMATS = {
     "fp32": dict(quant=None, expert_dtype=None, dtype="float32"),
@@ -17,17 +17,24 @@ FORMATS = {
 
 @pytest.fixture(scope="session")
 def make_ckpt(tmp_path_factory):
-    """make_ckpt(preset, fmt, mtp=1, seed=0) -> directory of a random-weight tiny checkpoint."""
+    """make_ckpt(preset, fmt, mtp=1, seed=0, tokenizer=False) -> directory of a random-weight tiny
+    checkpoint in the official layout (with a byte-level BPE tokenizer.json if asked)."""
     cache: dict = {}
 
-    def make(preset: str = "flash", fmt: str = "fp32", mtp: int = 1, seed: int = 0, **changes):
-        key = (preset, fmt, mtp, seed, tuple(sorted(changes.items())))
+    def make(preset: str = "flash", fmt: str = "fp32", mtp: int = 1, seed: int = 0, tokenizer: bool = False,
+             **changes):
+        key = (preset, fmt, mtp, seed, tokenizer, tuple(sorted(changes.items())))
         if key not in cache:
             args = tiny_args(preset, n_mtp_layers=mtp, **changes)
             state = random_state(Transformer(args), seed=seed)
             target = args.replace(**FORMATS[fmt])
             d = tmp_path_factory.mktemp(f"{preset}-{fmt}")
-            save_state(d, checkpoint_state(target, state), target.to_hf_dict(), max_shard_bytes=1 << 20)
+            tok = None
+            if tokenizer:
+                tok = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+                tiny_tokenizer(tok)
+            save_state(d, checkpoint_state(target, state), target.to_hf_dict(), max_shard_bytes=1 << 20,
+                       tokenizer_json=tok)
             cache[key] = d
         return cache[key]
 

@@ -1,0 +1,69 @@
+"""The `dayzero` command line, run as a user would (a subprocess of `python -m dayzero`)."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dayzero import LLM, SamplingParams
+
+
+def dayzero(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "dayzero", *map(str, args)], capture_output=True, text=True,
+                       timeout=300)
+    if check and r.returncode:
+        raise AssertionError(f"dayzero {args} failed ({r.returncode}):\n{r.stderr}")
+    return r
+
+
+def test_help_lists_the_commands_that_exist():
+    out = dayzero("--help").stdout
+    for cmd in ("generate", "convert", "toy"):
+        assert cmd in out
+    for absent in ("serve", "bench", "verify"):
+        assert absent not in out
+    assert "--token-ids" in dayzero("generate", "--help").stdout
+
+
+def test_toy_then_generate_text_and_ids(tmp_path):
+    d = tmp_path / "toy"
+    dayzero("toy", d, "--preset", "mixed", "--format", "fp8")
+    assert (d / "tokenizer.json").is_file() and (d / "model.safetensors.index.json").is_file()
+    r = dayzero("generate", "--model", d, "--prompt", "The quick", "--max-tokens", 5, "--ignore-eos")
+    want = LLM(d).generate("The quick", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    assert r.stdout.rstrip("\n") == want.text
+    assert "finish_reason=length" in r.stderr
+    s = dayzero("generate", "--model", d, "--prompt", "The quick", "--max-tokens", 5, "--ignore-eos", "--stream")
+    assert s.stdout.rstrip("\n") == want.text
+    (d / "tokenizer.json").unlink()
+    ids = dayzero("generate", "--model", d, "--token-ids", "0,5,6", "--max-tokens", 4, "--ignore-eos")
+    assert len(ids.stdout.split()) == 4
+
+
+def test_cli_errors_are_clear(tmp_path):
+    r = dayzero("generate", "--model", tmp_path, "--token-ids", "1,2", check=False)
+    assert r.returncode == 2 and "no config.json" in r.stderr
+    r = dayzero("generate", "--model", tmp_path, "--token-ids", "1,x", check=False)
+    assert r.returncode != 0 and "--token-ids" in r.stderr
+    dayzero("toy", tmp_path / "t")
+    r = dayzero("toy", tmp_path / "t", check=False)
+    assert r.returncode == 2 and "already holds checkpoint files" in r.stderr
+
+
+def test_convert_from_transformers_save_pretrained(tmp_path, make_ckpt):
+    transformers = pytest.importorskip("transformers")
+    src = make_ckpt("pro", "fp32", mtp=0)
+    hf = transformers.DeepseekV4ForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    for fmt in ("fp32", "fp8"):
+        out = tmp_path / f"official-{fmt}"
+        dayzero("convert", tmp_path / "hf", out, "--format", fmt)
+        llm = LLM(out, numerics="transformers")
+        assert llm.args.n_mtp_layers == 0 and (llm.args.quant == "fp8") == (fmt == "fp8")
+        ids = torch.arange(2, 60)[None]
+        with torch.no_grad():
+            ref = hf(ids, use_cache=False).logits[0]
+        err = ((llm.score(ids[0].tolist()) - ref).abs().max() / ref.abs().max()).item()
+        assert err < (1e-4 if fmt == "fp32" else 0.5), (fmt, err)
+    r = dayzero("convert", tmp_path / "nothing", tmp_path / "x", check=False)
+    assert r.returncode == 2 and "does not exist" in r.stderr
