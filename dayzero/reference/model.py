@@ -123,7 +123,6 @@ class Transformer(HCHead, nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids).to(self.compute_dtype)
 
-    @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, state: ModelState | None = None,
                 return_streams: bool = False):
         """input_ids [B, S] continuing `state` (a fresh one if None) -> logits [B, S, vocab] fp32;
@@ -143,7 +142,6 @@ class Transformer(HCHead, nn.Module):
         logits = self.logits(X, self.head.weight)
         return (logits, X) if return_streams else logits
 
-    @torch.no_grad()
     def mtp_forward(self, streams: torch.Tensor, next_ids: torch.Tensor, state: ModelState) -> torch.Tensor:
         """streams [B, S, hc, dim] of positions p.. and the tokens at p+1.. -> logits for p+2..
         (fp32). Positions continue `state.mtp_pos`, which advances by S."""
