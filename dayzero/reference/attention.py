@@ -1,17 +1,16 @@
-"""Attention of every layer type (v4-architecture.md 3.3-3.8), with incremental state.
+"""Attention of every layer type (v4-architecture.md 3.3-3.8).
 
-Every layer attends to a 128-token sliding window (the current token included). CSA layers add
-compressed entries at ratio r=4 built from overlapping 2r-token windows and pick the top-k of
+Every layer attends to a sliding window of `window` tokens (the current one included). CSA layers
+add compressed entries at ratio r=4 built from overlapping 2r-token windows and pick the top-k of
 them with the lightning indexer; HCA layers add non-overlapping ratio-r entries and attend to all
 closed ones. Entry i is closed once token r*i + r - 1 is processed, is usable by query t iff
 i < (t + 1) // r, and is rotated at position r*i.
 
-A forward call processes S new tokens at absolute positions start_pos .. start_pos+S-1 on top of
-an `AttnState`; one call over a whole prompt and many calls over its pieces give the same result.
+Tokens arrive packed ([N, dim]) with one `Segment` per sequence; all state lives in the segment's
+`SeqCache`, addressed by position (see seqcache.py), so any split of a sequence into calls gives
+the same result as one call.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -19,25 +18,7 @@ from torch import nn
 from dayzero.config import ModelArgs
 from dayzero.ops import ref
 from dayzero.reference.layers import Linear, RMSNorm
-
-
-@dataclass
-class CompressorState:
-    """buf: projected rows (kv, gate + ape) of the open window, fp32 [B, n < r, width];
-    prev: first half of the last closed window's rows (CSA overlap), fp32 [B, r, width/2];
-    entries: all closed entries so far [B, T, head], rope and quantisation simulation applied."""
-    buf_kv: torch.Tensor | None = None
-    buf_gate: torch.Tensor | None = None
-    prev_kv: torch.Tensor | None = None
-    prev_gate: torch.Tensor | None = None
-    entries: torch.Tensor | None = None
-
-
-@dataclass
-class AttnState:
-    window: torch.Tensor | None = None  # last (window - 1) kv rows [B, n, head_dim]
-    compressor: CompressorState = field(default_factory=CompressorState)
-    indexer: CompressorState = field(default_factory=CompressorState)
+from dayzero.reference.seqcache import Segment
 
 
 def rope_table(args: ModelArgs, compressed: bool) -> torch.Tensor:
@@ -65,41 +46,45 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, width), requires_grad=False)
         self.norm = RMSNorm(head_dim, args.norm_eps, dtype)
 
-    def forward(self, x: torch.Tensor, start_pos: int, st: CompressorState,
-                inv_freq: torch.Tensor) -> torch.Tensor:
-        """Consume x [B,S,dim]; append newly closed entries to st.entries; return all entries."""
-        B, S, _ = x.shape
-        r, C = self.ratio, self.head_dim
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [N, dim] -> fp32 rows [N, 2, width]: (kv, gate + ape[position mod r])."""
         kv = self.wkv(x.float())
-        gate = self.wgate(x.float()) + self.ape[(start_pos + torch.arange(S, device=x.device)) % r]
-        if st.buf_kv is not None:
-            kv, gate = torch.cat([st.buf_kv, kv], 1), torch.cat([st.buf_gate, gate], 1)
-        first_entry = 0 if st.entries is None else st.entries.shape[1]
-        n = kv.shape[1] // r
-        st.buf_kv, st.buf_gate = kv[:, n * r:], gate[:, n * r:]
-        if st.entries is None:
-            st.entries = x.new_zeros(B, 0, C)
-        if n == 0:
-            return st.entries
-        kv, gate = kv[:, :n * r].unflatten(1, (n, r)), gate[:, :n * r].unflatten(1, (n, r))
-        if self.overlap:
-            prev_kv = kv.new_zeros(B, 1, r, C) if st.prev_kv is None else st.prev_kv[:, None]
-            prev_gate = gate.new_full((B, 1, r, C), float("-inf")) if st.prev_gate is None else st.prev_gate[:, None]
-            prev_kv = torch.cat([prev_kv, kv[:, :-1, :, :C]], 1)
-            prev_gate = torch.cat([prev_gate, gate[:, :-1, :, :C]], 1)
-            st.prev_kv, st.prev_gate = kv[:, -1, :, :C], gate[:, -1, :, :C]
-            kv = torch.cat([prev_kv, kv[..., C:]], 2)
-            gate = torch.cat([prev_gate, gate[..., C:]], 2)
-        entries = self.norm(ref.compress_pool(kv, gate).to(x.dtype))
-        cos, sin = ref.rope_cos_sin(r * (first_entry + torch.arange(n, device=x.device)), inv_freq)
+        gate = self.wgate(x.float()) + self.ape[positions % self.ratio]
+        return torch.stack([kv, gate], 1)
+
+    def update(self, rows: torch.Tensor, seg: Segment, layer: int, kind: str, inv_freq: torch.Tensor,
+               dtype: torch.dtype) -> int:
+        """Store the segment's rows, build the entries its tokens close; return the number of
+        closed entries after the segment."""
+        r, C, n = self.ratio, self.head_dim, seg.start_pos
+        dev = rows.device
+        cache = seg.cache
+        cache.write(layer, "rows:" + kind, n + torch.arange(seg.length, device=dev), rows)
+        first, end = n // r, (n + seg.length) // r
+        if end == first:
+            return end
+        lo = max(first - 1, 0) if self.overlap else first
+        stored = cache.read(layer, "rows:" + kind, torch.arange(lo * r, end * r, device=dev)).float()
+        win = stored.unflatten(0, (end - lo, r))  # [windows, r, 2, width]
+        kv, gate = win[:, :, 0], win[:, :, 1]
+        if self.overlap:  # slots: previous window's first half, then the own window's second half
+            prev_kv, prev_gate = kv[:, :, :C], gate[:, :, :C]
+            if lo == first:  # entry 0: no previous window
+                prev_kv = torch.cat([torch.zeros_like(prev_kv[:1]), prev_kv], 0)
+                prev_gate = torch.cat([torch.full_like(prev_gate[:1], float("-inf")), prev_gate], 0)
+            kv = torch.cat([prev_kv[:-1], kv[1 if lo < first else 0:, :, C:]], 1)
+            gate = torch.cat([prev_gate[:-1], gate[1 if lo < first else 0:, :, C:]], 1)
+        entries = self.norm(ref.compress_pool(kv, gate).to(dtype))
+        ids = torch.arange(first, end, device=dev)
+        cos, sin = ref.rope_cos_sin(r * ids, inv_freq)
         entries = ref.apply_rope(entries, cos, sin)
         if self.official:
             if self.rotate:
                 entries = ref.fp4_act_sim(ref.hadamard(entries), 32)
             else:
                 entries = _fp8_nope_sim(entries, self.rope_dim)
-        st.entries = torch.cat([st.entries, entries], 1)
-        return st.entries
+        cache.write(layer, "ent:" + kind, ids, entries)
+        return end
 
 
 def _fp8_nope_sim(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
@@ -120,26 +105,26 @@ class Indexer(nn.Module):
         self.compressor = Compressor(args, ratio, self.head_dim, overlap=True, rotate=True,
                                      dtype=dtype, official=official)
 
-    def forward(self, x: torch.Tensor, q_lat: torch.Tensor, positions: torch.Tensor, start_pos: int,
-                st: CompressorState, inv_freq: torch.Tensor) -> torch.Tensor:
-        """-> compressed-entry ids [B, S, k] per query, -1 where fewer usable entries exist."""
-        B, S, _ = x.shape
-        keys = self.compressor(x, start_pos, st, inv_freq)
+    def select(self, x: torch.Tensor, q_lat: torch.Tensor, positions: torch.Tensor, seg: Segment,
+               layer: int, inv_freq: torch.Tensor) -> torch.Tensor:
+        """One segment's queries -> compressed-entry ids [S, k], -1 where fewer usable entries exist."""
+        T = self.compressor.update(self.compressor.project(x, positions), seg, layer, "index", inv_freq, x.dtype)
+        if T == 0:
+            return torch.empty(seg.length, 0, dtype=torch.long, device=x.device)
+        keys = seg.cache.read(layer, "ent:index", torch.arange(T, device=x.device))
         q = self.wq_b(q_lat).unflatten(-1, (self.n_heads, self.head_dim))
         cos, sin = ref.rope_cos_sin(positions, inv_freq)
         q = ref.apply_rope(q, cos[:, None], sin[:, None])
         if self.official:
             q = ref.fp4_act_sim(ref.hadamard(q), 32)
         w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
-        scores = ref.indexer_scores(q, keys, w)
-        T = keys.shape[1]
-        usable = torch.arange(T, device=x.device)[None, :] < ((positions + 1) // self.ratio)[:, None]  # [S, T]
+        scores = ref.indexer_scores(q[None], keys[None], w[None])[0]  # [S, T]
+        usable = torch.arange(T, device=x.device)[None, :] < ((positions + 1) // self.ratio)[:, None]
         scores = scores.masked_fill(~usable, float("-inf"))
         # stable descending sort: ties (e.g. entries whose every head's ReLU is 0) go to the lower
         # index, so the selection does not depend on how the sequence was split into calls
-        top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :min(self.topk, T)]
-        ok = torch.gather(usable.expand(B, S, T), 2, top)
-        return torch.where(ok, top, -1)
+        top = scores.sort(dim=-1, descending=True, stable=True).indices[:, :min(self.topk, T)]
+        return torch.where(torch.gather(usable, 1, top), top, -1)
 
 
 class Attention(nn.Module):
@@ -166,11 +151,15 @@ class Attention(nn.Module):
         if self.layer_type == "csa":
             self.indexer = Indexer(args, ratio, dtype, official)
         self.inv_freq_cpu = rope_table(args, self.layer_type != "sliding")  # not a checkpoint tensor
+        # the MTP block stores its window row for position p at p + 1, the position of the token it
+        # embeds, so a cached block's rows depend only on tokens inside that block (prefix caching)
+        self.store_offset = 1 if layer_id >= args.n_layers else 0
 
-    def forward(self, x: torch.Tensor, start_pos: int, st: AttnState) -> torch.Tensor:
-        B, S, _ = x.shape
-        positions = start_pos + torch.arange(S, device=x.device)
-        inv_freq = self.inv_freq_cpu.to(x.device)
+    def forward(self, x: torch.Tensor, segs: list[Segment], layer: int) -> torch.Tensor:
+        """x [N, dim] packed tokens of `segs` -> [N, dim]."""
+        dev = x.device
+        positions = torch.cat([s.start_pos + torch.arange(s.length, device=dev) for s in segs])
+        inv_freq = self.inv_freq_cpu.to(dev)
         cos, sin = ref.rope_cos_sin(positions, inv_freq)
         q_lat = self.q_norm(self.wq_a(x))
         q = self.wq_b(q_lat).unflatten(-1, (self.n_heads, self.head_dim))
@@ -182,31 +171,35 @@ class Attention(nn.Module):
         kv = ref.apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
         if self.official:
             kv = _fp8_nope_sim(kv, self.rope_dim)
-
-        # window part: rows of positions start_pos - n_old .. start_pos + S - 1
-        old = st.window if st.window is not None else kv.new_zeros(B, 0, self.head_dim)
-        rows = torch.cat([old, kv], 1)
-        base = start_pos - old.shape[1]
-        st.window = rows[:, max(rows.shape[1] - (self.window - 1), 0):]
-        key_pos = positions[:, None] - self.window + 1 + torch.arange(self.window, device=x.device)[None, :]
-        idx = torch.where((key_pos >= 0) & (key_pos >= base), key_pos - base, -1)
-        idx = idx.expand(B, S, self.window)
-
-        if self.layer_type != "sliding":
-            entries = self.compressor(x, start_pos, st.compressor, inv_freq)
-            T = entries.shape[1]
-            if self.layer_type == "csa":
-                cidx = self.indexer(x, q_lat, positions, start_pos, st.indexer, inv_freq)
-            else:
-                ids = torch.arange(T, device=x.device)[None, :]
-                cidx = torch.where(ids < ((positions + 1) // self.ratio)[:, None], ids, -1).expand(B, S, T)
-            cidx = torch.where(cidx >= 0, cidx + rows.shape[1], -1)
-            idx = torch.cat([idx, cidx], -1)
-            rows = torch.cat([rows, entries.to(rows.dtype)], 1)
-
-        o = ref.sparse_attn(q, rows, self.attn_sink, idx, self.head_dim ** -0.5)
+        rows = self.compressor.project(x, positions) if self.layer_type != "sliding" else None
+        o = torch.cat([self._attend(q[s.rows], kv[s.rows], None if rows is None else rows[s.rows],
+                                    x[s.rows], q_lat[s.rows], positions[s.rows], s, layer, inv_freq)
+                       for s in segs])
         o = ref.apply_rope(o, cos[:, None], sin[:, None], inverse=True)
-        o = o.reshape(B, S, self.o_groups, -1)
+        o = o.flatten(1).unflatten(-1, (self.o_groups, -1))
         wo_a = self.wo_a.dequant(o.dtype).view(self.o_groups, -1, o.shape[-1])
-        o = torch.einsum("bsgd,grd->bsgr", o, wo_a).flatten(2)
+        o = torch.einsum("ngd,grd->ngr", o, wo_a).flatten(1)
         return self.wo_b(o)
+
+    def _attend(self, q, kv, rows, x, q_lat, positions, seg: Segment, layer: int, inv_freq) -> torch.Tensor:
+        """One sequence: store its window rows, build its compressed entries, attend."""
+        dev, S, w, n = q.device, seg.length, self.window, seg.start_pos
+        off = self.store_offset
+        seg.cache.write(layer, "kv", positions + off, kv)
+        lo = max(n - w + 1, 0)  # oldest position any query of the segment sees
+        keys = seg.cache.read(layer, "kv", torch.arange(lo, n + S, device=dev) + off)
+        key_pos = positions[:, None] - w + 1 + torch.arange(w, device=dev)[None, :]  # [S, w]
+        idx = torch.where(key_pos >= 0, key_pos - lo, -1)
+        if self.layer_type != "sliding":
+            T = self.compressor.update(rows, seg, layer, "attn", inv_freq, q.dtype)
+            if T == 0:
+                return ref.sparse_attn(q[None], keys[None], self.attn_sink, idx[None], self.head_dim ** -0.5)[0]
+            entries = seg.cache.read(layer, "ent:attn", torch.arange(T, device=dev))
+            if self.layer_type == "csa":
+                cidx = self.indexer.select(x, q_lat, positions, seg, layer, inv_freq)
+            else:
+                ids = torch.arange(T, device=dev)[None, :]
+                cidx = torch.where(ids < ((positions + 1) // self.ratio)[:, None], ids, -1)
+            idx = torch.cat([idx, torch.where(cidx >= 0, cidx + keys.shape[0], -1)], -1)
+            keys = torch.cat([keys, entries.to(keys.dtype)], 0)
+        return ref.sparse_attn(q[None], keys[None], self.attn_sink, idx[None], self.head_dim ** -0.5)[0]

@@ -16,21 +16,26 @@ from torch import nn
 
 from dayzero.config import ModelArgs
 from dayzero.ops import ref
-from dayzero.reference.attention import Attention, AttnState
+from dayzero.reference.attention import Attention
 from dayzero.reference.layers import Linear, RMSNorm, storage_dtype
 from dayzero.reference.moe import MoE
+from dayzero.reference.seqcache import DenseSeqCache, Segment
 
 NUMERICS = ("official", "transformers")
 
 
 @dataclass
 class ModelState:
-    """Everything a sequence batch carries between forward calls: tokens processed so far, each
-    layer's attention state and, for MTP, its own window and the last main-model streams."""
+    """What a batch of equal-length sequences carries between forward calls of the reference:
+    tokens processed so far (main model and MTP) and one position-addressed cache per sequence."""
     pos: int = 0
-    layers: list[AttnState] = field(default_factory=list)
-    mtp: AttnState = field(default_factory=AttnState)
     mtp_pos: int = 0
+    caches: list[DenseSeqCache] = field(default_factory=list)
+
+    def segments(self, batch: int, length: int, start_pos: int) -> list[Segment]:
+        while len(self.caches) < batch:
+            self.caches.append(DenseSeqCache())
+        return [Segment(b * length, length, start_pos, self.caches[b]) for b in range(batch)]
 
 
 def _f32(*shape: int) -> nn.Parameter:
@@ -43,6 +48,7 @@ class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int, official: bool):
         super().__init__()
         dtype = storage_dtype(args.dtype)
+        self.layer_id = layer_id
         n, mix = args.hc_mult, (2 + args.hc_mult) * args.hc_mult
         self.hc_mult, self.iters, self.hc_eps, self.norm_eps = n, args.hc_sinkhorn_iters, args.hc_eps, args.norm_eps
         self.attn_norm = RMSNorm(args.dim, args.norm_eps, dtype)
@@ -57,9 +63,10 @@ class Block(nn.Module):
         pre, post, comb = ref.hc_split_sinkhorn(mixes, scale, base, self.hc_mult, self.iters, self.hc_eps)
         return ref.hc_post(sublayer(ref.hc_collapse(X, pre)), X, post, comb)
 
-    def forward(self, X: torch.Tensor, start_pos: int, input_ids: torch.Tensor, st: AttnState) -> torch.Tensor:
+    def forward(self, X: torch.Tensor, segs: list[Segment], input_ids: torch.Tensor) -> torch.Tensor:
+        """X [N, hc, dim] streams of packed tokens, input_ids [N] (hash routing)."""
         X = self._site(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
-                       lambda u: self.attn(self.attn_norm(u), start_pos, st))
+                       lambda u: self.attn(self.attn_norm(u), segs, self.layer_id))
         return self._site(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base,
                           lambda u: self.ffn(self.ffn_norm(u), input_ids))
 
@@ -93,10 +100,10 @@ class MTPBlock(Block, HCHead):
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = (
             _f32(args.hc_mult, args.hc_mult * args.dim), _f32(args.hc_mult), _f32(1))
 
-    def forward(self, X: torch.Tensor, e: torch.Tensor, start_pos: int, input_ids: torch.Tensor,
-                st: AttnState) -> torch.Tensor:
-        X = self.e_proj(self.enorm(e)).unsqueeze(2) + self.h_proj(self.hnorm(X))
-        return super().forward(X, start_pos, input_ids, st)
+    def forward(self, X: torch.Tensor, e: torch.Tensor, segs: list[Segment], input_ids: torch.Tensor
+                ) -> torch.Tensor:
+        X = self.e_proj(self.enorm(e)).unsqueeze(-2) + self.h_proj(self.hnorm(X))
+        return super().forward(X, segs, input_ids)
 
 
 class Transformer(HCHead, nn.Module):
@@ -118,36 +125,45 @@ class Transformer(HCHead, nn.Module):
         self.mtp = nn.ModuleList(MTPBlock(args, official) for _ in range(args.n_mtp_layers))
 
     def new_state(self) -> ModelState:
-        return ModelState(layers=[AttnState() for _ in self.layers])
+        return ModelState()
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids).to(self.compute_dtype)
+
+    def forward_packed(self, input_ids: torch.Tensor, segs: list[Segment]) -> torch.Tensor:
+        """input_ids [N] packed as `segs` -> final residual streams [N, hc, dim]."""
+        end = max(s.start_pos + s.length for s in segs)
+        if end > self.args.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds max_position_embeddings={self.args.max_seq_len}")
+        X = self.embed_tokens(input_ids).unsqueeze(1).repeat(1, self.args.hc_mult, 1)
+        for layer in self.layers:
+            X = layer(X, segs, input_ids)
+        return X
+
+    def mtp_packed(self, streams: torch.Tensor, next_ids: torch.Tensor, segs: list[Segment]) -> torch.Tensor:
+        """Streams of positions p (packed as `segs`, whose start_pos are those p) and the tokens at
+        p + 1 -> MTP logits for the tokens at p + 2, fp32 [N, vocab]."""
+        if not self.mtp:
+            raise ValueError("this checkpoint has no MTP module (num_nextn_predict_layers = 0)")
+        mtp = self.mtp[0]
+        return mtp.logits(mtp(streams, self.embed_tokens(next_ids), segs, next_ids), self.head.weight)
 
     def forward(self, input_ids: torch.Tensor, state: ModelState | None = None,
                 return_streams: bool = False):
         """input_ids [B, S] continuing `state` (a fresh one if None) -> logits [B, S, vocab] fp32;
         with return_streams also the final residual streams [B, S, hc, dim] (MTP's input)."""
         state = state if state is not None else self.new_state()
-        if not state.layers:
-            state.layers = [AttnState() for _ in self.layers]
-        start_pos = state.pos
-        if start_pos + input_ids.shape[1] > self.args.max_seq_len:
-            raise ValueError(f"sequence of {start_pos + input_ids.shape[1]} tokens exceeds "
-                             f"max_position_embeddings={self.args.max_seq_len}")
-        h = self.embed_tokens(input_ids)
-        X = h.unsqueeze(2).repeat(1, 1, self.args.hc_mult, 1)
-        for layer, st in zip(self.layers, state.layers):
-            X = layer(X, start_pos, input_ids, st)
-        state.pos += input_ids.shape[1]
-        logits = self.logits(X, self.head.weight)
-        return (logits, X) if return_streams else logits
+        B, S = input_ids.shape
+        X = self.forward_packed(input_ids.reshape(-1), state.segments(B, S, state.pos))
+        state.pos += S
+        logits = self.logits(X, self.head.weight).view(B, S, -1)
+        return (logits, X.view(B, S, *X.shape[1:])) if return_streams else logits
 
     def mtp_forward(self, streams: torch.Tensor, next_ids: torch.Tensor, state: ModelState) -> torch.Tensor:
         """streams [B, S, hc, dim] of positions p.. and the tokens at p+1.. -> logits for p+2..
         (fp32). Positions continue `state.mtp_pos`, which advances by S."""
-        if not self.mtp:
-            raise ValueError("this checkpoint has no MTP module (num_nextn_predict_layers = 0)")
-        mtp = self.mtp[0]
-        X = mtp(streams, self.embed_tokens(next_ids), state.mtp_pos, next_ids, state.mtp)
-        state.mtp_pos += next_ids.shape[1]
-        return mtp.logits(X, self.head.weight)
+        B, S = next_ids.shape
+        segs = state.segments(B, S, state.mtp_pos)
+        logits = self.mtp_packed(streams.reshape(B * S, *streams.shape[2:]), next_ids.reshape(-1), segs)
+        state.mtp_pos += S
+        return logits.view(B, S, -1)

@@ -27,23 +27,31 @@ def test_prefill_then_decode_matches_full_forward(make_ckpt, preset, numerics):
     inc, state = run_pieces(model, ids, cuts)
     assert state.pos == 75
     err = (inc - full).abs().max() / full.abs().max()
-    assert err < 1e-5, f"incremental logits differ from the full forward: rel err {err:.2e}"
-    assert torch.equal(inc.argmax(-1), full.argmax(-1))
+    if numerics == "transformers":
+        assert err < 1e-5, f"incremental logits differ from the full forward: rel err {err:.2e}"
+        assert torch.equal(inc.argmax(-1), full.argmax(-1))
+    else:
+        # FP8 activation rounding is discontinuous: a last-bit difference between a 75-row and a
+        # 1-row matmul can move a value across an e4m3 rounding boundary (one e4m3 step, ~6%, in
+        # one element), so official numerics agree to that noise, not bit for bit
+        assert err < 3e-2, f"incremental logits differ from the full forward: rel err {err:.2e}"
+        assert (inc.argmax(-1) == full.argmax(-1)).float().mean() > 0.95
 
 
-def test_state_keeps_only_window_and_open_compressor_rows(make_ckpt):
+def test_cache_holds_rows_and_closed_entries_by_position(make_ckpt):
     model = load_model(make_ckpt("flash", "fp32"), numerics="transformers")
     _, state = run_pieces(model, prompt_ids(70), [37])
-    w = model.args.window_size
-    for layer, st in zip(model.layers, state.layers):
-        assert st.window.shape[1] == w - 1
-        if layer.attn.layer_type != "sliding":
-            r = layer.attn.ratio
-            assert st.compressor.entries.shape[1] == 70 // r
-            assert st.compressor.buf_kv.shape[1] == 70 % r
-        if layer.attn.layer_type == "csa":
-            assert st.indexer.entries.shape[1] == 70 // 4
-            assert st.compressor.prev_kv.shape[1] == 4
+    store = state.caches[0].store
+    for layer in model.layers:
+        i, attn = layer.layer_id, layer.attn
+        assert store[(i, "kv")].shape[1:] == (model.args.head_dim,) and store[(i, "kv")].shape[0] >= 70
+        if attn.layer_type != "sliding":
+            written = store[(i, "ent:attn")]
+            assert written[:70 // attn.ratio].abs().sum(-1).gt(0).all()  # every closed entry written
+            assert written[70 // attn.ratio:].abs().sum() == 0  # nothing for the open window
+            assert store[(i, "rows:attn")].shape[1:] == (2, attn.compressor.wkv.out_features)
+        if attn.layer_type == "csa":
+            assert store[(i, "ent:index")][:70 // 4].abs().sum(-1).gt(0).all()
 
 
 def test_mtp_incremental_matches_full(make_ckpt):

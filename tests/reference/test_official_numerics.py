@@ -24,13 +24,17 @@ def test_caches_hold_fp8_kv_and_fp4_hadamard_indexer_keys(make_ckpt):
     _, so = run(official)
     _, sp = run(plain)
     rd = official.args.rope_head_dim
-    csa = 1  # flash tiny: layer 1 is CSA, layer 2 is HCA
-    for st in (so.layers[csa], so.layers[2]):
-        assert on_fp8_grid(st.window[..., :-rd]) and on_fp8_grid(st.compressor.entries[..., :-rd])
-    keys = so.layers[csa].indexer.entries
+    n = 70
+    so, sp = so.caches[0].store, sp.caches[0].store
+    csa, hca = 1, 2  # flash tiny: layer 1 is CSA, layer 2 is HCA
+    for layer in (csa, hca):
+        assert on_fp8_grid(so[(layer, "kv")][:n, :-rd])
+        assert on_fp8_grid(so[(layer, "ent:attn")][:n // official.layers[layer].attn.ratio, :-rd])
+    keys = so[(csa, "ent:index")][:n // 4]
     assert torch.equal(ref.fp4_act_sim(keys, 32), keys)
-    assert not on_fp8_grid(sp.layers[csa].window[..., :-rd])
-    assert not torch.equal(ref.fp4_act_sim(sp.layers[csa].indexer.entries, 32), sp.layers[csa].indexer.entries)
+    assert not on_fp8_grid(sp[(csa, "kv")][:n, :-rd])
+    plain_keys = sp[(csa, "ent:index")][:n // 4]
+    assert not torch.equal(ref.fp4_act_sim(plain_keys, 32), plain_keys)
 
 
 def test_fp8_linears_quantise_their_input_and_wo_a_does_not(make_ckpt):

@@ -32,8 +32,8 @@ def test_rope_call_sites(make_ckpt, monkeypatch):
     tokens = torch.arange(S)
     # layer 0 is sliding-only: q, kv, output; base theta, no YaRN
     sl = calls[:3]
-    assert [c[0] for c in sl] == [(1, S, args.n_heads, args.head_dim), (1, S, args.head_dim),
-                                  (1, S, args.n_heads, args.head_dim)]
+    assert [c[0] for c in sl] == [(S, args.n_heads, args.head_dim), (S, args.head_dim),
+                                  (S, args.n_heads, args.head_dim)]
     assert [c[2] for c in sl] == [False, False, True]
     for c in sl:
         assert torch.allclose(c[1], angles(tokens, plain))
@@ -41,10 +41,10 @@ def test_rope_call_sites(make_ckpt, monkeypatch):
     csa = calls[3:9]
     r = args.compress_ratios[1]
     n = S // r
-    assert [c[0] for c in csa] == [(1, S, args.n_heads, args.head_dim), (1, S, args.head_dim),
-                                   (1, n, args.head_dim), (1, n, args.index_head_dim),
-                                   (1, S, args.index_n_heads, args.index_head_dim),
-                                   (1, S, args.n_heads, args.head_dim)]
+    assert [c[0] for c in csa] == [(S, args.n_heads, args.head_dim), (S, args.head_dim),
+                                   (n, args.head_dim), (n, args.index_head_dim),
+                                   (S, args.index_n_heads, args.index_head_dim),
+                                   (S, args.n_heads, args.head_dim)]
     want = [tokens, tokens, r * torch.arange(n), r * torch.arange(n), tokens, tokens]
     for c, pos in zip(csa, want):
         assert torch.allclose(c[1], angles(pos, yarn))
@@ -52,6 +52,6 @@ def test_rope_call_sites(make_ckpt, monkeypatch):
     # layer 2 is HCA (r = 16): q, kv, entries at 16i, output
     hca = calls[9:13]
     r = args.compress_ratios[2]
-    assert hca[2][0] == (1, S // r, args.head_dim)
+    assert hca[2][0] == (S // r, args.head_dim)
     assert torch.allclose(hca[2][1], angles(r * torch.arange(S // r), yarn))
     assert per_layer >= 3 and not torch.allclose(plain, yarn)
