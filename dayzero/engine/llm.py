@@ -1,19 +1,21 @@
 """The offline API (DESIGN.md "Public API contract"): `LLM(...).generate(...)` and `.score(...)`.
 
-This version runs the reference model directly, one request at a time with its own incremental
-state (prefill, then one token per step). The paged engine (continuous batching, prefix caching,
-MTP drafts) replaces the runner behind the same API.
+`generate` runs on the engine (paged hybrid cache, continuous batching, chunked prefill, prefix
+caching, MTP drafts); `score` is one full forward of the reference model on the same weights.
 """
 from __future__ import annotations
 
+import itertools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from dayzero.engine.sampling import SamplingParams, sample, token_logprobs
+from dayzero.engine.engine import Engine, EngineArgs
+from dayzero.engine.request import Request
+from dayzero.engine.sampling import SamplingParams
 from dayzero.loader.model_io import load_model
 from dayzero.tokenizer import Tokenizer
 
@@ -27,8 +29,15 @@ class GenerationOutput:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[dict[int, float]] | None = None
-    finish_reason: str | None = None  # "stop" (EOS, stop token or string) or "length"
+    finish_reason: str | None = None  # "stop" (EOS, stop token or string), "length" or "abort"
     prompt: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, r: Request) -> "GenerationOutput":
+        return cls(prompt_token_ids=list(r.prompt_ids), token_ids=list(r.output_ids), text=r.text,
+                   logprobs=None if r.logprobs is None else list(r.logprobs), finish_reason=r.finish_reason,
+                   prompt=r.prompt, error=r.error)
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
@@ -54,10 +63,11 @@ def resolve_device(device) -> torch.device:
 class LLM:
     def __init__(self, model: str | os.PathLike | None = None, device=None, dtype=None,
                  numerics: str = "official", **engine_options):
-        if engine_options:
-            raise TypeError(
-                f"LLM: engine options {sorted(engine_options)} need the paged engine, which this version "
-                "does not have yet (it runs the reference model one request at a time)")
+        known = {f.name for f in fields(EngineArgs)}
+        unknown = sorted(set(engine_options) - known)
+        if unknown:
+            raise TypeError(f"LLM: unknown engine option(s) {unknown}; known: {sorted(known)}")
+        eargs = EngineArgs(**engine_options)
         if model is None:
             raise ValueError("LLM: no built-in model ships with this version yet; pass model= the path of a "
                              "checkpoint directory in the official hub layout (`dayzero toy DIR` writes a "
@@ -68,6 +78,8 @@ class LLM:
         self.args = self.model.args
         tok_file = path / "tokenizer.json"
         self.tokenizer = Tokenizer(tok_file) if tok_file.is_file() else None
+        self.engine = Engine(self.model, eargs, self.device, self.tokenizer)
+        self._ids = itertools.count()
 
     # ---- inputs ------------------------------------------------------------------------------
     def _token_ids(self, prompt) -> tuple[list[int], str | None]:
@@ -109,44 +121,27 @@ class LLM:
             if len(ids) >= self.args.max_seq_len:
                 raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the "
                                  f"{self.args.max_seq_len}-token context")
-        return [self._generate_one(ids, text, p) for (ids, text), p in zip(encoded, params)]
+        reqs = [self.engine.add_request(f"gen-{next(self._ids)}", ids, p, text)
+                for (ids, text), p in zip(encoded, params)]
+        try:
+            while any(not r.finished for r in reqs):
+                self.engine.step()
+        finally:
+            for r in reqs:
+                self.engine.abort(r.rid)
+        return [GenerationOutput.of(r) for r in reqs]
 
     def stream(self, prompt, params: SamplingParams | None = None):
         """Yield (token_id, GenerationOutput so far) as each token is produced."""
         ids, text = self._token_ids(prompt)
-        yield from self._run(ids, text, params or SamplingParams())
-
-    def _generate_one(self, ids: list[int], text: str | None, p: SamplingParams) -> GenerationOutput:
-        out = None
-        for _, out in self._run(ids, text, p):
-            pass
-        return out
-
-    @torch.no_grad()
-    def _run(self, ids: list[int], prompt_text: str | None, p: SamplingParams):
-        out = GenerationOutput(prompt_token_ids=list(ids), prompt=prompt_text,
-                               logprobs=[] if p.logprobs is not None else None)
-        gen = p.make_generator()
-        state = self.model.new_state()
-        stop_ids = set(p.stop_token_ids or [])
-        if not p.ignore_eos:
-            stop_ids.add(self.args.eos_token_id)
-        budget = min(p.max_tokens, self.args.max_seq_len - len(ids))
-        logits = self.model(torch.tensor([ids], device=self.device), state)[0, -1].float().cpu()
-        while True:
-            tok = sample(logits, p, gen)
-            out.token_ids.append(tok)
-            if out.logprobs is not None:
-                out.logprobs.append(token_logprobs(logits, tok, p.logprobs))
-            out.text = self._decode(out.token_ids)
-            if tok in stop_ids:
-                out.finish_reason = "stop"
-            elif any(s in out.text for s in p.stop_strings):
-                cut = min(out.text.index(s) for s in p.stop_strings if s in out.text)
-                out.text, out.finish_reason = out.text[:cut], "stop"
-            elif len(out.token_ids) >= budget:
-                out.finish_reason = "length"
-            yield tok, out
-            if out.finish_reason:
-                return
-            logits = self.model(torch.tensor([[tok]], device=self.device), state)[0, -1].float().cpu()
+        req = self.engine.add_request(f"stream-{next(self._ids)}", ids, params or SamplingParams(), text)
+        sent = 0
+        try:
+            while not req.finished or sent < len(req.output_ids):
+                if sent == len(req.output_ids):
+                    self.engine.step()
+                while sent < len(req.output_ids):
+                    sent += 1
+                    yield req.output_ids[sent - 1], GenerationOutput.of(req)
+        finally:
+            self.engine.abort(req.rid)

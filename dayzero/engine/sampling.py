@@ -77,11 +77,34 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return x
 
 
+def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution a request samples from: one-hot argmax when greedy."""
+    if p.temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(), logits.numel()).float()
+    return filter_logits(logits, p).softmax(-1)
+
+
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
     if p.temperature == 0:
         return int(logits.argmax())
-    probs = filter_logits(logits, p).softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(torch.multinomial(probs(logits, p), 1, generator=generator))
+
+
+def verify_draft(target: torch.Tensor, draft_probs: torch.Tensor, draft: int, p: SamplingParams,
+                 generator: torch.Generator) -> tuple[bool, int]:
+    """Speculative acceptance of one drafted token. Greedy: accept iff it is the argmax. Sampled:
+    accept with probability min(1, p(d)/q(d)), else draw from max(0, p - q) renormalised, so the
+    output is distributed exactly as sampling from the target p. -> (accepted, token)."""
+    if p.temperature == 0:
+        best = int(target.argmax())
+        return best == draft, best
+    pt = probs(target, p)
+    ratio = float(pt[draft] / draft_probs[draft].clamp(min=1e-30))
+    if float(torch.rand((), generator=generator)) < min(1.0, ratio):
+        return True, draft
+    residual = (pt - draft_probs).clamp(min=0)
+    residual = residual / residual.sum() if residual.sum() > 0 else pt
+    return False, int(torch.multinomial(residual, 1, generator=generator))
 
 
 def token_logprobs(logits: torch.Tensor, token: int, n: int) -> dict[int, float]:

@@ -192,14 +192,13 @@ class Attention(nn.Module):
         idx = torch.where(key_pos >= 0, key_pos - lo, -1)
         if self.layer_type != "sliding":
             T = self.compressor.update(rows, seg, layer, "attn", inv_freq, q.dtype)
-            if T == 0:
-                return ref.sparse_attn(q[None], keys[None], self.attn_sink, idx[None], self.head_dim ** -0.5)[0]
-            entries = seg.cache.read(layer, "ent:attn", torch.arange(T, device=dev))
-            if self.layer_type == "csa":
+            if self.layer_type == "csa":  # always: its own compressor consumes the segment's rows
                 cidx = self.indexer.select(x, q_lat, positions, seg, layer, inv_freq)
             else:
                 ids = torch.arange(T, device=dev)[None, :]
                 cidx = torch.where(ids < ((positions + 1) // self.ratio)[:, None], ids, -1)
-            idx = torch.cat([idx, torch.where(cidx >= 0, cidx + keys.shape[0], -1)], -1)
-            keys = torch.cat([keys, entries.to(keys.dtype)], 0)
+            if T > 0:
+                entries = seg.cache.read(layer, "ent:attn", torch.arange(T, device=dev))
+                idx = torch.cat([idx, torch.where(cidx >= 0, cidx + keys.shape[0], -1)], -1)
+                keys = torch.cat([keys, entries.to(keys.dtype)], 0)
         return ref.sparse_attn(q[None], keys[None], self.attn_sink, idx[None], self.head_dim ** -0.5)[0]

@@ -90,8 +90,14 @@ def test_bad_sampling_params_name_the_field(kw, field):
 def test_llm_argument_errors(make_ckpt, tmp_path):
     with pytest.raises(ValueError, match="no built-in model"):
         LLM()
-    with pytest.raises(TypeError, match="max_num_seqs"):
-        LLM(make_ckpt("mixed", "fp32"), max_num_seqs=4)
+    with pytest.raises(TypeError, match=r"unknown engine option\(s\) \['max_batch'\]"):
+        LLM(make_ckpt("mixed", "fp32"), max_batch=4)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        LLM(make_ckpt("mixed", "fp32"), max_num_seqs=0)
+    with pytest.raises(ValueError, match="block_size 12 must be a multiple"):
+        LLM(make_ckpt("mixed", "fp32"), block_size=12)
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes=1000 leaves no room"):
+        LLM(make_ckpt("mixed", "fp32"), kv_cache_memory_bytes=1000)
     with pytest.raises(ValueError, match="dtype"):
         LLM(make_ckpt("mixed", "fp32"), dtype="int3")
     with pytest.raises(ValueError, match="numerics"):

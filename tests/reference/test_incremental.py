@@ -22,8 +22,9 @@ def test_prefill_then_decode_matches_full_forward(make_ckpt, preset, numerics):
     model = load_model(make_ckpt(preset, "fp8"), numerics=numerics)
     ids = prompt_ids(75)
     full = model(ids)
-    # prefill 29 (not a multiple of 4 or 16, > window), ragged chunks, then 1-token decode steps
-    cuts = [29, 33, 36, 47, 50] + list(range(51, 75))
+    # chunks shorter than a compression window first, a prefill ending at 29 (not a multiple of
+    # 4 or 16, > window), ragged chunks, then 1-token decode steps
+    cuts = [1, 3, 29, 33, 36, 47, 50] + list(range(51, 75))
     inc, state = run_pieces(model, ids, cuts)
     assert state.pos == 75
     err = (inc - full).abs().max() / full.abs().max()
@@ -34,7 +35,9 @@ def test_prefill_then_decode_matches_full_forward(make_ckpt, preset, numerics):
         # FP8 activation rounding is discontinuous: a last-bit difference between a 75-row and a
         # 1-row matmul can move a value across an e4m3 rounding boundary (one e4m3 step, ~6%, in
         # one element), so official numerics agree to that noise, not bit for bit
-        assert err < 3e-2, f"incremental logits differ from the full forward: rel err {err:.2e}"
+        rel = (inc - full).abs().amax(-1) / full.abs().amax(-1)
+        assert (rel > 1e-4).float().mean() < 0.1, "most positions must agree to fp32 noise"
+        assert err < 0.1, f"incremental logits differ from the full forward: rel err {err:.2e}"
         assert (inc.argmax(-1) == full.argmax(-1)).float().mean() > 0.95
 
 

@@ -1,0 +1,118 @@
+"""Per-request block tables over every cache group, with prefix caching (plain Python).
+
+Logical block k of a request covers tokens [k*bs, (k+1)*bs) in every group. A group frees the
+blocks a request no longer reads (window and open compressor windows slide; entries stay). A
+block is named by the chain hash of the tokens up to its end once the request has computed past
+it; freed named blocks stay findable until evicted, so a new request whose prompt shares the
+first k*bs tokens takes them back: compressed entries, indexer keys, the window and the open
+compressor rows, i.e. exactly the state at position k*bs.
+"""
+from __future__ import annotations
+
+from dayzero.cache.block_pool import BlockPool
+from dayzero.cache.spec import GroupSpec
+
+
+def chain_hashes(tokens: list[int], block_size: int, n_blocks: int, start: list[int] | None = None) -> list[int]:
+    out = list(start or [])
+    h = out[-1] if out else 0
+    for k in range(len(out), n_blocks):
+        h = hash((h, tuple(tokens[k * block_size:(k + 1) * block_size])))
+        out.append(h)
+    return out
+
+
+class KVCacheManager:
+    def __init__(self, groups: list[GroupSpec], num_blocks: dict[str, int], block_size: int, window: int,
+                 enable_prefix_caching: bool = True, lookahead: int = 0):
+        """lookahead: rows stored past the last computed token (the MTP block stores the row of
+        position p at p + 1)."""
+        self.groups, self.bs, self.window, self.lookahead = groups, block_size, window, lookahead
+        self.caching = enable_prefix_caching
+        self.pools = {g.name: BlockPool(num_blocks[g.name], g.name) for g in groups}
+        self.tables: dict[str, dict[str, list[int | None]]] = {}
+        self.hashes: dict[str, list[int]] = {}
+        self.hits = self.queries = 0  # prefix-cache tokens hit / asked, for stats
+
+    def table(self, rid: str) -> dict[str, list[int | None]]:
+        return self.tables.setdefault(rid, {g.name: [] for g in self.groups})
+
+    def _needed_from(self, g: GroupSpec, n: int) -> int:
+        """First logical block group g must hold to continue from n computed tokens (whose step
+        re-reads position n - 1's window when resuming from a prefix hit)."""
+        return g.keep_from(max(n - 1, 0), self.window) // self.bs
+
+    # ---- prefix cache ------------------------------------------------------------------------
+    def lookup_prefix(self, rid: str, tokens: list[int]) -> int:
+        """Take the longest cached prefix of `tokens` (whole blocks, at least one token left to
+        compute); return its length L (0 if none). The caller recomputes position L-1 without
+        writing (see PagedSeqCache.protect) and continues from L."""
+        assert not any(self.table(rid).values()), "prefix lookup on a request that holds blocks"
+        m = (len(tokens) - 1) // self.bs
+        self.queries += len(tokens)
+        if not self.caching or m == 0:
+            return 0
+        hashes = chain_hashes(tokens, self.bs, m)
+        for k in range(m, 0, -1):
+            L = k * self.bs
+            found = {}
+            for g in self.groups:
+                blocks = [self.pools[g.name].lookup(hashes[j]) for j in range(self._needed_from(g, L), k)]
+                if any(b is None for b in blocks):
+                    break
+                found[g.name] = blocks
+            else:
+                tab = self.table(rid)
+                for g in self.groups:
+                    for b in found[g.name]:
+                        self.pools[g.name].take(b)
+                    tab[g.name] = [None] * (k - len(found[g.name])) + found[g.name]
+                self.hashes[rid] = hashes[:k]
+                self.hits += L
+                return L
+        return 0
+
+    # ---- allocation --------------------------------------------------------------------------
+    def can_allocate(self, rid: str, end: int) -> bool:
+        tab = self.table(rid)
+        need = -(-(end + self.lookahead) // self.bs)
+        return all(need - len(tab[g.name]) <= self.pools[g.name].num_free for g in self.groups)
+
+    def allocate(self, rid: str, end: int) -> bool:
+        """Blocks for tokens up to `end` in every group, all or nothing."""
+        if not self.can_allocate(rid, end):
+            return False
+        tab = self.table(rid)
+        need = -(-(end + self.lookahead) // self.bs)
+        for g in self.groups:
+            t = tab[g.name]
+            t.extend(self.pools[g.name].allocate(max(need - len(t), 0)))
+        return True
+
+    def commit(self, rid: str, num_computed: int, tokens: list[int]) -> None:
+        """After a step: name newly completed blocks, free what no group reads any more."""
+        tab = self.table(rid)
+        full = num_computed // self.bs
+        if self.caching:
+            old = self.hashes.get(rid, [])
+            hashes = self.hashes[rid] = chain_hashes(tokens, self.bs, full, old)
+            for k in range(len(old), full):
+                for g in self.groups:
+                    b = tab[g.name][k]
+                    if b is not None:
+                        self.pools[g.name].cache(b, hashes[k])
+        for g in self.groups:
+            t = tab[g.name]
+            for k in range(min(g.keep_from(num_computed, self.window) // self.bs, len(t))):
+                if t[k] is not None:
+                    self.pools[g.name].free([t[k]])
+                    t[k] = None
+
+    def free(self, rid: str) -> None:
+        for g in self.groups:
+            self.pools[g.name].free(self.table(rid)[g.name])
+        self.tables.pop(rid, None)
+        self.hashes.pop(rid, None)
+
+    def usage(self) -> float:
+        return max(p.usage for p in self.pools.values())

@@ -1,0 +1,266 @@
+"""The engine: add_request / step / abort over the scheduler, the paged cache and the model.
+
+A step packs the scheduled tokens of every request into one forward (each request a Segment
+reading and writing its own blocks), samples where a request reached its last known token,
+verifies MTP drafts, runs MTP to draft the next token, and commits finished blocks to the
+prefix cache. Nothing a request sees depends on what else is in the batch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dayzero.cache.manager import KVCacheManager
+from dayzero.cache.paged import CachePools, PagedSeqCache
+from dayzero.cache.spec import cache_groups, fixed_bytes_per_sequence
+from dayzero.engine.request import Request, Status
+from dayzero.engine.sampling import SamplingParams, probs, sample, token_logprobs, verify_draft
+from dayzero.engine.scheduler import Scheduled, Scheduler
+from dayzero.reference.model import Transformer
+from dayzero.reference.seqcache import Segment
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Engine options, named as vLLM names them."""
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 1024
+    enable_prefix_caching: bool = True
+    kv_cache_memory_bytes: int | None = None  # default: 512 MiB on CPU, half the free memory elsewhere
+    block_size: int | None = None  # default: the smallest multiple of every compression ratio >= 16
+    num_speculative_tokens: int | None = None  # MTP drafts per step: 0 or 1 (default 1 with an MTP module)
+    speculative_min_acceptance: float = 0.3  # MTP turns itself off below this after 64 drafts
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+        if self.kv_cache_memory_bytes is not None and (
+                not isinstance(self.kv_cache_memory_bytes, int) or self.kv_cache_memory_bytes <= 0):
+            raise ValueError(f"kv_cache_memory_bytes: must be a positive integer, got {self.kv_cache_memory_bytes!r}")
+        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1):
+            raise ValueError(f"block_size: must be a positive integer, got {self.block_size!r}")
+        if self.num_speculative_tokens not in (None, 0, 1):
+            raise ValueError(f"num_speculative_tokens: MTP drafts 0 or 1 token, got {self.num_speculative_tokens!r}")
+
+
+def _default_block_size(args) -> int:
+    lcm = math.lcm(*[r for r in args.compress_ratios if r] or [1])
+    return lcm * math.ceil(16 / lcm)
+
+
+class Engine:
+    def __init__(self, model: Transformer, eargs: EngineArgs, device: torch.device, tokenizer=None):
+        self.model, self.eargs, self.device, self.tokenizer = model, eargs, device, tokenizer
+        args = self.args = model.args
+        self.block_size = bs = eargs.block_size or _default_block_size(args)
+        has_mtp = bool(args.n_mtp_layers)
+        spec = eargs.num_speculative_tokens
+        if spec and not has_mtp:
+            raise ValueError("num_speculative_tokens: this checkpoint has no MTP module to draft with")
+        self.spec_enabled = has_mtp if spec is None else bool(spec)
+        self.groups = cache_groups(args, bs, with_mtp=self.spec_enabled)
+        self.num_blocks, self.max_tokens = self._capacity()
+        self.kv = KVCacheManager(self.groups, self.num_blocks, bs, args.window_size, eargs.enable_prefix_caching,
+                                 lookahead=int(self.spec_enabled))
+        self.pools = CachePools(self.groups, self.num_blocks, model.compute_dtype, device)
+        self.scheduler = Scheduler(self.kv, eargs.max_num_seqs, eargs.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self.drafts = self.accepted = 0
+        self.num_steps = 0
+        self.tokens_generated = 0
+
+    # ---- capacity ------------------------------------------------------------------------------
+    def _capacity(self) -> tuple[dict[str, int], int]:
+        e, args, bs = self.eargs, self.args, self.block_size
+        dtype = self.model.compute_dtype
+        budget = e.kv_cache_memory_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                budget = int(torch.cuda.mem_get_info(self.device)[0] * 0.5)
+            else:
+                budget = 512 * 2**20
+        blocks: dict[str, int] = {}
+        fixed = 0
+        for g in self.groups:
+            if g.keep == "all":
+                continue
+            span = args.window_size - 1 if g.keep == "window" else g.ratio_of_rows * (2 if g.overlap else 1)
+            # per running sequence: its span plus a partial block at each end; the step's chunk on top;
+            # twice that, so finished requests' blocks stay cached for prefix hits a while
+            n = 2 * (e.max_num_seqs * (math.ceil(span / bs) + 2) + math.ceil(e.max_num_batched_tokens / bs))
+            blocks[g.name] = n
+            fixed += n * g.block_bytes(dtype)
+        growing = [g for g in self.groups if g.keep == "all"]
+        per_block = sum(g.block_bytes(dtype) for g in growing)
+        if not growing:  # sliding-window-only model: context bounded by max_seq_len only
+            return blocks, args.max_seq_len * e.max_num_seqs
+        n = (budget - fixed) // per_block
+        if n < 2:
+            raise ValueError(
+                f"kv_cache_memory_bytes={budget} leaves no room for compressed entries after the "
+                f"{fixed} bytes of window and compressor rows for max_num_seqs={e.max_num_seqs}; "
+                f"need at least {fixed + 2 * per_block}")
+        for g in growing:
+            blocks[g.name] = n
+        return blocks, n * bs
+
+    def stats(self) -> dict:
+        return {
+            "block_size": self.block_size,
+            "kv_cache_bytes": self.pools.nbytes(),
+            "max_tokens_in_cache": self.max_tokens,
+            "fixed_bytes_per_sequence": fixed_bytes_per_sequence(self.args, self.model.compute_dtype,
+                                                                 self.spec_enabled),
+            "kv_usage": self.kv.usage(),
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_tokens": self.kv.hits,
+            "prefix_cache_query_tokens": self.kv.queries,
+            "mtp_enabled": self.spec_enabled,
+            "mtp_drafts": self.drafts,
+            "mtp_accepted": self.accepted,
+            "mtp_acceptance": self.accepted / self.drafts if self.drafts else None,
+            "steps": self.num_steps,
+            "tokens_generated": self.tokens_generated,
+        }
+
+    # ---- API -----------------------------------------------------------------------------------
+    def add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> Request:
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        limit = self.args.max_seq_len
+        if len(prompt_ids) >= limit:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the {limit}-token context")
+        req = Request(rid, list(prompt_ids), params, prompt=prompt,
+                      max_len=min(limit, len(prompt_ids) + params.max_tokens))
+        self.requests[rid] = req
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, rid: str) -> None:
+        req = self.requests.pop(rid, None)
+        if req is not None and not req.finished:
+            self.scheduler.finish(req, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def release(self, rid: str) -> None:
+        """Forget a finished request."""
+        self.requests.pop(rid, None)
+
+    # ---- one step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[Request]:
+        """Run one scheduled batch; return the requests that produced tokens or finished."""
+        before = {r.rid for r in self.requests.values() if r.finished}
+        batch = self.scheduler.schedule()
+        touched = [r for r in self.requests.values() if r.finished and r.rid not in before]
+        if not batch:
+            return touched
+        self.num_steps += 1
+        ids, segs, caches = [], [], []
+        for s in batch:
+            r = s.request
+            toks = r.all_ids[r.num_computed:r.num_computed + s.num_new - s.verify_draft]
+            if s.verify_draft:
+                toks.append(r.draft)
+            cache = PagedSeqCache(self.pools, self.kv.table(r.rid), protect=r.protect)
+            segs.append(Segment(len(ids), len(toks), r.num_computed, cache))
+            caches.append(cache)
+            ids.extend(toks)
+        X = self.model.forward_packed(torch.tensor(ids, device=self.device), segs)
+        # logits only where something is sampled: a request's last row, and the one before when verifying
+        want = []
+        for s, seg in zip(batch, segs):
+            if s.request.num_computed + s.num_new >= s.request.num_tokens:
+                want += [seg.offset + seg.length - 2] if s.verify_draft else []
+                want.append(seg.offset + seg.length - 1)
+        rows = {row: i for i, row in enumerate(want)}
+        logits = self.model.logits(X[want], self.model.head.weight).float().cpu() if want else None
+        mtp_segs, mtp_rows, mtp_ids, mtp_reqs = [], [], [], []
+        for s, seg, cache in zip(batch, segs, caches):
+            r = s.request
+            old = r.num_computed
+            if old + s.num_new < r.num_tokens:  # a prefill chunk: nothing to sample
+                r.num_computed += s.num_new
+            else:
+                self._sample(r, s, logits, rows, seg)
+            self.kv.commit(r.rid, r.num_computed, r.all_ids)
+            if r.finished:
+                self.scheduler.finish(r, r.finish_reason)
+            elif self.spec_enabled and r.num_computed > old:
+                n = r.num_computed - old  # MTP: positions old..num_computed-1 with the tokens after them
+                mtp_segs.append(Segment(len(mtp_ids), n, old, cache))
+                mtp_rows.extend(range(seg.offset, seg.offset + n))
+                mtp_ids.extend(r.all_ids[old + 1:old + 1 + n])
+                mtp_reqs.append(r)
+            touched.append(r)
+        if mtp_segs:
+            self._draft(X[mtp_rows], mtp_ids, mtp_segs, mtp_reqs)
+        return touched
+
+    def _sample(self, r: Request, s: Scheduled, logits, rows, seg: Segment) -> None:
+        last = logits[rows[seg.offset + seg.length - 1]]
+        if s.verify_draft:
+            target = logits[rows[seg.offset + seg.length - 2]]
+            self.drafts += 1
+            ok, tok = verify_draft(target, r.draft_probs, r.draft, r.params, r.generator)
+            r.num_computed += 1  # the last known token's position
+            self._append(r, tok, target)
+            if ok:
+                self.accepted += 1
+                if not r.finished:
+                    r.num_computed += 1  # the draft's position holds the accepted token
+                    self._append(r, sample(last, r.params, r.generator), last)
+            r.draft = r.draft_probs = None
+            if self.drafts >= 64 and self.accepted < self.eargs.speculative_min_acceptance * self.drafts:
+                self._disable_mtp()
+        else:
+            r.num_computed += s.num_new
+            r.draft = r.draft_probs = None  # a draft the budget left out is stale after this step
+            self._append(r, sample(last, r.params, r.generator), last)
+
+    def _append(self, r: Request, tok: int, logits: torch.Tensor) -> None:
+        r.output_ids.append(tok)
+        self.tokens_generated += 1
+        p = r.params
+        if r.logprobs is not None:
+            r.logprobs.append(token_logprobs(logits, tok, p.logprobs))
+        if self.tokenizer is not None:
+            r.text = self.tokenizer.decode(r.output_ids)
+        if (tok == self.args.eos_token_id and not p.ignore_eos) or tok in (p.stop_token_ids or ()):
+            r.finish_reason = "stop"
+        elif p.stop and any(x in r.text for x in p.stop_strings):
+            r.text = r.text[:min(r.text.index(x) for x in p.stop_strings if x in r.text)]
+            r.finish_reason = "stop"
+        elif len(r.output_ids) >= p.max_tokens or r.num_tokens >= r.max_len:
+            r.finish_reason = "length"
+        if r.finish_reason:
+            r.status = Status.FINISHED
+
+    def _draft(self, streams, next_ids, segs: list[Segment], reqs: list[Request]) -> None:
+        mtp = self.model.mtp[0]
+        ids = torch.tensor(next_ids, device=self.device)
+        X = mtp(streams, self.model.embed_tokens(ids), segs, ids)
+        ends = [s.offset + s.length - 1 for s in segs]
+        logits = mtp.logits(X[ends], self.model.head.weight).float().cpu()
+        for r, lg in zip(reqs, logits):
+            # a draft only for decoding requests, where a step can still take two tokens
+            if (r.num_computed == r.num_tokens - 1 and len(r.output_ids) + 2 <= r.params.max_tokens
+                    and r.num_tokens + 2 <= r.max_len):
+                q = probs(lg, r.params)
+                r.draft = sample(lg, r.params, r.generator)
+                r.draft_probs = q
+
+    def _disable_mtp(self) -> None:
+        self.spec_enabled = False
+        for r in self.requests.values():
+            r.draft = r.draft_probs = None

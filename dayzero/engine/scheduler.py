@@ -1,0 +1,104 @@
+"""The scheduler: one rule, plain Python over token counts and block ids (no tensors).
+
+Rule: every step, each request's computed tokens catch up with its known tokens, as far as
+`max_num_batched_tokens` (shared, first come first served) and `max_num_seqs` allow. A prompt
+is prefilled in chunks by that rule; a decoding request asks for its one new token (two with an
+MTP draft to verify). When the cache cannot hold a running request's next tokens, the most
+recently arrived running request is preempted: its blocks are freed and it recomputes later
+(from whatever prefix is still cached).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from dayzero.cache.manager import KVCacheManager
+from dayzero.engine.request import Request, Status
+
+
+@dataclass
+class Scheduled:
+    request: Request
+    num_new: int  # tokens computed this step, from request.num_computed
+    verify_draft: bool  # the last of them is the MTP draft (not yet a known token)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.kv, self.max_num_seqs, self.max_tokens = kv, max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def finish(self, req: Request, reason: str) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req.rid)
+        req.status, req.finish_reason = Status.FINISHED, req.finish_reason or reason
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req.rid)
+        req.num_computed, req.protect, req.draft, req.draft_probs = 0, 0, None, None
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def _wanted(self, req: Request) -> tuple[int, bool]:
+        remaining = req.num_tokens - req.num_computed
+        if req.draft is not None and remaining == 1:
+            return 2, True
+        return remaining, False
+
+    def schedule(self) -> list[Scheduled]:
+        budget = self.max_tokens
+        out: list[Scheduled] = []
+        for req in sorted(self.running, key=lambda r: r.arrival):
+            if req not in self.running:  # preempted below for an earlier request
+                continue
+            want, verify = self._wanted(req)
+            n = min(want, budget)
+            if n < want:
+                verify = False
+                if req.draft is not None and n == 1:
+                    n = min(want - 1, budget)
+            if n <= 0:
+                continue
+            while not self.kv.allocate(req.rid, req.num_computed + n):
+                victim = max(self.running, key=lambda r: r.arrival)
+                self._preempt(victim)
+                if victim is req:
+                    break
+            else:
+                out.append(Scheduled(req, n, verify))
+                budget -= n
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            req = self.waiting[0]
+            if req.num_computed == 0:
+                hit = self.kv.lookup_prefix(req.rid, req.all_ids)
+                if hit:
+                    req.num_computed, req.protect = hit - 1, hit
+            n = min(req.num_tokens - req.num_computed, budget)
+            if not self.kv.allocate(req.rid, req.num_computed + n):
+                self.kv.free(req.rid)  # give back prefix-hit blocks; look up again next time
+                req.num_computed, req.protect = 0, 0
+                if not self.running:  # it cannot fit even alone: fail this request, not the engine
+                    req.error = (f"{req.num_tokens} tokens do not fit in the KV cache; raise "
+                                 "kv_cache_memory_bytes or lower max_num_batched_tokens")
+                    self.finish(req, "abort")
+                    continue
+                break
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            self.running.append(req)
+            out.append(Scheduled(req, n, False))
+            budget -= n
+        return out
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)

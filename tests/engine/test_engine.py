@@ -1,0 +1,176 @@
+"""The engine computes the same model as the reference, whatever the batching, chunking, caching,
+preemption or speculation."""
+import pytest
+import torch
+
+from dayzero import LLM, SamplingParams
+from dayzero.engine.engine import Engine
+from dayzero.engine.sampling import verify_draft
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def prompts(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [5, 23, 40, 17, 61, 33, 9, 48][:n]
+    return [torch.randint(2, 500, (L,), generator=g).tolist() for L in lengths]
+
+
+def reference_greedy(model, prompt, n):
+    state = model.new_state()
+    logits = model(torch.tensor([prompt]), state)[0, -1]
+    out = []
+    for _ in range(n):
+        out.append(int(logits.argmax()))
+        logits = model(torch.tensor([[out[-1]]]), state)[0, -1]
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt(make_ckpt):
+    return make_ckpt("flash", "fp8", tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def expected(ckpt):
+    model = LLM(ckpt, numerics="transformers", num_speculative_tokens=0).model
+    return [reference_greedy(model, p, GREEDY.max_tokens) for p in prompts()]
+
+
+def run_staggered(engine: Engine, ps, params=GREEDY, every=2):
+    """Add two requests every `every` steps (mixed arrival), run to completion."""
+    reqs, pending, step = [], list(enumerate(ps)), 0
+    while pending or engine.has_unfinished():
+        if pending and step % every == 0:
+            for _ in range(2):
+                if pending:
+                    i, p = pending.pop(0)
+                    reqs.append(engine.add_request(f"r{i}", p, params))
+        engine.step()
+        step += 1
+    return [r.output_ids for r in reqs]
+
+
+@pytest.mark.parametrize("opts", [
+    dict(max_num_batched_tokens=7),  # chunks that align with nothing (4, 16, window 16)
+    dict(max_num_batched_tokens=37, max_num_seqs=2),  # fewer slots than requests
+    dict(max_num_batched_tokens=64, num_speculative_tokens=1, speculative_min_acceptance=0.0),  # MTP on
+    dict(max_num_batched_tokens=37, enable_prefix_caching=False, num_speculative_tokens=0),
+], ids=["chunk7", "chunk37-seqs2", "mtp", "no-prefix-cache"])
+def test_greedy_matches_reference_under_batching(ckpt, expected, opts):
+    llm = LLM(ckpt, numerics="transformers", **opts)
+    assert run_staggered(llm.engine, prompts()) == expected
+
+
+def test_prefix_cache_second_pass_hits_and_agrees(ckpt, expected):
+    llm = LLM(ckpt, numerics="transformers", max_num_batched_tokens=37)
+    first = [o.token_ids for o in llm.generate(prompts(), GREEDY)]
+    hits_before = llm.engine.kv.hits
+    shared = [p[:30] + [7, 7, 7] for p in prompts()]  # same first 30 tokens, different tails
+    llm.generate(shared, GREEDY)
+    second = [o.token_ids for o in llm.generate(prompts(), GREEDY)]
+    assert first == second == expected
+    assert llm.engine.kv.hits > hits_before  # whole blocks of the earlier prompts were reused
+
+
+def test_prefix_hit_from_a_single_block(ckpt):
+    llm = LLM(ckpt, numerics="transformers", num_speculative_tokens=0)
+    bs = llm.engine.block_size
+    base = prompts()[4][:bs + 3]
+    llm.generate([base], GREEDY)
+    hits = llm.engine.kv.hits
+    out = llm.generate([base[:bs] + [9, 9, 9, 9]], GREEDY)[0].token_ids
+    assert llm.engine.kv.hits - hits == bs
+    fresh = LLM(ckpt, numerics="transformers", num_speculative_tokens=0, enable_prefix_caching=False)
+    assert out == fresh.generate([base[:bs] + [9, 9, 9, 9]], GREEDY)[0].token_ids
+
+
+def test_preemption_under_a_tiny_kv_budget(ckpt, expected):
+    llm = LLM(ckpt, numerics="transformers", max_num_batched_tokens=64, max_num_seqs=6,
+              kv_cache_memory_bytes=1, num_speculative_tokens=0, enable_prefix_caching=False) \
+        if False else None
+    probe = LLM(ckpt, numerics="transformers", max_num_batched_tokens=64, max_num_seqs=6,
+                num_speculative_tokens=0)
+    e = probe.engine
+    fixed = sum(n * g.block_bytes(probe.model.compute_dtype)
+                for g, n in ((g, e.num_blocks[g.name]) for g in e.groups) if g.keep != "all")
+    per_block = sum(g.block_bytes(probe.model.compute_dtype) for g in e.groups if g.keep == "all")
+    # room for about 9 blocks of long-range entries (~144 tokens) for six requests of up to 73 tokens
+    llm = LLM(ckpt, numerics="transformers", max_num_batched_tokens=64, max_num_seqs=6,
+              num_speculative_tokens=0, kv_cache_memory_bytes=fixed + 9 * per_block)
+    assert run_staggered(llm.engine, prompts(), every=1) == expected
+    assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_seeded_sampling_is_independent_of_batch_composition(ckpt):
+    p = SamplingParams(temperature=0.9, top_p=0.95, seed=11, max_tokens=10, ignore_eos=True)
+    target = prompts()[2]
+    alone = LLM(ckpt, numerics="transformers", num_speculative_tokens=0).generate([target], p)[0].token_ids
+    crowd = LLM(ckpt, numerics="transformers", num_speculative_tokens=0, max_num_batched_tokens=19)
+    others = [SamplingParams(temperature=1.0, seed=s, max_tokens=10) for s in range(5)]
+    outs = crowd.generate(prompts()[:2] + [target] + prompts()[3:], others[:2] + [p] + others[2:5])
+    assert outs[2].token_ids == alone
+    again = LLM(ckpt, numerics="transformers", num_speculative_tokens=0).generate([target], p)[0].token_ids
+    assert again == alone
+
+
+class Oracle:
+    """Drafts the reference's next greedy token (all accepted) or a wrong one (all rejected)."""
+
+    def __init__(self, engine, answers, right=True):
+        self.engine, self.answers, self.right = engine, answers, right
+
+    def __call__(self, streams, next_ids, segs, reqs):
+        for r in reqs:
+            if r.num_computed == r.num_tokens - 1 and len(r.output_ids) + 2 <= r.params.max_tokens:
+                want = self.answers[r.rid][len(r.output_ids)]
+                r.draft = want if self.right else (want + 1) % 500
+                r.draft_probs = torch.nn.functional.one_hot(torch.tensor(r.draft), 512).float()
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_mtp_verification_accepts_and_rejects_exactly(ckpt, expected, right):
+    llm = LLM(ckpt, numerics="transformers", num_speculative_tokens=1, speculative_min_acceptance=0.0,
+              max_num_batched_tokens=64)
+    e = llm.engine
+    e._draft = Oracle(e, {f"r{i}": x for i, x in enumerate(expected)}, right)
+    assert run_staggered(e, prompts()) == expected
+    assert e.drafts > 0 and e.accepted == (e.drafts if right else 0)
+    assert e.num_steps < 30 if right else True  # accepted drafts give two tokens a step
+
+
+def test_mtp_turns_itself_off_when_acceptance_does_not_pay(ckpt):
+    llm = LLM(ckpt, numerics="transformers", num_speculative_tokens=1, speculative_min_acceptance=0.9)
+    llm.generate(prompts(), SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    stats = llm.engine.stats()
+    assert stats["mtp_drafts"] >= 64 and stats["mtp_enabled"] is False
+    assert stats["mtp_acceptance"] < 0.9
+
+
+def test_sampled_speculation_preserves_the_distribution():
+    g = torch.Generator().manual_seed(0)
+    target_logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
+    q = torch.tensor([0.1, 0.6, 0.2, 0.1])
+    p = SamplingParams(temperature=1.0)
+    counts = torch.zeros(4)
+    n = 20000
+    for _ in range(n):
+        d = int(torch.multinomial(q, 1, generator=g))
+        _, tok = verify_draft(target_logits, q, d, p, g)
+        counts[tok] += 1
+    assert torch.allclose(counts / n, target_logits.softmax(0), atol=0.015)
+
+
+def test_kv_accounting_is_reported(ckpt):
+    stats = LLM(ckpt, numerics="transformers").engine.stats()
+    assert stats["max_tokens_in_cache"] > 0 and stats["kv_cache_bytes"] > 0 and stats["block_size"] == 16
+
+
+def test_abort_frees_blocks(ckpt):
+    llm = LLM(ckpt, numerics="transformers", enable_prefix_caching=False)
+    e = llm.engine
+    r = e.add_request("x", prompts()[4], GREEDY)
+    e.step()
+    assert e.kv.usage() > 0
+    e.abort("x")
+    assert r.finish_reason == "abort" and e.kv.usage() == 0 and not e.has_unfinished()
