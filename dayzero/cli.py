@@ -31,7 +31,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
     params = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                             max_tokens=a.max_tokens, seed=a.seed, stop=a.stop or None,
                             ignore_eos=a.ignore_eos)
-    llm = LLM(a.model, device=a.device, dtype=a.dtype, numerics=a.numerics)
+    llm = LLM(a.model, device=a.device, dtype=a.dtype, numerics=a.numerics,
+              max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=not a.no_prefix_caching,
+              num_speculative_tokens=a.num_speculative_tokens, kv_cache_memory_bytes=a.kv_cache_memory_bytes)
     show_ids = llm.tokenizer is None
     if a.stream:
         printed = 0
@@ -46,7 +48,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
     else:
         out = llm.generate([prompt], params)[0]
         print(" ".join(map(str, out.token_ids)) if show_ids else out.text)
-    print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}]", file=sys.stderr)
+    st = llm.engine.stats()
+    mtp = (f", MTP acceptance {st['mtp_acceptance']:.0%} of {st['mtp_drafts']} drafts"
+           f"{'' if st['mtp_enabled'] else ' (turned off)'}" if st["mtp_drafts"] else "")
+    print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}{mtp}]", file=sys.stderr)
     return 0
 
 
@@ -102,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="compute dtype: float32 or bfloat16")
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    g.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per engine step (prefill chunk)")
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--num-speculative-tokens", type=int, choices=[0, 1], default=None,
+                   help="MTP drafts per step (default: 1 when the checkpoint has an MTP module)")
+    g.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="KV cache budget (default: 512 MiB on CPU, half the free memory on a GPU)")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="convert a transformers-saved DeepseekV4 directory to the official layout")

@@ -16,7 +16,7 @@ import torch
 from dayzero.engine.engine import Engine, EngineArgs
 from dayzero.engine.request import Request
 from dayzero.engine.sampling import SamplingParams
-from dayzero.loader.model_io import load_model
+from dayzero.loader.model_io import keep_dequantized, load_model
 from dayzero.tokenizer import Tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -76,6 +76,7 @@ class LLM:
         self.device = resolve_device(device)
         self.model = load_model(path, numerics=numerics, dtype=resolve_dtype(dtype), device=self.device)
         self.args = self.model.args
+        keep_dequantized(self.model)  # no FP8/FP4 kernels yet: dequantise small models once
         tok_file = path / "tokenizer.json"
         self.tokenizer = Tokenizer(tok_file) if tok_file.is_file() else None
         self.engine = Engine(self.model, eargs, self.device, self.tokenizer)

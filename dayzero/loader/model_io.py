@@ -91,3 +91,16 @@ def save_model(path: str | os.PathLike, model: Transformer, args: ModelArgs | No
     state = checkpoint_state(args, dense_state(model))
     return save_state(path, state, args.to_hf_dict(), tokenizer_json=tokenizer_json,
                       max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+
+
+def keep_dequantized(model: Transformer, max_bytes: int = 4 * 2**30) -> bool:
+    """Keep dequantised copies of every linear in the compute dtype when they total at most
+    `max_bytes` (small models on devices without FP8/FP4 kernels); returns whether it did."""
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    size = torch.tensor([], dtype=model.compute_dtype).element_size()
+    total = sum(m.in_features * m.out_features * size for m in linears)
+    if total > max_bytes:
+        return False
+    for m in linears:
+        m.keep_dequantized(model.compute_dtype)
+    return True

@@ -55,11 +55,21 @@ class Linear(nn.Module):
             raise ValueError(f"unknown weight format {fmt!r}")
 
     def dequant(self, dtype: torch.dtype) -> torch.Tensor:
+        cached = self.__dict__.get("_dequantized")
+        if cached is not None and cached.dtype == dtype:
+            return cached
         if self.fmt == "dense":
             return self.weight.to(dtype)
         if self.fmt == "fp4":
             return dequant_fp4(self.weight, self.scale).to(dtype)
         return dequant_fp8_block(self.weight, self.scale).to(dtype)
+
+    def keep_dequantized(self, dtype: torch.dtype | None) -> None:
+        """Keep a dequantised copy for `dtype` (None: drop it): trades memory for speed where the
+        device has no FP8/FP4 kernels. The checkpoint tensors stay as they are."""
+        self.__dict__["_dequantized"] = None
+        if dtype is not None and not (self.fmt == "dense" and self.weight.dtype == dtype):
+            self.__dict__["_dequantized"] = self.dequant(dtype)
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.quant_input:
