@@ -32,7 +32,7 @@ class EngineArgs:
     kv_cache_memory_bytes: int | None = None  # default: 512 MiB on CPU, half the free memory elsewhere
     block_size: int | None = None  # default: the smallest multiple of every compression ratio >= 16
     num_speculative_tokens: int | None = None  # MTP drafts per step: 0 or 1 (default 1 with an MTP module)
-    speculative_min_acceptance: float = 0.3  # MTP turns itself off below this after 64 drafts
+    speculative_min_acceptance: float = 0.3  # MTP turns itself off below this after 16 drafts
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -221,7 +221,7 @@ class Engine:
                     r.num_computed += 1  # the draft's position holds the accepted token
                     self._append(r, sample(last, r.params, r.generator), last)
             r.draft = r.draft_probs = None
-            if self.drafts >= 64 and self.accepted < self.eargs.speculative_min_acceptance * self.drafts:
+            if self.drafts >= 16 and self.accepted < self.eargs.speculative_min_acceptance * self.drafts:
                 self._disable_mtp()
         else:
             r.num_computed += s.num_new

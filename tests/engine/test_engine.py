@@ -143,7 +143,7 @@ def test_mtp_turns_itself_off_when_acceptance_does_not_pay(ckpt):
     llm = LLM(ckpt, numerics="transformers", num_speculative_tokens=1, speculative_min_acceptance=0.9)
     llm.generate(prompts(), SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
     stats = llm.engine.stats()
-    assert stats["mtp_drafts"] >= 64 and stats["mtp_enabled"] is False
+    assert stats["mtp_drafts"] >= 16 and stats["mtp_enabled"] is False
     assert stats["mtp_acceptance"] < 0.9
 
 
