@@ -17,7 +17,7 @@ from dayzero.cache.manager import KVCacheManager
 from dayzero.cache.paged import CachePools, PagedSeqCache
 from dayzero.cache.spec import cache_groups, fixed_bytes_per_sequence
 from dayzero.engine.request import Request, Status
-from dayzero.engine.sampling import SamplingParams, probs, sample, token_logprobs, verify_draft
+from dayzero.engine.sampling import SamplingParams, sample, token_logprobs, verify_draft
 from dayzero.engine.scheduler import Scheduled, Scheduler
 from dayzero.reference.model import Transformer
 from dayzero.reference.seqcache import Segment
@@ -209,24 +209,25 @@ class Engine:
 
     def _sample(self, r: Request, s: Scheduled, logits, rows, seg: Segment) -> None:
         last = logits[rows[seg.offset + seg.length - 1]]
+        k = len(r.output_ids)  # index of the output token sampled next
         if s.verify_draft:
             target = logits[rows[seg.offset + seg.length - 2]]
             self.drafts += 1
-            ok, tok = verify_draft(target, r.draft_probs, r.draft, r.params, r.generator)
+            ok, tok = verify_draft(target, r.draft, r.params, r.seed, k)
             r.num_computed += 1  # the last known token's position
             self._append(r, tok, target)
             if ok:
                 self.accepted += 1
                 if not r.finished:
                     r.num_computed += 1  # the draft's position holds the accepted token
-                    self._append(r, sample(last, r.params, r.generator), last)
-            r.draft = r.draft_probs = None
+                    self._append(r, sample(last, r.params, r.seed, k + 1), last)
+            r.draft = None
             if self.drafts >= 16 and self.accepted < self.eargs.speculative_min_acceptance * self.drafts:
                 self._disable_mtp()
         else:
             r.num_computed += s.num_new
-            r.draft = r.draft_probs = None  # a draft the budget left out is stale after this step
-            self._append(r, sample(last, r.params, r.generator), last)
+            r.draft = None  # a draft the budget left out is stale after this step
+            self._append(r, sample(last, r.params, r.seed, k), last)
 
     def _append(self, r: Request, tok: int, logits: torch.Tensor) -> None:
         r.output_ids.append(tok)
@@ -256,11 +257,9 @@ class Engine:
             # a draft only for decoding requests, where a step can still take two tokens
             if (r.num_computed == r.num_tokens - 1 and len(r.output_ids) + 2 <= r.params.max_tokens
                     and r.num_tokens + 2 <= r.max_len):
-                q = probs(lg, r.params)
-                r.draft = sample(lg, r.params, r.generator)
-                r.draft_probs = q
+                r.draft = sample(lg, r.params, r.seed, len(r.output_ids))  # same noise as the target
 
     def _disable_mtp(self) -> None:
         self.spec_enabled = False
         for r in self.requests.values():
-            r.draft = r.draft_probs = None
+            r.draft = None

@@ -5,8 +5,6 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
-import torch
-
 from dayzero.engine.sampling import SamplingParams
 
 _arrival = itertools.count()
@@ -24,7 +22,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     prompt: str | None = None
-    generator: torch.Generator | None = None
+    seed: int | None = None  # sampling noise seed (params.seed, else random)
     status: Status = Status.WAITING
     arrival: int = field(default_factory=lambda: next(_arrival))
     output_ids: list[int] = field(default_factory=list)
@@ -35,12 +33,11 @@ class Request:
     num_computed: int = 0  # positions [0, num_computed) are in the cache
     protect: int = 0  # prefix-cache hit length: positions below are shared, never rewritten
     draft: int | None = None  # MTP's proposal for the token after the last known one
-    draft_probs: torch.Tensor | None = None
     max_len: int = 0  # context limit for this request (prompt + max_tokens, capped by the model)
 
     def __post_init__(self):
-        if self.generator is None:
-            self.generator = self.params.make_generator()
+        if self.seed is None:
+            self.seed = self.params.resolve_seed()
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
 

@@ -1,9 +1,11 @@
 """Sampling parameters (vLLM names) and the sampler.
 
-Order of operations on a request's fp32 logits: temperature -> top-k -> top-p -> min-p -> draw
-with the request's own torch.Generator (seeded by `seed`, so a seeded request is reproducible
-whatever else runs beside it). temperature == 0 is greedy. Reported logprobs are the model's
-own distribution (log-softmax of the raw logits), before any of those transforms.
+Order of operations on a request's fp32 logits: temperature -> top-k -> top-p -> min-p -> draw.
+temperature == 0 is greedy. A draw is the Gumbel-max trick, argmax(filtered logits + G), with the
+noise G a function of (request seed, index of the output token) only: the k-th token of a seeded
+request depends on nothing else (not on the batch, nor on speculation), and an MTP draft made with
+the same noise is verified by exact match, which keeps the output distribution exactly that of
+the model. Reported logprobs are the model's own distribution (log-softmax of the raw logits).
 """
 from __future__ import annotations
 
@@ -54,9 +56,8 @@ class SamplingParams:
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
-    def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
-        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        return torch.Generator(device=device).manual_seed(seed)
+    def resolve_seed(self) -> int:
+        return self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -77,34 +78,28 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return x
 
 
-def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """The distribution a request samples from: one-hot argmax when greedy."""
-    if p.temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(), logits.numel()).float()
-    return filter_logits(logits, p).softmax(-1)
+def gumbel_noise(seed: int, index: int, n: int) -> torch.Tensor:
+    """Standard Gumbel noise [n] for output token `index` of the request seeded `seed`."""
+    g = torch.Generator().manual_seed(hash((seed, index)) & (2**63 - 1))
+    u = torch.rand(n, generator=g).clamp_(min=1e-20, max=1 - 1e-7)
+    return -torch.log(-torch.log(u))
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
+def sample(logits: torch.Tensor, p: SamplingParams, seed: int, index: int) -> int:
+    """Output token `index` from `logits` [V]: argmax when greedy, else a draw from the filtered
+    distribution (Gumbel-max with the noise of (seed, index))."""
     if p.temperature == 0:
         return int(logits.argmax())
-    return int(torch.multinomial(probs(logits, p), 1, generator=generator))
+    x = filter_logits(logits, p)
+    return int((x + gumbel_noise(seed, index, x.numel())).argmax())
 
 
-def verify_draft(target: torch.Tensor, draft_probs: torch.Tensor, draft: int, p: SamplingParams,
-                 generator: torch.Generator) -> tuple[bool, int]:
-    """Speculative acceptance of one drafted token. Greedy: accept iff it is the argmax. Sampled:
-    accept with probability min(1, p(d)/q(d)), else draw from max(0, p - q) renormalised, so the
-    output is distributed exactly as sampling from the target p. -> (accepted, token)."""
-    if p.temperature == 0:
-        best = int(target.argmax())
-        return best == draft, best
-    pt = probs(target, p)
-    ratio = float(pt[draft] / draft_probs[draft].clamp(min=1e-30))
-    if float(torch.rand((), generator=generator)) < min(1.0, ratio):
-        return True, draft
-    residual = (pt - draft_probs).clamp(min=0)
-    residual = residual / residual.sum() if residual.sum() > 0 else pt
-    return False, int(torch.multinomial(residual, 1, generator=generator))
+def verify_draft(target: torch.Tensor, draft: int, p: SamplingParams, seed: int, index: int
+                 ) -> tuple[bool, int]:
+    """Speculative verification of a draft for output token `index`: the token is what sampling
+    the target gives anyway; the draft (made with the same noise) is accepted iff it equals it."""
+    tok = sample(target, p, seed, index)
+    return tok == draft, tok
 
 
 def token_logprobs(logits: torch.Tensor, token: int, n: int) -> dict[int, float]:
