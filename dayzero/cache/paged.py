@@ -1,4 +1,4 @@
-"""Device pools of the cache groups and the paged view of one request (a SeqCache).
+"""Device pools of the cache groups and the paged view of one engine step (a BatchCache).
 
 Pool tensor of a group's kind: [num_blocks, members, per_block, *row]; row i of a member lives
 in block table[i // per_block] at offset i % per_block. Rows are fp32 for compressor projections
@@ -29,34 +29,42 @@ class CachePools:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-class PagedSeqCache:
-    """One request's view. `protect`: token count below which nothing is written (a prefix-cache
-    hit's shared blocks are re-read but never rewritten)."""
+class PagedBatchCache:
+    """The BatchCache of one engine step: sequence b is a request with its block tables.
+    `protect[b]`: token count below which nothing of sequence b is written (a prefix-cache hit's
+    shared blocks are re-read but never rewritten)."""
 
-    def __init__(self, pools: CachePools, tables: dict[str, list[int | None]], protect: int = 0):
-        self.pools, self.protect = pools, protect
-        self._tables = {name: torch.tensor([-1 if b is None else b for b in t], dtype=torch.long)
-                        for name, t in tables.items()}
+    def __init__(self, pools: CachePools, tables: list[dict[str, list[int | None]]], protect: list[int],
+                 device: torch.device):
+        self.pools = pools
+        self.protect = torch.tensor(protect, dtype=torch.long, device=device)
+        self._tables = {}
+        for name in pools.groups:
+            width = max(1, max(len(t[name]) for t in tables))
+            tab = torch.full((len(tables), width), -1, dtype=torch.long)
+            for b, t in enumerate(tables):
+                tab[b, :len(t[name])] = torch.tensor([-1 if x is None else x for x in t[name]], dtype=torch.long)
+            self._tables[name] = tab.to(device)
 
-    def _locate(self, layer: int, kind: str, index: torch.Tensor):
+    def _locate(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor):
         group, member = self.pools.route[(layer, kind)]
         g = self.pools.groups[group]
-        blocks = self._tables[group].to(index.device)[index // g.per_block]
-        if (blocks < 0).any():
+        tab = self._tables[group]
+        col = index // g.per_block
+        if (col >= tab.shape[1]).any() or (tab[seq, col.clamp(max=tab.shape[1] - 1)] < 0).any():
             raise AssertionError(f"{group}: row of layer {layer} {kind} in a block the request does not hold")
-        return self.pools.tensors[(group, kind)], blocks, member, index % g.per_block, g
+        return self.pools.tensors[(group, kind)], tab[seq, col], member, index % g.per_block, g
 
-    def write(self, layer: int, kind: str, index: torch.Tensor, values: torch.Tensor) -> None:
-        group = self.pools.groups[self.pools.route[(layer, kind)][0]]
-        limit = self.protect // group.ratio if kind.startswith("ent:") else self.protect
-        keep = index >= limit
+    def write(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+        ratio = self.pools.groups[self.pools.route[(layer, kind)][0]].ratio
+        keep = index >= (self.protect[seq] // ratio if kind.startswith("ent:") else self.protect[seq])
         if not keep.all():
-            index, values = index[keep], values[keep]
+            seq, index, values = seq[keep], index[keep], values[keep]
         if index.numel() == 0:
             return
-        t, blocks, member, off, _ = self._locate(layer, kind, index)
+        t, blocks, member, off, _ = self._locate(layer, kind, seq, index)
         t[blocks, member, off] = values.to(t.dtype)
 
-    def read(self, layer: int, kind: str, index: torch.Tensor) -> torch.Tensor:
-        t, blocks, member, off, _ = self._locate(layer, kind, index)
+    def read(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        t, blocks, member, off, _ = self._locate(layer, kind, seq, index)
         return t[blocks, member, off]

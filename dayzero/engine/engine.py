@@ -1,7 +1,7 @@
 """The engine: add_request / step / abort over the scheduler, the paged cache and the model.
 
-A step packs the scheduled tokens of every request into one forward (each request a Segment
-reading and writing its own blocks), samples where a request reached its last known token,
+A step packs the scheduled tokens of every request into one forward (each request a sequence of
+the Batch, reading and writing its own blocks), samples where a request reached its last known token,
 verifies MTP drafts, runs MTP to draft the next token, and commits finished blocks to the
 prefix cache. Nothing a request sees depends on what else is in the batch.
 """
@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from dayzero.cache.manager import KVCacheManager
-from dayzero.cache.paged import CachePools, PagedSeqCache
+from dayzero.cache.paged import CachePools, PagedBatchCache
 from dayzero.cache.spec import cache_groups, fixed_bytes_per_sequence
 from dayzero.engine.request import Request, Status
 from dayzero.engine.sampling import SamplingParams, sample, token_logprobs, verify_draft
 from dayzero.engine.scheduler import Scheduled, Scheduler
 from dayzero.reference.model import Transformer
-from dayzero.reference.seqcache import Segment
+from dayzero.reference.seqcache import Batch
 
 
 @dataclass(frozen=True)
@@ -166,52 +166,56 @@ class Engine:
         if not batch:
             return touched
         self.num_steps += 1
-        ids, segs, caches = [], [], []
+        ids, lengths, offsets = [], [], []
         for s in batch:
             r = s.request
             toks = r.all_ids[r.num_computed:r.num_computed + s.num_new - s.verify_draft]
             if s.verify_draft:
                 toks.append(r.draft)
-            cache = PagedSeqCache(self.pools, self.kv.table(r.rid), protect=r.protect)
-            segs.append(Segment(len(ids), len(toks), r.num_computed, cache))
-            caches.append(cache)
+            offsets.append(len(ids))
+            lengths.append(len(toks))
             ids.extend(toks)
-        X = self.model.forward_packed(torch.tensor(ids, device=self.device), segs)
+        reqs = [s.request for s in batch]
+        cache = PagedBatchCache(self.pools, [self.kv.table(r.rid) for r in reqs], [r.protect for r in reqs],
+                                self.device)
+        starts = [r.num_computed for r in reqs]
+        X = self.model.forward_packed(torch.tensor(ids, device=self.device),
+                                      Batch(starts, lengths, cache, self.device))
         # logits only where something is sampled: a request's last row, and the one before when verifying
         want = []
-        for s, seg in zip(batch, segs):
+        for s, off, n in zip(batch, offsets, lengths):
             if s.request.num_computed + s.num_new >= s.request.num_tokens:
-                want += [seg.offset + seg.length - 2] if s.verify_draft else []
-                want.append(seg.offset + seg.length - 1)
+                want += [off + n - 2] if s.verify_draft else []
+                want.append(off + n - 1)
         rows = {row: i for i, row in enumerate(want)}
         logits = self.model.logits(X[want], self.model.head.weight).float().cpu() if want else None
-        mtp_segs, mtp_rows, mtp_ids, mtp_reqs = [], [], [], []
-        for s, seg, cache in zip(batch, segs, caches):
+        mtp = ([], [], [], [], [])  # sequence index, start, length, stream rows, next token ids
+        for b, (s, off, n) in enumerate(zip(batch, offsets, lengths)):
             r = s.request
             old = r.num_computed
             if old + s.num_new < r.num_tokens:  # a prefill chunk: nothing to sample
                 r.num_computed += s.num_new
             else:
-                self._sample(r, s, logits, rows, seg)
+                self._sample(r, s, logits, rows, off + n - 1)
             self.kv.commit(r.rid, r.num_computed, r.all_ids)
             if r.finished:
                 self.scheduler.finish(r, r.finish_reason)
             elif self.spec_enabled and r.num_computed > old:
-                n = r.num_computed - old  # MTP: positions old..num_computed-1 with the tokens after them
-                mtp_segs.append(Segment(len(mtp_ids), n, old, cache))
-                mtp_rows.extend(range(seg.offset, seg.offset + n))
-                mtp_ids.extend(r.all_ids[old + 1:old + 1 + n])
-                mtp_reqs.append(r)
+                k = r.num_computed - old  # MTP: positions old..num_computed-1 with the tokens after them
+                for lst, v in zip(mtp, (b, old, k)):
+                    lst.append(v)
+                mtp[3].extend(range(off, off + k))
+                mtp[4].extend(r.all_ids[old + 1:old + 1 + k])
             touched.append(r)
-        if mtp_segs:
-            self._draft(X[mtp_rows], mtp_ids, mtp_segs, mtp_reqs)
+        if mtp[0]:
+            self._draft(X[mtp[3]], mtp, cache, reqs)
         return touched
 
-    def _sample(self, r: Request, s: Scheduled, logits, rows, seg: Segment) -> None:
-        last = logits[rows[seg.offset + seg.length - 1]]
+    def _sample(self, r: Request, s: Scheduled, logits, rows, last_row: int) -> None:
+        last = logits[rows[last_row]]
         k = len(r.output_ids)  # index of the output token sampled next
         if s.verify_draft:
-            target = logits[rows[seg.offset + seg.length - 2]]
+            target = logits[rows[last_row - 1]]
             self.drafts += 1
             ok, tok = verify_draft(target, r.draft, r.params, r.seed, k)
             r.num_computed += 1  # the last known token's position
@@ -247,13 +251,16 @@ class Engine:
         if r.finish_reason:
             r.status = Status.FINISHED
 
-    def _draft(self, streams, next_ids, segs: list[Segment], reqs: list[Request]) -> None:
-        mtp = self.model.mtp[0]
+    def _draft(self, streams, mtp, cache: PagedBatchCache, reqs: list[Request]) -> None:
+        seqs, starts, lengths, _, next_ids = mtp
+        batch = Batch(starts, lengths, cache, self.device, ids=seqs)  # the step's cache, some of its requests
         ids = torch.tensor(next_ids, device=self.device)
-        X = mtp(streams, self.model.embed_tokens(ids), segs, ids)
-        ends = [s.offset + s.length - 1 for s in segs]
-        logits = mtp.logits(X[ends], self.model.head.weight).float().cpu()
-        for r, lg in zip(reqs, logits):
+        mtp_block = self.model.mtp[0]
+        X = mtp_block(streams, self.model.embed_tokens(ids), batch, ids)
+        ends = torch.tensor(lengths).cumsum(0) - 1
+        logits = mtp_block.logits(X[ends.to(self.device)], self.model.head.weight).float().cpu()
+        for b, lg in zip(seqs, logits):
+            r = reqs[b]
             # a draft only for decoding requests, where a step can still take two tokens
             if (r.num_computed == r.num_tokens - 1 and len(r.output_ids) + 2 <= r.params.max_tokens
                     and r.num_tokens + 2 <= r.max_len):

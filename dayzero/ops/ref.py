@@ -123,24 +123,30 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---- attention ---------------------------------------------------------------------------
-def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
-                scale: float) -> torch.Tensor:
-    """q [B,S,H,D], kv [B,N,D] (shared K=V), sink [H], idx [B,S,K] int (-1 = none) -> [B,S,H,D].
+def sparse_attn_gathered(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, sink: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """Each query with its own gathered keys: q [N,H,D], keys [N,K,D] (shared K=V), valid [N,K],
+    sink [H] -> [N,H,D].
 
-    out = sum_s exp(l_s - M) kv_s / (sum_s exp(l_s - M) + exp(sink_h - M)), l_s = scale q.kv_s;
-    logits and accumulation in fp32."""
-    B, S, H, D = q.shape
-    valid = idx >= 0
-    gathered = torch.gather(kv.float(), 1, idx.clamp(min=0).reshape(B, -1, 1).expand(-1, -1, D))
-    gathered = gathered.view(B, S, -1, D)
-    logits = torch.einsum("bshd,bskd->bshk", q.float(), gathered) * scale
-    logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
-    sink_logit = sink.float().view(1, 1, H, 1).expand(B, S, H, 1)
+    out = sum_s exp(l_s - M) kv_s / (sum_s exp(l_s - M) + exp(sink_h - M)), l_s = scale q.kv_s over
+    valid keys; logits and accumulation in fp32."""
+    logits = torch.einsum("nhd,nkd->nhk", q.float(), keys.float()) * scale
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    sink_logit = sink.float().view(1, -1, 1).expand(q.shape[0], -1, 1)
     m = torch.maximum(logits.amax(-1, keepdim=True), sink_logit)
     p = torch.exp(logits - m)
     denom = p.sum(-1, keepdim=True) + torch.exp(sink_logit - m)
-    out = torch.einsum("bshk,bskd->bshd", p / denom, gathered)
-    return out.to(q.dtype)
+    return torch.einsum("nhk,nkd->nhd", p / denom, keys.float()).to(q.dtype)
+
+
+def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """q [B,S,H,D], kv [B,N,D] (shared K=V), sink [H], idx [B,S,K] int (-1 = none) -> [B,S,H,D]:
+    the official kernel's interface, on sparse_attn_gathered."""
+    B, S, H, D = q.shape
+    keys = torch.gather(kv, 1, idx.clamp(min=0).reshape(B, -1, 1).expand(-1, -1, D)).view(B * S, -1, D)
+    out = sparse_attn_gathered(q.reshape(B * S, H, D), keys, (idx >= 0).reshape(B * S, -1), sink, scale)
+    return out.view(B, S, H, D)
 
 
 def compress_pool(kv: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,10 @@ them with the lightning indexer; HCA layers add non-overlapping ratio-r entries 
 closed ones. Entry i is closed once token r*i + r - 1 is processed, is usable by query t iff
 i < (t + 1) // r, and is rotated at position r*i.
 
-Tokens arrive packed ([N, dim]) with one `Segment` per sequence; all state lives in the segment's
-`SeqCache`, addressed by position (see seqcache.py), so any split of a sequence into calls gives
-the same result as one call.
+Tokens of several sequences arrive packed ([N, dim], a `Batch`); all state lives in the batch's
+cache, addressed by (sequence, position) (see seqcache.py), so any split of a sequence into calls
+gives the same result as one call. Every query gathers its own keys: its window rows and the
+compressed entries it may use.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch import nn
 from dayzero.config import ModelArgs
 from dayzero.ops import ref
 from dayzero.reference.layers import Linear, RMSNorm
-from dayzero.reference.seqcache import Segment
+from dayzero.reference.seqcache import Batch, BatchCache
 
 
 def rope_table(args: ModelArgs, compressed: bool) -> torch.Tensor:
@@ -27,6 +28,15 @@ def rope_table(args: ModelArgs, compressed: bool) -> torch.Tensor:
         return ref.rope_inv_freq(args.rope_head_dim, args.rope_theta)
     return ref.rope_inv_freq(args.rope_head_dim, args.compress_rope_theta, args.rope_factor,
                              args.original_seq_len, args.beta_fast, args.beta_slow)
+
+
+def gather(cache: BatchCache, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor,
+           valid: torch.Tensor, row: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Rows index[...] of sequences seq[...] where valid, zeros elsewhere: [*index.shape, *row]."""
+    out = torch.zeros(*index.shape, *row, dtype=dtype, device=index.device)
+    if valid.any():
+        out[valid] = cache.read(layer, kind, seq.expand_as(index)[valid], index[valid]).to(dtype)
+    return out
 
 
 class Compressor(nn.Module):
@@ -52,30 +62,29 @@ class Compressor(nn.Module):
         gate = self.wgate(x.float()) + self.ape[positions % self.ratio]
         return torch.stack([kv, gate], 1)
 
-    def update(self, rows: torch.Tensor, seg: Segment, layer: int, kind: str, inv_freq: torch.Tensor,
-               dtype: torch.dtype) -> int:
-        """Store the segment's rows, build the entries its tokens close; return the number of
-        closed entries after the segment."""
-        r, C, n = self.ratio, self.head_dim, seg.start_pos
-        dev = rows.device
-        cache = seg.cache
-        cache.write(layer, "rows:" + kind, n + torch.arange(seg.length, device=dev), rows)
-        first, end = n // r, (n + seg.length) // r
-        if end == first:
-            return end
-        lo = max(first - 1, 0) if self.overlap else first
-        stored = cache.read(layer, "rows:" + kind, torch.arange(lo * r, end * r, device=dev)).float()
-        win = stored.unflatten(0, (end - lo, r))  # [windows, r, 2, width]
+    def update(self, rows: torch.Tensor, batch: Batch, layer: int, kind: str, inv_freq: torch.Tensor,
+               dtype: torch.dtype) -> list[int]:
+        """Store the batch's rows, build the entries its tokens close; return each sequence's
+        number of closed entries."""
+        r, C, dev, cache = self.ratio, self.head_dim, rows.device, batch.cache
+        cache.write(layer, "rows:" + kind, batch.seq, batch.positions, rows)
+        first = [n // r for n in batch.starts]
+        ends = [(n + s) // r for n, s in zip(batch.starts, batch.lengths)]
+        seq = torch.cat([torch.full((e - f,), b, device=dev) for b, f, e in zip(batch.ids, first, ends)])
+        if seq.numel() == 0:
+            return ends
+        ids = torch.cat([torch.arange(f, e, device=dev) for f, e in zip(first, ends)])  # new entries
+        own = r * ids[:, None] + torch.arange(r, device=dev)  # [E, r] positions of each entry's window
+        win = cache.read(layer, "rows:" + kind, seq[:, None].expand_as(own).flatten(), own.flatten())
+        win = win.float().unflatten(0, own.shape)  # [E, r, 2, width]
         kv, gate = win[:, :, 0], win[:, :, 1]
-        if self.overlap:  # slots: previous window's first half, then the own window's second half
-            prev_kv, prev_gate = kv[:, :, :C], gate[:, :, :C]
-            if lo == first:  # entry 0: no previous window
-                prev_kv = torch.cat([torch.zeros_like(prev_kv[:1]), prev_kv], 0)
-                prev_gate = torch.cat([torch.full_like(prev_gate[:1], float("-inf")), prev_gate], 0)
-            kv = torch.cat([prev_kv[:-1], kv[1 if lo < first else 0:, :, C:]], 1)
-            gate = torch.cat([prev_gate[:-1], gate[1 if lo < first else 0:, :, C:]], 1)
+        if self.overlap:  # slots: the previous window's first half, then the own window's second half
+            has_prev = (ids > 0)[:, None].expand_as(own)
+            prev = gather(cache, layer, "rows:" + kind, seq[:, None], own - r, has_prev, (2, 2 * C), torch.float32)
+            prev_gate = torch.where(has_prev[..., None], prev[:, :, 1, :C], float("-inf"))
+            kv = torch.cat([prev[:, :, 0, :C], kv[..., C:]], 1)
+            gate = torch.cat([prev_gate, gate[..., C:]], 1)
         entries = self.norm(ref.compress_pool(kv, gate).to(dtype))
-        ids = torch.arange(first, end, device=dev)
         cos, sin = ref.rope_cos_sin(r * ids, inv_freq)
         entries = ref.apply_rope(entries, cos, sin)
         if self.official:
@@ -83,8 +92,8 @@ class Compressor(nn.Module):
                 entries = ref.fp4_act_sim(ref.hadamard(entries), 32)
             else:
                 entries = _fp8_nope_sim(entries, self.rope_dim)
-        cache.write(layer, "ent:" + kind, ids, entries)
-        return end
+        cache.write(layer, "ent:" + kind, seq, ids, entries)
+        return ends
 
 
 def _fp8_nope_sim(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
@@ -105,21 +114,25 @@ class Indexer(nn.Module):
         self.compressor = Compressor(args, ratio, self.head_dim, overlap=True, rotate=True,
                                      dtype=dtype, official=official)
 
-    def select(self, x: torch.Tensor, q_lat: torch.Tensor, positions: torch.Tensor, seg: Segment,
-               layer: int, inv_freq: torch.Tensor) -> torch.Tensor:
-        """One segment's queries -> compressed-entry ids [S, k], -1 where fewer usable entries exist."""
-        T = self.compressor.update(self.compressor.project(x, positions), seg, layer, "index", inv_freq, x.dtype)
+    def select(self, x: torch.Tensor, q_lat: torch.Tensor, batch: Batch, layer: int,
+               inv_freq: torch.Tensor) -> torch.Tensor:
+        """Each query's compressed-entry ids [N, k], -1 where fewer usable entries exist."""
+        positions, dev = batch.positions, x.device
+        ends = self.compressor.update(self.compressor.project(x, positions), batch, layer, "index", inv_freq,
+                                      x.dtype)
+        T = max(ends)
         if T == 0:
-            return torch.empty(seg.length, 0, dtype=torch.long, device=x.device)
-        keys = seg.cache.read(layer, "ent:index", torch.arange(T, device=x.device))
+            return torch.empty(x.shape[0], 0, dtype=torch.long, device=dev)
+        ids = torch.arange(T, device=dev)[None, :].expand(x.shape[0], T)
+        usable = ids < ((positions + 1) // self.ratio)[:, None]  # [N, T]
+        keys = gather(batch.cache, layer, "ent:index", batch.seq[:, None], ids, usable, (self.head_dim,), x.dtype)
         q = self.wq_b(q_lat).unflatten(-1, (self.n_heads, self.head_dim))
         cos, sin = ref.rope_cos_sin(positions, inv_freq)
         q = ref.apply_rope(q, cos[:, None], sin[:, None])
         if self.official:
             q = ref.fp4_act_sim(ref.hadamard(q), 32)
         w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
-        scores = ref.indexer_scores(q[None], keys[None], w[None])[0]  # [S, T]
-        usable = torch.arange(T, device=x.device)[None, :] < ((positions + 1) // self.ratio)[:, None]
+        scores = ref.indexer_scores(q[:, None], keys, w[:, None])[:, 0]  # [N, T]
         scores = scores.masked_fill(~usable, float("-inf"))
         # stable descending sort: ties (e.g. entries whose every head's ReLU is 0) go to the lower
         # index, so the selection does not depend on how the sequence was split into calls
@@ -155,10 +168,9 @@ class Attention(nn.Module):
         # embeds, so a cached block's rows depend only on tokens inside that block (prefix caching)
         self.store_offset = 1 if layer_id >= args.n_layers else 0
 
-    def forward(self, x: torch.Tensor, segs: list[Segment], layer: int) -> torch.Tensor:
-        """x [N, dim] packed tokens of `segs` -> [N, dim]."""
-        dev = x.device
-        positions = torch.cat([s.start_pos + torch.arange(s.length, device=dev) for s in segs])
+    def forward(self, x: torch.Tensor, batch: Batch, layer: int) -> torch.Tensor:
+        """x [N, dim] packed tokens of `batch` -> [N, dim]."""
+        dev, positions, seq, cache = x.device, batch.positions, batch.seq, batch.cache
         inv_freq = self.inv_freq_cpu.to(dev)
         cos, sin = ref.rope_cos_sin(positions, inv_freq)
         q_lat = self.q_norm(self.wq_a(x))
@@ -171,34 +183,28 @@ class Attention(nn.Module):
         kv = ref.apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
         if self.official:
             kv = _fp8_nope_sim(kv, self.rope_dim)
-        rows = self.compressor.project(x, positions) if self.layer_type != "sliding" else None
-        o = torch.cat([self._attend(q[s.rows], kv[s.rows], None if rows is None else rows[s.rows],
-                                    x[s.rows], q_lat[s.rows], positions[s.rows], s, layer, inv_freq)
-                       for s in segs])
+
+        # the window: positions p - w + 1 .. p of the query's own sequence
+        off = self.store_offset
+        cache.write(layer, "kv", seq, positions + off, kv)
+        key_pos = positions[:, None] - self.window + 1 + torch.arange(self.window, device=dev)[None, :]
+        valid = key_pos >= 0
+        keys = gather(cache, layer, "kv", seq[:, None], key_pos + off, valid, (self.head_dim,), q.dtype)
+        if self.layer_type != "sliding":
+            rows = self.compressor.project(x, positions)
+            ends = self.compressor.update(rows, batch, layer, "attn", inv_freq, q.dtype)
+            if self.layer_type == "csa":  # always: its own compressor consumes the batch's rows
+                cidx = self.indexer.select(x, q_lat, batch, layer, inv_freq)
+            else:  # every closed entry the query may use
+                ids = torch.arange(max(ends), device=dev)[None, :]
+                cidx = torch.where(ids < ((positions + 1) // self.ratio)[:, None], ids, -1)
+            ok = cidx >= 0
+            entries = gather(cache, layer, "ent:attn", seq[:, None], cidx.clamp(min=0), ok, (self.head_dim,),
+                             q.dtype)
+            keys, valid = torch.cat([keys, entries], 1), torch.cat([valid, ok], 1)
+        o = ref.sparse_attn_gathered(q, keys, valid, self.attn_sink, self.head_dim ** -0.5)
         o = ref.apply_rope(o, cos[:, None], sin[:, None], inverse=True)
         o = o.flatten(1).unflatten(-1, (self.o_groups, -1))
         wo_a = self.wo_a.dequant(o.dtype).view(self.o_groups, -1, o.shape[-1])
         o = torch.einsum("ngd,grd->ngr", o, wo_a).flatten(1)
         return self.wo_b(o)
-
-    def _attend(self, q, kv, rows, x, q_lat, positions, seg: Segment, layer: int, inv_freq) -> torch.Tensor:
-        """One sequence: store its window rows, build its compressed entries, attend."""
-        dev, S, w, n = q.device, seg.length, self.window, seg.start_pos
-        off = self.store_offset
-        seg.cache.write(layer, "kv", positions + off, kv)
-        lo = max(n - w + 1, 0)  # oldest position any query of the segment sees
-        keys = seg.cache.read(layer, "kv", torch.arange(lo, n + S, device=dev) + off)
-        key_pos = positions[:, None] - w + 1 + torch.arange(w, device=dev)[None, :]  # [S, w]
-        idx = torch.where(key_pos >= 0, key_pos - lo, -1)
-        if self.layer_type != "sliding":
-            T = self.compressor.update(rows, seg, layer, "attn", inv_freq, q.dtype)
-            if self.layer_type == "csa":  # always: its own compressor consumes the segment's rows
-                cidx = self.indexer.select(x, q_lat, positions, seg, layer, inv_freq)
-            else:
-                ids = torch.arange(T, device=dev)[None, :]
-                cidx = torch.where(ids < ((positions + 1) // self.ratio)[:, None], ids, -1)
-            if T > 0:
-                entries = seg.cache.read(layer, "ent:attn", torch.arange(T, device=dev))
-                idx = torch.cat([idx, torch.where(cidx >= 0, cidx + keys.shape[0], -1)], -1)
-                keys = torch.cat([keys, entries.to(keys.dtype)], 0)
-        return ref.sparse_attn(q[None], keys[None], self.attn_sink, idx[None], self.head_dim ** -0.5)[0]

@@ -19,7 +19,7 @@ from dayzero.ops import ref
 from dayzero.reference.attention import Attention
 from dayzero.reference.layers import Linear, RMSNorm, storage_dtype
 from dayzero.reference.moe import MoE
-from dayzero.reference.seqcache import DenseSeqCache, Segment
+from dayzero.reference.seqcache import Batch, DenseBatchCache, DenseSeqCache
 
 NUMERICS = ("official", "transformers")
 
@@ -32,10 +32,10 @@ class ModelState:
     mtp_pos: int = 0
     caches: list[DenseSeqCache] = field(default_factory=list)
 
-    def segments(self, batch: int, length: int, start_pos: int) -> list[Segment]:
+    def batch(self, batch: int, length: int, start_pos: int, device: torch.device) -> Batch:
         while len(self.caches) < batch:
             self.caches.append(DenseSeqCache())
-        return [Segment(b * length, length, start_pos, self.caches[b]) for b in range(batch)]
+        return Batch([start_pos] * batch, [length] * batch, DenseBatchCache(self.caches[:batch]), device)
 
 
 def _f32(*shape: int) -> nn.Parameter:
@@ -63,10 +63,10 @@ class Block(nn.Module):
         pre, post, comb = ref.hc_split_sinkhorn(mixes, scale, base, self.hc_mult, self.iters, self.hc_eps)
         return ref.hc_post(sublayer(ref.hc_collapse(X, pre)), X, post, comb)
 
-    def forward(self, X: torch.Tensor, segs: list[Segment], input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, X: torch.Tensor, batch: Batch, input_ids: torch.Tensor) -> torch.Tensor:
         """X [N, hc, dim] streams of packed tokens, input_ids [N] (hash routing)."""
         X = self._site(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
-                       lambda u: self.attn(self.attn_norm(u), segs, self.layer_id))
+                       lambda u: self.attn(self.attn_norm(u), batch, self.layer_id))
         return self._site(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base,
                           lambda u: self.ffn(self.ffn_norm(u), input_ids))
 
@@ -100,10 +100,9 @@ class MTPBlock(Block, HCHead):
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = (
             _f32(args.hc_mult, args.hc_mult * args.dim), _f32(args.hc_mult), _f32(1))
 
-    def forward(self, X: torch.Tensor, e: torch.Tensor, segs: list[Segment], input_ids: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, X: torch.Tensor, e: torch.Tensor, batch: Batch, input_ids: torch.Tensor) -> torch.Tensor:
         X = self.e_proj(self.enorm(e)).unsqueeze(-2) + self.h_proj(self.hnorm(X))
-        return super().forward(X, segs, input_ids)
+        return super().forward(X, batch, input_ids)
 
 
 class Transformer(HCHead, nn.Module):
@@ -130,23 +129,23 @@ class Transformer(HCHead, nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids).to(self.compute_dtype)
 
-    def forward_packed(self, input_ids: torch.Tensor, segs: list[Segment]) -> torch.Tensor:
-        """input_ids [N] packed as `segs` -> final residual streams [N, hc, dim]."""
-        end = max(s.start_pos + s.length for s in segs)
+    def forward_packed(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """input_ids [N] packed as `batch` -> final residual streams [N, hc, dim]."""
+        end = batch.end
         if end > self.args.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds max_position_embeddings={self.args.max_seq_len}")
         X = self.embed_tokens(input_ids).unsqueeze(1).repeat(1, self.args.hc_mult, 1)
         for layer in self.layers:
-            X = layer(X, segs, input_ids)
+            X = layer(X, batch, input_ids)
         return X
 
-    def mtp_packed(self, streams: torch.Tensor, next_ids: torch.Tensor, segs: list[Segment]) -> torch.Tensor:
-        """Streams of positions p (packed as `segs`, whose start_pos are those p) and the tokens at
+    def mtp_packed(self, streams: torch.Tensor, next_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Streams of positions p (packed as `batch`, whose positions are those p) and the tokens at
         p + 1 -> MTP logits for the tokens at p + 2, fp32 [N, vocab]."""
         if not self.mtp:
             raise ValueError("this checkpoint has no MTP module (num_nextn_predict_layers = 0)")
         mtp = self.mtp[0]
-        return mtp.logits(mtp(streams, self.embed_tokens(next_ids), segs, next_ids), self.head.weight)
+        return mtp.logits(mtp(streams, self.embed_tokens(next_ids), batch, next_ids), self.head.weight)
 
     def forward(self, input_ids: torch.Tensor, state: ModelState | None = None,
                 return_streams: bool = False):
@@ -154,7 +153,7 @@ class Transformer(HCHead, nn.Module):
         with return_streams also the final residual streams [B, S, hc, dim] (MTP's input)."""
         state = state if state is not None else self.new_state()
         B, S = input_ids.shape
-        X = self.forward_packed(input_ids.reshape(-1), state.segments(B, S, state.pos))
+        X = self.forward_packed(input_ids.reshape(-1), state.batch(B, S, state.pos, input_ids.device))
         state.pos += S
         logits = self.logits(X, self.head.weight).view(B, S, -1)
         return (logits, X.view(B, S, *X.shape[1:])) if return_streams else logits
@@ -163,7 +162,7 @@ class Transformer(HCHead, nn.Module):
         """streams [B, S, hc, dim] of positions p.. and the tokens at p+1.. -> logits for p+2..
         (fp32). Positions continue `state.mtp_pos`, which advances by S."""
         B, S = next_ids.shape
-        segs = state.segments(B, S, state.mtp_pos)
-        logits = self.mtp_packed(streams.reshape(B * S, *streams.shape[2:]), next_ids.reshape(-1), segs)
+        batch = state.batch(B, S, state.mtp_pos, next_ids.device)
+        logits = self.mtp_packed(streams.reshape(B * S, *streams.shape[2:]), next_ids.reshape(-1), batch)
         state.mtp_pos += S
         return logits.view(B, S, -1)

@@ -1,9 +1,10 @@
-"""The attention state of one sequence, addressed by position: the seam between the model and
-any cache implementation (the reference's contiguous tensors here, the engine's paged pools in
-dayzero/cache/).
+"""The attention state of a batch of sequences, addressed by (sequence, position): the seam between
+the model and any cache implementation (contiguous tensors here, the engine's paged pools in
+dayzero/cache/paged.py).
 
-Everything the model keeps between calls is a row at an integer index, so re-running a position
-overwrites exactly what it wrote before (speculative tokens roll back by recomputing):
+Everything the model keeps between calls is a row at an integer index of one sequence, so
+re-running a position overwrites exactly what it wrote before (speculative tokens roll back by
+recomputing):
 
   (layer, "kv")          window K=V row [head_dim] at token position p (MTP: p + 1)
   (layer, "rows:attn")   compressor projections at position p, fp32 [2, width]: (kv, gate + ape)
@@ -13,34 +14,41 @@ overwrites exactly what it wrote before (speculative tokens roll back by recompu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 
-class SeqCache(Protocol):
-    def write(self, layer: int, kind: str, index: torch.Tensor, values: torch.Tensor) -> None: ...
+class BatchCache(Protocol):
+    def write(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Store values[m] as row index[m] of sequence seq[m] (all 1-D, same length)."""
 
-    def read(self, layer: int, kind: str, index: torch.Tensor) -> torch.Tensor: ...
+    def read(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Rows index[m] of sequences seq[m] (1-D) -> [M, *row]; only rows that were written."""
 
 
-@dataclass
-class Segment:
-    """One sequence's tokens inside a packed batch: rows [offset, offset + length) of the batch,
-    at absolute positions start_pos .. start_pos + length - 1."""
-    offset: int
-    length: int
-    start_pos: int
-    cache: SeqCache
+class Batch:
+    """Packed tokens of several sequences: member i is cache sequence `ids[i]` (default i), with
+    `lengths[i]` rows at absolute positions starts[i] .. starts[i] + lengths[i] - 1, in order."""
+
+    def __init__(self, starts: list[int], lengths: list[int], cache: BatchCache, device: torch.device,
+                 ids: list[int] | None = None):
+        self.starts, self.lengths, self.cache = list(starts), list(lengths), cache
+        self.ids = list(range(len(lengths))) if ids is None else list(ids)
+        n = torch.tensor(lengths, device=device)
+        member = torch.repeat_interleave(torch.arange(len(lengths), device=device), n)
+        self.seq = torch.tensor(self.ids, dtype=torch.long, device=device)[member]
+        offsets = n.cumsum(0) - n
+        first = torch.tensor(starts, device=device)
+        self.positions = first[member] + torch.arange(member.numel(), device=device) - offsets[member]
 
     @property
-    def rows(self) -> slice:
-        return slice(self.offset, self.offset + self.length)
+    def end(self) -> int:
+        return max(s + n for s, n in zip(self.starts, self.lengths))
 
 
 class DenseSeqCache:
-    """Contiguous growing tensors per (layer, kind); nothing is ever freed."""
+    """One sequence's rows in contiguous growing tensors per (layer, kind); nothing is freed."""
 
     def __init__(self):
         self.store: dict[tuple[int, str], torch.Tensor] = {}
@@ -60,3 +68,23 @@ class DenseSeqCache:
 
     def read(self, layer: int, kind: str, index: torch.Tensor) -> torch.Tensor:
         return self.store[(layer, kind)][index]
+
+
+class DenseBatchCache:
+    """A BatchCache over one DenseSeqCache per sequence (the reference's state)."""
+
+    def __init__(self, caches: list[DenseSeqCache]):
+        self.caches = caches
+
+    def write(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+        for b in seq.unique().tolist():
+            m = seq == b
+            self.caches[b].write(layer, kind, index[m], values[m])
+
+    def read(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        parts = {b: self.caches[b].read(layer, kind, index[seq == b]) for b in seq.unique().tolist()}
+        first = next(iter(parts.values()))
+        out = first.new_empty((seq.numel(), *first.shape[1:]))
+        for b, rows in parts.items():
+            out[seq == b] = rows
+        return out
