@@ -46,7 +46,7 @@ class KVCacheManager:
     def lookup_prefix(self, rid: str, tokens: list[int]) -> int:
         """Take the longest cached prefix of `tokens` (whole blocks, at least one token left to
         compute); return its length L (0 if none). The caller recomputes position L-1 without
-        writing (see PagedSeqCache.protect) and continues from L."""
+        writing (see PagedBatchCache's `protect`) and continues from L."""
         assert not any(self.table(rid).values()), "prefix lookup on a request that holds blocks"
         m = (len(tokens) - 1) // self.bs
         self.queries += len(tokens)
