@@ -1,6 +1,6 @@
-"""`dayzero` command line: generate | convert | toy.
+"""`dayzero` command line: generate | serve | chat | convert | toy.
 
-serve, chat, bench, verify and tune are not built yet; they are absent rather than stubbed.
+bench, verify and tune are not built yet; they are absent rather than stubbed.
 """
 from __future__ import annotations
 
@@ -87,6 +87,18 @@ def cmd_toy(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from dayzero.server.serve import serve
+
+    return serve(a)
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    from dayzero.server.client import chat_main
+
+    return chat_main(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dayzero", description="A faithful, portable DeepSeek-V4 runtime.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -114,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                    help="KV cache budget (default: 512 MiB on CPU, half the free memory on a GPU)")
     g.set_defaults(func=cmd_generate)
+
+    from dayzero.server import client as chat_client, serve as serve_mod
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    serve_mod.add_arguments(s)
+    s.set_defaults(func=cmd_serve)
+
+    ch = sub.add_parser("chat", help="terminal chat client for a running `dayzero serve`")
+    chat_client.add_arguments(ch)
+    ch.set_defaults(func=cmd_chat)
 
     c = sub.add_parser("convert", help="convert a transformers-saved DeepseekV4 directory to the official layout")
     c.add_argument("src", help="directory written by DeepseekV4ForCausalLM.save_pretrained")

@@ -18,9 +18,9 @@ def dayzero(*args, check=True):
 
 def test_help_lists_the_commands_that_exist():
     out = dayzero("--help").stdout
-    for cmd in ("generate", "convert", "toy"):
+    for cmd in ("generate", "serve", "chat", "convert", "toy"):
         assert cmd in out
-    for absent in ("serve", "bench", "verify"):
+    for absent in ("bench", "verify", "tune"):
         assert absent not in out
     assert "--token-ids" in dayzero("generate", "--help").stdout
 

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: see docs/SERVER.md."""

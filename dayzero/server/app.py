@@ -1,0 +1,356 @@
+"""The OpenAI-compatible HTTP app: /health, /v1/models, /v1/completions, /v1/chat/completions, /metrics."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dayzero.server import chat
+from dayzero.server.engine_loop import EngineDead, EngineLoop, Overloaded
+from dayzero.server.metrics import Metrics
+from dayzero.server.protocol import APIError, GenRequest, Validator, bad
+from dayzero.server.text import TextState
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    model_name: str
+    api_key: str | None = None
+    max_model_len: int | None = None  # default: the model's max_seq_len, capped by the KV cache capacity
+    max_in_flight: int | None = None  # default: 4 x max_num_seqs; more answer 429
+    max_body_bytes: int = 4 * 2**20
+
+
+class _Tracker:
+    """Per-request timing for the TTFT / TPOT / latency histograms."""
+
+    def __init__(self, n_prompt: int):
+        self.n_prompt = n_prompt
+        self.t0 = time.monotonic()
+        self.first: float | None = None
+        self.last: float | None = None
+        self.n = 0
+
+    def tokens(self, k: int) -> None:
+        if k:
+            now = time.monotonic()
+            self.first = self.first or now
+            self.last = now
+            self.n += k
+
+    def done(self, metrics: Metrics, reason: str) -> None:
+        ttft = None if self.first is None else self.first - self.t0
+        tpot = (self.last - self.first) / (self.n - 1) if self.n > 1 else None
+        metrics.request_done(self.n_prompt, self.n, reason, ttft, tpot, time.monotonic() - self.t0)
+
+
+class _SSEResponse(StreamingResponse):
+    """A stream that gives its in-flight slot back however it ends, even if its body never started
+    (a client gone before the first byte)."""
+
+    def __init__(self, body, on_close):
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class Server:
+    def __init__(self, llm, sargs: ServerArgs):
+        self.llm, self.sargs = llm, sargs
+        eng = llm.engine
+        limit = min(llm.args.max_seq_len, eng.max_tokens)
+        self.context = min(limit, sargs.max_model_len) if sargs.max_model_len else limit
+        self.loop = EngineLoop(eng, sargs.max_in_flight or 4 * eng.eargs.max_num_seqs)
+        self.metrics = Metrics(sargs.model_name)
+        self.tok = llm.tokenizer
+        self.eos = {llm.args.eos_token_id}
+        self.validator = Validator(sargs.model_name, self.tok, llm.args.vocab_size, self.context, self.eos)
+        self.created = int(time.time())
+
+    # ---- plumbing ---------------------------------------------------------------------------------
+    def auth(self, request: Request) -> None:
+        key = self.sargs.api_key
+        if key is None:
+            return
+        got = request.headers.get("authorization", "")
+        if not (got.startswith("Bearer ") and secrets.compare_digest(got[7:].encode(), key.encode())):
+            raise APIError(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    async def read_json(self, request: Request):
+        limit = self.sargs.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body of {declared} bytes exceeds the {limit}-byte limit")
+        chunks, size = [], 0
+        async for c in request.stream():
+            size += len(c)
+            if size > limit:
+                raise APIError(413, f"request body exceeds the {limit}-byte limit")
+            chunks.append(c)
+        try:
+            return json.loads(b"".join(chunks))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+
+    def token_str(self, t: int) -> str:
+        return self.tok.decode([t], skip_special_tokens=False) if self.tok is not None else str(t)
+
+    def _top(self, lp: dict[int, float], n: int) -> list[tuple[int, float]]:
+        return sorted(lp.items(), key=lambda kv: -kv[1])[:n]
+
+    def _top_dict(self, lp: dict[int, float], n: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for k, v in self._top(lp, n):  # distinct ids can decode alike (partial UTF-8): keep the likeliest
+            out.setdefault(self.token_str(k), v)
+        return out
+
+    def completion_logprobs(self, ids, lps, n: int, offset: int) -> dict:
+        toks = [self.token_str(t) for t in ids]
+        offsets = []
+        for s in toks:
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": toks, "token_logprobs": [lp[t] for t, lp in zip(ids, lps)],
+                "top_logprobs": [self._top_dict(lp, n) for lp in lps],
+                "text_offset": offsets}
+
+    def chat_logprobs(self, ids, lps, n: int) -> dict:
+        def entry(t, v):
+            s = self.token_str(t)
+            return {"token": s, "logprob": v, "bytes": list(s.encode())}
+        return {"content": [dict(entry(t, lp[t]), top_logprobs=[entry(k, v) for k, v in self._top(lp, n)])
+                            for t, lp in zip(ids, lps)]}
+
+    def usage(self, g: GenRequest, n_out: int) -> dict:
+        return {"prompt_tokens": len(g.prompt_ids), "completion_tokens": n_out,
+                "total_tokens": len(g.prompt_ids) + n_out}
+
+    # ---- generation -------------------------------------------------------------------------------
+    async def handle(self, request: Request, kind: str):
+        self.auth(request)
+        body = await self.read_json(request)
+        try:
+            g = self.validator.completion(body) if kind == "completion" else self.validator.chat(body)
+        except ValueError as e:  # SamplingParams.<field>: ...
+            msg = str(e)
+            field = msg.split(":", 1)[0].removeprefix("SamplingParams.")
+            raise bad(field, msg.split(": ", 1)[-1]) from None
+        try:
+            self.loop.reserve()
+        except Overloaded as e:
+            self.metrics.reject(429)
+            raise APIError(429, f"server busy: {e}; retry later", code="too_many_requests") from None
+        except EngineDead as e:
+            self.metrics.reject(503)
+            raise APIError(503, f"engine unavailable: {e}") from None
+        rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+        if g.stream:
+            return _SSEResponse(self.stream(g, rid), self.loop.unreserve)
+        try:
+            return await self.complete(g, rid, request)
+        finally:
+            self.loop.unreserve()
+
+    def _text_state(self, g: GenRequest) -> TextState:
+        drop = set(g.params.stop_token_ids or ()) | (set() if g.params.ignore_eos else self.eos)
+        return TextState(self.tok, g.params.stop_strings, drop, keep_special=g.kind == "chat")
+
+    async def complete(self, g: GenRequest, rid: str, request: Request):
+        ts, tr = self._text_state(g), _Tracker(len(g.prompt_ids))
+        ids, lps, reason = [], [], None
+
+        async def collect():
+            nonlocal reason
+            async for d in self.loop.generate(rid, g.prompt_ids, g.params):
+                if d.error:
+                    raise APIError(503, f"generation failed: {d.error}")
+                ids.extend(d.token_ids)
+                lps.extend(d.logprobs or [])
+                tr.tokens(len(d.token_ids))
+                reason = d.finish_reason
+
+        task = asyncio.ensure_future(collect())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.25)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()  # the client left: abort and free its cache now
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    tr.done(self.metrics, "abort")
+                    return JSONResponse({}, status_code=499)
+            task.result()
+        finally:
+            task.cancel()
+        if reason == "abort":
+            raise APIError(503, "the engine aborted the request")
+        tr.done(self.metrics, reason)
+        ts.ids = ids
+        text = ts.full(finished=True)
+        usage = self.usage(g, len(ids))
+        if g.kind == "completion":
+            lp = None if g.logprobs is None else self.completion_logprobs(ids, lps, g.logprobs, 0)
+            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.sargs.model_name,
+                    "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}],
+                    "usage": usage, "system_fingerprint": None}
+        parsed = chat.parse_output(text, g.thinking, bool(g.tools))
+        msg = {"role": "assistant", "content": parsed.content if parsed.content or not parsed.tool_calls else None}
+        if g.thinking:
+            msg["reasoning_content"] = parsed.reasoning_content
+        if parsed.tool_calls:
+            msg["tool_calls"] = parsed.tool_calls
+            reason = "tool_calls"
+        lp = None if g.logprobs is None else self.chat_logprobs(ids, lps, g.logprobs)
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.sargs.model_name,
+                "choices": [{"index": 0, "message": msg, "logprobs": lp, "finish_reason": reason}],
+                "usage": usage, "system_fingerprint": None}
+
+    async def stream(self, g: GenRequest, rid: str):
+        """SSE chunks as OpenAI shapes them. Leaving early (client gone) aborts via generate()'s finally."""
+        ts, tr = self._text_state(g), _Tracker(len(g.prompt_ids))
+        created, name = int(time.time()), self.sargs.model_name
+        is_chat = g.kind == "chat"
+        obj = "chat.completion.chunk" if is_chat else "text_completion"
+        usage_null = {"usage": None} if g.include_usage else {}
+        sent_r, sent_c = 0, ""  # chat: reasoning characters / content sent
+        offset = 0
+        reason = "abort"
+        n_out = 0
+
+        def chunk(choice: dict) -> str:
+            return _sse({"id": rid, "object": obj, "created": created, "model": name, "system_fingerprint": None,
+                         "choices": [dict(index=0, logprobs=None, finish_reason=None) | choice], **usage_null})
+
+        try:
+            if is_chat:
+                yield chunk({"delta": {"role": "assistant", "content": ""}})
+            async for d in self.loop.generate(rid, g.prompt_ids, g.params):
+                if d.error or d.finish_reason == "abort":
+                    yield _sse(APIError(503, f"generation failed: {d.error or 'the engine aborted the request'}")
+                               .body())
+                    break
+                tr.tokens(len(d.token_ids))
+                n_out += len(d.token_ids)
+                finished = d.finish_reason is not None
+                new = ts.add(d.token_ids, finished)
+                lp = None
+                if g.logprobs is not None and d.token_ids:
+                    lp = (self.chat_logprobs(d.token_ids, d.logprobs, g.logprobs) if is_chat else
+                          self.completion_logprobs(d.token_ids, d.logprobs, g.logprobs, offset))
+                offset += len(new)
+                fr = None
+                if not is_chat:
+                    if new or lp or finished:
+                        fr = d.finish_reason if finished else None
+                        yield chunk({"text": new, "logprobs": lp, "finish_reason": fr})
+                else:
+                    text = ts.text
+                    if finished:
+                        p = chat.parse_output(text, g.thinking, bool(g.tools))
+                        r_all, c_all = p.reasoning_content or "", p.content
+                    else:
+                        r_all, c_all, _ = chat.split_output(text, g.thinking, bool(g.tools), final=False)
+                    delta = {}
+                    if len(r_all) > sent_r:
+                        delta["reasoning_content"] = r_all[sent_r:]
+                        sent_r = len(r_all)
+                    if len(c_all) > len(sent_c) and c_all.startswith(sent_c):
+                        delta["content"] = c_all[len(sent_c):]
+                        sent_c = c_all
+                    fr = d.finish_reason if finished else None
+                    if finished and p.tool_calls:
+                        delta["tool_calls"] = [dict(index=i, **c) for i, c in enumerate(p.tool_calls)]
+                        fr = "tool_calls"
+                    if delta or lp or finished:
+                        yield chunk({"delta": delta, "logprobs": lp, "finish_reason": fr})
+                if finished:
+                    reason = d.finish_reason
+            if g.include_usage:
+                yield _sse({"id": rid, "object": obj, "created": created, "model": name, "system_fingerprint": None,
+                            "choices": [], "usage": self.usage(g, n_out)})
+            yield "data: [DONE]\n\n"
+        finally:
+            tr.done(self.metrics, reason)
+
+
+def build_app(llm, sargs: ServerArgs) -> FastAPI:
+    server = Server(llm, sargs)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.loop.start()
+        yield
+        server.loop.stop()
+
+    app = FastAPI(title="dayzero", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_, e: RequestValidationError):
+        return JSONResponse(APIError(400, str(e)).body(), status_code=400)
+
+    @app.get("/health")
+    async def health():
+        if not server.loop.alive:
+            return JSONResponse({"status": "error", "error": server.loop.error}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics.render(server.loop.stats, server.loop.in_flight),
+                                 media_type="text/plain; version=0.0.4")
+
+    def model_card():
+        return {"id": sargs.model_name, "object": "model", "created": server.created, "owned_by": "dayzero",
+                "max_model_len": server.context}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        server.auth(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        server.auth(request)
+        if model_id != sargs.model_name:
+            raise APIError(404, f"model: the model {model_id!r} does not exist", param="model",
+                           code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await server.handle(request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await server.handle(request, "chat")
+
+    return app

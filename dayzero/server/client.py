@@ -1,0 +1,132 @@
+"""`dayzero chat`: a terminal chat client for a running `dayzero serve` (standard library only).
+
+Streams /v1/chat/completions, keeps the conversation, prints reasoning dimmed when thinking is on.
+Commands: /reset clears the conversation, /exit (or Ctrl-D) leaves.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: %(default)s)")
+    p.add_argument("--api-key", default=None, help="bearer token (also read from DAYZERO_API_KEY)")
+    p.add_argument("--model", default=None, help="model id (default: the server's first model)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--thinking", action="store_true", help="thinking mode: the model reasons before answering")
+    p.add_argument("--reasoning-effort", choices=["low", "medium", "high", "max"], default=None)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a reply")
+
+
+class ChatClient:
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0):
+        self.url, self.timeout = url.rstrip("/"), timeout
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+
+    def _open(self, path: str, body: dict | None = None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers=self.headers,
+                                     method="GET" if body is None else "POST")
+        try:
+            return urllib.request.urlopen(req, timeout=self.timeout)
+        except urllib.error.HTTPError as e:
+            try:
+                msg = json.loads(e.read())["error"]["message"]
+            except Exception:  # noqa: BLE001 - not our error shape
+                msg = e.reason
+            raise RuntimeError(f"HTTP {e.code}: {msg}") from None
+        except urllib.error.URLError as e:
+            raise RuntimeError(f"cannot reach {self.url}: {e.reason}") from None
+
+    def models(self) -> list[str]:
+        with self._open("/v1/models") as r:
+            return [m["id"] for m in json.loads(r.read())["data"]]
+
+    def stream(self, body: dict):
+        """Yield (kind, text) with kind 'reasoning' or 'content'; the last item is ('finish', reason)."""
+        with self._open("/v1/chat/completions", dict(body, stream=True)) as r:
+            for raw in r:
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    return
+                obj = json.loads(data)
+                if "error" in obj:
+                    raise RuntimeError(obj["error"]["message"])
+                for ch in obj.get("choices", []):
+                    d = ch.get("delta", {})
+                    if d.get("reasoning_content"):
+                        yield "reasoning", d["reasoning_content"]
+                    if d.get("content"):
+                        yield "content", d["content"]
+                    for tc in d.get("tool_calls") or []:
+                        yield "content", f"\n[tool call {tc['function']['name']}({tc['function']['arguments']})]"
+                    if ch.get("finish_reason"):
+                        yield "finish", ch["finish_reason"]
+
+
+def chat_main(a) -> int:
+    client = ChatClient(a.url, a.api_key or os.environ.get("DAYZERO_API_KEY"), a.timeout)
+    try:
+        model = a.model or client.models()[0]
+    except RuntimeError as e:
+        print(f"dayzero chat: {e}", file=sys.stderr)
+        return 1
+    dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
+    print(f"dayzero chat with {model!r} at {a.url}  (/reset, /exit)", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = history[:1] if a.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        body = {"model": model, "messages": history, "max_tokens": a.max_tokens, "temperature": a.temperature}
+        if a.seed is not None:
+            body["seed"] = a.seed
+        if a.thinking or a.reasoning_effort:
+            body["thinking"] = True
+        if a.reasoning_effort:
+            body["reasoning_effort"] = a.reasoning_effort
+        answer, kind = [], None
+        try:
+            for kind_, text in client.stream(body):
+                if kind_ == "finish":
+                    if text == "length":
+                        print(f"\n{dim}[stopped at --max-tokens]{reset}", end="")
+                    continue
+                if kind_ != kind and kind == "reasoning":
+                    print()
+                kind = kind_
+                if kind_ == "reasoning":
+                    print(f"{dim}{text}{reset}", end="", flush=True)
+                else:
+                    answer.append(text)
+                    print(text, end="", flush=True)
+        except KeyboardInterrupt:
+            print(f"\n{dim}[interrupted]{reset}", end="")
+        except RuntimeError as e:
+            print(f"\ndayzero chat: {e}", file=sys.stderr)
+            history.pop()
+            continue
+        print()
+        history.append({"role": "assistant", "content": "".join(answer)})

@@ -1,0 +1,79 @@
+"""`dayzero serve`: load a checkpoint, build the app, run uvicorn until SIGINT/SIGTERM.
+
+On SIGTERM uvicorn stops accepting connections, lets every in-flight response (streams included)
+finish, then runs the app's shutdown, which stops the engine thread; the process exits 0.
+"""
+from __future__ import annotations
+
+import ipaddress
+import signal
+import sys
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=None, help="checkpoint directory in the official hub layout")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory name)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
+                                                   "(also read from DAYZERO_API_KEY)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context limit per request, prompt + output (default: the model's, capped by the KV cache)")
+    p.add_argument("--max-in-flight", type=int, default=None,
+                   help="requests answered at once; more get 429 (default: 4 x --max-num-seqs)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="requests in the engine's running batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per engine step")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--num-speculative-tokens", type=int, choices=[0, 1], default=None)
+    p.add_argument("--numerics", choices=["official", "transformers"], default="official")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def serve(a) -> int:
+    import os
+
+    import uvicorn
+
+    from dayzero import LLM
+    from dayzero.server.app import ServerArgs, build_app
+
+    if a.model is None:
+        raise SystemExit("dayzero serve: no built-in model ships with this version yet; pass --model DIR "
+                         "(a checkpoint in the official hub layout; `dayzero toy DIR` writes a small random one)")
+    for name in ("max_model_len", "max_in_flight", "max_body_bytes"):
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            raise SystemExit(f"dayzero serve: --{name.replace('_', '-')} must be positive, got {v}")
+    try:
+        if not ipaddress.ip_address(a.host).is_loopback:
+            print(f"dayzero serve: warning: binding {a.host}, reachable beyond this machine"
+                  f"{'' if (a.api_key or os.environ.get('DAYZERO_API_KEY')) else ' and without --api-key'}",
+                  file=sys.stderr)
+    except ValueError:
+        pass  # a host name
+    llm = LLM(a.model, device=a.device, dtype=a.dtype, numerics=a.numerics, max_num_seqs=a.max_num_seqs,
+              max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=not a.no_prefix_caching,
+              num_speculative_tokens=a.num_speculative_tokens, kv_cache_memory_bytes=a.kv_cache_memory_bytes)
+    name = a.served_model_name or Path(a.model).resolve().name
+    sargs = ServerArgs(model_name=name, api_key=a.api_key or os.environ.get("DAYZERO_API_KEY") or None,
+                       max_model_len=a.max_model_len, max_in_flight=a.max_in_flight, max_body_bytes=a.max_body_bytes)
+    app = build_app(llm, sargs)
+    server = app.state.server
+    print(f"dayzero: serving {name!r} (context {server.context} tokens) on http://{a.host}:{a.port}",
+          file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=None, http="h11",
+                            access_log=a.log_level in ("info", "debug"))
+    # h11: its ASGI receive reports a client's disconnect to a running stream, which aborts the request
+    # uvicorn re-raises the signal that stopped it once it has drained; a drained SIGTERM is a clean exit
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:  # the re-raised SIGINT after a drained Ctrl-C
+        pass
+    print("dayzero: stopped", file=sys.stderr, flush=True)
+    return 0

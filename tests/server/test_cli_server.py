@@ -1,0 +1,30 @@
+"""`dayzero serve` argument handling and the `dayzero chat` terminal client."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def test_serve_without_model_fails_clearly():
+    r = subprocess.run([sys.executable, "-m", "dayzero", "serve", "--port", "1"], capture_output=True, text=True,
+                       env=ENV, timeout=60)
+    assert r.returncode != 0 and "--model" in r.stderr and "built-in" in r.stderr
+
+
+def test_chat_client_talks_to_server(server, client):
+    want = client.chat.completions.create(model="toy", messages=[{"role": "user", "content": "hello there"}],
+                                          max_tokens=8, temperature=0).choices[0].message.content
+    r = subprocess.run([sys.executable, "-m", "dayzero", "chat", "--url", server.url, "--max-tokens", "8"],
+                       input="hello there\n/reset\n/exit\n", capture_output=True, text=True, env=ENV, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "toy" in r.stderr
+    assert want.strip() and want.strip() in r.stdout
+
+
+def test_chat_client_reports_unreachable_server():
+    r = subprocess.run([sys.executable, "-m", "dayzero", "chat", "--url", "http://127.0.0.1:9", "--timeout", "5"],
+                       input="", capture_output=True, text=True, env=ENV, timeout=60)
+    assert r.returncode == 1 and "cannot reach" in r.stderr
