@@ -239,17 +239,22 @@ class Engine:
         p = r.params
         if r.logprobs is not None:
             r.logprobs.append(token_logprobs(logits, tok, p.logprobs))
-        if self.tokenizer is not None:
+        # text is decoded only where stop strings need it, and once at the end
+        if p.stop and self.tokenizer is not None:
             r.text = self.tokenizer.decode(r.output_ids)
         if (tok == self.args.eos_token_id and not p.ignore_eos) or tok in (p.stop_token_ids or ()):
             r.finish_reason = "stop"
         elif p.stop and any(x in r.text for x in p.stop_strings):
             r.text = r.text[:min(r.text.index(x) for x in p.stop_strings if x in r.text)]
             r.finish_reason = "stop"
+            r.status = Status.FINISHED
+            return
         elif len(r.output_ids) >= p.max_tokens or r.num_tokens >= r.max_len:
             r.finish_reason = "length"
         if r.finish_reason:
             r.status = Status.FINISHED
+            if self.tokenizer is not None:
+                r.text = self.tokenizer.decode(r.output_ids)
 
     def _draft(self, streams, mtp, cache: PagedBatchCache, reqs: list[Request]) -> None:
         seqs, starts, lengths, _, next_ids = mtp

@@ -143,6 +143,10 @@ class LLM:
                     self.engine.step()
                 while sent < len(req.output_ids):
                     sent += 1
-                    yield req.output_ids[sent - 1], GenerationOutput.of(req)
+                    out = GenerationOutput.of(req)
+                    if not req.finished or sent < len(req.output_ids):
+                        out.token_ids = out.token_ids[:sent]
+                        out.text = self._decode(out.token_ids)
+                    yield req.output_ids[sent - 1], out
         finally:
             self.engine.abort(req.rid)

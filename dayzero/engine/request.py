@@ -27,7 +27,7 @@ class Request:
     arrival: int = field(default_factory=lambda: next(_arrival))
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None
-    text: str = ""
+    text: str = ""  # decoded output: kept current only with stop strings, always set when finished
     finish_reason: str | None = None
     error: str | None = None
     num_computed: int = 0  # positions [0, num_computed) are in the cache
