@@ -1,4 +1,5 @@
-"""`dayzero chat`: a terminal chat client for a running `dayzero serve` (standard library only).
+"""`dayzero chat`: a terminal chat client for a running `dayzero serve`, or, with --local, for the
+same server started inside this process on a free loopback port.
 
 Streams /v1/chat/completions, keeps the conversation, prints reasoning dimmed when thinking is on.
 Commands: /reset clears the conversation, /exit (or Ctrl-D) leaves.
@@ -23,6 +24,34 @@ def add_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a reply")
+    p.add_argument("--local", nargs="?", const="", default=None, metavar="DIR",
+                   help="run the model in this process instead of connecting to --url: DIR, or the "
+                        "built-in model when DIR is left out")
+
+
+def start_local(model_dir: str) -> str:
+    """Serve `model_dir` (or the built-in model) from a background thread; return its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from dayzero import LLM
+    from dayzero.server.app import ServerArgs, build_app
+
+    llm = LLM(model_dir or None)
+    app = build_app(llm, ServerArgs(model_name="local"))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http="h11"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the in-process server did not start")
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 class ChatClient:
@@ -77,6 +106,12 @@ class ChatClient:
 
 
 def chat_main(a) -> int:
+    if a.local is not None:
+        try:
+            a.url = start_local(a.local)
+        except (ValueError, RuntimeError) as e:
+            print(f"dayzero chat: {e}", file=sys.stderr)
+            return 1
     client = ChatClient(a.url, a.api_key or os.environ.get("DAYZERO_API_KEY"), a.timeout)
     try:
         model = a.model or client.models()[0]

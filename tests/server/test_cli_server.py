@@ -28,3 +28,12 @@ def test_chat_client_reports_unreachable_server():
     r = subprocess.run([sys.executable, "-m", "dayzero", "chat", "--url", "http://127.0.0.1:9", "--timeout", "5"],
                        input="", capture_output=True, text=True, env=ENV, timeout=60)
     assert r.returncode == 1 and "cannot reach" in r.stderr
+
+
+def test_chat_runs_a_local_model_in_process(toy_dir, server, client):
+    want = client.chat.completions.create(model="toy", messages=[{"role": "user", "content": "hello there"}],
+                                          max_tokens=8, temperature=0).choices[0].message.content
+    r = subprocess.run([sys.executable, "-m", "dayzero", "chat", "--local", str(toy_dir), "--max-tokens", "8"],
+                       input="hello there\n/exit\n", capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "'local'" in r.stderr and want.strip() in r.stdout
