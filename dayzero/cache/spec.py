@@ -39,6 +39,7 @@ class GroupSpec:
     ratio: int  # tokens per row (1 for per-token groups)
     keep: str  # "window", "open-window", "all"
     overlap: bool = False
+    window_ratio: int = 0  # "open-window" groups: the compression ratio whose open window is kept
 
     def block_bytes(self, dtype: torch.dtype) -> int:
         size = torch.tensor([], dtype=dtype).element_size()
@@ -50,13 +51,9 @@ class GroupSpec:
         if self.keep == "window":
             return max(num_tokens - window + 1, 0)
         if self.keep == "open-window":
-            r = self.ratio_of_rows
+            r = self.window_ratio
             return max(r * (num_tokens // r - (1 if self.overlap else 0)), 0)
         return 0
-
-    @property
-    def ratio_of_rows(self) -> int:
-        return int(self.name.split("r")[-1])
 
 
 def cache_groups(args: ModelArgs, block_size: int, with_mtp: bool) -> list[GroupSpec]:
@@ -76,7 +73,8 @@ def cache_groups(args: ModelArgs, block_size: int, with_mtp: bool) -> list[Group
         if csa:
             rows["rows:index"] = KindSpec((2, 2 * args.index_head_dim), fp32=True)
             ents["ent:index"] = KindSpec((args.index_head_dim,))
-        groups.append(GroupSpec(f"rows r{r}", members, rows, block_size, 1, "open-window", overlap=csa))
+        groups.append(GroupSpec(f"rows r{r}", members, rows, block_size, 1, "open-window", overlap=csa,
+                                window_ratio=r))
         groups.append(GroupSpec(f"entries r{r}", members, ents, block_size // r, r, "all"))
     return groups
 

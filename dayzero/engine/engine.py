@@ -89,7 +89,7 @@ class Engine:
         for g in self.groups:
             if g.keep == "all":
                 continue
-            span = args.window_size - 1 if g.keep == "window" else g.ratio_of_rows * (2 if g.overlap else 1)
+            span = args.window_size - 1 if g.keep == "window" else g.window_ratio * (2 if g.overlap else 1)
             # per running sequence: its span plus a partial block at each end; the step's chunk on top;
             # twice that, so finished requests' blocks stay cached for prefix hits a while
             n = 2 * (e.max_num_seqs * (math.ceil(span / bs) + 2) + math.ceil(e.max_num_batched_tokens / bs))
