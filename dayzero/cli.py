@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text or token ids from a checkpoint")
-    g.add_argument("--model", required=True, help="checkpoint directory in the official hub layout")
+    g.add_argument("--model", default=None,
+                   help="checkpoint directory in the official hub layout (default: the built-in model)")
     g.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer.json)")
     g.add_argument("--token-ids", help="prompt as token ids, e.g. '0,17,42'")
     g.add_argument("--max-tokens", type=int, default=32)

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from dayzero.builtin import BUILTIN_NAME, BUILTIN_NAMES, builtin_path
 from dayzero.engine.engine import Engine, EngineArgs
 from dayzero.engine.request import Request
 from dayzero.engine.sampling import SamplingParams
@@ -48,6 +49,13 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     raise ValueError(f"dtype: expected one of {sorted(_DTYPES)} or a torch.dtype, got {dtype!r}")
 
 
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """None or a built-in model's name -> its directory inside the package; else the given path."""
+    if model is None or (isinstance(model, str) and model in BUILTIN_NAMES and not Path(model).exists()):
+        return builtin_path(model or BUILTIN_NAME)
+    return Path(model)
+
+
 def resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,11 +76,7 @@ class LLM:
         if unknown:
             raise TypeError(f"LLM: unknown engine option(s) {unknown}; known: {sorted(known)}")
         eargs = EngineArgs(**engine_options)
-        if model is None:
-            raise ValueError("LLM: no built-in model ships with this version yet; pass model= the path of a "
-                             "checkpoint directory in the official hub layout (`dayzero toy DIR` writes a "
-                             "small random one)")
-        path = Path(model)
+        path = resolve_model(model)
         self.device = resolve_device(device)
         self.model = load_model(path, numerics=numerics, dtype=resolve_dtype(dtype), device=self.device)
         self.args = self.model.args

@@ -74,6 +74,7 @@ def save_state(
         file = _shard_name(i, len(shards))
         part = {n: tensors[n].detach().to("cpu", copy=True).contiguous() for n in group}
         save_file(part, str(d / file), metadata={"format": "pt"})
+        os.chmod(d / file, 0o644)  # safetensors creates files private to the owner; checkpoints are shared data
         for n, t in part.items():
             weight_map[n] = file
             total += t.numel() * t.element_size()

@@ -12,7 +12,8 @@ from pathlib import Path
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default=None, help="checkpoint directory in the official hub layout")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory in the official hub layout (default: the built-in model)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory name)")
@@ -40,11 +41,9 @@ def serve(a) -> int:
     import uvicorn
 
     from dayzero import LLM
+    from dayzero.builtin import BUILTIN_NAME
     from dayzero.server.app import ServerArgs, build_app
 
-    if a.model is None:
-        raise SystemExit("dayzero serve: no built-in model ships with this version yet; pass --model DIR "
-                         "(a checkpoint in the official hub layout; `dayzero toy DIR` writes a small random one)")
     for name in ("max_model_len", "max_in_flight", "max_body_bytes"):
         v = getattr(a, name)
         if v is not None and v < 1:
@@ -59,7 +58,7 @@ def serve(a) -> int:
     llm = LLM(a.model, device=a.device, dtype=a.dtype, numerics=a.numerics, max_num_seqs=a.max_num_seqs,
               max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=not a.no_prefix_caching,
               num_speculative_tokens=a.num_speculative_tokens, kv_cache_memory_bytes=a.kv_cache_memory_bytes)
-    name = a.served_model_name or Path(a.model).resolve().name
+    name = a.served_model_name or (Path(a.model).resolve().name if a.model else BUILTIN_NAME)
     sargs = ServerArgs(model_name=name, api_key=a.api_key or os.environ.get("DAYZERO_API_KEY") or None,
                        max_model_len=a.max_model_len, max_in_flight=a.max_in_flight, max_body_bytes=a.max_body_bytes)
     app = build_app(llm, sargs)

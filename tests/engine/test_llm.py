@@ -88,8 +88,9 @@ def test_bad_sampling_params_name_the_field(kw, field):
 
 
 def test_llm_argument_errors(make_ckpt, tmp_path):
-    with pytest.raises(ValueError, match="no built-in model"):
-        LLM()
+    with pytest.raises(ValueError, match="unknown built-in model"):
+        from dayzero.builtin import builtin_path
+        builtin_path("nonesuch")
     with pytest.raises(TypeError, match=r"unknown engine option\(s\) \['max_batch'\]"):
         LLM(make_ckpt("mixed", "fp32"), max_batch=4)
     with pytest.raises(ValueError, match="max_num_seqs"):
@@ -104,6 +105,14 @@ def test_llm_argument_errors(make_ckpt, tmp_path):
         LLM(make_ckpt("mixed", "fp32"), numerics="fast")
     with pytest.raises(ValueError, match="does not exist"):
         LLM(tmp_path / "nowhere")
+
+
+def test_no_model_means_the_builtin_model():
+    from dayzero.builtin import builtin_path
+
+    llm = LLM()
+    assert llm.tokenizer is not None and llm.args.n_mtp_layers == 1
+    assert llm.args == LLM("shakespeare").args == LLM(builtin_path()).args
 
 
 def test_filters():

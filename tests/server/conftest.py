@@ -28,7 +28,8 @@ class ServerProcess:
         self.name = name
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         env.pop("DAYZERO_API_KEY", None)
-        cmd = [sys.executable, "-m", "dayzero", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+        model = [] if model_dir is None else ["--model", str(model_dir)]  # None: the built-in model
+        cmd = [sys.executable, "-m", "dayzero", "serve", *model, "--host", "127.0.0.1",
                "--port", str(self.port), "--served-model-name", name, "--max-model-len", str(CONTEXT),
                "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(64 * 2**20), *extra]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

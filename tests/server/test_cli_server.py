@@ -8,10 +8,18 @@ import sys
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def test_serve_without_model_fails_clearly():
-    r = subprocess.run([sys.executable, "-m", "dayzero", "serve", "--port", "1"], capture_output=True, text=True,
-                       env=ENV, timeout=60)
-    assert r.returncode != 0 and "--model" in r.stderr and "built-in" in r.stderr
+def test_serve_without_model_serves_the_builtin_model(tmp_path):
+    from tests.server.conftest import ServerProcess
+
+    s = ServerProcess(None, name="shakespeare")  # the name the built-in model is served under by default
+    try:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(s.url + "/v1/models", timeout=30) as r:
+            assert [m["id"] for m in json.loads(r.read())["data"]] == ["shakespeare"]
+    finally:
+        s.stop()
 
 
 def test_chat_client_talks_to_server(server, client):
