@@ -121,6 +121,19 @@ def losses(model: Transformer, ids: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return main, mtp
 
 
+def train_step(model: Transformer, opt, params, loads: RouterLoads, ids: torch.Tensor, mtp_weight: float,
+               clip: float, bias_gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """One AdamW step on main + mtp_weight x MTP loss, then the router-bias update.
+    -> (loss, main, mtp, max expert load)."""
+    main, mtp = losses(model, ids)
+    loss = main + mtp_weight * mtp
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    return loss, main, mtp, loads.update(bias_gamma)
+
+
 def batch_at(stream: torch.Tensor, step: int, batch: int, length: int, seed: int) -> torch.Tensor:
     """Deterministic batch for `step`: random windows of `length` tokens (seed, step)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)

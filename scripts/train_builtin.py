@@ -42,8 +42,8 @@ from dayzero.reference.layers import Linear
 from dayzero.reference.model import Transformer
 
 from builtin_corpus import CORPUS_SPEC, HELDOUT, encode_docs, fetch_corpus, load_corpus, sha256, train_tokenizer
-from builtin_model import (RouterLoads, batch_at, count_params, eval_windows, evaluate, init_state, losses, lr_at,
-                           model_args, shipped_args, trainable)
+from builtin_model import (RouterLoads, batch_at, count_params, eval_windows, evaluate, init_state, lr_at,
+                           model_args, shipped_args, train_step, trainable)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,13 +162,8 @@ def cmd_train(opts) -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         ids = batch_at(train_ids, step, opts.batch, opts.seq_len + 1, opts.seed)
-        main, mtp = losses(model, ids)
-        loss = main + opts.mtp_weight * mtp
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, opts.clip)
-        opt.step()
-        max_load = loads.update(opts.bias_gamma)
+        loss, main, mtp, max_load = train_step(model, opt, params, loads, ids, opts.mtp_weight, opts.clip,
+                                               opts.bias_gamma)
         step += 1
         elapsed = elapsed0 + time.time() - t_start
         row = [step, step * opts.batch * opts.seq_len, round(elapsed / 60, 3), f"{lr:.3e}",
@@ -227,13 +222,7 @@ def qat(model: Transformer, args: ModelArgs, train_ids: torch.Tensor, opts) -> l
     hist = []
     for s in range(opts.qat_steps):
         ids = batch_at(train_ids, 10_000_000 + s, opts.batch, opts.seq_len + 1, opts.seed)
-        main, mtp = losses(model, ids)
-        loss = main + opts.mtp_weight * mtp
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, opts.clip)
-        opt.step()
-        loads.update(opts.bias_gamma)
+        loss, *_ = train_step(model, opt, params, loads, ids, opts.mtp_weight, opts.clip, opts.bias_gamma)
         hist.append({"step": s + 1, "loss": loss.item()})
         print(f"qat {s + 1}/{opts.qat_steps} loss {loss.item():.3f}", flush=True)
     model.eval()

@@ -8,7 +8,6 @@ prefix cache. Nothing a request sees depends on what else is in the batch.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch

@@ -6,7 +6,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 
 from dayzero.config import ModelArgs
 from dayzero.loader.checkpoint import CheckpointError, TensorSpec, list_tensors, load_state, read_config
