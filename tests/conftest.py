@@ -1,8 +1,14 @@
 """Shared fixtures: tiny checkpoints in the official layout, built once per session."""
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run on the CPU interpreter (set before any @triton.jit)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 from dayzero.loader.model_io import checkpoint_state
 from dayzero.loader.writer import save_state

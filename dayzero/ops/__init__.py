@@ -1,0 +1,68 @@
+"""The kernel seam: one table of op implementations per device, chosen once at engine start.
+
+`REF` holds the PyTorch twins (`ops/ref.py`, every device). `for_device` returns the Triton
+table on GPUs Triton supports (CUDA, ROCm and XPU builds of torch) and the twins elsewhere;
+`DAYZERO_OPS=ref|triton` overrides the choice (triton on the CPU needs TRITON_INTERPRET=1).
+Models receive their table through `Transformer.set_ops`; nothing below ops/ checks devices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+import torch
+
+from dayzero.ops import ref
+
+OP_NAMES = ("rms_norm", "fp8_act_sim", "sparse_attn_paged", "indexer_scores_paged", "compress_pool",
+            "hc_pre", "hc_post", "fp8_linear", "fp4_linear", "moe_experts")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpTable:
+    """Implementations of every op in OP_NAMES (same signatures as the twins in ops/ref.py)."""
+    name: str
+    rms_norm: Callable
+    fp8_act_sim: Callable
+    sparse_attn_paged: Callable
+    indexer_scores_paged: Callable
+    compress_pool: Callable
+    hc_pre: Callable
+    hc_post: Callable
+    fp8_linear: Callable
+    fp4_linear: Callable
+    moe_experts: Callable
+    kernels: tuple[str, ...] = ()  # ops that run a Triton kernel (the rest are twins)
+
+
+REF = OpTable(name="ref", **{op: getattr(ref, op) for op in OP_NAMES})
+
+
+def triton_usable(device: torch.device) -> bool:
+    """True when Triton kernels can launch on `device`: a GPU backend with triton importable, or
+    any device under TRITON_INTERPRET=1 (the interpreter: correct, slow; used by tests)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type in ("cuda", "xpu") or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def for_device(device: torch.device | str, choice: str | None = None) -> OpTable:
+    """The op table for `device`. choice (or env DAYZERO_OPS): "ref", "triton" or None (auto)."""
+    device = torch.device(device)
+    choice = choice or os.environ.get("DAYZERO_OPS") or "auto"
+    if choice not in ("auto", "ref", "triton"):
+        raise ValueError(f"DAYZERO_OPS / ops must be 'ref', 'triton' or 'auto', got {choice!r}")
+    if choice == "ref":
+        return REF
+    if choice == "auto" and device.type not in ("cuda", "xpu"):
+        return REF  # the interpreter is for tests, never chosen by itself
+    if not triton_usable(device):
+        if choice == "triton":
+            raise RuntimeError(f"ops='triton' asked for but Triton cannot run on {device} "
+                               "(no triton, or a CPU without TRITON_INTERPRET=1)")
+        return REF
+    from dayzero.ops.triton import table
+    return table(device)

@@ -229,3 +229,85 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
         gate = gate.clamp(max=limit)
         up = up.clamp(-limit, limit)
     return F.silu(gate) * up
+
+
+# ---- ops over paged pools and quantized weights (the seam the Triton kernels implement) ------
+def gather_rows(pool: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pool [P, *row], idx [N, K] int (-1 = none) -> rows [N, K, *row] (zeros where none), valid [N, K]."""
+    valid = idx >= 0
+    rows = pool[idx.clamp(min=0).long()]
+    return rows.masked_fill(~valid.view(*valid.shape, *([1] * (rows.dim() - 2))), 0), valid
+
+
+def sparse_attn_paged(q: torch.Tensor, sources: list[tuple[torch.Tensor, torch.Tensor]], sink: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """q [N,H,D]; sources: (pool [P,D], idx [N,K] int32/64, -1 = none) pairs, e.g. the window ring
+    and the compressed entries, each query attending to the union of its rows; sink [H] -> [N,H,D].
+    Keys are read straight from the pools (one shared K=V head), nothing is gathered by the caller."""
+    keys, valid = zip(*(gather_rows(pool, idx) for pool, idx in sources))
+    return sparse_attn_gathered(q, torch.cat(keys, 1), torch.cat(valid, 1), sink, scale)
+
+
+def indexer_scores_paged(q: torch.Tensor, w: torch.Tensor, pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """q [N,H,Di], w [N,H], pool [P,Di], idx [N,T] (-1 = none) -> fp32 [N,T]:
+    sum_h w[n,h] relu(q[n,h] . pool[idx[n,t]]), -inf where idx < 0."""
+    keys, valid = gather_rows(pool, idx)
+    s = torch.einsum("nhd,ntd->nht", q.float(), keys.float()).relu()
+    return (s * w.float()[..., None]).sum(1).masked_fill(~valid, float("-inf"))
+
+
+def e8m0_float(scale: torch.Tensor) -> torch.Tensor:
+    """E8M0 scale (float8_e8m0fnu or uint8 bytes) or fp32 scale -> fp32."""
+    if scale.dtype == torch.float32:
+        return scale
+    b = scale.view(torch.uint8).to(torch.int32)
+    return torch.exp2((b - 127).float())
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M,K] @ W^T with W float8_e4m3fn [O,K] in 128x128 blocks scaled by `scale`
+    [ceil(O/128), ceil(K/128)] (E8M0 or fp32) -> [M,O] in x.dtype (W dequantised to x.dtype)."""
+    s = e8m0_float(scale).repeat_interleave(128, 0).repeat_interleave(128, 1)[:weight.shape[0], :weight.shape[1]]
+    w = (weight.float() * s).to(x.dtype)
+    return F.linear(x, w)
+
+
+_E2M1_SIGNED = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def fp4_dequant(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 [..., O, K/2] (low nibble = even k) + E8M0 [..., O, K/32] -> fp32 [..., O, K]."""
+    b = weight.view(torch.uint8).to(torch.int64)
+    codes = torch.stack((b & 15, b >> 4), -1).flatten(-2)
+    vals = _E2M1_SIGNED.to(weight.device)[codes]
+    return vals * e8m0_float(scale).repeat_interleave(32, -1)
+
+
+def fp4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M,K] @ W^T, W FP4 e2m1 packed int8 [O,K/2] with E8M0 per-32 scales [O,K/32] -> [M,O] x.dtype."""
+    return F.linear(x, fp4_dequant(weight, scale).to(x.dtype))
+
+
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor,
+                w3: torch.Tensor, s3: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, limit: float) -> torch.Tensor:
+    """Routed experts with FP4 weights stacked over experts: x [N,dim], weights/ids [N,k] ->
+    fp32 [N,dim] = sum_k w2_e((weights_k * swiglu(w1_e x, w3_e x)).to(x.dtype)), e = ids[:, k].
+    w1/w3 int8 [E,inter,dim/2], w2 int8 [E,dim,inter/2]; s* E8M0 [E, out, in/32]. The expert
+    inputs are used as given (callers apply any activation simulation first)."""
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        tok, slot = torch.where(ids == e)
+        xe = x[tok]
+        h = swiglu(fp4_linear(xe, w1[e], s1[e]), fp4_linear(xe, w3[e], s3[e]), limit)
+        h = (weights[tok, slot, None] * h).to(x.dtype)
+        y.index_add_(0, tok, fp4_linear(h, w2[e], s2[e]).float())
+    return y
+
+
+def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
+           norm_eps: float, hc_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One mHC site's input side: streams x [N,n,d] -> (u [N,d] in x.dtype, post [N,n], comb [N,n,n])
+    = hc_mixes + hc_split_sinkhorn + hc_collapse."""
+    n = x.shape[-2]
+    pre, post, comb = hc_split_sinkhorn(hc_mixes(x, fn, norm_eps), scale, base, n, iters, hc_eps)
+    return hc_collapse(x, pre), post, comb

@@ -1,0 +1,45 @@
+"""Triton kernels behind the ops seam, one file per op family. Every kernel has its twin in
+ops/ref.py and a parity test (tests/ops/) that runs under TRITON_INTERPRET=1 on the CPU.
+
+Kernels are written for triton >= 3.6 (the oldest version a lent GPU has) and current triton.
+Tuned launch configurations come from `dayzero.ops.triton.tuning` (written by `dayzero tune`).
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from dayzero.ops import OP_NAMES, REF, OpTable
+
+# op name -> module of this package providing a function of the same name
+_PROVIDERS = {
+    "rms_norm": "norm",
+    "fp8_act_sim": "norm",
+    "compress_pool": "norm",
+    "sparse_attn_paged": "attention",
+    "indexer_scores_paged": "attention",
+    "hc_pre": "mhc",
+    "hc_post": "mhc",
+    "fp8_linear": "gemm",
+    "fp4_linear": "gemm",
+    "moe_experts": "gemm",
+}
+
+
+def table(device: torch.device) -> OpTable:
+    """The Triton op table for `device`: each op from its kernel module, twins for ops no module
+    provides yet (listed as absent in docs/HARDWARE.md)."""
+    impls, kernels = {}, []
+    for op in OP_NAMES:
+        fn = None
+        try:
+            mod = importlib.import_module(f"dayzero.ops.triton.{_PROVIDERS[op]}")
+            fn = getattr(mod, op, None)
+        except ModuleNotFoundError as e:
+            if e.name != f"dayzero.ops.triton.{_PROVIDERS[op]}":
+                raise
+        impls[op] = fn or getattr(REF, op)
+        if fn is not None:
+            kernels.append(op)
+    return OpTable(name="triton", kernels=tuple(kernels), **impls)
