@@ -1,0 +1,380 @@
+"""Sparse MQA attention over paged KV pools, and the lightning-indexer scores (twins: ops/ref.py).
+
+sparse_attn_paged: split-K flash-decoding. Keys: rows of one or two pools [P, D] (bf16 on V4:
+one 1 KiB row per key at D=512) named per query by idx [N, K_i] (-1 = none). The concatenated
+key list (source 0's K0 keys padded to a BLOCK_K multiple, then source 1's) is cut into blocks
+of BLOCK_K keys, and the blocks into S contiguous splits.
+  grid (N * ceil(H / BLOCK_H), S): one program = one query, BLOCK_H heads, one split. It keeps
+  q [BLOCK_H, D] in registers, and per key block gathers keys [BLOCK_K, D] once (row-contiguous,
+  vectorized loads) and serves all BLOCK_H heads from it: logits = q @ keys^T [BLOCK_H, BLOCK_K]
+  (tensor cores, fp32 accumulate), online softmax in the exp2 domain, acc [BLOCK_H, D] fp32 +=
+  p @ keys (the same tile: MQA keys are the values). D is not tiled: both dots need the full
+  key row, and tiling D for QK^T would make the PV dot re-read the keys. At D=512 (sm_90,
+  triton 3.9, cuobjdump) BLOCK_H=16, BLOCK_K=32, 4 warps takes 241 registers and no spills
+  (acc 64, q 32, key tile 64, gather addresses 32), 8 warps 146; BLOCK_K=64 or BLOCK_H=64
+  spill, so the tuning space stops at 32 x 32 / 16 x 32 tiles.
+  S = 1 (prefill, N * head blocks >= the SMs): the program adds the sink and writes the output.
+  S > 1 (decode): partial (max, sum) [N, H, S] and acc [N, H, S, D] fp32 go to scratch and
+  _combine_kernel (grid N * H, one program reads S * D * 4 bytes) merges them with the sink.
+  S = clamp(ceil(waves * SMs / programs), 1, key blocks), at least min_split_blocks key blocks a
+  split, so batch-1 decode (V4: 64 heads / 16 = 4 head blocks, 128 + 512 keys = 20 blocks of 32)
+  still spreads the 640 KiB of keys over the SMs, each key block read from DRAM once (the other
+  head blocks hit L2).
+
+indexer_scores_paged: grid (N * ceil(T / (BLOCK_T * TILES))): one program = one query, TILES
+blocks of BLOCK_T entries. All H heads of q [H, Di] (V4: 64 x 128 bf16 = 16 KiB) stay in
+registers; each key block [BLOCK_T, Di] is gathered once, s = q @ keys^T [H, BLOCK_T], relu,
+weighted by w [H] and summed over heads in registers; only fp32 [BLOCK_T] scores are written.
+
+The Triton interpreter's tl.dot is wrong on 16-bit operands, so USE_F32 (set under
+TRITON_INTERPRET=1, or when an operand is fp32) feeds the dots fp32 in IEEE precision.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from dayzero.ops.triton import tuning
+
+LOG2E = 1.4426950408889634
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_INTS = (torch.int32, torch.int64)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a pretend GPU small enough that tiny test shapes take the split path
+
+
+# ---- sparse attention ------------------------------------------------------------------------
+@triton.jit
+def _attn_block(acc, m_i, l_i, q, pool, s_pool, idx_row, K, start, qk_scale,
+                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D, USE_F32: tl.constexpr):
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    j = start + offs_k
+    ids = tl.load(idx_row + j, mask=j < K, other=-1).to(tl.int64)
+    ok = ids >= 0
+    k = tl.load(pool + ids[:, None] * s_pool + offs_d[None, :], mask=ok[:, None] & (offs_d < D)[None, :],
+                other=0.0)
+    if USE_F32:
+        k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        k = k.to(q.dtype)
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+    # m_i starts finite (-1e30), so a block of only invalid keys gives exp2(-inf) = 0, never NaN
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if USE_F32:
+        pv = tl.dot(p, k, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(k.dtype), k)
+    return acc * alpha[:, None] + pv, m_new, l_i
+
+
+@triton.jit
+def _sparse_attn_kernel(q_ptr, sink_ptr, out_ptr, m_ptr, l_ptr, part_ptr,
+                        pool0, s_pool0, idx0, s_idx0, K0,
+                        pool1, s_pool1, idx1, s_idx1, K1,
+                        H, D, S, blocks_per_split, qk_scale,
+                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                        USE_F32: tl.constexpr, FINAL: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_hb = tl.cdiv(H, BLOCK_H)
+    n = (pid // n_hb).to(tl.int64)
+    offs_h = (pid % n_hb) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ok = offs_h < H
+    hd_ok = h_ok[:, None] & (offs_d < D)[None, :]
+    rows = n * H + offs_h  # [BLOCK_H] rows of q/out viewed as [N*H, D]
+    q = tl.load(q_ptr + rows[:, None] * D + offs_d[None, :], mask=hd_ok, other=0.0)
+    if USE_F32:
+        q = q.to(tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+
+    nb0 = tl.cdiv(K0, BLOCK_K)
+    lo = split * blocks_per_split
+    hi = tl.minimum(lo + blocks_per_split, nb0 + tl.cdiv(K1, BLOCK_K))
+    for b in range(lo, tl.minimum(hi, nb0)):
+        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, pool0, s_pool0, idx0 + n * s_idx0, K0, b * BLOCK_K,
+                                    qk_scale, BLOCK_K, BLOCK_D, D, USE_F32)
+    for b in range(tl.maximum(lo, nb0), hi):
+        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, pool1, s_pool1, idx1 + n * s_idx1, K1,
+                                    (b - nb0) * BLOCK_K, qk_scale, BLOCK_K, BLOCK_D, D, USE_F32)
+
+    if FINAL:
+        sink = tl.load(sink_ptr + offs_h, mask=h_ok, other=0.0) * 1.4426950408889634
+        mx = tl.maximum(m_i, sink)
+        c = tl.exp2(m_i - mx)
+        o = acc * (c / (l_i * c + tl.exp2(sink - mx)))[:, None]
+        tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=hd_ok)
+    else:
+        prow = rows * S + split  # [N, H, S] partials; acc rows of D each
+        tl.store(m_ptr + prow, m_i, mask=h_ok)
+        tl.store(l_ptr + prow, l_i, mask=h_ok)
+        tl.store(part_ptr + prow[:, None] * D + offs_d[None, :], acc, mask=hd_ok)
+
+
+@triton.jit
+def _combine_kernel(m_ptr, l_ptr, part_ptr, sink_ptr, out_ptr, H, D, S,
+                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # n * H + h
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    base = row * S
+    ms = tl.load(m_ptr + base + offs_s, mask=offs_s < S, other=float("-inf"))
+    ls = tl.load(l_ptr + base + offs_s, mask=offs_s < S, other=0.0)
+    sink = tl.load(sink_ptr + row % H) * 1.4426950408889634
+    mx = tl.maximum(tl.max(ms, axis=0), sink)
+    denom = tl.sum(tl.exp2(ms - mx) * ls, axis=0) + tl.exp2(sink - mx)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s in range(S):
+        w = tl.exp2(tl.load(m_ptr + base + s) - mx)
+        acc += w * tl.load(part_ptr + (base + s) * D + offs_d, mask=d_ok, other=0.0)
+    tl.store(out_ptr + row * D + offs_d, (acc / denom).to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+ATTN_DEFAULT = {"BLOCK_H": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "waves": 2, "min_split_blocks": 1}
+
+
+def _check_float(name: str, t, dims: int):
+    if not isinstance(t, torch.Tensor) or t.dim() != dims or t.dtype not in _FLOATS:
+        raise ValueError(f"{name} must be a {dims}-d float32/bfloat16/float16 tensor, got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+
+
+def _check_idx(name: str, idx, n: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[0] != n or idx.dtype not in _INTS:
+        raise ValueError(f"{name} must be int32/int64 [{n}, K], got "
+                         f"{getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}")
+    if idx.device != device:
+        raise ValueError(f"{name} is on {idx.device}, q on {device}")
+    return idx if idx.stride(-1) == 1 else idx.contiguous()
+
+
+def _rows(name: str, pool, d: int, device: torch.device) -> torch.Tensor:
+    _check_float(name, pool, 2)
+    if pool.shape[1] != d:
+        raise ValueError(f"{name} rows must have {d} elements (q's head dim), got shape {tuple(pool.shape)}")
+    if pool.device != device:
+        raise ValueError(f"{name} is on {pool.device}, q on {device}")
+    return pool if pool.stride(1) == 1 else pool.contiguous()
+
+
+def _attn_key(n: int, h: int, d: int, keys: int) -> str:
+    """Tuning-table key: decode/prefill by queries, CSA-like (window + top-k) or HCA-like key counts."""
+    return f"D{d}-H{h}-{'dec' if n <= 64 else 'pre'}-{'short' if keys <= 1024 else 'long'}"
+
+
+def _indexer_key(n: int, h: int, di: int) -> str:
+    return f"D{di}-H{h}-{'dec' if n <= 64 else 'pre'}"
+
+
+def _use_f32(*ts: torch.Tensor) -> bool:
+    return _interpret() or any(t.dtype == torch.float32 for t in ts)
+
+
+def sparse_attn_paged(q: torch.Tensor, sources: list[tuple[torch.Tensor, torch.Tensor]], sink: torch.Tensor,
+                      scale: float, *, config: dict | None = None) -> torch.Tensor:
+    """q [N,H,D]; sources: 1 or 2 (pool [P,D], idx [N,K] int32/64, -1 = none); sink [H] -> [N,H,D]
+    in q.dtype (see the module docstring and ref.sparse_attn_paged)."""
+    _check_float("q", q, 3)
+    N, H, D = q.shape
+    dev = q.device
+    if not isinstance(sources, (list, tuple)) or len(sources) not in (1, 2):
+        raise ValueError(f"sources must be a list of 1 or 2 (pool, idx) pairs, got {type(sources).__name__} "
+                         f"of length {len(sources) if isinstance(sources, (list, tuple)) else '?'}")
+    srcs = []
+    for i, src in enumerate(sources):
+        if not isinstance(src, (list, tuple)) or len(src) != 2:
+            raise ValueError(f"sources[{i}] must be a (pool, idx) pair, got {type(src).__name__}")
+        srcs.append((_rows(f"sources[{i}] pool", src[0], D, dev), _check_idx(f"sources[{i}] idx", src[1], N, dev)))
+    if not isinstance(sink, torch.Tensor) or sink.shape != (H,) or not sink.is_floating_point():
+        raise ValueError(f"sink must be a float tensor [{H}], got {tuple(getattr(sink, 'shape', ()))}")
+    sink = sink.to(device=dev, dtype=torch.float32).contiguous()
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    if N == 0 or H == 0:
+        return out
+    if len(srcs) == 1:  # the second source: the first with no keys
+        srcs.append((srcs[0][0], srcs[0][1][:, :0]))
+
+    key = _attn_key(N, H, D, sum(i.shape[1] for _, i in srcs))
+    cfg = {**ATTN_DEFAULT, **(config if config is not None
+                              else tuning.config("sparse_attn_paged", key, ATTN_DEFAULT, dev))}
+    block_h = max(16, min(int(cfg["BLOCK_H"]), triton.next_power_of_2(H)))
+    block_k = int(cfg["BLOCK_K"])
+    block_d = max(16, triton.next_power_of_2(D))
+    n_hb = triton.cdiv(H, block_h)
+    (p0, i0), (p1, i1) = srcs
+    K0, K1 = i0.shape[1], i1.shape[1]
+    nb = triton.cdiv(K0, block_k) + triton.cdiv(K1, block_k)
+    want = triton.cdiv(int(cfg["waves"]) * _sm_count(dev), N * n_hb)
+    bps = max(1, int(cfg["min_split_blocks"]), triton.cdiv(nb, max(1, min(want, nb))))
+    S = max(1, triton.cdiv(nb, bps))
+    final = S == 1
+    if final:
+        m = l = part = q  # unused
+    else:
+        ml = torch.empty(2, N, H, S, device=dev, dtype=torch.float32)
+        m, l = ml[0], ml[1]
+        part = torch.empty(N, H, S, D, device=dev, dtype=torch.float32)
+    # the interpreter rounds fp32 -> bf16/fp16 toward zero (compiled kernels round to nearest
+    # even): there the kernels write fp32 and torch rounds
+    res = torch.empty(q.shape, device=dev, dtype=torch.float32) if _interpret() else out
+    _sparse_attn_kernel[(N * n_hb, S)](
+        q, sink, res, m, l, part,
+        p0, p0.stride(0), i0, i0.stride(0), K0,
+        p1, p1.stride(0), i1, i1.stride(0), K1,
+        H, D, S, bps, float(scale) * LOG2E,
+        BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_D=block_d, USE_F32=_use_f32(q, p0, p1), FINAL=final,
+        num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]))
+    if not final:
+        _combine_kernel[(N * H,)](m, l, part, sink, res, H, D, S,
+                                  BLOCK_S=triton.next_power_of_2(S), BLOCK_D=block_d, num_warps=4)
+    return out.copy_(res) if res is not out else out
+
+
+# ---- indexer scores --------------------------------------------------------------------------
+@triton.jit
+def _indexer_kernel(q_ptr, w_ptr, pool, s_pool, idx_ptr, s_idx, out_ptr, H, DI, T, n_tb,
+                    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                    TILES: tl.constexpr, USE_F32: tl.constexpr):
+    pid = tl.program_id(0)
+    n = (pid // n_tb).to(tl.int64)
+    tb = pid % n_tb
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ok = offs_h < H
+    d_ok = offs_d < DI
+    q = tl.load(q_ptr + (n * H + offs_h)[:, None] * DI + offs_d[None, :], mask=h_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    if USE_F32:
+        q = q.to(tl.float32)
+    w = tl.load(w_ptr + n * H + offs_h, mask=h_ok, other=0.0).to(tl.float32)  # padded heads weigh 0
+    for i in range(TILES):
+        t = (tb * TILES + i) * BLOCK_T + offs_t
+        t_ok = t < T
+        ids = tl.load(idx_ptr + n * s_idx + t, mask=t_ok, other=-1).to(tl.int64)
+        ok = ids >= 0
+        k = tl.load(pool + ids[:, None] * s_pool + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+        if USE_F32:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k.to(q.dtype)))
+        r = tl.sum(tl.maximum(s, 0.0) * w[:, None], axis=0)
+        tl.store(out_ptr + n * T + t, tl.where(ok, r, float("-inf")), mask=t_ok)
+
+
+IDX_DEFAULT = {"BLOCK_T": 64, "TILES": 1, "num_warps": 4, "num_stages": 2}
+
+
+def indexer_scores_paged(q: torch.Tensor, w: torch.Tensor, pool: torch.Tensor, idx: torch.Tensor, *,
+                         config: dict | None = None) -> torch.Tensor:
+    """q [N,H,Di], w [N,H], pool [P,Di], idx [N,T] (-1 = none) -> fp32 [N,T] (see ref.indexer_scores_paged)."""
+    _check_float("q", q, 3)
+    N, H, DI = q.shape
+    dev = q.device
+    _check_float("w", w, 2)
+    if w.shape != (N, H) or w.device != dev:
+        raise ValueError(f"w must be [{N}, {H}] on {dev}, got {tuple(w.shape)} on {w.device}")
+    pool = _rows("pool", pool, DI, dev)
+    idx = _check_idx("idx", idx, N, dev)
+    T = idx.shape[1]
+    out = torch.empty(N, T, device=dev, dtype=torch.float32)
+    if N == 0 or T == 0:
+        return out
+    if H == 0:
+        return out.fill_(0.0).masked_fill_(idx < 0, float("-inf"))
+    q, w = q.contiguous(), w.contiguous()
+    key = _indexer_key(N, H, DI)
+    cfg = {**IDX_DEFAULT, **(config if config is not None
+                             else tuning.config("indexer_scores_paged", key, IDX_DEFAULT, dev))}
+    block_t, tiles = int(cfg["BLOCK_T"]), int(cfg["TILES"])
+    n_tb = triton.cdiv(T, block_t * tiles)
+    _indexer_kernel[(N * n_tb,)](
+        q, w, pool, pool.stride(0), idx, idx.stride(0), out, H, DI, T, n_tb,
+        BLOCK_H=max(16, triton.next_power_of_2(H)), BLOCK_T=block_t, BLOCK_D=max(16, triton.next_power_of_2(DI)),
+        TILES=tiles, USE_F32=_use_f32(q, pool), num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]))
+    return out
+
+
+# ---- tuning ----------------------------------------------------------------------------------
+def _rand_idx(n: int, k: int, p: int, device, gen: torch.Generator) -> torch.Tensor:
+    idx = torch.randint(0, p, (n, k), generator=gen, dtype=torch.int32)
+    return idx.masked_fill(torch.rand(n, k, generator=gen) < 0.05, -1).to(device)
+
+
+def _attn_cases(device: torch.device):
+    gen = torch.Generator().manual_seed(0)
+    if device.type == "cuda":  # V4-Flash: 64 heads x 512 (rope 64), window 128, CSA top-512 / HCA entries
+        H, D, dt, kw, shapes = 64, 512, torch.bfloat16, 128, [(1, 512), (1, 8192), (512, 512)]
+        pw, pc = 1 << 14, 1 << 16
+    else:
+        H, D, dt, kw, shapes = 4, 32, torch.float32, 16, [(1, 40), (1, 1100), (70, 40)]
+        pw, pc = 64, 128
+    window = torch.randn(pw, D, generator=gen).to(device, dt)
+    entries = torch.randn(pc, D, generator=gen).to(device, dt)
+    sink = torch.randn(H, generator=gen).to(device)
+    out = []
+    for n, kc in shapes:
+        q = torch.randn(n, H, D, generator=gen).to(device, dt)
+        srcs = [(window, _rand_idx(n, kw, pw, device, gen)), (entries, _rand_idx(n, kc, pc, device, gen))]
+        out.append((_attn_key(n, H, D, kw + kc),
+                     lambda cfg, q=q, s=srcs: sparse_attn_paged(q, s, sink, D ** -0.5, config=cfg)))
+    return out
+
+
+def _indexer_cases(device: torch.device):
+    gen = torch.Generator().manual_seed(0)
+    if device.type == "cuda":  # 64 index heads x 128; 256K tokens of context / 4 = 64K entries
+        H, DI, dt, P, shapes = 64, 128, torch.bfloat16, 1 << 16, [(1, 1 << 16), (256, 1 << 14)]
+    else:
+        H, DI, dt, P, shapes = 4, 32, torch.float32, 64, [(2, 70), (70, 20)]
+    out = []
+    for n, t in shapes:
+        q = torch.randn(n, H, DI, generator=gen).to(device, dt)
+        w = torch.randn(n, H, generator=gen).to(device, dt)
+        pool = torch.randn(P, DI, generator=gen).to(device, dt)
+        idx = _rand_idx(n, t, P, device, gen)
+        out.append((_indexer_key(n, H, DI),
+                    lambda cfg, q=q, w=w, p=pool, i=idx: indexer_scores_paged(q, w, p, i, config=cfg)))
+    return out
+
+
+TUNABLES = {
+    "sparse_attn_paged": tuning.Tunable(space=(
+        ATTN_DEFAULT,
+        {"BLOCK_H": 16, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2, "waves": 2, "min_split_blocks": 1},
+        {"BLOCK_H": 32, "BLOCK_K": 16, "num_warps": 8, "num_stages": 2, "waves": 2, "min_split_blocks": 1},
+        {"BLOCK_H": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 3, "waves": 2, "min_split_blocks": 1},
+        {"BLOCK_H": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3, "waves": 1, "min_split_blocks": 2},
+        {"BLOCK_H": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2, "waves": 4, "min_split_blocks": 1},
+    ), cases=_attn_cases),
+    "indexer_scores_paged": tuning.Tunable(space=(
+        IDX_DEFAULT,
+        {"BLOCK_T": 128, "TILES": 1, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_T": 32, "TILES": 1, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_T": 64, "TILES": 4, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_T": 128, "TILES": 2, "num_warps": 4, "num_stages": 2},
+    ), cases=_indexer_cases),
+}
