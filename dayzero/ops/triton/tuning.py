@@ -34,7 +34,9 @@ def device_name(device: torch.device) -> str:
     return f"{device.type}-interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else device.type
 
 
+@functools.lru_cache(maxsize=None)
 def table_path(device: torch.device) -> Path:
+    """The tuning file for `device` (cached: launchers look configs up on every call)."""
     import triton
     root = Path(os.environ.get("DAYZERO_CACHE_DIR") or Path.home() / ".cache" / "dayzero")
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
