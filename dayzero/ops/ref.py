@@ -78,8 +78,13 @@ def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
 
 
 def pow2_scale(amax: torch.Tensor, qmax: float, floor: float) -> torch.Tensor:
-    """Smallest power of two s with amax / s <= qmax (UE8M0-representable scale)."""
-    return torch.exp2(torch.ceil(torch.log2(amax.clamp(min=floor) / qmax)))
+    """Smallest power of two s with amax / s <= qmax (UE8M0-representable scale), exactly: the
+    log2 estimate is off by one where amax / qmax rounds across a power of two in fp32, so it is
+    corrected with divisions by powers of two (exact)."""
+    a = amax.float().clamp(min=floor)
+    s = torch.exp2(torch.ceil(torch.log2(a / qmax)))
+    s = torch.where(a / s > qmax, s * 2, s)
+    return torch.where(a / (s / 2) <= qmax, s / 2, s)
 
 
 def fp8_act_sim(x: torch.Tensor, block: int = 128) -> torch.Tensor:
@@ -275,12 +280,15 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
 _E2M1_SIGNED = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
 
+# byte -> (value of the low nibble, value of the high nibble): one table lookup per byte
+_FP4_PAIRS = torch.stack((_E2M1_SIGNED.repeat(16), _E2M1_SIGNED.repeat_interleave(16)), -1)
+
+
 def fp4_dequant(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """int8 [..., O, K/2] (low nibble = even k) + E8M0 [..., O, K/32] -> fp32 [..., O, K]."""
-    b = weight.view(torch.uint8).to(torch.int64)
-    codes = torch.stack((b & 15, b >> 4), -1).flatten(-2)
-    vals = _E2M1_SIGNED.to(weight.device)[codes]
-    return vals * e8m0_float(scale).repeat_interleave(32, -1)
+    b = weight.view(torch.uint8).to(torch.int32)
+    vals = F.embedding(b, _FP4_PAIRS.to(weight.device)).flatten(-2)
+    return (vals.unflatten(-1, (-1, 32)) * e8m0_float(scale)[..., None]).flatten(-2)
 
 
 def fp4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -289,17 +297,21 @@ def fp4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor,
-                w3: torch.Tensor, s3: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, limit: float) -> torch.Tensor:
+                w3: torch.Tensor, s3: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, limit: float,
+                h_act_sim: bool = False) -> torch.Tensor:
     """Routed experts with FP4 weights stacked over experts: x [N,dim], weights/ids [N,k] ->
     fp32 [N,dim] = sum_k w2_e((weights_k * swiglu(w1_e x, w3_e x)).to(x.dtype)), e = ids[:, k].
     w1/w3 int8 [E,inter,dim/2], w2 int8 [E,dim,inter/2]; s* E8M0 [E, out, in/32]. The expert
-    inputs are used as given (callers apply any activation simulation first)."""
+    inputs are used as given (callers apply any activation simulation first); h_act_sim=True
+    FP8-simulates the hidden (per 128) before w2, as official numerics do."""
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in ids.unique().tolist():
         tok, slot = torch.where(ids == e)
         xe = x[tok]
         h = swiglu(fp4_linear(xe, w1[e], s1[e]), fp4_linear(xe, w3[e], s3[e]), limit)
         h = (weights[tok, slot, None] * h).to(x.dtype)
+        if h_act_sim:
+            h = fp8_act_sim(h, 128)
         y.index_add_(0, tok, fp4_linear(h, w2[e], s2[e]).float())
     return y
 
