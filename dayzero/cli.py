@@ -1,7 +1,4 @@
-"""`dayzero` command line: generate | serve | chat | convert | toy.
-
-bench, verify and tune are not built yet; they are absent rather than stubbed.
-"""
+"""`dayzero` command line: generate | serve | chat | convert | toy | verify | tune | bench."""
 from __future__ import annotations
 
 import argparse
@@ -99,6 +96,38 @@ def cmd_chat(a: argparse.Namespace) -> int:
     return chat_main(a)
 
 
+def _interpreter(a: argparse.Namespace) -> None:
+    if getattr(a, "interpret", False):  # must precede the first import of a Triton kernel module
+        import os
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    _interpreter(a)
+    from dayzero import verify
+    report = verify.run(device=a.device, choice=a.ops, numerics=a.numerics, slice_experts=a.slice_experts,
+                        out=a.out, skip_models=a.ops_only)
+    print(verify.card(report))
+    if a.out:
+        print(f"report written to {a.out}")
+    return 0 if report["passed"] else 1
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    _interpreter(a)
+    from dayzero import tune
+    tune.run(device=a.device, kernels=a.kernel)
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    _interpreter(a)
+    from dayzero import bench
+    bench.run(size=a.size, device=a.device, choice=a.ops, scenarios=tuple(a.scenario or bench.SCENARIOS),
+              out_dir=a.out_dir, baseline=not a.no_baseline)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dayzero", description="A faithful, portable DeepSeek-V4 runtime.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -155,6 +184,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=cmd_toy)
+
+    v = sub.add_parser("verify", help="check every op and the engine on this device against the CPU reference")
+    v.add_argument("--device", default=None, help="device to verify (default: cuda if available, else cpu)")
+    v.add_argument("--ops", choices=["triton", "ref"], default=None, help="op table (default: by device)")
+    v.add_argument("--numerics", choices=["official", "transformers"], default="official")
+    v.add_argument("--slice-experts", type=int, default=None,
+                   help="routed experts of the V4-Flash slice (default: 256 on a GPU, 16 on the CPU)")
+    v.add_argument("--ops-only", action="store_true", help="skip the end-to-end model checks")
+    v.add_argument("--out", default="verify.json", help="JSON report path ('' to skip)")
+    v.add_argument("--interpret", action="store_true", help="run Triton kernels in the interpreter (CPU)")
+    v.set_defaults(func=cmd_verify)
+
+    tu = sub.add_parser("tune", help="autotune the Triton kernels for this device and cache the configs")
+    tu.add_argument("--device", default=None)
+    tu.add_argument("--kernel", action="append", help="only this kernel (repeatable)")
+    tu.add_argument("--interpret", action="store_true", help="run Triton kernels in the interpreter (CPU)")
+    tu.set_defaults(func=cmd_tune)
+
+    b = sub.add_parser("bench", help="scenarios S1-S6 on V4-Flash shapes vs roofline and baselines")
+    b.add_argument("--size", choices=["flash", "small"], default=None,
+                   help="flash = real per-layer shapes (GPU); small = CPU-sized (default: by device)")
+    b.add_argument("--device", default=None)
+    b.add_argument("--ops", choices=["triton", "ref"], default=None)
+    b.add_argument("--scenario", action="append", choices=["S1", "S2", "S3", "S4", "S5", "S6"],
+                   help="run only this scenario (repeatable)")
+    b.add_argument("--out-dir", default="bench/results", help="where bench.jsonl and the chart go")
+    b.add_argument("--no-baseline", action="store_true", help="skip transformers' model (S4 baseline)")
+    b.add_argument("--interpret", action="store_true", help="run Triton kernels in the interpreter (CPU)")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -68,3 +68,11 @@ class PagedBatchCache:
     def read(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         t, blocks, member, off, _ = self._locate(layer, kind, seq, index)
         return t[blocks, member, off]
+
+    def locate(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pool [num_blocks * members * per_block, *row], flat row ids [M]) of rows index[m] of
+        sequences seq[m]: the kernels read keys straight from the pool through these ids."""
+        t, blocks, member, off, g = self._locate(layer, kind, seq, index)
+        flat = (blocks * t.shape[1] + member) * g.per_block + off
+        return t.view(-1, *t.shape[3:]), flat

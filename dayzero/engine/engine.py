@@ -18,6 +18,7 @@ from dayzero.cache.spec import cache_groups, fixed_bytes_per_sequence
 from dayzero.engine.request import Request, Status
 from dayzero.engine.sampling import SamplingParams, sample, token_logprobs, verify_draft
 from dayzero.engine.scheduler import Scheduled, Scheduler
+from dayzero.ops import for_device
 from dayzero.reference.model import Transformer
 from dayzero.reference.seqcache import Batch
 
@@ -32,6 +33,7 @@ class EngineArgs:
     block_size: int | None = None  # default: the smallest multiple of every compression ratio >= 16
     num_speculative_tokens: int | None = None  # MTP drafts per step: 0 or 1 (default 1 with an MTP module)
     speculative_min_acceptance: float = 0.3  # MTP turns itself off below this after 16 drafts
+    ops: str | None = None  # kernel table: "triton", "ref" (PyTorch twins) or None (by device)
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -45,6 +47,8 @@ class EngineArgs:
             raise ValueError(f"block_size: must be a positive integer, got {self.block_size!r}")
         if self.num_speculative_tokens not in (None, 0, 1):
             raise ValueError(f"num_speculative_tokens: MTP drafts 0 or 1 token, got {self.num_speculative_tokens!r}")
+        if self.ops not in (None, "auto", "ref", "triton"):
+            raise ValueError(f"ops: must be 'triton', 'ref' or None, got {self.ops!r}")
 
 
 def _default_block_size(args) -> int:
@@ -55,6 +59,8 @@ def _default_block_size(args) -> int:
 class Engine:
     def __init__(self, model: Transformer, eargs: EngineArgs, device: torch.device, tokenizer=None):
         self.model, self.eargs, self.device, self.tokenizer = model, eargs, device, tokenizer
+        self.ops = for_device(device, eargs.ops)  # the dispatch decision, once per engine
+        model.set_ops(self.ops)
         args = self.args = model.args
         self.block_size = bs = eargs.block_size or _default_block_size(args)
         has_mtp = bool(args.n_mtp_layers)
@@ -110,6 +116,8 @@ class Engine:
 
     def stats(self) -> dict:
         return {
+            "ops": self.ops.name,
+            "kernels": list(self.ops.kernels),
             "block_size": self.block_size,
             "kv_cache_bytes": self.pools.nbytes(),
             "max_tokens_in_cache": self.max_tokens,

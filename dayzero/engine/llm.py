@@ -80,10 +80,11 @@ class LLM:
         self.device = resolve_device(device)
         self.model = load_model(path, numerics=numerics, dtype=resolve_dtype(dtype), device=self.device)
         self.args = self.model.args
-        keep_dequantized(self.model)  # no FP8/FP4 kernels yet: dequantise small models once
         tok_file = path / "tokenizer.json"
         self.tokenizer = Tokenizer(tok_file) if tok_file.is_file() else None
         self.engine = Engine(self.model, eargs, self.device, self.tokenizer)
+        if "fp8_linear" not in self.engine.ops.kernels:  # no FP8/FP4 kernels: dequantise small models once
+            keep_dequantized(self.model)
         self._ids = itertools.count()
 
     # ---- inputs ------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from torch import nn
 
 from dayzero.config import ModelArgs
 from dayzero.ops import ref
-from dayzero.reference.layers import Linear, RMSNorm
+from dayzero.ops import OpTable
+from dayzero.reference.layers import Linear, RMSNorm, UsesOps
 from dayzero.reference.seqcache import Batch, BatchCache
 
 
@@ -39,7 +40,21 @@ def gather(cache: BatchCache, layer: int, kind: str, seq: torch.Tensor, index: t
     return out
 
 
-class Compressor(nn.Module):
+def rows_of(cache: BatchCache, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor,
+            valid: torch.Tensor, row: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows index[n, k] of sequence seq[n] as (pool [P, *row], idx [N, K] with -1 where not valid)
+    for the paged ops: the cache's own pool where it has one (`locate`), else a gathered copy."""
+    if hasattr(cache, "locate"):
+        pool, rows = cache.locate(layer, kind, seq.expand_as(index)[valid], index[valid])
+        idx = torch.full(index.shape, -1, dtype=torch.long, device=index.device)
+        idx[valid] = rows
+        return pool, idx
+    keys = gather(cache, layer, kind, seq, index, valid, row, dtype)
+    idx = torch.arange(index.numel(), device=index.device).view(index.shape)
+    return keys.flatten(0, 1), torch.where(valid, idx, -1)
+
+
+class Compressor(UsesOps, nn.Module):
     """Gated pooling of r-token windows into one `head_dim` entry. `overlap` (CSA): projections
     are 2*head_dim wide; rows [:head_dim] feed the NEXT window's entry, rows [head_dim:] the own
     window's, and an entry pools 2r slots with one softmax. `rotate` (indexer keys): Hadamard +
@@ -84,24 +99,24 @@ class Compressor(nn.Module):
             prev_gate = torch.where(has_prev[..., None], prev[:, :, 1, :C], float("-inf"))
             kv = torch.cat([prev[:, :, 0, :C], kv[..., C:]], 1)
             gate = torch.cat([prev_gate, gate[..., C:]], 1)
-        entries = self.norm(ref.compress_pool(kv, gate).to(dtype))
+        entries = self.norm(self.ops.compress_pool(kv, gate).to(dtype))
         cos, sin = ref.rope_cos_sin(r * ids, inv_freq)
         entries = ref.apply_rope(entries, cos, sin)
         if self.official:
             if self.rotate:
                 entries = ref.fp4_act_sim(ref.hadamard(entries), 32)
             else:
-                entries = _fp8_nope_sim(entries, self.rope_dim)
+                entries = _fp8_nope_sim(self.ops, entries, self.rope_dim)
         cache.write(layer, "ent:" + kind, seq, ids, entries)
         return ends
 
 
-def _fp8_nope_sim(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
+def _fp8_nope_sim(ops: OpTable, x: torch.Tensor, rope_dim: int) -> torch.Tensor:
     """FP8 simulation of the non-rope dims in blocks of 64; the rope dims stay as they are."""
-    return torch.cat([ref.fp8_act_sim(x[..., :-rope_dim], 64), x[..., -rope_dim:]], -1)
+    return torch.cat([ops.fp8_act_sim(x[..., :-rope_dim], 64), x[..., -rope_dim:]], -1)
 
 
-class Indexer(nn.Module):
+class Indexer(UsesOps, nn.Module):
     """Lightning indexer: I[t,s] = sum_h w[t,h] relu(q[t,h] . k[s]), top-k over usable entries."""
 
     def __init__(self, args: ModelArgs, ratio: int, dtype: torch.dtype, official: bool):
@@ -125,22 +140,22 @@ class Indexer(nn.Module):
             return torch.empty(x.shape[0], 0, dtype=torch.long, device=dev)
         ids = torch.arange(T, device=dev)[None, :].expand(x.shape[0], T)
         usable = ids < ((positions + 1) // self.ratio)[:, None]  # [N, T]
-        keys = gather(batch.cache, layer, "ent:index", batch.seq[:, None], ids, usable, (self.head_dim,), x.dtype)
+        pool, rows = rows_of(batch.cache, layer, "ent:index", batch.seq[:, None], ids, usable, (self.head_dim,),
+                             x.dtype)
         q = self.wq_b(q_lat).unflatten(-1, (self.n_heads, self.head_dim))
         cos, sin = ref.rope_cos_sin(positions, inv_freq)
         q = ref.apply_rope(q, cos[:, None], sin[:, None])
         if self.official:
             q = ref.fp4_act_sim(ref.hadamard(q), 32)
         w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
-        scores = ref.indexer_scores(q[:, None], keys, w[:, None])[:, 0]  # [N, T]
-        scores = scores.masked_fill(~usable, float("-inf"))
+        scores = self.ops.indexer_scores_paged(q, w, pool, rows)  # [N, T], -inf where not usable
         # stable descending sort: ties (e.g. entries whose every head's ReLU is 0) go to the lower
         # index, so the selection does not depend on how the sequence was split into calls
         top = scores.sort(dim=-1, descending=True, stable=True).indices[:, :min(self.topk, T)]
         return torch.where(torch.gather(usable, 1, top), top, -1)
 
 
-class Attention(nn.Module):
+class Attention(UsesOps, nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype, official: bool):
         super().__init__()
         self.layer_type = args.layer_type(layer_id)
@@ -178,18 +193,18 @@ class Attention(nn.Module):
         if self.official:  # the reference normalises in the activation dtype
             q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + self.eps)
         else:
-            q = ref.rms_norm(q, None, self.eps)
+            q = self.ops.rms_norm(q, None, self.eps)
         q = ref.apply_rope(q, cos[:, None], sin[:, None])
         kv = ref.apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
         if self.official:
-            kv = _fp8_nope_sim(kv, self.rope_dim)
+            kv = _fp8_nope_sim(self.ops, kv, self.rope_dim)
 
         # the window: positions p - w + 1 .. p of the query's own sequence
         off = self.store_offset
         cache.write(layer, "kv", seq, positions + off, kv)
         key_pos = positions[:, None] - self.window + 1 + torch.arange(self.window, device=dev)[None, :]
         valid = key_pos >= 0
-        keys = gather(cache, layer, "kv", seq[:, None], key_pos + off, valid, (self.head_dim,), q.dtype)
+        sources = [rows_of(cache, layer, "kv", seq[:, None], key_pos + off, valid, (self.head_dim,), q.dtype)]
         if self.layer_type != "sliding":
             rows = self.compressor.project(x, positions)
             ends = self.compressor.update(rows, batch, layer, "attn", inv_freq, q.dtype)
@@ -198,11 +213,9 @@ class Attention(nn.Module):
             else:  # every closed entry the query may use
                 ids = torch.arange(max(ends), device=dev)[None, :]
                 cidx = torch.where(ids < ((positions + 1) // self.ratio)[:, None], ids, -1)
-            ok = cidx >= 0
-            entries = gather(cache, layer, "ent:attn", seq[:, None], cidx.clamp(min=0), ok, (self.head_dim,),
-                             q.dtype)
-            keys, valid = torch.cat([keys, entries], 1), torch.cat([valid, ok], 1)
-        o = ref.sparse_attn_gathered(q, keys, valid, self.attn_sink, self.head_dim ** -0.5)
+            sources.append(rows_of(cache, layer, "ent:attn", seq[:, None], cidx.clamp(min=0), cidx >= 0,
+                                   (self.head_dim,), q.dtype))
+        o = self.ops.sparse_attn_paged(q, sources, self.attn_sink, self.head_dim ** -0.5)
         o = ref.apply_rope(o, cos[:, None], sin[:, None], inverse=True)
         o = o.flatten(1).unflatten(-1, (self.o_groups, -1))
         wo_a = self.wo_a.dequant(o.dtype).view(self.o_groups, -1, o.shape[-1])

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dayzero.loader.formats import dequant_fp4, dequant_fp8_block
-from dayzero.ops import ref
+from dayzero.ops import REF, OpTable
 
 _STORAGE = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -21,11 +21,17 @@ def storage_dtype(name: str) -> torch.dtype:
     return _STORAGE[name]
 
 
+class UsesOps:
+    """A module that calls ops through its table: the twins unless `Transformer.set_ops` installed
+    a device's table (chosen once, at engine start)."""
+    ops: OpTable = REF
+
+
 def _param(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
 
 
-class Linear(nn.Module):
+class Linear(UsesOps, nn.Module):
     """y = x W^T. Formats (v4-architecture.md 5.3):
     dense   weight [out, in] in the storage dtype;
     fp8     weight float8_e4m3fn [out, in], scale float8_e8m0fnu [ceil(out/128), ceil(in/128)];
@@ -73,19 +79,25 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.quant_input:
-            x = ref.fp8_act_sim(x, 128)
-        dtype = out_dtype or x.dtype
-        return torch.nn.functional.linear(x.to(dtype), self.dequant(dtype))
+            x = self.ops.fp8_act_sim(x, 128)
+        x = x.to(out_dtype or x.dtype)
+        if self.fmt == "dense" or self.__dict__.get("_dequantized") is not None:
+            return torch.nn.functional.linear(x, self.dequant(x.dtype))
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] == 0:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        gemm = self.ops.fp4_linear if self.fmt == "fp4" else self.ops.fp8_linear
+        return gemm(flat, self.weight, self.scale).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.fmt}"
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(UsesOps, nn.Module):
     def __init__(self, dim: int, eps: float, dtype: torch.dtype):
         super().__init__()
         self.eps = eps
         self.weight = _param((dim,), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ref.rms_norm(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from dayzero.config import ModelArgs
-from dayzero.ops import ref
+from dayzero.ops import REF, OpTable, ref
 from dayzero.reference.attention import Attention
-from dayzero.reference.layers import Linear, RMSNorm, storage_dtype
+from dayzero.reference.layers import Linear, RMSNorm, UsesOps, storage_dtype
 from dayzero.reference.moe import MoE
 from dayzero.reference.seqcache import Batch, DenseBatchCache, DenseSeqCache
 
@@ -42,7 +42,7 @@ def _f32(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.zeros(*shape), requires_grad=False)
 
 
-class Block(nn.Module):
+class Block(UsesOps, nn.Module):
     """One layer: two mHC sites (attention, MoE) around the residual streams [B, S, hc, dim]."""
 
     def __init__(self, args: ModelArgs, layer_id: int, official: bool):
@@ -59,9 +59,8 @@ class Block(nn.Module):
         self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = _f32(mix, n * args.dim), _f32(mix), _f32(3)
 
     def _site(self, X: torch.Tensor, fn, scale, base, sublayer) -> torch.Tensor:
-        mixes = ref.hc_mixes(X, fn, self.norm_eps)
-        pre, post, comb = ref.hc_split_sinkhorn(mixes, scale, base, self.hc_mult, self.iters, self.hc_eps)
-        return ref.hc_post(sublayer(ref.hc_collapse(X, pre)), X, post, comb)
+        u, post, comb = self.ops.hc_pre(X, fn, scale, base, self.iters, self.norm_eps, self.hc_eps)
+        return self.ops.hc_post(sublayer(u), X, post, comb)
 
     def forward(self, X: torch.Tensor, batch: Batch, input_ids: torch.Tensor) -> torch.Tensor:
         """X [N, hc, dim] streams of packed tokens, input_ids [N] (hash routing)."""
@@ -122,6 +121,15 @@ class Transformer(HCHead, nn.Module):
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = (
             _f32(args.hc_mult, args.hc_mult * args.dim), _f32(args.hc_mult), _f32(1))
         self.mtp = nn.ModuleList(MTPBlock(args, official) for _ in range(args.n_mtp_layers))
+
+    def set_ops(self, table: OpTable) -> None:
+        """Install a device's op table in every module (once, at engine start). Kernel tables get
+        the FP4 routed experts stacked for grouped calls."""
+        for m in self.modules():
+            if isinstance(m, UsesOps):
+                m.ops = table
+            if table is not REF and hasattr(m, "stack_experts") and "_stacked" not in m.__dict__:
+                m.stack_experts()
 
     def new_state(self) -> ModelState:
         return ModelState()

@@ -9,7 +9,7 @@ from torch import nn
 
 from dayzero.config import ModelArgs
 from dayzero.ops import ref
-from dayzero.reference.layers import Linear
+from dayzero.reference.layers import Linear, UsesOps
 
 
 class Gate(nn.Module):
@@ -48,7 +48,7 @@ class Expert(nn.Module):
         return self.w2(h.to(x.dtype))
 
 
-class MoE(nn.Module):
+class MoE(UsesOps, nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype, official: bool):
         super().__init__()
         self.gate = Gate(args, layer_id, dtype)
@@ -57,11 +57,34 @@ class MoE(nn.Module):
             for _ in range(args.n_routed_experts))
         self.shared_experts = Expert(args.dim, args.moe_inter_dim, args.linear_format, dtype, official,
                                      args.swiglu_limit)
+        self.official, self.limit = official, args.swiglu_limit
+
+    def stack_experts(self) -> bool:
+        """Re-home the FP4 routed experts' tensors into [E, ...] stacks (each expert's parameters
+        become views of them, nothing is copied twice) so `ops.moe_experts` runs them in one call.
+        Returns False (and does nothing) for other expert formats."""
+        if any(e.w1.fmt != "fp4" for e in self.experts):
+            return False
+        stacked = []
+        for name in ("w1", "w3", "w2"):
+            for attr in ("weight", "scale"):
+                big = torch.stack([getattr(getattr(e, name), attr) for e in self.experts])
+                for i, e in enumerate(self.experts):
+                    setattr(getattr(e, name), attr, nn.Parameter(big[i], requires_grad=False))
+                stacked.append(big)
+        self.__dict__["_stacked"] = tuple(stacked)
+        return True
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = self.gate(x, input_ids)
+        stacked = self.__dict__.get("_stacked")
+        if stacked is not None:  # one grouped call over every routed expert (FP4 checkpoints)
+            xe = self.ops.fp8_act_sim(x, 128) if self.official else x
+            y = self.ops.moe_experts(xe, weights, ids, *stacked, self.limit, h_act_sim=self.official)
+            y += self.shared_experts(x).float()
+            return y.to(x.dtype).view(shape)
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in ids.unique().tolist():
             tok, slot = torch.where(ids == e)

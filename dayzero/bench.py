@@ -1,0 +1,391 @@
+"""`dayzero bench`: the scenarios of research/perf-anchors.md section 7 on V4-Flash shapes with
+random official-format weights, each against its roofline and a baseline measured in the same run.
+
+  S1  MoE decode: routed FP4 experts for B tokens (256 experts x 2048, top-6)
+  S2  sparse attention core: 64 heads x 512 over a 128-row window + 512 top-k entries
+  S3  indexer scores + top-k over a 128K / 1M-token context (32K / 256K entries, 64 x 128)
+  S4  decode step of a 4-layer Flash slice (csa, hca, csa, hca) at B=1/64, 8K/128K context
+  S5  8K-token prefill chunk of the same slice
+  S6  the slice's decode step at 1M context vs at 8K (long-context cost)
+
+Roofline: memory-bound scenarios (S1-S4, S6) use bytes that must move / the device's copy
+bandwidth measured in the same run; S5 uses FLOPs / the device's bf16 matmul rate measured in
+the same run. Decode caches are filled with random rows (no prefill needed to time a step at 1M).
+Baselines: the PyTorch twins (S1-S3), transformers' DeepseekV4ForCausalLM on Flash-shaped layers
+where it fits in memory (S4: 2 layers, B=1, 2K context, as in the issue's measurement).
+Sizes: "flash" (real per-layer shapes, for GPUs) or "small" (same structure, CPU-sized).
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from dayzero.ops import OpTable, for_device, ref
+
+SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "S6")
+SIZES = {
+    "flash": dict(experts=256, contexts=(8192, 131072), batches=(1, 64), index_contexts=(131072, 1048576),
+                  long=1048576, prefill=8192, layers=("csa", "hca", "csa", "hca")),
+    "small": dict(experts=16, contexts=(1024, 8192), batches=(1, 8), index_contexts=(8192, 65536),
+                  long=65536, prefill=512, layers=("csa", "hca")),
+}
+
+
+# ---- measurement -------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn, device: torch.device, warmup: int = 2, reps: int = 5) -> float:
+    """Median seconds of fn() over `reps` runs after `warmup`."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peaks(device: torch.device) -> dict:
+    """Copy bandwidth (bytes/s: read + write of a 1 GiB buffer, 256 MiB on the CPU) and bf16
+    matmul rate (FLOP/s, 8192^3, 2048^3 on the CPU), measured now on `device`."""
+    n = (2**30 if device.type == "cuda" else 2**28) // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() * 4 / timeit(lambda: dst.copy_(src), device)
+    m = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    flops = 2 * m ** 3 / timeit(lambda: a @ a, device, warmup=1, reps=3)
+    del src, dst, a
+    return dict(bandwidth=bw, bf16_flops=flops)
+
+
+def _versions() -> dict:
+    v = dict(torch=torch.__version__, python=platform.python_version())
+    for mod in ("triton", "transformers"):
+        try:
+            v[mod] = __import__(mod).__version__
+        except ImportError:
+            v[mod] = None
+    return v
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---- op scenarios (S1-S3) ----------------------------------------------------------------------
+def _fp4_stack(E, out, inn, device, g):
+    w = torch.randint(-128, 128, (E, out, inn // 2), dtype=torch.int8, device=device, generator=g)
+    s = torch.full((E, out, inn // 32), 120, dtype=torch.uint8, device=device).view(torch.float8_e8m0fnu)
+    return w, s
+
+
+def s1_moe(table: OpTable, device, batch: int, experts: int, dim=4096, inter=2048, k=6):
+    g = torch.Generator(device=device).manual_seed(0)
+    w1, s1 = _fp4_stack(experts, inter, dim, device, g)
+    w3, s3 = _fp4_stack(experts, inter, dim, device, g)
+    w2, s2 = _fp4_stack(experts, dim, inter, device, g)
+    x = torch.randn(batch, dim, device=device, generator=g).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(experts, device=device, generator=g)[:k] for _ in range(batch)])
+    weights = torch.rand(batch, k, device=device, generator=g)
+    args = (x, weights, ids, w1, s1, w3, s3, w2, s2, 10.0)
+    touched = ids.unique().numel()
+    per_expert = 3 * (dim * inter // 2 + dim * inter // 32)  # FP4 bytes + E8M0 scales
+    nbytes = touched * per_expert + x.numel() * 2 + batch * dim * 4
+    t = timeit(lambda: table.moe_experts(*args), device)
+    tb = timeit(lambda: ref.moe_experts(*args), device, warmup=1, reps=3)
+    return dict(scenario="S1 moe decode", batch=batch, context=None, bytes=nbytes, time_s=t,
+                baseline_name="pytorch twin (dequantise per expert + matmul)", baseline_time_s=tb,
+                shape=f"{experts} experts {dim}x{inter} FP4 top-{k}, {touched} touched")
+
+
+def s2_attention(table: OpTable, device, batch: int, H=64, D=512, window=128, topk=512, pool_rows=1 << 16):
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(batch, H, D, device=device, generator=g).to(torch.bfloat16)
+    pw = torch.randn(pool_rows, D, device=device, generator=g).to(torch.bfloat16)
+    pe = torch.randn(pool_rows, D, device=device, generator=g).to(torch.bfloat16)
+    iw = torch.randint(0, pool_rows, (batch, window), device=device, generator=g, dtype=torch.int32)
+    ie = torch.randint(0, pool_rows, (batch, topk), device=device, generator=g, dtype=torch.int32)
+    sink = torch.randn(H, device=device, generator=g)
+    args = (q, [(pw, iw), (pe, ie)], sink, D ** -0.5)
+    nbytes = batch * ((window + topk) * (D * 2 + 4) + 2 * H * D * 2)
+    t = timeit(lambda: table.sparse_attn_paged(*args), device)
+    tb = timeit(lambda: ref.sparse_attn_paged(*args), device, warmup=1, reps=3)
+    return dict(scenario="S2 sparse attention", batch=batch, context=None, bytes=nbytes, time_s=t,
+                baseline_name="pytorch twin (gather + einsum)", baseline_time_s=tb,
+                shape=f"{H} heads x {D}, {window} window + {topk} top-k rows")
+
+
+def s3_indexer(table: OpTable, device, context: int, H=64, Di=128, topk=512, batch=1):
+    T = context // 4
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(batch, H, Di, device=device, generator=g).to(torch.bfloat16)
+    w = torch.randn(batch, H, device=device, generator=g) * (Di ** -0.5 * H ** -0.5)
+    pool = torch.randn(T, Di, device=device, generator=g).to(torch.bfloat16)
+    idx = torch.arange(T, device=device, dtype=torch.int32).expand(batch, T).contiguous()
+
+    def run(fn):
+        return fn(q, w, pool, idx).topk(min(topk, T), dim=-1).indices
+
+    nbytes = batch * T * (Di * 2 + 4 + 4)  # keys, index, scores written
+    t = timeit(lambda: run(table.indexer_scores_paged), device)
+    tb = timeit(lambda: run(ref.indexer_scores_paged), device, warmup=1, reps=3)
+    return dict(scenario="S3 indexer + top-k", batch=batch, context=context, bytes=nbytes, time_s=t,
+                baseline_name="pytorch twin (gather + einsum) + topk", baseline_time_s=tb,
+                shape=f"{T} entries x {H} heads x {Di}, top-{topk}")
+
+
+# ---- model scenarios (S4-S6) -------------------------------------------------------------------
+class FilledCache:
+    """Paged pools of a slice filled with random rows for `batch` sequences of `context` tokens:
+    blocks only where a request would hold them (window and open compressor windows: the last
+    blocks; entries and indexer keys: all)."""
+
+    def __init__(self, model, batch: int, context: int, device, extra_tokens: int = 1):
+        from dayzero.cache.paged import CachePools, PagedBatchCache
+        from dayzero.cache.spec import cache_groups
+        args = model.args
+        bs = math.lcm(*[r for r in args.compress_ratios if r] or [1], 16)
+        groups = cache_groups(args, bs, with_mtp=False)
+        end = context + extra_tokens
+        tables, counts = [{} for _ in range(batch)], {}
+        for gs in groups:
+            first = gs.keep_from(context, args.window_size) // bs
+            n = 0
+            for t in tables:
+                t[gs.name] = [None] * first + list(range(n, n + math.ceil(end / bs) - first))
+                n += math.ceil(end / bs) - first
+            counts[gs.name] = max(n, 1)
+        self.pools = CachePools(groups, counts, model.compute_dtype, device)
+        g = torch.Generator(device=device).manual_seed(0)
+        for tensor in self.pools.tensors.values():
+            tensor.normal_(generator=g)
+        self.cache = PagedBatchCache(self.pools, tables, [0] * batch, device)
+        self.bytes = self.pools.nbytes()
+
+
+def _layer_bytes(model, batch: int) -> int:
+    """Weight bytes one decode step reads: every linear/norm/mHC tensor, routed experts only for
+    the expected number touched by `batch` tokens (E * (1 - (1 - k/E)^batch)), plus the head."""
+    args, total = model.args, 0
+    E, k = args.n_routed_experts, args.n_activated_experts
+    touched = E * (1 - (1 - k / E) ** batch)
+    for name, t in model.named_parameters():
+        nbytes = t.numel() * t.element_size()
+        if ".experts." in name:
+            total += nbytes * touched / E
+        elif name != "embed.weight":
+            total += nbytes
+    return int(total)
+
+
+def _kv_bytes(model, batch: int, context: int) -> int:
+    """Cache bytes one decode step reads per the model's layer types: window rows, top-k CSA
+    entries + every indexer key, every HCA entry (compute dtype)."""
+    args = model.args
+    size = torch.tensor([], dtype=model.compute_dtype).element_size()
+    per = 0
+    for t, r in zip(args.layer_types, args.compress_ratios):
+        per += args.window_size * args.head_dim * size
+        if t == "csa":
+            per += min(args.index_topk, context // r) * args.head_dim * size + context // r * args.index_head_dim * size
+        elif t == "hca":
+            per += context // r * args.head_dim * size
+    return batch * per
+
+
+def decode_step(model, batch: int, context: int, device) -> tuple[float, int]:
+    from dayzero.reference.seqcache import Batch
+    filled = FilledCache(model, batch, context, device)
+    ids = torch.randint(0, model.args.vocab_size, (batch,), device=device)
+
+    def step():
+        with torch.no_grad():
+            b = Batch([context] * batch, [1] * batch, filled.cache, device)
+            X = model.forward_packed(ids, b)
+            return model.logits(X, model.head.weight)
+
+    t = timeit(step, device, warmup=2, reps=5)
+    return t, _layer_bytes(model, batch) + _kv_bytes(model, batch, context)
+
+
+def prefill_flops(model, tokens: int) -> float:
+    """2 x active weights per token x tokens, plus attention (QK and PV over window + top-k or all
+    entries, 64 heads x 512) and indexer scores (64 x 128 over the entries visible), averaged
+    over a chunk starting at 0."""
+    args = model.args
+    E, k = args.n_routed_experts, args.n_activated_experts
+    active = 0
+    for name, t in model.named_parameters():
+        if t.dim() != 2 or name == "embed.weight":
+            continue
+        n = t.numel() * (2 if t.dtype == torch.int8 else 1)  # FP4: two values a byte
+        active += n * k / E if ".experts." in name else n
+    flops = 2 * active * tokens
+    for t, r in zip(args.layer_types, args.compress_ratios):
+        keys = args.window_size + (min(args.index_topk, tokens // (2 * r)) if t == "csa" else
+                                   tokens // (2 * r) if t == "hca" else 0)
+        flops += 4 * tokens * args.n_heads * args.head_dim * keys
+        if t == "csa":
+            flops += 2 * tokens * (tokens // (2 * r)) * args.index_n_heads * args.index_head_dim
+    return flops
+
+
+def transformers_decode(args, device, context: int) -> float | None:
+    """Seconds per decode step of transformers' DeepseekV4ForCausalLM (bf16, random weights) on
+    the slice's shapes at batch 1 after a `context`-token prefill; None if transformers is absent
+    or it runs out of memory."""
+    try:
+        from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+    except ImportError:
+        return None
+    cfg = DeepseekV4Config(**{k: v for k, v in args.replace(quant=None, expert_dtype=None).to_hf_dict().items()
+                              if k != "quantization_config"})
+    try:
+        with torch.device(device):
+            hf = DeepseekV4ForCausalLM(cfg).to(torch.bfloat16).eval()
+        ids = torch.randint(0, args.vocab_size, (1, context), device=device)
+        with torch.no_grad():
+            out = hf(ids, use_cache=True)
+            past = out.past_key_values
+            nxt = torch.randint(0, args.vocab_size, (1, 1), device=device)
+            pos = torch.tensor([[context]], device=device)
+
+            def step():
+                hf(nxt, past_key_values=past, position_ids=pos, use_cache=True)
+                if hasattr(past, "crop"):
+                    past.crop(context)
+            t = timeit(step, device, warmup=1, reps=3)
+    except torch.cuda.OutOfMemoryError:
+        return None
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return t
+
+
+# ---- driver ------------------------------------------------------------------------------------
+def run(size: str | None = None, device=None, choice: str | None = None, scenarios=SCENARIOS,
+        out_dir: str | Path | None = "bench/results", baseline: bool = True, log=print) -> list[dict]:
+    from dayzero.synthetic import flash_slice, random_model
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    size = size or ("flash" if device.type == "cuda" else "small")
+    cfg = SIZES[size]
+    table = for_device(device, choice)
+    pk = peaks(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    log(f"{name}: copy {pk['bandwidth'] / 1e9:.0f} GB/s, bf16 matmul {pk['bf16_flops'] / 1e12:.1f} TFLOP/s, "
+        f"ops table {table.name} (kernels: {', '.join(table.kernels) or 'none'})")
+    recs = []
+
+    def add(r: dict, bound: str = "memory") -> None:
+        t = r.pop("time_s")
+        tb = r.pop("baseline_time_s", None)
+        if bound == "memory":
+            achieved, roof = r["bytes"] / t, pk["bandwidth"]
+            r["achieved"] = f"{achieved / 1e9:.1f} GB/s"
+        else:
+            achieved, roof = r["flops"] / t, pk["bf16_flops"]
+            r["achieved"] = f"{achieved / 1e12:.2f} TFLOP/s"
+        r.update(device=name, time_us=t * 1e6, roofline_fraction=achieved / roof,
+                 baseline_time_us=None if tb is None else tb * 1e6, ops=table.name, size=size,
+                 peaks=pk, commit=_commit(), versions=_versions())
+        r.setdefault("baseline_name", None)
+        recs.append(r)
+        base = "" if tb is None else f"   baseline {tb * 1e6:10.1f} us ({t and tb / t:.2f}x): {r['baseline_name']}"
+        log(f"{r['scenario']:22s} B={r['batch']!s:3s} ctx={r['context']!s:8s} {t * 1e6:10.1f} us "
+            f"{r['achieved']:>16s} {100 * r['roofline_fraction']:5.1f}% of roofline{base}")
+
+    if "S1" in scenarios:
+        for b in cfg["batches"]:
+            add(s1_moe(table, device, b, cfg["experts"]))
+    if "S2" in scenarios:
+        for b in cfg["batches"]:
+            add(s2_attention(table, device, b))
+    if "S3" in scenarios:
+        for c in cfg["index_contexts"]:
+            add(s3_indexer(table, device, c))
+    if any(s in scenarios for s in ("S4", "S5", "S6")):
+        args = flash_slice(layer_types=cfg["layers"], n_routed_experts=cfg["experts"])
+        model = random_model(args, device=device)
+        model.set_ops(table)
+        shape = f"{len(args.layer_types)}-layer Flash slice {'/'.join(args.layer_types)}, {cfg['experts']} experts"
+        if "S4" in scenarios:
+            for c in cfg["contexts"]:
+                for b in cfg["batches"]:
+                    t, nbytes = decode_step(model, b, c, device)
+                    add(dict(scenario="S4 decode step", batch=b, context=c, bytes=nbytes, time_s=t, shape=shape))
+        if "S5" in scenarios:
+            from dayzero.reference.seqcache import Batch
+            n = cfg["prefill"]
+            filled = FilledCache(model, 1, 0, device, extra_tokens=n)
+            ids = torch.randint(0, args.vocab_size, (n,), device=device)
+
+            def prefill():
+                with torch.no_grad():
+                    model.forward_packed(ids, Batch([0], [n], filled.cache, device))
+            add(dict(scenario="S5 prefill chunk", batch=1, context=n, flops=prefill_flops(model, n),
+                     time_s=timeit(prefill, device, warmup=1, reps=3), shape=shape), bound="compute")
+        if "S6" in scenarios:
+            short, long_ = cfg["contexts"][0], cfg["long"]
+            ts, _ = decode_step(model, 1, short, device)
+            tl, nbytes = decode_step(model, 1, long_, device)
+            add(dict(scenario="S6 long-context decode", batch=1, context=long_, bytes=nbytes, time_s=tl,
+                     baseline_name=f"same slice at {short} context", baseline_time_s=ts, shape=shape))
+        del model
+        if baseline and "S4" in scenarios:
+            ctx = 2048 if size == "flash" else 256
+            args2 = flash_slice(layer_types=cfg["layers"][:2], n_routed_experts=cfg["experts"])
+            hf_t = transformers_decode(args2, device, ctx)
+            ours = random_model(args2, device=device)
+            ours.set_ops(table)
+            t, nbytes = decode_step(ours, 1, ctx, device)
+            add(dict(scenario="S4 vs transformers", batch=1, context=ctx, bytes=nbytes, time_s=t,
+                     baseline_name="transformers DeepseekV4ForCausalLM, bf16, same 2 layers"
+                     + ("" if hf_t is not None else " (did not fit / not installed)"),
+                     baseline_time_s=hf_t, shape=f"2-layer Flash slice {'/'.join(args2.layer_types)}"))
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "bench.jsonl", "a") as f:
+            for r in recs:
+                f.write(json.dumps(r) + "\n")
+        chart(recs, out / f"roofline-{size}-{device.type}.png")
+    return recs
+
+
+def chart(recs: list[dict], path: Path) -> None:
+    """Bar chart of each record's roofline fraction (matplotlib, if installed)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    labels = [f"{r['scenario'].split()[0]} B{r['batch']} {r['context'] or ''}".strip() for r in recs]
+    fig, ax = plt.subplots(figsize=(max(6, len(recs) * 0.6), 4))
+    ax.bar(range(len(recs)), [100 * r["roofline_fraction"] for r in recs])
+    ax.axhline(100, color="k", lw=0.8)
+    ax.set_xticks(range(len(recs)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("% of roofline (measured peak)")
+    ax.set_title(f"dayzero bench: {recs[0]['device']} ({recs[0]['ops']} ops)" if recs else "dayzero bench")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

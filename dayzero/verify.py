@@ -1,0 +1,176 @@
+"""`dayzero verify`: prove that a device computes the same model as the CPU reference.
+
+1. Ops: every op of the device's table against its PyTorch twin on the CPU, on the shared cases
+   (dayzero/ops/cases.py), fp32 and bf16; error relative to the reference output's max |value|.
+2. End to end: the engine on the device vs the CPU reference model in fp32 on the same weights,
+   for the built-in model and a V4-Flash-shaped slice with random official-format weights:
+   top-1 agreement and KL(reference || device) of next-token distributions over a prompt that
+   crosses every compression boundary, max logit error, and greedy agreement of a continuation.
+Prints a report card and writes JSON. Exit status 1 if anything fails.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from dayzero.ops import OP_NAMES, OpTable, cases, for_device, ref
+
+# end-to-end pass criteria: bf16 on a device vs fp32 on the CPU differ by rounding (a V4-Flash
+# slice with random weights, bf16 vs fp32 on the CPU: KL ~1e-3, per-position logit error ~2% of the
+# logit range), which flips the top-1 token only at near ties (random-weight logits have many).
+# So: mean KL <= MAX_KL, and every top-1 flip must be a near tie: the reference ranks the device's
+# choice within TIE of its own maximum (fraction of that position's logit range). A wrong kernel
+# fails both by far.
+MAX_KL, TIE = 0.02, 0.05
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(o, device) for o in obj)
+    return obj
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| over finite reference entries; inf if non-finite entries of
+    the reference (e.g. -inf scores of missing keys) are not reproduced exactly."""
+    got, want = got.detach().float().cpu(), want.detach().float().cpu()
+    if got.shape != want.shape:
+        return float("inf")
+    fin = torch.isfinite(want)
+    if not torch.equal(got[~fin], want[~fin]) or not torch.isfinite(got[fin]).all():
+        return float("inf")
+    if not fin.any():
+        return 0.0
+    scale = want[fin].abs().max().clamp(min=1e-30)
+    return float((got[fin] - want[fin]).abs().max() / scale)
+
+
+def check_ops(table: OpTable, device: torch.device, sizes=("tiny", "small")) -> list[dict]:
+    rows = []
+    for op in OP_NAMES:
+        for size in sizes:
+            for dtype in (torch.float32, torch.bfloat16):
+                args, kw = cases.make(op, size, device, dtype)
+                t0 = time.perf_counter()
+                got = _as_tuple(getattr(table, op)(*args, **kw))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                dt = time.perf_counter() - t0
+                want = _as_tuple(getattr(ref, op)(*_to(args, "cpu"), **kw))
+                err = max(rel_error(g, w) for g, w in zip(got, want))
+                tol = cases.tolerance(op, dtype)
+                rows.append(dict(op=op, size=size, dtype=str(dtype).removeprefix("torch."),
+                                 impl="kernel" if op in table.kernels else "twin", rel_error=err,
+                                 tolerance=tol, passed=err <= tol, seconds=round(dt, 4)))
+    return rows
+
+
+def _model_metrics(ref_model, dev_model, prompt: list[int], device: torch.device, new_tokens: int) -> dict:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        want = ref_model(ids)[0].float()
+        got = dev_model(ids.to(device))[0].float().cpu()
+    lp_w, lp_g = want.log_softmax(-1), got.log_softmax(-1)
+    kl = (lp_w.exp() * (lp_w - lp_g)).sum(-1)
+    choice = got.argmax(-1, keepdim=True)
+    top1 = (want.argmax(-1) == choice[:, 0]).float().mean().item()
+    loss = (want.amax(-1) - want.gather(-1, choice)[:, 0]) / (want.amax(-1) - want.amin(-1)).clamp(min=1e-30)
+    greedy = []
+    for model, dev in ((ref_model, torch.device("cpu")), (dev_model, device)):
+        state, seq = model.new_state(), list(prompt)
+        with torch.no_grad():
+            logits = model(torch.tensor([seq], device=dev), state)[0, -1]
+            out = []
+            for _ in range(new_tokens):
+                out.append(int(logits.argmax()))
+                logits = model(torch.tensor([[out[-1]]], device=dev), state)[0, -1]
+        greedy.append(out)
+    same = next((i for i, (a, b) in enumerate(zip(*greedy)) if a != b), new_tokens)
+    return dict(positions=len(prompt), top1_agreement=top1, worst_flip=float(loss.max()), kl_mean=float(kl.mean()),
+                kl_max=float(kl.max()), max_logit_error=rel_error(got, want), greedy_identical_prefix=same,
+                greedy_tokens=new_tokens, passed=float(loss.max()) <= TIE and float(kl.mean()) <= MAX_KL)
+
+
+def check_builtin(device: torch.device, choice: str | None, numerics: str, new_tokens: int = 16) -> dict:
+    from dayzero.builtin import builtin_path
+    from dayzero.loader.model_io import load_model
+    from dayzero.tokenizer import Tokenizer
+    path = builtin_path()
+    ref_model = load_model(path, numerics=numerics, dtype=torch.float32, device="cpu", progress=False)
+    dev_model = load_model(path, numerics=numerics, device=device, progress=False)
+    dev_model.set_ops(for_device(device, choice))
+    text = ("KING LEAR:\nAttend the lords of France and Burgundy, Gloucester.\n\nGLOUCESTER:\n"
+            "I shall, my liege.\n\nKING LEAR:\nMeantime we shall express our darker purpose.\n")
+    prompt = Tokenizer(path / "tokenizer.json").encode(text)
+    return dict(model="builtin (shakespeare)", **_model_metrics(ref_model, dev_model, prompt, device, new_tokens))
+
+
+def check_flash_slice(device: torch.device, choice: str | None, numerics: str, experts: int,
+                      prompt_len: int = 260, new_tokens: int = 4) -> dict:
+    from dayzero.synthetic import flash_slice, random_model
+    args = flash_slice(n_routed_experts=experts)
+    dev_model = random_model(args, device=device, numerics=numerics)
+    ref_model = random_model(args, device=device, numerics=numerics, compute_dtype=torch.float32)
+    ref_model = ref_model.to("cpu")  # the same weights (same seed), computed on the CPU in fp32
+    dev_model.set_ops(for_device(device, choice))
+    prompt = torch.randint(0, args.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    return dict(model=f"V4-Flash slice (csa + hca layers, {experts} experts, random FP8/FP4)",
+                **_model_metrics(ref_model, dev_model, prompt, device, new_tokens))
+
+
+def run(device: str | torch.device | None = None, choice: str | None = None, numerics: str = "official",
+        slice_experts: int | None = None, out: str | None = None, skip_models: bool = False) -> dict:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    table = for_device(device, choice)
+    report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+                  or device.type, device_type=device.type, ops_table=table.name, kernels=list(table.kernels),
+                  numerics=numerics, versions=_versions())
+    report["ops"] = check_ops(table, device)
+    report["models"] = []
+    if not skip_models:
+        report["models"].append(check_builtin(device, choice, numerics))
+        experts = slice_experts or (256 if device.type == "cuda" else 16)
+        report["models"].append(check_flash_slice(device, choice, numerics, experts))
+    report["passed"] = all(r["passed"] for r in report["ops"] + report["models"])
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _versions() -> dict:
+    v = dict(torch=torch.__version__, python=platform.python_version())
+    try:
+        import triton
+        v["triton"] = triton.__version__
+    except ImportError:
+        v["triton"] = None
+    return v
+
+
+def card(report: dict) -> str:
+    lines = [f"dayzero verify: {report['device']} ({report['device_type']}), ops table {report['ops_table']}, "
+             f"numerics {report['numerics']}", "", f"{'op':22s} {'size':6s} {'dtype':9s} {'impl':7s} "
+             f"{'rel err':>10s} {'tol':>8s}  result"]
+    for r in report["ops"]:
+        lines.append(f"{r['op']:22s} {r['size']:6s} {r['dtype']:9s} {r['impl']:7s} {r['rel_error']:10.2e} "
+                     f"{r['tolerance']:8.1e}  {'PASS' if r['passed'] else 'FAIL'}")
+    for m in report["models"]:
+        lines += ["", f"{m['model']}: {m['positions']} positions: top-1 agreement {m['top1_agreement']:.3f}, "
+                      f"worst flip {m['worst_flip']:.3f} of the logit range (<= {TIE}), KL mean {m['kl_mean']:.2e} (<= {MAX_KL}) max {m['kl_max']:.2e}, max "
+                      f"logit error {m['max_logit_error']:.2e}, greedy identical for "
+                      f"{m['greedy_identical_prefix']}/{m['greedy_tokens']} tokens: "
+                      f"{'PASS' if m['passed'] else 'FAIL'}"]
+    lines += ["", "RESULT: " + ("PASS" if report["passed"] else "FAIL")]
+    return "\n".join(lines)
