@@ -1,0 +1,476 @@
+"""Quantized-weight GEMMs: FP8 block-scaled linears, MXFP4 linears and the routed-expert MoE.
+
+Byte layouts (loader/formats.py): FP8 weight e4m3fn [O,K] (read as uint8) with one scale per
+128x128 block, scale [ceil(O/128), ceil(K/128)] E8M0 bytes (2^(b-127)) or fp32. FP4 weight int8
+[O,K/2], byte j = elements 2j (low nibble) and 2j+1 (high nibble), E8M0 scale [O,K/32].
+
+Decoding is integer bit ops, no FP8 hardware needed (works in the interpreter and on any GPU):
+an e4m3 byte s.eeee.mmm moved to fp16 bits s.0eeee.mmm0000000 is the same number times 2^-8
+(subnormals included); an e2m1 nibble s.ee.m as fp16 bits s.000ee.m000000000 is it times 2^-14.
+The 2^8 / 2^14 is folded into the block scale (exact, a power of two). Then, like the twins,
+w*scale is rounded to the activation dtype and dotted with fp32 accumulation.
+
+Grids. Linears: (M tiles, O tiles, split-K). Decode (M <= 64) is bound by the weight bytes, each
+read exactly once (one M tile); O tiles x split-K are chosen so >= #SMs programs stream them
+(e.g. O=4096, BLOCK_O=64: 64 tiles x 4 splits). Split-K partials go to an fp32 workspace summed
+in a fixed order (deterministic). FP4 programs walk K in 32-element scale groups: the even and
+odd elements of x are loaded separately and dotted with the low / high nibbles, so nibbles are
+never interleaved in registers.
+MoE: the N*k (token, slot) pairs are sorted by expert; a tile table (expert, first row, end row)
+is built on device without a host sync. Kernel 1, grid (row tiles, inter tiles): rows gathered
+through the token index, w1 and w3 both decoded, swiglu + routing weight fused, h [N*k, inter]
+in x.dtype (sorted order). Kernel 2, grid (row tiles, dim tiles): h @ w2^T stored, in x.dtype,
+at each pair's own row; the k slots of a token are then summed in fp32 in slot order. Each
+touched expert's weights are read once per row tile (once in decode, when its rows fit a tile).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from dayzero.loader.formats import quant_fp8_block
+from dayzero.ops import ref
+from dayzero.ops.triton import tuning
+
+_E8M0 = (torch.float8_e8m0fnu, torch.uint8)
+
+
+def _interp() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---- in-kernel decoding ----------------------------------------------------------------------
+@triton.jit
+def _scale_f32(s, E8M0: tl.constexpr):
+    if E8M0:  # byte b -> 2^(b-127) from its fp32 bits; b = 0 is the subnormal 2^-127
+        b = s.to(tl.int32)
+        return tl.where(b == 0, 1 << 22, b << 23).to(tl.float32, bitcast=True)
+    else:
+        return s
+
+
+@triton.jit
+def _round(v, dt: tl.constexpr, INTERP: tl.constexpr):
+    """fp32 -> dt rounding to nearest even; the interpreter's own fp32->bf16 cast truncates."""
+    if INTERP and dt == tl.bfloat16:
+        b = v.to(tl.uint32, bitcast=True)
+        v = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return v.to(dt)
+
+
+@triton.jit
+def _e4m3_x2m8(b):
+    """uint8 e4m3fn bytes -> fp32 value * 2^-8 (0x7f/0xff decode as +-480 instead of NaN)."""
+    h = b.to(tl.uint16)
+    return (((h & 0x80) << 8) | ((h & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _act_scale(amax):
+    """ref.fp8_act_sim's scale 2^ceil(log2(max(amax, 1e-4) / 448)) from fp32 bits, and 1/scale."""
+    bits = (tl.maximum(amax, 1e-4) / 448.0).to(tl.int32, bitcast=True)  # a positive normal
+    e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    return (e << 23).to(tl.float32, bitcast=True), ((254 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e4m3_round(v):
+    """fp32 |v| <= 448 -> the nearest e4m3 value, ties to even, still fp32: adding 1.5*2^23 in
+    units of the e4m3 spacing there rounds to an integer (no FP8 hardware needed)."""
+    ve = (tl.maximum(tl.abs(v), 2.0 ** -6).to(tl.int32, bitcast=True) >> 23) & 0xFF
+    ulp = ((ve - 3) << 23).to(tl.float32, bitcast=True)
+    return ((v * ((257 - ve) << 23).to(tl.float32, bitcast=True) + 12582912.0) - 12582912.0) * ulp
+
+
+@triton.jit
+def _fp4_group(acc, xr, x_ok, k, K, wr, sr, o_ok, E8M0: tl.constexpr, ACT_SIM: tl.constexpr,
+               INTERP: tl.constexpr, IEEE: tl.constexpr):
+    """acc += x[:, k:k+32] @ W[:, k:k+32]^T for one FP4 scale group. xr [BM] row pointers of x,
+    wr [BO] row pointers of the packed weight, sr [BO] row pointers of its scales. ACT_SIM: x
+    is FP8-simulated per 128 first (ref.fp8_act_sim; its block re-read for the amax, from cache)."""
+    j = tl.arange(0, 16)
+    k_ok = (k + 2 * j) < K  # K is a multiple of 32: the whole group is in or out
+    b = tl.load(wr[None, :] + (k // 2 + j)[:, None], mask=o_ok[None, :] & k_ok[:, None], other=0).to(tl.uint16)
+    s_ok = o_ok & ((o_ok.to(tl.int32) * 0 + k) < K)  # vector compare: the interpreter rejects a scalar one here
+    s = _scale_f32(tl.load(sr + k // 32, mask=s_ok, other=1), E8M0) * 16384.0
+    lo = (((b & 8) << 12) | ((b & 7) << 9)).to(tl.float16, bitcast=True).to(tl.float32) * s[None, :]
+    hi = (((b & 0x80) << 8) | ((b & 0x70) << 5)).to(tl.float16, bitcast=True).to(tl.float32) * s[None, :]
+    xm = x_ok[:, None] & k_ok[None, :]
+    xe = tl.load(xr[:, None] + (k + 2 * j)[None, :], mask=xm, other=0)
+    xo = tl.load(xr[:, None] + (k + 2 * j + 1)[None, :], mask=xm, other=0)
+    if ACT_SIM:
+        c = (k // 128) * 128 + tl.arange(0, 128)
+        blk = tl.load(xr[:, None] + c[None, :], mask=x_ok[:, None] & (c < K)[None, :], other=0)
+        sa, inv = _act_scale(tl.max(tl.abs(blk.to(tl.float32)), axis=1))
+        xe = (_e4m3_round(xe.to(tl.float32) * inv[:, None]) * sa[:, None]).to(xe.dtype)  # exact casts
+        xo = (_e4m3_round(xo.to(tl.float32) * inv[:, None]) * sa[:, None]).to(xo.dtype)
+    lo = _round(lo, xe.dtype, INTERP)  # the twin rounds the dequantised weight to x.dtype
+    hi = _round(hi, xe.dtype, INTERP)
+    if INTERP or IEEE:
+        acc = tl.dot(xe.to(tl.float32), lo.to(tl.float32), acc, input_precision="ieee")
+        acc = tl.dot(xo.to(tl.float32), hi.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(xe, lo, acc)
+        acc = tl.dot(xo, hi, acc)
+    return acc
+
+
+# ---- linears ----------------------------------------------------------------------------------
+@triton.jit
+def _fp8_kernel(X, W, S, Y, M, O, K, KB, sxm, sys, KSPLIT, BLOCK_M: tl.constexpr,
+                BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, E8M0: tl.constexpr, ACT_Q: tl.constexpr,
+                INTERP: tl.constexpr, IEEE: tl.constexpr):
+    """ACT_Q=False: W8A16, weight tile decoded, scaled, rounded to x.dtype, dotted.
+    ACT_Q=True (BLOCK_K=128): W8A8, each x row block quantised to e4m3 with a power-of-two
+    scale (as ref.fp8_act_sim), FP8 tensor-core dot, both scales on the fp32 partial sum."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ro = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok, o_ok = rm < M, ro < O
+    srow = S + (ro // 128) * KB
+    acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
+    k_lo = tl.program_id(2) * KSPLIT
+    for k0 in range(k_lo, tl.minimum(K, k_lo + KSPLIT), BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        x = tl.load(X + rm[:, None] * sxm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+        b = tl.load(W + ro[None, :] * K + kk[:, None], mask=o_ok[None, :] & k_ok[:, None], other=0)
+        s = _scale_f32(tl.load(srow + k0 // 128, mask=o_ok, other=1), E8M0)
+        if ACT_Q:
+            xf = x.to(tl.float32)
+            sa, inv = _act_scale(tl.max(tl.abs(xf), axis=1))
+            v = xf * inv[:, None]
+            if INTERP:  # the interpreter's fp32->fp8 cast misrounds: exact e4m3 values in fp32
+                p = tl.dot(_e4m3_round(v), _e4m3_x2m8(b) * 256.0, input_precision="ieee")
+            else:
+                p = tl.dot(v.to(tl.float8e4nv), b.to(tl.float8e4nv, bitcast=True))
+            acc += p * sa[:, None] * s[None, :]
+        else:
+            w = _round(_e4m3_x2m8(b) * (s * 256.0)[None, :], x.dtype, INTERP)
+            if INTERP or IEEE:
+                acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
+    yp = Y + tl.program_id(2) * sys + rm[:, None] * O + ro[None, :]
+    tl.store(yp, _round(acc, Y.dtype.element_ty, INTERP), mask=m_ok[:, None] & o_ok[None, :])
+
+
+@triton.jit
+def _fp4_kernel(X, W, S, Y, M, O, K, swo, sso, sxm, sys, KSPLIT, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
+                BLOCK_K: tl.constexpr, E8M0: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ro = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    m_ok, o_ok = rm < M, ro < O
+    xr, wr, sr = X + rm * sxm, W + ro * swo, S + ro * sso  # row strides as args: divisibility-specialised
+    acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
+    k_lo = tl.program_id(2) * KSPLIT
+    for k0 in range(k_lo, tl.minimum(K, k_lo + KSPLIT), BLOCK_K):
+        for g in tl.static_range(BLOCK_K // 32):
+            acc = _fp4_group(acc, xr, m_ok, k0 + 32 * g, K, wr, sr, o_ok, E8M0, False, INTERP, IEEE)
+    yp = Y + tl.program_id(2) * sys + rm[:, None] * O + ro[None, :]
+    tl.store(yp, _round(acc, Y.dtype.element_ty, INTERP), mask=m_ok[:, None] & o_ok[None, :])
+
+
+def _mkey(m: int) -> int:
+    """M bucket of a shape key: 1, 16, 64, 256, 1024 (decode sizes apart from prefill sizes)."""
+    return next((b for b in (1, 16, 64, 256) if m <= b), 1024)
+
+
+def _check_cfg(cfg: dict, bk_ok) -> None:
+    """Tiles are powers of two (tl.arange), >= 16 (tl.dot); bk_ok(BLOCK_K) per kernel."""
+    blocks = [v for n, v in cfg.items() if n.startswith("BLOCK")]
+    if any(b < 16 or b & (b - 1) for b in blocks) or not bk_ok(cfg["BLOCK_K"]):
+        raise ValueError(f"config: bad block sizes {cfg}")
+
+
+def _launch_linear(kernel, x, w, s, O, K, cfg, kmult, **flags):
+    """Grid (M tiles, O tiles, split-K); split 0 = as many K splits as needed to fill the SMs."""
+    M = x.shape[0]
+    BM, BO, BK = cfg["BLOCK_M"], cfg["BLOCK_O"], cfg["BLOCK_K"]
+    tiles = triton.cdiv(M, BM) * triton.cdiv(O, BO)
+    nk = triton.cdiv(K, BK)
+    # auto: about two waves of programs, each split still walking >= 4 K tiles
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    split = cfg.get("SPLIT_K", 0) or max(1, min(triton.cdiv(2 * sms, tiles), nk // 4))
+    ksplit = triton.cdiv(nk, split) * BK
+    split = triton.cdiv(K, ksplit)
+    y = torch.empty((split, M, O) if split > 1 else (M, O), device=x.device,
+                    dtype=torch.float32 if split > 1 else x.dtype)
+    grid = (triton.cdiv(M, BM), triton.cdiv(O, BO), split)
+    kernel[grid](x, w, s, y, M, O, K, *kmult, x.stride(0), M * O, ksplit, BLOCK_M=BM, BLOCK_O=BO,
+                 BLOCK_K=BK, E8M0=s.dtype == torch.uint8, INTERP=_interp(),
+                 IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                 **flags)
+    return y.sum(0).to(x.dtype) if split > 1 else y
+
+
+def _x2d(x: torch.Tensor, K: int, dev: torch.device) -> torch.Tensor:
+    if x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.shape[1] != K:
+        raise ValueError(f"x must be fp32/bf16/fp16 [M, {K}], got {x.dtype} {tuple(x.shape)}")
+    if x.device != dev:
+        raise ValueError(f"x is on {x.device}, the weight on {dev}")
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _scale_arg(scale: torch.Tensor, shape: tuple, dev: torch.device, name: str = "scale") -> torch.Tensor:
+    """E8M0 scales as their uint8 bytes (decoded in-kernel), fp32 ones as they are."""
+    if scale.dtype not in (*_E8M0, torch.float32):
+        raise ValueError(f"{name} must be float8_e8m0fnu, uint8 or float32, got {scale.dtype}")
+    if tuple(scale.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(scale.shape)}")
+    if scale.device != dev:
+        raise ValueError(f"{name} is on {scale.device}, the weight on {dev}")
+    scale = scale.contiguous()
+    return scale.view(torch.uint8) if scale.dtype in _E8M0 else scale
+
+
+def _fp8_tensor_cores(device: torch.device) -> bool:
+    if _interp():
+        return True  # emulated on the e4m3 grid, so the CPU tests cover the W8A8 numerics
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, act_quant: bool = False,
+               config: dict | None = None) -> torch.Tensor:
+    """ref.fp8_linear. act_quant=True: x is FP8-simulated first (ref.fp8_act_sim, blocks of 128):
+    on FP8 tensor cores (cc >= 8.9) fused into a W8A8 kernel, elsewhere simulated then W8A16."""
+    if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"weight must be 2-D float8_e4m3fn, got {weight.dtype} {tuple(weight.shape)}")
+    O, K = weight.shape
+    x = _x2d(x, K, weight.device)
+    scale = _scale_arg(scale, (triton.cdiv(O, 128), triton.cdiv(K, 128)), x.device)
+    M = x.shape[0]
+    if M == 0 or O == 0 or K == 0:
+        return torch.zeros((M, O), device=x.device, dtype=x.dtype)
+    w = weight.contiguous().view(torch.uint8)
+    # with fp32 scales the twin rounds W to x.dtype: only the W8A16 kernel reproduces that
+    tc = act_quant and _fp8_tensor_cores(x.device) and (scale.dtype == torch.uint8 or x.dtype == torch.float32)
+    if act_quant and not tc:
+        x = ref.fp8_act_sim(x, 128)
+    name = "fp8_linear_w8a8" if tc else "fp8_linear"
+    cfg = config or tuning.config(name, f"M{_mkey(M)}-O{O}-K{K}", _default(name, M), x.device)
+    # a K tile stays inside one 128-block of scales; the W8A8 kernel quantises whole blocks
+    _check_cfg(cfg, lambda bk: bk == 128 if tc else 128 % bk == 0)
+    return _launch_linear(_fp8_kernel, x, w, scale, O, K, cfg, (triton.cdiv(K, 128),), ACT_Q=tc)
+
+
+def fp4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *,
+               config: dict | None = None) -> torch.Tensor:
+    """ref.fp4_linear: x [M,K] @ W^T, W packed e2m1 int8 [O,K/2], E8M0 scales [O,K/32] -> x.dtype."""
+    if weight.dim() != 2 or weight.dtype not in (torch.int8, torch.uint8):
+        raise ValueError(f"weight must be 2-D int8 packed FP4, got {weight.dtype} {tuple(weight.shape)}")
+    O, K = weight.shape[0], 2 * weight.shape[1]
+    if K % 32:
+        raise ValueError(f"weight: FP4 inputs ({K}) must be a multiple of 32")
+    x = _x2d(x, K, weight.device)
+    scale = _scale_arg(scale, (O, K // 32), x.device)
+    M = x.shape[0]
+    if M == 0 or O == 0 or K == 0:
+        return torch.zeros((M, O), device=x.device, dtype=x.dtype)
+    cfg = config or tuning.config("fp4_linear", f"M{_mkey(M)}-O{O}-K{K}", _default("fp4_linear", M), x.device)
+    _check_cfg(cfg, lambda bk: bk >= 32)
+    w = weight.contiguous().view(torch.uint8)
+    return _launch_linear(_fp4_kernel, x, w, scale, O, K, cfg, (w.stride(0), scale.stride(0)))
+
+
+# ---- routed experts -------------------------------------------------------------------------------
+@triton.jit
+def _moe_up_kernel(X, RW, PAIR, TE, TS, TEND, W1, S1, W3, S3, H, DIM, INTER, TOPK, sxm, swe, swo, sse, sso, LIMIT,
+                   BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, E8M0: tl.constexpr,
+                   CLAMP: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr):
+    t = tl.program_id(0)
+    r0, r1 = tl.load(TS + t), tl.load(TEND + t)
+    if r0 >= r1:  # beyond the last tile of the table (its size is an upper bound)
+        return
+    e = tl.load(TE + t).to(tl.int64)
+    rows = r0 + tl.arange(0, BLOCK_M)
+    r_ok = rows < r1
+    pair = tl.load(PAIR + rows, mask=r_ok, other=0)
+    xr = X + (pair // TOPK).to(tl.int64) * sxm  # the permutation is fused into the row load
+    ro = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = ro < INTER
+    w1r, s1r = W1 + e * swe + ro * swo, S1 + e * sse + ro * sso  # w1 and w3 share their strides
+    w3r, s3r = W3 + e * swe + ro * swo, S3 + e * sse + ro * sso
+    gate = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
+    for k0 in range(0, DIM, BLOCK_K):
+        for g in tl.static_range(BLOCK_K // 32):
+            gate = _fp4_group(gate, xr, r_ok, k0 + 32 * g, DIM, w1r, s1r, o_ok, E8M0, False, INTERP, IEEE)
+            up = _fp4_group(up, xr, r_ok, k0 + 32 * g, DIM, w3r, s3r, o_ok, E8M0, False, INTERP, IEEE)
+    ht = H.dtype.element_ty  # the twin's fp4_linear outputs are in x.dtype before swiglu
+    gate = _round(gate, ht, INTERP).to(tl.float32)
+    up = _round(up, ht, INTERP).to(tl.float32)
+    if CLAMP:
+        gate = tl.minimum(gate, LIMIT)
+        up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+    h = gate / (1.0 + tl.exp(-gate)) * up * tl.load(RW + pair, mask=r_ok, other=0)[:, None]
+    hp = H + rows[:, None].to(tl.int64) * INTER + ro[None, :]
+    tl.store(hp, _round(h, ht, INTERP), mask=r_ok[:, None] & o_ok[None, :])
+
+
+@triton.jit
+def _moe_down_kernel(H, PAIR, TE, TS, TEND, W2, S2, OUT, DIM, INTER, swe, swo, sse, sso, BLOCK_M: tl.constexpr,
+                     BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, E8M0: tl.constexpr, ACT_SIM: tl.constexpr,
+                     INTERP: tl.constexpr, IEEE: tl.constexpr):
+    t = tl.program_id(0)
+    r0, r1 = tl.load(TS + t), tl.load(TEND + t)
+    if r0 >= r1:
+        return
+    e = tl.load(TE + t).to(tl.int64)
+    rows = r0 + tl.arange(0, BLOCK_M)
+    r_ok = rows < r1
+    ro = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = ro < DIM
+    w2r, s2r = W2 + e * swe + ro * swo, S2 + e * sse + ro * sso
+    acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
+    hr = H + rows.to(tl.int64) * INTER
+    for k0 in range(0, INTER, BLOCK_K):
+        for g in tl.static_range(BLOCK_K // 32):
+            acc = _fp4_group(acc, hr, r_ok, k0 + 32 * g, INTER, w2r, s2r, o_ok, E8M0, ACT_SIM, INTERP, IEEE)
+    pair = tl.load(PAIR + rows, mask=r_ok, other=0).to(tl.int64)
+    yp = OUT + pair[:, None] * DIM + ro[None, :]  # un-permuted: each pair's own row
+    tl.store(yp, _round(acc, OUT.dtype.element_ty, INTERP), mask=r_ok[:, None] & o_ok[None, :])
+
+
+def _fp4_stack(w: torch.Tensor, s: torch.Tensor, E: int, out: int, inp: int, dev, wn: str, sn: str):
+    if w.dtype not in (torch.int8, torch.uint8) or tuple(w.shape) != (E, out, inp // 2):
+        raise ValueError(f"{wn} must be int8 [{E}, {out}, {inp // 2}], got {w.dtype} {tuple(w.shape)}")
+    if w.device != dev:
+        raise ValueError(f"{wn} is on {w.device}, w1 on {dev}")
+    return w.contiguous().view(torch.uint8), _scale_arg(s, (E, out, inp // 32), dev, sn)
+
+
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor,
+                w3: torch.Tensor, s3: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, limit: float,
+                h_act_sim: bool = False, *, config: dict | None = None) -> torch.Tensor:
+    """ref.moe_experts: fp32 [N, dim]; h_act_sim FP8-simulates h inside the w2 kernel's loads.
+    ids must lie in [0, E) (checked by the device scatter)."""
+    if w1.dim() != 3:
+        raise ValueError(f"w1 must be [E, inter, dim/2], got {tuple(w1.shape)}")
+    E, inter, dim = w1.shape[0], w1.shape[1], 2 * w1.shape[2]
+    x = _x2d(x, dim, w1.device)
+    if dim % 32 or inter % 32:
+        raise ValueError(f"x: dim ({dim}) and w1: inter ({inter}) must be multiples of 32")
+    w1, s1 = _fp4_stack(w1, s1, E, inter, dim, x.device, "w1", "s1")
+    w3, s3 = _fp4_stack(w3, s3, E, inter, dim, x.device, "w3", "s3")
+    w2, s2 = _fp4_stack(w2, s2, E, dim, inter, x.device, "w2", "s2")
+    if s1.dtype != s3.dtype:
+        raise ValueError(f"s1 and s3 must share a dtype, got {s1.dtype} and {s3.dtype}")
+    N = x.shape[0]
+    if ids.dim() != 2 or ids.shape[0] != N or ids.dtype.is_floating_point or ids.device != x.device:
+        raise ValueError(f"ids must be integer [{N}, k] on {x.device}, got {ids.dtype} {tuple(ids.shape)}")
+    if tuple(weights.shape) != tuple(ids.shape) or not weights.is_floating_point():
+        raise ValueError(f"weights must be float {tuple(ids.shape)}, got {weights.dtype} {tuple(weights.shape)}")
+    k = ids.shape[1]
+    if N * k == 0:
+        return torch.zeros((N, dim), device=x.device, dtype=torch.float32)
+    cfg = config or tuning.config("moe_experts", f"N{_mkey(N)}-D{dim}-I{inter}-E{E}-k{k}",
+                                  _default("moe_experts", N), x.device)
+    _check_cfg(cfg, lambda bk: bk >= 32)
+    BM, BK = cfg["BLOCK_M"], cfg["BLOCK_K"]
+    # tile table, all on device (no host sync): tile t -> (expert, first sorted row, end row)
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    tiles = (counts + BM - 1) // BM
+    tile_end = tiles.cumsum(0)
+    row_end = counts.cumsum(0)
+    n_tiles = min(E, N * k) + triton.cdiv(N * k, BM)  # >= sum over touched experts of ceil(c/BM)
+    t = torch.arange(n_tiles, device=x.device)
+    te = torch.searchsorted(tile_end, t, right=True).clamp(max=E - 1)
+    live = t < tile_end[-1]
+    ts = row_end[te] - counts[te] + (t - (tile_end[te] - tiles[te])) * BM
+    tend = torch.where(live, row_end[te], 0).to(torch.int32)
+    ts = torch.where(live, ts, 0).to(torch.int32)
+    te, pair = te.to(torch.int32), order.to(torch.int32)
+    rw = weights.reshape(-1).float().contiguous()
+    h = torch.empty((N * k, inter), device=x.device, dtype=x.dtype)
+    out = torch.empty((N * k, dim), device=x.device, dtype=x.dtype)
+    common = {"BLOCK_M": BM, "BLOCK_K": BK, "INTERP": _interp(), "IEEE": x.dtype == torch.float32,
+              "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    _moe_up_kernel[(n_tiles, triton.cdiv(inter, cfg["BLOCK_O1"]))](
+        x, rw, pair, te, ts, tend, w1, s1, w3, s3, h, dim, inter, k, x.stride(0), *w1.stride()[:2],
+        *s1.stride()[:2], float(limit), BLOCK_O=cfg["BLOCK_O1"], E8M0=s1.dtype == torch.uint8, CLAMP=limit > 0,
+        **common)
+    _moe_down_kernel[(n_tiles, triton.cdiv(dim, cfg["BLOCK_O2"]))](
+        h, pair, te, ts, tend, w2, s2, out, dim, inter, *w2.stride()[:2], *s2.stride()[:2],
+        BLOCK_O=cfg["BLOCK_O2"], E8M0=s2.dtype == torch.uint8, ACT_SIM=bool(h_act_sim), **common)
+    return out.view(N, k, dim).float().sum(1)  # fixed slot order: deterministic
+
+
+# ---- tuning --------------------------------------------------------------------------------------
+def _lin(bm, bo, bk, split, warps, stages):
+    return {"BLOCK_M": bm, "BLOCK_O": bo, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": warps, "num_stages": stages}
+
+
+def _moe(bm, bo1, bo2, bk, warps, stages):
+    return {"BLOCK_M": bm, "BLOCK_O1": bo1, "BLOCK_O2": bo2, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+
+
+def _default(name: str, m: int) -> dict:
+    """Untuned: the first config of the space (decode); its last one (64-row tiles) for M > 64."""
+    return TUNABLES[name].space[-1 if m > 64 else 0]
+
+
+def _rand_fp4(*shape, dev):
+    """Random packed codes, E8M0 scales near 2^-6 (quick to make for 256 GPU experts)."""
+    w = torch.randint(-128, 128, (*shape[:-1], shape[-1] // 2), dtype=torch.int8, device=dev)
+    s = torch.randint(118, 124, (*shape[:-1], shape[-1] // 32), dtype=torch.uint8, device=dev)
+    return w, s.view(torch.float8_e8m0fnu)
+
+
+def _lin_cases(fn, make, gpu_shapes, cpu_shapes):
+    """cases(device): bf16 x, V4-Flash (M, O, K) on GPUs (wq_a, wq_b, shared experts, prefill)."""
+    def cases(device):
+        out = []
+        for M, O, K in gpu_shapes if torch.device(device).type == "cuda" else cpu_shapes:
+            args = (torch.randn(M, K, device=device, dtype=torch.bfloat16), *make(O, K, device))
+            out.append((f"M{_mkey(M)}-O{O}-K{K}", lambda cfg, a=args: fn(*a, config=cfg)))
+        return out
+    return cases
+
+
+def _moe_cases(device):
+    """V4-Flash routed experts (256 x dim 4096 x inter 2048, top-6) at decode and prefill sizes."""
+    gpu = torch.device(device).type == "cuda"
+    E, k, dim, inter = (256, 6, 4096, 2048) if gpu else (9, 2, 64, 32)
+    ws = [t for o, i in ((inter, dim), (inter, dim), (dim, inter)) for t in _rand_fp4(E, o, i, dev=device)]
+    out = []
+    for N in (1, 64, 512) if gpu else (5,):
+        ids = torch.rand(N, E, device=device).topk(k, -1).indices
+        args = (torch.randn(N, dim, device=device, dtype=torch.bfloat16), torch.rand(N, k, device=device), ids)
+        out.append((f"N{_mkey(N)}-D{dim}-I{inter}-E{E}-k{k}",
+                    lambda cfg, a=args: moe_experts(*a, *ws, 10.0, config=cfg)))
+    return out
+
+
+def _rand_fp8(O, K, dev):
+    return quant_fp8_block(torch.randn(O, K, device=dev) * 0.05)
+
+
+_FP8_GPU = [(1, 1024, 4096), (1, 32768, 1024), (16, 2048, 4096), (64, 4096, 2048), (512, 4096, 4096)]
+_FP4_GPU = [(1, 2048, 4096), (64, 4096, 2048), (512, 2048, 4096)]
+
+TUNABLES: dict[str, tuning.Tunable] = {
+    "fp8_linear": tuning.Tunable(
+        space=(_lin(16, 64, 128, 0, 4, 4), _lin(16, 128, 128, 0, 4, 4), _lin(16, 32, 128, 0, 4, 4),
+               _lin(16, 64, 64, 0, 4, 6), _lin(16, 64, 128, 2, 4, 4), _lin(32, 64, 128, 4, 4, 3),
+               _lin(64, 128, 64, 1, 8, 3)),
+        cases=_lin_cases(fp8_linear, _rand_fp8, _FP8_GPU, [(3, 70, 320)])),
+    "fp8_linear_w8a8": tuning.Tunable(
+        space=(_lin(16, 64, 128, 0, 4, 4), _lin(16, 128, 128, 0, 4, 4), _lin(16, 32, 128, 0, 4, 3),
+               _lin(32, 64, 128, 2, 4, 4), _lin(64, 128, 128, 1, 8, 3)),
+        cases=_lin_cases(functools.partial(fp8_linear, act_quant=True), _rand_fp8, _FP8_GPU, [(3, 70, 320)])),
+    "fp4_linear": tuning.Tunable(
+        space=(_lin(16, 64, 128, 0, 4, 4), _lin(16, 128, 128, 0, 4, 4), _lin(16, 32, 256, 0, 4, 3),
+               _lin(16, 64, 64, 2, 4, 4), _lin(64, 128, 64, 1, 8, 3)),
+        cases=_lin_cases(fp4_linear, lambda O, K, dev: _rand_fp4(O, K, dev=dev), _FP4_GPU, [(3, 70, 128)])),
+    "moe_experts": tuning.Tunable(
+        space=(_moe(16, 32, 64, 128, 4, 4), _moe(16, 64, 64, 128, 4, 4), _moe(16, 32, 32, 256, 4, 3),
+               _moe(32, 32, 64, 64, 4, 4), _moe(64, 64, 128, 64, 8, 3)),
+        cases=_moe_cases),
+}
