@@ -4,63 +4,65 @@ import pytest
 import torch
 
 from dayzero import LLM, SamplingParams
-from dayzero.ops import REF, for_device
+from dayzero.ops import OP_NAMES, REF, for_device
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+# chunked prefill + MTP drafts exercise the paged path (kernels read the pools through row ids)
+ENGINE = dict(device=DEV, max_num_batched_tokens=16, num_speculative_tokens=1, speculative_min_acceptance=0.0)
 
 
-def prompts():
-    g = torch.Generator().manual_seed(3)
-    return [torch.randint(2, 500, (L,), generator=g).tolist() for L in (37, 6)]
+def rel(a, b):
+    return (a - b).abs().amax(-1) / a.abs().amax(-1)
 
 
-# FP8/FP4 checkpoint either computed in fp32 (kernels and twins differ only by summation order:
-# strict) or in bf16 with official numerics (FP8 activation rounding amplifies those differences)
-CASES = {"fp32-transformers": dict(dtype="float32", numerics="transformers"),
-         "bf16-official": dict(dtype="bfloat16", numerics="official")}
-
-
-@pytest.fixture(scope="module", params=list(CASES))
-def pair(request, make_ckpt):
+@pytest.fixture(scope="module")
+def tiny_fp32(make_ckpt):
+    """FP8/FP4 random tiny checkpoint computed in fp32: kernels and twins differ only by
+    summation order, so results must agree to fp32 rounding and tokens exactly."""
     ckpt = make_ckpt("flash", "fp8")
-    opts = dict(device=DEV, max_num_batched_tokens=16, num_speculative_tokens=1, speculative_min_acceptance=0.0,
-                **CASES[request.param])
-    return request.param, LLM(ckpt, ops="ref", **opts), LLM(ckpt, ops="triton", **opts)
+    opts = dict(ENGINE, dtype="float32", numerics="transformers")
+    return LLM(ckpt, ops="ref", **opts), LLM(ckpt, ops="triton", **opts)
 
 
-def test_triton_table_is_chosen_and_complete(pair):
-    _, ref_llm, tri_llm = pair
+@pytest.fixture(scope="module")
+def builtin_bf16():
+    """The built-in (trained) model as users run it on a GPU: bf16, official numerics."""
+    opts = dict(ENGINE, dtype="bfloat16", numerics="official")
+    return LLM(ops="ref", **opts), LLM(ops="triton", **opts)
+
+
+def test_triton_table_is_chosen_and_complete(tiny_fp32):
+    ref_llm, tri_llm = tiny_fp32
     assert ref_llm.engine.ops is REF
     table = tri_llm.engine.ops
     assert table.name == "triton" and table == for_device(DEV, "triton")
-    # every op of the seam has a kernel (a missing kernel module would leave a twin here)
-    assert set(table.kernels) == {"rms_norm", "fp8_act_sim", "sparse_attn_paged", "indexer_scores_paged",
-                                  "compress_pool", "hc_pre", "hc_post", "fp8_linear", "fp4_linear", "moe_experts"}
-    # the kernel table keeps the FP8/FP4 weights quantized (no dequantised copies)
-    lin = tri_llm.model.layers[0].attn.wq_a
+    assert set(table.kernels) == set(OP_NAMES)  # a missing kernel module would leave a twin here
+    lin = tri_llm.model.layers[0].attn.wq_a  # kernels keep FP8/FP4 weights quantized
     assert lin.fmt == "fp8" and lin.__dict__.get("_dequantized") is None
+    assert "_stacked" in tri_llm.model.layers[0].ffn.__dict__  # FP4 experts stacked for grouped calls
 
 
-def test_logits_agree_with_the_twins(pair):
-    case, ref_llm, tri_llm = pair
-    ids = prompts()[0]
+def test_fp32_logits_and_greedy_agree(tiny_fp32):
+    ref_llm, tri_llm = tiny_fp32
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, 500, (L,), generator=g).tolist() for L in (21, 6)]
+    a, b = ref_llm.score(prompts[0]), tri_llm.score(prompts[0])
+    assert rel(a, b).max() < 1e-4
+    assert [o.token_ids for o in tri_llm.generate(prompts, GREEDY)] == \
+        [o.token_ids for o in ref_llm.generate(prompts, GREEDY)]
+
+
+def test_builtin_bf16_official_agrees(builtin_bf16):
+    ref_llm, tri_llm = builtin_bf16
+    prompt = "KING LEAR:\nWhat says our second daughter?"
+    ids = ref_llm.tokenizer.encode(prompt)
     a, b = ref_llm.score(ids), tri_llm.score(ids)
-    rel = (a - b).abs().amax(-1) / a.abs().amax(-1)
-    if case == "fp32-transformers":
-        assert rel.max() < 1e-4, rel
-        assert torch.equal(a.argmax(-1), b.argmax(-1))
-    else:  # random bf16 weights: e4m3 steps are 6%; a rounding flip moves a logit by that much
-        assert rel.median() < 5e-2, rel
-        assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
-
-
-def test_engine_greedy_agrees_with_the_twins(pair):
-    case, ref_llm, tri_llm = pair
-    want = [o.token_ids for o in ref_llm.generate(prompts(), GREEDY)]
-    got = [o.token_ids for o in tri_llm.generate(prompts(), GREEDY)]
-    if case == "fp32-transformers":
-        assert got == want
-    else:
-        agree = sum(x == y for w, g in zip(want, got) for x, y in zip(w, g))
-        assert agree >= 0.6 * sum(len(w) for w in want), (want, got)
+    # yardstick: how far the same twins move when the model computes in fp32 instead of bf16;
+    # the kernels (different summation order, bf16 roundings at other points) must stay within it
+    c = LLM(ops="ref", device=DEV, dtype="float32", numerics="official").score(ids)
+    noise = rel(a, c).median()
+    assert rel(a, b).median() <= 1.5 * noise + 1e-3, (rel(a, b).median(), noise)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    want = ref_llm.generate([prompt], GREEDY)[0].token_ids
+    assert tri_llm.generate([prompt], GREEDY)[0].token_ids == want

@@ -412,8 +412,12 @@ def _moe(bm, bo1, bo2, bk, warps, stages):
 
 
 def _default(name: str, m: int) -> dict:
-    """Untuned: the first config of the space (decode); its last one (64-row tiles) for M > 64."""
-    return TUNABLES[name].space[-1 if m > 64 else 0]
+    """Untuned: the first config of the space (decode); its last one (64-row tiles) for M > 64.
+    The interpreter pays per program and per op, not per element: it gets the widest tiles."""
+    cfg = TUNABLES[name].space[-1 if m > 64 else 0]
+    if _interp():
+        cfg = {**cfg, **{k: 256 for k in ("BLOCK_O", "BLOCK_O1", "BLOCK_O2") if k in cfg}}
+    return cfg
 
 
 def _rand_fp4(*shape, dev):
