@@ -31,9 +31,14 @@ from dayzero.ops import OpTable, for_device, ref
 
 SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "S6")
 SIZES = {
-    "flash": dict(experts=256, contexts=(8192, 131072), batches=(1, 64), index_contexts=(131072, 1048576),
+    "flash": dict(experts=256, moe=(4096, 2048), contexts=(8192, 131072), batches=(1, 64), index_contexts=(131072, 1048576),
                   long=1048576, prefill=8192, layers=("csa", "hca", "csa", "hca")),
-    "small": dict(experts=16, contexts=(1024, 8192), batches=(1, 8), index_contexts=(8192, 65536),
+    # "tiny": the harness itself (tests); the slice shrinks too
+    "tiny": dict(experts=8, moe=(512, 256), contexts=(512,), batches=(1, 2), index_contexts=(2048,), long=4096,
+                 prefill=64, layers=("csa", "hca"),
+                 slice=dict(dim=256, n_heads=4, head_dim=128, q_lora_rank=64, o_lora_rank=64, o_groups=2,
+                            moe_inter_dim=64, index_n_heads=4, index_head_dim=64, index_topk=8, window_size=16)),
+    "small": dict(experts=16, moe=(4096, 2048), contexts=(1024, 8192), batches=(1, 8), index_contexts=(8192, 65536),
                   long=65536, prefill=512, layers=("csa", "hca")),
 }
 
@@ -44,8 +49,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timeit(fn, device: torch.device, warmup: int = 2, reps: int = 5) -> float:
-    """Median seconds of fn() over `reps` runs after `warmup`."""
+def timeit(fn, device: torch.device, warmup: int | None = None, reps: int | None = None) -> float:
+    """Median seconds of fn() over `reps` runs after `warmup` (GPU 3 + 10, CPU 1 + 3)."""
+    gpu = device.type != "cpu"
+    warmup = (3 if gpu else 1) if warmup is None else warmup
+    reps = (10 if gpu else 3) if reps is None else reps
     for _ in range(warmup):
         fn()
     sync(device)
@@ -222,7 +230,7 @@ def decode_step(model, batch: int, context: int, device) -> tuple[float, int]:
             X = model.forward_packed(ids, b)
             return model.logits(X, model.head.weight)
 
-    t = timeit(step, device, warmup=2, reps=5)
+    t = timeit(step, device)
     return t, _layer_bytes(model, batch) + _kv_bytes(model, batch, context)
 
 
@@ -313,7 +321,7 @@ def run(size: str | None = None, device=None, choice: str | None = None, scenari
 
     if "S1" in scenarios:
         for b in cfg["batches"]:
-            add(s1_moe(table, device, b, cfg["experts"]))
+            add(s1_moe(table, device, b, cfg["experts"], *cfg["moe"]))
     if "S2" in scenarios:
         for b in cfg["batches"]:
             add(s2_attention(table, device, b))
@@ -321,7 +329,7 @@ def run(size: str | None = None, device=None, choice: str | None = None, scenari
         for c in cfg["index_contexts"]:
             add(s3_indexer(table, device, c))
     if any(s in scenarios for s in ("S4", "S5", "S6")):
-        args = flash_slice(layer_types=cfg["layers"], n_routed_experts=cfg["experts"])
+        args = flash_slice(layer_types=cfg["layers"], n_routed_experts=cfg["experts"]).replace(**cfg.get("slice", {}))
         model = random_model(args, device=device)
         model.set_ops(table)
         shape = f"{len(args.layer_types)}-layer Flash slice {'/'.join(args.layer_types)}, {cfg['experts']} experts"
@@ -350,7 +358,8 @@ def run(size: str | None = None, device=None, choice: str | None = None, scenari
         del model
         if baseline and "S4" in scenarios:
             ctx = 2048 if size == "flash" else 256
-            args2 = flash_slice(layer_types=cfg["layers"][:2], n_routed_experts=cfg["experts"])
+            args2 = flash_slice(layer_types=cfg["layers"][:2], n_routed_experts=cfg["experts"]).replace(
+                **cfg.get("slice", {}))
             hf_t = transformers_decode(args2, device, ctx)
             ours = random_model(args2, device=device)
             ours.set_ops(table)

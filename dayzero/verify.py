@@ -130,13 +130,18 @@ def check_flash_slice(device: torch.device, choice: str | None, numerics: str, e
 
 
 def run(device: str | torch.device | None = None, choice: str | None = None, numerics: str = "official",
-        slice_experts: int | None = None, out: str | None = None, skip_models: bool = False) -> dict:
+        slice_experts: int | None = None, out: str | None = None, skip_models: bool = False,
+        sizes: tuple[str, ...] | None = None, table: OpTable | None = None) -> dict:
+    """sizes: op case sizes (default tiny + small; tiny only under the interpreter). table: check
+    this op table instead of the device's (for testing the harness itself)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    table = for_device(device, choice)
+    table = table or for_device(device, choice)
+    interpreted = device.type == "cpu" and table.kernels
+    sizes = sizes or (("tiny",) if interpreted else ("tiny", "small"))
     report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                   or device.type, device_type=device.type, ops_table=table.name, kernels=list(table.kernels),
                   numerics=numerics, versions=_versions())
-    report["ops"] = check_ops(table, device)
+    report["ops"] = check_ops(table, device, sizes)
     report["models"] = []
     if not skip_models:
         report["models"].append(check_builtin(device, choice, numerics))

@@ -1,0 +1,103 @@
+"""The conformance harness, the tuner and the benchmark driver work end to end on the CPU (the
+Triton table runs in the interpreter) and can fail."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from dayzero import bench, tune, verify
+from dayzero.ops import for_device, ref
+from dayzero.ops.triton import tuning
+
+
+def test_verify_passes_every_kernel_on_the_interpreter(tmp_path):
+    out = tmp_path / "verify.json"
+    report = verify.run(device="cpu", choice="triton", skip_models=True, out=str(out))
+    assert report["passed"], verify.card(report)
+    assert {r["op"] for r in report["ops"] if r["impl"] == "kernel"} == set(report["kernels"])
+    assert len(report["kernels"]) == 10
+    assert json.loads(out.read_text())["passed"] is True
+
+
+def test_verify_fails_a_wrong_kernel():
+    def off_by_a_little(x, weight, eps):  # RMSNorm with the eps inside the wrong place
+        return ref.rms_norm(x, weight, eps) * 1.001
+
+    table = dataclasses.replace(for_device("cpu", "ref"), rms_norm=off_by_a_little)
+    report = verify.run(device="cpu", table=table, skip_models=True, sizes=("tiny",))
+    assert not report["passed"]
+    failed = {r["op"] for r in report["ops"] if not r["passed"]}
+    assert failed == {"rms_norm"}
+    assert "FAIL" in verify.card(report)
+
+
+def test_verify_end_to_end_on_the_builtin_model():
+    m = verify.check_builtin(torch.device("cpu"), "ref", "official", new_tokens=4)
+    assert m["passed"] and m["kl_mean"] < 1e-6 and m["greedy_identical_prefix"] == 4
+
+
+def test_tune_writes_a_table_the_kernels_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAYZERO_CACHE_DIR", str(tmp_path))
+    tuning.table_path.cache_clear()
+    lines = []
+    report = tune.run(device="cpu", kernels=["rms_norm", "sparse_attn_paged"], log=lines.append)
+    assert set(report) == {"rms_norm", "sparse_attn_paged"}
+    path = tuning.table_path(torch.device("cpu"))
+    assert path.parent.parent == tmp_path and path.exists()
+    saved = json.loads(path.read_text())["configs"]
+    for name, keys in report.items():
+        for key, r in keys.items():
+            assert saved[name][key] == r["config"]
+            assert tuning.config(name, key, {"default": True}, torch.device("cpu")) == {"default": True, **r["config"]}
+    tuning.table_path.cache_clear()
+
+
+def test_tune_rejects_a_config_that_changes_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAYZERO_CACHE_DIR", str(tmp_path))
+    tuning.table_path.cache_clear()
+    x = torch.randn(4, 8)
+    fake = tuning.Tunable(space=({"scale": 1.0}, {"scale": 2.0}),
+                          cases=lambda dev: [("k", lambda cfg: x * cfg["scale"])])
+    monkeypatch.setattr(tune, "tunables", lambda: {"fake": fake})
+    report = tune.run(device="cpu", log=lambda s: None)
+    assert report["fake"]["k"]["config"] == {"scale": 1.0}
+    assert "changes the result" in report["fake"]["k"]["rejected"][0]["reason"]
+    tuning.table_path.cache_clear()
+
+
+def test_bench_records_every_field(tmp_path):
+    recs = bench.run(size="tiny", device="cpu", choice="ref", out_dir=tmp_path, log=lambda s: None,
+                     baseline=False)
+    assert {r["scenario"].split()[0] for r in recs} == {"S1", "S2", "S3", "S4", "S5", "S6"}
+    lines = [json.loads(s) for s in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    assert len(lines) == len(recs)
+    for r in lines:
+        for key in ("scenario", "device", "batch", "context", "time_us", "roofline_fraction", "baseline_name",
+                    "baseline_time_us", "commit", "versions"):
+            assert key in r
+        assert r["time_us"] > 0 and r["roofline_fraction"] > 0
+
+
+@pytest.mark.parametrize("layers", [("csa", "hca")])
+def test_bench_decode_step_reads_a_filled_cache(layers):
+    """The decode scenario's synthetic cache is a valid engine cache: one step over it gives the
+    same logits as the twins on gathered copies of the same rows."""
+    from dayzero.synthetic import flash_slice, random_model
+    args = flash_slice(layer_types=layers, n_routed_experts=8).replace(
+        dim=256, n_heads=4, head_dim=128, q_lora_rank=64, o_lora_rank=64, o_groups=2, moe_inter_dim=64,
+        index_n_heads=4, index_head_dim=64, index_topk=8, window_size=16)
+    model = random_model(args, compute_dtype=torch.float32)
+    filled = bench.FilledCache(model, 2, 300, torch.device("cpu"))
+    ids = torch.tensor([5, 7])
+    from dayzero.reference.seqcache import Batch
+    with torch.no_grad():
+        X = model.forward_packed(ids, Batch([300, 300], [1, 1], filled.cache, torch.device("cpu")))
+    assert torch.isfinite(X).all() and X.shape == (2, args.hc_mult, args.dim)
+
+
+def test_bench_measures_transformers_on_the_same_layers():
+    recs = bench.run(size="tiny", device="cpu", choice="ref", scenarios=("S4",), out_dir=None, log=lambda s: None)
+    base = [r for r in recs if r["scenario"] == "S4 vs transformers"]
+    assert len(base) == 1 and base[0]["baseline_time_us"] > 0
+    assert "transformers DeepseekV4ForCausalLM" in base[0]["baseline_name"]
