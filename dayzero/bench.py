@@ -288,6 +288,16 @@ def transformers_decode(args, device, context: int) -> float | None:
 
 
 # ---- driver ------------------------------------------------------------------------------------
+def _prepared(model, table: OpTable):
+    """The model as the engine runs it with `table`: kernel tables read FP8/FP4 weights directly;
+    without FP8 kernels (the twins) small models keep dequantised copies, as `LLM` does."""
+    from dayzero.loader.model_io import keep_dequantized
+    model.set_ops(table)
+    if "fp8_linear" not in table.kernels:
+        keep_dequantized(model)
+    return model
+
+
 def run(size: str | None = None, device=None, choice: str | None = None, scenarios=SCENARIOS,
         out_dir: str | Path | None = "bench/results", baseline: bool = True, log=print) -> list[dict]:
     from dayzero.synthetic import flash_slice, random_model
@@ -330,8 +340,7 @@ def run(size: str | None = None, device=None, choice: str | None = None, scenari
             add(s3_indexer(table, device, c))
     if any(s in scenarios for s in ("S4", "S5", "S6")):
         args = flash_slice(layer_types=cfg["layers"], n_routed_experts=cfg["experts"]).replace(**cfg.get("slice", {}))
-        model = random_model(args, device=device)
-        model.set_ops(table)
+        model = _prepared(random_model(args, device=device), table)
         shape = f"{len(args.layer_types)}-layer Flash slice {'/'.join(args.layer_types)}, {cfg['experts']} experts"
         if "S4" in scenarios:
             for c in cfg["contexts"]:
@@ -361,8 +370,7 @@ def run(size: str | None = None, device=None, choice: str | None = None, scenari
             args2 = flash_slice(layer_types=cfg["layers"][:2], n_routed_experts=cfg["experts"]).replace(
                 **cfg.get("slice", {}))
             hf_t = transformers_decode(args2, device, ctx)
-            ours = random_model(args2, device=device)
-            ours.set_ops(table)
+            ours = _prepared(random_model(args2, device=device), table)
             t, nbytes = decode_step(ours, 1, ctx, device)
             add(dict(scenario="S4 vs transformers", batch=1, context=ctx, bytes=nbytes, time_s=t,
                      baseline_name="transformers DeepseekV4ForCausalLM, bf16, same 2 layers"

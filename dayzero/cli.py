@@ -30,7 +30,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
                             ignore_eos=a.ignore_eos)
     llm = LLM(a.model, device=a.device, dtype=a.dtype, numerics=a.numerics,
               max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=not a.no_prefix_caching,
-              num_speculative_tokens=a.num_speculative_tokens, kv_cache_memory_bytes=a.kv_cache_memory_bytes)
+              num_speculative_tokens=a.num_speculative_tokens, kv_cache_memory_bytes=a.kv_cache_memory_bytes,
+              ops=a.ops)
     show_ids = llm.tokenizer is None
     if a.stream:
         printed = 0
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--numerics", choices=["official", "transformers"], default="official")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="compute dtype: float32 or bfloat16")
+    g.add_argument("--ops", choices=["triton", "ref"], default=None,
+                   help="kernels: triton or the PyTorch twins (default: triton on GPUs, twins elsewhere)")
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     g.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per engine step (prefill chunk)")
     g.add_argument("--no-prefix-caching", action="store_true")
