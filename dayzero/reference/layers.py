@@ -78,16 +78,21 @@ class Linear(UsesOps, nn.Module):
             self.__dict__["_dequantized"] = self.dequant(dtype)
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        if self.quant_input:
+        kernel = self.fmt != "dense" and self.__dict__.get("_dequantized") is None
+        fused = kernel and self.quant_input and self.fmt != "fp4"  # the FP8 GEMM quantises x itself
+        if self.quant_input and not fused:
             x = self.ops.fp8_act_sim(x, 128)
         x = x.to(out_dtype or x.dtype)
-        if self.fmt == "dense" or self.__dict__.get("_dequantized") is not None:
+        if not kernel:
             return torch.nn.functional.linear(x, self.dequant(x.dtype))
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
-        gemm = self.ops.fp4_linear if self.fmt == "fp4" else self.ops.fp8_linear
-        return gemm(flat, self.weight, self.scale).view(*x.shape[:-1], self.out_features)
+        if self.fmt == "fp4":
+            y = self.ops.fp4_linear(flat, self.weight, self.scale)
+        else:
+            y = self.ops.fp8_linear(flat, self.weight, self.scale, act_quant=fused)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.fmt}"
