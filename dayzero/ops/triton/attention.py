@@ -10,9 +10,9 @@ of BLOCK_K keys, and the blocks into S contiguous splits.
   (tensor cores, fp32 accumulate), online softmax in the exp2 domain, acc [BLOCK_H, D] fp32 +=
   p @ keys (the same tile: MQA keys are the values). D is not tiled: both dots need the full
   key row, and tiling D for QK^T would make the PV dot re-read the keys. At D=512 (sm_90,
-  triton 3.9, cuobjdump) BLOCK_H=16, BLOCK_K=32, 4 warps takes 241 registers and no spills
-  (acc 64, q 32, key tile 64, gather addresses 32), 8 warps 146; BLOCK_K=64 or BLOCK_H=64
-  spill, so the tuning space stops at 32 x 32 / 16 x 32 tiles.
+  triton 3.9, scripts/aot_compile.py) BLOCK_H=16, BLOCK_K=32, 4 warps takes 173-190 registers
+  with int64 indices (134 with int32) and no spills, 8 warps ~100; BLOCK_K=64 or BLOCK_H=64
+  spill, so the tuning space stops at 32 x 32 / 16 x 32 tiles (fp32 inputs do spill).
   S = 1 (prefill, N * head blocks >= the SMs): the program adds the sink and writes the output.
   S > 1 (decode): partial (max, sum) [N, H, S] and acc [N, H, S, D] fp32 go to scratch and
   _combine_kernel (grid N * H, one program reads S * D * 4 bytes) merges them with the sink.
