@@ -1,4 +1,5 @@
 """The `dayzero` command line, run as a user would (a subprocess of `python -m dayzero`)."""
+import json
 import subprocess
 import sys
 
@@ -18,11 +19,19 @@ def dayzero(*args, check=True):
 
 def test_help_lists_the_commands_that_exist():
     out = dayzero("--help").stdout
-    for cmd in ("generate", "serve", "chat", "convert", "toy"):
+    for cmd in ("generate", "serve", "chat", "convert", "toy", "verify", "tune", "bench"):
         assert cmd in out
-    for absent in ("bench", "verify", "tune"):
-        assert absent not in out
     assert "--token-ids" in dayzero("generate", "--help").stdout
+    assert "--ops" in dayzero("generate", "--help").stdout and "--ops" in dayzero("serve", "--help").stdout
+
+
+def test_verify_cli_interpreted_triton_ops(tmp_path):
+    """`dayzero verify --interpret --ops triton --ops-only` on a CPU: every kernel checked, JSON written."""
+    out = tmp_path / "v.json"
+    r = dayzero("verify", "--interpret", "--ops", "triton", "--ops-only", "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "RESULT: PASS" in r.stdout and "kernel" in r.stdout
+    assert json.loads(out.read_text())["ops_table"] == "triton"
 
 
 def test_toy_then_generate_text_and_ids(tmp_path):
