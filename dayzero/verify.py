@@ -10,7 +10,6 @@ Prints a report card and writes JSON. Exit status 1 if anything fails.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import platform
 import time

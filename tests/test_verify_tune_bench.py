@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from dayzero import bench, tune, verify
+from dayzero import bench, scenarios, tune, verify
 from dayzero.ops import for_device, ref
 from dayzero.ops.triton import tuning
 
@@ -88,7 +88,7 @@ def test_bench_decode_step_reads_a_filled_cache(layers):
         dim=256, n_heads=4, head_dim=128, q_lora_rank=64, o_lora_rank=64, o_groups=2, moe_inter_dim=64,
         index_n_heads=4, index_head_dim=64, index_topk=8, window_size=16)
     model = random_model(args, compute_dtype=torch.float32)
-    filled = bench.FilledCache(model, 2, 300, torch.device("cpu"))
+    filled = scenarios.FilledCache(model, 2, 300, torch.device("cpu"))
     ids = torch.tensor([5, 7])
     from dayzero.reference.seqcache import Batch
     with torch.no_grad():
