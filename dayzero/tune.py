@@ -15,7 +15,7 @@ import torch
 
 from dayzero.verify import rel_error
 
-FAMILIES = ("attention", "gemm", "mhc", "norm")
+FAMILIES = ("attention", "gemm", "moe", "mhc", "norm")
 
 
 def _outputs(x):

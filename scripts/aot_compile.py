@@ -1,4 +1,4 @@
-"""Ahead-of-time compile every Triton kernel of dayzero/ops/triton/{attention,gemm,mhc,norm}.py for
+"""Ahead-of-time compile every Triton kernel of dayzero/ops/triton/{attention,gemm,moe,mhc,norm}.py for
 NVIDIA sm_90 (H100) and sm_80 (A100) on a machine without a GPU, with the launch configurations the
 launchers really use.
 
@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("attention", "gemm", "mhc", "norm")
+MODULES = ("attention", "gemm", "moe", "mhc", "norm")
 SMS = {90: 132, 80: 108}  # H100 SXM5, A100
 TAG = "@@AOT "
 
@@ -76,7 +76,7 @@ def _worker(args) -> int:
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
     mods = {m: importlib.import_module(f"dayzero.ops.triton.{m}") for m in MODULES}
-    attention, gemm, mhc, norm = (mods[m] for m in MODULES)
+    attention, gemm, moe, mhc, norm = (mods[m] for m in MODULES)
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     cuobjdump = bin_dir / "cuobjdump"
 
@@ -198,7 +198,7 @@ def _worker(args) -> int:
             for sim in (False, True):  # h_act_sim: the official numerics (reference/moe.py)
                 a = (T(N, dim, dt=act), T(N, k), T(N, k, dt=i64))
                 out.append((f"N{N}{'-hsim' if sim else ''}", lambda cfg, a=a, sim=sim:
-                            gemm.moe_experts(*a, *ws, 10.0, sim, config=cfg)))
+                            moe.moe_experts(*a, *ws, 10.0, sim, config=cfg)))
         return out
 
     OPS = [  # (module, tunable name, cases(act dtype), activation dtypes)
@@ -207,7 +207,7 @@ def _worker(args) -> int:
         ("gemm", "fp8_linear", lambda a: fp8_cases(a, False), ("bf16", "fp32")),
         ("gemm", "fp8_linear_w8a8", lambda a: fp8_cases(a, True), ("bf16", "fp32")),
         ("gemm", "fp4_linear", fp4_cases, ("bf16", "fp32")),
-        ("gemm", "moe_experts", moe_cases, ("bf16", "fp32")),
+        ("moe", "moe_experts", moe_cases, ("bf16", "fp32")),
         ("mhc", "hc_pre", hc_pre_cases, ("bf16", "fp32")),
         ("mhc", "hc_post", hc_post_cases, ("bf16", "fp32")),
         ("norm", "rms_norm", rms_cases, ("bf16", "fp32")),
@@ -215,7 +215,7 @@ def _worker(args) -> int:
         ("norm", "compress_pool", pool_cases, ("bf16", "fp32")),
     ]
     tunables = {name: mods[m].TUNABLES[name] for m, name, _, _ in OPS}
-    for m in MODULES:  # every tunable of the four modules has a scenario list here
+    for m in MODULES:  # every tunable of the modules has a scenario list here
         missing = set(mods[m].TUNABLES) - set(tunables)
         if missing:
             emit({"t": "error", "msg": f"{m}.TUNABLES has no scenarios in aot_compile.py: {sorted(missing)}"})

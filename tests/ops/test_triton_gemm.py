@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from dayzero.loader.formats import quant_fp4, quant_fp8_block
 from dayzero.ops import ref
 from dayzero.ops.triton import gemm as G
+from dayzero.ops.triton import moe as MOE
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 U = 2.0 ** -24
@@ -228,7 +229,7 @@ def test_moe_experts_parity(E, k, N):
     for sub in subsets:
         args = _moe_inputs(N, E, k, 64, 32, dt, seed=i, subset=sub)
         want = ref.moe_experts(*args, limit, sim)
-        got = G.moe_experts(*args, limit, sim)
+        got = MOE.moe_experts(*args, limit, sim)
         _within(got, want, _moe_bound(*args, limit, want, sim), f"{dt} limit {limit} sim {sim} subset {sub}")
 
 
@@ -238,9 +239,9 @@ def test_moe_h_act_sim_and_determinism():
     for dt, limit, inter in ((torch.float32, 0.0, 160), (torch.bfloat16, 0.7, 32)):
         args = _moe_inputs(4, 4, 2, 64, inter, dt, seed=7)
         want = ref.moe_experts(*args, limit, True)
-        got = G.moe_experts(*args, limit, h_act_sim=True)
+        got = MOE.moe_experts(*args, limit, h_act_sim=True)
         _within(got, want, _moe_bound(*args, limit, want, True), f"{dt} {limit}")
-    assert torch.equal(got, G.moe_experts(*args, limit, True))
+    assert torch.equal(got, MOE.moe_experts(*args, limit, True))
 
 
 # ---- tuning -------------------------------------------------------------------------------------
@@ -279,13 +280,13 @@ def test_fp4_every_config_agrees(cfg):
         _within(G.fp4_linear(x, w, s, config=cfg), want, _lin_bound(x, ref.fp4_dequant(w, s).to(dt), want), dt)
 
 
-@pytest.mark.parametrize("cfg", G.TUNABLES["moe_experts"].space, ids=_cfg_id)
+@pytest.mark.parametrize("cfg", MOE.TUNABLES["moe_experts"].space, ids=_cfg_id)
 def test_moe_every_config_agrees(cfg):
     """N=20, k=2 over 2 experts (20 rows each: two BLOCK_M=16 row tiles per expert);
     dim 96 / inter 64 are not multiples of every BLOCK_K / BLOCK_O."""
     args = _moe_inputs(20, 2, 2, 96, 64, torch.bfloat16, seed=3)
     want = ref.moe_experts(*args, 0.7)
-    _within(G.moe_experts(*args, 0.7, config=cfg), want, _moe_bound(*args, 0.7, want), "moe")
+    _within(MOE.moe_experts(*args, 0.7, config=cfg), want, _moe_bound(*args, 0.7, want), "moe")
 
 
 def test_tuning_cases_run():
@@ -318,4 +319,4 @@ def test_bad_inputs():
         bad = list(args)
         bad[pos] = bad[pos][:, :1] if pos != 2 else bad[pos].float()
         with pytest.raises(ValueError, match=name):
-            G.moe_experts(*bad, 0.0)
+            MOE.moe_experts(*bad, 0.0)

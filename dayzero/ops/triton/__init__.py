@@ -23,7 +23,7 @@ _PROVIDERS = {
     "hc_post": "mhc",
     "fp8_linear": "gemm",
     "fp4_linear": "gemm",
-    "moe_experts": "gemm",
+    "moe_experts": "moe",
 }
 
 
