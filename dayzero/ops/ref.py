@@ -160,12 +160,6 @@ def compress_pool(kv: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return (kv.float() * gate.float().softmax(dim=-2)).sum(dim=-2)
 
 
-def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """q [B,S,H,Di], k [B,T,Di], w [B,S,H] -> I [B,S,T] = sum_h w_h * relu(q_h . k)."""
-    s = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu()
-    return (s * w.float()[..., None]).sum(2)
-
-
 # ---- mHC -----------------------------------------------------------------------------------
 def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int,
                       iters: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

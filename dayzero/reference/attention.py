@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from dayzero.config import ModelArgs
-from dayzero.ops import ref
-from dayzero.ops import OpTable
+from dayzero.ops import OpTable, ref
 from dayzero.reference.layers import Linear, RMSNorm, UsesOps
 from dayzero.reference.seqcache import Batch, BatchCache
 
