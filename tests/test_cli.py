@@ -27,6 +27,7 @@ def test_help_lists_the_commands_that_exist():
 
 def test_verify_cli_interpreted_triton_ops(tmp_path):
     """`dayzero verify --interpret --ops triton --ops-only` on a CPU: every kernel checked, JSON written."""
+    pytest.importorskip("triton", reason="no Triton wheel for this platform")
     out = tmp_path / "v.json"
     r = dayzero("verify", "--interpret", "--ops", "triton", "--ops-only", "--out", out)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -3,6 +3,8 @@ kernels run in the Triton interpreter; on a GPU the same test runs the compiled 
 import pytest
 import torch
 
+pytest.importorskip("triton", reason="Triton has no wheel for this platform (test extras install it on Linux x86-64)")
+
 from dayzero import LLM, SamplingParams
 from dayzero.ops import OP_NAMES, REF, for_device
 
