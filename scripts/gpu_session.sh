@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One stage of the GPU bring-up per device call (each call has a 10-minute limit), results under
+# $OUT (the device tool's output folder; ./gpu_out elsewhere). Run from the repository root:
+#   scripts/gpu_session.sh tests    # tests/ops on the GPU: every kernel vs its twin, engine on Triton
+#   scripts/gpu_session.sh verify   # dayzero verify (ops + built-in model + V4-Flash slice), verify.json
+#   scripts/gpu_session.sh tune     # dayzero tune; the table is kept in $OUT/cache for the bench stage
+#   scripts/gpu_session.sh bench    # dayzero bench --size flash -> $OUT/bench.jsonl + PNG
+# The package is used from the checkout (PYTHONPATH), not installed: the device machine has no network.
+set -u
+stage=${1:?usage: scripts/gpu_session.sh tests|verify|tune|bench}
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} DAYZERO_CACHE_DIR=${DAYZERO_CACHE_DIR:-$OUT/cache}
+py=python3
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/device.txt" 2>&1
+case "$stage" in
+  tests)  $py -m pytest -q -p no:cacheprovider tests/ops > "$OUT/pytest_ops.log" 2>&1; rc=$?
+          tail -n 25 "$OUT/pytest_ops.log" ;;
+  verify) $py -m dayzero verify --out "$OUT/verify.json" > "$OUT/verify.log" 2>&1; rc=$?
+          tail -n 40 "$OUT/verify.log" ;;
+  tune)   $py -m dayzero tune > "$OUT/tune.log" 2>&1; rc=$?
+          tail -n 40 "$OUT/tune.log" ;;
+  bench)  $py -m dayzero bench --size flash --out-dir "$OUT" > "$OUT/bench.log" 2>&1; rc=$?
+          tail -n 30 "$OUT/bench.log" ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
+cat "$OUT/device.txt"
+echo "stage $stage rc=$rc"
+exit $rc
