@@ -1,8 +1,10 @@
 """The kernel seam: one table of op implementations per device, chosen once at engine start.
 
 `REF` holds the PyTorch twins (`ops/ref.py`, every device). `for_device` returns the Triton
-table on GPUs Triton supports (CUDA, ROCm and XPU builds of torch) and the twins elsewhere;
-`DAYZERO_OPS=ref|triton` overrides the choice (triton on the CPU needs TRITON_INTERPRET=1).
+table on GPUs Triton supports (CUDA, ROCm and XPU builds of torch), the native CPU table
+(`ops/cpu`, C kernels built with the system compiler) on CPUs where it builds, and the twins
+elsewhere; `DAYZERO_OPS=ref|triton|cpu` overrides the choice (triton on the CPU needs
+TRITON_INTERPRET=1).
 Models receive their table through `Transformer.set_ops`; nothing below ops/ checks devices.
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ class OpTable:
     fp8_linear: Callable
     fp4_linear: Callable
     moe_experts: Callable
-    kernels: tuple[str, ...] = ()  # ops that run a Triton kernel (the rest are twins)
+    kernels: tuple[str, ...] = ()  # ops that run a kernel of the table (the rest are twins)
 
 
 REF = OpTable(name="ref", **{op: getattr(ref, op) for op in OP_NAMES})
@@ -49,14 +51,28 @@ def triton_usable(device: torch.device) -> bool:
     return device.type in ("cuda", "xpu") or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+CHOICES = ("auto", "ref", "triton", "cpu")
+
+
 def for_device(device: torch.device | str, choice: str | None = None) -> OpTable:
-    """The op table for `device`. choice (or env DAYZERO_OPS): "ref", "triton" or None (auto)."""
+    """The op table for `device`. choice (or env DAYZERO_OPS): "ref", "triton", "cpu" or None
+    (auto: triton on GPUs, cpu on CPUs where the native kernels build, else ref)."""
     device = torch.device(device)
     choice = choice or os.environ.get("DAYZERO_OPS") or "auto"
-    if choice not in ("auto", "ref", "triton"):
-        raise ValueError(f"DAYZERO_OPS / ops must be 'ref', 'triton' or 'auto', got {choice!r}")
+    if choice not in CHOICES:
+        raise ValueError(f"DAYZERO_OPS / ops must be one of {', '.join(CHOICES)}, got {choice!r}")
     if choice == "ref":
         return REF
+    if choice == "cpu" or (choice == "auto" and device.type == "cpu"):
+        if device.type != "cpu":
+            raise ValueError(f"ops='cpu' runs on CPU tensors only, not on {device}")
+        from dayzero.ops import cpu
+        try:
+            return cpu.table()
+        except cpu.NativeUnavailable:
+            if choice == "cpu":
+                raise
+            return REF  # no compiler: the twins (slower, same results)
     if choice == "auto" and device.type not in ("cuda", "xpu"):
         return REF  # the interpreter is for tests, never chosen by itself
     if not triton_usable(device):

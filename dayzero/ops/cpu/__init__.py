@@ -1,0 +1,63 @@
+"""Native CPU kernels behind the ops seam: C (OpenMP, -march=native), one shared library per
+source file built once per machine by build.py and called through ctypes. Each op has its twin in
+ops/ref.py and a parity test in tests/ops/test_cpu_*.py; ops without a kernel here run their twins.
+
+Where they pay: batch-1 decode on the CPU is bound by per-op overhead (an mHC site is ~100 small
+PyTorch ops, one call here) and by weight bandwidth (FP4/FP8 weights decoded in registers
+instead of dequantised copies).
+"""
+from __future__ import annotations
+
+import importlib
+
+from dayzero.ops import OP_NAMES, REF, OpTable
+from dayzero.ops.cpu.build import NativeUnavailable, available
+
+# op name -> module of this package (a Python wrapper `<module>.py` over `<module>.c`) providing a
+# function of the same name
+_PROVIDERS = {
+    "rms_norm": "mhc",
+    "fp8_act_sim": "mhc",
+    "compress_pool": "mhc",
+    "sparse_attn_paged": "attention",
+    "indexer_scores_paged": "attention",
+    "hc_pre": "mhc",
+    "hc_post": "mhc",
+    "fp8_linear": "gemm",
+    "fp4_linear": "gemm",
+    "moe_experts": "gemm",
+}
+
+__all__ = ["NativeUnavailable", "available", "table", "unavailable"]
+
+
+def unavailable() -> dict[str, str]:
+    """module -> why its library cannot be built here (empty when every module builds)."""
+    out = {}
+    for module in sorted(set(_PROVIDERS.values())):
+        try:
+            importlib.import_module("dayzero.ops.cpu.build").lib(module)
+        except NativeUnavailable as e:
+            out[module] = str(e)
+    return out
+
+
+def table() -> OpTable:
+    """The native CPU op table: kernels of every module that builds here, twins elsewhere.
+    Raises NativeUnavailable when no module builds (no compiler)."""
+    impls, kernels, failed = {}, [], unavailable()
+    if failed and len(failed) == len(set(_PROVIDERS.values())):
+        raise NativeUnavailable("; ".join(failed.values()))
+    for op in OP_NAMES:
+        fn = None
+        module = _PROVIDERS.get(op)
+        if module is not None and module not in failed:
+            try:
+                fn = getattr(importlib.import_module(f"dayzero.ops.cpu.{module}"), op, None)
+            except ModuleNotFoundError as e:
+                if e.name != f"dayzero.ops.cpu.{module}":
+                    raise
+        impls[op] = fn or getattr(REF, op)
+        if fn is not None:
+            kernels.append(op)
+    return OpTable(name="cpu", kernels=tuple(kernels), **impls)
