@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--numerics", choices=["official", "transformers"], default="official")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="compute dtype: float32 or bfloat16")
-    g.add_argument("--ops", choices=["triton", "ref"], default=None,
-                   help="kernels: triton or the PyTorch twins (default: triton on GPUs, twins elsewhere)")
+    g.add_argument("--ops", choices=["triton", "cpu", "ref"], default=None,
+                   help="kernels: triton, cpu (native C kernels) or ref (the PyTorch twins); default: "
+                        "triton on GPUs, cpu on CPUs where it builds, else ref")
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     g.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per engine step (prefill chunk)")
     g.add_argument("--no-prefix-caching", action="store_true")
@@ -190,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check every op and the engine on this device against the CPU reference")
     v.add_argument("--device", default=None, help="device to verify (default: cuda if available, else cpu)")
-    v.add_argument("--ops", choices=["triton", "ref"], default=None, help="op table (default: by device)")
+    v.add_argument("--ops", choices=["triton", "cpu", "ref"], default=None, help="op table (default: by device)")
     v.add_argument("--numerics", choices=["official", "transformers"], default="official")
     v.add_argument("--slice-experts", type=int, default=None,
                    help="routed experts of the V4-Flash slice (default: 256 on a GPU, 16 on the CPU)")
@@ -209,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", choices=["flash", "small"], default=None,
                    help="flash = real per-layer shapes (GPU); small = CPU-sized (default: by device)")
     b.add_argument("--device", default=None)
-    b.add_argument("--ops", choices=["triton", "ref"], default=None)
+    b.add_argument("--ops", choices=["triton", "cpu", "ref"], default=None, help="op table (default: by device)")
     b.add_argument("--scenario", action="append", choices=["S1", "S2", "S3", "S4", "S5", "S6"],
                    help="run only this scenario (repeatable)")
     b.add_argument("--out-dir", default="bench/results", help="where bench.jsonl and the chart go")

@@ -198,7 +198,7 @@ def decode_step(model, batch: int, context: int, device) -> tuple[float, int]:
         with torch.no_grad():
             b = Batch([context] * batch, [1] * batch, filled.cache, device)
             X = model.forward_packed(ids, b)
-            return model.logits(X, model.head.weight)
+            return model.logits(X, model.head_weight())
 
     t = timeit(step, device)
     return t, _layer_bytes(model, batch) + _kv_bytes(model, batch, context)

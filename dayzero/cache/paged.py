@@ -32,47 +32,52 @@ class CachePools:
 class PagedBatchCache:
     """The BatchCache of one engine step: sequence b is a request with its block tables.
     `protect[b]`: token count below which nothing of sequence b is written (a prefix-cache hit's
-    shared blocks are re-read but never rewritten)."""
+    shared blocks are re-read but never rewritten); all zeros: no check at all."""
 
     def __init__(self, pools: CachePools, tables: list[dict[str, list[int | None]]], protect: list[int],
                  device: torch.device):
         self.pools = pools
-        self.protect = torch.tensor(protect, dtype=torch.long, device=device)
+        self.protect = torch.tensor(protect, dtype=torch.long, device=device) if any(protect) else None
+        # per group: [B, width + 1] first rows of each block in the flat pool (block * members *
+        # per_block), -1 for blocks not held; the last column is a -1 sentinel for indices past
+        # the table, so one gather + one sign test validates every lookup
         self._tables = {}
-        for name in pools.groups:
-            width = max(1, max(len(t[name]) for t in tables))
-            tab = torch.full((len(tables), width), -1, dtype=torch.long)
+        for name, g in pools.groups.items():
+            width = max(len(t[name]) for t in tables)
+            tab = torch.full((len(tables), width + 1), -1, dtype=torch.long)
             for b, t in enumerate(tables):
                 tab[b, :len(t[name])] = torch.tensor([-1 if x is None else x for x in t[name]], dtype=torch.long)
-            self._tables[name] = tab.to(device)
+            rows = len(g.layers) * g.per_block
+            self._tables[name] = torch.where(tab >= 0, tab * rows, -1).to(device)
 
-    def _locate(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor):
+    def _flat(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor):
+        """(pool [num_blocks, members, per_block, *row], flat row ids) of rows index of sequences seq."""
         group, member = self.pools.route[(layer, kind)]
         g = self.pools.groups[group]
         tab = self._tables[group]
-        col = index // g.per_block
-        if (col >= tab.shape[1]).any() or (tab[seq, col.clamp(max=tab.shape[1] - 1)] < 0).any():
+        first = tab[seq, (index // g.per_block).clamp_(max=tab.shape[1] - 1)]
+        if (first < 0).any():
             raise AssertionError(f"{group}: row of layer {layer} {kind} in a block the request does not hold")
-        return self.pools.tensors[(group, kind)], tab[seq, col], member, index % g.per_block, g
+        return self.pools.tensors[(group, kind)], first + (index % g.per_block + member * g.per_block)
 
     def write(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
-        ratio = self.pools.groups[self.pools.route[(layer, kind)][0]].ratio
-        keep = index >= (self.protect[seq] // ratio if kind.startswith("ent:") else self.protect[seq])
-        if not keep.all():
-            seq, index, values = seq[keep], index[keep], values[keep]
+        if self.protect is not None:
+            ratio = self.pools.groups[self.pools.route[(layer, kind)][0]].ratio
+            keep = index >= (self.protect[seq] // ratio if kind.startswith("ent:") else self.protect[seq])
+            if not keep.all():
+                seq, index, values = seq[keep], index[keep], values[keep]
         if index.numel() == 0:
             return
-        t, blocks, member, off, _ = self._locate(layer, kind, seq, index)
-        t[blocks, member, off] = values.to(t.dtype)
+        t, flat = self._flat(layer, kind, seq, index)
+        t.view(-1, *t.shape[3:])[flat] = values.to(t.dtype)
 
     def read(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        t, blocks, member, off, _ = self._locate(layer, kind, seq, index)
-        return t[blocks, member, off]
+        t, flat = self._flat(layer, kind, seq, index)
+        return t.view(-1, *t.shape[3:])[flat]
 
     def locate(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(pool [num_blocks * members * per_block, *row], flat row ids [M]) of rows index[m] of
         sequences seq[m]: the kernels read keys straight from the pool through these ids."""
-        t, blocks, member, off, g = self._locate(layer, kind, seq, index)
-        flat = (blocks * t.shape[1] + member) * g.per_block + off
+        t, flat = self._flat(layer, kind, seq, index)
         return t.view(-1, *t.shape[3:]), flat

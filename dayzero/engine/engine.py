@@ -33,7 +33,7 @@ class EngineArgs:
     block_size: int | None = None  # default: the smallest multiple of every compression ratio >= 16
     num_speculative_tokens: int | None = None  # MTP drafts per step: 0 or 1 (default 1 with an MTP module)
     speculative_min_acceptance: float = 0.3  # MTP turns itself off below this after 16 drafts
-    ops: str | None = None  # kernel table: "triton", "ref" (PyTorch twins) or None (by device)
+    ops: str | None = None  # kernel table: "triton", "cpu" (native C), "ref" (PyTorch twins) or None (by device)
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -47,8 +47,8 @@ class EngineArgs:
             raise ValueError(f"block_size: must be a positive integer, got {self.block_size!r}")
         if self.num_speculative_tokens not in (None, 0, 1):
             raise ValueError(f"num_speculative_tokens: MTP drafts 0 or 1 token, got {self.num_speculative_tokens!r}")
-        if self.ops not in (None, "auto", "ref", "triton"):
-            raise ValueError(f"ops: must be 'triton', 'ref' or None, got {self.ops!r}")
+        if self.ops not in (None, "auto", "ref", "triton", "cpu"):
+            raise ValueError(f"ops: must be 'triton', 'cpu', 'ref' or None, got {self.ops!r}")
 
 
 def _default_block_size(args) -> int:
@@ -183,8 +183,9 @@ class Engine:
             lengths.append(len(toks))
             ids.extend(toks)
         reqs = [s.request for s in batch]
-        cache = PagedBatchCache(self.pools, [self.kv.table(r.rid) for r in reqs], [r.protect for r in reqs],
-                                self.device)
+        # every write of a step is at or after its start: protection matters only below it
+        cache = PagedBatchCache(self.pools, [self.kv.table(r.rid) for r in reqs],
+                                [r.protect if r.protect > r.num_computed else 0 for r in reqs], self.device)
         starts = [r.num_computed for r in reqs]
         X = self.model.forward_packed(torch.tensor(ids, device=self.device),
                                       Batch(starts, lengths, cache, self.device))
@@ -195,7 +196,7 @@ class Engine:
                 want += [off + n - 2] if s.verify_draft else []
                 want.append(off + n - 1)
         rows = {row: i for i, row in enumerate(want)}
-        logits = self.model.logits(X[want], self.model.head.weight).float().cpu() if want else None
+        logits = self.model.logits(X[want], self.model.head_weight()).float().cpu() if want else None
         mtp = ([], [], [], [], [])  # sequence index, start, length, stream rows, next token ids
         for b, (s, off, n) in enumerate(zip(batch, offsets, lengths)):
             r = s.request
@@ -270,7 +271,7 @@ class Engine:
         mtp_block = self.model.mtp[0]
         X = mtp_block(streams, self.model.embed_tokens(ids), batch, ids)
         ends = torch.tensor(lengths).cumsum(0) - 1
-        logits = mtp_block.logits(X[ends.to(self.device)], self.model.head.weight).float().cpu()
+        logits = mtp_block.logits(X[ends.to(self.device)], self.model.head_weight()).float().cpu()
         for b, lg in zip(seqs, logits):
             r = reqs[b]
             # a draft only for decoding requests, where a step can still take two tokens

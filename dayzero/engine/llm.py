@@ -83,8 +83,8 @@ class LLM:
         tok_file = path / "tokenizer.json"
         self.tokenizer = Tokenizer(tok_file) if tok_file.is_file() else None
         self.engine = Engine(self.model, eargs, self.device, self.tokenizer)
-        if "fp8_linear" not in self.engine.ops.kernels:  # no FP8/FP4 kernels: dequantise small models once
-            keep_dequantized(self.model)
+        # no FP8/FP4 kernels: dequantise small models once; with them, only cast dense weights
+        keep_dequantized(self.model, dense_only="fp8_linear" in self.engine.ops.kernels)
         self._ids = itertools.count()
 
     # ---- inputs ------------------------------------------------------------------------------

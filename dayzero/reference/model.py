@@ -131,6 +131,16 @@ class Transformer(HCHead, nn.Module):
             if table is not REF and hasattr(m, "stack_experts") and "_stacked" not in m.__dict__:
                 m.stack_experts()
 
+    def keep_head_fp32(self, keep: bool) -> None:
+        """Keep an fp32 copy of the LM head (it runs in fp32; a bf16 checkpoint head is otherwise
+        converted at every call). The checkpoint tensor stays as it is."""
+        self.__dict__["_head_f32"] = self.head.weight.float() if keep and self.head.weight.dtype != torch.float32 else None
+
+    def head_weight(self) -> torch.Tensor:
+        """The LM head weight as `logits` should receive it (the fp32 copy when one is kept)."""
+        cached = self.__dict__.get("_head_f32")
+        return cached if cached is not None else self.head.weight
+
     def new_state(self) -> ModelState:
         return ModelState()
 
@@ -153,7 +163,7 @@ class Transformer(HCHead, nn.Module):
         if not self.mtp:
             raise ValueError("this checkpoint has no MTP module (num_nextn_predict_layers = 0)")
         mtp = self.mtp[0]
-        return mtp.logits(mtp(streams, self.embed_tokens(next_ids), batch, next_ids), self.head.weight)
+        return mtp.logits(mtp(streams, self.embed_tokens(next_ids), batch, next_ids), self.head_weight())
 
     def forward(self, input_ids: torch.Tensor, state: ModelState | None = None,
                 return_streams: bool = False):
@@ -163,7 +173,7 @@ class Transformer(HCHead, nn.Module):
         B, S = input_ids.shape
         X = self.forward_packed(input_ids.reshape(-1), state.batch(B, S, state.pos, input_ids.device))
         state.pos += S
-        logits = self.logits(X, self.head.weight).view(B, S, -1)
+        logits = self.logits(X, self.head_weight()).view(B, S, -1)
         return (logits, X.view(B, S, *X.shape[1:])) if return_streams else logits
 
     def mtp_forward(self, streams: torch.Tensor, next_ids: torch.Tensor, state: ModelState) -> torch.Tensor:

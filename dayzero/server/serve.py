@@ -32,8 +32,9 @@ def add_arguments(p) -> None:
     p.add_argument("--numerics", choices=["official", "transformers"], default="official")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
-    p.add_argument("--ops", choices=["triton", "ref"], default=None,
-                   help="kernels: triton or the PyTorch twins (default: triton on GPUs, twins elsewhere)")
+    p.add_argument("--ops", choices=["triton", "cpu", "ref"], default=None,
+                   help="kernels: triton, cpu (native C kernels) or ref (the PyTorch twins); default: "
+                        "triton on GPUs, cpu on CPUs where it builds, else ref")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
 
 
