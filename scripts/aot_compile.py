@@ -156,6 +156,13 @@ def _worker(args) -> int:
                             norm.compress_pool(kv, g, config=cfg)))
         return out
 
+    def rope_cases(act):
+        out = []
+        for label, n, h in (("dec-q", 1, 64), ("pre-q", 4096, 64), ("pre-kv", 4096, 1)):
+            out.append((label, lambda cfg, x=T(n, h, 512, dt=act), c=T(n, 1, 32), s_=T(n, 1, 32):
+                        norm.apply_rope(x, c, s_, config=cfg)))
+        return out
+
     def hc_pre_cases(act):
         n, d = 4, 4096
         R = (2 + n) * n
@@ -213,6 +220,7 @@ def _worker(args) -> int:
         ("norm", "rms_norm", rms_cases, ("bf16", "fp32")),
         ("norm", "fp8_act_sim", fp8sim_cases, ("bf16", "fp32")),
         ("norm", "compress_pool", pool_cases, ("bf16", "fp32")),
+        ("norm", "apply_rope", rope_cases, ("bf16", "fp32")),
     ]
     tunables = {name: mods[m].TUNABLES[name] for m, name, _, _ in OPS}
     for m in MODULES:  # every tunable of the modules has a scenario list here

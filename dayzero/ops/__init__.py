@@ -17,7 +17,7 @@ import torch
 
 from dayzero.ops import ref
 
-OP_NAMES = ("rms_norm", "fp8_act_sim", "sparse_attn_paged", "indexer_scores_paged", "compress_pool",
+OP_NAMES = ("rms_norm", "fp8_act_sim", "apply_rope", "sparse_attn_paged", "indexer_scores_paged", "compress_pool",
             "hc_pre", "hc_post", "fp8_linear", "fp4_linear", "moe_experts")
 
 
@@ -27,6 +27,7 @@ class OpTable:
     name: str
     rms_norm: Callable
     fp8_act_sim: Callable
+    apply_rope: Callable
     sparse_attn_paged: Callable
     indexer_scores_paged: Callable
     compress_pool: Callable

@@ -19,6 +19,7 @@ _PROVIDERS = {
     "rms_norm": "mhc",
     "fp8_act_sim": "mhc",
     "compress_pool": "mhc",
+    "apply_rope": "rope",
     "sparse_attn_paged": "attention",
     "indexer_scores_paged": "attention",
     "hc_pre": "mhc",

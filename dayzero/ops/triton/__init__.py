@@ -17,6 +17,7 @@ _PROVIDERS = {
     "rms_norm": "norm",
     "fp8_act_sim": "norm",
     "compress_pool": "norm",
+    "apply_rope": "norm",
     "sparse_attn_paged": "attention",
     "indexer_scores_paged": "attention",
     "hc_pre": "mhc",

@@ -1,4 +1,5 @@
-"""Row-wise elementwise kernels: RMSNorm, FP8 activation simulation, compressor pooling (twins: ops/ref.py).
+"""Row-wise elementwise kernels: RMSNorm, FP8 activation simulation, compressor pooling, rotary
+embedding (twins: ops/ref.py).
 
 All three are memory-bound single-pass streams: every input byte is read once and every output
 byte written once, fp32 math in registers.
@@ -17,6 +18,9 @@ fp8_act_sim: x viewed as [M, n]; the (row, block) pairs (M x cdiv(n, block) of t
 compress_pool: kv, gate viewed as [M, S, C] (V4: S = 8 CSA slots or 128 HCA slots, C = 512 or
   the 128-wide indexer); grid (M, cdiv(C, BLOCK_C)); one program = all S slots of BLOCK_C
   channels ([S, BLOCK_C] tile, channels contiguous), softmax over slots in registers.
+apply_rope: x viewed as [N, H, Dh] rows sharing a token's cos/sin [N, rd/2]; grid
+  (cdiv(N*H, ROWS)); one program = ROWS rows: the rope pairs rotated in fp32 with the twin's
+  roundings, the nope dims copied.
 
 cast_out (also used by mhc.py) stores fp32 results as bf16 with round-to-nearest-even under the
 Triton interpreter too, whose fp32 -> bf16 cast truncates (GPUs round): the CPU parity tests then
@@ -246,6 +250,67 @@ def compress_pool(kv: torch.Tensor, gate: torch.Tensor, *, config: dict | None =
     return out
 
 
+# ---- rotary embedding ----------------------------------------------------------------------------
+@triton.jit
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, R, H, Dh, NOPE, HALF, INVERSE: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK_NOPE: tl.constexpr, BLOCK_HALF: tl.constexpr, RNE: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rm = rows < R
+    base = rows * Dh
+    for start in range(0, NOPE, BLOCK_NOPE):  # the nope dims: a copy
+        c = start + tl.arange(0, BLOCK_NOPE)
+        m = rm[:, None] & (c < NOPE)[None, :]
+        tl.store(out_ptr + base[:, None] + c[None, :], tl.load(x_ptr + base[:, None] + c[None, :], mask=m), mask=m)
+    i = tl.arange(0, BLOCK_HALF)
+    m = rm[:, None] & (i < HALF)[None, :]
+    pair = base[:, None] + NOPE + 2 * i[None, :]
+    re = tl.load(x_ptr + pair, mask=m, other=0.0).to(tl.float32)
+    im = tl.load(x_ptr + pair + 1, mask=m, other=0.0).to(tl.float32)
+    cs = (rows // H)[:, None] * HALF + i[None, :]
+    co = tl.load(cos_ptr + cs, mask=m, other=0.0)
+    si = tl.load(sin_ptr + cs, mask=m, other=0.0)
+    if INVERSE:
+        si = -si
+    dt = out_ptr.dtype.element_ty
+    tl.store(out_ptr + pair, cast_out(re * co - im * si, dt, RNE), mask=m)
+    tl.store(out_ptr + pair + 1, cast_out(re * si + im * co, dt, RNE), mask=m)
+
+
+ROPE_DEFAULT = dict(ROWS=4, num_warps=4)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False, *,
+               config: dict | None = None) -> torch.Tensor:
+    """Twin: ref.apply_rope. x [..., Dh] with cos/sin [..., rd/2] on the same leading dims, or
+    x [N, H, Dh] with cos/sin [N, 1, rd/2]; other broadcasts go to the twin."""
+    x = _float_tensor("x", x)
+    half = cos.shape[-1] if cos.dim() else 0
+    if cos.shape[:-1] == x.shape[:-1]:
+        N, H = (x.numel() // x.shape[-1] if x.shape[-1] else 0), 1
+    elif x.dim() == 3 and tuple(cos.shape) == (x.shape[0], 1, half):
+        N, H = x.shape[0], x.shape[1]
+    else:
+        from dayzero.ops import ref
+        return ref.apply_rope(x, cos, sin, inverse)
+    if sin.shape != cos.shape or 2 * half > x.shape[-1]:
+        raise _bad("cos/sin.shape", (tuple(cos.shape), tuple(sin.shape)), f"equal, last dim <= {x.shape[-1] // 2}")
+    x = x.contiguous()
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    out = torch.empty_like(x)
+    R = N * H
+    if R == 0:
+        return out
+    Dh = x.shape[-1]
+    cfg = _cfg("apply_rope", f"D{Dh}-{_bucket(R)}", ROPE_DEFAULT, config, x.device)
+    rows = int(cfg["ROWS"])
+    nope = Dh - 2 * half
+    _rope_kernel[(triton.cdiv(R, rows),)](
+        x, cos, sin, out, R, H, Dh, nope, half, INVERSE=bool(inverse), ROWS=rows,
+        BLOCK_NOPE=min(max(triton.next_power_of_2(nope), 16), 512), BLOCK_HALF=max(triton.next_power_of_2(half), 16),
+        RNE=rne_bf16(out), num_warps=int(cfg["num_warps"]))
+    return out
+
+
 # ---- tuning --------------------------------------------------------------------------------------
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -285,7 +350,25 @@ def _pool_cases(device: torch.device):
     return out
 
 
+def _rope_cases(device: torch.device):
+    gpu = device.type == "cuda"
+    shapes = [(1, 64, 512), (4096, 64, 512), (4096, 1, 512)] if gpu else [(3, 4, 40)]
+    dt = torch.bfloat16 if gpu else torch.float32
+    out = []
+    for n, h, d in shapes:
+        x = torch.randn(n, h, d, generator=_gen()).to(device, dt)
+        ang = torch.randn(n, 1, 32 if gpu else 8, generator=_gen(1)).to(device)
+        out.append((f"D{d}-{_bucket(n * h)}", lambda cfg, x=x, a=ang: apply_rope(x, a.cos(), a.sin(), config=cfg)))
+    return out
+
+
 TUNABLES = {
+    "apply_rope": tuning.Tunable(space=(
+        ROPE_DEFAULT,
+        dict(ROWS=1, num_warps=1),
+        dict(ROWS=16, num_warps=4),
+        dict(ROWS=64, num_warps=8),
+    ), cases=_rope_cases),
     "rms_norm": tuning.Tunable(space=(
         RMS_DEFAULT,
         dict(ROWS=1, MAX_C=8192, num_warps=4),
