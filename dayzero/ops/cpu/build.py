@@ -28,7 +28,9 @@ def flags() -> tuple[str, ...]:
     """Compiler flags; DAYZERO_CPU_MARCH overrides -march=native (e.g. x86-64 to build and test
     the scalar fallbacks of kernels that have SIMD paths)."""
     march = os.environ.get("DAYZERO_CPU_MARCH", "native")
-    return ("-O3", f"-march={march}", "-fPIC", "-shared", "-std=c11", "-fno-math-errno", "-fopenmp")
+    # -ffp-contract=off: no FMA contraction, so kernels round products and sums where the twins do
+    return ("-O3", f"-march={march}", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math-errno",
+            "-fopenmp", "-Wno-psabi")
 
 _libs: dict[str, ctypes.CDLL] = {}
 _errors: dict[str, str] = {}
