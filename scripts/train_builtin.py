@@ -15,6 +15,13 @@ Stages (each a subcommand; `all` runs them in order):
             measure held-out perplexity (fp32 vs shipped) and the MTP greedy acceptance rate.
   samples   greedy and sampled continuations of --prompt from the exported model.
   plot      draw the loss curve PNG from the training log (needs matplotlib).
+  indexer   train the lightning indexers by distillation from the main attention (DeepSeek-V3.2's
+            indexer loss, scripts/indexer_distill.py), starting from --init (a training ckpt.pt or
+            a hub-layout directory such as the shipped model, dequantised); --mode warmup trains
+            only the indexers (KL loss, rest frozen), --mode sparse also trains the whole model on
+            its LM loss with the indexer selecting. Measures KL, top-k recall and perplexity on
+            held-out windows before/after and writes <--out>/ckpt.pt (fp32, the format `export
+            --work <--out>` reads; the corpus files are copied next to it). Not part of `all`.
 
 Everything derived (corpus, tokenizer, checkpoints, logs, metrics) lives under --work.
 Reproduce the shipped model:
@@ -275,6 +282,112 @@ def cmd_export(opts) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# indexer: distillation of the lightning indexers (warm-up, optional sparse stage)
+# ---------------------------------------------------------------------------------------------
+def cmd_indexer(opts) -> None:
+    import shutil
+
+    import indexer_distill as idx
+
+    torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    if not opts.init:
+        raise SystemExit("indexer: --init (a training ckpt.pt or a hub-layout model directory) is required")
+    out = Path(opts.out)
+    builtin_dir = (Path(__file__).resolve().parent.parent / "dayzero" / "builtin").resolve()
+    if out.resolve() == builtin_dir or builtin_dir in out.resolve().parents or (out / "config.json").exists():
+        raise SystemExit(f"indexer: --out {out} holds a hub-layout model; give a fresh directory for the fp32 "
+                         "checkpoint and `export --work` it from there")
+    meta = prepare(opts)
+    work = Path(opts.work)
+    train_ids, val_ids = torch.load(work / "train.pt"), torch.load(work / "val.pt")
+    model, start = idx.load_start(opts.init)
+    tok = Path(opts.init) / "tokenizer.json"
+    if tok.exists() and tok.read_bytes() != (work / "tokenizer.json").read_bytes():
+        raise SystemExit(f"{tok} differs from {work}/tokenizer.json")
+    args, k = model.args, model.args.index_topk
+    windows = eval_windows(val_ids, opts.eval_len + 1, opts.eval_windows)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"indexer {opts.mode}: init {start['source']}; {len(windows)} held-out windows of {opts.eval_len + 1}",
+          flush=True)
+
+    def measure_all(tag: str) -> dict:
+        t0 = time.time()
+        r = {"indexer": idx.measure(model, windows, k), "lm": evaluate(model, windows)}
+        print(f"{tag}: {json.dumps(r)} ({time.time() - t0:.0f}s)", flush=True)
+        return r
+
+    results = {"mode": opts.mode, "init": start["source"], "steps": opts.steps, "batch": opts.batch,
+               "seq_len": opts.seq_len, "seed": opts.seed, "idx_lr": opts.idx_lr,
+               "eval": {"windows": len(windows), "window_tokens": opts.eval_len + 1, "heldout": list(HELDOUT)}}
+    results["before"] = measure_all("before")
+    idx_params = idx.freeze_all_but_indexers(model)
+    idx_ids = {id(p) for p in idx_params}
+    if opts.mode == "warmup":
+        main_params = []
+        opt = torch.optim.AdamW(idx_params, lr=opts.idx_lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+        loads = None
+    else:
+        main_params = [p for p in trainable(model) if id(p) not in idx_ids]
+        opt = torch.optim.AdamW([{"params": [p for p in main_params if p.dim() == 2],
+                                  "weight_decay": opts.weight_decay, "peak": opts.sparse_lr},
+                                 {"params": [p for p in main_params if p.dim() != 2], "weight_decay": 0.0,
+                                  "peak": opts.sparse_lr},
+                                 {"params": idx_params, "weight_decay": 0.0, "peak": opts.idx_lr}],
+                                lr=opts.sparse_lr, betas=(0.9, 0.95), eps=1e-8)
+        loads = RouterLoads(model)
+    for g in opt.param_groups:
+        g.setdefault("peak", opts.idx_lr)
+    with open(out / "indexer_log.csv", "w", newline="") as log:
+        writer = csv.writer(log)
+        writer.writerow(["step", "minutes", "lr_scale", "kl", "kl_layers", "main_loss", "mtp_loss"])
+        deadline = deadline_from(opts)
+        offset = {"warmup": 20_000_000, "sparse": 30_000_000}[opts.mode]  # windows apart from train / qat
+        model.train()
+        t_start, step, stop = time.time(), 0, "steps"
+        while step < opts.steps:
+            if time.time() >= deadline:
+                stop = "deadline"
+                break
+            scale = idx.lr_at(step, opts.steps, 1.0, opts.idx_warmup)
+            for g in opt.param_groups:
+                g["lr"] = g["peak"] * scale
+            ids = batch_at(train_ids, offset + step, opts.batch, opts.seq_len + 1, opts.seed)
+            if opts.mode == "warmup":
+                kl, per = idx.warmup_step(model, opt, idx_params, ids, opts.clip)
+                main = mtp = ""
+            else:
+                r = idx.sparse_step(model, opt, main_params, idx_params, loads, ids, opts.mtp_weight, opts.kl_weight,
+                                    opts.clip, opts.bias_gamma)
+                kl, per, main, mtp = r["kl"], r["kl_layers"], round(r["main"], 4), round(r["mtp"], 4)
+            step += 1
+            minutes = (time.time() - t_start) / 60
+            writer.writerow([step, round(minutes, 3), f"{scale:.3f}", round(kl, 5),
+                             " ".join(f"{v:.4f}" for v in per.values()), main, mtp])
+            log.flush()
+            if step % opts.print_every == 0 or step == 1:
+                print(f"{opts.mode} step {step} kl {kl:.4f} ({' '.join(f'L{l}={v:.4f}' for l, v in per.items())})"
+                      f" main {main} {minutes:.1f} min", flush=True)
+    model.eval()
+    results.update({"steps_done": step, "stop": stop, "minutes": round((time.time() - t_start) / 60, 2)})
+    results["after"] = measure_all("after")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    save_ckpt(out / "ckpt.pt", {"model": model.state_dict(), "step": start["step"], "elapsed": start["elapsed"],
+                                "args": args.to_hf_dict(), "opts": vars(opts), "indexer": results})
+    for name in ("data.json", "tokenizer.json", "train.pt", "val.pt"):  # so that `export --work <out>` runs
+        if (work / name).resolve() != (out / name).resolve():
+            shutil.copyfile(work / name, out / name)
+    results["corpus"] = meta
+    (out / "indexer_metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    b, a = results["before"], results["after"]
+    print(json.dumps({"kl": [b["indexer"]["mean"]["kl"], a["indexer"]["mean"]["kl"]],
+                      f"recall@{k}_pruning": [b["indexer"]["mean"][f"recall@{k}_pruning"],
+                                              a["indexer"]["mean"][f"recall@{k}_pruning"]],
+                      "ppl": [b["lm"]["ppl"], a["lm"]["ppl"]], "steps": step, "out": str(out)}), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # samples
 # ---------------------------------------------------------------------------------------------
 def cmd_samples(opts) -> None:
@@ -340,7 +453,7 @@ def cmd_plot(opts) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["train", "export", "samples", "plot", "all"])
+    p.add_argument("command", choices=["train", "export", "samples", "plot", "all", "indexer"])
     p.add_argument("--work", default="builtin-work", help="working directory for corpus, tokenizer, "
                    "checkpoints and logs (default: %(default)s)")
     p.add_argument("--out", default="dayzero/builtin/shakespeare",
@@ -379,6 +492,17 @@ def main(argv=None) -> None:
     g.add_argument("--qat-lr", type=float, default=1e-4)
     g.add_argument("--qat-threshold", type=float, default=0.05)
     g.add_argument("--force-qat", action="store_true")
+    g = p.add_argument_group("indexer (uses --steps, --batch, --seq-len, --seed, --clip, --minutes, --threads, "
+                             "--eval-len/--eval-windows for the held-out measurements, --out for the checkpoint)")
+    g.add_argument("--init", help="starting point: a training ckpt.pt (or a --work directory holding one) or a "
+                   "hub-layout model directory (e.g. dayzero/builtin/shakespeare, dequantised to fp32)")
+    g.add_argument("--mode", choices=["warmup", "sparse"], default="warmup",
+                   help="warmup: only the indexers train (KL loss); sparse: the whole model trains on its LM "
+                   "loss with the indexer selecting, the indexers keep the KL loss (default: %(default)s)")
+    g.add_argument("--idx-lr", type=float, default=1e-3, help="peak learning rate of the indexers")
+    g.add_argument("--idx-warmup", type=int, default=10, help="learning-rate warmup steps of this stage")
+    g.add_argument("--sparse-lr", type=float, default=1e-4, help="peak learning rate of the rest (sparse mode)")
+    g.add_argument("--kl-weight", type=float, default=1.0, help="weight of the indexer KL loss (sparse mode)")
     g = p.add_argument_group("samples")
     g.add_argument("--prompt", default="KING LEAR:")
     g.add_argument("--sample-tokens", type=int, default=120)
@@ -392,6 +516,8 @@ def main(argv=None) -> None:
         cmd_samples(opts)
     if opts.command in ("plot", "all"):
         cmd_plot(opts)
+    if opts.command == "indexer":
+        cmd_indexer(opts)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ class Compressor(UsesOps, nn.Module):
             gate = torch.cat([prev_gate, gate[..., C:]], 1)
         entries = self.norm(self.ops.compress_pool(kv, gate).to(dtype))
         cos, sin = ref.rope_cos_sin(r * ids, inv_freq)
-        entries = ref.apply_rope(entries, cos, sin)
+        entries = self.ops.apply_rope(entries, cos, sin)
         if self.official:
             if self.rotate:
                 entries = ref.fp4_act_sim(ref.hadamard(entries), 32)
@@ -116,7 +116,14 @@ def _fp8_nope_sim(ops: OpTable, x: torch.Tensor, rope_dim: int) -> torch.Tensor:
 
 
 class Indexer(UsesOps, nn.Module):
-    """Lightning indexer: I[t,s] = sum_h w[t,h] relu(q[t,h] . k[s]), top-k over usable entries."""
+    """Lightning indexer: I[t,s] = sum_h w[t,h] relu(q[t,h] . k[s]), top-k over usable entries.
+
+    Training only (indexer distillation, scripts/indexer_distill.py): when `capture` is a list,
+    each call appends {"layer", "positions", "usable" [N, T], "scores" [N, T] (pre-top-k, with
+    grad to the indexer's own parameters; x and q_lat enter detached)} and the layer's Attention
+    adds "target" [N, T], the detached dense attention over every usable entry. None (the
+    default) changes nothing."""
+    capture: list | None = None
 
     def __init__(self, args: ModelArgs, ratio: int, dtype: torch.dtype, official: bool):
         super().__init__()
@@ -132,10 +139,15 @@ class Indexer(UsesOps, nn.Module):
                inv_freq: torch.Tensor) -> torch.Tensor:
         """Each query's compressed-entry ids [N, k], -1 where fewer usable entries exist."""
         positions, dev = batch.positions, x.device
+        if self.capture is not None:
+            x, q_lat = x.detach(), q_lat.detach()
         ends = self.compressor.update(self.compressor.project(x, positions), batch, layer, "index", inv_freq,
                                       x.dtype)
         T = max(ends)
         if T == 0:
+            if self.capture is not None:
+                none = torch.zeros(x.shape[0], 0, device=dev)
+                self.capture.append({"layer": layer, "positions": positions, "usable": none.bool(), "scores": none})
             return torch.empty(x.shape[0], 0, dtype=torch.long, device=dev)
         ids = torch.arange(T, device=dev)[None, :].expand(x.shape[0], T)
         usable = ids < ((positions + 1) // self.ratio)[:, None]  # [N, T]
@@ -143,11 +155,13 @@ class Indexer(UsesOps, nn.Module):
                              x.dtype)
         q = self.wq_b(q_lat).unflatten(-1, (self.n_heads, self.head_dim))
         cos, sin = ref.rope_cos_sin(positions, inv_freq)
-        q = ref.apply_rope(q, cos[:, None], sin[:, None])
+        q = self.ops.apply_rope(q, cos[:, None], sin[:, None])
         if self.official:
             q = ref.fp4_act_sim(ref.hadamard(q), 32)
         w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
         scores = self.ops.indexer_scores_paged(q, w, pool, rows)  # [N, T], -inf where not usable
+        if self.capture is not None:
+            self.capture.append({"layer": layer, "positions": positions, "usable": usable, "scores": scores})
         # stable descending sort: ties (e.g. entries whose every head's ReLU is 0) go to the lower
         # index, so the selection does not depend on how the sequence was split into calls
         top = scores.sort(dim=-1, descending=True, stable=True).indices[:, :min(self.topk, T)]
@@ -193,8 +207,8 @@ class Attention(UsesOps, nn.Module):
             q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + self.eps)
         else:
             q = self.ops.rms_norm(q, None, self.eps)
-        q = ref.apply_rope(q, cos[:, None], sin[:, None])
-        kv = ref.apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        q = self.ops.apply_rope(q, cos[:, None], sin[:, None])
+        kv = self.ops.apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
         if self.official:
             kv = _fp8_nope_sim(self.ops, kv, self.rope_dim)
 
@@ -209,14 +223,49 @@ class Attention(UsesOps, nn.Module):
             ends = self.compressor.update(rows, batch, layer, "attn", inv_freq, q.dtype)
             if self.layer_type == "csa":  # always: its own compressor consumes the batch's rows
                 cidx = self.indexer.select(x, q_lat, batch, layer, inv_freq)
+                if self.indexer.capture is not None:
+                    self.indexer.capture[-1]["target"] = self.entry_target(q, sources[0], batch, layer, ends)
             else:  # every closed entry the query may use
                 ids = torch.arange(max(ends), device=dev)[None, :]
                 cidx = torch.where(ids < ((positions + 1) // self.ratio)[:, None], ids, -1)
             sources.append(rows_of(cache, layer, "ent:attn", seq[:, None], cidx.clamp(min=0), cidx >= 0,
                                    (self.head_dim,), q.dtype))
         o = self.ops.sparse_attn_paged(q, sources, self.attn_sink, self.head_dim ** -0.5)
-        o = ref.apply_rope(o, cos[:, None], sin[:, None], inverse=True)
+        o = self.ops.apply_rope(o, cos[:, None], sin[:, None], inverse=True)
         o = o.flatten(1).unflatten(-1, (self.o_groups, -1))
-        wo_a = self.wo_a.dequant(o.dtype).view(self.o_groups, -1, o.shape[-1])
-        o = torch.einsum("ngd,grd->ngr", o, wo_a).flatten(1)
-        return self.wo_b(o)
+        return self.wo_b(self._grouped_wo_a(o))
+
+    def _grouped_wo_a(self, o: torch.Tensor) -> torch.Tensor:
+        """The grouped low-rank output projection: group g of o [N, G, d] through rows
+        g*r .. (g+1)*r of wo_a -> [N, G*r]. FP8 weights without a dequantised copy go through the
+        table's fp8_linear one group at a time (each group's rows are whole 128-row scale blocks)."""
+        G, lin = self.o_groups, self.wo_a
+        if lin.fmt != "fp8" or lin.__dict__.get("_dequantized") is not None or lin.out_features // G % 128:
+            w = lin.dequant(o.dtype).view(G, -1, o.shape[-1])
+            return torch.einsum("ngd,grd->ngr", o, w).flatten(1)
+        r = lin.out_features // G
+        return torch.cat([self.ops.fp8_linear(o[:, g], lin.weight[g * r:(g + 1) * r],
+                                              lin.scale[g * r // 128:(g + 1) * r // 128]) for g in range(G)], -1)
+
+    @torch.no_grad()
+    def entry_target(self, q: torch.Tensor, window: tuple[torch.Tensor, torch.Tensor], batch: Batch, layer: int,
+                     ends: list[int]) -> torch.Tensor:
+        """Training only (indexer distillation): the DENSE attention of each query over its window
+        and every usable compressed entry (sink in the denominator), its probabilities on the
+        entries summed over heads and L1-normalised -> fp32 [N, T], 0 on unusable entries (and on
+        every entry of a query that has none)."""
+        positions, dev = batch.positions, q.device
+        T = max(ends)
+        if T == 0:
+            return torch.zeros(q.shape[0], 0, device=dev)
+        ids = torch.arange(T, device=dev)[None, :].expand(q.shape[0], T)
+        usable = ids < ((positions + 1) // self.ratio)[:, None]
+        ent = rows_of(batch.cache, layer, "ent:attn", batch.seq[:, None], ids, usable, (self.head_dim,), q.dtype)
+        keys, valid = zip(*(ref.gather_rows(pool, idx) for pool, idx in (window, ent)))
+        keys, valid = torch.cat(keys, 1).float(), torch.cat(valid, 1)
+        logits = torch.einsum("nhd,nkd->nhk", q.float(), keys) * self.head_dim ** -0.5
+        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+        sink = self.attn_sink.float().view(1, -1, 1).expand(q.shape[0], -1, 1)
+        probs = torch.cat([logits, sink], -1).softmax(-1)[..., -T - 1:-1].sum(1)  # entries, summed over heads
+        probs = probs.masked_fill(~usable, 0)
+        return probs / probs.sum(-1, keepdim=True).clamp(min=1e-30)

@@ -1,15 +1,18 @@
 """RoPE at every call site of a CSA and an HCA layer: which tensor, which table, which positions
 (v4-architecture.md 3.3-3.8, 10.3): q and window kv at the token positions, compressed entries and
 indexer keys at r*i, indexer queries at the token positions, the output de-rotated (conjugate)."""
+import dataclasses
+
 import torch
 
 from dayzero.loader.model_io import load_model
-from dayzero.ops import ref
+from dayzero.ops import REF, ref
+from dayzero.reference.layers import UsesOps
 from dayzero.reference.attention import rope_table
 from tests.conftest import prompt_ids
 
 
-def test_rope_call_sites(make_ckpt, monkeypatch):
+def test_rope_call_sites(make_ckpt):
     model = load_model(make_ckpt("flash", "fp32"), numerics="transformers")
     args = model.args
     calls = []
@@ -19,7 +22,10 @@ def test_rope_call_sites(make_ckpt, monkeypatch):
         calls.append((tuple(x.shape), cos.squeeze(), inverse))
         return real(x, cos, sin, inverse)
 
-    monkeypatch.setattr(ref, "apply_rope", spy)
+    spied = dataclasses.replace(REF, apply_rope=spy)  # the modules call RoPE through their op table
+    for m in model.modules():
+        if isinstance(m, UsesOps):
+            m.ops = spied
     S = 40
     state = model.new_state()
     model(prompt_ids(S), state)
