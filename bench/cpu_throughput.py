@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=48)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--ops", choices=["cpu", "ref"], default=None,
+                    help="dayzero's op table (default: by device: the native CPU kernels where they build)")
     a = ap.parse_args()
     from transformers import DeepseekV4ForCausalLM
 
@@ -35,7 +37,7 @@ def main() -> None:
 
         cli(["toy", f"{tmp}/toy", "--format", "fp32"])
         a.model = f"{tmp}/toy"
-    llm = LLM(a.model, numerics="transformers", dtype="float32")
+    llm = LLM(a.model, numerics="transformers", dtype="float32", ops=a.ops)
     dense = save_model(f"{tmp}/dense", llm.model, llm.args.replace(quant=None, expert_dtype=None, dtype="float32"))
     hf = DeepseekV4ForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(0)
@@ -71,9 +73,9 @@ def main() -> None:
                "baseline_name": "transformers DeepseekV4ForCausalLM.generate (greedy, batch 1 each)",
                "baseline_time_us": t_hf * 1e6, "baseline_tokens_per_s": gen / t_hf,
                "speedup": t_hf / t_ours, "greedy_agreement": f"{agree}/{n}",
-               "mtp": llm.engine.stats()["mtp_acceptance"], **env}
+               "mtp": llm.engine.stats()["mtp_acceptance"], "ops": llm.engine.ops.name, **env}
         records.append(rec)
-        print(f"{n:3d} prompt(s): dayzero {gen / t_ours:8.1f} tok/s, transformers {gen / t_hf:8.1f} tok/s, "
+        print(f"{n:3d} prompt(s): dayzero ({llm.engine.ops.name} ops) {gen / t_ours:8.1f} tok/s, transformers {gen / t_hf:8.1f} tok/s, "
               f"speedup {t_hf / t_ours:5.2f}x, greedy agreement {agree}/{n}")
     print("appended to", append("cpu_throughput.jsonl", records))
 

@@ -116,16 +116,21 @@ def lib(module: str) -> ctypes.CDLL:
     return _libs[module]
 
 
+def bind(library: ctypes.CDLL, name: str, signature: str):
+    """Kernel `name` of a loaded library with its argument types (see `function`)."""
+    fn = getattr(library, name)
+    fn.argtypes = [_CTYPES[c] for c in signature]
+    fn.restype = None
+    return fn
+
+
 def function(module: str, name: str, signature: str):
     """Kernel `name` of `<module>.c` with its argument types: one letter per argument,
     p = pointer (pass `tensor.data_ptr()`), i = int64, f = float. Kernels return nothing."""
     key = f"{module}.{name}"
     fn = _functions.get(key)
     if fn is None:
-        fn = getattr(lib(module), name)
-        fn.argtypes = [_CTYPES[c] for c in signature]
-        fn.restype = None
-        _functions[key] = fn
+        fn = _functions[key] = bind(lib(module), name, signature)
     return fn
 
 

@@ -1,0 +1,105 @@
+"""Microbenchmark of the native CPU GEMMs (dayzero/ops/cpu/gemm.c) against their twins.
+
+    OMP_NUM_THREADS=2 python -m bench.cpu_gemm_micro [--reps 200] [--no-s1]
+
+Decode-sized calls of the built-in model (M = 1, 2; FP8 256x256 and 512x128, FP4 256x256,
+MoE dim 256 x inter 256) in us per call (median and best) against the twins, and the S1 MoE
+scenario at batch 1 and 8 (16 experts, dim 4096 x inter 2048, top-6, FP4) as a fraction of the
+copy bandwidth measured in the same run (dayzero.scenarios.peaks / s1_moe accounting). On a
+shared machine the best times are the steadier ones. Prints; writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from dayzero.loader.formats import quant_fp4, quant_fp8_block
+from dayzero.ops import ref
+from dayzero.ops.cpu import gemm
+
+
+def _us(fn, reps: int) -> tuple[float, float]:
+    """(median, min) microseconds per call after a warmup."""
+    for _ in range(max(3, reps // 10)):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e6, min(ts) * 1e6
+
+
+def small(reps: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    print(f"{'op':40s} {'native us (median / min)':>26s} {'twin us (median / min)':>24s}")
+
+    def row(name, fn, twin, twin_reps=reps):
+        a, amin = _us(fn, reps)
+        b, bmin = _us(twin, twin_reps)
+        print(f"{name:40s} {a:12.1f} / {amin:8.1f}   {b:12.1f} / {bmin:8.1f}   ({b / a:.0f}x)")
+
+    for dt in (torch.bfloat16, torch.float32):
+        d = str(dt)[6:]
+        for M in (1, 2):
+            for O, K in ((256, 256), (512, 128)):
+                w, s = quant_fp8_block(torch.randn(O, K, generator=g) * 0.05)
+                x = torch.randn(M, K, generator=g).to(dt)
+                for aq in (False, True):
+                    row(f"fp8_linear {d} M{M} {O}x{K} act_quant={int(aq)}",
+                        lambda x=x, w=w, s=s, aq=aq: gemm.fp8_linear(x, w, s, aq),
+                        lambda x=x, w=w, s=s, aq=aq: ref.fp8_linear(x, w, s, aq))
+            w, s = quant_fp4(torch.randn(256, 256, generator=g))
+            x = torch.randn(M, 256, generator=g).to(dt)
+            row(f"fp4_linear {d} M{M} 256x256", lambda x=x, w=w, s=s: gemm.fp4_linear(x, w, s),
+                lambda x=x, w=w, s=s: ref.fp4_linear(x, w, s))
+            E, k, dim, inter = 8, 2, 256, 256
+            st = []
+            for o, i in ((inter, dim), (inter, dim), (dim, inter)):
+                q = [quant_fp4(torch.randn(o, i, generator=g) * i ** -0.5) for _ in range(E)]
+                st += [torch.stack([a for a, _ in q]), torch.stack([b for _, b in q])]
+            ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(M)])
+            wts = torch.rand(M, k, generator=g)
+            args = (x, wts, ids, *st, 10.0)
+            for sim in (False, True):
+                row(f"moe_experts {d} M{M} E{E} k{k} {dim}x{inter} sim={int(sim)}",
+                    lambda a=args, h=sim: gemm.moe_experts(*a, h_act_sim=h), lambda a=args, h=sim: ref.moe_experts(*a, h_act_sim=h),
+                    max(10, reps // 10))
+
+
+def s1(batches=(1, 8), reps: int = 10) -> None:
+    """dayzero bench S1 (scenarios.s1_moe: its byte accounting, median of 3, the twin baseline),
+    plus the median / best of `reps` more calls; fractions are of the copy bandwidth measured here."""
+    from dayzero.ops import for_device
+    from dayzero.scenarios import _fp4_stack, peaks, s1_moe
+    dev = torch.device("cpu")
+    table = for_device(dev, "cpu")
+    bw = peaks(dev)["bandwidth"]
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s")
+    for b in batches:
+        r = s1_moe(table, dev, b, 16, 4096, 2048)
+        nbytes = r["bytes"]
+        g = torch.Generator().manual_seed(0)  # the inputs of s1_moe again, for the extra calls
+        stacks = [t for o, i in ((2048, 4096), (2048, 4096), (4096, 2048)) for t in _fp4_stack(16, o, i, dev, g)]
+        x = torch.randn(b, 4096, generator=g).to(torch.bfloat16)
+        ids = torch.stack([torch.randperm(16, generator=g)[:6] for _ in range(b)])
+        wts = torch.rand(b, 6, generator=g)
+        med, best = _us(lambda a=(x, wts, ids, *stacks): table.moe_experts(*a, 10.0), reps)
+        print(f"S1 B={b}: {r['time_s'] * 1e3:.2f} ms = {100 * nbytes / r['time_s'] / bw:.1f}% of copy bandwidth "
+              f"(bench accounting); {reps} more calls: median {med / 1e3:.2f} ms ({100 * nbytes / med * 1e6 / bw:.1f}%), "
+              f"best {best / 1e3:.2f} ms ({100 * nbytes / best * 1e6 / bw:.1f}%); twin {r['baseline_time_s'] * 1e3:.0f} ms "
+              f"({r['shape']})")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--no-s1", action="store_true", help="skip the S1 scenario")
+    a = ap.parse_args()
+    print(f"threads {torch.get_num_threads()}")
+    small(a.reps)
+    if not a.no_s1:
+        s1()

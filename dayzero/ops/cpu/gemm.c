@@ -1,0 +1,951 @@
+/* Quantized-weight GEMMs on the CPU: FP8 block-scaled linears, MXFP4 linears and the routed-expert
+ * MoE over FP4 expert stacks. Twins: ops/ref.py fp8_linear, fp4_linear, moe_experts.
+ *
+ * Weights are decoded in registers, never materialised, and every decoded weight equals the twin's
+ * dequantised W (its fp32 product v * s, rounded to bf16 where the twin casts W to a bf16 x):
+ * - FP4 (e2m1 nibbles, low nibble = even k; a scale per 32 along k): per group the 16 signed e2m1
+ *   values times the group's scale form a table that each byte indexes twice (vpermps reads the
+ *   low 4 index bits: byte & 15 needs no mask, byte >> 4 is the high nibble). Activations are
+ *   de-interleaved per group (evens, then odds), so nibbles are never interleaved in registers.
+ *   bf16 x (AVX512-BF16): a 32-entry bf16 table covers two groups, vpermw decodes 32 weights per
+ *   instruction and vdpbf16ps multiplies pairs exactly, accumulating in fp32.
+ * - FP8 e4m3 (128x128 block scales): byte s.eeee.mmm moved to fp16 bits s.0eeee.mmm0000000 is the
+ *   value times 2^-8 (subnormals included), converted by vcvtph2ps and multiplied by the block
+ *   scale times 2^8. The NaN codes 0x7f / 0xff decode as +-480 in the SIMD paths (as in the Triton
+ *   kernel; checkpoints never contain them).
+ * Products are exact inside FMAs / vdpbf16ps, sums are fp32, one rounding to x.dtype at the end:
+ * results differ from the twins only by fp32 summation order (bf16: and the output rounding of
+ * values that differ by it).
+ *
+ * Blocking: one weight row pair shares each activation load with up to MB = 8 activation rows;
+ * work items are tiles of <= TILE output rows; with more than two activation rows K is walked in
+ * chunks that keep their slice in L1. Weight streams are software-prefetched PF bytes ahead.
+ * SIMD: AVX-512 (F+BW+VL, +BF16 for the bf16 kernel), else AVX2+FMA+F16C, else plain C.
+ * Threads: OpenMP (torch's libgomp), nthreads from torch.get_num_threads(); work items are
+ * dynamically scheduled; calls under PAR_MIN multiply-adds stay on the caller's thread. Results
+ * do not depend on the thread count (no reduction is split between threads).
+ */
+#include "common.h"
+
+#include <stdlib.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define DZ_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define DZ_AVX2 1
+#endif
+#if DZ_AVX512 && defined(__AVX512BF16__)
+#define DZ_BF16DOT 1 /* bf16 activations x FP4 weights on vdpbf16ps */
+#endif
+
+#define AI static inline __attribute__((always_inline))
+#define MB 8    /* activation rows sharing each decoded weight vector */
+#define TILE 64 /* output rows per work item at most (results: res[m * TILE + row]) */
+#define SUB 16  /* rows whose K-chunks are walked together (weight streams in flight) */
+#ifndef PF
+#define PF 2048 /* software prefetch distance in weight bytes (rounded up to whole rows) */
+#endif
+#define PAR_MIN ((int64_t)1 << 20) /* multiply-adds below which a call stays on the caller's thread */
+
+/* tests: 0 sends bf16 activations through the fp32 kernels as on CPUs without AVX512-BF16 */
+static int use_bf16dot = 1;
+
+void dz_gemm_options(int64_t bf16dot) { use_bf16dot = (int)bf16dot; }
+
+static const float E2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                               -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+static float E4M3[256];
+
+__attribute__((constructor)) static void init_tables(void) {
+    for (int i = 0; i < 256; i++) E4M3[i] = dz_e4m3((uint8_t)i);
+}
+
+static inline float scale_at(const void *s, int64_t i, int e8m0) {
+    return e8m0 ? dz_e8m0(((const uint8_t *)s)[i]) : ((const float *)s)[i];
+}
+
+static inline float round_to(float v, int bf16) {
+    return bf16 ? dz_bf16_to_f32(dz_f32_to_bf16(v)) : v;
+}
+
+static void *dz_alloc(int64_t bytes) {
+    size_t n = ((size_t)(bytes > 0 ? bytes : 1) + 63) & ~(size_t)63;
+    return aligned_alloc(64, n);
+}
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* Activation rows for the FP4 kernels, fp32, de-interleaved per 32-group (one scale group):
+ * dst[32g + j] = x[32g + 2j] (the low nibbles' k), dst[32g + 16 + j] = x[32g + 2j + 1], j < 16, so a
+ * K-chunk of whole groups is contiguous and a group's two halves are one vector load each. */
+static inline int64_t g32_pos(int64_t k) { return (k & ~(int64_t)31) + ((k & 1) << 4) + ((k & 31) >> 1); }
+
+static void split_row(const void *x, int bf16, int64_t K, float *dst) {
+    for (int64_t g = 0; g < K; g += 32)
+        for (int j = 0; j < 16; j++) {
+            dst[g + j] = dz_load(x, g + 2 * j, bf16);
+            dst[g + 16 + j] = dz_load(x, g + 2 * j + 1, bf16);
+        }
+}
+
+/* row stride of the fp32 activation buffers: K rounded up to 16 floats, plus 16 so that rows
+ * are never a multiple of 4 KiB apart (L1 set aliasing when several rows stream together) */
+static inline int64_t pad_ld(int64_t K) { return ((K + 15) & ~(int64_t)15) + 16; }
+
+/* bf16 activation rows for the vdpbf16ps FP4 kernel, de-interleaved per 64 (two scale groups):
+ * dst[64c + i] = x[64c + 2i], dst[64c + 32 + i] = x[64c + 2i + 1], i < 32, zeros past K; the
+ * row stride (in elements) is K rounded up to 64 plus 32 (no 4 KiB aliasing between rows) */
+static inline int64_t g64_pos(int64_t k) { return (k & ~(int64_t)63) + ((k & 1) << 5) + ((k & 63) >> 1); }
+static inline int64_t pad_ld64(int64_t K) { return ((K + 63) & ~(int64_t)63) + 32; }
+
+static void split64_row(const uint16_t *x, int64_t K, uint16_t *dst) {
+    const int64_t Kp = (K + 63) & ~(int64_t)63;
+    for (int64_t c = 0; c < Kp; c += 64)
+        for (int i = 0; i < 32; i++) {
+            const int64_t e = c + 2 * i;
+            dst[c + i] = e < K ? x[e] : 0;
+            dst[c + 32 + i] = e + 1 < K ? x[e + 1] : 0;
+        }
+}
+
+/* ---- FP8 activation simulation (ref.fp8_act_sim, bit-exact) ------------------------------------ */
+static inline float u2f(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint32_t f2u(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+/* nearest e4m3 value of |v| <= 448, ties to even, as fp32: v in units of the e4m3 spacing there
+ * rounded to an integer by adding 1.5*2^23 (ISO C11 build: no contraction, no reassociation) */
+static inline float e4m3_round(float v) {
+    float a = fabsf(v);
+    uint32_t e = (f2u(a < 0x1p-6f ? 0x1p-6f : a) >> 23) & 0xff;
+    float r = (v * u2f((257u - e) << 23) + 12582912.0f) - 12582912.0f;
+    return copysignf(r, v) * u2f((e - 3u) << 23); /* a value rounding to zero keeps its sign */
+}
+
+/* ref.pow2_scale(amax, 448, 1e-4): smallest power of two s with amax / s <= 448 */
+static inline float fp8_scale(float amax) {
+    float a = amax < 1e-4f ? 1e-4f : amax;
+    uint32_t t = f2u(a / 448.0f);
+    uint32_t e = ((t >> 23) & 0xff) + ((t & 0x7fffff) != 0);
+    float s = u2f(e << 23);
+    if (a / s > 448.0f) s *= 2.0f;
+    if (a / (s * 0.5f) <= 448.0f) s *= 0.5f;
+    return s;
+}
+
+/* simulate one block of n values in place (ref.fp8_act_sim of a 128-block; the twin's zero
+ * padding of a partial block changes nothing) */
+static void fp8_sim_block(float *p, int64_t n) {
+    float amax = 0.0f;
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float a = fabsf(p[i]);
+        bad |= !(a <= 3.4028235e38f);
+        amax = a > amax ? a : amax;
+    }
+    if (bad) { /* NaN or inf in the block: the twin's scale is NaN / inf, every value NaN */
+        for (int64_t i = 0; i < n; i++) p[i] = NAN;
+        return;
+    }
+    const float s = fp8_scale(amax);
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    /* the same arithmetic 16 at a time; x / s == x * (1 / s) exactly (s a power of two) */
+    const __m512 vs = _mm512_set1_ps(s), vinv = _mm512_set1_ps(1.0f / s), big = _mm512_set1_ps(12582912.0f);
+    const __m512i emin = _mm512_set1_epi32(121), absm = _mm512_set1_epi32(0x7fffffff);
+    for (; i < n; i += 16) {
+        const __mmask16 km = (__mmask16)(n - i >= 16 ? 0xffff : (1u << (n - i)) - 1);
+        const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(km, p + i), vinv);
+        const __m512i e = _mm512_max_epi32(_mm512_srli_epi32(_mm512_and_si512(_mm512_castps_si512(v), absm), 23), emin);
+        const __m512 up = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(_mm512_set1_epi32(257), e), 23));
+        const __m512 ulp = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(3)), 23));
+        __m512 r = _mm512_sub_ps(_mm512_fmadd_ps(v, up, big), big); /* v * up is exact: one rounding */
+        r = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(r), _mm512_castps_si512(v), absm, 0xE4));
+        _mm512_mask_storeu_ps(p + i, km, _mm512_mul_ps(_mm512_mul_ps(r, ulp), vs));
+    }
+#endif
+    for (; i < n; i++) p[i] = e4m3_round(p[i] / s) * s;
+}
+
+/* the same on bf16 values (results are e4m3 values times powers of two: exact in bf16) */
+static void fp8_sim_block_bf16(uint16_t *p, int64_t n) {
+    float buf[128];
+    for (int64_t i = 0; i < n; i++) buf[i] = dz_bf16_to_f32(p[i]);
+    fp8_sim_block(buf, n);
+    for (int64_t i = 0; i < n; i++) p[i] = dz_f32_to_bf16(buf[i]);
+}
+
+/* rows [M, K] (fp32 or bf16, row stride ldx elements) -> ref.fp8_act_sim(x, 128) [M, K], same dtype */
+void dz_gemm_fp8_sim(const void *x, int64_t ldx, int64_t bf16, int64_t M, int64_t K, void *out) {
+    float *buf = (float *)dz_alloc(K * 4);
+    for (int64_t m = 0; m < M; m++) {
+        dz_load_row((const char *)x + m * ldx * (bf16 ? 2 : 4), K, (int)bf16, buf);
+        for (int64_t k = 0; k < K; k += 128) fp8_sim_block(buf + k, min64(128, K - k));
+        dz_store_row((char *)out + m * K * (bf16 ? 2 : 4), K, (int)bf16, buf);
+    }
+    free(buf);
+}
+
+/* ---- micro-kernels: out[m * TILE + r] += W[row r, chunk] . x[m, chunk], r < nr (<= 2), m < mb -------
+ * fp4: w = n/2 packed bytes per row (rows ldw bytes apart), s = n/32 group scales (E8M0 bytes or
+ *      fp32; rows lds entries apart), xr[m] rows in the split_row layout, n a multiple of 32.
+ * fp8: w = n e4m3 bytes per row, s = the block scales of the rows' (common) 128-row block from the
+ *      chunk's first 128-block (chunks start on a block), xr[m] plain fp32 rows.
+ * rnd: round each scaled weight to bf16 (fp32 scales with bf16 x: the twin's W).
+ * The AVX2 and plain C versions take one row (nr = 1; fp8: elem = per-weight scaling for fp32
+ * scales, else the block's partial sum is scaled). */
+#if DZ_AVX512
+AI __m512 rnd_bf16_v(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+AI __m512 e8m0_v(__m128i b) {
+    __m512i i = _mm512_cvtepu8_epi32(b);
+    __m512i bits = _mm512_slli_epi32(i, 23);
+    bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(i, _mm512_setzero_si512()),
+                                 _mm512_set1_epi32(0x00400000));
+    return _mm512_castsi512_ps(bits);
+}
+
+/* 16 e4m3 bytes -> fp32 values * 2^-8 */
+AI __m512 e4m3_x2m8(__m128i b) {
+    __m256i t = _mm256_slli_epi16(_mm256_cvtepu8_epi16(b), 7);
+    t = _mm256_add_epi16(t, _mm256_and_si256(t, _mm256_set1_epi16(0x4000)));
+    return _mm512_cvtph_ps(t);
+}
+
+/* nr (1 or 2) weight rows ldw bytes / lds scale entries apart share each activation load;
+ * out[m * TILE + r] += row r . x_m. Two accumulators per (row, x row) when few chains would
+ * otherwise wait on the FMA latency. */
+/* e^x, within 1.25 ulp of the correctly rounded value (Cephes polynomial, range by vscalefps) */
+AI __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(89.0f)), _mm512_set1_ps(-104.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+AI void fp4_micro(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, int e8m0, int rnd,
+                  const float *const *xr, int64_t n, const int nr, const int mb, float *out) {
+    const int64_t G = n >> 5, pfd = cdiv(PF, nr * ldw) * nr * ldw;
+    const int two = nr * mb <= 8;
+    const __m512 T = _mm512_loadu_ps(E2M1);
+    __m512 a0[2][MB], a1[2][MB];
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
+    float sc[2][16] __attribute__((aligned(64)));
+    for (int64_t g0 = 0; g0 < G; g0 += 16) {
+        const int ng = (int)min64(16, G - g0);
+        const __mmask16 km = (__mmask16)((1u << ng) - 1);
+        for (int r = 0; r < nr; r++) {
+            if (e8m0)
+                _mm512_store_ps(sc[r], e8m0_v(_mm_maskz_loadu_epi8(km, (const uint8_t *)s + r * lds + g0)));
+            else
+                _mm512_store_ps(sc[r], _mm512_maskz_loadu_ps(km, (const float *)s + r * lds + g0));
+        }
+        for (int r = 0; r < nr; r++) /* the rows visited ~PF bytes later, same columns */
+            for (int64_t off = 0; off < 16 * ng; off += 64)
+                _mm_prefetch((const char *)w + r * ldw + pfd + 16 * g0 + off, _MM_HINT_T0);
+        for (int j = 0; j < ng; j++) {
+            const int64_t g = g0 + j;
+            __m512 lo[2], hi[2];
+            for (int r = 0; r < nr; r++) {
+                __m512 tbl = _mm512_mul_ps(T, _mm512_set1_ps(sc[r][j]));
+                if (rnd) tbl = rnd_bf16_v(tbl);
+                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + r * ldw + 16 * g)));
+                lo[r] = _mm512_permutexvar_ps(b, tbl);
+                hi[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tbl);
+            }
+            for (int m = 0; m < mb; m++) {
+                const __m512 xe = _mm512_loadu_ps(xr[m] + 32 * g), xo = _mm512_loadu_ps(xr[m] + 32 * g + 16);
+                for (int r = 0; r < nr; r++) {
+                    a0[r][m] = _mm512_fmadd_ps(lo[r], xe, a0[r][m]);
+                    if (two)
+                        a1[r][m] = _mm512_fmadd_ps(hi[r], xo, a1[r][m]);
+                    else
+                        a0[r][m] = _mm512_fmadd_ps(hi[r], xo, a0[r][m]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mb; m++)
+            out[m * TILE + r] += _mm512_reduce_add_ps(two ? _mm512_add_ps(a0[r][m], a1[r][m]) : a0[r][m]);
+}
+
+/* FP8: 32 weights of nr rows at k (full = 0: the n - k < 32 left, masked) times their scale
+ * (E8M0: exact, the same as scaling a block's partial sum; fp32: the twin's fl(v * s)) */
+AI void fp8_step(const uint8_t *w, int64_t ldw, __m512 vs, int rnd, const float *const *xr, int64_t k, int64_t left,
+                 const int full, const int nr, const int mb, const int two, __m512 (*a0)[MB], __m512 (*a1)[MB]) {
+    const __mmask16 ka = (__mmask16)(full || left >= 16 ? 0xffff : (1u << left) - 1);
+    const __mmask16 kb = (__mmask16)(full ? 0xffff : left <= 16 ? 0 : (1u << (left - 16)) - 1);
+    __m512 wa[2], wb[2];
+    for (int r = 0; r < nr; r++) {
+        const uint8_t *wr = w + r * ldw + k;
+        if (full) {
+            wa[r] = e4m3_x2m8(_mm_loadu_si128((const __m128i *)wr));
+            wb[r] = e4m3_x2m8(_mm_loadu_si128((const __m128i *)(wr + 16)));
+        } else {
+            wa[r] = e4m3_x2m8(_mm_maskz_loadu_epi8(ka, wr));
+            wb[r] = e4m3_x2m8(_mm_maskz_loadu_epi8(kb, wr + 16));
+        }
+        wa[r] = _mm512_mul_ps(wa[r], vs);
+        wb[r] = _mm512_mul_ps(wb[r], vs);
+        if (rnd) {
+            wa[r] = rnd_bf16_v(wa[r]);
+            wb[r] = rnd_bf16_v(wb[r]);
+        }
+    }
+    for (int m = 0; m < mb; m++) {
+        const __m512 xa = full ? _mm512_loadu_ps(xr[m] + k) : _mm512_maskz_loadu_ps(ka, xr[m] + k);
+        const __m512 xb = full ? _mm512_loadu_ps(xr[m] + k + 16) : _mm512_maskz_loadu_ps(kb, xr[m] + k + 16);
+        for (int r = 0; r < nr; r++) {
+            a0[r][m] = _mm512_fmadd_ps(wa[r], xa, a0[r][m]);
+            if (two)
+                a1[r][m] = _mm512_fmadd_ps(wb[r], xb, a1[r][m]);
+            else
+                a0[r][m] = _mm512_fmadd_ps(wb[r], xb, a0[r][m]);
+        }
+    }
+}
+
+/* the nr rows are in one 128-row block (callers pair rows 2i, 2i + 1): one scale row s */
+AI void fp8_micro(const uint8_t *w, int64_t ldw, const void *s, int e8m0, int rnd, const float *const *xr,
+                  int64_t n, const int nr, const int mb, float *out) {
+    const int two = nr * mb <= 8;
+    const int64_t pfd = cdiv(PF, nr * ldw) * nr * ldw;
+    __m512 a0[2][MB], a1[2][MB];
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < n; k0 += 128) {
+        const __m512 vs = _mm512_set1_ps(scale_at(s, k0 >> 7, e8m0) * 256.0f);
+        const int64_t k1 = min64(k0 + 128, n);
+        for (int r = 0; r < nr; r++)
+            for (int64_t off = 0; off < k1 - k0; off += 64) _mm_prefetch((const char *)w + r * ldw + pfd + k0 + off, _MM_HINT_T0);
+        int64_t k = k0;
+        for (; k + 32 <= k1; k += 32) fp8_step(w, ldw, vs, rnd, xr, k, 32, 1, nr, mb, two, a0, a1);
+        if (k < k1) fp8_step(w, ldw, vs, rnd, xr, k, k1 - k, 0, nr, mb, two, a0, a1);
+    }
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mb; m++)
+            out[m * TILE + r] += _mm512_reduce_add_ps(two ? _mm512_add_ps(a0[r][m], a1[r][m]) : a0[r][m]);
+}
+
+#if DZ_BF16DOT
+/* bf16 x (split64_row layout) with FP4 weights: two groups (64 weights, 32 bytes) per step; the
+ * 32-entry bf16 table holds both groups' scaled e2m1 values (exact for E8M0 scales; fp32 scales
+ * rounded to bf16 as the twin rounds W), indexed by vpermw with the group in bit 4; vdpbf16ps
+ * multiplies pairs exactly and accumulates in fp32 (it flushes subnormals, as the twin's bf16
+ * matmul does). An odd last group runs with the upper half zero. */
+/* one step: groups g, g + 1 (full = 0: g only, the upper half zero) of nr rows into the accumulators */
+AI void fp4_step_bf(const uint8_t *w, int64_t ldw, const float (*sc)[16], int j, int64_t g, const int full,
+                    const uint16_t *const *xr, const int nr, const int mb, const int two, __m512 (*a0)[MB],
+                    __m512 (*a1)[MB]) {
+    const __m512 T = _mm512_loadu_ps(E2M1);
+    const __m512i m15 = _mm512_set1_epi16(15);
+    const __m512i off = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1);
+    __m512i lo[2], hi[2];
+    for (int r = 0; r < nr; r++) {
+        const __m512 tl = _mm512_mul_ps(T, _mm512_set1_ps(sc[r][j]));
+        const __m512 th = full ? _mm512_mul_ps(T, _mm512_set1_ps(sc[r][j + 1])) : _mm512_setzero_ps();
+        const __m512i tbl = (__m512i)_mm512_cvtne2ps_pbh(th, tl);
+        const uint8_t *wb = w + r * ldw + 16 * g;
+        const __m256i bytes = full ? _mm256_loadu_si256((const __m256i *)wb) : _mm256_maskz_loadu_epi8(0xffff, wb);
+        const __m512i h = _mm512_cvtepu8_epi16(bytes);
+        lo[r] = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(h, m15, off, 0xEA), tbl); /* (h & 15) | off */
+        hi[r] = _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi16(h, 4), off), tbl);
+    }
+    for (int m = 0; m < mb; m++) {
+        const __m512bh xe = (__m512bh)_mm512_loadu_si512(xr[m] + 32 * g);
+        const __m512bh xo = (__m512bh)_mm512_loadu_si512(xr[m] + 32 * g + 32);
+        for (int r = 0; r < nr; r++) {
+            a0[r][m] = _mm512_dpbf16_ps(a0[r][m], (__m512bh)lo[r], xe);
+            if (two)
+                a1[r][m] = _mm512_dpbf16_ps(a1[r][m], (__m512bh)hi[r], xo);
+            else
+                a0[r][m] = _mm512_dpbf16_ps(a0[r][m], (__m512bh)hi[r], xo);
+        }
+    }
+}
+
+AI void fp4_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, int e8m0, const uint16_t *const *xr,
+                     int64_t n, const int nr, const int mb, float *out) {
+    const int64_t G = n >> 5, pfd = cdiv(PF, nr * ldw) * nr * ldw;
+    const int two = nr * mb <= 8;
+    __m512 a0[2][MB], a1[2][MB];
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
+    float sc[2][16] __attribute__((aligned(64)));
+    for (int64_t g0 = 0; g0 < G; g0 += 16) {
+        const int ng = (int)min64(16, G - g0);
+        const __mmask16 km = (__mmask16)((1u << ng) - 1);
+        for (int r = 0; r < nr; r++) {
+            if (e8m0)
+                _mm512_store_ps(sc[r], e8m0_v(_mm_maskz_loadu_epi8(km, (const uint8_t *)s + r * lds + g0)));
+            else
+                _mm512_store_ps(sc[r], _mm512_maskz_loadu_ps(km, (const float *)s + r * lds + g0));
+            for (int64_t o = 0; o < 16 * ng; o += 64)
+                _mm_prefetch((const char *)w + r * ldw + pfd + 16 * g0 + o, _MM_HINT_T0);
+        }
+        int j = 0;
+        for (; j + 1 < ng; j += 2) fp4_step_bf(w, ldw, (const float(*)[16])sc, j, g0 + j, 1, xr, nr, mb, two, a0, a1);
+        if (j < ng) fp4_step_bf(w, ldw, (const float(*)[16])sc, j, g0 + j, 0, xr, nr, mb, two, a0, a1);
+    }
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mb; m++)
+            out[m * TILE + r] += _mm512_reduce_add_ps(two ? _mm512_add_ps(a0[r][m], a1[r][m]) : a0[r][m]);
+}
+#endif
+
+#elif DZ_AVX2
+AI __m256 rnd_bf16_v(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                                     _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
+    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+AI float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AI __m128i load8(const uint8_t *p) {
+    long long q;
+    memcpy(&q, p, 8);
+    return _mm_cvtsi64_si128(q);
+}
+
+/* 8 e4m3 bytes -> fp32 values * 2^-8 */
+AI __m256 e4m3_x2m8(__m128i b8) {
+    __m128i t = _mm_slli_epi16(_mm_cvtepu8_epi16(b8), 7);
+    t = _mm_add_epi16(t, _mm_and_si128(t, _mm_set1_epi16(0x4000)));
+    return _mm256_cvtph_ps(t);
+}
+
+AI void fp4_micro(const uint8_t *w, const void *s, int e8m0, int rnd, const float *const *xr, int64_t n,
+                  const int mb, float *out) {
+    const int64_t G = n >> 5;
+    const __m256 T = _mm256_loadu_ps(E2M1); /* magnitudes 0 .. 6; bit 3 of a nibble is its sign */
+    const __m256i sign = _mm256_set1_epi32((int)0x80000000u);
+    __m256 a0[MB], a1[MB];
+    for (int m = 0; m < mb; m++) a0[m] = a1[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m256 tbl = _mm256_mul_ps(T, _mm256_set1_ps(scale_at(s, g, e8m0)));
+        if (rnd) tbl = rnd_bf16_v(tbl);
+        for (int half = 0; half < 2; half++) {
+            const __m256i b = _mm256_cvtepu8_epi32(load8(w + 16 * g + 8 * half));
+            const __m256 lo = _mm256_xor_ps(_mm256_permutevar8x32_ps(tbl, b),
+                                            _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(b, 28), sign)));
+            const __m256 hi = _mm256_xor_ps(_mm256_permutevar8x32_ps(tbl, _mm256_srli_epi32(b, 4)),
+                                            _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(b, 24), sign)));
+            for (int m = 0; m < mb; m++) {
+                a0[m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xr[m] + 32 * g + 8 * half), a0[m]);
+                a1[m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xr[m] + 32 * g + 16 + 8 * half), a1[m]);
+            }
+        }
+    }
+    for (int m = 0; m < mb; m++) out[m * TILE] += hsum256(_mm256_add_ps(a0[m], a1[m]));
+}
+
+AI void fp8_micro(const uint8_t *w, const void *s, int e8m0, int elem, int rnd, const float *const *xr,
+                  int64_t n, const int mb, float *out) {
+    __m256 acc[MB], p0[MB];
+    float tail[MB];
+    for (int m = 0; m < mb; m++) {
+        acc[m] = _mm256_setzero_ps();
+        tail[m] = 0.0f;
+    }
+    for (int64_t k0 = 0; k0 < n; k0 += 128) {
+        const float sf = scale_at(s, k0 >> 7, e8m0) * 256.0f;
+        const __m256 vs = _mm256_set1_ps(sf);
+        const int64_t k1 = min64(k0 + 128, n);
+        for (int m = 0; m < mb; m++) p0[m] = _mm256_setzero_ps();
+        int64_t k = k0;
+        for (; k + 8 <= k1; k += 8) {
+            __m256 wa = e4m3_x2m8(load8(w + k));
+            if (elem) {
+                wa = _mm256_mul_ps(wa, vs);
+                if (rnd) wa = rnd_bf16_v(wa);
+            }
+            for (int m = 0; m < mb; m++) p0[m] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(xr[m] + k), p0[m]);
+        }
+        for (int m = 0; m < mb; m++) {
+            float t = 0.0f;
+            for (int64_t kk = k; kk < k1; kk++) {
+                const float v = E4M3[w[kk]] * (1.0f / 256.0f);
+                t += (elem ? round_to(v * sf, rnd) : v) * xr[m][kk];
+            }
+            if (elem) {
+                acc[m] = _mm256_add_ps(acc[m], p0[m]);
+                tail[m] += t;
+            } else {
+                acc[m] = _mm256_fmadd_ps(p0[m], vs, acc[m]);
+                tail[m] += t * sf;
+            }
+        }
+    }
+    for (int m = 0; m < mb; m++) out[m * TILE] += hsum256(acc[m]) + tail[m];
+}
+
+#else /* plain C */
+AI void fp4_micro(const uint8_t *w, const void *s, int e8m0, int rnd, const float *const *xr, int64_t n,
+                  const int mb, float *out) {
+    const int64_t G = n >> 5;
+    float acc[MB];
+    for (int m = 0; m < mb; m++) acc[m] = 0.0f;
+    for (int64_t g = 0; g < G; g++) {
+        const float sc = scale_at(s, g, e8m0);
+        float tbl[16];
+        for (int i = 0; i < 16; i++) tbl[i] = round_to(E2M1[i] * sc, rnd);
+        for (int m = 0; m < mb; m++) {
+            const float *xg = xr[m] + 32 * g;
+            float t = 0.0f;
+            for (int j = 0; j < 16; j++) {
+                const uint8_t b = w[16 * g + j];
+                t += tbl[b & 15] * xg[j];
+                t += tbl[b >> 4] * xg[16 + j];
+            }
+            acc[m] += t;
+        }
+    }
+    for (int m = 0; m < mb; m++) out[m * TILE] += acc[m];
+}
+
+AI void fp8_micro(const uint8_t *w, const void *s, int e8m0, int elem, int rnd, const float *const *xr,
+                  int64_t n, const int mb, float *out) {
+    float acc[MB];
+    for (int m = 0; m < mb; m++) acc[m] = 0.0f;
+    for (int64_t k0 = 0; k0 < n; k0 += 128) {
+        const float sf = scale_at(s, k0 >> 7, e8m0);
+        const int64_t k1 = min64(k0 + 128, n);
+        for (int m = 0; m < mb; m++) {
+            float t = 0.0f;
+            for (int64_t k = k0; k < k1; k++) {
+                const float v = E4M3[w[k]];
+                t += (elem ? round_to(v * sf, rnd) : v) * xr[m][k];
+            }
+            acc[m] += elem ? t : t * sf;
+        }
+    }
+    for (int m = 0; m < mb; m++) out[m * TILE] += acc[m];
+}
+#endif
+
+/* dispatch on (nr, mb) so each shape gets its own register-resident accumulators */
+#define MB_CASES(F, NR)                                                                                           \
+    case 1: F(NR, 1); break;                                                                                      \
+    case 2: F(NR, 2); break;                                                                                      \
+    case 3: F(NR, 3); break;                                                                                      \
+    case 4: F(NR, 4); break;                                                                                      \
+    case 5: F(NR, 5); break;                                                                                      \
+    case 6: F(NR, 6); break;                                                                                      \
+    case 7: F(NR, 7); break;                                                                                      \
+    default: F(NR, MB); break;
+
+/* rows o, o + nr - 1 (nr <= 2) of a matrix: w / s point at row o, ldw bytes and lds scale
+ * entries per row; FP8: both rows in one 128-row block (s = its scale row) */
+static void fp4_rows(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, int e8m0, int rnd,
+                     const float *const *xr, int64_t n, int nr, int mb, float *out) {
+#if DZ_AVX512
+#define F4(NR, M) fp4_micro(w, ldw, s, lds, e8m0, rnd, xr, n, NR, M, out)
+    if (nr == 2) {
+        switch (mb) { MB_CASES(F4, 2) }
+    } else {
+        switch (mb) { MB_CASES(F4, 1) }
+    }
+#undef F4
+#else
+    for (int r = 0; r < nr; r++) {
+        const uint8_t *wr = w + r * ldw;
+        const void *sr = (const char *)s + r * lds * (e8m0 ? 1 : 4);
+        float *o = out + r;
+#define F4(NR, M) fp4_micro(wr, sr, e8m0, rnd, xr, n, M, o)
+        switch (mb) { MB_CASES(F4, 1) }
+#undef F4
+    }
+#endif
+}
+
+static void fp8_rows(const uint8_t *w, int64_t ldw, const void *s, int e8m0, int rnd, const float *const *xr,
+                     int64_t n, int nr, int mb, float *out) {
+#if DZ_AVX512
+#define F8(NR, M) fp8_micro(w, ldw, s, e8m0, rnd, xr, n, NR, M, out)
+    if (nr == 2) {
+        switch (mb) { MB_CASES(F8, 2) }
+    } else {
+        switch (mb) { MB_CASES(F8, 1) }
+    }
+#undef F8
+#else
+    for (int r = 0; r < nr; r++) {
+        const uint8_t *wr = w + r * ldw;
+        float *o = out + r;
+#define F8(NR, M) fp8_micro(wr, s, e8m0, !e8m0, rnd, xr, n, M, o)
+        switch (mb) { MB_CASES(F8, 1) }
+#undef F8
+    }
+#endif
+}
+
+#if DZ_BF16DOT
+static void fp4_rows_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, int e8m0,
+                        const uint16_t *const *xr, int64_t n, int nr, int mb, float *out) {
+#define FB(NR, M) fp4_micro_bf(w, ldw, s, lds, e8m0, xr, n, NR, M, out)
+    if (nr == 2) {
+        switch (mb) { MB_CASES(FB, 2) }
+    } else {
+        switch (mb) { MB_CASES(FB, 1) }
+    }
+#undef FB
+}
+#endif
+
+/* ---- tiles: res[i * TILE + o - o0] = W[o] . x_i for rows o in [o0, o1) (o1 - o0 <= TILE) ----------
+ * K is walked in chunks that keep the mb activation rows' chunk in L1 (16 KiB) while the tile's
+ * weight rows are read chunk by chunk; for mb = 1 a chunk is up to 4096 elements. */
+
+static inline int64_t k_chunk(int mb, int64_t K) {
+    if (mb <= 2) return K; /* <= 2 rows stream from L2 well enough; whole rows keep weights sequential */
+    int64_t kc = ((int64_t)4096 / mb) & ~(int64_t)127;
+    return kc < 128 ? 128 : (kc > K ? K : kc);
+}
+
+typedef struct {
+    const uint8_t *w; /* row 0 of the matrix */
+    const char *s;    /* scales */
+    int64_t K, O;
+    int e8m0, rnd;
+} QMat;
+
+static void fp4_tile(const QMat *q, const void *const *xr, int mb, int64_t o0, int64_t o1, float *res) {
+    const int64_t K = q->K, H = K / 2, G = K / 32, ss = q->e8m0 ? 1 : 4;
+    const int64_t kc = k_chunk(mb, K);
+    memset(res, 0, sizeof(float) * (size_t)(mb * TILE));
+    for (int64_t b0 = o0; b0 < o1; b0 += SUB)
+        for (int64_t k0 = 0; k0 < K; k0 += kc) {
+            const int64_t n = min64(kc, K - k0), b1 = min64(o1, b0 + SUB);
+            const float *xc[MB];
+            for (int i = 0; i < mb; i++) xc[i] = (const float *)xr[i] + k0;
+            for (int64_t o = b0; o < b1; o += 2) {
+                const int nr = o + 1 < b1 ? 2 : 1;
+                fp4_rows(q->w + o * H + k0 / 2, H, q->s + (o * G + k0 / 32) * ss, G, q->e8m0, q->rnd, xc, n, nr, mb,
+                         res + (o - o0));
+            }
+        }
+}
+
+#if DZ_BF16DOT
+/* bf16 rows in the split64_row layout; chunks are multiples of 128 (whole 64-blocks) */
+static void fp4_tile_bf(const QMat *q, const void *const *xr, int mb, int64_t o0, int64_t o1, float *res) {
+    const int64_t K = q->K, H = K / 2, G = K / 32, ss = q->e8m0 ? 1 : 4;
+    const int64_t kc = mb <= 2 ? K : min64(K, ((int64_t)8192 / mb) & ~(int64_t)127);
+    memset(res, 0, sizeof(float) * (size_t)(mb * TILE));
+    for (int64_t b0 = o0; b0 < o1; b0 += SUB)
+        for (int64_t k0 = 0; k0 < K; k0 += kc) {
+            const int64_t n = min64(kc, K - k0), b1 = min64(o1, b0 + SUB);
+            const uint16_t *xc[MB];
+            for (int i = 0; i < mb; i++) xc[i] = (const uint16_t *)xr[i] + k0;
+            for (int64_t o = b0; o < b1; o += 2) {
+                const int nr = o + 1 < b1 ? 2 : 1;
+                fp4_rows_bf(q->w + o * H + k0 / 2, H, q->s + (o * G + k0 / 32) * ss, G, q->e8m0, xc, n, nr, mb,
+                            res + (o - o0));
+            }
+        }
+}
+#endif
+
+static void fp8_tile(const QMat *q, const void *const *xr, int mb, int64_t o0, int64_t o1, float *res) {
+    const int64_t K = q->K, KB = cdiv(K, 128), ss = q->e8m0 ? 1 : 4;
+    const int64_t kc = k_chunk(mb, K);
+    memset(res, 0, sizeof(float) * (size_t)(mb * TILE));
+    for (int64_t b0 = o0; b0 < o1; b0 += SUB)
+        for (int64_t k0 = 0; k0 < K; k0 += kc) {
+            const int64_t n = min64(kc, K - k0), b1 = min64(o1, b0 + SUB);
+            const float *xc[MB];
+            for (int i = 0; i < mb; i++) xc[i] = (const float *)xr[i] + k0;
+            for (int64_t o = b0; o < b1; o += 2) {
+                const int nr = o + 1 < b1 ? 2 : 1; /* o is even (tiles start even): one 128-row block */
+                fp8_rows(q->w + o * K + k0, K, q->s + ((o >> 7) * KB + (k0 >> 7)) * ss, q->e8m0, q->rnd, xc, n, nr,
+                         mb, res + (o - o0));
+            }
+        }
+}
+
+/* threads for a call of `macs` multiply-adds over `items` work items */
+static int team(int64_t nthreads, int64_t macs, int64_t items) {
+    return macs < PAR_MIN ? 1 : dz_threads(nthreads, items);
+}
+
+/* ---- linears ------------------------------------------------------------------------------------ */
+typedef void (*tile_fn)(const QMat *, const void *const *, int, int64_t, int64_t, float *);
+
+/* xs: activation rows ldb bytes apart, in the layout `tile` reads */
+static void linear_item(const QMat *q, tile_fn tile, const char *xs, int64_t ldb, int64_t M, void *out, int bf16,
+                        int64_t o0, int64_t o1) {
+    float res[TILE * MB];
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        const int mb = (int)min64(MB, M - m0);
+        const void *xr[MB];
+        for (int i = 0; i < mb; i++) xr[i] = xs + (m0 + i) * ldb;
+        tile(q, xr, mb, o0, o1, res);
+        for (int i = 0; i < mb; i++)
+            for (int64_t o = o0; o < o1; o++) dz_store(out, (m0 + i) * q->O + o, res[i * TILE + o - o0], bf16);
+    }
+}
+
+/* work items of R (even, <= TILE) output rows, dynamically scheduled (>= 8 per thread where O
+ * allows, so a thread that is descheduled or slower holds up the others by little) */
+static void linear(const QMat *q, tile_fn tile, const char *xs, int64_t ld, int64_t M, void *out, int bf16,
+                   int64_t nthreads) {
+    const int64_t O = q->O;
+    const int nt = team(nthreads, M * O * q->K, cdiv(O, 16));
+    if (nt <= 1) {
+        for (int64_t o0 = 0; o0 < O; o0 += TILE) linear_item(q, tile, xs, ld, M, out, bf16, o0, min64(O, o0 + TILE));
+        return;
+    }
+    int64_t R = (cdiv(O, 8 * nt) + 1) & ~(int64_t)1;
+    R = R > TILE ? TILE : (R < 16 ? 16 : R);
+    const int64_t items = cdiv(O, R);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; it++) linear_item(q, tile, xs, ld, M, out, bf16, it * R, min64(O, it * R + R));
+}
+
+/* out [M, O] (x's dtype) = x [M, K] (row stride ldx) @ W^T, W FP4 packed [O, K/2], s [O, K/32] */
+void dz_fp4_linear(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, const void *s, int64_t e8m0,
+                   void *out, int64_t M, int64_t O, int64_t K, int64_t nthreads) {
+    const QMat q = {w, (const char *)s, K, O, (int)e8m0, bf16 && !e8m0};
+#if DZ_BF16DOT
+    if (bf16 && use_bf16dot) {
+        const int64_t ld = pad_ld64(K);
+        uint16_t *xb = (uint16_t *)dz_alloc(M * ld * 2);
+        for (int64_t m = 0; m < M; m++) split64_row((const uint16_t *)x + m * ldx, K, xb + m * ld);
+        linear(&q, fp4_tile_bf, (const char *)xb, ld * 2, M, out, 1, nthreads);
+        free(xb);
+        return;
+    }
+#endif
+    const int64_t ld = pad_ld(K);
+    float *xs = (float *)dz_alloc(M * ld * 4);
+    for (int64_t m = 0; m < M; m++) split_row((const char *)x + m * ldx * (bf16 ? 2 : 4), (int)bf16, K, xs + m * ld);
+    linear(&q, fp4_tile, (const char *)xs, ld * 4, M, out, (int)bf16, nthreads);
+    free(xs);
+}
+
+/* out [M, O] = x [M, K] @ W^T, W e4m3 [O, K], s [ceil(O/128), ceil(K/128)]; act_quant: x is
+ * FP8-simulated per 128 first (ref.fp8_act_sim) */
+void dz_fp8_linear(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, const void *s, int64_t e8m0,
+                   void *out, int64_t M, int64_t O, int64_t K, int64_t act_quant, int64_t nthreads) {
+    const QMat q = {w, (const char *)s, K, O, (int)e8m0, bf16 && !e8m0};
+    if (!bf16 && !act_quant && M <= 2) { /* fp32 rows used in place */
+        linear(&q, fp8_tile, (const char *)x, ldx * 4, M, out, 0, nthreads);
+        return;
+    }
+    const int64_t ld = pad_ld(K);
+    float *xf = (float *)dz_alloc(M * ld * 4);
+    for (int64_t m = 0; m < M; m++) {
+        dz_load_row((const char *)x + m * ldx * (bf16 ? 2 : 4), K, (int)bf16, xf + m * ld);
+        if (act_quant)
+            for (int64_t k = 0; k < K; k += 128) fp8_sim_block(xf + m * ld + k, min64(128, K - k));
+    }
+    linear(&q, fp8_tile, (const char *)xf, ld * 4, M, out, (int)bf16, nthreads);
+    free(xf);
+}
+
+/* ---- routed experts ----------------------------------------------------------------------------- */
+/* h = rw * (silu(g') * u') for the n outputs o0.. of one pair, g' = min(g, limit), u' = u clamped
+ * to +-limit (limit > 0), g and u first rounded to x's dtype (the twin's fp4_linear outputs); h is
+ * stored rounded to x's dtype at its place in the activation layout (g64_pos for the bf16 kernel,
+ * g32_pos for the fp32 one). silu(g) = g / (1 + e^-g), e^-g within ~1 ulp (as PyTorch's). */
+static void swiglu_store(const float *g, const float *u, int64_t n, int64_t o0, float rw, float limit, int xb, int bfd,
+                         char *hrow) {
+    float hv[TILE];
+    int64_t j = 0;
+#if DZ_AVX512
+    const __m512 vr = _mm512_set1_ps(rw), lim = _mm512_set1_ps(limit), one = _mm512_set1_ps(1.0f);
+    for (; j + 16 <= n; j += 16) {
+        __m512 gv = _mm512_loadu_ps(g + j), uv = _mm512_loadu_ps(u + j);
+        if (xb) {
+            gv = rnd_bf16_v(gv);
+            uv = rnd_bf16_v(uv);
+        }
+        if (limit > 0.0f) {
+            gv = _mm512_min_ps(gv, lim);
+            uv = _mm512_min_ps(_mm512_max_ps(uv, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
+        }
+        const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        _mm512_storeu_ps(hv + j, _mm512_mul_ps(vr, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), uv)));
+    }
+#endif
+    for (; j < n; j++) {
+        float gv = round_to(g[j], xb), uv = round_to(u[j], xb);
+        if (limit > 0.0f) {
+            gv = gv < limit ? gv : limit;
+            uv = uv < -limit ? -limit : (uv > limit ? limit : uv);
+        }
+        hv[j] = rw * (gv / (1.0f + expf(-gv)) * uv);
+    }
+    for (j = 0; j < n; j++) {
+        if (bfd)
+            ((uint16_t *)hrow)[g64_pos(o0 + j)] = dz_f32_to_bf16(hv[j]);
+        else
+            ((float *)hrow)[g32_pos(o0 + j)] = round_to(hv[j], xb);
+    }
+}
+
+/* y [N, dim] fp32 = sum_j w2_e(h_j), h_j = (rw_j * swiglu(w1_e x, w3_e x)) in x's dtype,
+ * e = ids[n, j]: gate / up are rounded to x's dtype first (the twin's fp4_linear outputs), h
+ * optionally FP8-simulated per 128 (h_act_sim), each pair's down projection rounded to x's dtype,
+ * the k slots summed in fp32 in slot order.
+ * Pairs are grouped by expert (counting sort), so each touched expert's weights are streamed once
+ * per block of MB of its pairs; work items are (expert, tile of output rows), dynamically scheduled.
+ * status: 0 ok, 1 an id outside [0, E) (nothing computed). */
+void dz_moe_fp4(const void *x, int64_t bf16, int64_t N, int64_t dim, int64_t inter, int64_t k,
+                const int64_t *ids, const float *rw, int64_t E,
+                const uint8_t *w1, const void *s1, int64_t e1, const uint8_t *w3, const void *s3, int64_t e3,
+                const uint8_t *w2, const void *s2, int64_t e2, float limit, int64_t h_act_sim,
+                float *out, int64_t *status, int64_t nthreads) {
+    const int64_t P = N * k;
+    *status = 0;
+    for (int64_t p = 0; p < P; p++)
+        if (ids[p] < 0 || ids[p] >= E) {
+            *status = 1;
+            return;
+        }
+    /* counting sort of the pairs by expert (stable: pair order within an expert) */
+    int64_t *start = (int64_t *)calloc((size_t)E + 1, sizeof(int64_t));
+    int64_t *fill = (int64_t *)dz_alloc(E * 8);
+    int64_t *order = (int64_t *)dz_alloc(P * 8), *touched = (int64_t *)dz_alloc(min64(P, E) * 8);
+    for (int64_t p = 0; p < P; p++) start[ids[p] + 1]++;
+    int64_t ne = 0;
+    for (int64_t e = 0; e < E; e++) {
+        if (start[e + 1]) touched[ne++] = e;
+        start[e + 1] += start[e];
+    }
+    memcpy(fill, start, (size_t)E * 8);
+    for (int64_t p = 0; p < P; p++) order[fill[ids[p]]++] = p;
+    const int xb = (int)bf16;
+#if DZ_BF16DOT
+    const int bfd = xb && use_bf16dot; /* bf16 activations: vdpbf16ps kernels on bf16 rows (h is bf16-valued) */
+#else
+    const int bfd = 0;
+#endif
+    const int64_t esz = bfd ? 2 : 4;
+    const int64_t ldx = bfd ? pad_ld64(dim) : pad_ld(dim), ldh = bfd ? pad_ld64(inter) : pad_ld(inter);
+    const int64_t hlen = bfd ? (inter + 63) & ~(int64_t)63 : inter; /* h positions incl. zero padding */
+    char *xs = (char *)dz_alloc(N * ldx * esz);  /* x rows in the kernels' layout */
+    char *hs = (char *)dz_alloc(P * ldh * esz);  /* h per pair (x's dtype values), same layout */
+    float *yp = (float *)dz_alloc(P * dim * 4);  /* down projection per pair (x's dtype values) */
+    if (bfd && hlen != inter) memset(hs, 0, (size_t)(P * ldh * esz));
+    tile_fn tile = fp4_tile;
+#if DZ_BF16DOT
+    if (bfd) tile = fp4_tile_bf;
+#endif
+    const int64_t s1b = e1 ? 1 : 4, s3b = e3 ? 1 : 4, s2b = e2 ? 1 : 4;
+    const int64_t cu = cdiv(inter, TILE), cd = cdiv(dim, TILE), nu = ne * cu, nd = ne * cd;
+    const int nt = team(nthreads, P * dim * inter * 3, nu);
+    for (int64_t n = 0; n < N; n++) {
+        if (bfd)
+            split64_row((const uint16_t *)x + n * dim, dim, (uint16_t *)xs + n * ldx);
+        else
+            split_row((const char *)x + n * dim * (bf16 ? 2 : 4), xb, dim, (float *)xs + n * ldx);
+    }
+
+#pragma omp parallel num_threads(nt)
+    {
+        float r1[TILE * MB], r3[TILE * MB];
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < nu; it++) {
+            const int64_t e = touched[it / cu], o0 = (it % cu) * TILE, o1 = min64(inter, o0 + TILE);
+            const QMat q1 = {w1 + e * inter * (dim / 2), (const char *)s1 + e * inter * (dim / 32) * s1b, dim, inter,
+                             (int)e1, xb && !e1};
+            const QMat q3 = {w3 + e * inter * (dim / 2), (const char *)s3 + e * inter * (dim / 32) * s3b, dim, inter,
+                             (int)e3, xb && !e3};
+            for (int64_t q0 = start[e]; q0 < start[e + 1]; q0 += MB) {
+                const int mb = (int)min64(MB, start[e + 1] - q0);
+                const void *xr[MB];
+                for (int i = 0; i < mb; i++) xr[i] = xs + (order[q0 + i] / k) * ldx * esz;
+                tile(&q1, xr, mb, o0, o1, r1);
+                tile(&q3, xr, mb, o0, o1, r3);
+                for (int i = 0; i < mb; i++) {
+                    const int64_t p = order[q0 + i];
+                    swiglu_store(r1 + i * TILE, r3 + i * TILE, o1 - o0, o0, rw[p], limit, xb, bfd, hs + p * ldh * esz);
+                }
+            }
+        }
+
+        if (h_act_sim) { /* a natural 128-block is whole groups: contiguous in either layout */
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < P; p++)
+                for (int64_t c = 0; c < hlen; c += 128) {
+                    if (bfd)
+                        fp8_sim_block_bf16((uint16_t *)hs + p * ldh + c, min64(128, hlen - c));
+                    else
+                        fp8_sim_block((float *)hs + p * ldh + c, min64(128, hlen - c));
+                }
+        }
+
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < nd; it++) {
+            const int64_t e = touched[it / cd], o0 = (it % cd) * TILE, o1 = min64(dim, o0 + TILE);
+            const QMat q2 = {w2 + e * dim * (inter / 2), (const char *)s2 + e * dim * (inter / 32) * s2b, inter, dim,
+                             (int)e2, xb && !e2};
+            for (int64_t q0 = start[e]; q0 < start[e + 1]; q0 += MB) {
+                const int mb = (int)min64(MB, start[e + 1] - q0);
+                const void *hr[MB];
+                for (int i = 0; i < mb; i++) hr[i] = hs + order[q0 + i] * ldh * esz;
+                tile(&q2, hr, mb, o0, o1, r1);
+                for (int i = 0; i < mb; i++)
+                    for (int64_t o = o0; o < o1; o++) yp[order[q0 + i] * dim + o] = round_to(r1[i * TILE + o - o0], xb);
+            }
+        }
+    }
+    /* the k slots of each token, in slot order (a team only for prefill-sized batches) */
+#pragma omp parallel for num_threads(N * k * dim < PAR_MIN ? 1 : nt) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t d = 0; d < dim; d++) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < k; j++) acc += yp[(n * k + j) * dim + d];
+            out[n * dim + d] = acc;
+        }
+    free(xs);
+    free(hs);
+    free(yp);
+    free(start);
+    free(fill);
+    free(order);
+    free(touched);
+}

@@ -1,0 +1,146 @@
+"""FP8 / FP4 linears and the routed-expert MoE on the CPU (gemm.c), same signatures and results as
+the twins ref.fp8_linear, ref.fp4_linear, ref.moe_experts up to fp32 summation order.
+
+Activations fp32 or bf16 on the CPU; scales E8M0 (float8_e8m0fnu or uint8 bytes) or fp32. Anything
+else (fp16 activations, other devices, shapes the kernels do not take) runs the twin. Per-call
+work in Python is kept to a few attribute reads and one ctypes call: these run hundreds of times
+per decode step.
+"""
+from __future__ import annotations
+
+import ctypes
+import types
+
+import torch
+
+from dayzero.ops import ref
+from dayzero.ops.cpu import build
+
+_BF16, _F32 = torch.bfloat16, torch.float32
+_E8M0_DT, _U8, _I8, _I64 = torch.float8_e8m0fnu, torch.uint8, torch.int8, torch.int64
+_FP4_W = (torch.int8, torch.uint8)
+_E4M3 = torch.float8_e4m3fn
+
+MOE_CHUNK_PAIRS = 4096  # (token, slot) pairs per MoE kernel call (its buffers: <= 4 * (dim + inter) bytes a pair)
+
+_SIGNATURES = {
+    "fp4": ("dz_fp4_linear", "piippipiiii"),
+    "fp8": ("dz_fp8_linear", "piippipiiiii"),
+    "moe": ("dz_moe_fp4", "piiiiippippippippifippi"),
+    "sim": ("dz_gemm_fp8_sim", "piiiip"),
+    "options": ("dz_gemm_options", "i"),  # tests: options(0) runs bf16 x on the fp32 kernels
+}
+
+
+def bind(library: ctypes.CDLL) -> types.SimpleNamespace:
+    """The kernels of a loaded gemm library (tests bind other builds, e.g. -march=x86-64)."""
+    return types.SimpleNamespace(**{key: build.bind(library, name, sig) for key, (name, sig) in _SIGNATURES.items()})
+
+
+kernels = bind(build.lib("gemm"))  # raises NativeUnavailable when gemm.c does not build: ops/cpu uses the twins
+
+
+def _scale_kind(scale: torch.Tensor) -> int:
+    """1: E8M0 bytes, 0: fp32, -1: unsupported."""
+    dt = scale.dtype
+    return 1 if dt is _E8M0_DT or dt is _U8 else 0 if dt is _F32 else -1
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool = False) -> torch.Tensor:
+    """ref.fp8_linear: x [M,K] @ W^T, W e4m3 [O,K], 128x128 block scales -> [M,O] in x.dtype.
+    act_quant: x is FP8-simulated per 128 inside the kernel, bit-exact with ref.fp8_act_sim."""
+    dt = x.dtype
+    e8 = _scale_kind(scale)
+    if (dt is not _BF16 and dt is not _F32) or e8 < 0 or weight.dtype is not _E4M3 or x.dim() != 2 \
+            or not (x.is_cpu and weight.is_cpu and scale.is_cpu):
+        return ref.fp8_linear(x, weight, scale, act_quant)
+    M, Kx = x.shape
+    O, Kw = weight.shape
+    if Kx != Kw or scale.shape != ((O + 127) // 128, (Kw + 127) // 128):
+        return ref.fp8_linear(x, weight, scale, act_quant)  # the twin's own error
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    if not scale.is_contiguous():
+        scale = scale.contiguous()
+    out = torch.empty((M, O), dtype=dt)
+    if M and O:
+        kernels.fp8(x.data_ptr(), x.stride(0), dt is _BF16, weight.data_ptr(), scale.data_ptr(), e8, out.data_ptr(),
+              M, O, Kw, act_quant, torch.get_num_threads())
+    return out
+
+
+def fp4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """ref.fp4_linear: x [M,K] @ W^T, W packed e2m1 int8 [O,K/2], per-32 scales [O,K/32] -> [M,O] x.dtype."""
+    dt = x.dtype
+    e8 = _scale_kind(scale)
+    wd = weight.dtype
+    if (dt is not _BF16 and dt is not _F32) or e8 < 0 or (wd is not _I8 and wd is not _U8) or x.dim() != 2 \
+            or not (x.is_cpu and weight.is_cpu and scale.is_cpu):
+        return ref.fp4_linear(x, weight, scale)
+    M, Kx = x.shape
+    O, Kh = weight.shape
+    if Kx != 2 * Kh or Kx % 32 or scale.shape != (O, Kx // 32):
+        return ref.fp4_linear(x, weight, scale)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    if not scale.is_contiguous():
+        scale = scale.contiguous()
+    out = torch.empty((M, O), dtype=dt)
+    if M and O:
+        kernels.fp4(x.data_ptr(), x.stride(0), dt is _BF16, weight.data_ptr(), scale.data_ptr(), e8, out.data_ptr(),
+              M, O, Kx, torch.get_num_threads())
+    return out
+
+
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor,
+                w3: torch.Tensor, s3: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, limit: float,
+                h_act_sim: bool = False) -> torch.Tensor:
+    """ref.moe_experts: fp32 [N, dim]. One call: pairs grouped by expert, each touched expert's
+    weights streamed once per block of 8 of its pairs; h_act_sim in the kernel (bit-exact).
+    ids outside [0, E) raise IndexError (the twin wraps negative ids around)."""
+    dt = x.dtype
+    k1, k3, k2 = _scale_kind(s1), _scale_kind(s3), _scale_kind(s2)
+    if ((dt is not _BF16 and dt is not _F32) or k1 < 0 or k3 < 0 or k2 < 0 or w1.dtype not in _FP4_W
+            or w3.dtype not in _FP4_W or w2.dtype not in _FP4_W or x.dim() != 2 or ids.dim() != 2 or w1.dim() != 3
+            or ids.dtype.is_floating_point or not weights.is_floating_point()
+            or not (x.is_cpu and weights.is_cpu and ids.is_cpu and w1.is_cpu and s1.is_cpu and w3.is_cpu
+                    and s3.is_cpu and w2.is_cpu and s2.is_cpu)):
+        return ref.moe_experts(x, weights, ids, w1, s1, w3, s3, w2, s2, limit, h_act_sim)
+    N, dim = x.shape
+    E, inter = w1.shape[0], w1.shape[1]
+    if (dim % 32 or inter % 32 or w1.shape[2] * 2 != dim or w3.shape != w1.shape or w2.shape != (E, dim, inter // 2)
+            or s1.shape != (E, inter, dim // 32) or s3.shape != s1.shape or s2.shape != (E, dim, inter // 32)
+            or weights.shape != ids.shape or ids.shape[0] != N):
+        return ref.moe_experts(x, weights, ids, w1, s1, w3, s3, w2, s2, limit, h_act_sim)
+    k = ids.shape[1]
+    out = torch.empty((N, dim), dtype=_F32)
+    if N * k == 0:
+        return out.zero_()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if ids.dtype is not _I64 or not ids.is_contiguous():
+        ids = ids.to(_I64).contiguous()
+    if weights.dtype is not _F32 or not weights.is_contiguous():
+        weights = weights.to(_F32).contiguous()
+    if not (w1.is_contiguous() and s1.is_contiguous() and w3.is_contiguous() and s3.is_contiguous()
+            and w2.is_contiguous() and s2.is_contiguous()):
+        w1, s1, w3, s3, w2, s2 = (t.contiguous() for t in (w1, s1, w3, s3, w2, s2))
+    status = ctypes.c_int64(0)
+    pw = (w1.data_ptr(), s1.data_ptr(), k1, w3.data_ptr(), s3.data_ptr(), k3, w2.data_ptr(), s2.data_ptr(), k2,
+          float(limit), bool(h_act_sim))
+    # the kernel holds h and the down projection of every (token, slot) pair: prefill-sized
+    # batches run in chunks of tokens (independent rows) to bound that memory
+    step = max(1, MOE_CHUNK_PAIRS // k)  # module global read per call: tests shrink it
+    xp, ip, wp, op = x.data_ptr(), ids.data_ptr(), weights.data_ptr(), out.data_ptr()
+    xb = x.element_size() * dim
+    for n0 in range(0, N, step):
+        n = min(step, N - n0)
+        kernels.moe(xp + n0 * xb, dt is _BF16, n, dim, inter, k, ip + n0 * 8 * k, wp + n0 * 4 * k, E, *pw,
+                    op + n0 * 4 * dim, ctypes.addressof(status), torch.get_num_threads())
+        if status.value:
+            raise IndexError(f"moe_experts: expert ids must lie in [0, {E})")
+    return out
