@@ -135,7 +135,7 @@ def run(device: str | torch.device | None = None, choice: str | None = None, num
     this op table instead of the device's (for testing the harness itself)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     table = table or for_device(device, choice)
-    interpreted = device.type == "cpu" and table.kernels
+    interpreted = device.type == "cpu" and table.kernels and table.name == "triton"
     sizes = sizes or (("tiny",) if interpreted else ("tiny", "small"))
     report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                   or device.type, device_type=device.type, ops_table=table.name, kernels=list(table.kernels),

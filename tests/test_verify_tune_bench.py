@@ -20,6 +20,16 @@ def test_verify_passes_every_kernel_on_the_interpreter(tmp_path):
     assert json.loads(out.read_text())["passed"] is True
 
 
+def test_verify_passes_the_native_cpu_kernels():
+    from dayzero.ops import OP_NAMES
+    report = verify.run(device="cpu", choice="cpu", skip_models=True, out=None)
+    assert report["passed"], verify.card(report)
+    assert report["ops_table"] == "cpu" and set(report["kernels"]) == set(OP_NAMES)
+    assert {r["size"] for r in report["ops"]} == {"tiny", "small"}  # native kernels: both sizes
+    m = verify.check_builtin(torch.device("cpu"), "cpu", "official", new_tokens=4)
+    assert m["passed"] and m["kl_mean"] < 0.02, m
+
+
 def test_verify_fails_a_wrong_kernel():
     def off_by_a_little(x, weight, eps):  # RMSNorm with the eps inside the wrong place
         return ref.rms_norm(x, weight, eps) * 1.001

@@ -59,6 +59,8 @@ def test_table_on_this_machine():
         pytest.fail(f"native CPU kernels do not build on this machine: {cpu.unavailable()}")
     t = for_device("cpu")
     assert t.name == "cpu" and t is not REF
+    from dayzero.ops import OP_NAMES
+    assert set(t.kernels) == set(OP_NAMES)  # every op of the seam has a native kernel
     assert for_device("cpu", "ref") is REF
     with pytest.raises(ValueError, match="CPU tensors only"):
         for_device("meta", "cpu")
