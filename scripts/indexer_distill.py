@@ -221,3 +221,45 @@ def load_start(path: str | Path) -> tuple[Transformer, dict]:
     model = Transformer(args, numerics="transformers", compute_dtype=torch.float32)
     model.load_state_dict(ck["model"], strict=True)
     return model, {"source": f"ckpt:{path}", "step": ck.get("step"), "elapsed": ck.get("elapsed")}
+
+
+def plot(warmup_log: str, sparse_log: str, png: str) -> None:
+    """The indexer-stage figure of docs/BUILTIN.md from the two stages' indexer_log.csv files:
+    per-layer KL over both stages and the sparse stage's LM loss."""
+    import csv
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w, s = (list(csv.DictReader(open(p))) for p in (warmup_log, sparse_log))
+    n = len(w)
+    x = [int(r["step"]) for r in w] + [n + int(r["step"]) for r in s]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, name in enumerate(("layer 1", "layer 3")):
+        ax[0].plot(x, [float(r["kl_layers"].split()[i]) for r in w + s], label=f"KL, CSA {name}", lw=0.8)
+    ax[0].axvline(n, color="gray", ls=":", lw=0.8)
+    ax[0].text(n + 2, 0.9, "sparse stage", fontsize=8, transform=ax[0].get_xaxis_transform())
+    ax[0].set_xlabel(f"indexer step (warm-up 1-{n}, sparse {n + 1}-{n + len(s)})")
+    ax[0].set_ylabel("KL(attention || indexer), train batch")
+    ax[0].set_yscale("log")
+    ax[0].legend()
+    loss = [float(r["main_loss"]) for r in s]
+    k = 15
+    avg = [sum(loss[max(0, i - k):i + 1]) / (i + 1 - max(0, i - k)) for i in range(len(loss))]
+    ax[1].plot(x[n:], avg, label="main LM loss (train, moving avg 16)", lw=0.9)
+    ax[1].set_xlabel("step")
+    ax[1].set_ylabel("nats/token")
+    ax[1].legend()
+    fig.suptitle("Built-in model: lightning-indexer distillation (warm-up, then sparse training)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
+if __name__ == "__main__":  # python scripts/indexer_distill.py plot WARMUP_LOG SPARSE_LOG PNG
+    import sys
+
+    if len(sys.argv) != 5 or sys.argv[1] != "plot":
+        sys.exit("usage: python scripts/indexer_distill.py plot WARMUP/indexer_log.csv SPARSE/indexer_log.csv OUT.png")
+    plot(*sys.argv[2:])
