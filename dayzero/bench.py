@@ -47,7 +47,7 @@ def _prepared(model, table: OpTable):
     without FP8 kernels (the twins) small models keep dequantised copies, as `LLM` does."""
     from dayzero.loader.model_io import keep_dequantized
     model.set_ops(table)
-    keep_dequantized(model, dense_only="fp8_linear" in table.kernels)
+    keep_dequantized(model, dense_only="fp8_linear" in table.kernels, fp32_kernel="fp32_linear" in table.kernels)
     return model
 
 

@@ -37,6 +37,7 @@ class PagedBatchCache:
     def __init__(self, pools: CachePools, tables: list[dict[str, list[int | None]]], protect: list[int],
                  device: torch.device):
         self.pools = pools
+        self._memo: dict[tuple, tuple] = {}
         self.protect = torch.tensor(protect, dtype=torch.long, device=device) if any(protect) else None
         # per group: [B, width + 1] first rows of each block in the flat pool (block * members *
         # per_block), -1 for blocks not held; the last column is a -1 sentinel for indices past
@@ -74,6 +75,27 @@ class PagedBatchCache:
     def read(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         t, flat = self._flat(layer, kind, seq, index)
         return t.view(-1, *t.shape[3:])[flat]
+
+    def locate_rows(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor, valid: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pool [num_blocks * members * per_block, *row], ids [N, K]): flat row ids of rows
+        index[n, k] of sequences seq[n] (seq [N, 1] or [N, K]), -1 where not valid; no
+        boolean-mask indexing (no host synchronisation but the one validity check). Layers of a
+        group share block tables, so the lookup for one (seq, index, valid) triple is done once
+        per step and offset per layer (callers pass the same tensors: Batch.window)."""
+        group, member = self.pools.route[(layer, kind)]
+        g = self.pools.groups[group]
+        key = (group, id(seq), id(index), id(valid))
+        memo = self._memo.get(key)
+        if memo is None or memo[0] is not index or memo[1] is not valid or memo[2] is not seq:
+            tab = self._tables[group]
+            first = tab[seq, (index // g.per_block).clamp(0, tab.shape[1] - 1)]
+            if (first.lt(0) & valid).any():
+                raise AssertionError(f"{group}: row of layer {layer} {kind} in a block the request does not hold")
+            memo = self._memo[key] = (index, valid, seq, torch.where(valid, first + index % g.per_block, -1))
+        t = self.pools.tensors[(group, kind)]
+        ids = memo[3] if member == 0 else torch.where(valid, memo[3] + member * g.per_block, -1)
+        return t.view(-1, *t.shape[3:]), ids
 
     def locate(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,7 +84,8 @@ class LLM:
         self.tokenizer = Tokenizer(tok_file) if tok_file.is_file() else None
         self.engine = Engine(self.model, eargs, self.device, self.tokenizer)
         # no FP8/FP4 kernels: dequantise small models once; with them, only cast dense weights
-        keep_dequantized(self.model, dense_only="fp8_linear" in self.engine.ops.kernels)
+        kernels = self.engine.ops.kernels
+        keep_dequantized(self.model, dense_only="fp8_linear" in kernels, fp32_kernel="fp32_linear" in kernels)
         self._ids = itertools.count()
 
     # ---- inputs ------------------------------------------------------------------------------

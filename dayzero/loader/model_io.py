@@ -13,6 +13,7 @@ import torch
 from dayzero.config import ModelArgs
 from dayzero.loader.checkpoint import CheckpointError, TensorSpec, load_state, read_config
 from dayzero.loader.writer import quantize_state, save_state
+from dayzero.reference.attention import Compressor
 from dayzero.reference.layers import Linear
 from dayzero.reference.model import Transformer
 
@@ -93,18 +94,24 @@ def save_model(path: str | os.PathLike, model: Transformer, args: ModelArgs | No
                       max_shard_bytes=max_shard_bytes, overwrite=overwrite)
 
 
-def keep_dequantized(model: Transformer, max_bytes: int = 4 * 2**30, dense_only: bool = False) -> bool:
+def keep_dequantized(model: Transformer, max_bytes: int = 4 * 2**30, dense_only: bool = False,
+                     fp32_kernel: bool = False) -> bool:
     """Keep dequantised copies of every linear in the compute dtype, and an fp32 copy of the LM
     head (it runs in fp32), when they total at most `max_bytes` (small models on devices without
     FP8/FP4 kernels); returns whether it did. dense_only: only the dense linears whose storage
-    dtype differs from the compute dtype (devices whose kernels read FP8/FP4 directly)."""
+    dtype differs from the compute dtype (devices whose kernels read FP8/FP4 directly).
+    fp32_kernel: the op table's fp32_linear reads bf16 weights itself: no fp32 copies of the head
+    and compressor projections."""
     linears = [m for m in model.modules() if isinstance(m, Linear) and (not dense_only or m.fmt == "dense")]
     size = torch.tensor([], dtype=model.compute_dtype).element_size()
     total = sum(m.in_features * m.out_features * size for m in linears)
-    total += model.head.weight.numel() * 4
+    total += 0 if fp32_kernel else model.head.weight.numel() * 4
     if total > max_bytes:
         return False
     for m in linears:
         m.keep_dequantized(model.compute_dtype)
-    model.keep_head_fp32(True)
+    model.keep_head_fp32(not fp32_kernel)
+    for m in model.modules():
+        if isinstance(m, Compressor):
+            m.fuse_projections(None if fp32_kernel else torch.float32)
     return True

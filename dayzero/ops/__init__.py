@@ -17,7 +17,7 @@ import torch
 
 from dayzero.ops import ref
 
-OP_NAMES = ("rms_norm", "fp8_act_sim", "apply_rope", "sparse_attn_paged", "indexer_scores_paged", "compress_pool",
+OP_NAMES = ("rms_norm", "fp8_act_sim", "apply_rope", "fp32_linear", "sparse_attn_paged", "indexer_scores_paged", "compress_pool",
             "hc_pre", "hc_post", "fp8_linear", "fp4_linear", "moe_experts")
 
 
@@ -28,6 +28,7 @@ class OpTable:
     rms_norm: Callable
     fp8_act_sim: Callable
     apply_rope: Callable
+    fp32_linear: Callable
     sparse_attn_paged: Callable
     indexer_scores_paged: Callable
     compress_pool: Callable

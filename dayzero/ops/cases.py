@@ -44,6 +44,9 @@ def make(op: str, size: str = "tiny", device="cpu", dtype=torch.bfloat16, seed: 
         return (_randn(g, N, dim, dtype=dtype, device=dev), _randn(g, dim, device=dev).to(dtype), 1e-6), {}
     if op == "fp8_act_sim":
         return (_randn(g, N, dim, dtype=dtype, device=dev, std=3.0), 128), {}
+    if op == "fp32_linear":
+        w = _randn(g, s["inter"] + 3, dim, dtype=torch.bfloat16, device=dev, std=dim ** -0.5)
+        return (_randn(g, N, dim, dtype=dtype, device=dev), w), {}
     if op == "apply_rope":
         ang = _randn(g, N, 1, D // 4, device=dev, std=50.0)
         return (_randn(g, N, H, D, dtype=dtype, device=dev), ang.cos(), ang.sin()), {"inverse": seed % 2 == 1}

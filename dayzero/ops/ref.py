@@ -31,6 +31,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return y.to(x.dtype)
 
 
+# ---- dense fp32 linears (LM head, routers, compressor projections) ---------------------------
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ weight [O, K]^T in fp32 (x and the weight, e.g. bf16 as stored, upcast
+    exactly) -> fp32 [..., O]."""
+    return F.linear(x.float(), weight.float())
+
+
 # ---- rotary embeddings ---------------------------------------------------------------------
 def rope_inv_freq(rd: int, base: float, factor: float = 1.0, original_seq_len: int = 0,
                   beta_fast: float = 32.0, beta_slow: float = 1.0) -> torch.Tensor:

@@ -18,16 +18,26 @@ from torch import nn
 
 from dayzero.config import ModelArgs
 from dayzero.ops import OpTable, ref
-from dayzero.reference.layers import Linear, RMSNorm, UsesOps
+from dayzero.reference.layers import Linear, RMSNorm, UsesOps, fused_pair
 from dayzero.reference.seqcache import Batch, BatchCache
 
 
-def rope_table(args: ModelArgs, compressed: bool) -> torch.Tensor:
-    """Sliding-only layers: base rope_theta, no YaRN; CSA/HCA layers: compress_rope_theta + YaRN."""
-    if not compressed:
-        return ref.rope_inv_freq(args.rope_head_dim, args.rope_theta)
-    return ref.rope_inv_freq(args.rope_head_dim, args.compress_rope_theta, args.rope_factor,
-                             args.original_seq_len, args.beta_fast, args.beta_slow)
+_ROPE_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def rope_table(args: ModelArgs, compressed: bool, device: torch.device | None = None) -> torch.Tensor:
+    """Sliding-only layers: base rope_theta, no YaRN; CSA/HCA layers: compress_rope_theta + YaRN.
+    One shared (read-only) tensor per distinct table and device, so every layer of a kind rotates
+    with the same object and a batch computes its cos/sin once per table (Batch.rope)."""
+    params = ((args.rope_head_dim, args.rope_theta) if not compressed else
+              (args.rope_head_dim, args.compress_rope_theta, args.rope_factor, args.original_seq_len,
+               args.beta_fast, args.beta_slow))
+    key = (params, str(device or "cpu"))
+    table = _ROPE_TABLES.get(key)
+    if table is None:
+        table = ref.rope_inv_freq(*params)
+        _ROPE_TABLES[key] = table = table if device is None else table.to(device)
+    return table
 
 
 def gather(cache: BatchCache, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor,
@@ -43,6 +53,8 @@ def rows_of(cache: BatchCache, layer: int, kind: str, seq: torch.Tensor, index: 
             valid: torch.Tensor, row: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows index[n, k] of sequence seq[n] as (pool [P, *row], idx [N, K] with -1 where not valid)
     for the paged ops: the cache's own pool where it has one (`locate`), else a gathered copy."""
+    if hasattr(cache, "locate_rows"):
+        return cache.locate_rows(layer, kind, seq, index, valid)
     if hasattr(cache, "locate"):
         pool, rows = cache.locate(layer, kind, seq.expand_as(index)[valid], index[valid])
         idx = torch.full(index.shape, -1, dtype=torch.long, device=index.device)
@@ -72,9 +84,22 @@ class Compressor(UsesOps, nn.Module):
 
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [N, dim] -> fp32 rows [N, 2, width]: (kv, gate + ape[position mod r])."""
-        kv = self.wkv(x.float())
-        gate = self.wgate(x.float()) + self.ape[positions % self.ratio]
+        x = x.float()
+        both = self.__dict__.get("_wkv_wgate")  # inference: one GEMM for both projections
+        if both is not None and not torch.is_grad_enabled():
+            rows = self.ops.fp32_linear(x, both).unflatten(-1, (2, -1))
+            rows[:, 1] += self.ape[positions % self.ratio]
+            return rows
+        kv = self.wkv(x)
+        gate = self.wgate(x) + self.ape[positions % self.ratio]
         return torch.stack([kv, gate], 1)
+
+    def fuse_projections(self, dtype: torch.dtype | None = None) -> None:
+        """Keep wkv and wgate stacked (a copy in `dtype`, default their storage dtype; the
+        checkpoint tensors stay) so that inference projects with one fp32 GEMM. Both are dense
+        and small (dim x 2 * head_dim each)."""
+        w = torch.cat([self.wkv.weight, self.wgate.weight])
+        self.__dict__["_wkv_wgate"] = w if dtype is None else w.to(dtype)
 
     def update(self, rows: torch.Tensor, batch: Batch, layer: int, kind: str, inv_freq: torch.Tensor,
                dtype: torch.dtype) -> list[int]:
@@ -84,6 +109,8 @@ class Compressor(UsesOps, nn.Module):
         cache.write(layer, "rows:" + kind, batch.seq, batch.positions, rows)
         first = [n // r for n in batch.starts]
         ends = [(n + s) // r for n, s in zip(batch.starts, batch.lengths)]
+        if first == ends:  # no window closes in this batch (most decode steps)
+            return ends
         seq = torch.cat([torch.full((e - f,), b, device=dev) for b, f, e in zip(batch.ids, first, ends)])
         if seq.numel() == 0:
             return ends
@@ -154,7 +181,7 @@ class Indexer(UsesOps, nn.Module):
         pool, rows = rows_of(batch.cache, layer, "ent:index", batch.seq[:, None], ids, usable, (self.head_dim,),
                              x.dtype)
         q = self.wq_b(q_lat).unflatten(-1, (self.n_heads, self.head_dim))
-        cos, sin = ref.rope_cos_sin(positions, inv_freq)
+        cos, sin = batch.rope(inv_freq)
         q = self.ops.apply_rope(q, cos[:, None], sin[:, None])
         if self.official:
             q = ref.fp4_act_sim(ref.hadamard(q), 32)
@@ -191,7 +218,8 @@ class Attention(UsesOps, nn.Module):
                                          rotate=False, dtype=dtype, official=official)
         if self.layer_type == "csa":
             self.indexer = Indexer(args, ratio, dtype, official)
-        self.inv_freq_cpu = rope_table(args, self.layer_type != "sliding")  # not a checkpoint tensor
+        self.args_rope = (args, self.layer_type != "sliding")  # the RoPE table's inputs (not a checkpoint tensor)
+        self.inv_freq_cpu = rope_table(*self.args_rope)
         # the MTP block stores its window row for position p at p + 1, the position of the token it
         # embeds, so a cached block's rows depend only on tokens inside that block (prefix caching)
         self.store_offset = 1 if layer_id >= args.n_layers else 0
@@ -199,25 +227,25 @@ class Attention(UsesOps, nn.Module):
     def forward(self, x: torch.Tensor, batch: Batch, layer: int) -> torch.Tensor:
         """x [N, dim] packed tokens of `batch` -> [N, dim]."""
         dev, positions, seq, cache = x.device, batch.positions, batch.seq, batch.cache
-        inv_freq = self.inv_freq_cpu.to(dev)
-        cos, sin = ref.rope_cos_sin(positions, inv_freq)
-        q_lat = self.q_norm(self.wq_a(x))
+        inv_freq = self.inv_freq_cpu if dev.type == "cpu" else rope_table(*self.args_rope, dev)
+        cos, sin = batch.rope(inv_freq)
+        q_lat, kv = fused_pair(self.wq_a, self.wkv, x)
+        q_lat = self.q_norm(q_lat)
         q = self.wq_b(q_lat).unflatten(-1, (self.n_heads, self.head_dim))
         if self.official:  # the reference normalises in the activation dtype
             q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + self.eps)
         else:
             q = self.ops.rms_norm(q, None, self.eps)
         q = self.ops.apply_rope(q, cos[:, None], sin[:, None])
-        kv = self.ops.apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        kv = self.ops.apply_rope(self.kv_norm(kv), cos, sin)
         if self.official:
             kv = _fp8_nope_sim(self.ops, kv, self.rope_dim)
 
         # the window: positions p - w + 1 .. p of the query's own sequence
         off = self.store_offset
         cache.write(layer, "kv", seq, positions + off, kv)
-        key_pos = positions[:, None] - self.window + 1 + torch.arange(self.window, device=dev)[None, :]
-        valid = key_pos >= 0
-        sources = [rows_of(cache, layer, "kv", seq[:, None], key_pos + off, valid, (self.head_dim,), q.dtype)]
+        seq_col, key_pos, valid = batch.window(self.window, off)
+        sources = [rows_of(cache, layer, "kv", seq_col, key_pos, valid, (self.head_dim,), q.dtype)]
         if self.layer_type != "sliding":
             rows = self.compressor.project(x, positions)
             ends = self.compressor.update(rows, batch, layer, "attn", inv_freq, q.dtype)

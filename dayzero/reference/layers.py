@@ -27,6 +27,37 @@ class UsesOps:
     ops: OpTable = REF
 
 
+def fuse_rows(first: "Linear", second: "Linear") -> bool:
+    """Re-home two FP8 linears that read the same input into one [O1 + O2, K] weight (and scale)
+    whose row ranges are their parameters (views: nothing is stored twice), so a kernel table runs
+    them as one GEMM (`fused_pair`). Only where both are FP8 with whole 128-row scale blocks, the
+    same activation quantisation and no dequantised copies; returns whether it did."""
+    if not (first.fmt == second.fmt == "fp8" and first.in_features == second.in_features
+            and first.out_features % 128 == 0 and first.quant_input == second.quant_input
+            and first.__dict__.get("_dequantized") is None and second.__dict__.get("_dequantized") is None):
+        return False
+    r = first.out_features
+    for attr in ("weight", "scale"):
+        big = torch.cat([getattr(first, attr), getattr(second, attr)])
+        cut = r if attr == "weight" else r // 128
+        setattr(first, attr, nn.Parameter(big[:cut], requires_grad=False))
+        setattr(second, attr, nn.Parameter(big[cut:], requires_grad=False))
+        first.__dict__[f"_pair_{attr}"] = big
+    first.__dict__["_pair"] = second
+    return True
+
+
+def fused_pair(first: "Linear", second: "Linear", x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first(x), second(x)): one GEMM when `fuse_rows` joined them, else two calls."""
+    if first.__dict__.get("_pair") is not second or torch.is_grad_enabled():
+        return first(x), second(x)
+    flat = x.reshape(-1, x.shape[-1])
+    y = first.ops.fp8_linear(flat, first.__dict__["_pair_weight"], first.__dict__["_pair_scale"],
+                             act_quant=first.quant_input)
+    r = first.out_features
+    return y[:, :r].view(*x.shape[:-1], r), y[:, r:].view(*x.shape[:-1], -1)
+
+
 def _param(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
 

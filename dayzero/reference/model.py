@@ -17,7 +17,7 @@ from torch import nn
 from dayzero.config import ModelArgs
 from dayzero.ops import REF, OpTable, ref
 from dayzero.reference.attention import Attention
-from dayzero.reference.layers import Linear, RMSNorm, UsesOps, storage_dtype
+from dayzero.reference.layers import Linear, RMSNorm, UsesOps, fuse_rows, storage_dtype
 from dayzero.reference.moe import MoE
 from dayzero.reference.seqcache import Batch, DenseBatchCache, DenseSeqCache
 
@@ -70,7 +70,7 @@ class Block(UsesOps, nn.Module):
                           lambda u: self.ffn(self.ffn_norm(u), input_ids))
 
 
-class HCHead(nn.Module):
+class HCHead(UsesOps, nn.Module):
     """Final stream collapse (hc_head) -> RMSNorm -> fp32 LM head."""
 
     def hc_head(self, X: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ class HCHead(nn.Module):
 
     def logits(self, X: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         h = self.norm(self.hc_head(X))
-        return torch.nn.functional.linear(h.float(), head.float())
+        return self.ops.fp32_linear(h, head)
 
 
 class MTPBlock(Block, HCHead):
@@ -130,6 +130,12 @@ class Transformer(HCHead, nn.Module):
                 m.ops = table
             if table is not REF and hasattr(m, "stack_experts") and "_stacked" not in m.__dict__:
                 m.stack_experts()
+        if "fp8_linear" in table.kernels:  # FP8 pairs that read the same input: one GEMM each
+            for m in self.modules():
+                if isinstance(m, Attention):
+                    fuse_rows(m.wq_a, m.wkv)
+                elif type(m).__name__ == "Expert" and m.w1.fmt == "fp8":
+                    fuse_rows(m.w1, m.w3)
 
     def keep_head_fp32(self, keep: bool) -> None:
         """Keep an fp32 copy of the LM head (it runs in fp32; a bf16 checkpoint head is otherwise

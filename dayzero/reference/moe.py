@@ -9,10 +9,10 @@ from torch import nn
 
 from dayzero.config import ModelArgs
 from dayzero.ops import ref
-from dayzero.reference.layers import Linear, UsesOps
+from dayzero.reference.layers import Linear, UsesOps, fused_pair
 
 
-class Gate(nn.Module):
+class Gate(UsesOps, nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype):
         super().__init__()
         self.topk, self.route_scale, self.score_func = (
@@ -26,7 +26,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, dim] -> weights [N, k] fp32, expert ids [N, k]; logits in fp32."""
-        logits = torch.nn.functional.linear(x.float(), self.weight.float())
+        logits = self.ops.fp32_linear(x, self.weight)
         if self.hash:
             return ref.route(logits, None, self.topk, self.route_scale, self.score_func,
                              hash_idx=self.tid2eid[input_ids.reshape(-1)])
@@ -42,7 +42,7 @@ class Expert(nn.Module):
         self.w3 = Linear(dim, inter, fmt, dtype, official)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        h = ref.swiglu(self.w1(x), self.w3(x), self.limit)
+        h = ref.swiglu(*fused_pair(self.w1, self.w3, x), self.limit)
         if weight is not None:
             h = weight[:, None] * h
         return self.w2(h.to(x.dtype))

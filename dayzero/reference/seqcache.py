@@ -42,6 +42,27 @@ class Batch:
         first = torch.tensor(starts, device=device)
         self.positions = first[member] + torch.arange(member.numel(), device=device) - offsets[member]
 
+    def window(self, size: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(seq [N, 1], stored index [N, size], valid [N, size]) of each token's window: positions
+        p - size + 1 .. p stored at + offset, valid where >= 0. The same tensors for every layer of
+        the batch (caches may memoise lookups by tensor identity)."""
+        memo = self.__dict__.setdefault("_window", {})
+        got = memo.get((size, offset))
+        if got is None:
+            pos = self.positions[:, None] - size + 1 + torch.arange(size, device=self.positions.device)[None, :]
+            got = memo[(size, offset)] = (self.seq[:, None], pos + offset, pos >= 0)
+        return got
+
+    def rope(self, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, rd/2] of the batch's positions for a RoPE table (computed once per batch
+        and table: every layer of a kind rotates the same positions)."""
+        memo = self.__dict__.setdefault("_rope", {})
+        got = memo.get(id(inv_freq))
+        if got is None or got[0] is not inv_freq:
+            from dayzero.ops import ref
+            got = memo[id(inv_freq)] = (inv_freq, *ref.rope_cos_sin(self.positions, inv_freq))
+        return got[1], got[2]
+
     @property
     def end(self) -> int:
         return max(s + n for s, n in zip(self.starts, self.lengths))

@@ -20,6 +20,7 @@ _PROVIDERS = {
     "fp8_act_sim": "mhc",
     "compress_pool": "mhc",
     "apply_rope": "rope",
+    "fp32_linear": "dense",
     "sparse_attn_paged": "attention",
     "indexer_scores_paged": "attention",
     "hc_pre": "mhc",

@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -86,6 +87,8 @@ def build(module: str, force: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     cmd = [cc, *flags(), "-I", str(HERE), "-o", tmp, str(HERE / f"{module}.c"), "-lm"]
+    print(f"dayzero: compiling native CPU kernels {module}.c (once per machine, cached in {path.parent})",
+          file=sys.stderr, flush=True)
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if r.returncode != 0:

@@ -18,6 +18,7 @@ _PROVIDERS = {
     "fp8_act_sim": "norm",
     "compress_pool": "norm",
     "apply_rope": "norm",
+    "fp32_linear": "gemm",  # no Triton kernel yet: the twin (torch's fp32 GEMM)
     "sparse_attn_paged": "attention",
     "indexer_scores_paged": "attention",
     "hc_pre": "mhc",
