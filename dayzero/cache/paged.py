@@ -45,11 +45,10 @@ class PagedBatchCache:
         self._tables = {}
         for name, g in pools.groups.items():
             width = max(len(t[name]) for t in tables)
-            tab = torch.full((len(tables), width + 1), -1, dtype=torch.long)
-            for b, t in enumerate(tables):
-                tab[b, :len(t[name])] = torch.tensor([-1 if x is None else x for x in t[name]], dtype=torch.long)
             rows = len(g.layers) * g.per_block
-            self._tables[name] = torch.where(tab >= 0, tab * rows, -1).to(device)
+            flat = [[-1 if x is None else x * rows for x in t[name]] + [-1] * (width + 1 - len(t[name]))
+                    for t in tables]  # built in Python: one tensor per group and step
+            self._tables[name] = torch.tensor(flat, dtype=torch.long, device=device)
 
     def _flat(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor):
         """(pool [num_blocks, members, per_block, *row], flat row ids) of rows index of sequences seq."""

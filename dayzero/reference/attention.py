@@ -176,10 +176,8 @@ class Indexer(UsesOps, nn.Module):
                 none = torch.zeros(x.shape[0], 0, device=dev)
                 self.capture.append({"layer": layer, "positions": positions, "usable": none.bool(), "scores": none})
             return torch.empty(x.shape[0], 0, dtype=torch.long, device=dev)
-        ids = torch.arange(T, device=dev)[None, :].expand(x.shape[0], T)
-        usable = ids < ((positions + 1) // self.ratio)[:, None]  # [N, T]
-        pool, rows = rows_of(batch.cache, layer, "ent:index", batch.seq[:, None], ids, usable, (self.head_dim,),
-                             x.dtype)
+        seq_col, ids, usable = batch.entries(self.ratio, T)  # [N, T]
+        pool, rows = rows_of(batch.cache, layer, "ent:index", seq_col, ids, usable, (self.head_dim,), x.dtype)
         q = self.wq_b(q_lat).unflatten(-1, (self.n_heads, self.head_dim))
         cos, sin = batch.rope(inv_freq)
         q = self.ops.apply_rope(q, cos[:, None], sin[:, None])
@@ -253,11 +251,11 @@ class Attention(UsesOps, nn.Module):
                 cidx = self.indexer.select(x, q_lat, batch, layer, inv_freq)
                 if self.indexer.capture is not None:
                     self.indexer.capture[-1]["target"] = self.entry_target(q, sources[0], batch, layer, ends)
+                sources.append(rows_of(cache, layer, "ent:attn", seq_col, cidx.clamp(min=0), cidx >= 0,
+                                       (self.head_dim,), q.dtype))
             else:  # every closed entry the query may use
-                ids = torch.arange(max(ends), device=dev)[None, :]
-                cidx = torch.where(ids < ((positions + 1) // self.ratio)[:, None], ids, -1)
-            sources.append(rows_of(cache, layer, "ent:attn", seq[:, None], cidx.clamp(min=0), cidx >= 0,
-                                   (self.head_dim,), q.dtype))
+                _, ids, usable = batch.entries(self.ratio, max(ends))
+                sources.append(rows_of(cache, layer, "ent:attn", seq_col, ids, usable, (self.head_dim,), q.dtype))
         o = self.ops.sparse_attn_paged(q, sources, self.attn_sink, self.head_dim ** -0.5)
         o = self.ops.apply_rope(o, cos[:, None], sin[:, None], inverse=True)
         o = o.flatten(1).unflatten(-1, (self.o_groups, -1))

@@ -53,6 +53,17 @@ class Batch:
             got = memo[(size, offset)] = (self.seq[:, None], pos + offset, pos >= 0)
         return got
 
+    def entries(self, ratio: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(seq [N, 1], entry ids [N, count], usable [N, count]) of compressed entries 0..count-1 at
+        `ratio`: entry i is usable by the token at p iff i < (p + 1) // ratio. The same tensors for
+        every layer of the batch with that ratio (caches memoise lookups by tensor identity)."""
+        memo = self.__dict__.setdefault("_entries", {})
+        got = memo.get((ratio, count))
+        if got is None:
+            ids = torch.arange(count, device=self.positions.device)[None, :].expand(self.positions.shape[0], count)
+            got = memo[(ratio, count)] = (self.seq[:, None], ids, ids < ((self.positions + 1) // ratio)[:, None])
+        return got
+
     def rope(self, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [N, rd/2] of the batch's positions for a RoPE table (computed once per batch
         and table: every layer of a kind rotates the same positions)."""
