@@ -111,10 +111,8 @@ class Compressor(UsesOps, nn.Module):
         ends = [(n + s) // r for n, s in zip(batch.starts, batch.lengths)]
         if first == ends:  # no window closes in this batch (most decode steps)
             return ends
-        seq = torch.cat([torch.full((e - f,), b, device=dev) for b, f, e in zip(batch.ids, first, ends)])
-        if seq.numel() == 0:
-            return ends
-        ids = torch.cat([torch.arange(f, e, device=dev) for f, e in zip(first, ends)])  # new entries
+        pairs = [(b, i) for b, f, e in zip(batch.ids, first, ends) for i in range(f, e)]  # new entries
+        seq, ids = torch.tensor(pairs, dtype=torch.long, device=dev).unbind(1)
         own = r * ids[:, None] + torch.arange(r, device=dev)  # [E, r] positions of each entry's window
         win = cache.read(layer, "rows:" + kind, seq[:, None].expand_as(own).flatten(), own.flatten())
         win = win.float().unflatten(0, own.shape)  # [E, r, 2, width]
