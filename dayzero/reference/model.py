@@ -74,9 +74,26 @@ class HCHead(UsesOps, nn.Module):
     """Final stream collapse (hc_head) -> RMSNorm -> fp32 LM head."""
 
     def hc_head(self, X: torch.Tensor) -> torch.Tensor:
+        if self.ops is not REF and not torch.is_grad_enabled():
+            return self._hc_head_as_site(X)
         mixes = ref.hc_mixes(X, self.hc_head_fn, self.norm_eps)
         pre = torch.sigmoid(mixes * self.hc_head_scale.float() + self.hc_head_base.float()) + self.hc_eps
         return ref.hc_collapse(X, pre)
+
+    def _hc_head_as_site(self, X: torch.Tensor) -> torch.Tensor:
+        """hc_head through the table's hc_pre (one kernel call): the head's n rows padded to an
+        mHC site's (2+n)n with zeros (scale [s, 0, 0], one Sinkhorn iteration on the unused
+        part); the site's `pre` is sigmoid(mixes[:n] * s + base) + eps, the head's exactly."""
+        n = X.shape[-2]
+        pad = self.__dict__.get("_hc_head_pad")
+        if pad is None or pad[0].device != X.device:
+            fn = self.hc_head_fn.float()
+            rows = (2 + n) * n - n
+            pad = self.__dict__["_hc_head_pad"] = (
+                torch.cat([fn, fn.new_zeros(rows, fn.shape[1])]),
+                torch.cat([self.hc_head_scale.float(), fn.new_zeros(2)]),
+                torch.cat([self.hc_head_base.float(), fn.new_zeros(rows)]))
+        return self.ops.hc_pre(X, *pad, 1, self.norm_eps, self.hc_eps)[0]
 
     def logits(self, X: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         h = self.norm(self.hc_head(X))

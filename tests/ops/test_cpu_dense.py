@@ -77,3 +77,21 @@ def test_kernel_table_preparation_keeps_the_checkpoint_tensors(make_ckpt):
     with torch.no_grad():
         a, b = fused_pair(attn.wq_a, attn.wkv, x)
         assert torch.equal(a, attn.wq_a(x)) and torch.equal(b, attn.wkv(x))
+
+
+def test_hc_head_through_a_site_kernel_is_the_head(make_ckpt):
+    """With a kernel table the final stream collapse runs as an mHC site padded with zero rows:
+    with the twins' hc_pre that is bit-identical to the literal hc_head; with the native one it
+    differs by summation order only."""
+    from dayzero.loader.model_io import load_model
+    from dayzero.ops import REF, for_device
+    model = load_model(make_ckpt("flash", "fp32"), numerics="transformers")
+    X = torch.randn(5, model.args.hc_mult, model.args.dim)
+    with torch.no_grad():
+        want = model.hc_head(X)  # REF: the literal formula
+        assert torch.equal(model._hc_head_as_site(X), want)
+        model.set_ops(for_device("cpu", "cpu"))
+        got = model.hc_head(X)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert model.ops is not REF
