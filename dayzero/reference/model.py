@@ -83,7 +83,8 @@ class HCHead(UsesOps, nn.Module):
     def _hc_head_as_site(self, X: torch.Tensor) -> torch.Tensor:
         """hc_head through the table's hc_pre (one kernel call): the head's n rows padded to an
         mHC site's (2+n)n with zeros (scale [s, 0, 0], one Sinkhorn iteration on the unused
-        part); the site's `pre` is sigmoid(mixes[:n] * s + base) + eps, the head's exactly."""
+        part); the site's `pre` is sigmoid(mixes[:n] * s + base) + eps, the head's formula (fp32
+        sums of the projection may differ in order)."""
         n = X.shape[-2]
         pad = self.__dict__.get("_hc_head_pad")
         if pad is None or pad[0].device != X.device:

@@ -81,15 +81,16 @@ def test_kernel_table_preparation_keeps_the_checkpoint_tensors(make_ckpt):
 
 def test_hc_head_through_a_site_kernel_is_the_head(make_ckpt):
     """With a kernel table the final stream collapse runs as an mHC site padded with zero rows:
-    with the twins' hc_pre that is bit-identical to the literal hc_head; with the native one it
-    differs by summation order only."""
+    the same formula as the literal hc_head, so with the twins' hc_pre or the native one it
+    differs by fp32 summation order only (the projection has more rows)."""
     from dayzero.loader.model_io import load_model
     from dayzero.ops import REF, for_device
     model = load_model(make_ckpt("flash", "fp32"), numerics="transformers")
     X = torch.randn(5, model.args.hc_mult, model.args.dim)
     with torch.no_grad():
         want = model.hc_head(X)  # REF: the literal formula
-        assert torch.equal(model._hc_head_as_site(X), want)
+        site = model._hc_head_as_site(X)
+        assert (site - want).abs().max() <= 1e-5 * want.abs().max()
         model.set_ops(for_device("cpu", "cpu"))
         got = model.hc_head(X)
     assert got.dtype == want.dtype and got.shape == want.shape
