@@ -22,7 +22,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dayzero.loader.formats import quant_fp4, quant_fp8_block
 from dayzero.ops import cpu, ref
@@ -33,8 +32,7 @@ if cpu.unavailable().get("gemm"):
 
 from dayzero.ops.cpu import gemm as G
 
-U = 2.0 ** -24
-FLIP = {torch.float32: 2.0 ** -22, torch.bfloat16: 2.0 ** -7}  # one rounding flip, relative (fp32: exp/div ulps)
+from tests.ops.bounds import FLIP, U, moe_bound  # noqa: E402  (after the importorskip above, where there is one)
 DTYPES = [torch.float32, torch.bfloat16]
 E8M0 = torch.float8_e8m0fnu
 
@@ -241,50 +239,6 @@ def _moe_inputs(N, E, k, dim, inter, dt, seed, subset=None, f32_scales=False, du
     return (x, wts, ids.to(torch.int32 if seed % 2 else torch.int64), *stacks)
 
 
-def _sim_spread(h, r):
-    """How far ref.fp8_act_sim can move h [1, n] when each h_i may be off by up to r_i: 0 where
-    h_i +- r_i rounds to the same e4m3 value under an unchanged block scale (the usual case)."""
-    n = h.shape[-1]
-    hp, rp = (F.pad(t, (0, -n % 128)).view(-1, 128) for t in (h, r))
-    amax, ramax = hp.abs().amax(-1, keepdim=True), rp.amax(-1, keepdim=True)
-
-    def scale(a):
-        return torch.exp2(torch.ceil(torch.log2(a.clamp(min=1e-4) / 448)))
-
-    def q(v, sc):
-        return (v / sc).float().to(torch.float8_e4m3fn).double() * sc
-
-    sc, s_lo, s_hi = scale(amax), scale((amax - ramax).clamp(min=0)), scale(amax + ramax)
-    base = q(hp, sc)
-    spread = torch.maximum(q(hp + rp, sc) - base, base - q(hp - rp, sc))
-    moved = rp + 2.0 ** -3 * (hp.abs() + rp) + 2.0 ** -9 * s_hi
-    return torch.where(s_lo == s_hi, spread, moved).flatten()[:n].view(1, n), base.flatten()[:n].view(1, n)
-
-
-def _moe_bound(x, wts, ids, w1, s1, w3, s3, w2, s2, limit, want, h_act_sim=False):
-    dt, flip = x.dtype, FLIP[x.dtype]
-    dim, inter = x.shape[1], w1.shape[1]
-    bound = torch.zeros(want.shape, dtype=torch.float64)
-    deq = {e: [ref.fp4_dequant(a, b).to(dt).double() for a, b in ((w1[e], s1[e]), (w3[e], s3[e]), (w2[e], s2[e]))]
-           for e in ids.unique().tolist()}
-    for n in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e, xr, rw = int(ids[n, j]), x[n:n + 1], float(wts[n, j])
-            W1, W3, W2 = deq[e]
-            ax = xr.abs().double()
-            g, u = ref.fp4_linear(xr, w1[e], s1[e]).double(), ref.fp4_linear(xr, w3[e], s3[e]).double()
-            dg = flip * g.abs() + 4 * dim * U * (ax @ W1.abs().T)
-            du = flip * u.abs() + 4 * dim * U * (ax @ W3.abs().T)
-            h = (ref.swiglu(g, u, limit).double() * rw).to(dt).double()  # the twin's h, in x.dtype
-            gc = g.clamp(max=limit) if limit > 0 else g
-            dh = 2 * (rw * (1.1 * dg * u.abs() + F.silu(gc).abs() * du) + flip * h.abs())
-            if h_act_sim:
-                dh, h = _sim_spread(h, dh)
-            dout = dh @ W2.abs().T + 4 * inter * U * (h.abs() @ W2.abs().T) + flip * (h @ W2.T).abs()
-            bound[n] += 2 * dout[0]
-    return (bound + 8 * ids.shape[1] * U * want.double().abs() + 1e-30).float()
-
-
 MOE_CASES = [(E, k, N) for E, k in ((1, 1), (4, 2), (9, 1), (9, 6)) for N in (1, 7, 20)]
 
 
@@ -300,7 +254,7 @@ def test_moe_experts_parity(E, k, N):
         args = _moe_inputs(N, E, k, 64, 32, dt, seed=i, subset=sub)
         want = ref.moe_experts(*args, limit, sim)
         got = G.moe_experts(*args, limit, sim)
-        _within(got, want, _moe_bound(*args, limit, want, sim), f"{dt} limit {limit} sim {sim} subset {sub}")
+        _within(got, want, moe_bound(*args, limit, want, sim), f"{dt} limit {limit} sim {sim} subset {sub}")
 
 
 def test_moe_variants():
@@ -320,7 +274,7 @@ def test_moe_variants():
         args = _moe_inputs(N, E, k, dim, inter, dt, seed=j, **extra)
         want = ref.moe_experts(*args, limit, sim)
         got = G.moe_experts(*args, limit, h_act_sim=sim)
-        _within(got, want, _moe_bound(*args, limit, want, sim), f"case {j}")
+        _within(got, want, moe_bound(*args, limit, want, sim), f"case {j}")
         if j == 0:
             assert not torch.equal(got, G.moe_experts(*args, limit, False))
 
@@ -342,7 +296,7 @@ def test_moe_edges():
         G.moe_experts(*bad, 0.0)
     wts16 = args[1].to(torch.bfloat16)  # any float routing weights: used in fp32 as the twin does
     _within(G.moe_experts(args[0], wts16, *args[2:], 0.0), ref.moe_experts(args[0], wts16, *args[2:], 0.0),
-            _moe_bound(args[0], wts16.float(), *args[2:], 0.0, out), "bf16 weights")
+            moe_bound(args[0], wts16.float(), *args[2:], 0.0, out), "bf16 weights")
 
 
 def test_moe_token_chunks(monkeypatch):
@@ -381,7 +335,7 @@ def test_results_do_not_depend_on_threads():
     want = ref.fp8_linear(x, w8, s8)
     _within(f8, want, _lin_bound(x, _fp8_deq(w8, s8, x.dtype), want), "fp8 team")
     want = ref.moe_experts(*margs, 0.0, True)
-    _within(fm, want, _moe_bound(*margs, 0.0, want, True), "moe team")
+    _within(fm, want, moe_bound(*margs, 0.0, want, True), "moe team")
 
 
 def test_op_table_uses_the_kernels():
@@ -412,7 +366,7 @@ def _other_paths_agree(dtypes=tuple(DTYPES)):
                 _within(G.fp4_linear(x, w4, sc), want, _lin_bound(x, ref.fp4_dequant(w4, sc).to(dt), want), "fp4")
         args = _moe_inputs(7, 4, 2, 64, 160, dt, seed=3)
         want = ref.moe_experts(*args, 0.7, True)
-        _within(G.moe_experts(*args, 0.7, True), want, _moe_bound(*args, 0.7, want, True), f"moe {dt}")
+        _within(G.moe_experts(*args, 0.7, True), want, moe_bound(*args, 0.7, want, True), f"moe {dt}")
     b = torch.arange(256, dtype=torch.uint8)
     b[0x7F], b[0xFF] = 0, 0x80
     w = b.view(2, 128).view(torch.float8_e4m3fn)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="Triton has no wheel for this platform (test extras install it on Linux x86-64)")
 
@@ -30,8 +29,7 @@ from dayzero.ops.triton import gemm as G
 from dayzero.ops.triton import moe as MOE
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-U = 2.0 ** -24
-FLIP = {torch.float32: 2.0 ** -22, torch.bfloat16: 2.0 ** -7}  # one rounding flip, relative (fp32: exp/div ulps)
+from tests.ops.bounds import FLIP, U, moe_bound  # noqa: E402  (after the importorskip above, where there is one)
 DTYPES = [torch.float32, torch.bfloat16]
 E8M0 = torch.float8_e8m0fnu
 
@@ -173,50 +171,6 @@ def _moe_inputs(N, E, k, dim, inter, dt, seed, subset=None):
     return (x, wts.to(DEV), ids.to(DEV, torch.int32 if seed % 2 else torch.int64), *stacks)
 
 
-def _sim_spread(h, r):
-    """How far ref.fp8_act_sim can move h [1, n] when each h_i may be off by up to r_i: 0 where
-    h_i +- r_i rounds to the same e4m3 value under an unchanged block scale (the usual case)."""
-    n = h.shape[-1]
-    hp, rp = (F.pad(t, (0, -n % 128)).view(-1, 128) for t in (h, r))
-    amax, ramax = hp.abs().amax(-1, keepdim=True), rp.amax(-1, keepdim=True)
-
-    def scale(a):
-        return torch.exp2(torch.ceil(torch.log2(a.clamp(min=1e-4) / 448)))
-
-    def q(v, sc):
-        return (v / sc).float().to(torch.float8_e4m3fn).double() * sc
-
-    sc, s_lo, s_hi = scale(amax), scale((amax - ramax).clamp(min=0)), scale(amax + ramax)
-    base = q(hp, sc)
-    spread = torch.maximum(q(hp + rp, sc) - base, base - q(hp - rp, sc))
-    # the block scale itself may flip: any two roundings within 2^-4 relative + half a subnormal step
-    moved = rp + 2.0 ** -3 * (hp.abs() + rp) + 2.0 ** -9 * s_hi
-    return torch.where(s_lo == s_hi, spread, moved).flatten()[:n].view(1, n), base.flatten()[:n].view(1, n)
-
-
-def _moe_bound(x, wts, ids, w1, s1, w3, s3, w2, s2, limit, want, h_act_sim=False):
-    dt, flip = x.dtype, FLIP[x.dtype]
-    dim, inter = x.shape[1], w1.shape[1]
-    bound = torch.zeros(want.shape, dtype=torch.float64, device=DEV)
-    for n in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e, xr, rw = int(ids[n, j]), x[n:n + 1], float(wts[n, j])
-            W1, W3, W2 = (ref.fp4_dequant(a, b).to(dt).double() for a, b in ((w1[e], s1[e]), (w3[e], s3[e]),
-                                                                             (w2[e], s2[e])))
-            ax = xr.abs().double()
-            g, u = ref.fp4_linear(xr, w1[e], s1[e]).double(), ref.fp4_linear(xr, w3[e], s3[e]).double()
-            dg = flip * g.abs() + 4 * dim * U * (ax @ W1.abs().T)
-            du = flip * u.abs() + 4 * dim * U * (ax @ W3.abs().T)
-            h = (ref.swiglu(g, u, limit).double() * rw).to(dt).double()  # the twin's h, in x.dtype
-            gc = g.clamp(max=limit) if limit > 0 else g
-            dh = 2 * (rw * (1.1 * dg * u.abs() + F.silu(gc).abs() * du) + flip * h.abs())
-            if h_act_sim:
-                dh, h = _sim_spread(h, dh)
-            dout = dh @ W2.abs().T + 4 * inter * U * (h.abs() @ W2.abs().T) + flip * (h @ W2.T).abs()
-            bound[n] += 2 * dout[0]
-    return (bound + 8 * ids.shape[1] * U * want.double().abs() + 1e-30).float()
-
-
 MOE_CASES = [(E, k, N) for E, k in ((1, 1), (4, 1), (4, 2), (9, 1), (9, 2), (9, 6)) for N in (1, 7, 20)]
 
 
@@ -232,7 +186,7 @@ def test_moe_experts_parity(E, k, N):
         args = _moe_inputs(N, E, k, 64, 32, dt, seed=i, subset=sub)
         want = ref.moe_experts(*args, limit, sim)
         got = MOE.moe_experts(*args, limit, sim)
-        _within(got, want, _moe_bound(*args, limit, want, sim), f"{dt} limit {limit} sim {sim} subset {sub}")
+        _within(got, want, moe_bound(*args, limit, want, sim), f"{dt} limit {limit} sim {sim} subset {sub}")
 
 
 def test_moe_h_act_sim_and_determinism():
@@ -242,7 +196,7 @@ def test_moe_h_act_sim_and_determinism():
         args = _moe_inputs(4, 4, 2, 64, inter, dt, seed=7)
         want = ref.moe_experts(*args, limit, True)
         got = MOE.moe_experts(*args, limit, h_act_sim=True)
-        _within(got, want, _moe_bound(*args, limit, want, True), f"{dt} {limit}")
+        _within(got, want, moe_bound(*args, limit, want, True), f"{dt} {limit}")
     assert torch.equal(got, MOE.moe_experts(*args, limit, True))
 
 
@@ -288,7 +242,7 @@ def test_moe_every_config_agrees(cfg):
     dim 96 / inter 64 are not multiples of every BLOCK_K / BLOCK_O."""
     args = _moe_inputs(20, 2, 2, 96, 64, torch.bfloat16, seed=3)
     want = ref.moe_experts(*args, 0.7)
-    _within(MOE.moe_experts(*args, 0.7, config=cfg), want, _moe_bound(*args, 0.7, want), "moe")
+    _within(MOE.moe_experts(*args, 0.7, config=cfg), want, moe_bound(*args, 0.7, want), "moe")
 
 
 def test_tuning_cases_run():
