@@ -43,6 +43,26 @@ class OpTable:
 REF = OpTable(name="ref", **{op: getattr(ref, op) for op in OP_NAMES})
 
 
+def assemble(name: str, package: str, providers: dict[str, str], skip: frozenset[str] = frozenset()) -> OpTable:
+    """An op table from kernel modules: op -> `{package}.{providers[op]}`'s function of the same
+    name; the twin where no provider is named, the module is in `skip`, does not exist yet, or
+    does not define the op (`kernels` lists the ops that got a kernel)."""
+    import importlib
+    impls, kernels = {}, []
+    for op in OP_NAMES:
+        fn, module = None, providers.get(op)
+        if module is not None and module not in skip:
+            try:
+                fn = getattr(importlib.import_module(f"{package}.{module}"), op, None)
+            except ModuleNotFoundError as e:
+                if e.name != f"{package}.{module}":
+                    raise
+        impls[op] = fn or getattr(REF, op)
+        if fn is not None:
+            kernels.append(op)
+    return OpTable(name=name, kernels=tuple(kernels), **impls)
+
+
 def triton_usable(device: torch.device) -> bool:
     """True when Triton kernels can launch on `device`: a GPU backend with triton importable, or
     any device under TRITON_INTERPRET=1 (the interpreter: correct, slow; used by tests)."""

@@ -8,9 +8,8 @@ instead of dequantised copies).
 """
 from __future__ import annotations
 
-import importlib
-
-from dayzero.ops import OP_NAMES, REF, OpTable
+from dayzero.ops import OpTable, assemble
+from dayzero.ops.cpu import build
 from dayzero.ops.cpu.build import NativeUnavailable, available
 
 # op name -> module of this package (a Python wrapper `<module>.py` over `<module>.c`) providing a
@@ -38,7 +37,7 @@ def unavailable() -> dict[str, str]:
     out = {}
     for module in sorted(set(_PROVIDERS.values())):
         try:
-            importlib.import_module("dayzero.ops.cpu.build").lib(module)
+            build.lib(module)
         except NativeUnavailable as e:
             out[module] = str(e)
     return out
@@ -47,19 +46,7 @@ def unavailable() -> dict[str, str]:
 def table() -> OpTable:
     """The native CPU op table: kernels of every module that builds here, twins elsewhere.
     Raises NativeUnavailable when no module builds (no compiler)."""
-    impls, kernels, failed = {}, [], unavailable()
+    failed = unavailable()
     if failed and len(failed) == len(set(_PROVIDERS.values())):
         raise NativeUnavailable("; ".join(failed.values()))
-    for op in OP_NAMES:
-        fn = None
-        module = _PROVIDERS.get(op)
-        if module is not None and module not in failed:
-            try:
-                fn = getattr(importlib.import_module(f"dayzero.ops.cpu.{module}"), op, None)
-            except ModuleNotFoundError as e:
-                if e.name != f"dayzero.ops.cpu.{module}":
-                    raise
-        impls[op] = fn or getattr(REF, op)
-        if fn is not None:
-            kernels.append(op)
-    return OpTable(name="cpu", kernels=tuple(kernels), **impls)
+    return assemble("cpu", __name__, _PROVIDERS, frozenset(failed))

@@ -6,11 +6,10 @@ Tuned launch configurations come from `dayzero.ops.triton.tuning` (written by `d
 """
 from __future__ import annotations
 
-import importlib
 
 import torch
 
-from dayzero.ops import OP_NAMES, REF, OpTable
+from dayzero.ops import OpTable, assemble
 
 # op name -> module of this package providing a function of the same name
 _PROVIDERS = {
@@ -32,16 +31,4 @@ _PROVIDERS = {
 def table(device: torch.device) -> OpTable:
     """The Triton op table for `device`: each op from its kernel module, twins for ops no module
     provides yet (listed as absent in docs/HARDWARE.md)."""
-    impls, kernels = {}, []
-    for op in OP_NAMES:
-        fn = None
-        try:
-            mod = importlib.import_module(f"dayzero.ops.triton.{_PROVIDERS[op]}")
-            fn = getattr(mod, op, None)
-        except ModuleNotFoundError as e:
-            if e.name != f"dayzero.ops.triton.{_PROVIDERS[op]}":
-                raise
-        impls[op] = fn or getattr(REF, op)
-        if fn is not None:
-            kernels.append(op)
-    return OpTable(name="triton", kernels=tuple(kernels), **impls)
+    return assemble("triton", __name__, _PROVIDERS)
