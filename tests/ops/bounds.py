@@ -1,5 +1,6 @@
-"""Error bounds shared by the GEMM / MoE parity tests (tests/ops/test_cpu_gemm.py,
-test_triton_gemm.py): derived from the arithmetic, see test_triton_gemm.py's docstring."""
+"""Helpers shared by the CPU and Triton parity tests: GEMM / MoE error bounds derived from the
+arithmetic (see test_triton_gemm.py's docstring) and the FP8 activation-simulation references
+and inputs (test_cpu_mhc.py, test_triton_norm.py)."""
 from __future__ import annotations
 
 import torch
@@ -53,3 +54,29 @@ def moe_bound(x, wts, ids, w1, s1, w3, s3, w2, s2, limit, want, h_act_sim=False)
             dout = dh @ W2.abs().T + 4 * inter * U * (h.abs() @ W2.abs().T) + flip * (h @ W2.T).abs()
             bound[n] += 2 * dout[0]
     return (bound + 8 * ids.shape[1] * U * want.double().abs() + 1e-30).float()
+
+
+def exact_fp8_sim(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The documented semantics computed exactly: scale = smallest 2^k with amax / 2^k <= 448."""
+    n = x.shape[-1]
+    xb = torch.nn.functional.pad(x.double(), (0, (-n) % block)).unflatten(-1, (-1, block))
+    amax = xb.abs().amax(-1, keepdim=True).clamp(min=torch.tensor(1e-4, dtype=torch.float32).item())
+    m, e = torch.frexp(amax / 448)  # amax / 448 = m 2^e, m in [0.5, 1): exact in float64
+    scale = torch.ldexp(torch.ones_like(m), torch.where(m == 0.5, e - 1, e))
+    q = (xb / scale).float().to(torch.float8_e4m3fn).double() * scale
+    return q.flatten(-2)[..., :n].to(x.dtype)
+
+
+def fp8_data(shape, dtype, seed=0):
+    """Random magnitudes over 2^-30..2^12, some blocks with values just below their amax, tiny
+    values (below the e4m3 subnormal range after scaling) and exact zeros / negative zeros."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g) * torch.exp2(torch.randint(-30, 12, shape, generator=g).float())
+    flat = x.view(-1)
+    k = flat.numel()
+    flat[torch.randint(0, k, (max(1, k // 20),), generator=g)] = 0.0
+    flat[torch.randint(0, k, (max(1, k // 20),), generator=g)] = -0.0
+    near = torch.randint(0, k, (max(1, k // 10),), generator=g)
+    flat[near] = flat.abs().max() * (1 - torch.rand(near.numel(), generator=g) * 2 ** -10)
+    flat[torch.randint(0, k, (max(1, k // 10),), generator=g)] *= 2 ** -20
+    return x.to(dtype)

@@ -27,6 +27,7 @@ import torch
 
 from dayzero.ops import cases, ref
 from dayzero.ops.cpu import build
+from tests.ops.bounds import exact_fp8_sim, fp8_data
 
 try:
     from dayzero.ops.cpu import mhc
@@ -213,41 +214,15 @@ def test_rms_norm_strided_empty_zero_threads():
 
 
 # ---- fp8_act_sim ---------------------------------------------------------------------------------
-def _exact_fp8_sim(x: torch.Tensor, block: int) -> torch.Tensor:
-    """The documented semantics computed exactly: scale = smallest 2^k with amax / 2^k <= 448."""
-    n = x.shape[-1]
-    xb = torch.nn.functional.pad(x.double(), (0, (-n) % block)).unflatten(-1, (-1, block))
-    amax = xb.abs().amax(-1, keepdim=True).clamp(min=torch.tensor(1e-4, dtype=F32).item())
-    m, e = torch.frexp(amax / 448)  # amax / 448 = m 2^e, m in [0.5, 1): exact in float64
-    scale = torch.ldexp(torch.ones_like(m), torch.where(m == 0.5, e - 1, e))
-    q = (xb / scale).float().to(torch.float8_e4m3fn).double() * scale
-    return q.flatten(-2)[..., :n].to(x.dtype)
-
-
-def _fp8_data(shape, dtype, seed=0):
-    """Random magnitudes over 2^-30..2^12, some blocks with values just below their amax, tiny
-    values (below the e4m3 subnormal range after scaling) and exact zeros / negative zeros."""
-    g = _gen(seed)
-    x = torch.randn(*shape, generator=g) * torch.exp2(torch.randint(-30, 12, shape, generator=g).float())
-    flat = x.view(-1)
-    k = flat.numel()
-    flat[torch.randint(0, k, (max(1, k // 20),), generator=g)] = 0.0
-    flat[torch.randint(0, k, (max(1, k // 20),), generator=g)] = -0.0
-    near = torch.randint(0, k, (max(1, k // 10),), generator=g)
-    flat[near] = flat.abs().max() * (1 - torch.rand(near.numel(), generator=g) * 2 ** -10)
-    flat[torch.randint(0, k, (max(1, k // 10),), generator=g)] *= 2 ** -20
-    return x.to(dtype)
-
-
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("block", [7, 32, 64, 128])
 @pytest.mark.parametrize("shape", [(1,), (100,), (3, 300), (2, 2, 130)])
 def test_fp8_act_sim_bit_exact(shape, block, dtype):
-    x = _fp8_data(shape, dtype, seed=block)
+    x = fp8_data(shape, dtype, seed=block)
     out = mhc.fp8_act_sim(x, block)
     assert out.dtype == dtype and out.shape == x.shape
     assert torch.equal(_bits(out), _bits(ref.fp8_act_sim(x, block)))
-    assert torch.equal(_bits(out), _bits(_exact_fp8_sim(x, block)))
+    assert torch.equal(_bits(out), _bits(exact_fp8_sim(x, block)))
 
 
 def test_fp8_rounding_every_bf16_value_and_ties():
@@ -283,7 +258,7 @@ def test_fp8_scale_at_power_of_two_boundaries():
     x = torch.stack(rows)
     for xx in (x, x.flatten()):  # blocks of 4: one a row, and all in one row
         out = mhc.fp8_act_sim(xx, 4)
-        assert torch.equal(_bits(out), _bits(_exact_fp8_sim(xx, 4)))
+        assert torch.equal(_bits(out), _bits(exact_fp8_sim(xx, 4)))
         assert torch.equal(_bits(out), _bits(ref.fp8_act_sim(xx, 4)))
     xb = x.to(BF16)
     assert torch.equal(_bits(mhc.fp8_act_sim(xb, 4)), _bits(ref.fp8_act_sim(xb, 4)))
@@ -292,14 +267,14 @@ def test_fp8_scale_at_power_of_two_boundaries():
 def test_fp8_nonfinite_blocks_and_threads():
     """A block holding inf or NaN is all NaN (the twin's scale is inf / NaN); others unaffected.
     The threaded path is bitwise the single-thread one."""
-    x = _fp8_data((4, 96), F32, seed=3)
+    x = fp8_data((4, 96), F32, seed=3)
     x[1, 5], x[2, 40], x[3, 70] = float("inf"), float("nan"), -float("inf")
     for dt in (F32, BF16):
         xx = x.to(dt)
         out, want = mhc.fp8_act_sim(xx, 32), ref.fp8_act_sim(xx, 32)
         assert torch.equal(out.isnan(), want.isnan()) and out.isnan().sum() == 3 * 32
         assert torch.equal(_bits(out[~out.isnan()]), _bits(want[~want.isnan()]))
-    x = _fp8_data((300, 256), BF16, seed=4)
+    x = fp8_data((300, 256), BF16, seed=4)
     with _threads(2):
         got = mhc.fp8_act_sim(x, 128)
     with _threads(1):

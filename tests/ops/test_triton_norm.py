@@ -18,6 +18,7 @@ pytest.importorskip("triton", reason="Triton has no wheel for this platform (tes
 
 from dayzero.ops import ref
 from dayzero.ops.triton import norm
+from tests.ops.bounds import exact_fp8_sim, fp8_data  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F32_TOL = dict(rtol=1e-5, atol=1e-6)
@@ -62,44 +63,18 @@ def test_rms_norm_fp32_weight_on_bf16_and_strided():
 
 
 # ---- fp8_act_sim ---------------------------------------------------------------------------------
-def _exact_fp8_sim(x: torch.Tensor, block: int) -> torch.Tensor:
-    """The documented semantics computed exactly: scale = smallest 2^k with amax / 2^k <= 448."""
-    n = x.shape[-1]
-    xb = torch.nn.functional.pad(x.double(), (0, (-n) % block)).unflatten(-1, (-1, block))
-    amax = xb.abs().amax(-1, keepdim=True).clamp(min=torch.tensor(1e-4, dtype=torch.float32).item())
-    m, e = torch.frexp(amax / 448)  # amax / 448 = m 2^e, m in [0.5, 1): exact in float64
-    scale = torch.ldexp(torch.ones_like(m), torch.where(m == 0.5, e - 1, e))
-    q = (xb / scale).float().to(torch.float8_e4m3fn).double() * scale
-    return q.flatten(-2)[..., :n].to(x.dtype)
-
-
-def _fp8_data(shape, dtype, seed=0):
-    """Random magnitudes over 2^-30..2^12, some blocks with values just below their amax, tiny
-    values (below the e4m3 subnormal range after scaling) and exact zeros / negative zeros."""
-    g = _gen(seed)
-    x = torch.randn(*shape, generator=g) * torch.exp2(torch.randint(-30, 12, shape, generator=g).float())
-    flat = x.view(-1)
-    k = flat.numel()
-    flat[torch.randint(0, k, (max(1, k // 20),), generator=g)] = 0.0
-    flat[torch.randint(0, k, (max(1, k // 20),), generator=g)] = -0.0
-    near = torch.randint(0, k, (max(1, k // 10),), generator=g)
-    flat[near] = flat.abs().max() * (1 - torch.rand(near.numel(), generator=g) * 2 ** -10)
-    flat[torch.randint(0, k, (max(1, k // 10),), generator=g)] *= 2 ** -20
-    return x.to(dtype)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block", [32, 64, 128])
 @pytest.mark.parametrize("shape", [(1,), (100,), (3, 300), (2, 2, 130)])
 def test_fp8_act_sim_bit_exact(shape, block, dtype):
-    x = _fp8_data(shape, dtype if dtype != torch.float16 else torch.float32)
+    x = fp8_data(shape, dtype if dtype != torch.float16 else torch.float32)
     if dtype == torch.float16:
         x = (x / x.abs().max().clamp(min=1) * 1000).to(dtype)  # keep fp16 finite
     x = x.to(DEV)
     out = norm.fp8_act_sim(x, block)
     assert out.dtype == dtype and out.shape == x.shape
     assert torch.equal(_bits(out), _bits(ref.fp8_act_sim(x, block)))
-    assert torch.equal(_bits(out), _bits(_exact_fp8_sim(x, block).to(DEV)))
+    assert torch.equal(_bits(out), _bits(exact_fp8_sim(x, block).to(DEV)))
 
 
 def test_fp8_rounding_every_bf16_value_and_ties():
@@ -130,7 +105,7 @@ def test_fp8_scale_at_power_of_two_boundaries():
         for amax in (top, torch.nextafter(top, torch.tensor(float("inf")))):
             x = torch.stack([amax, amax * 0.01, amax * 2 ** -7, -amax * 0.3]).to(DEV)
             out = norm.fp8_act_sim(x, 4)
-            assert torch.equal(_bits(out), _bits(_exact_fp8_sim(x, 4)))
+            assert torch.equal(_bits(out), _bits(exact_fp8_sim(x, 4)))
             assert torch.equal(_bits(out), _bits(ref.fp8_act_sim(x.cpu(), 4).to(DEV)))
 
 
@@ -182,7 +157,7 @@ def test_every_config_agrees(name):
     t = norm.TUNABLES[name]
     assert 3 <= len(t.space) <= 8
     dev = torch.device(DEV)
-    x = _fp8_data((3, 130), torch.float32).to(DEV)
+    x = fp8_data((3, 130), torch.float32).to(DEV)
     bx = torch.randn(2, 3, 130, generator=_gen()).to(DEV, torch.bfloat16)
     kv = torch.randn(3, 5, 130, generator=_gen()).to(DEV)
     gate = torch.randn(3, 5, 130, generator=_gen(1)).to(DEV).masked_fill(
