@@ -18,8 +18,13 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             or not weight.is_cpu or weight.dim() != 2 or x.shape[-1] != weight.shape[1] or weight.shape[1] == 0):
         return ref.fp32_linear(x, weight)
     O, K = weight.shape
-    flat = x.reshape(-1, K).float().contiguous()
-    weight = weight.contiguous()
+    flat = x.reshape(-1, K)
+    if flat.dtype is not torch.float32:
+        flat = flat.float()
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
     out = torch.empty(flat.shape[0], O, dtype=torch.float32)
     if out.numel():
         _kernel(flat.data_ptr(), flat.shape[0], K, weight.data_ptr(), bf16, O, out.data_ptr(), torch.get_num_threads())
