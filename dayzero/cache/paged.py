@@ -24,6 +24,13 @@ class CachePools:
                                                            device=device)
                 for m, layer in enumerate(g.layers):
                     self.route[(layer, kind)] = (g.name, m)
+        # each (layer, kind)'s rows as one flat view starting at its member's first row: row r of
+        # the view is flat pool row r + member * per_block, so every member of a group uses the
+        # same row ids (one lookup per step serves all layers of a group)
+        self.member_rows: dict[tuple[int, str], tuple[str, torch.Tensor]] = {}
+        for (layer, kind), (name, m) in self.route.items():
+            t = self.tensors[(name, kind)]
+            self.member_rows[(layer, kind)] = (name, t.view(-1, *t.shape[3:])[m * self.groups[name].per_block:])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
@@ -50,55 +57,60 @@ class PagedBatchCache:
                     for t in tables]  # built in Python: one tensor per group and step
             self._tables[name] = torch.tensor(flat, dtype=torch.long, device=device)
 
-    def _flat(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor):
-        """(pool [num_blocks, members, per_block, *row], flat row ids) of rows index of sequences seq."""
-        group, member = self.pools.route[(layer, kind)]
+    def _lookup(self, group: str, seq: torch.Tensor, index: torch.Tensor, protect_ratio: int | None):
+        """Flat row ids (of a member view) of rows index of sequences seq (1-D), and the mask of
+        those at or above the protected prefix (None: all), looked up and validated once per step
+        for each (seq, index) pair of tensors: layers of a group share block tables, and callers
+        pass the batch's own tensors (Batch.stored, Batch.closing), so later layers reuse them."""
+        key = (group, id(seq), id(index), protect_ratio)
+        memo = self._memo.get(key)
+        if memo is not None and memo[0] is seq and memo[1] is index:
+            return memo[2], memo[3]
         g = self.pools.groups[group]
         tab = self._tables[group]
         first = tab[seq, (index // g.per_block).clamp_(max=tab.shape[1] - 1)]
         if (first < 0).any():
-            raise AssertionError(f"{group}: row of layer {layer} {kind} in a block the request does not hold")
-        return self.pools.tensors[(group, kind)], first + (index % g.per_block + member * g.per_block)
+            m = int((first < 0).nonzero()[0, 0])
+            raise AssertionError(f"{group}: row {int(index[m])} of sequence {int(seq[m])} is in a block the "
+                                 "request does not hold")
+        flat, keep = first + index % g.per_block, None
+        if protect_ratio is not None:
+            keep = index >= self.protect[seq] // protect_ratio
+            if keep.all():
+                keep = None
+            else:
+                flat = flat[keep]
+        self._memo[key] = (seq, index, flat, keep)
+        return flat, keep
 
     def write(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
-        if self.protect is not None:
-            ratio = self.pools.groups[self.pools.route[(layer, kind)][0]].ratio
-            keep = index >= (self.protect[seq] // ratio if kind.startswith("ent:") else self.protect[seq])
-            if not keep.all():
-                seq, index, values = seq[keep], index[keep], values[keep]
-        if index.numel() == 0:
-            return
-        t, flat = self._flat(layer, kind, seq, index)
-        t.view(-1, *t.shape[3:])[flat] = values.to(t.dtype)
+        group, pool = self.pools.member_rows[(layer, kind)]
+        protect = None if self.protect is None else (self.pools.groups[group].ratio if kind.startswith("ent:") else 1)
+        flat, keep = self._lookup(group, seq, index, protect)
+        if keep is not None:
+            values = values[keep]
+        if flat.numel():
+            pool[flat] = values.to(pool.dtype)
 
     def read(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        t, flat = self._flat(layer, kind, seq, index)
-        return t.view(-1, *t.shape[3:])[flat]
+        group, pool = self.pools.member_rows[(layer, kind)]
+        return pool[self._lookup(group, seq, index, None)[0]]
 
     def locate_rows(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor, valid: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pool [num_blocks * members * per_block, *row], ids [N, K]): flat row ids of rows
-        index[n, k] of sequences seq[n] (seq [N, 1] or [N, K]), -1 where not valid; no
-        boolean-mask indexing (no host synchronisation but the one validity check). Layers of a
-        group share block tables, so the lookup for one (seq, index, valid) triple is done once
-        per step and offset per layer (callers pass the same tensors: Batch.window)."""
-        group, member = self.pools.route[(layer, kind)]
-        g = self.pools.groups[group]
+        """(pool [rows, *row], ids [N, K]): rows index[n, k] of sequences seq[n] (seq [N, 1] or
+        [N, K]) as ids into `pool`, -1 where not valid; no boolean-mask indexing (no host
+        synchronisation but the one validity check). `pool` is a view of the layer's member of the
+        group, so one lookup for a (seq, index, valid) triple serves every layer of the group in
+        the step (callers pass the same tensors: Batch.window, Batch.entries)."""
+        group, pool = self.pools.member_rows[(layer, kind)]
         key = (group, id(seq), id(index), id(valid))
         memo = self._memo.get(key)
         if memo is None or memo[0] is not index or memo[1] is not valid or memo[2] is not seq:
+            g = self.pools.groups[group]
             tab = self._tables[group]
             first = tab[seq, (index // g.per_block).clamp(0, tab.shape[1] - 1)]
             if (first.lt(0) & valid).any():
                 raise AssertionError(f"{group}: row of layer {layer} {kind} in a block the request does not hold")
             memo = self._memo[key] = (index, valid, seq, torch.where(valid, first + index % g.per_block, -1))
-        t = self.pools.tensors[(group, kind)]
-        ids = memo[3] if member == 0 else torch.where(valid, memo[3] + member * g.per_block, -1)
-        return t.view(-1, *t.shape[3:]), ids
-
-    def locate(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pool [num_blocks * members * per_block, *row], flat row ids [M]) of rows index[m] of
-        sequences seq[m]: the kernels read keys straight from the pool through these ids."""
-        t, flat = self._flat(layer, kind, seq, index)
-        return t.view(-1, *t.shape[3:]), flat
+        return pool, memo[3]

@@ -105,27 +105,23 @@ class Compressor(UsesOps, nn.Module):
                dtype: torch.dtype) -> list[int]:
         """Store the batch's rows, build the entries its tokens close; return each sequence's
         number of closed entries."""
-        r, C, dev, cache = self.ratio, self.head_dim, rows.device, batch.cache
+        r, C, cache = self.ratio, self.head_dim, batch.cache
         cache.write(layer, "rows:" + kind, batch.seq, batch.positions, rows)
-        first = [n // r for n in batch.starts]
         ends = [(n + s) // r for n, s in zip(batch.starts, batch.lengths)]
-        if first == ends:  # no window closes in this batch (most decode steps)
+        closing = batch.closing(r, self.overlap)
+        if closing is None:  # no window closes in this batch (most decode steps)
             return ends
-        pairs = [(b, i) for b, f, e in zip(batch.ids, first, ends) for i in range(f, e)]  # new entries
-        seq, ids = torch.tensor(pairs, dtype=torch.long, device=dev).unbind(1)
-        own = r * ids[:, None] + torch.arange(r, device=dev)  # [E, r] positions of each entry's window
-        win = cache.read(layer, "rows:" + kind, seq[:, None].expand_as(own).flatten(), own.flatten())
-        win = win.float().unflatten(0, own.shape)  # [E, r, 2, width]
-        kv, gate = win[:, :, 0], win[:, :, 1]
+        seq, ids, row_seq, row_pos, missing = closing
+        win = cache.read(layer, "rows:" + kind, row_seq, row_pos).float()
+        win = win.unflatten(0, (ids.shape[0], -1))  # [E, span, 2, width]
         if self.overlap:  # slots: the previous window's first half, then the own window's second half
-            has_prev = (ids > 0)[:, None].expand_as(own)
-            prev = gather(cache, layer, "rows:" + kind, seq[:, None], own - r, has_prev, (2, 2 * C), torch.float32)
-            prev_gate = torch.where(has_prev[..., None], prev[:, :, 1, :C], float("-inf"))
-            kv = torch.cat([prev[:, :, 0, :C], kv[..., C:]], 1)
-            gate = torch.cat([prev_gate, gate[..., C:]], 1)
+            prev = torch.arange(2 * r, device=win.device)[:, None] < r
+            kv = torch.where(prev, win[:, :, 0, :C], win[:, :, 0, C:]).masked_fill_(missing, 0)
+            gate = torch.where(prev, win[:, :, 1, :C], win[:, :, 1, C:]).masked_fill_(missing, float("-inf"))
+        else:
+            kv, gate = win[:, :, 0], win[:, :, 1]
         entries = self.norm(self.ops.compress_pool(kv, gate).to(dtype))
-        cos, sin = ref.rope_cos_sin(r * ids, inv_freq)
-        entries = self.ops.apply_rope(entries, cos, sin)
+        entries = self.ops.apply_rope(entries, *batch.closing_rope(r, self.overlap, inv_freq))
         if self.official:
             if self.rotate:
                 entries = ref.fp4_act_sim(ref.hadamard(entries), 32)
@@ -177,8 +173,7 @@ class Indexer(UsesOps, nn.Module):
         seq_col, ids, usable = batch.entries(self.ratio, T)  # [N, T]
         pool, rows = rows_of(batch.cache, layer, "ent:index", seq_col, ids, usable, (self.head_dim,), x.dtype)
         q = self.wq_b(q_lat).unflatten(-1, (self.n_heads, self.head_dim))
-        cos, sin = batch.rope(inv_freq)
-        q = self.ops.apply_rope(q, cos[:, None], sin[:, None])
+        q = self.ops.apply_rope(q, *batch.rope(inv_freq, heads=True))
         if self.official:
             q = ref.fp4_act_sim(ref.hadamard(q), 32)
         w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
@@ -232,30 +227,30 @@ class Attention(UsesOps, nn.Module):
             q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + self.eps)
         else:
             q = self.ops.rms_norm(q, None, self.eps)
-        q = self.ops.apply_rope(q, cos[:, None], sin[:, None])
+        q = self.ops.apply_rope(q, *batch.rope(inv_freq, heads=True))
         kv = self.ops.apply_rope(self.kv_norm(kv), cos, sin)
         if self.official:
             kv = _fp8_nope_sim(self.ops, kv, self.rope_dim)
 
         # the window: positions p - w + 1 .. p of the query's own sequence
         off = self.store_offset
-        cache.write(layer, "kv", seq, positions + off, kv)
+        cache.write(layer, "kv", seq, batch.stored(off), kv)
         seq_col, key_pos, valid = batch.window(self.window, off)
         sources = [rows_of(cache, layer, "kv", seq_col, key_pos, valid, (self.head_dim,), q.dtype)]
         if self.layer_type != "sliding":
             rows = self.compressor.project(x, positions)
             ends = self.compressor.update(rows, batch, layer, "attn", inv_freq, q.dtype)
+            # every closed entry the query may use (the same lookup as the indexer's keys)
+            _, ids, usable = batch.entries(self.ratio, max(ends))
+            pool, rows = rows_of(cache, layer, "ent:attn", seq_col, ids, usable, (self.head_dim,), q.dtype)
             if self.layer_type == "csa":  # always: its own compressor consumes the batch's rows
-                cidx = self.indexer.select(x, q_lat, batch, layer, inv_freq)
+                top = self.indexer.select(x, q_lat, batch, layer, inv_freq)  # [N, k] entry ids, -1 = none
                 if self.indexer.capture is not None:
                     self.indexer.capture[-1]["target"] = self.entry_target(q, sources[0], batch, layer, ends)
-                sources.append(rows_of(cache, layer, "ent:attn", seq_col, cidx.clamp(min=0), cidx >= 0,
-                                       (self.head_dim,), q.dtype))
-            else:  # every closed entry the query may use
-                _, ids, usable = batch.entries(self.ratio, max(ends))
-                sources.append(rows_of(cache, layer, "ent:attn", seq_col, ids, usable, (self.head_dim,), q.dtype))
+                rows = torch.gather(rows, 1, top.clamp(min=0)).masked_fill_(top < 0, -1)
+            sources.append((pool, rows))
         o = self.ops.sparse_attn_paged(q, sources, self.attn_sink, self.head_dim ** -0.5)
-        o = self.ops.apply_rope(o, cos[:, None], sin[:, None], inverse=True)
+        o = self.ops.apply_rope(o, *batch.rope(inv_freq, heads=True), inverse=True)
         o = o.flatten(1).unflatten(-1, (self.o_groups, -1))
         return self.wo_b(self._grouped_wo_a(o))
 
@@ -267,9 +262,12 @@ class Attention(UsesOps, nn.Module):
         if lin.fmt != "fp8" or lin.__dict__.get("_dequantized") is not None or lin.out_features // G % 128:
             w = lin.dequant(o.dtype).view(G, -1, o.shape[-1])
             return torch.einsum("ngd,grd->ngr", o, w).flatten(1)
-        r = lin.out_features // G
-        return torch.cat([self.ops.fp8_linear(o[:, g], lin.weight[g * r:(g + 1) * r],
-                                              lin.scale[g * r // 128:(g + 1) * r // 128]) for g in range(G)], -1)
+        groups = lin.__dict__.get("_groups")
+        if groups is None or groups[0][0].data_ptr() != lin.weight.data_ptr():  # views, made once
+            r = lin.out_features // G
+            groups = lin.__dict__["_groups"] = [(lin.weight[g * r:(g + 1) * r], lin.scale[g * r // 128:(g + 1) * r // 128])
+                                                for g in range(G)]
+        return torch.cat([self.ops.fp8_linear(o[:, g], w, s) for g, (w, s) in enumerate(groups)], -1)
 
     @torch.no_grad()
     def entry_target(self, q: torch.Tensor, window: tuple[torch.Tensor, torch.Tensor], batch: Batch, layer: int,

@@ -51,10 +51,12 @@ def fused_pair(first: "Linear", second: "Linear", x: torch.Tensor) -> tuple[torc
     """(first(x), second(x)): one GEMM when `fuse_rows` joined them, else two calls."""
     if first.__dict__.get("_pair") is not second or torch.is_grad_enabled():
         return first(x), second(x)
-    flat = x.reshape(-1, x.shape[-1])
+    flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     y = first.ops.fp8_linear(flat, first.__dict__["_pair_weight"], first.__dict__["_pair_scale"],
                              act_quant=first.quant_input)
     r = first.out_features
+    if x.dim() == 2:
+        return y[:, :r], y[:, r:]
     return y[:, :r].view(*x.shape[:-1], r), y[:, r:].view(*x.shape[:-1], -1)
 
 
@@ -113,17 +115,21 @@ class Linear(UsesOps, nn.Module):
         fused = kernel and self.quant_input and self.fmt != "fp4"  # the FP8 GEMM quantises x itself
         if self.quant_input and not fused:
             x = self.ops.fp8_act_sim(x, 128)
-        x = x.to(out_dtype or x.dtype)
+        if out_dtype is not None and out_dtype != x.dtype:
+            x = x.to(out_dtype)
         if not kernel:
+            if (self.fmt == "dense" and x.dtype == torch.float32 and "fp32_linear" in self.ops.kernels
+                    and not torch.is_grad_enabled()):  # an fp32 GEMM reading the stored weight
+                return self.ops.fp32_linear(x, self.weight)
             return torch.nn.functional.linear(x, self.dequant(x.dtype))
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # the kernels take [M, K]
         if flat.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
         if self.fmt == "fp4":
             y = self.ops.fp4_linear(flat, self.weight, self.scale)
         else:
             y = self.ops.fp8_linear(flat, self.weight, self.scale, act_quant=fused)
-        return y.view(*x.shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.fmt}"

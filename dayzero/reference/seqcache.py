@@ -35,12 +35,11 @@ class Batch:
                  ids: list[int] | None = None):
         self.starts, self.lengths, self.cache = list(starts), list(lengths), cache
         self.ids = list(range(len(lengths))) if ids is None else list(ids)
-        n = torch.tensor(lengths, device=device)
-        member = torch.repeat_interleave(torch.arange(len(lengths), device=device), n)
-        self.seq = torch.tensor(self.ids, dtype=torch.long, device=device)[member]
-        offsets = n.cumsum(0) - n
-        first = torch.tensor(starts, device=device)
-        self.positions = first[member] + torch.arange(member.numel(), device=device) - offsets[member]
+        # built in Python: two tensors per batch (a step's batch is at most a prefill chunk)
+        self.seq = torch.tensor([b for b, n in zip(self.ids, self.lengths) for _ in range(n)], dtype=torch.long,
+                                device=device)
+        self.positions = torch.tensor([p for s, n in zip(self.starts, self.lengths) for p in range(s, s + n)],
+                                      dtype=torch.long, device=device)
 
     def window(self, size: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(seq [N, 1], stored index [N, size], valid [N, size]) of each token's window: positions
@@ -64,15 +63,60 @@ class Batch:
             got = memo[(ratio, count)] = (self.seq[:, None], ids, ids < ((self.positions + 1) // ratio)[:, None])
         return got
 
-    def rope(self, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [N, rd/2] of the batch's positions for a RoPE table (computed once per batch
-        and table: every layer of a kind rotates the same positions)."""
+    def stored(self, offset: int) -> torch.Tensor:
+        """positions + offset (where a layer stores its window rows): one tensor per offset, so
+        caches can memoise lookups by tensor identity."""
+        if offset == 0:
+            return self.positions
+        memo = self.__dict__.setdefault("_stored", {})
+        got = memo.get(offset)
+        if got is None:
+            got = memo[offset] = self.positions + offset
+        return got
+
+    def closing(self, ratio: int, overlap: bool) -> tuple[torch.Tensor, ...] | None:
+        """The compressed entries at `ratio` that this batch's tokens close (None: none), as
+        (seq [E], ids [E], row seq [E * span], row positions [E * span], missing [E, span, 1]):
+        entry i pools the rows at r*i .. r*i + r - 1, and with `overlap` (CSA) also the previous
+        window's r*i - r .. r*i - 1 first (span 2r); positions before 0 are read at 0 and flagged
+        `missing`. The same tensors for every layer of the batch (caches memoise by identity)."""
+        memo = self.__dict__.setdefault("_closing", {})
+        key = (ratio, overlap)
+        if key not in memo:
+            pairs = [(b, i) for b, n, s in zip(self.ids, self.starts, self.lengths)
+                     for i in range(n // ratio, (n + s) // ratio)]
+            if not pairs:
+                memo[key] = None
+            else:
+                dev = self.positions.device
+                seq, ids = torch.tensor(pairs, dtype=torch.long, device=dev).unbind(1)
+                span = 2 * ratio if overlap else ratio
+                pos = ratio * ids[:, None] + torch.arange(span, device=dev) - (ratio if overlap else 0)
+                memo[key] = (seq, ids, seq[:, None].expand_as(pos).flatten(), pos.clamp(min=0).flatten(),
+                             (pos < 0)[..., None])
+        return memo[key]
+
+    def closing_rope(self, ratio: int, overlap: bool, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of the entries `closing(ratio, overlap)` returns (entry i rotates at ratio * i)."""
+        memo = self.__dict__.setdefault("_closing_rope", {})
+        key = (ratio, overlap, id(inv_freq))
+        got = memo.get(key)
+        if got is None or got[0] is not inv_freq:
+            from dayzero.ops import ref
+            got = memo[key] = (inv_freq, *ref.rope_cos_sin(ratio * self.closing(ratio, overlap)[1], inv_freq))
+        return got[1], got[2]
+
+    def rope(self, inv_freq: torch.Tensor, heads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, rd/2] of the batch's positions for a RoPE table ([N, 1, rd/2] with
+        `heads`, to rotate [N, H, D] rows), computed once per batch and table: every layer of a
+        kind rotates the same positions."""
         memo = self.__dict__.setdefault("_rope", {})
         got = memo.get(id(inv_freq))
         if got is None or got[0] is not inv_freq:
             from dayzero.ops import ref
-            got = memo[id(inv_freq)] = (inv_freq, *ref.rope_cos_sin(self.positions, inv_freq))
-        return got[1], got[2]
+            cos, sin = ref.rope_cos_sin(self.positions, inv_freq)
+            got = memo[id(inv_freq)] = (inv_freq, cos, sin, cos[:, None], sin[:, None])
+        return (got[3], got[4]) if heads else (got[1], got[2])
 
     @property
     def end(self) -> int:
