@@ -6,7 +6,9 @@ random official-format weights, each against its roofline and a baseline measure
   S3  indexer scores + top-k over a 128K / 1M-token context (32K / 256K entries, 64 x 128)
   S4  decode step of a 4-layer Flash slice (csa, hca, csa, hca) at B=1/64, 8K/128K context
   S5  8K-token prefill chunk of the same slice
-  S6  the slice's decode step at 1M context vs at 8K (long-context cost)
+  S6  the slice's decode step at 1M context vs at 8K (long-context cost), caches filled at random
+  S7  a 1M-token prompt through the engine on the slice: chunked prefill (8K steps), then its
+      decode step vs an 8K prompt's (the issue's "1M prefills, decode <= 1.5x the 8K step")
 
 Roofline: memory-bound scenarios (S1-S4, S6) use bytes that must move / the device's copy
 bandwidth measured in the same run; S5 uses FLOPs / the device's bf16 matmul rate measured in
@@ -24,20 +26,21 @@ from pathlib import Path
 import torch
 
 from dayzero.ops import OpTable, for_device
-from dayzero.scenarios import (FilledCache, commit, decode_step, peaks, prefill_flops, s1_moe, s2_attention,
-                               s3_indexer, timeit, transformers_decode, versions)
+from dayzero.scenarios import (FilledCache, commit, decode_bytes, decode_step, engine_long_context, peaks,
+                               prefill_flops, s1_moe, s2_attention, s3_indexer, timeit, transformers_decode,
+                               versions)
 
-SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "S6")
+SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "S6", "S7")
 SIZES = {
     "flash": dict(experts=256, moe=(4096, 2048), contexts=(8192, 131072), batches=(1, 64), index_contexts=(131072, 1048576),
-                  long=1048576, prefill=8192, layers=("csa", "hca", "csa", "hca")),
+                  long=1048576, prefill=8192, layers=("csa", "hca", "csa", "hca"), engine_long=1048576 - 8),
     # "tiny": the harness itself (tests); the slice shrinks too
     "tiny": dict(experts=8, moe=(512, 256), contexts=(512,), batches=(1, 2), index_contexts=(2048,), long=4096,
-                 prefill=64, layers=("csa", "hca"),
+                 prefill=64, layers=("csa", "hca"), engine_long=1024,
                  slice=dict(dim=256, n_heads=4, head_dim=128, q_lora_rank=64, o_lora_rank=64, o_groups=2,
                             moe_inter_dim=64, index_n_heads=4, index_head_dim=64, index_topk=8, window_size=16)),
     "small": dict(experts=16, moe=(4096, 2048), contexts=(1024, 8192), batches=(1, 8), index_contexts=(8192, 65536),
-                  long=65536, prefill=512, layers=("csa", "hca")),
+                  long=65536, prefill=512, layers=("csa", "hca"), engine_long=4096),
 }
 
 
@@ -91,7 +94,7 @@ def run(size: str | None = None, device=None, choice: str | None = None, scenari
     if "S3" in scenarios:
         for c in cfg["index_contexts"]:
             add(s3_indexer(table, device, c))
-    if any(s in scenarios for s in ("S4", "S5", "S6")):
+    if any(s in scenarios for s in ("S4", "S5", "S6", "S7")):
         args = flash_slice(layer_types=cfg["layers"], n_routed_experts=cfg["experts"]).replace(**cfg.get("slice", {}))
         model = _prepared(random_model(args, device=device), table)
         shape = f"{len(args.layer_types)}-layer Flash slice {'/'.join(args.layer_types)}, {cfg['experts']} experts"
@@ -117,6 +120,14 @@ def run(size: str | None = None, device=None, choice: str | None = None, scenari
             tl, nbytes = decode_step(model, 1, long_, device)
             add(dict(scenario="S6 long-context decode", batch=1, context=long_, bytes=nbytes, time_s=tl,
                      baseline_name=f"same slice at {short} context", baseline_time_s=ts, shape=shape))
+        if "S7" in scenarios:
+            n, short, chunk = cfg["engine_long"], cfg["contexts"][0], cfg["prefill"]
+            pre, t_long, t_short = engine_long_context(model, device, n, chunk, short)
+            add(dict(scenario="S7 engine prefill", batch=1, context=n, flops=prefill_flops(model, n), time_s=pre,
+                     shape=f"{shape}, {chunk}-token chunks"), bound="compute")
+            add(dict(scenario="S7 decode after it", batch=1, context=n,
+                     bytes=decode_bytes(model, 1, n), time_s=t_long,
+                     baseline_name=f"same engine, {short}-token prompt", baseline_time_s=t_short, shape=shape))
         del model
         if baseline and "S4" in scenarios:
             ctx = 2048 if size == "flash" else 256

@@ -206,12 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--interpret", action="store_true", help="run Triton kernels in the interpreter (CPU)")
     tu.set_defaults(func=cmd_tune)
 
-    b = sub.add_parser("bench", help="scenarios S1-S6 on V4-Flash shapes vs roofline and baselines")
+    b = sub.add_parser("bench", help="scenarios S1-S7 on V4-Flash shapes vs roofline and baselines")
     b.add_argument("--size", choices=["flash", "small"], default=None,
                    help="flash = real per-layer shapes (GPU); small = CPU-sized (default: by device)")
     b.add_argument("--device", default=None)
     b.add_argument("--ops", choices=["triton", "cpu", "ref"], default=None, help="op table (default: by device)")
-    b.add_argument("--scenario", action="append", choices=["S1", "S2", "S3", "S4", "S5", "S6"],
+    b.add_argument("--scenario", action="append", choices=["S1", "S2", "S3", "S4", "S5", "S6", "S7"],
                    help="run only this scenario (repeatable)")
     b.add_argument("--out-dir", default="bench/results", help="where bench.jsonl and the chart go")
     b.add_argument("--no-baseline", action="store_true", help="skip transformers' model (S4 baseline)")

@@ -1,5 +1,5 @@
 """Building blocks of `dayzero bench` (dayzero/bench.py): measurement (timing, peaks measured in
-the same run, versions) and the scenarios S1-S6 on V4-Flash shapes with random official-format
+the same run, versions) and the scenarios S1-S7 on V4-Flash shapes with random official-format
 weights. Each scenario returns a record with the bytes or FLOPs that bound it and its time."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import platform
 import statistics
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -189,6 +190,11 @@ def _kv_bytes(model, batch: int, context: int) -> int:
     return batch * per
 
 
+def decode_bytes(model, batch: int, context: int) -> int:
+    """Bytes one decode step must move: weights (experts as touched) and the cache rows read."""
+    return _layer_bytes(model, batch) + _kv_bytes(model, batch, context)
+
+
 def decode_step(model, batch: int, context: int, device) -> tuple[float, int]:
     from dayzero.reference.seqcache import Batch
     filled = FilledCache(model, batch, context, device)
@@ -201,7 +207,52 @@ def decode_step(model, batch: int, context: int, device) -> tuple[float, int]:
             return model.logits(X, model.head_weight())
 
     t = timeit(step, device)
-    return t, _layer_bytes(model, batch) + _kv_bytes(model, batch, context)
+    return t, decode_bytes(model, batch, context)
+
+
+def engine_long_context(model, device, tokens: int, chunk: int, short: int, decode_steps: int = 3
+                        ) -> tuple[float, float, float]:
+    """A `tokens`-token random prompt through the engine as a user's request runs: chunked
+    prefill in `chunk`-token steps (the window and compressor rows recycled, entries kept), then
+    `decode_steps` timed decode steps; the same for a `short`-token prompt. Returns (prefill
+    seconds, seconds per decode step at `tokens`, at `short`). The model keeps its op table; the
+    KV budget is what the prompt needs."""
+    from dayzero.cache.spec import cache_groups
+    from dayzero.engine.engine import Engine, EngineArgs, _default_block_size, bounded_blocks
+    from dayzero.engine.sampling import SamplingParams
+    args = model.args
+    eargs = EngineArgs(max_num_seqs=1, max_num_batched_tokens=chunk, enable_prefix_caching=False,
+                       num_speculative_tokens=0, ops=model.ops.name, block_size=None)
+    bs = _default_block_size(args)
+    groups = cache_groups(args, bs, with_mtp=False)
+    bounded = bounded_blocks(groups, args, eargs, bs)
+    grow = math.ceil((tokens + chunk + decode_steps + 2) / bs) + 2
+    budget = sum((bounded.get(g.name) or grow) * g.block_bytes(model.compute_dtype) for g in groups)
+    eng = Engine(model, replace(eargs, kv_cache_memory_bytes=budget), device)
+    gen = torch.Generator().manual_seed(0)
+
+    def run(n: int, rid: str) -> tuple[float, float]:
+        prompt = torch.randint(2, args.vocab_size, (n,), generator=gen).tolist()
+        eng.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=decode_steps + 1, ignore_eos=True))
+        req = eng.requests[rid]
+        sync(device)
+        t0 = time.perf_counter()
+        while not req.output_ids:  # the prefill chunks; the last one samples the first token
+            eng.step()
+        sync(device)
+        t1 = time.perf_counter()
+        while not req.finished:  # each step: one decode token (logits to the host: synchronous)
+            eng.step()
+        t2 = time.perf_counter()
+        eng.release(rid)
+        return t1 - t0, (t2 - t1) / decode_steps
+
+    run(min(short, chunk), "warm-up")
+    prefill, long_step = run(tokens, "long")
+    _, short_step = run(short, "short")
+    if eng.scheduler.num_preemptions:  # the budget is sized for the prompt: a preemption is a bug here
+        raise RuntimeError(f"the {tokens}-token request was preempted {eng.scheduler.num_preemptions} times")
+    return prefill, long_step, short_step
 
 
 def prefill_flops(model, tokens: int) -> float:

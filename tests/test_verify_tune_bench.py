@@ -83,7 +83,7 @@ def test_tune_rejects_a_config_that_changes_results(tmp_path, monkeypatch):
 def test_bench_records_every_field(tmp_path):
     recs = bench.run(size="tiny", device="cpu", choice="ref", out_dir=tmp_path, log=lambda s: None,
                      baseline=False)
-    assert {r["scenario"].split()[0] for r in recs} == {"S1", "S2", "S3", "S4", "S5", "S6"}
+    assert {r["scenario"].split()[0] for r in recs} == {"S1", "S2", "S3", "S4", "S5", "S6", "S7"}
     lines = [json.loads(s) for s in (tmp_path / "bench.jsonl").read_text().splitlines()]
     assert len(lines) == len(recs)
     for r in lines:
@@ -115,3 +115,15 @@ def test_bench_measures_transformers_on_the_same_layers():
     base = [r for r in recs if r["scenario"] == "S4 vs transformers"]
     assert len(base) == 1 and base[0]["baseline_time_us"] > 0
     assert "transformers DeepseekV4ForCausalLM" in base[0]["baseline_name"]
+
+
+def test_engine_long_context_runs_a_real_request_within_its_budget():
+    """S7's driver: a prompt longer than the window by many blocks goes through the engine in
+    chunks with a KV budget sized for it (window and compressor rows recycled, no preemption)."""
+    from dayzero.ops import REF
+    from dayzero.synthetic import flash_slice, random_model
+    args = flash_slice(layer_types=("csa", "hca"), n_routed_experts=8).replace(**bench.SIZES["tiny"]["slice"])
+    model = random_model(args, compute_dtype=torch.float32)
+    model.set_ops(REF)
+    pre, t_long, t_short = scenarios.engine_long_context(model, torch.device("cpu"), 700, 96, 100, decode_steps=2)
+    assert pre > 0 and t_long > 0 and t_short > 0

@@ -51,6 +51,19 @@ class EngineArgs:
             raise ValueError(f"ops: must be 'triton', 'cpu', 'ref' or None, got {self.ops!r}")
 
 
+def bounded_blocks(groups, args, eargs: EngineArgs, bs: int) -> dict[str, int]:
+    """Blocks of each group whose rows per sequence are bounded (the window, open compressor
+    windows): per running sequence its span plus a partial block at each end, the step's chunk on
+    top, and twice that, so finished requests' blocks stay cached for prefix hits a while."""
+    blocks = {}
+    for g in groups:
+        if g.keep != "all":
+            span = args.window_size - 1 if g.keep == "window" else g.window_ratio * (2 if g.overlap else 1)
+            blocks[g.name] = 2 * (eargs.max_num_seqs * (math.ceil(span / bs) + 2)
+                                  + math.ceil(eargs.max_num_batched_tokens / bs))
+    return blocks
+
+
 def _default_block_size(args) -> int:
     lcm = math.lcm(*[r for r in args.compress_ratios if r] or [1])
     return lcm * math.ceil(16 / lcm)
@@ -89,17 +102,8 @@ class Engine:
                 budget = int(torch.cuda.mem_get_info(self.device)[0] * 0.5)
             else:
                 budget = 512 * 2**20
-        blocks: dict[str, int] = {}
-        fixed = 0
-        for g in self.groups:
-            if g.keep == "all":
-                continue
-            span = args.window_size - 1 if g.keep == "window" else g.window_ratio * (2 if g.overlap else 1)
-            # per running sequence: its span plus a partial block at each end; the step's chunk on top;
-            # twice that, so finished requests' blocks stay cached for prefix hits a while
-            n = 2 * (e.max_num_seqs * (math.ceil(span / bs) + 2) + math.ceil(e.max_num_batched_tokens / bs))
-            blocks[g.name] = n
-            fixed += n * g.block_bytes(dtype)
+        blocks = bounded_blocks(self.groups, args, e, bs)
+        fixed = sum(n * g.block_bytes(dtype) for g in self.groups if (n := blocks.get(g.name)))
         growing = [g for g in self.groups if g.keep == "all"]
         per_block = sum(g.block_bytes(dtype) for g in growing)
         if not growing:  # sliding-window-only model: context bounded by max_seq_len only
