@@ -251,7 +251,7 @@ class Attention(UsesOps, nn.Module):
             sources.append((pool, rows))
         o = self.ops.sparse_attn_paged(q, sources, self.attn_sink, self.head_dim ** -0.5)
         o = self.ops.apply_rope(o, *batch.rope(inv_freq, heads=True), inverse=True)
-        o = o.flatten(1).unflatten(-1, (self.o_groups, -1))
+        o = o.reshape(o.shape[0], self.o_groups, -1)  # [N, H, D] -> groups of heads
         return self.wo_b(self._grouped_wo_a(o))
 
     def _grouped_wo_a(self, o: torch.Tensor) -> torch.Tensor:

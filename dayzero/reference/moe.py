@@ -83,8 +83,9 @@ class MoE(UsesOps, nn.Module):
         if stacked is not None:  # one grouped call over every routed expert (FP4 checkpoints)
             xe = self.ops.fp8_act_sim(x, 128) if self.official else x
             y = self.ops.moe_experts(xe, weights, ids, *stacked, self.limit, h_act_sim=self.official)
-            y += self.shared_experts(x).float()
-            return y.to(x.dtype).view(shape)
+            y += self.shared_experts(x)  # in-place add: fp32 accumulation of either dtype
+            y = y if y.dtype == x.dtype else y.to(x.dtype)
+            return y if len(shape) == 2 else y.view(shape)
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in ids.unique().tolist():
             tok, slot = torch.where(ids == e)
