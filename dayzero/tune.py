@@ -15,7 +15,7 @@ import torch
 
 from dayzero.verify import rel_error
 
-FAMILIES = ("attention", "gemm", "moe", "mhc", "norm")
+FAMILIES = ("attention", "gemm", "moe", "mhc", "norm", "topk")
 
 
 def _outputs(x):

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile every Triton kernel of dayzero/ops/triton/{attention,gemm,moe,mhc,norm}.py for
+"""Ahead-of-time compile every Triton kernel of dayzero/ops/triton/{attention,gemm,moe,mhc,norm,topk}.py for
 NVIDIA sm_90 (H100) and sm_80 (A100) on a machine without a GPU, with the launch configurations the
 launchers really use.
 
@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("attention", "gemm", "moe", "mhc", "norm")
+MODULES = ("attention", "gemm", "moe", "mhc", "norm", "topk")
 SMS = {90: 132, 80: 108}  # H100 SXM5, A100
 TAG = "@@AOT "
 
@@ -76,7 +76,7 @@ def _worker(args) -> int:
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
     mods = {m: importlib.import_module(f"dayzero.ops.triton.{m}") for m in MODULES}
-    attention, gemm, moe, mhc, norm = (mods[m] for m in MODULES)
+    attention, gemm, moe, mhc, norm, topk = (mods[m] for m in MODULES)
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     cuobjdump = bin_dir / "cuobjdump"
 
@@ -188,6 +188,17 @@ def _worker(args) -> int:
                     gemm.fp8_linear(x, w, s, act_quant=act_quant, config=cfg)))
         return out
 
+    def fp32_cases(act):
+        # the tuning shapes (LM head decode / prefill, router, compressor) with bf16 weights as
+        # stored, then fp32 weights (a checkpoint stored in fp32)
+        out = []
+        for M, O, K in gemm._FP32_GPU:
+            out.append((f"M{M}-O{O}-K{K}", lambda cfg, x=T(M, K, dt=act), w=T(O, K, dt=bf16):
+                        gemm.fp32_linear(x, w, config=cfg)))
+        out.append(("M1-O256-K4096-fp32w", lambda cfg, x=T(1, 4096, dt=act), w=T(256, 4096):
+                    gemm.fp32_linear(x, w, config=cfg)))
+        return out
+
     def fp4_cases(act):
         out = []
         for M, O, K in gemm._FP4_GPU:
@@ -208,12 +219,22 @@ def _worker(args) -> int:
                             moe.moe_experts(*a, *ws, 10.0, sim, config=cfg)))
         return out
 
+    def topk_cases(act):
+        # indexer scores are fp32 whatever the activations: (label, rows, entries, k) for V4-Flash
+        # (k 512) and V4-Pro (k 1024) decode at a 1M context, a prefill chunk, the built-in model
+        out = []
+        for label, n, t, k in (("dec-T262144-k512", 1, 1 << 18, 512), ("dec64-T262144-k1024", 64, 1 << 18, 1024),
+                               ("pre2048-T16384-k512", 2048, 1 << 14, 512), ("dec-T37-k8", 1, 37, 8)):
+            out.append((label, lambda cfg, s=T(n, t), k=k: topk.topk_select(s, k, config=cfg)))
+        return out
+
     OPS = [  # (module, tunable name, cases(act dtype), activation dtypes)
         ("attention", "sparse_attn_paged", sparse_attn_cases, ("bf16", "fp32")),
         ("attention", "indexer_scores_paged", indexer_cases, ("bf16", "fp32")),
         ("gemm", "fp8_linear", lambda a: fp8_cases(a, False), ("bf16", "fp32")),
         ("gemm", "fp8_linear_w8a8", lambda a: fp8_cases(a, True), ("bf16", "fp32")),
         ("gemm", "fp4_linear", fp4_cases, ("bf16", "fp32")),
+        ("gemm", "fp32_linear", fp32_cases, ("bf16", "fp32")),
         ("moe", "moe_experts", moe_cases, ("bf16", "fp32")),
         ("mhc", "hc_pre", hc_pre_cases, ("bf16", "fp32")),
         ("mhc", "hc_post", hc_post_cases, ("bf16", "fp32")),
@@ -221,6 +242,7 @@ def _worker(args) -> int:
         ("norm", "fp8_act_sim", fp8sim_cases, ("bf16", "fp32")),
         ("norm", "compress_pool", pool_cases, ("bf16", "fp32")),
         ("norm", "apply_rope", rope_cases, ("bf16", "fp32")),
+        ("topk", "topk_select", topk_cases, ("fp32",)),
     ]
     tunables = {name: mods[m].TUNABLES[name] for m, name, _, _ in OPS}
     for m in MODULES:  # every tunable of the modules has a scenario list here
@@ -253,6 +275,7 @@ def _worker(args) -> int:
             setattr_saved(mods[mname], name, Recorder(fn, sink))
         setattr_saved(attention, "_sm_count", lambda dev: sms)
         setattr_saved(mhc, "_sm_count", lambda dev: sms)
+        setattr_saved(topk, "_sm_count", lambda dev: sms)
         setattr_saved(gemm, "_fp8_tensor_cores", lambda dev: cc >= 89)
         # gemm._launch_linear: `torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda`
         setattr_saved(torch.Tensor, "is_cuda", property(lambda self: True))

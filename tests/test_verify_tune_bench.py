@@ -16,7 +16,8 @@ def test_verify_passes_every_kernel_on_the_interpreter(tmp_path):
     report = verify.run(device="cpu", choice="triton", skip_models=True, out=str(out))
     assert report["passed"], verify.card(report)
     assert {r["op"] for r in report["ops"] if r["impl"] == "kernel"} == set(report["kernels"])
-    assert len(report["kernels"]) == 11
+    from dayzero.ops import OP_NAMES
+    assert set(report["kernels"]) == set(OP_NAMES)  # every op of the seam has a Triton kernel
     assert json.loads(out.read_text())["passed"] is True
 
 

@@ -17,8 +17,8 @@ import torch
 
 from dayzero.ops import ref
 
-OP_NAMES = ("rms_norm", "fp8_act_sim", "apply_rope", "fp32_linear", "sparse_attn_paged", "indexer_scores_paged", "compress_pool",
-            "hc_pre", "hc_post", "fp8_linear", "fp4_linear", "moe_experts")
+OP_NAMES = ("rms_norm", "fp8_act_sim", "apply_rope", "fp32_linear", "sparse_attn_paged", "indexer_scores_paged",
+            "topk_select", "compress_pool", "hc_pre", "hc_post", "fp8_linear", "fp4_linear", "moe_experts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,7 @@ class OpTable:
     fp32_linear: Callable
     sparse_attn_paged: Callable
     indexer_scores_paged: Callable
+    topk_select: Callable
     compress_pool: Callable
     hc_pre: Callable
     hc_post: Callable

@@ -63,6 +63,18 @@ def make(op: str, size: str = "tiny", device="cpu", dtype=torch.bfloat16, seed: 
         w = _randn(g, N, Hi, device=dev) * (Di ** -0.5 * Hi ** -0.5)
         pool = _randn(g, s["P"], Di, dtype=dtype, device=dev)
         return (q, w, pool, _idx(g, N, s["T"], s["P"], 0.02, dev)), {}
+    if op == "topk_select":
+        # indexer-like scores: ReLU zeros (+0.0 and -0.0, equal) fewer positives row after row so
+        # that later rows' top-k reach into the ties; -inf for unusable entries, every entry of
+        # the last row when N > 1; bf16: scores bf16-rounded (more ties)
+        T = s["T"] * 4
+        shift = torch.linspace(0.0, 3.5, N)[:, None]
+        scores = (_randn(g, N, T) - shift).to(dtype).float().relu()
+        scores[torch.rand(N, T, generator=g) < 0.25] = -0.0
+        scores[torch.rand(N, T, generator=g) < 0.05] = float("-inf")
+        if N > 1:
+            scores[-1] = float("-inf")
+        return (scores.to(dev), s["topk"] * 2), {}
     if op == "compress_pool":
         E = max(N, 4)
         gate = _randn(g, E, 8, D, device=dev)
@@ -99,7 +111,8 @@ def make(op: str, size: str = "tiny", device="cpu", dtype=torch.bfloat16, seed: 
 def tolerance(op: str, dtype: torch.dtype) -> float:
     """Max error relative to the reference output's max |value| that counts as the same result:
     fp32 differs by summation order only; bf16 outputs additionally by one rounding of the result
-    (2^-8) and of intermediates the twin rounds at other points; fp8_act_sim must be exact."""
-    if op == "fp8_act_sim":
+    (2^-8) and of intermediates the twin rounds at other points; fp8_act_sim and topk_select (integer
+    indices) must be exact."""
+    if op in ("fp8_act_sim", "topk_select"):
         return 0.0
     return 2e-5 if dtype == torch.float32 else 1.6e-2

@@ -262,6 +262,16 @@ def indexer_scores_paged(q: torch.Tensor, w: torch.Tensor, pool: torch.Tensor, i
     return (s * w.float()[..., None]).sum(1).masked_fill(~valid, float("-inf"))
 
 
+def topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores fp32 [N, T] (-inf = unusable entry) -> int64 [N, min(k, T)]: the columns of each row's
+    k largest scores in the order of a stable descending sort (equal scores, +0.0 and -0.0
+    included, go to the lower column; NaN sorts above +inf), -1 where the selected score is -inf.
+    The indexer's top-k: ties (e.g. entries whose every head's ReLU is 0) resolved by position, so
+    the selection does not depend on how a sequence was split into calls."""
+    top = scores.sort(dim=-1, descending=True, stable=True).indices[:, :min(k, scores.shape[-1])]
+    return torch.where(torch.gather(scores, 1, top) == float("-inf"), -1, top)
+
+
 def e8m0_float(scale: torch.Tensor) -> torch.Tensor:
     """E8M0 scale (float8_e8m0fnu or uint8 bytes) or fp32 scale -> fp32."""
     if scale.dtype == torch.float32:

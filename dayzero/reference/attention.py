@@ -180,10 +180,10 @@ class Indexer(UsesOps, nn.Module):
         scores = self.ops.indexer_scores_paged(q, w, pool, rows)  # [N, T], -inf where not usable
         if self.capture is not None:
             self.capture.append({"layer": layer, "positions": positions, "usable": usable, "scores": scores})
-        # stable descending sort: ties (e.g. entries whose every head's ReLU is 0) go to the lower
-        # index, so the selection does not depend on how the sequence was split into calls
-        top = scores.sort(dim=-1, descending=True, stable=True).indices[:, :min(self.topk, T)]
-        return torch.where(torch.gather(usable, 1, top), top, -1)
+        # the order of a stable descending sort: ties (e.g. entries whose every head's ReLU is 0)
+        # go to the lower index, so the selection does not depend on how the sequence was split
+        # into calls; -1 where the pick scores -inf (not usable)
+        return self.ops.topk_select(scores, self.topk)
 
 
 class Attention(UsesOps, nn.Module):

@@ -1,4 +1,4 @@
-"""Every Triton kernel of ops/triton/{attention,gemm,moe,mhc,norm}.py compiles for sm_90 (H100), no GPU needed.
+"""Every Triton kernel of ops/triton/{attention,gemm,moe,mhc,norm,topk}.py compiles for sm_90 (H100), no GPU needed.
 
 Runs `scripts/aot_compile.py --cc 90 --quick` in a subprocess with TRITON_INTERPRET removed from the
 environment (the conftest sets it on CPU-only machines, and under it @triton.jit gives interpreter
@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "aot_compile.py"
-MODULES = ("attention", "gemm", "moe", "mhc", "norm")
+MODULES = ("attention", "gemm", "moe", "mhc", "norm", "topk")
 
 
 def _nvidia_backend() -> bool:

@@ -22,6 +22,7 @@ _PROVIDERS = {
     "fp32_linear": "dense",
     "sparse_attn_paged": "attention",
     "indexer_scores_paged": "attention",
+    "topk_select": "topk",
     "hc_pre": "mhc",
     "hc_post": "mhc",
     "fp8_linear": "gemm",

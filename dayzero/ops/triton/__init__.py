@@ -17,9 +17,10 @@ _PROVIDERS = {
     "fp8_act_sim": "norm",
     "compress_pool": "norm",
     "apply_rope": "norm",
-    "fp32_linear": "gemm",  # no Triton kernel yet: the twin (torch's fp32 GEMM)
+    "fp32_linear": "gemm",  # fp32 GEMM over fp32 / bf16 weights (LM head, routers, compressor)
     "sparse_attn_paged": "attention",
     "indexer_scores_paged": "attention",
+    "topk_select": "topk",
     "hc_pre": "mhc",
     "hc_post": "mhc",
     "fp8_linear": "gemm",
