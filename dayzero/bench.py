@@ -146,7 +146,8 @@ def run(size: str | None = None, device=None, choice: str | None = None, scenari
         with open(out / "bench.jsonl", "a") as f:
             for r in recs:
                 f.write(json.dumps(r) + "\n")
-        chart(recs, out / f"roofline-{size}-{device.type}.png")
+        part = "" if set(scenarios) >= set(SCENARIOS) else "-" + "-".join(sorted(set(scenarios)))  # a subset: its own chart
+        chart(recs, out / f"roofline-{size}-{device.type}{part}.png")
     return recs
 
 
