@@ -1,8 +1,11 @@
 """Device pools of the cache groups and the paged view of one engine step (a BatchCache).
 
-Pool tensor of a group's kind: [num_blocks, members, per_block, *row]; row i of a member lives
+Pool tensor of a group's kind: [num_blocks + 1, members, per_block, *row]; row i of a member lives
 in block table[i // per_block] at offset i % per_block. Rows are fp32 for compressor projections
-and the compute dtype otherwise.
+and the compute dtype otherwise. The last block of every pool is the trash block: no request ever
+holds it; a lookup of a row in a block its request does not hold lands there (so nothing another
+request owns is touched) and is reported by `PagedBatchCache.check`, once per step, without a host
+synchronisation per lookup.
 """
 from __future__ import annotations
 
@@ -17,9 +20,10 @@ class CachePools:
         self.groups = {g.name: g for g in groups}
         self.tensors: dict[tuple[str, str], torch.Tensor] = {}
         self.route: dict[tuple[int, str], tuple[str, int]] = {}
+        self.trash = {g.name: num_blocks[g.name] for g in groups}  # block id of each group's trash block
         for g in groups:
             for kind, spec in g.kinds.items():
-                shape = (num_blocks[g.name], len(g.layers), g.per_block, *spec.row)
+                shape = (num_blocks[g.name] + 1, len(g.layers), g.per_block, *spec.row)
                 self.tensors[(g.name, kind)] = torch.zeros(shape, dtype=torch.float32 if spec.fp32 else dtype,
                                                            device=device)
                 for m, layer in enumerate(g.layers):
@@ -47,15 +51,30 @@ class PagedBatchCache:
         self._memo: dict[tuple, tuple] = {}
         self.protect = torch.tensor(protect, dtype=torch.long, device=device) if any(protect) else None
         # per group: [B, width + 1] first rows of each block in the flat pool (block * members *
-        # per_block), -1 for blocks not held; the last column is a -1 sentinel for indices past
-        # the table, so one gather + one sign test validates every lookup
-        self._tables = {}
+        # per_block), the trash block's for blocks not held; the last column is a trash sentinel
+        # for indices past the table, so one gather addresses and one compare flags every lookup
+        self._tables, self._trash, self._bad = {}, {}, []
         for name, g in pools.groups.items():
             width = max(len(t[name]) for t in tables)
             rows = len(g.layers) * g.per_block
-            flat = [[-1 if x is None else x * rows for x in t[name]] + [-1] * (width + 1 - len(t[name]))
+            trash = self._trash[name] = pools.trash[name] * rows
+            flat = [[trash if x is None else x * rows for x in t[name]] + [trash] * (width + 1 - len(t[name]))
                     for t in tables]  # built in Python: one tensor per group and step
             self._tables[name] = torch.tensor(flat, dtype=torch.long, device=device)
+
+    def check(self) -> None:
+        """Raise if a lookup of this step fell in a block its request does not hold (an engine
+        bug: those rows went to the trash block). One host synchronisation for the whole step."""
+        if not self._bad:
+            return
+        bad = torch.stack([b for _, b in self._bad]).tolist()
+        if any(bad):
+            groups = sorted({g for (g, _), b in zip(self._bad, bad) if b})
+            raise AssertionError(f"cache group(s) {', '.join(groups)}: a row of this step lies in a block "
+                                 "its request does not hold")
+
+    def _flag(self, group: str, bad: torch.Tensor) -> None:
+        self._bad.append((group, bad.any()))
 
     def _lookup(self, group: str, seq: torch.Tensor, index: torch.Tensor, protect_ratio: int | None):
         """Flat row ids (of a member view) of rows index of sequences seq (1-D), and the mask of
@@ -68,11 +87,8 @@ class PagedBatchCache:
             return memo[2], memo[3]
         g = self.pools.groups[group]
         tab = self._tables[group]
-        first = tab[seq, (index // g.per_block).clamp_(max=tab.shape[1] - 1)]
-        if (first < 0).any():
-            m = int((first < 0).nonzero()[0, 0])
-            raise AssertionError(f"{group}: row {int(index[m])} of sequence {int(seq[m])} is in a block the "
-                                 "request does not hold")
+        first = tab[seq, (index // g.per_block).clamp_(0, tab.shape[1] - 1)]
+        self._flag(group, (first == self._trash[group]) | (index < 0))
         flat, keep = first + index % g.per_block, None
         if protect_ratio is not None:
             keep = index >= self.protect[seq] // protect_ratio
@@ -99,8 +115,8 @@ class PagedBatchCache:
     def locate_rows(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor, valid: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(pool [rows, *row], ids [N, K]): rows index[n, k] of sequences seq[n] (seq [N, 1] or
-        [N, K]) as ids into `pool`, -1 where not valid; no boolean-mask indexing (no host
-        synchronisation but the one validity check). `pool` is a view of the layer's member of the
+        [N, K]) as ids into `pool`, -1 where not valid; no boolean-mask indexing and no host
+        synchronisation (rows in blocks not held are flagged for `check`). `pool` is a view of the layer's member of the
         group, so one lookup for a (seq, index, valid) triple serves every layer of the group in
         the step (callers pass the same tensors: Batch.window, Batch.entries)."""
         group, pool = self.pools.member_rows[(layer, kind)]
@@ -110,7 +126,6 @@ class PagedBatchCache:
             g = self.pools.groups[group]
             tab = self._tables[group]
             first = tab[seq, (index // g.per_block).clamp(0, tab.shape[1] - 1)]
-            if (first.lt(0) & valid).any():
-                raise AssertionError(f"{group}: row of layer {layer} {kind} in a block the request does not hold")
+            self._flag(group, (first == self._trash[group]) & valid)
             memo = self._memo[key] = (index, valid, seq, torch.where(valid, first + index % g.per_block, -1))
         return pool, memo[3]

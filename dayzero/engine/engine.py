@@ -201,6 +201,7 @@ class Engine:
                 want.append(off + n - 1)
         rows = {row: i for i, row in enumerate(want)}
         logits = self.model.logits(X[want], self.model.head_weight()).float().cpu() if want else None
+        cache.check()  # after the step's first synchronisation: lookups outside held blocks are bugs
         mtp = ([], [], [], [], [])  # sequence index, start, length, stream rows, next token ids
         for b, (s, off, n) in enumerate(zip(batch, offsets, lengths)):
             r = s.request
@@ -276,6 +277,7 @@ class Engine:
         X = mtp_block(streams, self.model.embed_tokens(ids), batch, ids)
         ends = torch.tensor(lengths).cumsum(0) - 1
         logits = mtp_block.logits(X[ends.to(self.device)], self.model.head_weight()).float().cpu()
+        cache.check()
         for b, lg in zip(seqs, logits):
             r = reqs[b]
             # a draft only for decoding requests, where a step can still take two tokens

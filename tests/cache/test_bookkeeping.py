@@ -153,3 +153,30 @@ def test_a_request_that_cannot_fit_alone_fails_without_stopping_the_engine():
     out = s.schedule()
     assert big.finish_reason == "abort" and "do not fit" in big.error
     assert [x.request.rid for x in out] == ["small"]
+
+
+def test_lookups_outside_held_blocks_land_in_the_trash_block_and_are_reported():
+    """A row in a block the request does not hold (an engine bug) is written to the trash block,
+    never to another request's block, and the step's check() names the group."""
+    import pytest
+    import torch
+    from dayzero.cache.paged import CachePools, PagedBatchCache
+    from dayzero.cache.spec import cache_groups
+    from dayzero.testing import tiny_args
+    args = tiny_args()
+    groups = cache_groups(args, 16, with_mtp=False)
+    pools = CachePools(groups, {g.name: 4 for g in groups}, torch.float32, torch.device("cpu"))
+    layer, kind = 0, "kv"
+    name = pools.route[(layer, kind)][0]
+    tables = [{g.name: [0, None] for g in groups}, {g.name: [1, 2] for g in groups}]
+    before = {k: t.clone() for k, t in pools.tensors.items()}
+    ok = PagedBatchCache(pools, tables, [0, 0], torch.device("cpu"))
+    ok.write(layer, kind, torch.tensor([0, 1]), torch.tensor([3, 20]), torch.ones(2, args.head_dim))
+    ok.check()  # held blocks only: nothing to report
+    bad = PagedBatchCache(pools, tables, [0, 0], torch.device("cpu"))
+    bad.write(layer, kind, torch.tensor([0]), torch.tensor([17]), torch.full((1, args.head_dim), 7.0))  # block 1: None
+    with pytest.raises(AssertionError, match=name):
+        bad.check()
+    t = pools.tensors[(name, kind)]
+    assert (t[:4] == 7).sum() == 0 and (t[4] == 7).any()  # only the trash block (index 4) got the row
+    assert all(torch.equal(pools.tensors[k][3], before[k][3]) for k in pools.tensors)  # nobody's block 3

@@ -86,9 +86,6 @@ def test_prefix_hit_from_a_single_block(ckpt):
 
 
 def test_preemption_under_a_tiny_kv_budget(ckpt, expected):
-    llm = LLM(ckpt, numerics="transformers", max_num_batched_tokens=64, max_num_seqs=6,
-              kv_cache_memory_bytes=1, num_speculative_tokens=0, enable_prefix_caching=False) \
-        if False else None
     probe = LLM(ckpt, numerics="transformers", max_num_batched_tokens=64, max_num_seqs=6,
                 num_speculative_tokens=0)
     e = probe.engine
