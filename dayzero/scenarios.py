@@ -227,7 +227,7 @@ def engine_long_context(model, device, tokens: int, chunk: int, short: int, deco
     groups = cache_groups(args, bs, with_mtp=False)
     bounded = bounded_blocks(groups, args, eargs, bs)
     grow = math.ceil((tokens + chunk + decode_steps + 2) / bs) + 2
-    budget = sum((bounded.get(g.name) or grow) * g.block_bytes(model.compute_dtype) for g in groups)
+    budget = sum(((bounded.get(g.name) or grow) + 1) * g.block_bytes(model.compute_dtype) for g in groups)  # + trash
     eng = Engine(model, replace(eargs, kv_cache_memory_bytes=budget), device)
     gen = torch.Generator().manual_seed(0)
 

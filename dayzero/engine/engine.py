@@ -104,6 +104,7 @@ class Engine:
                 budget = 512 * 2**20
         blocks = bounded_blocks(self.groups, args, e, bs)
         fixed = sum(n * g.block_bytes(dtype) for g in self.groups if (n := blocks.get(g.name)))
+        fixed += sum(g.block_bytes(dtype) for g in self.groups)  # each pool's trash block (cache/paged.py)
         growing = [g for g in self.groups if g.keep == "all"]
         per_block = sum(g.block_bytes(dtype) for g in growing)
         if not growing:  # sliding-window-only model: context bounded by max_seq_len only
@@ -112,7 +113,8 @@ class Engine:
         if n < 2:
             raise ValueError(
                 f"kv_cache_memory_bytes={budget} leaves no room for compressed entries after the "
-                f"{fixed} bytes of window and compressor rows for max_num_seqs={e.max_num_seqs}; "
+                f"{fixed} bytes of window and compressor rows for max_num_seqs={e.max_num_seqs} (and one "
+                f"trash block per pool); "
                 f"need at least {fixed + 2 * per_block}")
         for g in growing:
             blocks[g.name] = n

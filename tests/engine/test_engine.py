@@ -91,6 +91,7 @@ def test_preemption_under_a_tiny_kv_budget(ckpt, expected):
     e = probe.engine
     fixed = sum(n * g.block_bytes(probe.model.compute_dtype)
                 for g, n in ((g, e.num_blocks[g.name]) for g in e.groups) if g.keep != "all")
+    fixed += sum(g.block_bytes(probe.model.compute_dtype) for g in e.groups)  # the pools' trash blocks
     per_block = sum(g.block_bytes(probe.model.compute_dtype) for g in e.groups if g.keep == "all")
     # room for about 9 blocks of long-range entries (~144 tokens) for six requests of up to 73 tokens
     llm = LLM(ckpt, numerics="transformers", max_num_batched_tokens=64, max_num_seqs=6,
