@@ -87,8 +87,10 @@ class PagedBatchCache:
             return memo[2], memo[3]
         g = self.pools.groups[group]
         tab = self._tables[group]
+        trash = self._trash[group]
         first = tab[seq, (index // g.per_block).clamp_(0, tab.shape[1] - 1)]
-        self._flag(group, (first == self._trash[group]) | (index < 0))
+        first = torch.where(index < 0, trash, first)  # never a request's row (callers pass no negatives)
+        self._flag(group, first == trash)
         flat, keep = first + index % g.per_block, None
         if protect_ratio is not None:
             keep = index >= self.protect[seq] // protect_ratio
@@ -116,9 +118,9 @@ class PagedBatchCache:
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(pool [rows, *row], ids [N, K]): rows index[n, k] of sequences seq[n] (seq [N, 1] or
         [N, K]) as ids into `pool`, -1 where not valid; no boolean-mask indexing and no host
-        synchronisation (rows in blocks not held are flagged for `check`). `pool` is a view of the layer's member of the
-        group, so one lookup for a (seq, index, valid) triple serves every layer of the group in
-        the step (callers pass the same tensors: Batch.window, Batch.entries)."""
+        synchronisation (rows in blocks not held are flagged for `check`). `pool` is a view of the
+        layer's member of the group, so one lookup for a (seq, index, valid) triple serves every
+        layer of the group in the step (callers pass the same tensors: Batch.window, Batch.entries)."""
         group, pool = self.pools.member_rows[(layer, kind)]
         key = (group, id(seq), id(index), id(valid))
         memo = self._memo.get(key)
