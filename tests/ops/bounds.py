@@ -80,3 +80,75 @@ def fp8_data(shape, dtype, seed=0):
     flat[near] = flat.abs().max() * (1 - torch.rand(near.numel(), generator=g) * 2 ** -10)
     flat[torch.randint(0, k, (max(1, k // 10),), generator=g)] *= 2 ** -20
     return x.to(dtype)
+
+
+# ---- shared by the CPU GEMM parity tests (test_cpu_gemm.py, test_cpu_gemm_rows.py) ---------------
+def within(got, want, bound, what):
+    """Every element of got within bound of want (same shape and dtype), naming the worst miss."""
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape, got.dtype, want.dtype)
+    err = (got.float() - want.float()).abs()
+    bad = ~(err <= bound)
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {err.numel()} outside the bound, worst "
+                           f"err {err[bad].max().item():.3g} vs bound {bound[bad].min().item():.3g}")
+
+
+def lin_bound(x, w_deq, want):
+    """Error bound of x @ w_deq^T (w_deq already rounded to x.dtype) vs the twin's output."""
+    absdot = x.abs().double() @ w_deq.abs().double().T
+    delta = 2 * max(x.shape[1], 1) * U * absdot + 1e-30
+    flip = FLIP[x.dtype] if x.dtype != torch.float32 else 0.0
+    return (flip * want.double().abs() + 2 * delta).float()
+
+
+def rand_x(M, K, dt, seed, spread=1.0):
+    gen = torch.Generator().manual_seed(seed + 100)
+    return (torch.randn(M, K, generator=gen) * spread).to(dt)
+
+
+def fp8_weights(O, K, sdt, seed):
+    from dayzero.loader.formats import quant_fp8_block
+    gen = torch.Generator().manual_seed(seed)
+    return quant_fp8_block(torch.randn(O, K, generator=gen) * 0.05, scale_dtype=sdt)
+
+
+def fp8_dequant(w, s, dt):
+    return ref.fp8_linear(torch.eye(w.shape[1]), w, s).T.to(dt)  # fp32 eye: exact
+
+
+def fp4_weights(O, K, seed):
+    from dayzero.loader.formats import quant_fp4
+    gen = torch.Generator().manual_seed(seed)
+    return quant_fp4(torch.randn(O, K, generator=gen) * torch.rand(O, 1, generator=gen))
+
+
+def native_build(module, march, flag, monkeypatch, tmp_path):
+    """`module`.c built for -march=`march` in a private build cache and loaded (a ctypes CDLL);
+    skips off x86-64 and where the CPU lacks `flag` (None: any x86-64 CPU)."""
+    import ctypes
+    import os
+
+    import pytest
+
+    from dayzero.ops.cpu import build
+    if os.uname().machine not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 only")
+    if flag:
+        with open("/proc/cpuinfo") as f:
+            if flag not in f.read().split():
+                pytest.skip(f"no {flag} here")
+    monkeypatch.setenv("DAYZERO_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("DAYZERO_CPU_MARCH", march)
+    return ctypes.CDLL(str(build.build(module)))
+
+
+def per_threads(fn, counts=(1, 2)):
+    """fn() run with each torch thread count (the native kernels' teams follow it), restored after."""
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in counts:
+            torch.set_num_threads(nt)
+            outs.append(fn())
+        return outs
+    finally:
+        torch.set_num_threads(before)

@@ -17,22 +17,21 @@ Decoding of every FP4 / FP8 byte and the in-kernel FP8 activation simulation are
 """
 from __future__ import annotations
 
-import ctypes
-import os
-
 import pytest
 import torch
 
-from dayzero.loader.formats import quant_fp4, quant_fp8_block
+from dayzero.loader.formats import quant_fp4
 from dayzero.ops import cpu, ref
-from dayzero.ops.cpu import build
 
 if cpu.unavailable().get("gemm"):
     pytest.skip(f"gemm.c does not build here: {cpu.unavailable()['gemm']}", allow_module_level=True)
 
 from dayzero.ops.cpu import gemm as G
 
-from tests.ops.bounds import FLIP, U, moe_bound  # noqa: E402  (after the importorskip above, where there is one)
+from tests.ops.bounds import (fp4_weights as _fp4_w, fp8_dequant as _fp8_deq, fp8_weights as _fp8_w,  # noqa: E402
+                              lin_bound as _lin_bound, moe_bound, native_build, per_threads, rand_x as _x,
+                              within as _within)
+
 DTYPES = [torch.float32, torch.bfloat16]
 E8M0 = torch.float8_e8m0fnu
 
@@ -48,37 +47,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _within(got, want, bound, what):
-    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape, got.dtype, want.dtype)
-    err = (got.float() - want.float()).abs()
-    bad = ~(err <= bound)
-    assert not bad.any(), (f"{what}: {int(bad.sum())} of {err.numel()} outside the bound, worst "
-                           f"err {err[bad].max().item():.3g} vs bound {bound[bad].min().item():.3g}")
-
-
-def _lin_bound(x, w_deq, want):
-    """Error bound of x @ w_deq^T (w_deq already rounded to x.dtype) vs the twin's output."""
-    absdot = x.abs().double() @ w_deq.abs().double().T
-    delta = 2 * max(x.shape[1], 1) * U * absdot + 1e-30
-    flip = FLIP[x.dtype] if x.dtype != torch.float32 else 0.0
-    return (flip * want.double().abs() + 2 * delta).float()
-
-
-def _x(M, K, dt, seed, spread=1.0):
-    gen = torch.Generator().manual_seed(seed + 100)
-    return (torch.randn(M, K, generator=gen) * spread).to(dt)
-
-
 # ---- FP8 ----------------------------------------------------------------------------------------
-def _fp8_w(O, K, sdt, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return quant_fp8_block(torch.randn(O, K, generator=gen) * 0.05, scale_dtype=sdt)
-
-
-def _fp8_deq(w, s, dt):
-    return ref.fp8_linear(torch.eye(w.shape[1]), w, s).T.to(dt)  # fp32 eye: exact
-
-
 @pytest.mark.parametrize("sdt", [E8M0, torch.float32], ids=["e8m0", "f32scale"])
 @pytest.mark.parametrize("dt", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("O,K", [(1, 128), (70, 320), (200, 256), (256, 640), (130, 1100)])
@@ -169,9 +138,6 @@ def test_fp8_act_sim_bit_exact():
 
 
 # ---- FP4 ----------------------------------------------------------------------------------------
-def _fp4_w(O, K, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return quant_fp4(torch.randn(O, K, generator=gen) * torch.rand(O, 1, generator=gen))
 
 
 @pytest.mark.parametrize("dt", DTYPES, ids=["fp32", "bf16"])
@@ -319,14 +285,7 @@ def test_results_do_not_depend_on_threads():
     w8, s8 = _fp8_w(512, 1024, E8M0, 0)
     x = _x(3, 1024, torch.bfloat16, 0)
     margs = _moe_inputs(5, 4, 2, 256, 256, torch.bfloat16, seed=0)
-    before = torch.get_num_threads()
-    outs = []
-    try:
-        for nt in (1, 2):
-            torch.set_num_threads(nt)
-            outs.append((G.fp4_linear(x, w, s), G.fp8_linear(x, w8, s8), G.moe_experts(*margs, 0.0, True)))
-    finally:
-        torch.set_num_threads(before)
+    outs = per_threads(lambda: (G.fp4_linear(x, w, s), G.fp8_linear(x, w8, s8), G.moe_experts(*margs, 0.0, True)))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
     f4, f8, fm = outs[1]
@@ -394,13 +353,5 @@ def test_bf16_on_the_fp32_kernels():
 def test_fallback_builds(march, flag, monkeypatch, tmp_path):
     """gemm.c built for plain x86-64 (the C fallbacks) and for AVX2 (no AVX-512), in a private
     build cache, through the same Python wrappers."""
-    if os.uname().machine not in ("x86_64", "AMD64"):
-        pytest.skip("x86-64 only")
-    if flag:
-        with open("/proc/cpuinfo") as f:
-            if flag not in f.read().split():
-                pytest.skip(f"no {flag} here")
-    monkeypatch.setenv("DAYZERO_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("DAYZERO_CPU_MARCH", march)
-    monkeypatch.setattr(G, "kernels", G.bind(ctypes.CDLL(str(build.build("gemm")))))
+    monkeypatch.setattr(G, "kernels", G.bind(native_build("gemm", march, flag, monkeypatch, tmp_path)))
     _other_paths_agree()

@@ -29,17 +29,9 @@ from dayzero.ops.triton import gemm as G
 from dayzero.ops.triton import moe as MOE
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-from tests.ops.bounds import FLIP, U, moe_bound  # noqa: E402  (after the importorskip above, where there is one)
+from tests.ops.bounds import FLIP, U, moe_bound, within as _within  # noqa: E402  (after the importorskip above, where there is one)
 DTYPES = [torch.float32, torch.bfloat16]
 E8M0 = torch.float8_e8m0fnu
-
-
-def _within(got, want, bound, what):
-    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape, got.dtype, want.dtype)
-    err = (got.float() - want.float()).abs()
-    bad = ~(err <= bound)
-    assert not bad.any(), (f"{what}: {int(bad.sum())} of {err.numel()} outside the bound, worst "
-                           f"err {err[bad].max().item():.3g} vs bound {bound[bad].min().item():.3g}")
 
 
 def _lin_bound(x, w_deq, want, tensor_cores=False):

@@ -17,10 +17,14 @@
  * results differ from the twins only by fp32 summation order (bf16: and the output rounding of
  * values that differ by it).
  *
- * Blocking: one weight row pair shares each activation load with up to MB = 8 activation rows;
- * work items are tiles of <= TILE output rows; with more than two activation rows K is walked in
- * chunks that keep their slice in L1. Weight streams are software-prefetched PF bytes ahead.
- * SIMD: AVX-512 (F+BW+VL, +BF16 for the bf16 kernel), else AVX2+FMA+F16C, else plain C.
+ * Blocking (decode, M < ROWS_MIN): one weight row pair shares each activation load with up to
+ * MB = 8 activation rows; work items are tiles of <= TILE output rows; with more than two
+ * activation rows K is walked in chunks that keep their slice in L1. Weight streams are
+ * software-prefetched PF bytes ahead.
+ * Many rows (prefill, M >= ROWS_MIN; MoE: an expert's pairs): each weight is decoded once per call
+ * into a per-thread buffer of OP rows and a register-tiled micro-kernel (OR weight rows x 16 * NV
+ * activation rows) runs every row against it: see "many activation rows" below.
+ * SIMD: AVX-512 (F+BW+VL, +BF16 for the bf16 kernels), else AVX2+FMA+F16C, else plain C.
  * Threads: OpenMP (torch's libgomp), nthreads from torch.get_num_threads(); work items are
  * dynamically scheduled; calls under PAR_MIN multiply-adds stay on the caller's thread. Results
  * do not depend on the thread count (no reduction is split between threads).
@@ -710,6 +714,294 @@ static int team(int64_t nthreads, int64_t macs, int64_t items) {
     return macs < PAR_MIN ? 1 : dz_threads(nthreads, items);
 }
 
+/* ---- many activation rows (prefill): weights decoded once per call ---------------------------------
+ * With ROWS_MIN or more activation rows, a panel of OP weight rows is decoded ONCE, over all of K,
+ * into a per-thread buffer (fp32, or bf16 for the vdpbf16ps kernels: the twin's W exactly, see the
+ * decoders), and every activation row runs against it. The activations are packed first, once
+ * per call, into panels of MP rows transposed to k-major ([position][MP rows]; bf16: [pair][MP]
+ * 32-bit pairs), in the same k order as the decoded weight rows (FP4: the split layouts, so each
+ * byte's nibbles decode to their places without interleaving; FP8: natural order), zeros past K.
+ * Micro-kernel: OR weight rows x MP activation rows of independent fp32 accumulators (lanes are
+ * activation rows; each weight, or weight pair, is broadcast), each summed over all of K in one
+ * chain; a panel's last rows run with fewer 16-row vectors. Results land in a small tile, then
+ * in the output (its dtype, or fp32 for the MoE). Products are exact (FMA / vdpbf16ps; the plain
+ * C kernel rounds them, as the other plain C kernels do), sums fp32: only the order differs.
+ * Threads: work items are panels of OP output rows (dynamic); the packing is split by panels.
+ * Sizes measured on Zen 4 (AVX512-BF16): 8 x 48 tiles beat 6 x 64, 12 x 32 and 4 x 96; OP 16..64
+ * are alike; from 16 rows this path is faster than the per-8 kernels with AVX-512 and plain C, from
+ * about 64 with AVX2 (whose register kernels are fast, and this path's C kernel no FMA). */
+#ifndef ROWS_MIN
+#if DZ_AVX2
+#define ROWS_MIN 64 /* AVX2: the per-8-rows kernels are as fast below (measured on Zen 4, -march=haswell) */
+#else
+#define ROWS_MIN 16 /* activation rows from which the linears (and an expert's pairs) take this path */
+#endif
+#endif
+#ifndef MOE_ROWS_MIN /* pairs of one expert from which it takes this path (17..23 pairs, padded to 32 rows
+                       * here, ran slower than the per-8 path: measured, bf16 and fp32) */
+#define MOE_ROWS_MIN (ROWS_MIN > 24 ? ROWS_MIN : 24)
+#endif
+#ifndef OR
+#define OR 8 /* weight rows per micro-kernel tile */
+#endif
+#ifndef NV
+#define NV 3 /* 16-row vectors per micro-kernel tile */
+#endif
+#define MP (16 * NV) /* activation rows per packed panel */
+#ifndef OP
+#define OP 32 /* weight rows decoded per panel (a multiple of OR) */
+#endif
+
+/* positions per row in the packed / decoded layouts: FP4 fp32 K (whole groups), FP4 bf16 K
+ * rounded up to 64 (split64), FP8 K rounded up to 32 */
+static inline int64_t rows_kp(int64_t K, int fp8, int bfd) {
+    return fp8 ? (K + 31) & ~(int64_t)31 : bfd ? (K + 63) & ~(int64_t)63 : K;
+}
+
+/* weight row o of q -> dst (Kp positions, zeros past K): fp32 (rounded to bf16 where q->rnd) or,
+ * bfd, bf16 values (E8M0: exact; fp32 scales: fl(v * s) rounded to nearest even, the twin's W) */
+static void rows_decode(const QMat *q, int fp8, int bfd, int64_t o, void *dst, int64_t Kp) {
+    const int64_t K = q->K;
+    const int e8 = q->e8m0;
+    if (fp8) {
+        const uint8_t *w = q->w + o * K;
+        const int64_t srow = (o >> 7) * cdiv(K, 128);
+        for (int64_t k0 = 0; k0 < K; k0 += 128) {
+            const float sf = scale_at(q->s, srow + (k0 >> 7), e8);
+            const int64_t k1 = min64(K, k0 + 128);
+            int64_t k = k0;
+#if DZ_AVX512
+            const __m512 vs = _mm512_set1_ps(sf * 256.0f);
+            for (; k < k1; k += 16) {
+                const __mmask16 km = (__mmask16)(k1 - k >= 16 ? 0xffff : (1u << (k1 - k)) - 1);
+                __m512 v = _mm512_mul_ps(e4m3_x2m8(_mm_maskz_loadu_epi8(km, w + k)), vs);
+#if DZ_BF16DOT
+                if (bfd) {
+                    _mm256_mask_storeu_epi16((uint16_t *)dst + k, km, (__m256i)_mm512_cvtneps_pbh(v));
+                    continue;
+                }
+#endif
+                if (q->rnd) v = rnd_bf16_v(v);
+                _mm512_mask_storeu_ps((float *)dst + k, km, v);
+            }
+#endif
+            for (; k < k1; k++) {
+                const float v = E4M3[w[k]] * sf;
+                if (bfd)
+                    ((uint16_t *)dst)[k] = dz_f32_to_bf16(v);
+                else
+                    ((float *)dst)[k] = round_to(v, q->rnd);
+            }
+        }
+    } else {
+        const int64_t H = K / 2, G = K / 32;
+        const uint8_t *w = q->w + o * H;
+        const char *s = q->s + o * G * (e8 ? 1 : 4);
+        int64_t g = 0;
+#if DZ_BF16DOT
+        if (bfd) {
+            const __m512 T = _mm512_loadu_ps(E2M1);
+            const __m512i m15 = _mm512_set1_epi16(15);
+            const __m512i off = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1);
+            for (; g < G; g += 2) { /* split64 block g / 2: groups g, g + 1 (absent past K: zeros) */
+                const int full = g + 1 < G;
+                const __m512 tl = _mm512_mul_ps(T, _mm512_set1_ps(scale_at(s, g, e8)));
+                const __m512 th = full ? _mm512_mul_ps(T, _mm512_set1_ps(scale_at(s, g + 1, e8))) : _mm512_setzero_ps();
+                const __m512i tbl = (__m512i)_mm512_cvtne2ps_pbh(th, tl);
+                const __m256i bytes = _mm256_maskz_loadu_epi8(full ? 0xffffffffu : 0xffffu, w + 16 * g);
+                const __m512i h = _mm512_cvtepu8_epi16(bytes);
+                uint16_t *d = (uint16_t *)dst + 32 * g;
+                _mm512_storeu_si512(d, _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(h, m15, off, 0xEA), tbl));
+                _mm512_storeu_si512(d + 32, _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi16(h, 4), off), tbl));
+                if (!full) { /* the block's upper halves: zeros (the table's upper half is 0 already) */
+                    memset(d + 16, 0, 32);
+                    memset(d + 48, 0, 32);
+                }
+            }
+            return;
+        }
+#endif
+        if (bfd) { /* plain C bf16 layout (unused: bfd needs DZ_BF16DOT) */
+            for (int64_t k = 0; k < Kp; k++) ((uint16_t *)dst)[k] = 0;
+            for (int64_t k = 0; k < K; k++) {
+                const uint8_t b = w[k >> 1];
+                ((uint16_t *)dst)[g64_pos(k)] = dz_f32_to_bf16(E2M1[k & 1 ? b >> 4 : b & 15] * scale_at(s, k >> 5, e8));
+            }
+            return;
+        }
+        float *d = (float *)dst;
+#if DZ_AVX512
+        const __m512 T = _mm512_loadu_ps(E2M1);
+        for (; g < G; g++) {
+            __m512 tbl = _mm512_mul_ps(T, _mm512_set1_ps(scale_at(s, g, e8)));
+            if (q->rnd) tbl = rnd_bf16_v(tbl);
+            const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + 16 * g)));
+            _mm512_storeu_ps(d + 32 * g, _mm512_permutexvar_ps(b, tbl));
+            _mm512_storeu_ps(d + 32 * g + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tbl));
+        }
+#endif
+        for (; g < G; g++) {
+            const float sc = scale_at(s, g, e8);
+            float tbl[16];
+            for (int i = 0; i < 16; i++) tbl[i] = round_to(E2M1[i] * sc, q->rnd);
+            for (int j = 0; j < 16; j++) {
+                const uint8_t b = w[16 * g + j];
+                d[32 * g + j] = tbl[b & 15];
+                d[32 * g + 16 + j] = tbl[b >> 4];
+            }
+        }
+        return;
+    }
+    /* FP8: zeros from K to Kp */
+    for (int64_t k = K; k < Kp; k++) {
+        if (bfd)
+            ((uint16_t *)dst)[k] = 0;
+        else
+            ((float *)dst)[k] = 0.0f;
+    }
+}
+
+/* MP rows (NULL: a zero row) with >= Kp positions each -> one packed panel: fp32 [Kp][MP], or
+ * bf16 pairs [Kp / 2][MP] (32 bits each) */
+static void rows_pack(const char *const *rows, int64_t Kp, int bfd, void *dst) {
+    const int64_t n = bfd ? Kp / 2 : Kp; /* 32-bit units per row */
+    uint32_t *d = (uint32_t *)dst;
+    for (int i = 0; i < MP; i++) {
+        const uint32_t *s = (const uint32_t *)rows[i];
+        if (s)
+            for (int64_t p = 0; p < n; p++) d[p * MP + i] = s[p];
+        else
+            for (int64_t p = 0; p < n; p++) d[p * MP + i] = 0;
+    }
+}
+
+/* c[r * MP + i] = W row r . x row i over n units, r < OR, i < 16 * nv (w: OR decoded rows ldw
+ * apart; nv < NV for a panel's last, partial rows) */
+#if DZ_AVX512
+AI void rows_micro_n(const void *xp, int64_t n, const void *w, int64_t ldw, int bfd, float *c, const int nvec) {
+    __m512 acc[OR][NV];
+    for (int r = 0; r < OR; r++)
+        for (int v = 0; v < nvec; v++) acc[r][v] = _mm512_setzero_ps();
+#if DZ_BF16DOT
+    if (bfd) {
+        const uint32_t *x = (const uint32_t *)xp, *wr = (const uint32_t *)w;
+        for (int64_t p = 0; p < n; p++) {
+            __m512bh xv[NV];
+            for (int v = 0; v < nvec; v++) xv[v] = (__m512bh)_mm512_load_si512(x + p * MP + 16 * v);
+            for (int r = 0; r < OR; r++) {
+                const __m512bh b = (__m512bh)_mm512_set1_epi32((int)wr[r * ldw + p]);
+                for (int v = 0; v < nvec; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], xv[v], b);
+            }
+        }
+    } else
+#endif
+    {
+        (void)bfd;
+        const float *x = (const float *)xp, *wr = (const float *)w;
+        for (int64_t k = 0; k < n; k++) {
+            __m512 xv[NV];
+            for (int v = 0; v < nvec; v++) xv[v] = _mm512_load_ps(x + k * MP + 16 * v);
+            for (int r = 0; r < OR; r++) {
+                const __m512 b = _mm512_set1_ps(wr[r * ldw + k]);
+                for (int v = 0; v < nvec; v++) acc[r][v] = _mm512_fmadd_ps(xv[v], b, acc[r][v]);
+            }
+        }
+    }
+    for (int r = 0; r < OR; r++)
+        for (int v = 0; v < nvec; v++) _mm512_store_ps(c + r * MP + 16 * v, acc[r][v]);
+}
+static void rows_micro(const void *xp, int64_t n, const void *w, int64_t ldw, int bfd, float *c, int nv) {
+    if (nv == 1)
+        rows_micro_n(xp, n, w, ldw, bfd, c, 1);
+    else if (nv == 2 && NV > 2)
+        rows_micro_n(xp, n, w, ldw, bfd, c, 2);
+    else
+        rows_micro_n(xp, n, w, ldw, bfd, c, NV);
+}
+#else
+/* plain C (fp32 only) on GCC / clang vector types: 8 lanes with AVX (RB = 4 weight rows), else 4
+ * (SSE registers on plain x86-64, RB = 2), 16 activation rows at a time: 8 accumulator vectors */
+#if defined(__AVX__)
+#define VL 8
+#else
+#define VL 4
+#endif
+#define RB (32 / VL)
+typedef float vlf __attribute__((vector_size(4 * VL)));
+static void rows_micro(const void *xp, int64_t n, const void *w, int64_t ldw, int bfd, float *c, int nv) {
+    (void)bfd;
+    const float *x = (const float *)xp, *wr = (const float *)w;
+    for (int r = 0; r < OR; r += RB)
+        for (int i0 = 0; i0 < 16 * nv; i0 += 16) {
+            vlf a[RB][16 / VL];
+            for (int j = 0; j < RB; j++)
+                for (int v = 0; v < 16 / VL; v++) a[j][v] = (vlf){0};
+            for (int64_t k = 0; k < n; k++) {
+                vlf xv[16 / VL];
+                for (int v = 0; v < 16 / VL; v++) memcpy(&xv[v], x + k * MP + i0 + v * VL, 4 * VL);
+                for (int j = 0; j < RB; j++) {
+                    const float b = wr[(r + j) * ldw + k];
+                    for (int v = 0; v < 16 / VL; v++) a[j][v] += xv[v] * b;
+                }
+            }
+            for (int j = 0; j < RB; j++)
+                for (int v = 0; v < 16 / VL; v++) memcpy(c + (r + j) * MP + i0 + v * VL, &a[j][v], 4 * VL);
+        }
+}
+#endif
+
+/* out[m * ldo + o - obase] (x.dtype obf16, else fp32) = W[o] . x_m for m < M, o in [o0, o1);
+ * xp: the cdiv(M, MP) packed panels; wbuf: OP * Kp decoded positions (this thread's) */
+static void rows_item(const QMat *q, int fp8, int bfd, const char *xp, int64_t M, int64_t o0, int64_t o1, void *wbuf,
+                      void *out, int64_t ldo, int64_t obase, int obf16) {
+    const int64_t Kp = rows_kp(q->K, fp8, bfd), esz = bfd ? 2 : 4, n = bfd ? Kp / 2 : Kp, pb = Kp * MP * esz;
+    const int64_t ldw = Kp * esz / 4; /* decoded row stride in 32-bit units */
+    float c[OR * MP] __attribute__((aligned(64)));
+    for (int64_t b0 = o0; b0 < o1; b0 += OP) {
+        const int64_t nb = min64(OP, o1 - b0), nbr = cdiv(nb, OR) * OR;
+        for (int64_t r = 0; r < nbr; r++) {
+            char *d = (char *)wbuf + r * Kp * esz;
+            if (r < nb)
+                rows_decode(q, fp8, bfd, b0 + r, d, Kp);
+            else
+                memset(d, 0, (size_t)(Kp * esz));
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += MP) {
+            const int64_t mb = min64(MP, M - m0);
+            for (int64_t t = 0; t < nb; t += OR) {
+                rows_micro(xp + (m0 / MP) * pb, n, (const char *)wbuf + t * Kp * esz, ldw, bfd, c, (int)cdiv(mb, 16));
+                const int64_t nr = min64(OR, nb - t), oc = b0 + t - obase;
+                for (int64_t i = 0; i < mb; i++)
+                    for (int64_t r = 0; r < nr; r++) dz_store(out, (m0 + i) * ldo + oc + r, c[r * MP + i], obf16);
+            }
+        }
+    }
+}
+
+/* the linears' many-rows path: xs = M rows (ldb bytes apart) holding Kp positions each */
+static void rows_linear(const QMat *q, int fp8, int bfd, const char *xs, int64_t ldb, int64_t M, void *out, int obf16,
+                        int64_t nthreads) {
+    const int64_t Kp = rows_kp(q->K, fp8, bfd), esz = bfd ? 2 : 4, pb = Kp * MP * esz, np = cdiv(M, MP);
+    const int64_t items = cdiv(q->O, OP);
+    char *xp = (char *)dz_alloc(np * pb);
+    const int nt = team(nthreads, M * q->O * q->K, items);
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t pn = 0; pn < np; pn++) {
+            const char *rows[MP];
+            for (int i = 0; i < MP; i++) rows[i] = pn * MP + i < M ? xs + (pn * MP + i) * ldb : NULL;
+            rows_pack(rows, Kp, bfd, xp + pn * pb);
+        }
+        void *wbuf = dz_alloc(OP * Kp * esz);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++)
+            rows_item(q, fp8, bfd, xp, M, it * OP, min64(q->O, it * OP + OP), wbuf, out, q->O, 0, obf16);
+        free(wbuf);
+    }
+    free(xp);
+}
+
 /* ---- linears ------------------------------------------------------------------------------------ */
 typedef void (*tile_fn)(const QMat *, const void *const *, int, int64_t, int64_t, float *);
 
@@ -753,7 +1045,10 @@ void dz_fp4_linear(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, c
         const int64_t ld = pad_ld64(K);
         uint16_t *xb = (uint16_t *)dz_alloc(M * ld * 2);
         for (int64_t m = 0; m < M; m++) split64_row((const uint16_t *)x + m * ldx, K, xb + m * ld);
-        linear(&q, fp4_tile_bf, (const char *)xb, ld * 2, M, out, 1, nthreads);
+        if (M >= ROWS_MIN)
+            rows_linear(&q, 0, 1, (const char *)xb, ld * 2, M, out, 1, nthreads);
+        else
+            linear(&q, fp4_tile_bf, (const char *)xb, ld * 2, M, out, 1, nthreads);
         free(xb);
         return;
     }
@@ -761,7 +1056,10 @@ void dz_fp4_linear(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, c
     const int64_t ld = pad_ld(K);
     float *xs = (float *)dz_alloc(M * ld * 4);
     for (int64_t m = 0; m < M; m++) split_row((const char *)x + m * ldx * (bf16 ? 2 : 4), (int)bf16, K, xs + m * ld);
-    linear(&q, fp4_tile, (const char *)xs, ld * 4, M, out, (int)bf16, nthreads);
+    if (M >= ROWS_MIN)
+        rows_linear(&q, 0, 0, (const char *)xs, ld * 4, M, out, (int)bf16, nthreads);
+    else
+        linear(&q, fp4_tile, (const char *)xs, ld * 4, M, out, (int)bf16, nthreads);
     free(xs);
 }
 
@@ -770,6 +1068,22 @@ void dz_fp4_linear(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, c
 void dz_fp8_linear(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, const void *s, int64_t e8m0,
                    void *out, int64_t M, int64_t O, int64_t K, int64_t act_quant, int64_t nthreads) {
     const QMat q = {w, (const char *)s, K, O, (int)e8m0, bf16 && !e8m0};
+#if DZ_BF16DOT
+    if (M >= ROWS_MIN && bf16 && use_bf16dot) { /* bf16 rows (FP8-simulated in bf16), zeros to Kp */
+        const int64_t Kp = rows_kp(K, 1, 1);
+        uint16_t *xb = (uint16_t *)dz_alloc(M * Kp * 2);
+        for (int64_t m = 0; m < M; m++) {
+            uint16_t *r = xb + m * Kp;
+            memcpy(r, (const uint16_t *)x + m * ldx, (size_t)K * 2);
+            memset(r + K, 0, (size_t)(Kp - K) * 2);
+            if (act_quant)
+                for (int64_t k = 0; k < K; k += 128) fp8_sim_block_bf16(r + k, min64(128, K - k));
+        }
+        rows_linear(&q, 1, 1, (const char *)xb, Kp * 2, M, out, 1, nthreads);
+        free(xb);
+        return;
+    }
+#endif
     if (!bf16 && !act_quant && M <= 2) { /* fp32 rows used in place */
         linear(&q, fp8_tile, (const char *)x, ldx * 4, M, out, 0, nthreads);
         return;
@@ -780,8 +1094,12 @@ void dz_fp8_linear(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, c
         dz_load_row((const char *)x + m * ldx * (bf16 ? 2 : 4), K, (int)bf16, xf + m * ld);
         if (act_quant)
             for (int64_t k = 0; k < K; k += 128) fp8_sim_block(xf + m * ld + k, min64(128, K - k));
+        memset(xf + m * ld + K, 0, (size_t)(rows_kp(K, 1, 0) - K) * 4); /* the many-rows path reads Kp */
     }
-    linear(&q, fp8_tile, (const char *)xf, ld * 4, M, out, (int)bf16, nthreads);
+    if (M >= ROWS_MIN)
+        rows_linear(&q, 1, 0, (const char *)xf, ld * 4, M, out, (int)bf16, nthreads);
+    else
+        linear(&q, fp8_tile, (const char *)xf, ld * 4, M, out, (int)bf16, nthreads);
     free(xf);
 }
 
@@ -823,6 +1141,27 @@ static void swiglu_store(const float *g, const float *u, int64_t n, int64_t o0, 
             ((uint16_t *)hrow)[g64_pos(o0 + j)] = dz_f32_to_bf16(hv[j]);
         else
             ((float *)hrow)[g32_pos(o0 + j)] = round_to(hv[j], xb);
+    }
+}
+
+/* Inside a parallel region (an orphaned omp for): the rows of every expert with >= MOE_ROWS_MIN
+ * pairs packed into its panels (panel poff[t] + n of touched expert t), row of pair p at
+ * base + (p / div) * ldb bytes (x: div = k, one row per token; h: div = 1, one row per pair). */
+static void pack_expert_panels(int64_t ne, const int64_t *touched, const int64_t *start, const int64_t *poff,
+                               const int64_t *order, int64_t div, const char *base, int64_t ldb, int64_t Kp, int bfd,
+                               char *pk, int64_t pb) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < ne; t++) {
+        const int64_t e = touched[t];
+        if (start[e + 1] - start[e] < MOE_ROWS_MIN) continue;
+        for (int64_t pn = 0; pn < poff[t + 1] - poff[t]; pn++) {
+            const char *rows[MP];
+            for (int64_t i = 0; i < MP; i++) {
+                const int64_t q0 = start[e] + pn * MP + i;
+                rows[i] = q0 < start[e + 1] ? base + (order[q0] / div) * ldb : NULL;
+            }
+            rows_pack(rows, Kp, bfd, pk + (poff[t] + pn) * pb);
+        }
     }
 }
 
@@ -883,10 +1222,28 @@ void dz_moe_fp4(const void *x, int64_t bf16, int64_t N, int64_t dim, int64_t int
         else
             split_row((const char *)x + n * dim * (bf16 ? 2 : 4), xb, dim, (float *)xs + n * ldx);
     }
+    /* experts with >= MOE_ROWS_MIN pairs take the many-rows path: their x rows and (later) h rows
+     * packed in panels (poff: first panel of each touched expert) */
+    const int64_t Kx = rows_kp(dim, 0, bfd), Kh = rows_kp(inter, 0, bfd);
+    const int64_t xpb = Kx * MP * esz, hpb = Kh * MP * esz;
+    int64_t *poff = (int64_t *)dz_alloc((ne + 1) * 8), npan = 0, maxc = 0;
+    for (int64_t t = 0; t < ne; t++) {
+        const int64_t c = start[touched[t] + 1] - start[touched[t]];
+        poff[t] = npan;
+        if (c >= MOE_ROWS_MIN) {
+            npan += cdiv(c, MP);
+            maxc = c > maxc ? c : maxc;
+        }
+    }
+    poff[ne] = npan;
+    char *xpk = npan ? (char *)dz_alloc(npan * xpb) : NULL, *hpk = npan ? (char *)dz_alloc(npan * hpb) : NULL;
 
 #pragma omp parallel num_threads(nt)
     {
         float r1[TILE * MB], r3[TILE * MB];
+        void *wbuf = npan ? dz_alloc(OP * (Kx > Kh ? Kx : Kh) * esz) : NULL;
+        float *gb = npan ? (float *)dz_alloc(maxc * TILE * 4) : NULL, *ub = npan ? (float *)dz_alloc(maxc * TILE * 4) : NULL;
+        if (npan) pack_expert_panels(ne, touched, start, poff, order, k, xs, ldx * esz, Kx, bfd, xpk, xpb);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < nu; it++) {
             const int64_t e = touched[it / cu], o0 = (it % cu) * TILE, o1 = min64(inter, o0 + TILE);
@@ -894,6 +1251,17 @@ void dz_moe_fp4(const void *x, int64_t bf16, int64_t N, int64_t dim, int64_t int
                              (int)e1, xb && !e1};
             const QMat q3 = {w3 + e * inter * (dim / 2), (const char *)s3 + e * inter * (dim / 32) * s3b, dim, inter,
                              (int)e3, xb && !e3};
+            const int64_t cnt = start[e + 1] - start[e];
+            if (cnt >= MOE_ROWS_MIN) {
+                const char *xp = xpk + poff[it / cu] * xpb;
+                rows_item(&q1, 0, bfd, xp, cnt, o0, o1, wbuf, gb, TILE, o0, 0);
+                rows_item(&q3, 0, bfd, xp, cnt, o0, o1, wbuf, ub, TILE, o0, 0);
+                for (int64_t i = 0; i < cnt; i++) {
+                    const int64_t p = order[start[e] + i];
+                    swiglu_store(gb + i * TILE, ub + i * TILE, o1 - o0, o0, rw[p], limit, xb, bfd, hs + p * ldh * esz);
+                }
+                continue;
+            }
             for (int64_t q0 = start[e]; q0 < start[e + 1]; q0 += MB) {
                 const int mb = (int)min64(MB, start[e + 1] - q0);
                 const void *xr[MB];
@@ -917,12 +1285,20 @@ void dz_moe_fp4(const void *x, int64_t bf16, int64_t N, int64_t dim, int64_t int
                         fp8_sim_block((float *)hs + p * ldh + c, min64(128, hlen - c));
                 }
         }
+        if (npan) pack_expert_panels(ne, touched, start, poff, order, 1, hs, ldh * esz, Kh, bfd, hpk, hpb);
 
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < nd; it++) {
             const int64_t e = touched[it / cd], o0 = (it % cd) * TILE, o1 = min64(dim, o0 + TILE);
             const QMat q2 = {w2 + e * dim * (inter / 2), (const char *)s2 + e * dim * (inter / 32) * s2b, inter, dim,
                              (int)e2, xb && !e2};
+            const int64_t cnt = start[e + 1] - start[e];
+            if (cnt >= MOE_ROWS_MIN) {
+                rows_item(&q2, 0, bfd, hpk + poff[it / cd] * hpb, cnt, o0, o1, wbuf, gb, TILE, o0, 0);
+                for (int64_t i = 0; i < cnt; i++)
+                    for (int64_t o = o0; o < o1; o++) yp[order[start[e] + i] * dim + o] = round_to(gb[i * TILE + o - o0], xb);
+                continue;
+            }
             for (int64_t q0 = start[e]; q0 < start[e + 1]; q0 += MB) {
                 const int mb = (int)min64(MB, start[e + 1] - q0);
                 const void *hr[MB];
@@ -932,6 +1308,9 @@ void dz_moe_fp4(const void *x, int64_t bf16, int64_t N, int64_t dim, int64_t int
                     for (int64_t o = o0; o < o1; o++) yp[order[q0 + i] * dim + o] = round_to(r1[i * TILE + o - o0], xb);
             }
         }
+        free(wbuf);
+        free(gb);
+        free(ub);
     }
     /* the k slots of each token, in slot order (a team only for prefill-sized batches) */
 #pragma omp parallel for num_threads(N * k * dim < PAR_MIN ? 1 : nt) schedule(static)
@@ -944,6 +1323,9 @@ void dz_moe_fp4(const void *x, int64_t bf16, int64_t N, int64_t dim, int64_t int
     free(xs);
     free(hs);
     free(yp);
+    free(poff);
+    free(xpk);
+    free(hpk);
     free(start);
     free(fill);
     free(order);

@@ -100,7 +100,8 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1: t
                 w3: torch.Tensor, s3: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, limit: float,
                 h_act_sim: bool = False) -> torch.Tensor:
     """ref.moe_experts: fp32 [N, dim]. One call: pairs grouped by expert, each touched expert's
-    weights streamed once per block of 8 of its pairs; h_act_sim in the kernel (bit-exact).
+    weights streamed once per block of 8 of its pairs (24 pairs or more: decoded once per call, see
+    gemm.c's many-rows path); h_act_sim in the kernel (bit-exact).
     ids outside [0, E) raise IndexError (the twin wraps negative ids around)."""
     dt = x.dtype
     k1, k3, k2 = _scale_kind(s1), _scale_kind(s3), _scale_kind(s2)
