@@ -15,7 +15,7 @@ import torch
 
 from dayzero.verify import rel_error
 
-FAMILIES = ("attention", "gemm", "moe", "mhc", "norm", "topk")
+FAMILIES = ("attention", "gemm", "dense", "moe", "mhc", "norm", "topk")
 
 
 def _outputs(x):

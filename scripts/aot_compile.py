@@ -1,4 +1,4 @@
-"""Ahead-of-time compile every Triton kernel of dayzero/ops/triton/{attention,gemm,moe,mhc,norm,topk}.py for
+"""Ahead-of-time compile every Triton kernel of dayzero/ops/triton/{attention,gemm,dense,moe,mhc,norm,topk}.py for
 NVIDIA sm_90 (H100) and sm_80 (A100) on a machine without a GPU, with the launch configurations the
 launchers really use.
 
@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("attention", "gemm", "moe", "mhc", "norm", "topk")
+MODULES = ("attention", "gemm", "dense", "moe", "mhc", "norm", "topk")
 SMS = {90: 132, 80: 108}  # H100 SXM5, A100
 TAG = "@@AOT "
 
@@ -76,7 +76,7 @@ def _worker(args) -> int:
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
     mods = {m: importlib.import_module(f"dayzero.ops.triton.{m}") for m in MODULES}
-    attention, gemm, moe, mhc, norm, topk = (mods[m] for m in MODULES)
+    attention, gemm, dense, moe, mhc, norm, topk = (mods[m] for m in MODULES)
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     cuobjdump = bin_dir / "cuobjdump"
 
@@ -192,11 +192,11 @@ def _worker(args) -> int:
         # the tuning shapes (LM head decode / prefill, router, compressor) with bf16 weights as
         # stored, then fp32 weights (a checkpoint stored in fp32)
         out = []
-        for M, O, K in gemm._FP32_GPU:
+        for M, O, K in dense._FP32_GPU:
             out.append((f"M{M}-O{O}-K{K}", lambda cfg, x=T(M, K, dt=act), w=T(O, K, dt=bf16):
-                        gemm.fp32_linear(x, w, config=cfg)))
+                        dense.fp32_linear(x, w, config=cfg)))
         out.append(("M1-O256-K4096-fp32w", lambda cfg, x=T(1, 4096, dt=act), w=T(256, 4096):
-                    gemm.fp32_linear(x, w, config=cfg)))
+                    dense.fp32_linear(x, w, config=cfg)))
         return out
 
     def fp4_cases(act):
@@ -234,7 +234,7 @@ def _worker(args) -> int:
         ("gemm", "fp8_linear", lambda a: fp8_cases(a, False), ("bf16", "fp32")),
         ("gemm", "fp8_linear_w8a8", lambda a: fp8_cases(a, True), ("bf16", "fp32")),
         ("gemm", "fp4_linear", fp4_cases, ("bf16", "fp32")),
-        ("gemm", "fp32_linear", fp32_cases, ("bf16", "fp32")),
+        ("dense", "fp32_linear", fp32_cases, ("bf16", "fp32")),
         ("moe", "moe_experts", moe_cases, ("bf16", "fp32")),
         ("mhc", "hc_pre", hc_pre_cases, ("bf16", "fp32")),
         ("mhc", "hc_post", hc_post_cases, ("bf16", "fp32")),

@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "aot_compile.py"
-MODULES = ("attention", "gemm", "moe", "mhc", "norm", "topk")
+MODULES = ("attention", "gemm", "dense", "moe", "mhc", "norm", "topk")
 
 
 def _nvidia_backend() -> bool:

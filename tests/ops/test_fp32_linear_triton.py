@@ -1,4 +1,4 @@
-"""Parity of the Triton fp32 linear (ops/triton/gemm.py fp32_linear: LM head, MoE routers,
+"""Parity of the Triton fp32 linear (ops/triton/dense.py fp32_linear: LM head, MoE routers,
 compressor projections) with its twin ref.fp32_linear.
 
 Runs on the GPU when there is one, else on the Triton interpreter (tests/conftest.py). The bound
@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("triton", reason="Triton has no wheel for this platform (test extras install it on Linux x86-64)")
 
 from dayzero.ops import ref
-from dayzero.ops.triton import gemm as G
+from dayzero.ops.triton import dense as G
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 U = 2.0 ** -24

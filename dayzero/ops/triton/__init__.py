@@ -17,7 +17,7 @@ _PROVIDERS = {
     "fp8_act_sim": "norm",
     "compress_pool": "norm",
     "apply_rope": "norm",
-    "fp32_linear": "gemm",  # fp32 GEMM over fp32 / bf16 weights (LM head, routers, compressor)
+    "fp32_linear": "dense",
     "sparse_attn_paged": "attention",
     "indexer_scores_paged": "attention",
     "topk_select": "topk",
