@@ -52,14 +52,9 @@ def gather(cache: BatchCache, layer: int, kind: str, seq: torch.Tensor, index: t
 def rows_of(cache: BatchCache, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor,
             valid: torch.Tensor, row: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows index[n, k] of sequence seq[n] as (pool [P, *row], idx [N, K] with -1 where not valid)
-    for the paged ops: the cache's own pool where it has one (`locate`), else a gathered copy."""
+    for the paged ops: the cache's own pool where it has one (`locate_rows`), else a gathered copy."""
     if hasattr(cache, "locate_rows"):
         return cache.locate_rows(layer, kind, seq, index, valid)
-    if hasattr(cache, "locate"):
-        pool, rows = cache.locate(layer, kind, seq.expand_as(index)[valid], index[valid])
-        idx = torch.full(index.shape, -1, dtype=torch.long, device=index.device)
-        idx[valid] = rows
-        return pool, idx
     keys = gather(cache, layer, kind, seq, index, valid, row, dtype)
     idx = torch.arange(index.numel(), device=index.device).view(index.shape)
     return keys.flatten(0, 1), torch.where(valid, idx, -1)
