@@ -152,3 +152,17 @@ def per_threads(fn, counts=(1, 2)):
         return outs
     finally:
         torch.set_num_threads(before)
+
+
+def scalar_build_runs(module, code, tmp_path):
+    """Run `code` in a fresh interpreter whose native kernels are built for plain x86-64
+    (DAYZERO_CPU_MARCH, the C fallbacks) in a private cache; asserts it succeeds and that
+    `module`.c was built there. x86-64 hosts only (callers skip elsewhere)."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "DAYZERO_CPU_MARCH": "x86-64", "DAYZERO_CACHE_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert any(p.name.startswith(f"libdayzero_{module}-") for p in (tmp_path / "cpu").iterdir())
+    return r.stdout

@@ -3,16 +3,15 @@ ref.fp32_linear: the same exact products (bf16 weights upcast exactly), fp32 sum
 so each output is within 2*K*u*sum|x*w| of the twin's (u = 2^-24)."""
 from __future__ import annotations
 
-import os
 import platform
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from dayzero.ops import ref
 from dayzero.ops.cpu import available
+
+from tests.ops.bounds import scalar_build_runs
 
 pytestmark = pytest.mark.skipif(not available("dense"), reason="dense.c does not build here (no C compiler)")
 
@@ -49,10 +48,7 @@ def test_fp32_linear_scalar_build(tmp_path):
             "x = torch.randn(3, 100); w = torch.randn(50, 100).bfloat16()\n"
             "d = (fp32_linear(x, w) - ref.fp32_linear(x, w)).abs().max().item()\n"
             "assert d < 1e-4, d\n")
-    env = {**os.environ, "DAYZERO_CPU_MARCH": "x86-64", "DAYZERO_CACHE_DIR": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert any(p.name.startswith("libdayzero_dense-") for p in (tmp_path / "cpu").iterdir())
+    scalar_build_runs("dense", code, tmp_path)
 
 
 def test_kernel_table_preparation_keeps_the_checkpoint_tensors(make_ckpt):

@@ -57,13 +57,8 @@ def test_apply_rope_other_broadcasts_fall_back_to_the_twin(impl):
 
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="the scalar build is -march=x86-64")
 def test_native_rope_is_exact_in_the_scalar_build(tmp_path):
-    import os
-    import subprocess
-    import sys
+    from tests.ops.bounds import scalar_build_runs
     code = ("import torch; from dayzero.ops import ref; from dayzero.ops.cpu.rope import apply_rope\n"
             "x = torch.randn(9, 4, 128).bfloat16(); a = torch.randn(9, 1, 32) * 100\n"
             "assert torch.equal(apply_rope(x, a.cos(), a.sin(), True), ref.apply_rope(x, a.cos(), a.sin(), True))\n")
-    env = {**os.environ, "DAYZERO_CPU_MARCH": "x86-64", "DAYZERO_CACHE_DIR": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert any(p.name.startswith("libdayzero_rope-") for p in (tmp_path / "cpu").iterdir())
+    scalar_build_runs("rope", code, tmp_path)

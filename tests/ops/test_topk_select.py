@@ -4,15 +4,14 @@ columns of a stable descending sort (ties to the lower column, +0.0 == -0.0, NaN
 where the selected score is -inf. Exact equality, no tolerance."""
 from __future__ import annotations
 
-import os
 import platform
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from dayzero.ops import cases, ref
+
+from tests.ops.bounds import scalar_build_runs
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 KINDS = ("randn", "ties", "zeros", "partial", "ninf")
@@ -117,10 +116,7 @@ def test_cpu_kernel_plain_c_build(tmp_path):
             "    s = torch.randint(-2, 3, (3, T), generator=g).float(); s[s == -2] = float('-inf'); s[s == 0] = -0.0\n"
             "    r = torch.randn(3, T, generator=g)\n"
             "    for x in (s, r): assert torch.equal(topk_select(x, k), ref.topk_select(x, k)), (T, k)\n")
-    env = {**os.environ, "DAYZERO_CPU_MARCH": "x86-64", "DAYZERO_CACHE_DIR": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert any(p.name.startswith("libdayzero_topk-") for p in (tmp_path / "cpu").iterdir())
+    scalar_build_runs("topk", code, tmp_path)
 
 
 # ---- Triton kernel -------------------------------------------------------------------------------
