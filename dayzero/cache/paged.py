@@ -36,8 +36,52 @@ class CachePools:
             t = self.tensors[(name, kind)]
             self.member_rows[(layer, kind)] = (name, t.view(-1, *t.shape[3:])[m * self.groups[name].per_block:])
 
+    def rows_per_block(self, group: str) -> int:
+        """Flat pool rows per block of a group (members x rows per member)."""
+        g = self.groups[group]
+        return len(g.layers) * g.per_block
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def table_rows(pools: CachePools, tables: list[dict[str, list[int | None]]]) -> dict[str, list[list[int]]]:
+    """Per group, each request's block table as first flat rows (block * rows per block), the
+    trash block's for blocks not held, padded with it to the longest table + 1 column (built in
+    Python: one list per group and step)."""
+    out = {}
+    for name in pools.groups:
+        rows, width = pools.rows_per_block(name), max(len(t[name]) for t in tables)
+        trash = pools.trash[name] * rows
+        out[name] = [[trash if x is None else x * rows for x in t[name]] + [trash] * (width + 1 - len(t[name]))
+                     for t in tables]
+    return out
+
+
+def fill_tables(pools: CachePools, tables: list[dict[str, list[int | None]]], out: dict[str, torch.Tensor]) -> None:
+    """Write the block tables of requests 0 .. B-1 into the device buffers `out` ([S, W] per
+    group, S > B, W > the longest table): rows B .. S-1 and the columns past each table hold the
+    trash block's first row. A few copies and fills per group, no tensor grows."""
+    for name, flat in table_rows(pools, tables).items():
+        buf, B, w = out[name], len(flat), len(flat[0])
+        if B >= buf.shape[0] or w > buf.shape[1]:
+            raise ValueError(f"cache group {name}: {B} tables of {w - 1} blocks do not fit buffers "
+                             f"{tuple(buf.shape)}")
+        trash = pools.trash[name] * pools.rows_per_block(name)
+        buf[:B, :w].copy_(torch.tensor(flat, dtype=torch.long), non_blocking=False)
+        buf[:B, w:].fill_(trash)
+        buf[B:].fill_(trash)
+
+
+def check_flags(flags: list[tuple[str, torch.Tensor]]) -> None:
+    """Raise naming the cache groups whose lookups were flagged (PagedBatchCache.flags)."""
+    if not flags:
+        return
+    bad = torch.stack([b for _, b in flags]).tolist()
+    if any(bad):
+        groups = sorted({g for (g, _), b in zip(flags, bad) if b})
+        raise AssertionError(f"cache group(s) {', '.join(groups)}: a row of this step lies in a block "
+                             "its request does not hold")
 
 
 class PagedBatchCache:
@@ -47,33 +91,42 @@ class PagedBatchCache:
 
     def __init__(self, pools: CachePools, tables: list[dict[str, list[int | None]]], protect: list[int],
                  device: torch.device):
-        self.pools = pools
-        self._memo: dict[tuple, tuple] = {}
-        self.protect = torch.tensor(protect, dtype=torch.long, device=device) if any(protect) else None
         # per group: [B, width + 1] first rows of each block in the flat pool (block * members *
         # per_block), the trash block's for blocks not held; the last column is a trash sentinel
         # for indices past the table, so one gather addresses and one compare flags every lookup
-        self._tables, self._trash, self._bad = {}, {}, []
-        for name, g in pools.groups.items():
-            width = max(len(t[name]) for t in tables)
-            rows = len(g.layers) * g.per_block
-            trash = self._trash[name] = pools.trash[name] * rows
-            flat = [[trash if x is None else x * rows for x in t[name]] + [trash] * (width + 1 - len(t[name]))
-                    for t in tables]  # built in Python: one tensor per group and step
-            self._tables[name] = torch.tensor(flat, dtype=torch.long, device=device)
+        self._setup(pools, {name: torch.tensor(flat, dtype=torch.long, device=device)
+                            for name, flat in table_rows(pools, tables).items()},
+                    torch.tensor(protect, dtype=torch.long, device=device) if any(protect) else None, None)
+
+    @classmethod
+    def over(cls, pools: CachePools, tables: dict[str, torch.Tensor], live: torch.Tensor) -> "PagedBatchCache":
+        """The BatchCache over block tables already on the device (`fill_tables`' buffers, [S, W]
+        per group, padded with the trash block's first row): nothing is built from Python values,
+        so a recorded step (a CUDA graph) reads whatever the buffers hold when it replays.
+        live [S] bool: only lookups of live sequences are checked (padding slots look up trash)."""
+        self = cls.__new__(cls)
+        self._setup(pools, tables, None, live)
+        return self
+
+    def _setup(self, pools: CachePools, tables: dict[str, torch.Tensor], protect: torch.Tensor | None,
+               live: torch.Tensor | None) -> None:
+        self.pools, self._tables, self.protect, self.live = pools, tables, protect, live
+        self._trash = {name: pools.trash[name] * pools.rows_per_block(name) for name in pools.groups}
+        self._memo: dict[tuple, tuple] = {}
+        self._bad: list[tuple[str, torch.Tensor]] = []
 
     def check(self) -> None:
         """Raise if a lookup of this step fell in a block its request does not hold (an engine
         bug: those rows went to the trash block). One host synchronisation for the whole step."""
-        if not self._bad:
-            return
-        bad = torch.stack([b for _, b in self._bad]).tolist()
-        if any(bad):
-            groups = sorted({g for (g, _), b in zip(self._bad, bad) if b})
-            raise AssertionError(f"cache group(s) {', '.join(groups)}: a row of this step lies in a block "
-                                 "its request does not hold")
+        check_flags(self._bad)
 
-    def _flag(self, group: str, bad: torch.Tensor) -> None:
+    def flags(self) -> list[tuple[str, torch.Tensor]]:
+        """(group, device bool) per lookup of the step: True where a row lay outside held blocks."""
+        return self._bad
+
+    def _flag(self, group: str, bad: torch.Tensor, seq: torch.Tensor) -> None:
+        if self.live is not None:
+            bad = bad & self.live[seq]
         self._bad.append((group, bad.any()))
 
     def _lookup(self, group: str, seq: torch.Tensor, index: torch.Tensor, protect_ratio: int | None):
@@ -90,7 +143,7 @@ class PagedBatchCache:
         trash = self._trash[group]
         first = tab[seq, (index // g.per_block).clamp_(0, tab.shape[1] - 1)]
         first = torch.where(index < 0, trash, first)  # never a request's row (callers pass no negatives)
-        self._flag(group, first == trash)
+        self._flag(group, first == trash, seq)
         flat, keep = first + index % g.per_block, None
         if protect_ratio is not None:
             keep = index >= self.protect[seq] // protect_ratio
@@ -128,6 +181,6 @@ class PagedBatchCache:
             g = self.pools.groups[group]
             tab = self._tables[group]
             first = tab[seq, (index // g.per_block).clamp(0, tab.shape[1] - 1)]
-            self._flag(group, (first == self._trash[group]) & valid)
+            self._flag(group, (first == self._trash[group]) & valid, seq)
             memo = self._memo[key] = (index, valid, seq, torch.where(valid, first + index % g.per_block, -1))
         return pool, memo[3]

@@ -39,15 +39,21 @@ class OpTable:
     fp4_linear: Callable
     moe_experts: Callable
     kernels: tuple[str, ...] = ()  # ops that run a kernel of the table (the rest are twins)
+    # no op synchronises with the host or makes shapes from data, so a recorded step (a CUDA
+    # graph, engine/graphs.py) can contain them all; the twins' moe_experts loops over the
+    # experts present (a host read), so REF is not
+    capturable: bool = False
 
 
 REF = OpTable(name="ref", **{op: getattr(ref, op) for op in OP_NAMES})
 
 
-def assemble(name: str, package: str, providers: dict[str, str], skip: frozenset[str] = frozenset()) -> OpTable:
+def assemble(name: str, package: str, providers: dict[str, str], skip: frozenset[str] = frozenset(),
+             capturable: bool = False) -> OpTable:
     """An op table from kernel modules: op -> `{package}.{providers[op]}`'s function of the same
     name; the twin where no provider is named, the module is in `skip`, does not exist yet, or
-    does not define the op (`kernels` lists the ops that got a kernel)."""
+    does not define the op (`kernels` lists the ops that got a kernel). `capturable`: the
+    kernels are (the table is only if moe_experts got its kernel: its twin is not)."""
     import importlib
     impls, kernels = {}, []
     for op in OP_NAMES:
@@ -61,7 +67,7 @@ def assemble(name: str, package: str, providers: dict[str, str], skip: frozenset
         impls[op] = fn or getattr(REF, op)
         if fn is not None:
             kernels.append(op)
-    return OpTable(name=name, kernels=tuple(kernels), **impls)
+    return OpTable(name=name, kernels=tuple(kernels), capturable=capturable and "moe_experts" in kernels, **impls)
 
 
 def triton_usable(device: torch.device) -> bool:

@@ -19,6 +19,19 @@ import torch.nn.functional as F
 FP8_MAX = 448.0
 FP4_MAX = 6.0
 _E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_ON_DEVICE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _on(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A module constant on `device`, copied there once (a host-to-device copy inside a step
+    would synchronise, and a recorded step cannot contain one)."""
+    if table.device == device:
+        return table
+    key = (id(table), str(device))
+    got = _ON_DEVICE.get(key)
+    if got is None:
+        got = _ON_DEVICE[key] = table.to(device)
+    return got
 
 
 # ---- norms -------------------------------------------------------------------------------
@@ -105,7 +118,7 @@ def fp8_act_sim(x: torch.Tensor, block: int = 128) -> torch.Tensor:
 
 def fp4_round(v: torch.Tensor) -> torch.Tensor:
     """Nearest e2m1 value for |v| <= 6, ties to the even code (as a float4 cast rounds)."""
-    grid = _E2M1.to(v.device)
+    grid = _on(_E2M1, v.device)
     a = v.abs().clamp(max=FP4_MAX)
     mids = (grid[1:] + grid[:-1]) / 2
     idx = torch.bucketize(a, mids)  # a == mid goes to the lower code
@@ -302,7 +315,7 @@ _FP4_PAIRS = torch.stack((_E2M1_SIGNED.repeat(16), _E2M1_SIGNED.repeat_interleav
 def fp4_dequant(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """int8 [..., O, K/2] (low nibble = even k) + E8M0 [..., O, K/32] -> fp32 [..., O, K]."""
     b = weight.view(torch.uint8).to(torch.int32)
-    vals = F.embedding(b, _FP4_PAIRS.to(weight.device)).flatten(-2)
+    vals = F.embedding(b, _on(_FP4_PAIRS, weight.device)).flatten(-2)
     return (vals.unflatten(-1, (-1, 32)) * e8m0_float(scale)[..., None]).flatten(-2)
 
 

@@ -97,15 +97,13 @@ class Compressor(UsesOps, nn.Module):
         self.__dict__["_wkv_wgate"] = w if dtype is None else w.to(dtype)
 
     def update(self, rows: torch.Tensor, batch: Batch, layer: int, kind: str, inv_freq: torch.Tensor,
-               dtype: torch.dtype) -> list[int]:
-        """Store the batch's rows, build the entries its tokens close; return each sequence's
-        number of closed entries."""
+               dtype: torch.dtype) -> None:
+        """Store the batch's rows, build the entries its tokens close."""
         r, C, cache = self.ratio, self.head_dim, batch.cache
         cache.write(layer, "rows:" + kind, batch.seq, batch.positions, rows)
-        ends = [(n + s) // r for n, s in zip(batch.starts, batch.lengths)]
         closing = batch.closing(r, self.overlap)
         if closing is None:  # no window closes in this batch (most decode steps)
-            return ends
+            return
         seq, ids, row_seq, row_pos, missing = closing
         win = cache.read(layer, "rows:" + kind, row_seq, row_pos).float()
         win = win.unflatten(0, (ids.shape[0], -1))  # [E, span, 2, width]
@@ -123,7 +121,6 @@ class Compressor(UsesOps, nn.Module):
             else:
                 entries = _fp8_nope_sim(self.ops, entries, self.rope_dim)
         cache.write(layer, "ent:" + kind, seq, ids, entries)
-        return ends
 
 
 def _fp8_nope_sim(ops: OpTable, x: torch.Tensor, rope_dim: int) -> torch.Tensor:
@@ -157,9 +154,8 @@ class Indexer(UsesOps, nn.Module):
         positions, dev = batch.positions, x.device
         if self.capture is not None:
             x, q_lat = x.detach(), q_lat.detach()
-        ends = self.compressor.update(self.compressor.project(x, positions), batch, layer, "index", inv_freq,
-                                      x.dtype)
-        T = max(ends)
+        self.compressor.update(self.compressor.project(x, positions), batch, layer, "index", inv_freq, x.dtype)
+        T = batch.entry_span(self.ratio)
         if T == 0:
             if self.capture is not None:
                 none = torch.zeros(x.shape[0], 0, device=dev)
@@ -234,14 +230,14 @@ class Attention(UsesOps, nn.Module):
         sources = [rows_of(cache, layer, "kv", seq_col, key_pos, valid, (self.head_dim,), q.dtype)]
         if self.layer_type != "sliding":
             rows = self.compressor.project(x, positions)
-            ends = self.compressor.update(rows, batch, layer, "attn", inv_freq, q.dtype)
+            self.compressor.update(rows, batch, layer, "attn", inv_freq, q.dtype)
             # every closed entry the query may use (the same lookup as the indexer's keys)
-            _, ids, usable = batch.entries(self.ratio, max(ends))
+            _, ids, usable = batch.entries(self.ratio, batch.entry_span(self.ratio))
             pool, rows = rows_of(cache, layer, "ent:attn", seq_col, ids, usable, (self.head_dim,), q.dtype)
             if self.layer_type == "csa":  # always: its own compressor consumes the batch's rows
                 top = self.indexer.select(x, q_lat, batch, layer, inv_freq)  # [N, k] entry ids, -1 = none
                 if self.indexer.capture is not None:
-                    self.indexer.capture[-1]["target"] = self.entry_target(q, sources[0], batch, layer, ends)
+                    self.indexer.capture[-1]["target"] = self.entry_target(q, sources[0], batch, layer)
                 rows = torch.gather(rows, 1, top.clamp(min=0)).masked_fill_(top < 0, -1)
             sources.append((pool, rows))
         o = self.ops.sparse_attn_paged(q, sources, self.attn_sink, self.head_dim ** -0.5)
@@ -265,14 +261,14 @@ class Attention(UsesOps, nn.Module):
         return torch.cat([self.ops.fp8_linear(o[:, g], w, s) for g, (w, s) in enumerate(groups)], -1)
 
     @torch.no_grad()
-    def entry_target(self, q: torch.Tensor, window: tuple[torch.Tensor, torch.Tensor], batch: Batch, layer: int,
-                     ends: list[int]) -> torch.Tensor:
+    def entry_target(self, q: torch.Tensor, window: tuple[torch.Tensor, torch.Tensor], batch: Batch,
+                     layer: int) -> torch.Tensor:
         """Training only (indexer distillation): the DENSE attention of each query over its window
         and every usable compressed entry (sink in the denominator), its probabilities on the
         entries summed over heads and L1-normalised -> fp32 [N, T], 0 on unusable entries (and on
         every entry of a query that has none)."""
         positions, dev = batch.positions, q.device
-        T = max(ends)
+        T = batch.entry_span(self.ratio)
         if T == 0:
             return torch.zeros(q.shape[0], 0, device=dev)
         ids = torch.arange(T, device=dev)[None, :].expand(q.shape[0], T)

@@ -118,9 +118,49 @@ class Batch:
             got = memo[id(inv_freq)] = (inv_freq, cos, sin, cos[:, None], sin[:, None])
         return (got[3], got[4]) if heads else (got[1], got[2])
 
+    def entry_span(self, ratio: int) -> int:
+        """How many compressed entries at `ratio` the batch's lookups cover (ids 0 .. span - 1):
+        the most any of its sequences has closed by its last token."""
+        return max((s + n) // ratio for s, n in zip(self.starts, self.lengths))
+
     @property
     def end(self) -> int:
         return max(s + n for s, n in zip(self.starts, self.lengths))
+
+
+class StaticBatch(Batch):
+    """A Batch whose tensors have shapes fixed by (token slots N, context capacity) alone and
+    whose contents come only from device tensors, so one recorded forward (a CUDA graph) serves
+    every step that fits: `seq` [N] and `positions` [N] are buffers the caller fills before each
+    step (padding slots belong to a sequence whose blocks are all the trash block); lookups of
+    compressed entries cover `capacity // ratio` ids (unusable ones are masked, as in Batch);
+    every token is a candidate to close the entry of its own compression window (it does when
+    (p + 1) % r == 0; the others pool and write on behalf of `pad_seq`, i.e. into the trash
+    block). `end`: the step's context end as the caller knows it (checked by the model)."""
+
+    def __init__(self, seq: torch.Tensor, positions: torch.Tensor, capacity: int, pad_seq: int, cache: BatchCache,
+                 end: int):
+        self.seq, self.positions, self.cache = seq, positions, cache
+        self.capacity, self.pad_seq, self._end = capacity, pad_seq, end
+
+    def entry_span(self, ratio: int) -> int:
+        return self.capacity // ratio
+
+    @property
+    def end(self) -> int:
+        return self._end
+
+    def closing(self, ratio: int, overlap: bool) -> tuple[torch.Tensor, ...]:
+        memo = self.__dict__.setdefault("_closing", {})
+        key = (ratio, overlap)
+        if key not in memo:
+            ids = self.positions // ratio
+            seq = torch.where((self.positions + 1) % ratio == 0, self.seq, self.pad_seq)
+            span = 2 * ratio if overlap else ratio
+            pos = ratio * ids[:, None] + torch.arange(span, device=ids.device) - (ratio if overlap else 0)
+            memo[key] = (seq, ids, seq[:, None].expand_as(pos).flatten(), pos.clamp(min=0).flatten(),
+                         (pos < 0)[..., None])
+        return memo[key]
 
 
 class DenseSeqCache:

@@ -31,5 +31,6 @@ _PROVIDERS = {
 
 def table(device: torch.device) -> OpTable:
     """The Triton op table for `device`: each op from its kernel module, twins for ops no module
-    provides yet (listed as absent in docs/HARDWARE.md)."""
-    return assemble("triton", __name__, _PROVIDERS)
+    provides yet (listed as absent in docs/HARDWARE.md). The wrappers launch with grids from
+    shapes only and build their tile tables on the device (no host reads): capturable."""
+    return assemble("triton", __name__, _PROVIDERS, capturable=True)
