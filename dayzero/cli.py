@@ -31,7 +31,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     llm = LLM(a.model, device=a.device, dtype=a.dtype, numerics=a.numerics,
               max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=not a.no_prefix_caching,
               num_speculative_tokens=a.num_speculative_tokens, kv_cache_memory_bytes=a.kv_cache_memory_bytes,
-              ops=a.ops)
+              ops=a.ops, enforce_eager=a.enforce_eager)
     show_ids = llm.tokenizer is None
     if a.stream:
         printed = 0
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ops", choices=["triton", "cpu", "ref"], default=None,
                    help="kernels: triton, cpu (native C kernels) or ref (the PyTorch twins); default: "
                         "triton on GPUs, cpu on CPUs where it builds, else ref")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="never replay decode steps from CUDA graphs (default: graphs on CUDA GPUs)")
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     g.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per engine step (prefill chunk)")
     g.add_argument("--no-prefix-caching", action="store_true")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One stage of the GPU bring-up per device call (each call has a 10-minute limit), results under
 # $OUT (the device tool's output folder; ./gpu_out elsewhere). Run from the repository root:
-#   scripts/gpu_session.sh tests    # tests/ops on the GPU: every kernel vs its twin, engine on Triton
+#   scripts/gpu_session.sh tests    # tests/ops + CUDA graphs on the GPU: kernels vs twins, engine on Triton
 #   scripts/gpu_session.sh verify   # dayzero verify (ops + built-in model + V4-Flash slice), verify.json
 #   scripts/gpu_session.sh tune     # dayzero tune; the table is kept in $OUT/cache for the bench stage
 #   scripts/gpu_session.sh bench    # dayzero bench --size flash, S1-S6 -> $OUT/bench.jsonl + PNG
@@ -16,7 +16,7 @@ py=python3
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/device.txt" 2>&1
 case "$stage" in
-  tests)  $py -m pytest -q -p no:cacheprovider tests/ops > "$OUT/pytest_ops.log" 2>&1; rc=$?
+  tests)  $py -m pytest -q -p no:cacheprovider tests/ops tests/engine/test_graphs.py > "$OUT/pytest_ops.log" 2>&1; rc=$?
           tail -n 25 "$OUT/pytest_ops.log" ;;
   verify) $py -m dayzero verify --out "$OUT/verify.json" > "$OUT/verify.log" 2>&1; rc=$?
           tail -n 40 "$OUT/verify.log" ;;

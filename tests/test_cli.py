@@ -21,8 +21,10 @@ def test_help_lists_the_commands_that_exist():
     out = dayzero("--help").stdout
     for cmd in ("generate", "serve", "chat", "convert", "toy", "verify", "tune", "bench"):
         assert cmd in out
-    assert "--token-ids" in dayzero("generate", "--help").stdout
-    assert "--ops" in dayzero("generate", "--help").stdout and "--ops" in dayzero("serve", "--help").stdout
+    gen, serve = dayzero("generate", "--help").stdout, dayzero("serve", "--help").stdout
+    assert "--token-ids" in gen
+    for flag in ("--ops", "--enforce-eager"):
+        assert flag in gen and flag in serve
 
 
 def test_verify_cli_interpreted_triton_ops(tmp_path):

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from dayzero.cache.manager import KVCacheManager
-from dayzero.cache.paged import CachePools, PagedBatchCache
+from dayzero.cache.paged import CachePools, PagedBatchCache, check_flags
 from dayzero.cache.spec import cache_groups, fixed_bytes_per_sequence
+from dayzero.engine.graphs import StepGraphs, unsupported
 from dayzero.engine.request import Request, Status
 from dayzero.engine.sampling import SamplingParams, sample, token_logprobs, verify_draft
 from dayzero.engine.scheduler import Scheduled, Scheduler
@@ -34,6 +35,7 @@ class EngineArgs:
     num_speculative_tokens: int | None = None  # MTP drafts per step: 0 or 1 (default 1 with an MTP module)
     speculative_min_acceptance: float = 0.3  # MTP turns itself off below this after 16 drafts
     ops: str | None = None  # kernel table: "triton", "cpu" (native C), "ref" (PyTorch twins) or None (by device)
+    enforce_eager: bool = False  # never replay CUDA graphs (engine/graphs.py); CPUs always run eagerly
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -49,6 +51,8 @@ class EngineArgs:
             raise ValueError(f"num_speculative_tokens: MTP drafts 0 or 1 token, got {self.num_speculative_tokens!r}")
         if self.ops not in (None, "auto", "ref", "triton", "cpu"):
             raise ValueError(f"ops: must be 'triton', 'cpu', 'ref' or None, got {self.ops!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager: must be True or False, got {self.enforce_eager!r}")
 
 
 def bounded_blocks(groups, args, eargs: EngineArgs, bs: int) -> dict[str, int]:
@@ -91,6 +95,21 @@ class Engine:
         self.drafts = self.accepted = 0
         self.num_steps = 0
         self.tokens_generated = 0
+        self.graphs: StepGraphs | None = None
+        self.graphs_off = "enforce_eager" if eargs.enforce_eager else "not a CUDA device"
+        if device.type == "cuda" and not eargs.enforce_eager:
+            self.graphs_off = unsupported(model)
+            if self.graphs_off is None:
+                self.use_graphs("cuda")
+
+    def use_graphs(self, backend: str) -> None:
+        """Replay decode steps from recorded graphs (engine/graphs.py): "cuda" on a GPU; "trace"
+        records aten ops on any device (how the CPU tests check replayed steps)."""
+        e = self.eargs
+        self.graphs = StepGraphs(self.model, self.pools, e.max_num_seqs,
+                                 min(e.max_num_seqs * (1 + int(self.spec_enabled)), e.max_num_batched_tokens),
+                                 self.block_size, self.args.max_seq_len, self.device, backend)
+        self.graphs_off = None
 
     # ---- capacity ------------------------------------------------------------------------------
     def _capacity(self) -> tuple[dict[str, int], int]:
@@ -141,6 +160,7 @@ class Engine:
             "mtp_acceptance": self.accepted / self.drafts if self.drafts else None,
             "steps": self.num_steps,
             "tokens_generated": self.tokens_generated,
+            "graphs": self.graphs.stats() if self.graphs is not None else {"off": self.graphs_off},
         }
 
     # ---- API -----------------------------------------------------------------------------------
@@ -189,12 +209,7 @@ class Engine:
             lengths.append(len(toks))
             ids.extend(toks)
         reqs = [s.request for s in batch]
-        # every write of a step is at or after its start: protection matters only below it
-        cache = PagedBatchCache(self.pools, [self.kv.table(r.rid) for r in reqs],
-                                [r.protect if r.protect > r.num_computed else 0 for r in reqs], self.device)
         starts = [r.num_computed for r in reqs]
-        X = self.model.forward_packed(torch.tensor(ids, device=self.device),
-                                      Batch(starts, lengths, cache, self.device))
         # logits only where something is sampled: a request's last row, and the one before when verifying
         want = []
         for s, off, n in zip(batch, offsets, lengths):
@@ -202,8 +217,7 @@ class Engine:
                 want += [off + n - 2] if s.verify_draft else []
                 want.append(off + n - 1)
         rows = {row: i for i, row in enumerate(want)}
-        logits = self.model.logits(X[want], self.model.head_weight()).float().cpu() if want else None
-        cache.check()  # after the step's first synchronisation: lookups outside held blocks are bugs
+        X, logits, cache = self._forward(ids, starts, lengths, reqs, want)
         mtp = ([], [], [], [], [])  # sequence index, start, length, stream rows, next token ids
         for b, (s, off, n) in enumerate(zip(batch, offsets, lengths)):
             r = s.request
@@ -225,6 +239,28 @@ class Engine:
         if mtp[0]:
             self._draft(X[mtp[3]], mtp, cache, reqs)
         return touched
+
+    def _forward(self, ids: list[int], starts: list[int], lengths: list[int], reqs: list[Request],
+                 want: list[int]) -> tuple[torch.Tensor, torch.Tensor | None, PagedBatchCache]:
+        """The step's forward: final streams of every row, fp32 logits of the `want` rows on the
+        host, and the step's cache (the MTP draft reads it). Replayed from a recorded graph when
+        one holds the step, else eager."""
+        tables = [self.kv.table(r.rid) for r in reqs]
+        # every write of a step is at or after its start: protection matters only below it
+        protect = [r.protect if r.protect > r.num_computed else 0 for r in reqs]
+        end = max(a + n for a, n in zip(starts, lengths))
+        g = self.graphs
+        if g is not None and not any(protect) and g.bucket(len(ids), g.rows(tables, end)) is not None:
+            run = g.run(ids, [b for b, n in enumerate(lengths) for _ in range(n)],
+                        [p for a, n in zip(starts, lengths) for p in range(a, a + n)], tables, end)
+            logits = run.logits[want].float().cpu() if want else None
+            check_flags(run.flags)  # after the step's one synchronisation
+            return run.X, logits, g.cache(run)
+        cache = PagedBatchCache(self.pools, tables, protect, self.device)
+        X = self.model.forward_packed(torch.tensor(ids, device=self.device), Batch(starts, lengths, cache, self.device))
+        logits = self.model.logits(X[want], self.model.head_weight()).float().cpu() if want else None
+        cache.check()  # after the step's first synchronisation: lookups outside held blocks are bugs
+        return X, logits, cache
 
     def _sample(self, r: Request, s: Scheduled, logits, rows, last_row: int) -> None:
         last = logits[rows[last_row]]

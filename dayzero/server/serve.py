@@ -35,6 +35,8 @@ def add_arguments(p) -> None:
     p.add_argument("--ops", choices=["triton", "cpu", "ref"], default=None,
                    help="kernels: triton, cpu (native C kernels) or ref (the PyTorch twins); default: "
                         "triton on GPUs, cpu on CPUs where it builds, else ref")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="never replay decode steps from CUDA graphs (default: graphs on CUDA GPUs)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -61,7 +63,7 @@ def serve(a) -> int:
     llm = LLM(a.model, device=a.device, dtype=a.dtype, numerics=a.numerics, max_num_seqs=a.max_num_seqs,
               max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=not a.no_prefix_caching,
               num_speculative_tokens=a.num_speculative_tokens, kv_cache_memory_bytes=a.kv_cache_memory_bytes,
-              ops=a.ops)
+              ops=a.ops, enforce_eager=a.enforce_eager)
     name = a.served_model_name or (Path(a.model).resolve().name if a.model else BUILTIN_NAME)
     sargs = ServerArgs(model_name=name, api_key=a.api_key or os.environ.get("DAYZERO_API_KEY") or None,
                        max_model_len=a.max_model_len, max_in_flight=a.max_in_flight, max_body_bytes=a.max_body_bytes)

@@ -1,0 +1,248 @@
+"""Engine steps as recorded graphs: CUDA graphs on GPUs, a traced op list on any device (tests).
+
+An eager step launches every op of every layer from Python (about a hundred per layer); at batch
+1 on a GPU that launch time exceeds the step's memory time. A graph records the step once and
+replays it with one launch. Replay re-runs no Python, so a recorded step must read everything
+that changes from device buffers and must not synchronise with the host:
+
+- `StaticBatch` (reference/seqcache.py) gives the model shapes fixed by the bucket alone: N token
+  slots (padding slots belong to a sequence whose blocks are all the trash block), compressed
+  entries looked up over the bucket's context capacity C (unusable ones masked), and every token
+  pooling the entry its compression window would close (written only where it does close).
+- `PagedBatchCache.over` reads block tables from buffers that `fill_tables` rewrites each step.
+- the op table must be `capturable` (Triton's is; the twins' moe_experts reads the expert ids
+  back to the host) and the routed experts stacked for the grouped kernel.
+
+Buckets: N = 1, 2, 4, ... up to `max_tokens` (the decode batch: max_num_seqs tokens, twice with MTP
+drafts); C = block_size * 2^j covering the step's rows and block tables, at most the model's
+context rounded up to a block (so a 1M-token context records C = 1M + one block, not 2M). A bucket is recorded the first time a step needs it
+(the first step of each size pays the capture); every bucket shares one memory pool. A step runs
+eagerly when it has more tokens than the largest bucket (prefill chunks), when it writes below a
+prefix-cache hit (the protected prefix needs a host-side filter), or when graphs are off.
+
+Backends: "cuda" (torch.cuda.CUDAGraph; warm-up on a side stream, capture, replay), and "trace"
+(`OpRecorder`: the step's aten ops recorded once, with their arguments, and replayed op by op,
+Python not re-run, while the recording rejects what capture forbids). "trace" is how the CPU test
+suite proves that a replayed step computes what the eager step computes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
+
+from dayzero.cache.paged import CachePools, PagedBatchCache, fill_tables
+from dayzero.reference.seqcache import StaticBatch
+
+BACKENDS = ("cuda", "trace")
+
+_aten = torch.ops.aten
+# ops that read tensor data back to the host or size their output from it
+_SYNCING = {_aten._local_scalar_dense.default, _aten.nonzero.default, _aten._unique2.default,
+            _aten.unique_dim.default, _aten.unique_consecutive.default, _aten.masked_select.default,
+            _aten.lift_fresh.default}
+_MASKABLE = {_aten.index.Tensor, _aten.index_put_.default, _aten.index_put.default}
+
+
+class HostSync(RuntimeError):
+    """A recorded step would read device data on the host, size a tensor from it, or bake host
+    values into the recording."""
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every aten op run under it (after autograd, as kernels would launch) and raises
+    HostSync on what a CUDA graph cannot record: host reads of device data (.item(), bool(t),
+    .tolist(), .numpy()), ops whose output shape depends on data (nonzero, unique, boolean
+    masks) and tensors built from host values (torch.tensor: on a GPU an upload).
+    `replay` re-runs the recorded ops, Python not re-run: every tensor no recorded op made (input
+    buffers, weights, cache pools, device constants) is read as it is then, as a graph reads its
+    fixed addresses. Not thread-safe (it patches Tensor.tolist/.numpy while active); it keeps
+    every intermediate of the recorded step alive (a test backend, for small models)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SYNCING:
+            what = "a tensor built from host values (torch.tensor)" if func is _aten.lift_fresh.default else func
+            raise HostSync(f"{what} inside a recorded step")
+        if func in _MASKABLE and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ()):
+            raise HostSync(f"{func} with a boolean mask (its shape comes from the data) inside a recorded step")
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        return out
+
+    def __enter__(self):
+        self._saved = {n: getattr(torch.Tensor, n) for n in ("tolist", "numpy")}
+        for n in self._saved:
+            setattr(torch.Tensor, n, _refuse(n))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for n, f in self._saved.items():
+            setattr(torch.Tensor, n, f)
+        return super().__exit__(*exc)
+
+    def replay(self, recorded_outputs):
+        """Run the recording again; returns `recorded_outputs` (a tree of tensors the recorded
+        step returned) as this run computed them."""
+        env: dict[int, torch.Tensor] = {}
+
+        def sub(x):
+            return env.get(id(x), x) if isinstance(x, torch.Tensor) else x
+
+        for func, args, kwargs, out in self.ops:
+            new = func(*tree_map(sub, args), **tree_map(sub, kwargs))
+            for r, t in zip(tree_leaves(out), tree_leaves(new)):
+                if isinstance(r, torch.Tensor):
+                    env[id(r)] = t
+        return tree_map(sub, recorded_outputs)
+
+
+def _refuse(name):
+    def refuse(self, *a, **k):
+        raise HostSync(f"Tensor.{name}() inside a recorded step")
+    return refuse
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass
+class _Graph:
+    """One bucket: its input buffers, the recording and where the recording leaves its outputs."""
+    tokens: torch.Tensor  # [3, N]: token ids, sequence slots, positions
+    live: torch.Tensor  # [S] bool: slots holding a request this step
+    tables: dict[str, torch.Tensor]  # [S, C / block_size + 1] first flat rows per group
+    capacity: int
+    recording: object = None
+    X: torch.Tensor | None = None  # [N, hc, dim] final streams
+    logits: torch.Tensor | None = None  # [N, vocab] fp32
+    flags: list = field(default_factory=list)  # (group, device bool) of the step's lookups
+    replays: int = 0
+
+
+class StepGraphs:
+    """Recorded forward + LM head of engine steps, per bucket (token slots, context capacity).
+    `run` fills a bucket's buffers, records it the first time, replays it otherwise, and returns
+    the bucket (X, logits and flags hold this step's results until the next `run`)."""
+
+    def __init__(self, model, pools: CachePools, max_seqs: int, max_tokens: int, block_size: int,
+                 max_len: int, device: torch.device, backend: str):
+        if backend not in BACKENDS:
+            raise ValueError(f"graph backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "cuda" and torch.device(device).type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
+        reason = unsupported(model)
+        if reason:
+            raise ValueError(f"this model's steps cannot be recorded: {reason}")
+        self.model, self.pools, self.device, self.backend = model, pools, torch.device(device), backend
+        self.slots = max_seqs + 1  # one table row per request slot, the last for padding
+        self.max_tokens, self.bs = _pow2(max_tokens), block_size
+        self.max_capacity = block_size * math.ceil((max_len + 2) / block_size)  # + MTP's row past the end
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if backend == "cuda" else None
+
+    def bucket(self, n_tokens: int, rows: int) -> tuple[int, int] | None:
+        """(token slots, context capacity) of a step with n_tokens that addresses positions below
+        `rows` (tokens, MTP's row past them, the blocks its tables hold); None when no bucket
+        holds it."""
+        if n_tokens > self.max_tokens or rows > self.max_capacity:
+            return None
+        return _pow2(n_tokens), min(self.bs * _pow2(math.ceil(rows / self.bs)), self.max_capacity)
+
+    def rows(self, tables: list[dict], end: int) -> int:
+        """Positions a step addresses: its context end (+ MTP's row) and every block its tables hold."""
+        return max(end + 1, self.bs * max(len(col) for t in tables for col in t.values()))
+
+    def stats(self) -> dict:
+        return {"backend": self.backend, "recorded": len(self.graphs),
+                "replays": sum(g.replays for g in self.graphs.values()),
+                "buckets": sorted(self.graphs)}
+
+    def run(self, ids: list[int], seq: list[int], positions: list[int], tables: list[dict], end: int) -> _Graph:
+        """One step: token ids, their sequence slots (0 .. len(tables) - 1) and positions; the
+        block tables of the slots' requests; the step's context end (checked by the model)."""
+        key = self.bucket(len(ids), self.rows(tables, end))
+        if key is None:
+            raise ValueError(f"a step of {len(ids)} tokens up to position {end} fits no graph bucket "
+                             f"(at most {self.max_tokens} tokens, {self.max_capacity} positions)")
+        if len(tables) >= self.slots:
+            raise ValueError(f"{len(tables)} sequences exceed the graphs' {self.slots - 1} slots")
+        N, C = key
+        g = self.graphs.get(key)
+        new = g is None
+        if new:
+            dev = self.device
+            g = _Graph(tokens=torch.zeros(3, N, dtype=torch.long, device=dev),
+                       live=torch.zeros(self.slots, dtype=torch.bool, device=dev),
+                       tables={name: torch.zeros(self.slots, C // self.bs + 1, dtype=torch.long, device=dev)
+                               for name in self.pools.groups}, capacity=C)
+        pad = N - len(ids)
+        g.tokens.copy_(torch.tensor([ids + [0] * pad, seq + [self.slots - 1] * pad, positions + [0] * pad]))
+        g.live.copy_(torch.arange(self.slots) < len(tables))
+        fill_tables(self.pools, tables, g.tables)
+        if new:
+            self._record(g, end)
+            self.graphs[key] = g
+        else:
+            self._replay(g)
+            g.replays += 1
+        return g
+
+    def cache(self, g: _Graph) -> PagedBatchCache:
+        """A fresh BatchCache over a bucket's buffers as this step filled them (for the eager MTP
+        draft forward that follows the step)."""
+        return PagedBatchCache.over(self.pools, g.tables, g.live)
+
+    # ---- recording -------------------------------------------------------------------------
+    def _forward(self, g: _Graph, end: int):
+        cache = PagedBatchCache.over(self.pools, g.tables, g.live)
+        batch = StaticBatch(g.tokens[1], g.tokens[2], g.capacity, self.slots - 1, cache, end)
+        X = self.model.forward_packed(g.tokens[0], batch)
+        return X, self.model.logits(X, self.model.head_weight()), cache.flags()
+
+    @torch.no_grad()
+    def _record(self, g: _Graph, end: int) -> None:
+        if self.backend == "cuda":
+            cur = torch.cuda.current_stream(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):  # warm-up: compiles kernels, settles the allocator
+                self._forward(g, end)
+            cur.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                g.X, g.logits, g.flags = self._forward(g, end)
+            g.recording = graph
+            graph.replay()  # capture records without computing: this step's results
+            return
+        rec = OpRecorder()
+        with rec:  # runs the step for real while recording it
+            outputs = self._forward(g, end)
+        g.recording = (rec, outputs)
+        g.X, g.logits, g.flags = outputs
+
+    def _replay(self, g: _Graph) -> None:
+        if self.backend == "cuda":
+            g.recording.replay()
+            return
+        rec, outputs = g.recording  # the buffers were refilled in place
+        g.X, g.logits, g.flags = rec.replay(outputs)
+
+
+def unsupported(model) -> str | None:
+    """Why a model's steps cannot be recorded (None: they can)."""
+    ops = model.ops
+    if not ops.capturable:
+        return f"op table {ops.name!r} is not capturable (its moe_experts reads expert ids on the host)"
+    for m in model.modules():
+        if hasattr(m, "stack_experts") and "_stacked" not in m.__dict__:
+            return "routed experts are not FP4 (the per-expert loop reads expert ids on the host)"
+    return None

@@ -1,0 +1,232 @@
+"""Recorded engine steps (engine/graphs.py) compute what eager steps compute.
+
+On the CPU the "trace" backend records each bucket's aten ops once and replays them without
+re-running Python, refusing host synchronisations as CUDA graph capture does: if any part of a
+step depended on host values of the step it was recorded in, later replays would give other
+tokens than the eager engine. On a GPU the same comparison runs with CUDA graphs.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from dayzero import LLM, SamplingParams
+from dayzero.cache.paged import CachePools, PagedBatchCache, fill_tables
+from dayzero.cache.spec import cache_groups
+from dayzero.engine.graphs import HostSync, OpRecorder, StepGraphs, unsupported
+from dayzero.ops import REF, ref
+from dayzero.reference.seqcache import Batch, StaticBatch
+from dayzero.testing import tiny_args
+
+
+def moe_all_experts(x, weights, ids, w1, s1, w3, s3, w2, s2, limit, h_act_sim=False):
+    """ref.moe_experts without its host loop over the experts present: every expert runs on
+    every token with weight 0 where not routed (recordable; same result up to summation order)."""
+    W1, W3, W2 = (ref.fp4_dequant(w, s).to(x.dtype) for w, s in ((w1, s1), (w3, s3), (w2, s2)))
+    h = ref.swiglu(torch.einsum("nd,eod->neo", x, W1), torch.einsum("nd,eod->neo", x, W3), limit)
+    routed = (weights[..., None] * (ids[..., None] == torch.arange(w1.shape[0], device=x.device))).sum(1)
+    h = (routed[..., None] * h).to(x.dtype)
+    if h_act_sim:
+        h = ref.fp8_act_sim(h, 128)
+    return torch.einsum("neo,edo->nd", h.float(), W2.float())
+
+
+RECORDABLE = dataclasses.replace(REF, name="ref-recordable", moe_experts=moe_all_experts, capturable=True)
+
+
+def engine(path, graphs: bool, **opts):
+    """fp32 without the quantisation simulation (as tests/engine do): a bucket's wider entry
+    lookups (masked) change fp32 summation order, which FP8 rounding could amplify into other
+    tokens; here any difference beyond rounding is a bug."""
+    llm = LLM(path, ops="ref", dtype="float32", numerics="transformers", **opts)
+    e = llm.engine
+    e.model.set_ops(RECORDABLE)
+    e.ops = RECORDABLE
+    if graphs:
+        e.use_graphs("trace")
+    return llm
+
+
+def prompts(seed=0, lengths=(5, 23, 40, 17, 33)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 500, (n,), generator=g).tolist() for n in lengths]
+
+
+class Oracle:
+    """Drafts the eager engine's next token: every step verifies a draft, so decode steps carry
+    two tokens per request (and some close compression windows on the draft's position)."""
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def __call__(self, streams, mtp, cache, reqs):
+        for r in reqs:
+            if r.num_computed == r.num_tokens - 1 and len(r.output_ids) + 2 <= r.params.max_tokens:
+                r.draft = self.answers[r.rid][len(r.output_ids)]
+
+
+def run(llm, ps, params, oracle=None):
+    e = llm.engine
+    if oracle is not None:
+        e._draft = oracle
+    reqs, pending, step = [], list(enumerate(ps)), 0
+    while pending or e.has_unfinished():  # two arrivals every other step: mixed prefill + decode
+        if pending and step % 2 == 0:
+            for _ in range(2):
+                if pending:
+                    i, p = pending.pop(0)
+                    reqs.append(e.add_request(f"r{i}", p, params))
+        e.step()
+        step += 1
+    return reqs
+
+
+@pytest.fixture(scope="module")
+def ckpt(make_ckpt):
+    return make_ckpt("flash", "fp8")
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, logprobs=2)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(max_num_batched_tokens=7, num_speculative_tokens=0),  # prefill chunks fit buckets too
+    dict(max_num_batched_tokens=64, max_num_seqs=3, num_speculative_tokens=1, speculative_min_acceptance=0.0),
+], ids=["chunk7", "mtp-verify"])
+def test_replayed_steps_give_the_eager_tokens(ckpt, opts):
+    eager = run(engine(ckpt, False, **opts), prompts(), GREEDY)
+    llm = engine(ckpt, True, **opts)
+    oracle = Oracle({r.rid: r.output_ids for r in eager}) if opts["num_speculative_tokens"] else None
+    got = run(llm, prompts(), GREEDY, oracle)
+    assert [r.output_ids for r in got] == [r.output_ids for r in eager]
+    for a, b in zip(got, eager):
+        for la, lb in zip(a.logprobs, b.logprobs):
+            assert la.keys() == lb.keys() and all(abs(la[k] - lb[k]) < 1e-4 for k in la)
+    stats = llm.engine.stats()
+    assert stats["graphs"]["recorded"] >= 3 and stats["graphs"]["replays"] > 2 * stats["graphs"]["recorded"]
+    if oracle is not None:
+        assert stats["mtp_accepted"] == stats["mtp_drafts"] > 10
+
+
+def test_builtin_model_replayed_with_its_own_mtp():
+    p = [SamplingParams(temperature=0.8, seed=s, max_tokens=24, ignore_eos=True) for s in range(3)]
+    ids = ["KING LEAR:\n", "ROMEO:\nBut soft", "First Citizen:\nBefore we proceed"]
+    opts = dict(num_speculative_tokens=1, speculative_min_acceptance=0.0, max_num_batched_tokens=32)
+    want = [o.token_ids for o in engine(None, False, **opts).generate(ids, p)]
+    llm = engine(None, True, **opts)
+    assert [o.token_ids for o in llm.generate(ids, p)] == want
+    stats = llm.engine.stats()
+    assert stats["mtp_accepted"] > 0 and stats["graphs"]["replays"] > 0
+
+
+def test_static_batch_closes_what_batch_closes():
+    """Every token pools the entry of its own window; only closing tokens write it for their
+    sequence (the others for the padding sequence), and those are Batch's closing entries."""
+    starts, lengths, r = [3, 14, 0], [2, 3, 1], 4
+    b = Batch(starts, lengths, cache=None, device=torch.device("cpu"))
+    pad = 7
+    s = StaticBatch(b.seq, b.positions, capacity=32, pad_seq=pad, cache=None, end=b.end)
+    for overlap in (False, True):
+        seq, ids, row_seq, row_pos, missing = s.closing(r, overlap)
+        closes = seq != pad
+        want = b.closing(r, overlap)
+        assert torch.equal(seq[closes], want[0]) and torch.equal(ids[closes], want[1])
+        span = 2 * r if overlap else r
+        assert torch.equal(row_pos.view(-1, span)[closes].flatten(), want[3])
+        assert torch.equal(missing[closes], want[4])
+        assert (row_seq.view(-1, span)[~closes] == pad).all()
+    assert s.entry_span(r) == 8 and b.entry_span(r) == 4
+    for a, c in zip(s.window(4, 1), b.window(4, 1)):
+        assert torch.equal(a, c)
+
+
+def test_block_tables_from_buffers_look_up_the_same_rows(ckpt):
+    args = tiny_args("flash")
+    groups = cache_groups(args, 16, with_mtp=False)
+    pools = CachePools(groups, {g.name: 12 for g in groups}, torch.float32, torch.device("cpu"))
+    tables = [{g.name: [None, 3, 5] for g in groups}, {g.name: [1] for g in groups}]
+    listed = PagedBatchCache(pools, tables, [0, 0], torch.device("cpu"))
+    bufs = {g.name: torch.full((4, 6), -7, dtype=torch.long) for g in groups}
+    fill_tables(pools, tables, bufs)
+    live = torch.tensor([True, True, False, False])
+    over = PagedBatchCache.over(pools, bufs, live)
+    seq = torch.tensor([[0], [1], [3]])
+    pos = torch.tensor([[20, 40, 47], [0, 15, 3], [0, 1, 2]])
+    valid = torch.ones_like(pos, dtype=torch.bool)
+    layer = next(g for g in groups if g.keep == "window").layers[0]
+    _, a = listed.locate_rows(layer, "kv", seq[:2], pos[:2], valid[:2])
+    _, b = over.locate_rows(layer, "kv", seq, pos, valid)
+    assert torch.equal(a, b[:2])
+    over.check()  # slot 3 (padding) looked up trash rows: not a fault
+    _, c = over.locate_rows(layer, "kv", torch.tensor([[0]]), torch.tensor([[5]]), torch.tensor([[True]]))
+    with pytest.raises(AssertionError, match="does not hold"):  # block 0 of slot 0 is not held
+        over.check()
+    with pytest.raises(ValueError, match="do not fit"):
+        fill_tables(pools, tables * 2, bufs)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: x.sum().item(), lambda x: bool(x[0] > 0), lambda x: x.tolist(), lambda x: x.numpy(),
+    lambda x: torch.nonzero(x), lambda x: x[x > 0], lambda x: x + torch.tensor([1.0, 2.0, 3.0]),
+    lambda x: x.unique(), lambda x: int(x.argmax()),
+], ids=["item", "bool", "tolist", "numpy", "nonzero", "mask", "upload", "unique", "int"])
+def test_recorder_refuses_host_syncs(fn):
+    with pytest.raises(HostSync):
+        with OpRecorder():
+            fn(torch.tensor([1.0, -2.0, 3.0]))
+    assert torch.Tensor.tolist is not None and torch.tensor([1]).tolist() == [1]  # restored
+
+
+def test_replay_runs_ops_not_python():
+    pool = torch.zeros(6)
+    x = torch.tensor([1.0, 2.0])
+    idx = torch.tensor([0, 1])
+    rec = OpRecorder()
+    with rec:
+        n = 10  # a host value: baked into the recording, as a graph would bake it
+        y = x * n + torch.arange(2)
+        pool[idx] = y  # writes a tensor the recording did not make: replays write it again
+    x.copy_(torch.tensor([5.0, 6.0]))
+    idx.copy_(torch.tensor([4, 5]))
+    out = rec.replay(y)
+    assert out.tolist() == [50.0, 61.0] and y.tolist() == [10.0, 21.0]
+    assert pool.tolist() == [10.0, 21.0, 0.0, 0.0, 50.0, 61.0]
+
+
+def test_what_cannot_be_recorded_says_why(make_ckpt, ckpt):
+    assert "not capturable" in unsupported(LLM(ckpt, ops="ref", dtype="float32").model)
+    dense = engine(make_ckpt("flash", "fp32"), False).engine  # dense experts: no grouped kernel
+    assert "not FP4" in unsupported(dense.model)
+    with pytest.raises(ValueError, match="not FP4"):
+        dense.use_graphs("trace")
+    plain = LLM(ckpt, dtype="float32").engine
+    assert plain.graphs is None and plain.stats()["graphs"] == {"off": "not a CUDA device"}
+    with pytest.raises(ValueError, match="enforce_eager"):
+        LLM(ckpt, enforce_eager="yes")
+
+
+def test_buckets_double_and_stop_at_the_context(ckpt):
+    e = engine(ckpt, True, max_num_seqs=5, num_speculative_tokens=1).engine
+    g = e.graphs
+    assert g.max_tokens == 16 and g.slots == 6  # 5 sequences x 2 tokens, rounded up
+    assert g.bucket(1, 1) == (1, 16) and g.bucket(3, 17) == (4, 32) and g.bucket(9, 100) == (16, 128)
+    assert g.bucket(17, 10) is None
+    top = g.max_capacity
+    assert top == 16 * -(-(e.args.max_seq_len + 2) // 16)
+    assert g.bucket(1, top) == (1, top) and g.bucket(1, 2 ** 20 + 1) == (1, top) and g.bucket(1, top + 1) is None
+    assert g.bucket(1, 2 ** 20) == (1, 2 ** 20)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graphs_give_the_eager_tokens(ckpt):
+    pytest.importorskip("triton")
+    opts = dict(device="cuda", ops="triton", dtype="float32", max_num_batched_tokens=16,
+                num_speculative_tokens=1, speculative_min_acceptance=0.0)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    want = [o.token_ids for o in LLM(ckpt, enforce_eager=True, **opts).generate(prompts(), params)]
+    llm = LLM(ckpt, **opts)
+    assert isinstance(llm.engine.graphs, StepGraphs) and llm.engine.graphs.backend == "cuda"
+    assert [o.token_ids for o in llm.generate(prompts(), params)] == want
+    stats = llm.engine.stats()["graphs"]
+    assert stats["recorded"] > 0 and stats["replays"] > stats["recorded"]
+
