@@ -14,7 +14,9 @@ Roofline: memory-bound scenarios (S1-S4, S6) use bytes that must move / the devi
 bandwidth measured in the same run; S5 uses FLOPs / the device's bf16 matmul rate measured in
 the same run. Decode caches are filled with random rows (no prefill needed to time a step at 1M).
 Baselines: the PyTorch twins (S1-S3), transformers' DeepseekV4ForCausalLM on Flash-shaped layers
-where it fits in memory (S4: 2 layers, B=1, 2K context, as in the issue's measurement).
+where it fits in memory (S4: 2 layers, B=1, 2K context, as in the issue's measurement). On CUDA
+with a capturable op table S4 times the step replayed from a CUDA graph, as the engine runs
+decode steps, with the same step run eagerly as its baseline.
 Sizes: "flash" (real per-layer shapes, for GPUs) or "small" (same structure, CPU-sized).
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from dayzero.engine.graphs import unsupported
 from dayzero.ops import OpTable, for_device
 from dayzero.scenarios import (FilledCache, commit, decode_bytes, decode_step, engine_long_context, peaks,
                                prefill_flops, s1_moe, s2_attention, s3_indexer, timeit, transformers_decode,
@@ -98,11 +101,17 @@ def run(size: str | None = None, device=None, choice: str | None = None, scenari
         args = flash_slice(layer_types=cfg["layers"], n_routed_experts=cfg["experts"]).replace(**cfg.get("slice", {}))
         model = _prepared(random_model(args, device=device), table)
         shape = f"{len(args.layer_types)}-layer Flash slice {'/'.join(args.layer_types)}, {cfg['experts']} experts"
+        graphs = device.type == "cuda" and unsupported(model) is None  # as the engine replays decode steps
         if "S4" in scenarios:
             for c in cfg["contexts"]:
                 for b in cfg["batches"]:
                     t, nbytes = decode_step(model, b, c, device)
-                    add(dict(scenario="S4 decode step", batch=b, context=c, bytes=nbytes, time_s=t, shape=shape))
+                    rec = dict(scenario="S4 decode step", batch=b, context=c, bytes=nbytes, time_s=t, shape=shape,
+                               graphs=False)
+                    if graphs:  # the replayed step, with the eager one beside it
+                        rec.update(time_s=decode_step(model, b, c, device, graphs="cuda")[0], graphs=True,
+                                   baseline_name="same step, eager (no CUDA graph)", baseline_time_s=t)
+                    add(rec)
         if "S5" in scenarios:
             from dayzero.reference.seqcache import Batch
             n = cfg["prefill"]
@@ -135,8 +144,8 @@ def run(size: str | None = None, device=None, choice: str | None = None, scenari
                 **cfg.get("slice", {}))
             hf_t = transformers_decode(args2, device, ctx)
             ours = _prepared(random_model(args2, device=device), table)
-            t, nbytes = decode_step(ours, 1, ctx, device)
-            add(dict(scenario="S4 vs transformers", batch=1, context=ctx, bytes=nbytes, time_s=t,
+            t, nbytes = decode_step(ours, 1, ctx, device, graphs="cuda" if graphs else None)
+            add(dict(scenario="S4 vs transformers", batch=1, context=ctx, bytes=nbytes, time_s=t, graphs=graphs,
                      baseline_name="transformers DeepseekV4ForCausalLM, bf16, same 2 layers"
                      + ("" if hf_t is not None else " (did not fit / not installed)"),
                      baseline_time_s=hf_t, shape=f"2-layer Flash slice {'/'.join(args2.layer_types)}"))

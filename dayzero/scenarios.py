@@ -157,6 +157,7 @@ class FilledCache:
         for tensor in self.pools.tensors.values():
             tensor.normal_(generator=g)
         self.cache = PagedBatchCache(self.pools, tables, [0] * batch, device)
+        self.tables, self.block_size, self.end = tables, bs, end
         self.bytes = self.pools.nbytes()
 
 
@@ -195,16 +196,28 @@ def decode_bytes(model, batch: int, context: int) -> int:
     return _layer_bytes(model, batch) + _kv_bytes(model, batch, context)
 
 
-def decode_step(model, batch: int, context: int, device) -> tuple[float, int]:
+def decode_step(model, batch: int, context: int, device, graphs: str | None = None) -> tuple[float, int]:
+    """Seconds per decode step of `batch` sequences at `context` (one token each, logits
+    included) and the bytes it must move. graphs="cuda" ("trace" on a CPU): the step replayed
+    from a recorded graph as the engine replays it, its per-step buffer uploads included
+    (engine/graphs.py)."""
     from dayzero.reference.seqcache import Batch
     filled = FilledCache(model, batch, context, device)
     ids = torch.randint(0, model.args.vocab_size, (batch,), device=device)
 
-    def step():
-        with torch.no_grad():
-            b = Batch([context] * batch, [1] * batch, filled.cache, device)
-            X = model.forward_packed(ids, b)
-            return model.logits(X, model.head_weight())
+    if graphs:
+        from dayzero.engine.graphs import StepGraphs
+        g = StepGraphs(model, filled.pools, batch, batch, filled.block_size, model.args.max_seq_len, device, graphs)
+        host_ids = ids.tolist()
+
+        def step():
+            return g.run(host_ids, list(range(batch)), [context] * batch, filled.tables, filled.end).logits
+    else:
+        def step():
+            with torch.no_grad():
+                b = Batch([context] * batch, [1] * batch, filled.cache, device)
+                X = model.forward_packed(ids, b)
+                return model.logits(X, model.head_weight())
 
     t = timeit(step, device)
     return t, decode_bytes(model, batch, context)
@@ -233,19 +246,21 @@ def engine_long_context(model, device, tokens: int, chunk: int, short: int, deco
 
     def run(n: int, rid: str) -> tuple[float, float]:
         prompt = torch.randint(2, args.vocab_size, (n,), generator=gen).tolist()
-        eng.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=decode_steps + 1, ignore_eos=True))
+        eng.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=decode_steps + 2, ignore_eos=True))
         req = eng.requests[rid]
         sync(device)
         t0 = time.perf_counter()
         while not req.output_ids:  # the prefill chunks; the last one samples the first token
             eng.step()
         sync(device)
+        t_pre = time.perf_counter() - t0
+        eng.step()  # untimed: on a GPU the first decode step at this context records its graph
         t1 = time.perf_counter()
         while not req.finished:  # each step: one decode token (logits to the host: synchronous)
             eng.step()
         t2 = time.perf_counter()
         eng.release(rid)
-        return t1 - t0, (t2 - t1) / decode_steps
+        return t_pre, (t2 - t1) / decode_steps
 
     run(min(short, chunk), "warm-up")
     prefill, long_step = run(tokens, "long")

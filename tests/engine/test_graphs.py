@@ -230,3 +230,24 @@ def test_cuda_graphs_give_the_eager_tokens(ckpt):
     stats = llm.engine.stats()["graphs"]
     assert stats["recorded"] > 0 and stats["replays"] > stats["recorded"]
 
+
+def test_bench_decode_step_replays_over_a_filled_cache():
+    """S4's graphed decode step (scenarios.decode_step(graphs=...)) over the bench's synthetic
+    cache: replays with new token ids give the eager step's logits."""
+    from dayzero import bench, scenarios
+    from dayzero.synthetic import flash_slice, random_model
+    cpu = torch.device("cpu")
+    args = flash_slice(layer_types=("csa", "hca"), n_routed_experts=8).replace(**bench.SIZES["tiny"]["slice"])
+    model = random_model(args, compute_dtype=torch.float32, numerics="transformers")
+    model.set_ops(RECORDABLE)
+    filled = scenarios.FilledCache(model, 2, 300, cpu)
+    g = StepGraphs(model, filled.pools, 2, 2, filled.block_size, args.max_seq_len, cpu, "trace")
+    for ids in ([5, 7], [9, 3], [5, 7]):
+        got = g.run(ids, [0, 1], [300, 300], filled.tables, filled.end).logits.clone()
+        with torch.no_grad():
+            X = model.forward_packed(torch.tensor(ids), Batch([300, 300], [1, 1], filled.cache, cpu))
+            want = model.logits(X, model.head_weight())
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert g.stats()["recorded"] == 1 and g.stats()["replays"] == 2
+    t, nbytes = scenarios.decode_step(model, 2, 300, cpu, graphs="trace")
+    assert t > 0 and nbytes > 0
