@@ -2,10 +2,13 @@
 
 1. Ops: every op of the device's table against its PyTorch twin on the CPU, on the shared cases
    (dayzero/ops/cases.py), fp32 and bf16; error relative to the reference output's max |value|.
-2. End to end: the engine on the device vs the CPU reference model in fp32 on the same weights,
+2. End to end: the model on the device vs the CPU reference model in fp32 on the same weights,
    for the built-in model and a V4-Flash-shaped slice with random official-format weights:
    top-1 agreement and KL(reference || device) of next-token distributions over a prompt that
    crosses every compression boundary, max logit error, and greedy agreement of a continuation.
+3. The engine as `serve` runs it on the device (paged cache, chunked prefill, continuous batching,
+   MTP drafts, CUDA graphs where the device has them), greedy on the built-in model: every token it
+   emits must be the reference's top-1 given the same prefix or a near tie.
 Prints a report card and writes JSON. Exit status 1 if anything fails.
 """
 from __future__ import annotations
@@ -128,6 +131,33 @@ def check_flash_slice(device: torch.device, choice: str | None, numerics: str, e
                 **_model_metrics(ref_model, dev_model, prompt, device, new_tokens))
 
 
+def check_engine(device: torch.device, choice: str | None, numerics: str, new_tokens: int = 24) -> dict:
+    """Greedy continuations of three prompts from the engine on the device (batched together,
+    prefilled in 32-token chunks), each scored by the CPU fp32 reference over the prompt and the
+    engine's own tokens: top-1 agreement along that trajectory and the worst flip."""
+    from dayzero import LLM, SamplingParams
+    from dayzero.builtin import builtin_path
+    from dayzero.loader.model_io import load_model
+    llm = LLM(device=device, ops=choice, numerics=numerics, max_num_batched_tokens=32)
+    ref_model = load_model(builtin_path(), numerics=numerics, dtype=torch.float32, device="cpu", progress=False)
+    texts = ["KING LEAR:\nAttend the lords of France and Burgundy, Gloucester.\n",
+             "ROMEO:\nBut, soft! what light through yonder window breaks?\n", "First Citizen:\n"]
+    outs = llm.generate(texts, SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True))
+    agree, worst = [], 0.0
+    for o in outs:
+        seq = list(o.prompt_token_ids) + list(o.token_ids)
+        with torch.no_grad():
+            logits = ref_model(torch.tensor([seq]))[0, len(o.prompt_token_ids) - 1:-1].float()
+        tok = torch.tensor(o.token_ids)[:, None]
+        agree += (logits.argmax(-1) == tok[:, 0]).tolist()
+        span = (logits.amax(-1) - logits.amin(-1)).clamp(min=1e-30)
+        worst = max(worst, float(((logits.amax(-1) - logits.gather(-1, tok)[:, 0]) / span).max()))
+    stats = llm.engine.stats()
+    return dict(model="engine (builtin, greedy, 3 prompts batched)", kind="engine", tokens=len(agree),
+                top1_agreement=sum(agree) / len(agree), worst_flip=worst, graphs=stats["graphs"],
+                mtp_acceptance=stats["mtp_acceptance"], passed=worst <= TIE)
+
+
 def run(device: str | torch.device | None = None, choice: str | None = None, numerics: str = "official",
         slice_experts: int | None = None, out: str | None = None, skip_models: bool = False,
         sizes: tuple[str, ...] | None = None, table: OpTable | None = None) -> dict:
@@ -144,6 +174,7 @@ def run(device: str | torch.device | None = None, choice: str | None = None, num
     report["models"] = []
     if not skip_models:
         report["models"].append(check_builtin(device, choice, numerics))
+        report["models"].append(check_engine(device, choice, numerics))
         experts = slice_experts or (256 if device.type == "cuda" else 16)
         report["models"].append(check_flash_slice(device, choice, numerics, experts))
     report["passed"] = all(r["passed"] for r in report["ops"] + report["models"])
@@ -171,6 +202,13 @@ def card(report: dict) -> str:
         lines.append(f"{r['op']:22s} {r['size']:6s} {r['dtype']:9s} {r['impl']:7s} {r['rel_error']:10.2e} "
                      f"{r['tolerance']:8.1e}  {'PASS' if r['passed'] else 'FAIL'}")
     for m in report["models"]:
+        if m.get("kind") == "engine":
+            graphs = m["graphs"]
+            used = (f"{graphs['recorded']} graphs recorded, {graphs['replays']} replays" if "recorded" in graphs
+                    else f"no graphs ({graphs['off']})")
+            lines += ["", f"{m['model']}: {m['tokens']} tokens, top-1 agreement {m['top1_agreement']:.3f}, worst "
+                          f"flip {m['worst_flip']:.3f} (<= {TIE}), {used}: {'PASS' if m['passed'] else 'FAIL'}"]
+            continue
         lines += ["", f"{m['model']}: {m['positions']} positions: top-1 agreement {m['top1_agreement']:.3f}, "
                       f"worst flip {m['worst_flip']:.3f} of the logit range (<= {TIE}), KL mean {m['kl_mean']:.2e} (<= {MAX_KL}) max {m['kl_max']:.2e}, max "
                       f"logit error {m['max_logit_error']:.2e}, greedy identical for "

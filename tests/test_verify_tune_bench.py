@@ -48,6 +48,13 @@ def test_verify_end_to_end_on_the_builtin_model():
     assert m["passed"] and m["kl_mean"] < 1e-6 and m["greedy_identical_prefix"] == 4
 
 
+def test_verify_checks_the_engine_against_the_reference():
+    m = verify.check_engine(torch.device("cpu"), "ref", "official", new_tokens=8)
+    assert m["passed"] and m["tokens"] == 24 and m["top1_agreement"] == 1.0 and m["worst_flip"] == 0.0
+    assert m["graphs"] == {"off": "not a CUDA device"} and "engine" in verify.card(dict(
+        device="cpu", device_type="cpu", ops_table="ref", numerics="official", ops=[], models=[m], passed=True))
+
+
 def test_tune_writes_a_table_the_kernels_read(tmp_path, monkeypatch):
     pytest.importorskip("triton", reason="no Triton wheel for this platform")
     from dayzero.ops.triton import tuning
