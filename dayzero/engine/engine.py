@@ -8,6 +8,7 @@ prefix cache. Nothing a request sees depends on what else is in the batch.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from dayzero.cache.manager import KVCacheManager
 from dayzero.cache.paged import CachePools, PagedBatchCache, check_flags
 from dayzero.cache.spec import cache_groups, fixed_bytes_per_sequence
-from dayzero.engine.graphs import StepGraphs, unsupported
+from dayzero.engine.graphs import RecordingFailed, StepGraphs, unsupported
 from dayzero.engine.request import Request, Status
 from dayzero.engine.sampling import SamplingParams, sample, token_logprobs, verify_draft
 from dayzero.engine.scheduler import Scheduled, Scheduler
@@ -251,11 +252,16 @@ class Engine:
         end = max(a + n for a, n in zip(starts, lengths))
         g = self.graphs
         if g is not None and not any(protect) and g.bucket(len(ids), g.rows(tables, end)) is not None:
-            run = g.run(ids, [b for b, n in enumerate(lengths) for _ in range(n)],
-                        [p for a, n in zip(starts, lengths) for p in range(a, a + n)], tables, end)
-            logits = run.logits[want].float().cpu() if want else None
-            check_flags(run.flags)  # after the step's one synchronisation
-            return run.X, logits, g.cache(run)
+            try:
+                run = g.run(ids, [b for b, n in enumerate(lengths) for _ in range(n)],
+                            [p for a, n in zip(starts, lengths) for p in range(a, a + n)], tables, end)
+            except RecordingFailed as e:  # the engine stays correct: this step and the rest run eagerly
+                self.graphs, self.graphs_off = None, f"recording failed: {e}"
+                print(f"dayzero: CUDA graphs off, {self.graphs_off}", file=sys.stderr)
+            else:
+                logits = run.logits[want].float().cpu() if want else None
+                check_flags(run.flags)  # after the step's one synchronisation
+                return run.X, logits, g.cache(run)
         cache = PagedBatchCache(self.pools, tables, protect, self.device)
         X = self.model.forward_packed(torch.tensor(ids, device=self.device), Batch(starts, lengths, cache, self.device))
         logits = self.model.logits(X[want], self.model.head_weight()).float().cpu() if want else None

@@ -47,6 +47,10 @@ _SYNCING = {_aten._local_scalar_dense.default, _aten.nonzero.default, _aten._uni
 _MASKABLE = {_aten.index.Tensor, _aten.index_put_.default, _aten.index_put.default}
 
 
+class RecordingFailed(RuntimeError):
+    """A bucket's CUDA graph could not be captured (the step ran, eagerly, in its warm-up)."""
+
+
 class HostSync(RuntimeError):
     """A recorded step would read device data on the host, size a tensor from it, or bake host
     values into the recording."""
@@ -189,7 +193,12 @@ class StepGraphs:
         g.live.copy_(torch.arange(self.slots) < len(tables))
         fill_tables(self.pools, tables, g.tables)
         if new:
-            self._record(g, end)
+            try:
+                self._record(g, end)
+            except Exception as e:
+                if self.backend != "cuda":
+                    raise
+                raise RecordingFailed(f"bucket {key}: {type(e).__name__}: {e}") from e
             self.graphs[key] = g
         else:
             self._replay(g)

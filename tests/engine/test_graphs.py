@@ -205,6 +205,23 @@ def test_what_cannot_be_recorded_says_why(make_ckpt, ckpt):
         LLM(ckpt, enforce_eager="yes")
 
 
+def test_a_failed_capture_leaves_the_engine_eager(ckpt, capsys):
+    """On a GPU a capture that fails turns graphs off for the engine and runs the step eagerly."""
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    want = [o.token_ids for o in engine(ckpt, False).generate(prompts()[:2], params)]
+    llm = engine(ckpt, True)
+    g = llm.engine.graphs
+    g.backend = "cuda"  # as a CUDA device would report it
+
+    def fail(*_):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    g._record = fail
+    assert [o.token_ids for o in llm.generate(prompts()[:2], params)] == want
+    off = llm.engine.stats()["graphs"]["off"]
+    assert off.startswith("recording failed") and "not permitted" in off and llm.engine.graphs is None
+    assert "CUDA graphs off" in capsys.readouterr().err
+
+
 def test_buckets_double_and_stop_at_the_context(ckpt):
     e = engine(ckpt, True, max_num_seqs=5, num_speculative_tokens=1).engine
     g = e.graphs
