@@ -13,10 +13,12 @@ that changes from device buffers and must not synchronise with the host:
 - the op table must be `capturable` (Triton's is; the twins' moe_experts reads the expert ids
   back to the host) and the routed experts stacked for the grouped kernel.
 
-Buckets: N = 1, 2, 4, ... up to `max_tokens` (the decode batch: max_num_seqs tokens, twice with MTP
-drafts); C = block_size * 2^j covering the step's rows and block tables, at most the model's
-context rounded up to a block (so a 1M-token context records C = 1M + one block, not 2M). A bucket is recorded the first time a step needs it
-(the first step of each size pays the capture); every bucket shares one memory pool. A step runs
+Buckets, four per octave (`bucket_size`: 1, 2, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, ...), so padding
+costs at most a quarter: N token slots up to `max_tokens` (the decode batch: max_num_seqs tokens,
+twice with MTP drafts); C = block_size * that many blocks, covering the step's rows and block
+tables, at most the model's context rounded up to a block (a 1M-token context records C = 1M +
+one block). A bucket is recorded the first time a step needs it (the first step of each size pays
+the capture); every bucket shares one memory pool. A step runs
 eagerly when it has more tokens than the largest bucket (prefill chunks), when it writes below a
 prefix-cache hit (the protected prefix needs a host-side filter), or when graphs are off.
 
@@ -114,8 +116,12 @@ def _refuse(name):
     return refuse
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+def bucket_size(n: int) -> int:
+    """The smallest of 1, 2, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, ... (four steps per octave) >= n."""
+    if n <= 4:
+        return 1 << max(n - 1, 0).bit_length()
+    step = 1 << ((n - 1).bit_length() - 3)
+    return -(-n // step) * step
 
 
 @dataclass
@@ -148,7 +154,7 @@ class StepGraphs:
             raise ValueError(f"this model's steps cannot be recorded: {reason}")
         self.model, self.pools, self.device, self.backend = model, pools, torch.device(device), backend
         self.slots = max_seqs + 1  # one table row per request slot, the last for padding
-        self.max_tokens, self.bs = _pow2(max_tokens), block_size
+        self.max_tokens, self.bs = bucket_size(max_tokens), block_size
         self.max_capacity = block_size * math.ceil((max_len + 2) / block_size)  # + MTP's row past the end
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if backend == "cuda" else None
@@ -159,7 +165,7 @@ class StepGraphs:
         holds it."""
         if n_tokens > self.max_tokens or rows > self.max_capacity:
             return None
-        return _pow2(n_tokens), min(self.bs * _pow2(math.ceil(rows / self.bs)), self.max_capacity)
+        return bucket_size(n_tokens), min(self.bs * bucket_size(math.ceil(rows / self.bs)), self.max_capacity)
 
     def rows(self, tables: list[dict], end: int) -> int:
         """Positions a step addresses: its context end (+ MTP's row) and every block its tables hold."""

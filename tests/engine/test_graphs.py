@@ -13,7 +13,7 @@ import torch
 from dayzero import LLM, SamplingParams
 from dayzero.cache.paged import CachePools, PagedBatchCache, fill_tables
 from dayzero.cache.spec import cache_groups
-from dayzero.engine.graphs import HostSync, OpRecorder, StepGraphs, unsupported
+from dayzero.engine.graphs import HostSync, OpRecorder, StepGraphs, bucket_size, unsupported
 from dayzero.ops import REF, ref
 from dayzero.reference.seqcache import Batch, StaticBatch
 from dayzero.testing import tiny_args
@@ -103,7 +103,7 @@ def test_replayed_steps_give_the_eager_tokens(ckpt, opts):
         for la, lb in zip(a.logprobs, b.logprobs):
             assert la.keys() == lb.keys() and all(abs(la[k] - lb[k]) < 1e-4 for k in la)
     stats = llm.engine.stats()
-    assert stats["graphs"]["recorded"] >= 3 and stats["graphs"]["replays"] > 2 * stats["graphs"]["recorded"]
+    assert stats["graphs"]["replays"] >= stats["graphs"]["recorded"] >= 3
     if oracle is not None:
         assert stats["mtp_accepted"] == stats["mtp_drafts"] > 10
 
@@ -222,16 +222,20 @@ def test_a_failed_capture_leaves_the_engine_eager(ckpt, capsys):
     assert "CUDA graphs off" in capsys.readouterr().err
 
 
-def test_buckets_double_and_stop_at_the_context(ckpt):
+def test_buckets_pad_by_at_most_a_quarter_and_stop_at_the_context(ckpt):
+    assert [bucket_size(n) for n in range(1, 18)] == [1, 2, 4, 4, 5, 6, 7, 8, 10, 10, 12, 12, 14, 14, 16, 16, 20]
+    for n in range(5, 5000):
+        assert n <= bucket_size(n) <= 1.25 * n
+    assert len({bucket_size(n) for n in range(1, 2 ** 13 + 1)}) == 3 + 4 * 11  # four per octave
     e = engine(ckpt, True, max_num_seqs=5, num_speculative_tokens=1).engine
     g = e.graphs
-    assert g.max_tokens == 16 and g.slots == 6  # 5 sequences x 2 tokens, rounded up
-    assert g.bucket(1, 1) == (1, 16) and g.bucket(3, 17) == (4, 32) and g.bucket(9, 100) == (16, 128)
-    assert g.bucket(17, 10) is None
+    assert g.max_tokens == 10 and g.slots == 6  # 5 sequences x 2 tokens
+    assert g.bucket(1, 1) == (1, 16) and g.bucket(3, 17) == (4, 32) and g.bucket(9, 100) == (10, 112)
+    assert g.bucket(11, 10) is None
     top = g.max_capacity
     assert top == 16 * -(-(e.args.max_seq_len + 2) // 16)
     assert g.bucket(1, top) == (1, top) and g.bucket(1, 2 ** 20 + 1) == (1, top) and g.bucket(1, top + 1) is None
-    assert g.bucket(1, 2 ** 20) == (1, 2 ** 20)
+    assert g.bucket(1, 2 ** 20) == (1, 2 ** 20) and g.bucket(1, 2 ** 19 + 1) == (1, 5 * 2 ** 17)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
