@@ -227,41 +227,51 @@ class Engine:
                 r.num_computed += s.num_new
             else:
                 self._sample(r, s, logits, rows, off + n - 1)
-            self.kv.commit(r.rid, r.num_computed, r.all_ids)
-            if r.finished:
-                self.scheduler.finish(r, r.finish_reason)
-            elif self.spec_enabled and r.num_computed > old:
+            if not r.finished and self.spec_enabled and r.num_computed > old:
                 k = r.num_computed - old  # MTP: positions old..num_computed-1 with the tokens after them
                 for lst, v in zip(mtp, (b, old, k)):
                     lst.append(v)
                 mtp[3].extend(range(off, off + k))
                 mtp[4].extend(r.all_ids[old + 1:old + 1 + k])
             touched.append(r)
-        if mtp[0]:
+        if mtp[0]:  # before the commits: the drafts read the step's block tables
             self._draft(X[mtp[3]], mtp, cache, reqs)
+        for r in reqs:
+            self.kv.commit(r.rid, r.num_computed, r.all_ids)
+            if r.finished:
+                self.scheduler.finish(r, r.finish_reason)
         return touched
 
+    def _replayed(self, ids, seq, positions, tables, end, streams=None):
+        """The step (or MTP draft forward) replayed from its recorded graph; None where graphs
+        are off or no bucket holds it. A capture that fails turns graphs off for good (the step
+        then runs eagerly: its warm-up's writes are what the eager step writes again)."""
+        g = self.graphs
+        if g is None or g.bucket(len(ids), g.rows(tables, end)) is None:
+            return None
+        try:
+            return g.run(ids, seq, positions, tables, end, streams)
+        except RecordingFailed as e:
+            self.graphs, self.graphs_off = None, f"recording failed: {e}"
+            print(f"dayzero: CUDA graphs off, {self.graphs_off}", file=sys.stderr)
+            return None
+
     def _forward(self, ids: list[int], starts: list[int], lengths: list[int], reqs: list[Request],
-                 want: list[int]) -> tuple[torch.Tensor, torch.Tensor | None, PagedBatchCache]:
+                 want: list[int]) -> tuple[torch.Tensor, torch.Tensor | None, PagedBatchCache | None]:
         """The step's forward: final streams of every row, fp32 logits of the `want` rows on the
-        host, and the step's cache (the MTP draft reads it). Replayed from a recorded graph when
-        one holds the step, else eager."""
+        host, and the step's cache for the MTP draft (None: the step was replayed from a recorded
+        graph, and so is the draft where a bucket holds it)."""
         tables = [self.kv.table(r.rid) for r in reqs]
         # every write of a step is at or after its start: protection matters only below it
         protect = [r.protect if r.protect > r.num_computed else 0 for r in reqs]
         end = max(a + n for a, n in zip(starts, lengths))
-        g = self.graphs
-        if g is not None and not any(protect) and g.bucket(len(ids), g.rows(tables, end)) is not None:
-            try:
-                run = g.run(ids, [b for b, n in enumerate(lengths) for _ in range(n)],
-                            [p for a, n in zip(starts, lengths) for p in range(a, a + n)], tables, end)
-            except RecordingFailed as e:  # the engine stays correct: this step and the rest run eagerly
-                self.graphs, self.graphs_off = None, f"recording failed: {e}"
-                print(f"dayzero: CUDA graphs off, {self.graphs_off}", file=sys.stderr)
-            else:
+        if not any(protect):
+            run = self._replayed(ids, [b for b, n in enumerate(lengths) for _ in range(n)],
+                                 [p for a, n in zip(starts, lengths) for p in range(a, a + n)], tables, end)
+            if run is not None:
                 logits = run.logits[want].float().cpu() if want else None
                 check_flags(run.flags)  # after the step's one synchronisation
-                return run.X, logits, g.cache(run)
+                return run.X, logits, None
         cache = PagedBatchCache(self.pools, tables, protect, self.device)
         X = self.model.forward_packed(torch.tensor(ids, device=self.device), Batch(starts, lengths, cache, self.device))
         logits = self.model.logits(X[want], self.model.head_weight()).float().cpu() if want else None
@@ -313,15 +323,25 @@ class Engine:
             if self.tokenizer is not None:
                 r.text = self.tokenizer.decode(r.output_ids)
 
-    def _draft(self, streams, mtp, cache: PagedBatchCache, reqs: list[Request]) -> None:
+    def _draft(self, streams, mtp, cache: PagedBatchCache | None, reqs: list[Request]) -> None:
         seqs, starts, lengths, _, next_ids = mtp
-        batch = Batch(starts, lengths, cache, self.device, ids=seqs)  # the step's cache, some of its requests
-        ids = torch.tensor(next_ids, device=self.device)
-        mtp_block = self.model.mtp[0]
-        X = mtp_block(streams, self.model.embed_tokens(ids), batch, ids)
         ends = torch.tensor(lengths).cumsum(0) - 1
-        logits = mtp_block.logits(X[ends.to(self.device)], self.model.head_weight()).float().cpu()
-        cache.check()
+        tables = [self.kv.table(r.rid) for r in reqs]  # not committed yet: the step's tables
+        run = None if cache is not None else self._replayed(
+            next_ids, [b for b, n in zip(seqs, lengths) for _ in range(n)],
+            [p for a, n in zip(starts, lengths) for p in range(a, a + n)], tables,
+            max(a + n for a, n in zip(starts, lengths)), streams)
+        if run is not None:
+            logits = run.logits[ends.to(self.device)].float().cpu()
+            check_flags(run.flags)
+        else:
+            cache = cache or PagedBatchCache(self.pools, tables, [0] * len(reqs), self.device)
+            batch = Batch(starts, lengths, cache, self.device, ids=seqs)  # the step's cache, some of its requests
+            ids = torch.tensor(next_ids, device=self.device)
+            mtp_block = self.model.mtp[0]
+            X = mtp_block(streams, self.model.embed_tokens(ids), batch, ids)
+            logits = mtp_block.logits(X[ends.to(self.device)], self.model.head_weight()).float().cpu()
+            cache.check()
         for b, lg in zip(seqs, logits):
             r = reqs[b]
             # a draft only for decoding requests, where a step can still take two tokens

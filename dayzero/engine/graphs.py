@@ -20,7 +20,9 @@ tables, at most the model's context rounded up to a block (a 1M-token context re
 one block). A bucket is recorded the first time a step needs it (the first step of each size pays
 the capture); every bucket shares one memory pool. A step runs
 eagerly when it has more tokens than the largest bucket (prefill chunks), when it writes below a
-prefix-cache hit (the protected prefix needs a host-side filter), or when graphs are off.
+prefix-cache hit (the protected prefix needs a host-side filter), or when graphs are off. The MTP
+block's forward after a replayed step is recorded the same way, in buckets of its own (its input
+streams, the step's final streams at the drafted positions, are one more buffer).
 
 Backends: "cuda" (torch.cuda.CUDAGraph; warm-up on a side stream, capture, replay), and "trace"
 (`OpRecorder`: the step's aten ops recorded once, with their arguments, and replayed op by op,
@@ -131,6 +133,7 @@ class _Graph:
     live: torch.Tensor  # [S] bool: slots holding a request this step
     tables: dict[str, torch.Tensor]  # [S, C / block_size + 1] first flat rows per group
     capacity: int
+    streams: torch.Tensor | None = None  # [N, hc, dim]: the MTP forward's input (None: a model step)
     recording: object = None
     X: torch.Tensor | None = None  # [N, hc, dim] final streams
     logits: torch.Tensor | None = None  # [N, vocab] fp32
@@ -139,7 +142,8 @@ class _Graph:
 
 
 class StepGraphs:
-    """Recorded forward + LM head of engine steps, per bucket (token slots, context capacity).
+    """Recorded forward + LM head of engine steps (and of the MTP drafts after them), per bucket
+    (token slots, context capacity).
     `run` fills a bucket's buffers, records it the first time, replays it otherwise, and returns
     the bucket (X, logits and flags hold this step's results until the next `run`)."""
 
@@ -156,7 +160,7 @@ class StepGraphs:
         self.slots = max_seqs + 1  # one table row per request slot, the last for padding
         self.max_tokens, self.bs = bucket_size(max_tokens), block_size
         self.max_capacity = block_size * math.ceil((max_len + 2) / block_size)  # + MTP's row past the end
-        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.graphs: dict[tuple[str, int, int], _Graph] = {}  # ("step" | "mtp", N, C)
         self._pool = torch.cuda.graph_pool_handle() if backend == "cuda" else None
 
     def bucket(self, n_tokens: int, rows: int) -> tuple[int, int] | None:
@@ -176,16 +180,20 @@ class StepGraphs:
                 "replays": sum(g.replays for g in self.graphs.values()),
                 "buckets": sorted(self.graphs)}
 
-    def run(self, ids: list[int], seq: list[int], positions: list[int], tables: list[dict], end: int) -> _Graph:
+    def run(self, ids: list[int], seq: list[int], positions: list[int], tables: list[dict], end: int,
+            streams: torch.Tensor | None = None) -> _Graph:
         """One step: token ids, their sequence slots (0 .. len(tables) - 1) and positions; the
-        block tables of the slots' requests; the step's context end (checked by the model)."""
-        key = self.bucket(len(ids), self.rows(tables, end))
-        if key is None:
+        block tables of the slots' requests; the step's context end (checked by the model).
+        With `streams` ([n, hc, dim], the model's final streams at those positions; ids: the
+        tokens after them) the MTP block's forward + head instead of the model's."""
+        size = self.bucket(len(ids), self.rows(tables, end))
+        if size is None:
             raise ValueError(f"a step of {len(ids)} tokens up to position {end} fits no graph bucket "
                              f"(at most {self.max_tokens} tokens, {self.max_capacity} positions)")
         if len(tables) >= self.slots:
             raise ValueError(f"{len(tables)} sequences exceed the graphs' {self.slots - 1} slots")
-        N, C = key
+        N, C = size
+        key = ("step" if streams is None else "mtp", N, C)
         g = self.graphs.get(key)
         new = g is None
         if new:
@@ -193,8 +201,12 @@ class StepGraphs:
             g = _Graph(tokens=torch.zeros(3, N, dtype=torch.long, device=dev),
                        live=torch.zeros(self.slots, dtype=torch.bool, device=dev),
                        tables={name: torch.zeros(self.slots, C // self.bs + 1, dtype=torch.long, device=dev)
-                               for name in self.pools.groups}, capacity=C)
+                               for name in self.pools.groups}, capacity=C,
+                       streams=None if streams is None else streams.new_zeros((N, *streams.shape[1:])))
         pad = N - len(ids)
+        if streams is not None:
+            g.streams[:len(ids)].copy_(streams)
+            g.streams[len(ids):].zero_()
         g.tokens.copy_(torch.tensor([ids + [0] * pad, seq + [self.slots - 1] * pad, positions + [0] * pad]))
         g.live.copy_(torch.arange(self.slots) < len(tables))
         fill_tables(self.pools, tables, g.tables)
@@ -211,17 +223,17 @@ class StepGraphs:
             g.replays += 1
         return g
 
-    def cache(self, g: _Graph) -> PagedBatchCache:
-        """A fresh BatchCache over a bucket's buffers as this step filled them (for the eager MTP
-        draft forward that follows the step)."""
-        return PagedBatchCache.over(self.pools, g.tables, g.live)
-
     # ---- recording -------------------------------------------------------------------------
     def _forward(self, g: _Graph, end: int):
         cache = PagedBatchCache.over(self.pools, g.tables, g.live)
         batch = StaticBatch(g.tokens[1], g.tokens[2], g.capacity, self.slots - 1, cache, end)
-        X = self.model.forward_packed(g.tokens[0], batch)
-        return X, self.model.logits(X, self.model.head_weight()), cache.flags()
+        ids, head = g.tokens[0], self.model.head_weight()
+        if g.streams is None:
+            X = self.model.forward_packed(ids, batch)
+            return X, self.model.logits(X, head), cache.flags()
+        mtp = self.model.mtp[0]
+        X = mtp(g.streams, self.model.embed_tokens(ids), batch, ids)
+        return X, mtp.logits(X, head), cache.flags()
 
     @torch.no_grad()
     def _record(self, g: _Graph, end: int) -> None:
