@@ -6,6 +6,7 @@ import torch
 from dayzero import LLM, SamplingParams
 from dayzero.engine.engine import Engine
 from dayzero.engine.sampling import sample, verify_draft
+from tests.engine.helpers import staggered
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -38,17 +39,7 @@ def expected(ckpt):
 
 
 def run_staggered(engine: Engine, ps, params=GREEDY, every=2):
-    """Add two requests every `every` steps (mixed arrival), run to completion."""
-    reqs, pending, step = [], list(enumerate(ps)), 0
-    while pending or engine.has_unfinished():
-        if pending and step % every == 0:
-            for _ in range(2):
-                if pending:
-                    i, p = pending.pop(0)
-                    reqs.append(engine.add_request(f"r{i}", p, params))
-        engine.step()
-        step += 1
-    return [r.output_ids for r in reqs]
+    return [r.output_ids for r in staggered(engine, ps, params, every)]
 
 
 @pytest.mark.parametrize("opts", [

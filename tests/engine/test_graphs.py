@@ -17,6 +17,7 @@ from dayzero.engine.graphs import HostSync, OpRecorder, StepGraphs, bucket_size,
 from dayzero.ops import REF, ref
 from dayzero.reference.seqcache import Batch, StaticBatch
 from dayzero.testing import tiny_args
+from tests.engine.helpers import staggered
 
 
 def moe_all_experts(x, weights, ids, w1, s1, w3, s3, w2, s2, limit, h_act_sim=False):
@@ -66,19 +67,9 @@ class Oracle:
 
 
 def run(llm, ps, params, oracle=None):
-    e = llm.engine
     if oracle is not None:
-        e._draft = oracle
-    reqs, pending, step = [], list(enumerate(ps)), 0
-    while pending or e.has_unfinished():  # two arrivals every other step: mixed prefill + decode
-        if pending and step % 2 == 0:
-            for _ in range(2):
-                if pending:
-                    i, p = pending.pop(0)
-                    reqs.append(e.add_request(f"r{i}", p, params))
-        e.step()
-        step += 1
-    return reqs
+        llm.engine._draft = oracle
+    return staggered(llm.engine, ps, params)
 
 
 @pytest.fixture(scope="module")
