@@ -58,19 +58,73 @@ def table_rows(pools: CachePools, tables: list[dict[str, list[int | None]]]) -> 
     return out
 
 
-def fill_tables(pools: CachePools, tables: list[dict[str, list[int | None]]], out: dict[str, torch.Tensor]) -> None:
-    """Write the block tables of requests 0 .. B-1 into the device buffers `out` ([S, W] per
-    group, S > B, W > the longest table): rows B .. S-1 and the columns past each table hold the
-    trash block's first row. A few copies and fills per group, no tensor grows."""
-    for name, flat in table_rows(pools, tables).items():
-        buf, B, w = out[name], len(flat), len(flat[0])
-        if B >= buf.shape[0] or w > buf.shape[1]:
-            raise ValueError(f"cache group {name}: {B} tables of {w - 1} blocks do not fit buffers "
-                             f"{tuple(buf.shape)}")
-        trash = pools.trash[name] * pools.rows_per_block(name)
-        buf[:B, :w].copy_(torch.tensor(flat, dtype=torch.long), non_blocking=False)
-        buf[:B, w:].fill_(trash)
-        buf[B:].fill_(trash)
+class DeviceTables:
+    """Block tables kept on the device between steps for recorded steps (CUDA graphs read them
+    at fixed addresses): per group [slots, width + 1] first flat rows, the trash block's where
+    nothing is held; the last slot belongs to the padding sequence (all trash). A request keeps
+    its slot while it runs (its table dict names it: a preempted request gets a new one), and a
+    step uploads only what changed since the last: manager tables grow at the end and free from
+    the front, so per group the blocks appended and the ones freed; a request new to a slot
+    uploads its whole row. Rows of slots no live request holds are never read (`live`)."""
+
+    def __init__(self, pools: CachePools, slots: int, width: int, device: torch.device):
+        self.pools, self.slots, self.width = pools, slots, width
+        self.trash = {name: pools.trash[name] * pools.rows_per_block(name) for name in pools.groups}
+        self.tensors = {name: torch.full((slots, width + 1), t, dtype=torch.long, device=device)
+                        for name, t in self.trash.items()}
+        self.live = torch.zeros(slots, dtype=torch.bool, device=device)
+        self._owner: list[dict | None] = [None] * (slots - 1)  # each slot's table dict
+        self._state: dict[tuple[int, str], tuple[int, int]] = {}  # (slot, group) -> (length, first held)
+        self._extent: dict[tuple[int, str], int] = {}  # (slot, group) -> columns ever written
+
+    def update(self, tables: list[dict[str, list[int | None]]]) -> list[int]:
+        """Upload what changed in these requests' tables; returns the slot of each, in order."""
+        if len(tables) >= self.slots:
+            raise ValueError(f"{len(tables)} requests exceed the device tables' {self.slots - 1} slots")
+        present = {id(t) for t in tables}
+        slot_of = {id(o): s for s, o in enumerate(self._owner) if o is not None}
+        free = [s for s, o in enumerate(self._owner) if o is None or id(o) not in present]
+        changes = {name: ([], [], []) for name in self.tensors}  # rows, columns, values
+        slots = []
+        for t in tables:
+            s = slot_of.get(id(t))
+            if s is None:
+                s = free.pop(0)
+                self._owner[s] = t
+                for name in self.tensors:
+                    self._state.pop((s, name), None)
+            slots.append(s)
+            for name, col in t.items():
+                self._diff(s, name, col, changes[name])
+        for name, (rows, cols, vals) in changes.items():
+            if rows:  # one upload and one scatter per group that changed
+                r, c, v = torch.tensor([rows, cols, vals], dtype=torch.long).to(self.live.device).unbind(0)
+                self.tensors[name].index_put_((r, c), v)
+        live = torch.zeros(self.slots, dtype=torch.bool)
+        live[slots] = True
+        self.live.copy_(live)
+        return slots
+
+    def _diff(self, s: int, name: str, col: list[int | None], out: tuple[list, list, list]) -> None:
+        if len(col) > self.width:
+            raise ValueError(f"cache group {name}: a table of {len(col)} blocks exceeds the device tables' "
+                             f"{self.width}")
+        rows_per, trash = self.pools.rows_per_block(name), self.trash[name]
+        old = self._state.get((s, name))
+        first = old[1] if old is not None and old[0] <= len(col) else 0
+        while first < len(col) and col[first] is None:
+            first += 1
+        if old is None or old[0] > len(col):  # the row as far as any earlier owner wrote it
+            cols = range(max(len(col), self._extent.get((s, name), 0)))
+        else:  # freed at the front, appended at the end
+            cols = [*range(old[1], min(first, old[0])), *range(old[0], len(col))]
+        for k in cols:
+            x = col[k] if k < len(col) else None
+            out[0].append(s)
+            out[1].append(k)
+            out[2].append(trash if x is None else x * rows_per)
+        self._state[(s, name)] = (len(col), first)
+        self._extent[(s, name)] = max(len(col), self._extent.get((s, name), 0))
 
 
 def check_flags(flags: list[tuple[str, torch.Tensor]]) -> None:
@@ -100,8 +154,8 @@ class PagedBatchCache:
 
     @classmethod
     def over(cls, pools: CachePools, tables: dict[str, torch.Tensor], live: torch.Tensor) -> "PagedBatchCache":
-        """The BatchCache over block tables already on the device (`fill_tables`' buffers, [S, W]
-        per group, padded with the trash block's first row): nothing is built from Python values,
+        """The BatchCache over block tables already on the device (`DeviceTables`, [S, W] per
+        group, padded with the trash block's first row): nothing is built from Python values,
         so a recorded step (a CUDA graph) reads whatever the buffers hold when it replays.
         live [S] bool: only lookups of live sequences are checked (padding slots look up trash)."""
         self = cls.__new__(cls)

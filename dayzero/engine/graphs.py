@@ -9,7 +9,8 @@ that changes from device buffers and must not synchronise with the host:
   slots (padding slots belong to a sequence whose blocks are all the trash block), compressed
   entries looked up over the bucket's context capacity C (unusable ones masked), and every token
   pooling the entry its compression window would close (written only where it does close).
-- `PagedBatchCache.over` reads block tables from buffers that `fill_tables` rewrites each step.
+- `PagedBatchCache.over` reads block tables from `DeviceTables`, which keep every running request's
+  table on the device in a slot of its own and upload only what changed since the last step.
 - the op table must be `capturable` (Triton's is; the twins' moe_experts reads the expert ids
   back to the host) and the routed experts stacked for the grouped kernel.
 
@@ -17,12 +18,12 @@ Buckets, four per octave (`bucket_size`: 1, 2, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20
 costs at most a quarter: N token slots up to `max_tokens` (the decode batch: max_num_seqs tokens,
 twice with MTP drafts); C = block_size * that many blocks, covering the step's rows and block
 tables, at most the model's context rounded up to a block (a 1M-token context records C = 1M +
-one block). A bucket is recorded the first time a step needs it (the first step of each size pays
-the capture); every bucket shares one memory pool. A step runs
-eagerly when it has more tokens than the largest bucket (prefill chunks), when it writes below a
-prefix-cache hit (the protected prefix needs a host-side filter), or when graphs are off. The MTP
-block's forward after a replayed step is recorded the same way, in buckets of its own (its input
-streams, the step's final streams at the drafted positions, are one more buffer).
+one block). A bucket is recorded the first time a step needs it (the first step of each size
+pays the capture); every bucket shares one memory pool. A step runs eagerly when it has more
+tokens than the largest bucket (prefill chunks), when it writes below a prefix-cache hit (the
+protected prefix needs a host-side filter), or when graphs are off. The MTP block's forward after
+a replayed step is recorded the same way, in buckets of its own (its input streams, the step's
+final streams at the drafted positions, are one more buffer).
 
 Backends: "cuda" (torch.cuda.CUDAGraph; warm-up on a side stream, capture, replay), and "trace"
 (`OpRecorder`: the step's aten ops recorded once, with their arguments, and replayed op by op,
@@ -36,9 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves, tree_map
 
-from dayzero.cache.paged import CachePools, PagedBatchCache, fill_tables
+from dayzero.cache.paged import CachePools, DeviceTables, PagedBatchCache
 from dayzero.reference.seqcache import StaticBatch
 
 BACKENDS = ("cuda", "trace")
@@ -97,19 +97,26 @@ class OpRecorder(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def replay(self, recorded_outputs):
-        """Run the recording again; returns `recorded_outputs` (a tree of tensors the recorded
-        step returned) as this run computed them."""
+        """Run the recording again; returns `recorded_outputs` (a tensor, or a list or tuple of
+        tensors and lists of them, that the recorded step returned) as this run computed them."""
         env: dict[int, torch.Tensor] = {}
 
-        def sub(x):
-            return env.get(id(x), x) if isinstance(x, torch.Tensor) else x
+        def sub(x):  # aten arguments nest one level at most (Tensor[] lists)
+            if isinstance(x, torch.Tensor):
+                return env.get(id(x), x)
+            if isinstance(x, (list, tuple)):
+                return type(x)(sub(y) for y in x)
+            return x
 
         for func, args, kwargs, out in self.ops:
-            new = func(*tree_map(sub, args), **tree_map(sub, kwargs))
-            for r, t in zip(tree_leaves(out), tree_leaves(new)):
-                if isinstance(r, torch.Tensor):
-                    env[id(r)] = t
-        return tree_map(sub, recorded_outputs)
+            new = func(*[sub(a) for a in args], **{k: sub(v) for k, v in kwargs.items()})
+            if isinstance(out, torch.Tensor):
+                env[id(out)] = new
+            elif isinstance(out, (list, tuple)):
+                for r, t in zip(out, new):
+                    if isinstance(r, torch.Tensor):
+                        env[id(r)] = t
+        return sub(recorded_outputs)
 
 
 def _refuse(name):
@@ -130,8 +137,6 @@ def bucket_size(n: int) -> int:
 class _Graph:
     """One bucket: its input buffers, the recording and where the recording leaves its outputs."""
     tokens: torch.Tensor  # [3, N]: token ids, sequence slots, positions
-    live: torch.Tensor  # [S] bool: slots holding a request this step
-    tables: dict[str, torch.Tensor]  # [S, C / block_size + 1] first flat rows per group
     capacity: int
     streams: torch.Tensor | None = None  # [N, hc, dim]: the MTP forward's input (None: a model step)
     recording: object = None
@@ -161,6 +166,7 @@ class StepGraphs:
         self.max_tokens, self.bs = bucket_size(max_tokens), block_size
         self.max_capacity = block_size * math.ceil((max_len + 2) / block_size)  # + MTP's row past the end
         self.graphs: dict[tuple[str, int, int], _Graph] = {}  # ("step" | "mtp", N, C)
+        self.tables = DeviceTables(pools, self.slots, self.max_capacity // block_size, self.device)
         self._pool = torch.cuda.graph_pool_handle() if backend == "cuda" else None
 
     def bucket(self, n_tokens: int, rows: int) -> tuple[int, int] | None:
@@ -190,26 +196,21 @@ class StepGraphs:
         if size is None:
             raise ValueError(f"a step of {len(ids)} tokens up to position {end} fits no graph bucket "
                              f"(at most {self.max_tokens} tokens, {self.max_capacity} positions)")
-        if len(tables) >= self.slots:
-            raise ValueError(f"{len(tables)} sequences exceed the graphs' {self.slots - 1} slots")
         N, C = size
         key = ("step" if streams is None else "mtp", N, C)
         g = self.graphs.get(key)
         new = g is None
         if new:
             dev = self.device
-            g = _Graph(tokens=torch.zeros(3, N, dtype=torch.long, device=dev),
-                       live=torch.zeros(self.slots, dtype=torch.bool, device=dev),
-                       tables={name: torch.zeros(self.slots, C // self.bs + 1, dtype=torch.long, device=dev)
-                               for name in self.pools.groups}, capacity=C,
+            g = _Graph(tokens=torch.zeros(3, N, dtype=torch.long, device=dev), capacity=C,
                        streams=None if streams is None else streams.new_zeros((N, *streams.shape[1:])))
         pad = N - len(ids)
         if streams is not None:
             g.streams[:len(ids)].copy_(streams)
             g.streams[len(ids):].zero_()
-        g.tokens.copy_(torch.tensor([ids + [0] * pad, seq + [self.slots - 1] * pad, positions + [0] * pad]))
-        g.live.copy_(torch.arange(self.slots) < len(tables))
-        fill_tables(self.pools, tables, g.tables)
+        slot = self.tables.update(tables)
+        g.tokens.copy_(torch.tensor([ids + [0] * pad, [slot[b] for b in seq] + [self.slots - 1] * pad,
+                                     positions + [0] * pad]))
         if new:
             try:
                 self._record(g, end)
@@ -225,7 +226,7 @@ class StepGraphs:
 
     # ---- recording -------------------------------------------------------------------------
     def _forward(self, g: _Graph, end: int):
-        cache = PagedBatchCache.over(self.pools, g.tables, g.live)
+        cache = PagedBatchCache.over(self.pools, self.tables.tensors, self.tables.live)
         batch = StaticBatch(g.tokens[1], g.tokens[2], g.capacity, self.slots - 1, cache, end)
         ids, head = g.tokens[0], self.model.head_weight()
         if g.streams is None:

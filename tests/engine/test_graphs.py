@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dayzero import LLM, SamplingParams
-from dayzero.cache.paged import CachePools, PagedBatchCache, fill_tables
+from dayzero.cache.paged import CachePools, DeviceTables, PagedBatchCache, table_rows
 from dayzero.cache.spec import cache_groups
 from dayzero.engine.graphs import HostSync, OpRecorder, StepGraphs, bucket_size, unsupported
 from dayzero.ops import REF, ref
@@ -139,29 +139,49 @@ def test_static_batch_closes_what_batch_closes():
         assert torch.equal(a, c)
 
 
-def test_block_tables_from_buffers_look_up_the_same_rows(ckpt):
+def test_device_tables_upload_what_changed_and_look_up_the_same_rows():
     args = tiny_args("flash")
     groups = cache_groups(args, 16, with_mtp=False)
     pools = CachePools(groups, {g.name: 12 for g in groups}, torch.float32, torch.device("cpu"))
-    tables = [{g.name: [None, 3, 5] for g in groups}, {g.name: [1] for g in groups}]
-    listed = PagedBatchCache(pools, tables, [0, 0], torch.device("cpu"))
-    bufs = {g.name: torch.full((4, 6), -7, dtype=torch.long) for g in groups}
-    fill_tables(pools, tables, bufs)
-    live = torch.tensor([True, True, False, False])
-    over = PagedBatchCache.over(pools, bufs, live)
-    seq = torch.tensor([[0], [1], [3]])
-    pos = torch.tensor([[20, 40, 47], [0, 15, 3], [0, 1, 2]])
-    valid = torch.ones_like(pos, dtype=torch.bool)
+    dt = DeviceTables(pools, slots=4, width=6, device=torch.device("cpu"))
     layer = next(g for g in groups if g.keep == "window").layers[0]
-    _, a = listed.locate_rows(layer, "kv", seq[:2], pos[:2], valid[:2])
-    _, b = over.locate_rows(layer, "kv", seq, pos, valid)
-    assert torch.equal(a, b[:2])
-    over.check()  # slot 3 (padding) looked up trash rows: not a fault
-    _, c = over.locate_rows(layer, "kv", torch.tensor([[0]]), torch.tensor([[5]]), torch.tensor([[True]]))
-    with pytest.raises(AssertionError, match="does not hold"):  # block 0 of slot 0 is not held
+
+    def same_as_lists(tables, slots):
+        full = table_rows(pools, tables)
+        for name, rows in full.items():
+            for b, row in enumerate(rows):  # the list-built row, then trash to the end
+                want = row[:-1] + [dt.trash[name]] * (dt.width + 1 - len(row[:-1]))
+                assert dt.tensors[name][slots[b]].tolist() == want, (name, b)
+        listed = PagedBatchCache(pools, tables, [0] * len(tables), torch.device("cpu"))
+        over = PagedBatchCache.over(pools, dt.tensors, dt.live)
+        pos = torch.tensor([[0, 15, 20, 40, 47, 63]] * len(tables))
+        valid = torch.ones_like(pos, dtype=torch.bool)
+        a = listed.locate_rows(layer, "kv", torch.arange(len(tables))[:, None], pos, valid)[1]
+        b = over.locate_rows(layer, "kv", torch.tensor(slots)[:, None], pos, valid)[1]
+        assert torch.equal(a, b)
+
+    A = {g.name: [None, 3, 5] for g in groups}
+    B = {g.name: [1, 6, 8] for g in groups}
+    slots = dt.update([A, B])
+    same_as_lists([A, B], slots)
+    assert dt.live.tolist() == [i in slots for i in range(4)]
+    for t in A.values():  # A frees its block 3 and appends 7; B leaves; C arrives, shorter than B
+        t[1] = None
+        t.append(7)
+    C = {g.name: [2] for g in groups}
+    again = dt.update([C, A])
+    assert again[1] == slots[0] and again[0] == slots[1]  # A keeps its slot, C takes B's
+    same_as_lists([C, A], again)  # B's blocks 6 and 8 are gone from C's row
+    over = PagedBatchCache.over(pools, dt.tensors, dt.live)
+    over.locate_rows(layer, "kv", torch.tensor([[3]]), torch.tensor([[5]]), torch.tensor([[True]]))
+    over.check()  # slot 3 is the padding sequence's: never live, never flagged
+    over.locate_rows(layer, "kv", torch.tensor([[again[0]]]), torch.tensor([[20]]), torch.tensor([[True]]))
+    with pytest.raises(AssertionError, match="does not hold"):  # C holds no block 1
         over.check()
-    with pytest.raises(ValueError, match="do not fit"):
-        fill_tables(pools, tables * 2, bufs)
+    with pytest.raises(ValueError, match="slots"):
+        dt.update([A, B, C, {g.name: [] for g in groups}])
+    with pytest.raises(ValueError, match="exceeds"):
+        dt.update([{g.name: list(range(7)) for g in groups}])
 
 
 @pytest.mark.parametrize("fn", [
