@@ -41,6 +41,11 @@ class CachePools:
         g = self.groups[group]
         return len(g.layers) * g.per_block
 
+    def first_row(self, group: str, block: int | None) -> int:
+        """A block's first flat row in its group's pool; the trash block's for None (not held):
+        the entries of the block tables lookups read."""
+        return (self.trash[group] if block is None else block) * self.rows_per_block(group)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
@@ -51,9 +56,8 @@ def table_rows(pools: CachePools, tables: list[dict[str, list[int | None]]]) -> 
     Python: one list per group and step)."""
     out = {}
     for name in pools.groups:
-        rows, width = pools.rows_per_block(name), max(len(t[name]) for t in tables)
-        trash = pools.trash[name] * rows
-        out[name] = [[trash if x is None else x * rows for x in t[name]] + [trash] * (width + 1 - len(t[name]))
+        width, trash = max(len(t[name]) for t in tables), pools.first_row(name, None)
+        out[name] = [[pools.first_row(name, x) for x in t[name]] + [trash] * (width + 1 - len(t[name]))
                      for t in tables]
     return out
 
@@ -69,7 +73,7 @@ class DeviceTables:
 
     def __init__(self, pools: CachePools, slots: int, width: int, device: torch.device):
         self.pools, self.slots, self.width = pools, slots, width
-        self.trash = {name: pools.trash[name] * pools.rows_per_block(name) for name in pools.groups}
+        self.trash = {name: pools.first_row(name, None) for name in pools.groups}
         self.tensors = {name: torch.full((slots, width + 1), t, dtype=torch.long, device=device)
                         for name, t in self.trash.items()}
         self.live = torch.zeros(slots, dtype=torch.bool, device=device)
@@ -109,7 +113,6 @@ class DeviceTables:
         if len(col) > self.width:
             raise ValueError(f"cache group {name}: a table of {len(col)} blocks exceeds the device tables' "
                              f"{self.width}")
-        rows_per, trash = self.pools.rows_per_block(name), self.trash[name]
         old = self._state.get((s, name))
         first = old[1] if old is not None and old[0] <= len(col) else 0
         while first < len(col) and col[first] is None:
@@ -119,10 +122,9 @@ class DeviceTables:
         else:  # freed at the front, appended at the end
             cols = [*range(old[1], min(first, old[0])), *range(old[0], len(col))]
         for k in cols:
-            x = col[k] if k < len(col) else None
             out[0].append(s)
             out[1].append(k)
-            out[2].append(trash if x is None else x * rows_per)
+            out[2].append(self.pools.first_row(name, col[k] if k < len(col) else None))
         self._state[(s, name)] = (len(col), first)
         self._extent[(s, name)] = max(len(col), self._extent.get((s, name), 0))
 
@@ -165,7 +167,7 @@ class PagedBatchCache:
     def _setup(self, pools: CachePools, tables: dict[str, torch.Tensor], protect: torch.Tensor | None,
                live: torch.Tensor | None) -> None:
         self.pools, self._tables, self.protect, self.live = pools, tables, protect, live
-        self._trash = {name: pools.trash[name] * pools.rows_per_block(name) for name in pools.groups}
+        self._trash = {name: pools.first_row(name, None) for name in pools.groups}
         self._memo: dict[tuple, tuple] = {}
         self._bad: list[tuple[str, torch.Tensor]] = []
 

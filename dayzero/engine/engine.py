@@ -246,11 +246,10 @@ class Engine:
         """The step (or MTP draft forward) replayed from its recorded graph; None where graphs
         are off or no bucket holds it. A capture that fails turns graphs off for good (the step
         then runs eagerly: its warm-up's writes are what the eager step writes again)."""
-        g = self.graphs
-        if g is None or g.bucket(len(ids), g.rows(tables, end)) is None:
+        if self.graphs is None:
             return None
         try:
-            return g.run(ids, seq, positions, tables, end, streams)
+            return self.graphs.run(ids, seq, positions, tables, end, streams)
         except RecordingFailed as e:
             self.graphs, self.graphs_off = None, f"recording failed: {e}"
             print(f"dayzero: CUDA graphs off, {self.graphs_off}", file=sys.stderr)

@@ -187,15 +187,15 @@ class StepGraphs:
                 "buckets": sorted(self.graphs)}
 
     def run(self, ids: list[int], seq: list[int], positions: list[int], tables: list[dict], end: int,
-            streams: torch.Tensor | None = None) -> _Graph:
-        """One step: token ids, their sequence slots (0 .. len(tables) - 1) and positions; the
-        block tables of the slots' requests; the step's context end (checked by the model).
-        With `streams` ([n, hc, dim], the model's final streams at those positions; ids: the
-        tokens after them) the MTP block's forward + head instead of the model's."""
+            streams: torch.Tensor | None = None) -> _Graph | None:
+        """One step: token ids, the index in `tables` of each one's request, their positions;
+        the requests' block tables; the step's context end (checked by the model). With
+        `streams` ([n, hc, dim], the model's final streams at those positions; ids: the tokens
+        after them) the MTP block's forward + head instead of the model's. None (nothing run)
+        when no bucket holds the step."""
         size = self.bucket(len(ids), self.rows(tables, end))
         if size is None:
-            raise ValueError(f"a step of {len(ids)} tokens up to position {end} fits no graph bucket "
-                             f"(at most {self.max_tokens} tokens, {self.max_capacity} positions)")
+            return None
         N, C = size
         key = ("step" if streams is None else "mtp", N, C)
         g = self.graphs.get(key)
