@@ -304,7 +304,8 @@ def _worker(args) -> int:
         kw = {k: Arg(v) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
         kw["debug"] = kw.get("debug", fn.debug) or knobs.runtime.debug  # as JITFunction.run
         kw["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-        kw["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+        if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # triton 3.9 has it, 3.6 does not
+            kw["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
         bound, spec, opts = binder(*a, **kw)
         options, sig, constexprs, attrs = fn._pack_args(backend, kw, bound, spec, opts)
         copts = {k: v for k, v in kw.items() if k in CUDAOptions.__dataclass_fields__}
