@@ -52,5 +52,18 @@ def preset(request):
     return request.param
 
 
+def pytest_sessionstart(session):
+    """One clear error when the Triton interpreter cannot run the kernels (triton 3.6 with numpy >= 2.4),
+    instead of the same TypeError from inside every kernel test."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        from dayzero.ops.triton.probe import interpreter_problem
+    except ImportError:  # no triton: the Triton tests skip themselves
+        return
+    if (problem := interpreter_problem()) is not None:
+        pytest.exit(problem, returncode=1)
+
+
 def prompt_ids(n: int, seed: int = 1, vocab: int = 512) -> torch.Tensor:
     return torch.randint(2, vocab, (1, n), generator=torch.Generator().manual_seed(seed))

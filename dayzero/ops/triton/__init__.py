@@ -32,5 +32,11 @@ _PROVIDERS = {
 def table(device: torch.device) -> OpTable:
     """The Triton op table for `device`: each op from its kernel module, twins for ops no module
     provides yet (listed as absent in docs/HARDWARE.md). The wrappers launch with grids from
-    shapes only and build their tile tables on the device (no host reads): capturable."""
+    shapes only and build their tile tables on the device (no host reads): capturable. On a CPU
+    (the interpreter) it first checks the interpreter can run the kernels at all (ops/triton/probe.py)."""
+    if torch.device(device).type == "cpu":
+        from dayzero.ops.triton.probe import interpreter_problem
+
+        if (problem := interpreter_problem()) is not None:
+            raise RuntimeError(problem)
     return assemble("triton", __name__, _PROVIDERS, capturable=True)
