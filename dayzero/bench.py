@@ -69,6 +69,9 @@ def run(size: str | None = None, device=None, choice: str | None = None, scenari
     log(f"{name}: copy {pk['bandwidth'] / 1e9:.0f} GB/s, bf16 matmul {pk['bf16_flops'] / 1e12:.1f} TFLOP/s, "
         f"ops table {table.name} (kernels: {', '.join(table.kernels) or 'none'})")
     recs = []
+    out = Path(out_dir) if out_dir else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
 
     def add(r: dict, bound: str = "memory") -> None:
         t = r.pop("time_s")
@@ -84,6 +87,9 @@ def run(size: str | None = None, device=None, choice: str | None = None, scenari
                  peaks=pk, commit=commit(), versions=versions())
         r.setdefault("baseline_name", None)
         recs.append(r)
+        if out:  # appended as measured: a run cut short (a device time limit) keeps what it measured
+            with open(out / "bench.jsonl", "a") as f:
+                f.write(json.dumps(r) + "\n")
         base = "" if tb is None else f"   baseline {tb * 1e6:10.1f} us ({t and tb / t:.2f}x): {r['baseline_name']}"
         log(f"{r['scenario']:22s} B={r['batch']!s:3s} ctx={r['context']!s:8s} {t * 1e6:10.1f} us "
             f"{r['achieved']:>16s} {100 * r['roofline_fraction']:5.1f}% of roofline{base}")
@@ -149,12 +155,7 @@ def run(size: str | None = None, device=None, choice: str | None = None, scenari
                      baseline_name="transformers DeepseekV4ForCausalLM, bf16, same 2 layers"
                      + ("" if hf_t is not None else " (did not fit / not installed)"),
                      baseline_time_s=hf_t, shape=f"2-layer Flash slice {'/'.join(args2.layer_types)}"))
-    if out_dir:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "bench.jsonl", "a") as f:
-            for r in recs:
-                f.write(json.dumps(r) + "\n")
+    if out:
         part = "" if set(scenarios) >= set(SCENARIOS) else "-" + "-".join(sorted(set(scenarios)))  # a subset: its own chart
         chart(recs, out / f"roofline-{size}-{device.type}{part}.png")
     return recs

@@ -101,6 +101,18 @@ def test_bench_records_every_field(tmp_path):
         assert r["time_us"] > 0 and r["roofline_fraction"] > 0
 
 
+def test_bench_keeps_the_records_of_a_run_cut_short(tmp_path, monkeypatch):
+    """Records are appended as measured: a run that dies (a device time limit, a crash) keeps them."""
+    def dies(*a, **k):
+        raise KeyboardInterrupt("time limit")
+    monkeypatch.setattr(bench, "s3_indexer", dies)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(size="tiny", device="cpu", choice="ref", scenarios=("S1", "S2", "S3"), out_dir=tmp_path,
+                  log=lambda s: None)
+    lines = [json.loads(s) for s in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    assert [r["scenario"].split()[0] for r in lines] == ["S1", "S1", "S2", "S2"]
+
+
 @pytest.mark.parametrize("layers", [("csa", "hca")])
 def test_bench_decode_step_reads_a_filled_cache(layers):
     """The decode scenario's synthetic cache is a valid engine cache: one step over it gives the
