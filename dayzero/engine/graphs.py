@@ -252,7 +252,10 @@ class StepGraphs:
             graph.replay()  # capture records without computing: this step's results
             return
         rec = OpRecorder()
-        with rec:  # runs the step for real while recording it
+        # runs the step for real while recording it. Factory calls that name no device make meta
+        # tensors here, which fail against the step's own: on a GPU they would be host tensors,
+        # whose uploads a CUDA capture refuses (or records from a stale host buffer).
+        with rec, torch.device("meta"):
             outputs = self._forward(g, end)
         g.recording = (rec, outputs)
         g.X, g.logits, g.flags = outputs

@@ -291,3 +291,25 @@ def test_bench_decode_step_replays_over_a_filled_cache():
     assert g.stats()["recorded"] == 1 and g.stats()["replays"] == 2
     t, nbytes = scenarios.decode_step(model, 2, 300, cpu, graphs="trace")
     assert t > 0 and nbytes > 0
+
+
+def test_a_step_that_makes_host_tensors_is_not_recordable():
+    """A factory call that names no device makes a host tensor; on a GPU the captured step would
+    upload it (refused in capture, or replayed from a stale host buffer). The trace backend
+    records with meta as the default device, so such a tensor fails against the step's own."""
+    from dayzero import bench, scenarios
+    from dayzero.synthetic import flash_slice, random_model
+    cpu = torch.device("cpu")
+    args = flash_slice(layer_types=("csa", "hca"), n_routed_experts=8).replace(**bench.SIZES["tiny"]["slice"])
+    model = random_model(args, compute_dtype=torch.float32, numerics="transformers")
+    model.set_ops(RECORDABLE)
+    filled = scenarios.FilledCache(model, 1, 40, cpu)
+    logits = model.logits
+    model.logits = lambda X, head: logits(X, head) + torch.zeros(X.shape[0], 1)  # no device: the bug
+    with torch.no_grad():  # eagerly it runs (on a CPU the host is the device)
+        model.logits(model.forward_packed(torch.tensor([5]), Batch([40], [1], filled.cache, cpu)), model.head_weight())
+    g = StepGraphs(model, filled.pools, 1, 1, filled.block_size, args.max_seq_len, cpu, "trace")
+    with pytest.raises(RuntimeError, match="meta"):
+        g.run([5], [0], [40], filled.tables, filled.end)
+    model.logits = logits
+    assert g.run([5], [0], [40], filled.tables, filled.end) is not None
