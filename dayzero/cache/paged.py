@@ -155,6 +155,18 @@ class PagedBatchCache:
                     torch.tensor(protect, dtype=torch.long, device=device) if any(protect) else None, None)
 
     @classmethod
+    def of_slots(cls, pools: CachePools, tables: DeviceTables, slots: list[int], protect: list[int],
+                 device: torch.device) -> "PagedBatchCache":
+        """The BatchCache of an eager step over `DeviceTables` that `update` has just brought up to
+        date: sequence b reads the rows of slot slots[b], gathered on the device. A step uploads
+        only the entries that changed, not every table (`__init__`: lists built in Python)."""
+        self = cls.__new__(cls)
+        idx = torch.tensor(slots, dtype=torch.long, device=device)
+        self._setup(pools, {name: t.index_select(0, idx) for name, t in tables.tensors.items()},
+                    torch.tensor(protect, dtype=torch.long, device=device) if any(protect) else None, None)
+        return self
+
+    @classmethod
     def over(cls, pools: CachePools, tables: dict[str, torch.Tensor], live: torch.Tensor) -> "PagedBatchCache":
         """The BatchCache over block tables already on the device (`DeviceTables`, [S, W] per
         group, padded with the trash block's first row): nothing is built from Python values,

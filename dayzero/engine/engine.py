@@ -255,6 +255,15 @@ class Engine:
             print(f"dayzero: CUDA graphs off, {self.graphs_off}", file=sys.stderr)
             return None
 
+    def _eager_cache(self, tables: list[dict], protect: list[int]) -> PagedBatchCache:
+        """The cache of a step run eagerly. Where steps are recorded, their device block tables serve
+        it too (only what changed is uploaded; at 1M context a table is 8K blocks per group); else
+        the tables are built from the block lists."""
+        if self.graphs is not None:
+            slots = self.graphs.tables.update(tables)
+            return PagedBatchCache.of_slots(self.pools, self.graphs.tables, slots, protect, self.device)
+        return PagedBatchCache(self.pools, tables, protect, self.device)
+
     def _forward(self, ids: list[int], starts: list[int], lengths: list[int], reqs: list[Request],
                  want: list[int]) -> tuple[torch.Tensor, torch.Tensor | None, PagedBatchCache | None]:
         """The step's forward: final streams of every row, fp32 logits of the `want` rows on the
@@ -271,7 +280,7 @@ class Engine:
                 logits = run.logits[want].float().cpu() if want else None
                 check_flags(run.flags)  # after the step's one synchronisation
                 return run.X, logits, None
-        cache = PagedBatchCache(self.pools, tables, protect, self.device)
+        cache = self._eager_cache(tables, protect)
         X = self.model.forward_packed(torch.tensor(ids, device=self.device), Batch(starts, lengths, cache, self.device))
         logits = self.model.logits(X[want], self.model.head_weight()).float().cpu() if want else None
         cache.check()  # after the step's first synchronisation: lookups outside held blocks are bugs
@@ -334,7 +343,7 @@ class Engine:
             logits = run.logits[ends.to(self.device)].float().cpu()
             check_flags(run.flags)
         else:
-            cache = cache or PagedBatchCache(self.pools, tables, [0] * len(reqs), self.device)
+            cache = cache or self._eager_cache(tables, [0] * len(reqs))
             batch = Batch(starts, lengths, cache, self.device, ids=seqs)  # the step's cache, some of its requests
             ids = torch.tensor(next_ids, device=self.device)
             mtp_block = self.model.mtp[0]

@@ -99,6 +99,24 @@ def test_replayed_steps_give_the_eager_tokens(ckpt, opts):
         assert stats["mtp_accepted"] == stats["mtp_drafts"] > 10
 
 
+def test_prefix_hits_and_long_chunks_run_eagerly_over_the_device_tables(ckpt):
+    """Steps no recorded graph serves (a prefix-cache hit's first step, with its protected prefix;
+    prefill chunks beyond the largest bucket) run eagerly over the same device block tables as
+    the replayed ones: the tokens are the eager engine's."""
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randint(2, 500, (48,), generator=g).tolist()
+    ps = [shared + torch.randint(2, 500, (n,), generator=g).tolist() for n in (5, 9, 3)]
+    opts = dict(max_num_batched_tokens=40, max_num_seqs=2, num_speculative_tokens=0)
+    outs = []
+    for graphs in (False, True):
+        llm = engine(ckpt, graphs, **opts)
+        outs.append([o.token_ids for p in ps for o in llm.generate([p], GREEDY)])  # one after another: hits
+        st = llm.engine.stats()
+        assert st["prefix_cache_hit_tokens"] >= 2 * 32
+    assert outs[0] == outs[1]
+    assert st["graphs"]["replays"] > 0
+
+
 def test_builtin_model_replayed_with_its_own_mtp():
     p = [SamplingParams(temperature=0.8, seed=s, max_tokens=24, ignore_eos=True) for s in range(3)]
     ids = ["KING LEAR:\n", "ROMEO:\nBut soft", "First Citizen:\nBefore we proceed"]
