@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from dayzero.cache.manager import KVCacheManager
-from dayzero.cache.paged import CachePools, PagedBatchCache, check_flags
+from dayzero.cache.paged import CachePools, DeviceTables, PagedBatchCache, check_flags
 from dayzero.cache.spec import cache_groups, fixed_bytes_per_sequence
 from dayzero.engine.graphs import RecordingFailed, StepGraphs, unsupported
 from dayzero.engine.request import Request, Status
@@ -96,6 +96,10 @@ class Engine:
         self.drafts = self.accepted = 0
         self.num_steps = 0
         self.tokens_generated = 0
+        # every step's block tables, kept on the device (one slot per running request + padding):
+        # a step uploads what changed (cache/paged.py); recorded steps read them at fixed addresses
+        self.tables = DeviceTables(self.pools, eargs.max_num_seqs + 1,
+                                   math.ceil((self.args.max_seq_len + 2) / self.block_size), device)
         self.graphs: StepGraphs | None = None
         self.graphs_off = "enforce_eager" if eargs.enforce_eager else "not a CUDA device"
         if device.type == "cuda" and not eargs.enforce_eager:
@@ -109,7 +113,7 @@ class Engine:
         e = self.eargs
         self.graphs = StepGraphs(self.model, self.pools, e.max_num_seqs,
                                  min(e.max_num_seqs * (1 + int(self.spec_enabled)), e.max_num_batched_tokens),
-                                 self.block_size, self.args.max_seq_len, self.device, backend)
+                                 self.block_size, self.args.max_seq_len, self.device, backend, self.tables)
         self.graphs_off = None
 
     # ---- capacity ------------------------------------------------------------------------------
@@ -256,13 +260,9 @@ class Engine:
             return None
 
     def _eager_cache(self, tables: list[dict], protect: list[int]) -> PagedBatchCache:
-        """The cache of a step run eagerly. Where steps are recorded, their device block tables serve
-        it too (only what changed is uploaded; at 1M context a table is 8K blocks per group); else
-        the tables are built from the block lists."""
-        if self.graphs is not None:
-            slots = self.graphs.tables.update(tables)
-            return PagedBatchCache.of_slots(self.pools, self.graphs.tables, slots, protect, self.device)
-        return PagedBatchCache(self.pools, tables, protect, self.device)
+        """The cache of a step run eagerly, over the engine's device block tables: only what changed
+        is uploaded (at 1M context a request's table is 8K blocks per group)."""
+        return PagedBatchCache.of_slots(self.pools, self.tables, self.tables.update(tables), protect, self.device)
 
     def _forward(self, ids: list[int], starts: list[int], lengths: list[int], reqs: list[Request],
                  want: list[int]) -> tuple[torch.Tensor, torch.Tensor | None, PagedBatchCache | None]:

@@ -153,7 +153,7 @@ class StepGraphs:
     the bucket (X, logits and flags hold this step's results until the next `run`)."""
 
     def __init__(self, model, pools: CachePools, max_seqs: int, max_tokens: int, block_size: int,
-                 max_len: int, device: torch.device, backend: str):
+                 max_len: int, device: torch.device, backend: str, tables: DeviceTables | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"graph backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "cuda" and torch.device(device).type != "cuda":
@@ -166,7 +166,11 @@ class StepGraphs:
         self.max_tokens, self.bs = bucket_size(max_tokens), block_size
         self.max_capacity = block_size * math.ceil((max_len + 2) / block_size)  # + MTP's row past the end
         self.graphs: dict[tuple[str, int, int], _Graph] = {}  # ("step" | "mtp", N, C)
-        self.tables = DeviceTables(pools, self.slots, self.max_capacity // block_size, self.device)
+        width = self.max_capacity // block_size
+        if tables is not None and (tables.slots, tables.width) != (self.slots, width):
+            raise ValueError(f"device tables of {tables.slots} slots x {tables.width} blocks, the steps need "
+                             f"{self.slots} x {width}")
+        self.tables = tables or DeviceTables(pools, self.slots, width, self.device)  # the engine's: shared
         self._pool = torch.cuda.graph_pool_handle() if backend == "cuda" else None
 
     def bucket(self, n_tokens: int, rows: int) -> tuple[int, int] | None:
