@@ -12,20 +12,15 @@ allocated: the tables' cost does not depend on them. A host-side cost, so no roo
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from dayzero.cache.paged import CachePools, DeviceTables, PagedBatchCache
 from dayzero.cache.spec import cache_groups
+from dayzero.scenarios import timeit
 from dayzero.synthetic import flash_slice
 
 CASES = ((1, 1 << 20), (64, 1 << 17), (64, 1 << 13))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(device: torch.device, batch: int, context: int, block: int = 128, reps: int = 20) -> dict:
@@ -59,17 +54,8 @@ def measure(device: torch.device, batch: int, context: int, block: int = 128, re
         grow(-1)
         return c
 
-    out = {}
-    for name, fn in (("lists", lists), ("device tables", device_tables)):
-        fn()
-        sync(device)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        out[name] = sorted(times)[len(times) // 2]
+    out = {name: timeit(fn, device, warmup=1, reps=reps) for name, fn in (("lists", lists),
+                                                                          ("device tables", device_tables))}
     return dict(batch=batch, context=context, entries=batch * n * len(groups), **out)
 
 
