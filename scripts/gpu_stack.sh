@@ -4,12 +4,12 @@
 # first minutes of a 15-minute lease. In a venv of its own (default /tmp/dayzero-gpu-stack):
 #   1. the whole test suite (Triton kernels in triton 3.6's interpreter, transformers 5.17 as reference);
 #   2. every Triton kernel compiled ahead of time by triton 3.6 for sm_90 and sm_80
-#      (scripts/aot_compile.py; the summary JSON goes to $2, default /tmp/aot-triton3.6.json).
+#      (scripts/aot_compile.py; every variant's record goes to $2, default /tmp/aot-triton3.6.json).
 # torch 2.11 comes from PyPI as its CUDA build (about 3 GB with its nvidia-* wheels; it runs on CPUs).
 # numpy < 2.4: triton 3.6's interpreter cannot loop over kernel arguments with numpy 2.4
 # (dayzero/ops/triton/probe.py says so at start). The GPU itself compiles, so its numpy does not matter.
 #   scripts/gpu_stack.sh [VENV] [AOT_JSON]
-set -eu
+set -euo pipefail
 venv=${1:-/tmp/dayzero-gpu-stack}
 aot=${2:-/tmp/aot-triton3.6.json}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
