@@ -16,7 +16,7 @@ import torch
 from dayzero.cache.manager import KVCacheManager
 from dayzero.cache.paged import CachePools, DeviceTables, PagedBatchCache, check_flags
 from dayzero.cache.spec import cache_groups, fixed_bytes_per_sequence
-from dayzero.engine.graphs import RecordingFailed, StepGraphs, unsupported
+from dayzero.engine.graphs import RecordingFailed, StepGraphs, table_blocks, unsupported
 from dayzero.engine.request import Request, Status
 from dayzero.engine.sampling import SamplingParams, sample, token_logprobs, verify_draft
 from dayzero.engine.scheduler import Scheduled, Scheduler
@@ -99,7 +99,7 @@ class Engine:
         # every step's block tables, kept on the device (one slot per running request + padding):
         # a step uploads what changed (cache/paged.py); recorded steps read them at fixed addresses
         self.tables = DeviceTables(self.pools, eargs.max_num_seqs + 1,
-                                   math.ceil((self.args.max_seq_len + 2) / self.block_size), device)
+                                   table_blocks(self.args.max_seq_len, self.block_size), device)
         self.graphs: StepGraphs | None = None
         self.graphs_off = "enforce_eager" if eargs.enforce_eager else "not a CUDA device"
         if device.type == "cuda" and not eargs.enforce_eager:

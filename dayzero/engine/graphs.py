@@ -164,7 +164,7 @@ class StepGraphs:
         self.model, self.pools, self.device, self.backend = model, pools, torch.device(device), backend
         self.slots = max_seqs + 1  # one table row per request slot, the last for padding
         self.max_tokens, self.bs = bucket_size(max_tokens), block_size
-        self.max_capacity = block_size * math.ceil((max_len + 2) / block_size)  # + MTP's row past the end
+        self.max_capacity = block_size * table_blocks(max_len, block_size)
         self.graphs: dict[tuple[str, int, int], _Graph] = {}  # ("step" | "mtp", N, C)
         width = self.max_capacity // block_size
         if tables is not None and (tables.slots, tables.width) != (self.slots, width):
@@ -270,6 +270,11 @@ class StepGraphs:
             return
         rec, outputs = g.recording  # the buffers were refilled in place
         g.X, g.logits, g.flags = rec.replay(outputs)
+
+
+def table_blocks(max_len: int, block_size: int) -> int:
+    """Blocks a request's table can reach: its context, plus the step's token and MTP's row past it."""
+    return math.ceil((max_len + 2) / block_size)
 
 
 def unsupported(model) -> str | None:
