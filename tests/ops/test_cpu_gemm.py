@@ -53,10 +53,11 @@ def _one_thread():
 @pytest.mark.parametrize("O,K", [(1, 128), (70, 320), (200, 256), (256, 640), (130, 1100)])
 def test_fp8_linear_parity(O, K, dt, sdt):
     """O=200/130: partial 128-row scale blocks; K=320/1100: partial 128-blocks and vector tails;
-    M=17 spans several 8-row blocks (K-chunked), M<=2 reads fp32 x in place."""
+    M=3/8/11: the per-8-rows kernels (bf16 x: vdpbf16ps where the CPU has it), 11 = 8 + 3; M=17
+    spans several 8-row blocks (K-chunked) or the many-rows path; M<=2 reads fp32 x in place."""
     w, s = _fp8_w(O, K, sdt, O + K)
     wd = _fp8_deq(w, s, dt)
-    for M in (1, 2, 3, 17):
+    for M in (1, 2, 3, 8, 11, 17):
         x = _x(M, K, dt, M)
         want = ref.fp8_linear(x, w, s)
         _within(G.fp8_linear(x, w, s), want, _lin_bound(x, wd, want), f"M{M}")
@@ -88,6 +89,8 @@ def test_fp8_every_byte_decodes():
         for byte in (0, 1, 100, 127, 140, 246) if dt == torch.float32 else (100, 127, 140, 246):
             s = torch.full((1, 1), byte, dtype=torch.uint8).view(E8M0)
             assert torch.equal(G.fp8_linear(eye, w, s), ref.fp8_linear(eye, w, s)), (dt, byte)
+            for i in range(0, 128, 8):  # 8 rows at a time: the per-8-rows kernels read W back too
+                assert torch.equal(G.fp8_linear(eye[i:i + 8], w, s), ref.fp8_linear(eye[i:i + 8], w, s)), (dt, byte, i)
         s32 = torch.full((1, 1), 0.3)  # fp32 scale: W = fl(v * 0.3), then bf16 for bf16 x
         assert torch.equal(G.fp8_linear(eye, w, s32), ref.fp8_linear(eye, w, s32)), dt
 

@@ -12,7 +12,9 @@
  * - FP8 e4m3 (128x128 block scales): byte s.eeee.mmm moved to fp16 bits s.0eeee.mmm0000000 is the
  *   value times 2^-8 (subnormals included), converted by vcvtph2ps and multiplied by the block
  *   scale times 2^8. The NaN codes 0x7f / 0xff decode as +-480 in the SIMD paths (as in the Triton
- *   kernel; checkpoints never contain them).
+ *   kernel; checkpoints never contain them). bf16 x with 3 or more rows (AVX512-BF16): the scaled
+ *   weights are rounded to bf16 (exact for E8M0 scales; the twin's W for fp32 scales) and
+ *   vdpbf16ps takes 32 per instruction; 1-2 rows keep the fp32 FMAs, which decode faster.
  * Products are exact inside FMAs / vdpbf16ps, sums are fp32, one rounding to x.dtype at the end:
  * results differ from the twins only by fp32 summation order (bf16: and the output rounding of
  * values that differ by it).
@@ -20,7 +22,9 @@
  * Blocking (decode, M < ROWS_MIN): one weight row pair shares each activation load with up to
  * MB = 8 activation rows; work items are tiles of <= TILE output rows; with more than two
  * activation rows K is walked in chunks that keep their slice in L1. Weight streams are
- * software-prefetched PF bytes ahead.
+ * software-prefetched PF bytes ahead. The micro-kernels keep their accumulators in arrays that gcc
+ * holds in registers only across a branch-free innermost loop: their loops are shaped for that
+ * (whole 128-weight blocks for FP8, flat group pairs for FP4), with partial blocks after the loop.
  * Many rows (prefill, M >= ROWS_MIN; MoE: an expert's pairs): each weight is decoded once per call
  * into a per-thread buffer of OP rows and a register-tiled micro-kernel (OR weight rows x 16 * NV
  * activation rows) runs every row against it: see "many activation rows" below.
@@ -350,14 +354,20 @@ AI void fp8_micro(const uint8_t *w, int64_t ldw, const void *s, int e8m0, int rn
     __m512 a0[2][MB], a1[2][MB];
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
-    for (int64_t k0 = 0; k0 < n; k0 += 128) {
-        const __m512 vs = _mm512_set1_ps(scale_at(s, k0 >> 7, e8m0) * 256.0f);
-        const int64_t k1 = min64(k0 + 128, n);
-        for (int r = 0; r < nr; r++)
-            for (int64_t off = 0; off < k1 - k0; off += 64) _mm_prefetch((const char *)w + r * ldw + pfd + k0 + off, _MM_HINT_T0);
-        int64_t k = k0;
-        for (; k + 32 <= k1; k += 32) fp8_step(w, ldw, vs, rnd, xr, k, 32, 1, nr, mb, two, a0, a1);
-        if (k < k1) fp8_step(w, ldw, vs, rnd, xr, k, k1 - k, 0, nr, mb, two, a0, a1);
+    const int64_t nf = n & ~(int64_t)127;
+    for (int64_t k = 0; k < nf; k += 128) { /* whole blocks: branch-free, accumulators in registers */
+        const __m512 vs = _mm512_set1_ps(scale_at(s, k >> 7, e8m0) * 256.0f);
+        for (int r = 0; r < nr; r++) {
+            _mm_prefetch((const char *)w + r * ldw + pfd + k, _MM_HINT_T0);
+            _mm_prefetch((const char *)w + r * ldw + pfd + k + 64, _MM_HINT_T0);
+        }
+        for (int i = 0; i < 128; i += 32) fp8_step(w, ldw, vs, rnd, xr, k + i, 32, 1, nr, mb, two, a0, a1);
+    }
+    if (nf < n) { /* the last, partial block */
+        const __m512 vs = _mm512_set1_ps(scale_at(s, nf >> 7, e8m0) * 256.0f);
+        int64_t k = nf;
+        for (; k + 32 <= n; k += 32) fp8_step(w, ldw, vs, rnd, xr, k, 32, 1, nr, mb, two, a0, a1);
+        if (k < n) fp8_step(w, ldw, vs, rnd, xr, k, n - k, 0, nr, mb, two, a0, a1);
     }
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mb; m++)
@@ -371,7 +381,15 @@ AI void fp8_micro(const uint8_t *w, int64_t ldw, const void *s, int e8m0, int rn
  * multiplies pairs exactly and accumulates in fp32 (it flushes subnormals, as the twin's bf16
  * matmul does). An odd last group runs with the upper half zero. */
 /* one step: groups g, g + 1 (full = 0: g only, the upper half zero) of nr rows into the accumulators */
-AI void fp4_step_bf(const uint8_t *w, int64_t ldw, const float (*sc)[16], int j, int64_t g, const int full,
+AI float scale_bits(const void *s, int64_t i, int e8m0) { /* scale_at without a call (keeps registers live) */
+    if (!e8m0) return ((const float *)s)[i];
+    const uint32_t b = ((const uint8_t *)s)[i], u = b ? b << 23 : 0x00400000u;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+AI void fp4_step_bf(const uint8_t *w, int64_t ldw, const float *s0, const float *s1, int64_t g, const int full,
                     const uint16_t *const *xr, const int nr, const int mb, const int two, __m512 (*a0)[MB],
                     __m512 (*a1)[MB]) {
     const __m512 T = _mm512_loadu_ps(E2M1);
@@ -379,8 +397,8 @@ AI void fp4_step_bf(const uint8_t *w, int64_t ldw, const float (*sc)[16], int j,
     const __m512i off = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1);
     __m512i lo[2], hi[2];
     for (int r = 0; r < nr; r++) {
-        const __m512 tl = _mm512_mul_ps(T, _mm512_set1_ps(sc[r][j]));
-        const __m512 th = full ? _mm512_mul_ps(T, _mm512_set1_ps(sc[r][j + 1])) : _mm512_setzero_ps();
+        const __m512 tl = _mm512_mul_ps(T, _mm512_set1_ps(s0[r]));
+        const __m512 th = full ? _mm512_mul_ps(T, _mm512_set1_ps(s1[r])) : _mm512_setzero_ps();
         const __m512i tbl = (__m512i)_mm512_cvtne2ps_pbh(th, tl);
         const uint8_t *wb = w + r * ldw + 16 * g;
         const __m256i bytes = full ? _mm256_loadu_si256((const __m256i *)wb) : _mm256_maskz_loadu_epi8(0xffff, wb);
@@ -408,21 +426,104 @@ AI void fp4_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, 
     __m512 a0[2][MB], a1[2][MB];
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
-    float sc[2][16] __attribute__((aligned(64)));
-    for (int64_t g0 = 0; g0 < G; g0 += 16) {
-        const int ng = (int)min64(16, G - g0);
-        const __mmask16 km = (__mmask16)((1u << ng) - 1);
-        for (int r = 0; r < nr; r++) {
-            if (e8m0)
-                _mm512_store_ps(sc[r], e8m0_v(_mm_maskz_loadu_epi8(km, (const uint8_t *)s + r * lds + g0)));
-            else
-                _mm512_store_ps(sc[r], _mm512_maskz_loadu_ps(km, (const float *)s + r * lds + g0));
-            for (int64_t o = 0; o < 16 * ng; o += 64)
-                _mm_prefetch((const char *)w + r * ldw + pfd + 16 * g0 + o, _MM_HINT_T0);
+    float s0[2], s1[2];
+    if (nr * mb <= 2) { /* decode-bound: scales 16 groups at a time (the few accumulators spill per chunk) */
+        float sc[2][16] __attribute__((aligned(64)));
+        for (int64_t g0 = 0; g0 < G; g0 += 16) {
+            const int ng = (int)min64(16, G - g0);
+            const __mmask16 km = (__mmask16)((1u << ng) - 1);
+            for (int r = 0; r < nr; r++) {
+                if (e8m0)
+                    _mm512_store_ps(sc[r], e8m0_v(_mm_maskz_loadu_epi8(km, (const uint8_t *)s + r * lds + g0)));
+                else
+                    _mm512_store_ps(sc[r], _mm512_maskz_loadu_ps(km, (const float *)s + r * lds + g0));
+                for (int64_t o = 0; o < 16 * ng; o += 64)
+                    _mm_prefetch((const char *)w + r * ldw + pfd + 16 * g0 + o, _MM_HINT_T0);
+            }
+            int j = 0;
+            for (; j + 1 < ng; j += 2) {
+                for (int r = 0; r < nr; r++) s0[r] = sc[r][j], s1[r] = sc[r][j + 1];
+                fp4_step_bf(w, ldw, s0, s1, g0 + j, 1, xr, nr, mb, two, a0, a1);
+            }
+            if (j < ng) {
+                for (int r = 0; r < nr; r++) s0[r] = sc[r][j];
+                fp4_step_bf(w, ldw, s0, s1, g0 + j, 0, xr, nr, mb, two, a0, a1);
+            }
         }
-        int j = 0;
-        for (; j + 1 < ng; j += 2) fp4_step_bf(w, ldw, (const float(*)[16])sc, j, g0 + j, 1, xr, nr, mb, two, a0, a1);
-        if (j < ng) fp4_step_bf(w, ldw, (const float(*)[16])sc, j, g0 + j, 0, xr, nr, mb, two, a0, a1);
+    } else { /* one flat loop over group pairs, scales read per step: gcc keeps array accumulators
+              * in registers only across the innermost loop */
+        int64_t g = 0;
+        for (; g + 1 < G; g += 2) {
+            for (int r = 0; r < nr; r++) {
+                _mm_prefetch((const char *)w + r * ldw + pfd + 16 * g, _MM_HINT_T0);
+                s0[r] = scale_bits(s, r * lds + g, e8m0), s1[r] = scale_bits(s, r * lds + g + 1, e8m0);
+            }
+            fp4_step_bf(w, ldw, s0, s1, g, 1, xr, nr, mb, two, a0, a1);
+        }
+        if (g < G) {
+            for (int r = 0; r < nr; r++) s0[r] = scale_bits(s, r * lds + g, e8m0);
+            fp4_step_bf(w, ldw, s0, s1, g, 0, xr, nr, mb, two, a0, a1);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mb; m++)
+            out[m * TILE + r] += _mm512_reduce_add_ps(two ? _mm512_add_ps(a0[r][m], a1[r][m]) : a0[r][m]);
+}
+
+/* bf16 x (natural order, zeros from K to a multiple of 32) with FP8 weights: 32 weights of nr rows
+ * per step, decoded by the fp16 route of e4m3_x2m8, times the block scale (x 2^8) and rounded to
+ * bf16 to nearest even (exact for E8M0 scales; for fp32 scales the twin's W, as rows_decode);
+ * vdpbf16ps multiplies the pairs exactly and accumulates in fp32. full = 0: the `left` < 32 last
+ * weights (masked loads; x is zero there). */
+AI void fp8_step_bf(const uint8_t *w, int64_t ldw, __m512 vs, const uint16_t *const *xr, int64_t k, int64_t left,
+                    const int full, const int nr, const int mb, const int sel, __m512 (*a0)[MB], __m512 (*a1)[MB]) {
+    __m512i wv[2];
+    for (int r = 0; r < nr; r++) {
+        const uint8_t *wr = w + r * ldw + k;
+        const __m256i b = full ? _mm256_loadu_si256((const __m256i *)wr)
+                               : _mm256_maskz_loadu_epi8((__mmask32)((1ull << left) - 1), wr);
+        __m512i t = _mm512_slli_epi16(_mm512_cvtepu8_epi16(b), 7);
+        t = _mm512_add_epi16(t, _mm512_and_si512(t, _mm512_set1_epi16(0x4000)));
+        const __m512 lo = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(t)), vs);
+        const __m512 hi = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(t, 1)), vs);
+        wv[r] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    }
+    for (int m = 0; m < mb; m++) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xr[m] + k);
+        for (int r = 0; r < nr; r++) {
+            if (sel) /* constant after inlining */
+                a1[r][m] = _mm512_dpbf16_ps(a1[r][m], (__m512bh)wv[r], xv);
+            else
+                a0[r][m] = _mm512_dpbf16_ps(a0[r][m], (__m512bh)wv[r], xv);
+        }
+    }
+}
+
+/* the nr rows are in one 128-row block (one scale row s), as fp8_micro */
+AI void fp8_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, const uint16_t *const *xr, int64_t n,
+                     const int nr, const int mb, float *out) {
+    const int two = nr * mb <= 8;
+    const int64_t pfd = cdiv(PF, nr * ldw) * nr * ldw, nf = n & ~(int64_t)127;
+    __m512 a0[2][MB], a1[2][MB];
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
+    /* whole 128-weight blocks: a branch-free body, so the accumulators stay in registers */
+    for (int64_t k = 0; k < nf; k += 128) {
+        const __m512 vs = _mm512_set1_ps(scale_at(s, k >> 7, e8m0) * 256.0f);
+        for (int r = 0; r < nr; r++) {
+            _mm_prefetch((const char *)w + r * ldw + pfd + k, _MM_HINT_T0);
+            _mm_prefetch((const char *)w + r * ldw + pfd + k + 64, _MM_HINT_T0);
+        }
+        fp8_step_bf(w, ldw, vs, xr, k, 32, 1, nr, mb, 0, a0, a1);
+        fp8_step_bf(w, ldw, vs, xr, k + 32, 32, 1, nr, mb, two, a0, a1);
+        fp8_step_bf(w, ldw, vs, xr, k + 64, 32, 1, nr, mb, 0, a0, a1);
+        fp8_step_bf(w, ldw, vs, xr, k + 96, 32, 1, nr, mb, two, a0, a1);
+    }
+    if (nf < n) { /* the last, partial block */
+        const __m512 vs = _mm512_set1_ps(scale_at(s, nf >> 7, e8m0) * 256.0f);
+        int64_t k = nf;
+        for (; k + 32 <= n; k += 32) fp8_step_bf(w, ldw, vs, xr, k, 32, 1, nr, mb, 0, a0, a1);
+        if (k < n) fp8_step_bf(w, ldw, vs, xr, k, n - k, 0, nr, mb, 0, a0, a1);
     }
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mb; m++)
@@ -636,6 +737,17 @@ static void fp4_rows_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t ld
     }
 #undef FB
 }
+
+static void fp8_rows_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, const uint16_t *const *xr, int64_t n,
+                        int nr, int mb, float *out) {
+#define FB(NR, M) fp8_micro_bf(w, ldw, s, e8m0, xr, n, NR, M, out)
+    if (nr == 2) {
+        switch (mb) { MB_CASES(FB, 2) }
+    } else {
+        switch (mb) { MB_CASES(FB, 1) }
+    }
+#undef FB
+}
 #endif
 
 /* ---- tiles: res[i * TILE + o - o0] = W[o] . x_i for rows o in [o0, o1) (o1 - o0 <= TILE) ----------
@@ -708,6 +820,26 @@ static void fp8_tile(const QMat *q, const void *const *xr, int mb, int64_t o0, i
             }
         }
 }
+
+#if DZ_BF16DOT
+/* bf16 rows, natural order (zeros past K to a multiple of 32); chunks are whole 128-blocks */
+static void fp8_tile_bf(const QMat *q, const void *const *xr, int mb, int64_t o0, int64_t o1, float *res) {
+    const int64_t K = q->K, KB = cdiv(K, 128), ss = q->e8m0 ? 1 : 4;
+    const int64_t kc = mb <= 2 ? K : min64(K, ((int64_t)8192 / mb) & ~(int64_t)127);
+    memset(res, 0, sizeof(float) * (size_t)(mb * TILE));
+    for (int64_t b0 = o0; b0 < o1; b0 += SUB)
+        for (int64_t k0 = 0; k0 < K; k0 += kc) {
+            const int64_t n = min64(kc, K - k0), b1 = min64(o1, b0 + SUB);
+            const uint16_t *xc[MB];
+            for (int i = 0; i < mb; i++) xc[i] = (const uint16_t *)xr[i] + k0;
+            for (int64_t o = b0; o < b1; o += 2) {
+                const int nr = o + 1 < b1 ? 2 : 1;
+                fp8_rows_bf(q->w + o * K + k0, K, q->s + ((o >> 7) * KB + (k0 >> 7)) * ss, q->e8m0, xc, n, nr, mb,
+                            res + (o - o0));
+            }
+        }
+}
+#endif
 
 /* threads for a call of `macs` multiply-adds over `items` work items */
 static int team(int64_t nthreads, int64_t macs, int64_t items) {
@@ -1069,7 +1201,8 @@ void dz_fp8_linear(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, c
                    void *out, int64_t M, int64_t O, int64_t K, int64_t act_quant, int64_t nthreads) {
     const QMat q = {w, (const char *)s, K, O, (int)e8m0, bf16 && !e8m0};
 #if DZ_BF16DOT
-    if (M >= ROWS_MIN && bf16 && use_bf16dot) { /* bf16 rows (FP8-simulated in bf16), zeros to Kp */
+    if (bf16 && use_bf16dot && M > 2) { /* bf16 rows (FP8-simulated in bf16), zeros to Kp; 1-2 rows:
+                                           * the fp32 kernels below decode faster */
         const int64_t Kp = rows_kp(K, 1, 1);
         uint16_t *xb = (uint16_t *)dz_alloc(M * Kp * 2);
         for (int64_t m = 0; m < M; m++) {
@@ -1079,7 +1212,10 @@ void dz_fp8_linear(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, c
             if (act_quant)
                 for (int64_t k = 0; k < K; k += 128) fp8_sim_block_bf16(r + k, min64(128, K - k));
         }
-        rows_linear(&q, 1, 1, (const char *)xb, Kp * 2, M, out, 1, nthreads);
+        if (M >= ROWS_MIN)
+            rows_linear(&q, 1, 1, (const char *)xb, Kp * 2, M, out, 1, nthreads);
+        else
+            linear(&q, fp8_tile_bf, (const char *)xb, Kp * 2, M, out, 1, nthreads);
         free(xb);
         return;
     }
