@@ -157,18 +157,19 @@ def run(size: str | None = None, device=None, choice: str | None = None, scenari
                      baseline_time_s=hf_t, shape=f"2-layer Flash slice {'/'.join(args2.layer_types)}"))
     if out:
         part = "" if set(scenarios) >= set(SCENARIOS) else "-" + "-".join(sorted(set(scenarios)))  # a subset: its own chart
-        chart(recs, out / f"roofline-{size}-{device.type}{part}.png")
+        png = out / f"roofline-{size}-{device.type}{part}.png"
+        log(f"chart {png}" if chart(recs, png) else f"no chart ({png.name}): matplotlib is not installed")
     return recs
 
 
-def chart(recs: list[dict], path: Path) -> None:
-    """Bar chart of each record's roofline fraction (matplotlib, if installed)."""
+def chart(recs: list[dict], path: Path) -> bool:
+    """Bar chart of each record's roofline fraction; False (nothing written) without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return False
     labels = [f"{r['scenario'].split()[0]} B{r['batch']} {r['context'] or ''}".strip() for r in recs]
     fig, ax = plt.subplots(figsize=(max(6, len(recs) * 0.6), 4))
     ax.bar(range(len(recs)), [100 * r["roofline_fraction"] for r in recs])
@@ -179,3 +180,4 @@ def chart(recs: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True

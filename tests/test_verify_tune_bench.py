@@ -2,6 +2,7 @@
 Triton table runs in the interpreter) and can fail."""
 import dataclasses
 import json
+import sys
 
 import pytest
 import torch
@@ -111,6 +112,15 @@ def test_bench_keeps_the_records_of_a_run_cut_short(tmp_path, monkeypatch):
                   log=lambda s: None)
     lines = [json.loads(s) for s in (tmp_path / "bench.jsonl").read_text().splitlines()]
     assert [r["scenario"].split()[0] for r in lines] == ["S1", "S1", "S2", "S2"]
+
+
+def test_bench_says_when_it_draws_no_chart(tmp_path, monkeypatch):
+    """Without matplotlib the records are still written and the log names the chart not drawn."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    said = []
+    bench.run(size="tiny", device="cpu", choice="ref", scenarios=("S1",), out_dir=tmp_path, log=said.append)
+    assert (tmp_path / "bench.jsonl").exists() and not list(tmp_path.glob("*.png"))
+    assert said[-1] == "no chart (roofline-tiny-cpu-S1.png): matplotlib is not installed"
 
 
 @pytest.mark.parametrize("layers", [("csa", "hca")])
