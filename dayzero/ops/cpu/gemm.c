@@ -262,47 +262,59 @@ AI __m512 exp_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* the scales of groups g0 .. g0 + ng - 1 (ng <= 16) of nr rows into sc, and the rows visited ~PF
+ * bytes later prefetched at the same columns */
+AI void fp4_scales16(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, int e8m0, int64_t pfd, int64_t g0,
+                     int ng, const int nr, float (*sc)[16]) {
+    const __mmask16 km = (__mmask16)((1u << ng) - 1);
+    for (int r = 0; r < nr; r++) {
+        if (e8m0)
+            _mm512_store_ps(sc[r], e8m0_v(_mm_maskz_loadu_epi8(km, (const uint8_t *)s + r * lds + g0)));
+        else
+            _mm512_store_ps(sc[r], _mm512_maskz_loadu_ps(km, (const float *)s + r * lds + g0));
+        for (int64_t o = 0; o < 16 * ng; o += 64) _mm_prefetch((const char *)w + r * ldw + pfd + 16 * g0 + o, _MM_HINT_T0);
+    }
+}
+
+/* group g of nr rows, scales sg[r], into the accumulators */
+AI void fp4_step(const uint8_t *w, int64_t ldw, const float *sg, int rnd, const float *const *xr, int64_t g,
+                 const int nr, const int mb, const int two, __m512 (*a0)[MB], __m512 (*a1)[MB]) {
+    const __m512 T = _mm512_loadu_ps(E2M1);
+    __m512 lo[2], hi[2];
+    for (int r = 0; r < nr; r++) {
+        __m512 tbl = _mm512_mul_ps(T, _mm512_set1_ps(sg[r]));
+        if (rnd) tbl = rnd_bf16_v(tbl);
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + r * ldw + 16 * g)));
+        lo[r] = _mm512_permutexvar_ps(b, tbl);
+        hi[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tbl);
+    }
+    for (int m = 0; m < mb; m++) {
+        const __m512 xe = _mm512_loadu_ps(xr[m] + 32 * g), xo = _mm512_loadu_ps(xr[m] + 32 * g + 16);
+        for (int r = 0; r < nr; r++) {
+            a0[r][m] = _mm512_fmadd_ps(lo[r], xe, a0[r][m]);
+            if (two)
+                a1[r][m] = _mm512_fmadd_ps(hi[r], xo, a1[r][m]);
+            else
+                a0[r][m] = _mm512_fmadd_ps(hi[r], xo, a0[r][m]);
+        }
+    }
+}
+
 AI void fp4_micro(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, int e8m0, int rnd,
                   const float *const *xr, int64_t n, const int nr, const int mb, float *out) {
     const int64_t G = n >> 5, pfd = cdiv(PF, nr * ldw) * nr * ldw;
     const int two = nr * mb <= 8;
-    const __m512 T = _mm512_loadu_ps(E2M1);
     __m512 a0[2][MB], a1[2][MB];
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
-    float sc[2][16] __attribute__((aligned(64)));
+    float sc[2][16] __attribute__((aligned(64))), sg[2];
+    /* fp32 FMAs are the bound here: the accumulators stored once per 16 groups cost nothing measurable */
     for (int64_t g0 = 0; g0 < G; g0 += 16) {
         const int ng = (int)min64(16, G - g0);
-        const __mmask16 km = (__mmask16)((1u << ng) - 1);
-        for (int r = 0; r < nr; r++) {
-            if (e8m0)
-                _mm512_store_ps(sc[r], e8m0_v(_mm_maskz_loadu_epi8(km, (const uint8_t *)s + r * lds + g0)));
-            else
-                _mm512_store_ps(sc[r], _mm512_maskz_loadu_ps(km, (const float *)s + r * lds + g0));
-        }
-        for (int r = 0; r < nr; r++) /* the rows visited ~PF bytes later, same columns */
-            for (int64_t off = 0; off < 16 * ng; off += 64)
-                _mm_prefetch((const char *)w + r * ldw + pfd + 16 * g0 + off, _MM_HINT_T0);
+        fp4_scales16(w, ldw, s, lds, e8m0, pfd, g0, ng, nr, sc);
         for (int j = 0; j < ng; j++) {
-            const int64_t g = g0 + j;
-            __m512 lo[2], hi[2];
-            for (int r = 0; r < nr; r++) {
-                __m512 tbl = _mm512_mul_ps(T, _mm512_set1_ps(sc[r][j]));
-                if (rnd) tbl = rnd_bf16_v(tbl);
-                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + r * ldw + 16 * g)));
-                lo[r] = _mm512_permutexvar_ps(b, tbl);
-                hi[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tbl);
-            }
-            for (int m = 0; m < mb; m++) {
-                const __m512 xe = _mm512_loadu_ps(xr[m] + 32 * g), xo = _mm512_loadu_ps(xr[m] + 32 * g + 16);
-                for (int r = 0; r < nr; r++) {
-                    a0[r][m] = _mm512_fmadd_ps(lo[r], xe, a0[r][m]);
-                    if (two)
-                        a1[r][m] = _mm512_fmadd_ps(hi[r], xo, a1[r][m]);
-                    else
-                        a0[r][m] = _mm512_fmadd_ps(hi[r], xo, a0[r][m]);
-                }
-            }
+            for (int r = 0; r < nr; r++) sg[r] = sc[r][j];
+            fp4_step(w, ldw, sg, rnd, xr, g0 + j, nr, mb, two, a0, a1);
         }
     }
     for (int r = 0; r < nr; r++)
@@ -375,13 +387,8 @@ AI void fp8_micro(const uint8_t *w, int64_t ldw, const void *s, int e8m0, int rn
 }
 
 #if DZ_BF16DOT
-/* bf16 x (split64_row layout) with FP4 weights: two groups (64 weights, 32 bytes) per step; the
- * 32-entry bf16 table holds both groups' scaled e2m1 values (exact for E8M0 scales; fp32 scales
- * rounded to bf16 as the twin rounds W), indexed by vpermw with the group in bit 4; vdpbf16ps
- * multiplies pairs exactly and accumulates in fp32 (it flushes subnormals, as the twin's bf16
- * matmul does). An odd last group runs with the upper half zero. */
-/* one step: groups g, g + 1 (full = 0: g only, the upper half zero) of nr rows into the accumulators */
-AI float scale_bits(const void *s, int64_t i, int e8m0) { /* scale_at without a call (keeps registers live) */
+/* scale_at without a call (around a call the accumulators would be stored) */
+AI float scale_bits(const void *s, int64_t i, int e8m0) {
     if (!e8m0) return ((const float *)s)[i];
     const uint32_t b = ((const uint8_t *)s)[i], u = b ? b << 23 : 0x00400000u;
     float f;
@@ -389,6 +396,12 @@ AI float scale_bits(const void *s, int64_t i, int e8m0) { /* scale_at without a 
     return f;
 }
 
+/* bf16 x (split64_row layout) with FP4 weights: two groups (64 weights, 32 bytes) per step; the
+ * 32-entry bf16 table holds both groups' scaled e2m1 values (exact for E8M0 scales; fp32 scales
+ * rounded to bf16 as the twin rounds W), indexed by vpermw with the group in bit 4; vdpbf16ps
+ * multiplies pairs exactly and accumulates in fp32 (it flushes subnormals, as the twin's bf16
+ * matmul does). An odd last group runs with the upper half zero. */
+/* one step: groups g, g + 1 (full = 0: g only, the upper half zero) of nr rows into the accumulators */
 AI void fp4_step_bf(const uint8_t *w, int64_t ldw, const float *s0, const float *s1, int64_t g, const int full,
                     const uint16_t *const *xr, const int nr, const int mb, const int two, __m512 (*a0)[MB],
                     __m512 (*a1)[MB]) {
@@ -427,19 +440,14 @@ AI void fp4_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, 
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
     float s0[2], s1[2];
-    if (nr * mb <= 2) { /* decode-bound: scales 16 groups at a time (the few accumulators spill per chunk) */
+    /* gcc keeps the accumulator arrays in registers only across a branch-free innermost loop:
+     * up to 2 accumulators (decode-bound) the scales are loaded 16 groups at a time and the
+     * accumulators stored once per chunk; beyond that one flat loop reads each pair's scales */
+    if (nr * mb <= 2) {
         float sc[2][16] __attribute__((aligned(64)));
         for (int64_t g0 = 0; g0 < G; g0 += 16) {
             const int ng = (int)min64(16, G - g0);
-            const __mmask16 km = (__mmask16)((1u << ng) - 1);
-            for (int r = 0; r < nr; r++) {
-                if (e8m0)
-                    _mm512_store_ps(sc[r], e8m0_v(_mm_maskz_loadu_epi8(km, (const uint8_t *)s + r * lds + g0)));
-                else
-                    _mm512_store_ps(sc[r], _mm512_maskz_loadu_ps(km, (const float *)s + r * lds + g0));
-                for (int64_t o = 0; o < 16 * ng; o += 64)
-                    _mm_prefetch((const char *)w + r * ldw + pfd + 16 * g0 + o, _MM_HINT_T0);
-            }
+            fp4_scales16(w, ldw, s, lds, e8m0, pfd, g0, ng, nr, sc);
             int j = 0;
             for (; j + 1 < ng; j += 2) {
                 for (int r = 0; r < nr; r++) s0[r] = sc[r][j], s1[r] = sc[r][j + 1];
@@ -450,8 +458,7 @@ AI void fp4_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, 
                 fp4_step_bf(w, ldw, s0, s1, g0 + j, 0, xr, nr, mb, two, a0, a1);
             }
         }
-    } else { /* one flat loop over group pairs, scales read per step: gcc keeps array accumulators
-              * in registers only across the innermost loop */
+    } else { /* one flat loop over the group pairs */
         int64_t g = 0;
         for (; g + 1 < G; g += 2) {
             for (int r = 0; r < nr; r++) {
