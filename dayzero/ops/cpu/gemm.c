@@ -759,7 +759,8 @@ static void fp8_rows_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, 
 
 /* ---- tiles: res[i * TILE + o - o0] = W[o] . x_i for rows o in [o0, o1) (o1 - o0 <= TILE) ----------
  * K is walked in chunks that keep the mb activation rows' chunk in L1 (16 KiB) while the tile's
- * weight rows are read chunk by chunk; for mb = 1 a chunk is up to 4096 elements. */
+ * weight rows are read chunk by chunk (fp32 x: 16 KiB of them; bf16 x: 16 KiB too); with up to two
+ * rows a chunk is the whole row. */
 
 static inline int64_t k_chunk(int mb, int64_t K) {
     if (mb <= 2) return K; /* <= 2 rows stream from L2 well enough; whole rows keep weights sequential */
@@ -774,77 +775,74 @@ typedef struct {
     int e8m0, rnd;
 } QMat;
 
-static void fp4_tile(const QMat *q, const void *const *xr, int mb, int64_t o0, int64_t o1, float *res) {
-    const int64_t K = q->K, H = K / 2, G = K / 32, ss = q->e8m0 ? 1 : 4;
-    const int64_t kc = k_chunk(mb, K);
+/* rows o, o + nr - 1 of q over k in [k0, k0 + n) against the mb activation rows xc (at k0) */
+typedef void (*pair_fn)(const QMat *q, int64_t o, int64_t k0, int64_t n, const void *const *xc, int nr, int mb,
+                        float *out);
+
+/* every tile's walk: SUB rows at a time, K in chunks of kc, x elements esz bytes */
+static void tile_walk(const QMat *q, const void *const *xr, int mb, int64_t o0, int64_t o1, float *res, int64_t kc,
+                      int64_t esz, pair_fn pair) {
+    const int64_t K = q->K;
     memset(res, 0, sizeof(float) * (size_t)(mb * TILE));
     for (int64_t b0 = o0; b0 < o1; b0 += SUB)
         for (int64_t k0 = 0; k0 < K; k0 += kc) {
             const int64_t n = min64(kc, K - k0), b1 = min64(o1, b0 + SUB);
-            const float *xc[MB];
-            for (int i = 0; i < mb; i++) xc[i] = (const float *)xr[i] + k0;
-            for (int64_t o = b0; o < b1; o += 2) {
-                const int nr = o + 1 < b1 ? 2 : 1;
-                fp4_rows(q->w + o * H + k0 / 2, H, q->s + (o * G + k0 / 32) * ss, G, q->e8m0, q->rnd, xc, n, nr, mb,
-                         res + (o - o0));
-            }
+            const void *xc[MB];
+            for (int i = 0; i < mb; i++) xc[i] = (const char *)xr[i] + k0 * esz;
+            for (int64_t o = b0; o < b1; o += 2) /* o is even (tiles start even): an FP8 pair is in one 128-row block */
+                pair(q, o, k0, n, xc, o + 1 < b1 ? 2 : 1, mb, res + (o - o0));
         }
 }
 
-#if DZ_BF16DOT
-/* bf16 rows in the split64_row layout; chunks are multiples of 128 (whole 64-blocks) */
-static void fp4_tile_bf(const QMat *q, const void *const *xr, int mb, int64_t o0, int64_t o1, float *res) {
-    const int64_t K = q->K, H = K / 2, G = K / 32, ss = q->e8m0 ? 1 : 4;
-    const int64_t kc = mb <= 2 ? K : min64(K, ((int64_t)8192 / mb) & ~(int64_t)127);
-    memset(res, 0, sizeof(float) * (size_t)(mb * TILE));
-    for (int64_t b0 = o0; b0 < o1; b0 += SUB)
-        for (int64_t k0 = 0; k0 < K; k0 += kc) {
-            const int64_t n = min64(kc, K - k0), b1 = min64(o1, b0 + SUB);
-            const uint16_t *xc[MB];
-            for (int i = 0; i < mb; i++) xc[i] = (const uint16_t *)xr[i] + k0;
-            for (int64_t o = b0; o < b1; o += 2) {
-                const int nr = o + 1 < b1 ? 2 : 1;
-                fp4_rows_bf(q->w + o * H + k0 / 2, H, q->s + (o * G + k0 / 32) * ss, G, q->e8m0, xc, n, nr, mb,
-                            res + (o - o0));
-            }
-        }
+static void fp4_pair(const QMat *q, int64_t o, int64_t k0, int64_t n, const void *const *xc, int nr, int mb,
+                     float *out) {
+    const int64_t H = q->K / 2, G = q->K / 32;
+    fp4_rows(q->w + o * H + k0 / 2, H, q->s + (o * G + k0 / 32) * (q->e8m0 ? 1 : 4), G, q->e8m0, q->rnd,
+             (const float *const *)xc, n, nr, mb, out);
 }
-#endif
+
+static void fp8_pair(const QMat *q, int64_t o, int64_t k0, int64_t n, const void *const *xc, int nr, int mb,
+                     float *out) {
+    const int64_t K = q->K;
+    fp8_rows(q->w + o * K + k0, K, q->s + ((o >> 7) * cdiv(K, 128) + (k0 >> 7)) * (q->e8m0 ? 1 : 4), q->e8m0, q->rnd,
+             (const float *const *)xc, n, nr, mb, out);
+}
+
+static void fp4_tile(const QMat *q, const void *const *xr, int mb, int64_t o0, int64_t o1, float *res) {
+    tile_walk(q, xr, mb, o0, o1, res, k_chunk(mb, q->K), 4, fp4_pair);
+}
 
 static void fp8_tile(const QMat *q, const void *const *xr, int mb, int64_t o0, int64_t o1, float *res) {
-    const int64_t K = q->K, KB = cdiv(K, 128), ss = q->e8m0 ? 1 : 4;
-    const int64_t kc = k_chunk(mb, K);
-    memset(res, 0, sizeof(float) * (size_t)(mb * TILE));
-    for (int64_t b0 = o0; b0 < o1; b0 += SUB)
-        for (int64_t k0 = 0; k0 < K; k0 += kc) {
-            const int64_t n = min64(kc, K - k0), b1 = min64(o1, b0 + SUB);
-            const float *xc[MB];
-            for (int i = 0; i < mb; i++) xc[i] = (const float *)xr[i] + k0;
-            for (int64_t o = b0; o < b1; o += 2) {
-                const int nr = o + 1 < b1 ? 2 : 1; /* o is even (tiles start even): one 128-row block */
-                fp8_rows(q->w + o * K + k0, K, q->s + ((o >> 7) * KB + (k0 >> 7)) * ss, q->e8m0, q->rnd, xc, n, nr,
-                         mb, res + (o - o0));
-            }
-        }
+    tile_walk(q, xr, mb, o0, o1, res, k_chunk(mb, q->K), 4, fp8_pair);
 }
 
 #if DZ_BF16DOT
-/* bf16 rows, natural order (zeros past K to a multiple of 32); chunks are whole 128-blocks */
+/* bf16 rows: chunks of whole 128-blocks (FP4: the split64_row layout's 64-blocks; FP8: natural
+ * order, zeros past K to a multiple of 32) */
+static inline int64_t k_chunk_bf(int mb, int64_t K) {
+    return mb <= 2 ? K : min64(K, ((int64_t)8192 / mb) & ~(int64_t)127);
+}
+
+static void fp4_pair_bf(const QMat *q, int64_t o, int64_t k0, int64_t n, const void *const *xc, int nr, int mb,
+                        float *out) {
+    const int64_t H = q->K / 2, G = q->K / 32;
+    fp4_rows_bf(q->w + o * H + k0 / 2, H, q->s + (o * G + k0 / 32) * (q->e8m0 ? 1 : 4), G, q->e8m0,
+                (const uint16_t *const *)xc, n, nr, mb, out);
+}
+
+static void fp8_pair_bf(const QMat *q, int64_t o, int64_t k0, int64_t n, const void *const *xc, int nr, int mb,
+                        float *out) {
+    const int64_t K = q->K;
+    fp8_rows_bf(q->w + o * K + k0, K, q->s + ((o >> 7) * cdiv(K, 128) + (k0 >> 7)) * (q->e8m0 ? 1 : 4), q->e8m0,
+                (const uint16_t *const *)xc, n, nr, mb, out);
+}
+
+static void fp4_tile_bf(const QMat *q, const void *const *xr, int mb, int64_t o0, int64_t o1, float *res) {
+    tile_walk(q, xr, mb, o0, o1, res, k_chunk_bf(mb, q->K), 2, fp4_pair_bf);
+}
+
 static void fp8_tile_bf(const QMat *q, const void *const *xr, int mb, int64_t o0, int64_t o1, float *res) {
-    const int64_t K = q->K, KB = cdiv(K, 128), ss = q->e8m0 ? 1 : 4;
-    const int64_t kc = mb <= 2 ? K : min64(K, ((int64_t)8192 / mb) & ~(int64_t)127);
-    memset(res, 0, sizeof(float) * (size_t)(mb * TILE));
-    for (int64_t b0 = o0; b0 < o1; b0 += SUB)
-        for (int64_t k0 = 0; k0 < K; k0 += kc) {
-            const int64_t n = min64(kc, K - k0), b1 = min64(o1, b0 + SUB);
-            const uint16_t *xc[MB];
-            for (int i = 0; i < mb; i++) xc[i] = (const uint16_t *)xr[i] + k0;
-            for (int64_t o = b0; o < b1; o += 2) {
-                const int nr = o + 1 < b1 ? 2 : 1;
-                fp8_rows_bf(q->w + o * K + k0, K, q->s + ((o >> 7) * KB + (k0 >> 7)) * ss, q->e8m0, xc, n, nr, mb,
-                            res + (o - o0));
-            }
-        }
+    tile_walk(q, xr, mb, o0, o1, res, k_chunk_bf(mb, q->K), 2, fp8_pair_bf);
 }
 #endif
 
