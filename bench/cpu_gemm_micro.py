@@ -1,12 +1,16 @@
 """Microbenchmark of the native CPU GEMMs (dayzero/ops/cpu/gemm.c) against their twins.
 
-    OMP_NUM_THREADS=2 python -m bench.cpu_gemm_micro [--reps 200] [--no-s1]
+    OMP_NUM_THREADS=2 python -m bench.cpu_gemm_micro [--reps 200] [--no-s1] [--no-flash]
 
 Decode-sized calls of the built-in model (M = 1, 2; FP8 256x256 and 512x128, FP4 256x256,
-MoE dim 256 x inter 256) in us per call (median and best) against the twins, and the S1 MoE
-scenario at batch 1 and 8 (16 experts, dim 4096 x inter 2048, top-6, FP4) as a fraction of the
-copy bandwidth measured in the same run (dayzero.scenarios.peaks / s1_moe accounting). On a
-shared machine the best times are the steadier ones. Prints; writes nothing.
+MoE dim 256 x inter 256) in us per call (median and best) against the twins; Flash-sized
+linears (4096x4096 FP8 and FP4, bf16 x, M = 1..16) streamed from memory (12 copies of the
+weights, beyond the last-level cache), in GB/s of weight bytes and as a fraction of the copy
+bandwidth measured in the same run, beside the same call on the fp32 kernels
+(`options(0)`, the path without AVX512-BF16) and torch's bf16 matmul on the dequantised weights;
+and the S1 MoE scenario at batch 1 and 8 (16 experts, dim 4096 x inter 2048, top-6, FP4) as a
+fraction of the copy bandwidth (dayzero.scenarios.peaks / s1_moe accounting). On a shared
+machine the best times are the steadier ones. Prints; writes nothing.
 """
 from __future__ import annotations
 
@@ -70,6 +74,43 @@ def small(reps: int) -> None:
                     max(10, reps // 10))
 
 
+def flash(rows=(1, 2, 4, 8, 12, 16), copies: int = 12, reps: int = 5) -> None:
+    """4096x4096 FP8 / FP4 linears, bf16 x, weights rotated over `copies` copies (memory, not cache)."""
+    from dayzero.scenarios import peaks
+    bw = peaks(torch.device("cpu"))["bandwidth"]
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4096, 4096, generator=g) * 0.05
+    mats = {"fp8": quant_fp8_block(w), "fp4": quant_fp4(w)}
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s; best of {reps} sweeps over {copies} weight copies, us per call")
+    print(f"{'linear':16s} {'native':>8s} {'GB/s':>6s} {'of copy':>8s} {'fp32 kernels':>13s} {'bf16 matmul':>12s}")
+    for name, (q, sc) in mats.items():
+        qs = [(q.clone(), sc.clone()) for _ in range(copies)]
+        fn = gemm.fp8_linear if name == "fp8" else gemm.fp4_linear
+        wd = (ref.fp8_linear if name == "fp8" else ref.fp4_linear)(torch.eye(4096), q, sc).T.contiguous().bfloat16()
+        dense = [wd.clone() for _ in range(max(1, copies // 4))]  # bf16 is 2-4x the bytes: fewer copies
+        nbytes = q.numel() * q.element_size() + sc.numel() * sc.element_size()
+        for M in rows:
+            x = torch.randn(M, 4096, generator=g).bfloat16()
+
+            def sweep(f, ws):
+                best = float("inf")
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    for a in ws:
+                        f(a)
+                    best = min(best, (time.perf_counter() - t0) / len(ws))
+                return best * 1e6
+            nat = sweep(lambda a: fn(x, *a), qs)
+            gemm.kernels.options(0)
+            try:
+                f32 = sweep(lambda a: fn(x, *a), qs)
+            finally:
+                gemm.kernels.options(1)
+            mm = sweep(lambda a: x @ a.T, dense)
+            print(f"{name + ' M=' + str(M):16s} {nat:8.0f} {nbytes / nat / 1e3:6.1f} {100 * nbytes / nat * 1e6 / bw:7.1f}% "
+                  f"{f32:13.0f} {mm:12.0f}")
+
+
 def s1(batches=(1, 8), reps: int = 10) -> None:
     """dayzero bench S1 (scenarios.s1_moe: its byte accounting, median of 3, the twin baseline),
     plus the median / best of `reps` more calls; fractions are of the copy bandwidth measured here."""
@@ -98,8 +139,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--no-s1", action="store_true", help="skip the S1 scenario")
+    ap.add_argument("--no-flash", action="store_true", help="skip the 4096x4096 linears")
     a = ap.parse_args()
     print(f"threads {torch.get_num_threads()}")
     small(a.reps)
+    if not a.no_flash:
+        flash()
     if not a.no_s1:
         s1()
