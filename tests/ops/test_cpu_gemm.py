@@ -93,6 +93,8 @@ def test_fp8_every_byte_decodes():
                 assert torch.equal(G.fp8_linear(eye[i:i + 8], w, s), ref.fp8_linear(eye[i:i + 8], w, s)), (dt, byte, i)
         s32 = torch.full((1, 1), 0.3)  # fp32 scale: W = fl(v * 0.3), then bf16 for bf16 x
         assert torch.equal(G.fp8_linear(eye, w, s32), ref.fp8_linear(eye, w, s32)), dt
+        for i in range(0, 128, 8):
+            assert torch.equal(G.fp8_linear(eye[i:i + 8], w, s32), ref.fp8_linear(eye[i:i + 8], w, s32)), (dt, i)
 
 
 def _act_sim_inputs(M, K, dt, seed):
