@@ -758,9 +758,9 @@ static void fp8_rows_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, 
 #endif
 
 /* ---- tiles: res[i * TILE + o - o0] = W[o] . x_i for rows o in [o0, o1) (o1 - o0 <= TILE) ----------
- * K is walked in chunks that keep the mb activation rows' chunk in L1 (16 KiB) while the tile's
- * weight rows are read chunk by chunk (fp32 x: 16 KiB of them; bf16 x: 16 KiB too); with up to two
- * rows a chunk is the whole row. */
+ * K is walked in chunks that keep the mb activation rows' chunk in L1 (16 KiB: k_chunk for fp32 x,
+ * k_chunk_bf for bf16 x) while the tile's weight rows are read chunk by chunk; with up to two rows
+ * a chunk is the whole row. */
 
 static inline int64_t k_chunk(int mb, int64_t K) {
     if (mb <= 2) return K; /* <= 2 rows stream from L2 well enough; whole rows keep weights sequential */
