@@ -2,7 +2,8 @@
 random official-format weights, each against its roofline and a baseline measured in the same run.
 
   S1  MoE decode: routed FP4 experts for B tokens (256 experts x 2048, top-6)
-  S2  sparse attention core: 64 heads x 512 over a 128-row window + 512 top-k entries
+  S2  sparse attention core: 64 heads x 512 over a 128-row window + 512 top-k entries (and again
+      over the same keys in the FP8 cache format, beside the kernel over the bf16 pools)
   S3  indexer scores + top-k over a 128K / 1M-token context (32K / 256K entries, 64 x 128)
   S4  decode step of a 4-layer Flash slice (csa, hca, csa, hca) at B=1/64, 8K/128K context
   S5  8K-token prefill chunk of the same slice
@@ -100,6 +101,7 @@ def run(size: str | None = None, device=None, choice: str | None = None, scenari
     if "S2" in scenarios:
         for b in cfg["batches"]:
             add(s2_attention(table, device, b))
+            add(s2_attention(table, device, b, kv_cache_dtype="fp8"))
     if "S3" in scenarios:
         for c in cfg["index_contexts"]:
             add(s3_indexer(table, device, c))

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 from dayzero.ops import OpTable, ref
+from dayzero.ops.kvfp8 import Fp8Layout, Fp8Rows
+from dayzero.ops.kvfp8 import pack as kvfp8_pack
 
 # ---- measurement -------------------------------------------------------------------------------
 def sync(device: torch.device) -> None:
@@ -95,7 +97,10 @@ def s1_moe(table: OpTable, device, batch: int, experts: int, dim=4096, inter=204
                 shape=f"{experts} experts {dim}x{inter} FP4 top-{k}, {touched} touched")
 
 
-def s2_attention(table: OpTable, device, batch: int, H=64, D=512, window=128, topk=512, pool_rows=1 << 16):
+def s2_attention(table: OpTable, device, batch: int, H=64, D=512, window=128, topk=512, pool_rows=1 << 16,
+                 kv_cache_dtype: str = "auto"):
+    """kv_cache_dtype "fp8": the same keys in the FP8 cache format (ops/kvfp8.py, 584 B a row), with
+    the table's own kernel over the bf16 pools as the baseline."""
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(batch, H, D, device=device, generator=g).to(torch.bfloat16)
     pw = torch.randn(pool_rows, D, device=device, generator=g).to(torch.bfloat16)
@@ -104,12 +109,22 @@ def s2_attention(table: OpTable, device, batch: int, H=64, D=512, window=128, to
     ie = torch.randint(0, pool_rows, (batch, topk), device=device, generator=g, dtype=torch.int32)
     sink = torch.randn(H, device=device, generator=g)
     args = (q, [(pw, iw), (pe, ie)], sink, D ** -0.5)
-    nbytes = batch * ((window + topk) * (D * 2 + 4) + 2 * H * D * 2)
-    t = timeit(lambda: table.sparse_attn_paged(*args), device)
-    tb = timeit(lambda: ref.sparse_attn_paged(*args), device, warmup=1, reps=3)
-    return dict(scenario="S2 sparse attention", batch=batch, context=None, bytes=nbytes, time_s=t,
-                baseline_name="pytorch twin (gather + einsum)", baseline_time_s=tb,
-                shape=f"{H} heads x {D}, {window} window + {topk} top-k rows")
+    row = D * 2
+    if kv_cache_dtype == "fp8":
+        lay = Fp8Layout(D, 64, torch.bfloat16)
+        row = lay.width
+        packed = (q, [(Fp8Rows(kvfp8_pack(pw, lay), lay), iw), (Fp8Rows(kvfp8_pack(pe, lay), lay), ie)], sink, D ** -0.5)
+        t = timeit(lambda: table.sparse_attn_paged(*packed), device)
+        tb = timeit(lambda: table.sparse_attn_paged(*args), device)
+        base, label = f"{table.name} kernel over bf16 pools", "S2 sparse attention (fp8 cache)"
+    else:
+        t = timeit(lambda: table.sparse_attn_paged(*args), device)
+        tb = timeit(lambda: ref.sparse_attn_paged(*args), device, warmup=1, reps=3)
+        base, label = "pytorch twin (gather + einsum)", "S2 sparse attention"
+    nbytes = batch * ((window + topk) * (row + 4) + 2 * H * D * 2)
+    return dict(scenario=label, batch=batch, context=None, bytes=nbytes, time_s=t,
+                baseline_name=base, baseline_time_s=tb,
+                shape=f"{H} heads x {D}, {window} window + {topk} top-k rows of {row} B")
 
 
 def s3_indexer(table: OpTable, device, context: int, H=64, Di=128, topk=512, batch=1):

@@ -1,14 +1,16 @@
 """`dayzero verify`: prove that a device computes the same model as the CPU reference.
 
 1. Ops: every op of the device's table against its PyTorch twin on the CPU, on the shared cases
-   (dayzero/ops/cases.py), fp32 and bf16; error relative to the reference output's max |value|.
+   (dayzero/ops/cases.py, with its variants: the attention over FP8-cache pools), fp32 and bf16;
+   error relative to the reference output's max |value|.
 2. End to end: the model on the device vs the CPU reference model in fp32 on the same weights,
    for the built-in model and a V4-Flash-shaped slice with random official-format weights:
    top-1 agreement and KL(reference || device) of next-token distributions over a prompt that
    crosses every compression boundary, max logit error, and greedy agreement of a continuation.
 3. The engine as `serve` runs it on the device (paged cache, chunked prefill, continuous batching,
    MTP drafts, CUDA graphs where the device has them), greedy on the built-in model: every token it
-   emits must be the reference's top-1 given the same prefix or a near tie.
+   emits must be the reference's top-1 given the same prefix or a near tie; again with the FP8 KV
+   cache, whose tokens must be those of the first run (numerics="official": lossless storage).
 Prints a report card and writes JSON. Exit status 1 if anything fails.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from dayzero.ops import OP_NAMES, OpTable, cases, for_device, ref
+from dayzero.ops.kvfp8 import Fp8Rows
 
 # end-to-end pass criteria: bf16 on a device vs fp32 on the CPU differ by rounding (a V4-Flash
 # slice with random weights, bf16 vs fp32 on the CPU: KL ~1e-3, per-position logit error ~2% of the
@@ -38,6 +41,8 @@ def _as_tuple(x):
 def _to(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
+    if isinstance(obj, Fp8Rows):
+        return Fp8Rows(obj.data.to(device), obj.layout)
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to(o, device) for o in obj)
     return obj
@@ -60,10 +65,11 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def check_ops(table: OpTable, device: torch.device, sizes=("tiny", "small")) -> list[dict]:
     rows = []
-    for op in OP_NAMES:
+    for case in OP_NAMES + tuple(cases.VARIANTS):
+        op = cases.VARIANTS.get(case, case)
         for size in sizes:
             for dtype in (torch.float32, torch.bfloat16):
-                args, kw = cases.make(op, size, device, dtype)
+                args, kw = cases.make(case, size, device, dtype)
                 t0 = time.perf_counter()
                 got = _as_tuple(getattr(table, op)(*args, **kw))
                 if device.type == "cuda":
@@ -72,7 +78,7 @@ def check_ops(table: OpTable, device: torch.device, sizes=("tiny", "small")) -> 
                 want = _as_tuple(getattr(ref, op)(*_to(args, "cpu"), **kw))
                 err = max(rel_error(g, w) for g, w in zip(got, want))
                 tol = cases.tolerance(op, dtype)
-                rows.append(dict(op=op, size=size, dtype=str(dtype).removeprefix("torch."),
+                rows.append(dict(op=op, case=case, size=size, dtype=str(dtype).removeprefix("torch."),
                                  impl="kernel" if op in table.kernels else "twin", rel_error=err,
                                  tolerance=tol, passed=err <= tol, seconds=round(dt, 4)))
     return rows
@@ -131,14 +137,15 @@ def check_flash_slice(device: torch.device, choice: str | None, numerics: str, e
                 **_model_metrics(ref_model, dev_model, prompt, device, new_tokens))
 
 
-def check_engine(device: torch.device, choice: str | None, numerics: str, new_tokens: int = 24) -> dict:
+def check_engine(device: torch.device, choice: str | None, numerics: str, new_tokens: int = 24,
+                 kv_cache_dtype: str = "auto") -> dict:
     """Greedy continuations of three prompts from the engine on the device (batched together,
     prefilled in 32-token chunks), each scored by the CPU fp32 reference over the prompt and the
     engine's own tokens: top-1 agreement along that trajectory and the worst flip."""
     from dayzero import LLM, SamplingParams
     from dayzero.builtin import builtin_path
     from dayzero.loader.model_io import load_model
-    llm = LLM(device=device, ops=choice, numerics=numerics, max_num_batched_tokens=32)
+    llm = LLM(device=device, ops=choice, numerics=numerics, max_num_batched_tokens=32, kv_cache_dtype=kv_cache_dtype)
     ref_model = load_model(builtin_path(), numerics=numerics, dtype=torch.float32, device="cpu", progress=False)
     texts = ["KING LEAR:\nAttend the lords of France and Burgundy, Gloucester.\n",
              "ROMEO:\nBut, soft! what light through yonder window breaks?\n", "First Citizen:\n"]
@@ -153,9 +160,11 @@ def check_engine(device: torch.device, choice: str | None, numerics: str, new_to
         span = (logits.amax(-1) - logits.amin(-1)).clamp(min=1e-30)
         worst = max(worst, float(((logits.amax(-1) - logits.gather(-1, tok)[:, 0]) / span).max()))
     stats = llm.engine.stats()
-    return dict(model="engine (builtin, greedy, 3 prompts batched)", kind="engine", tokens=len(agree),
+    label = "" if kv_cache_dtype == "auto" else f", {kv_cache_dtype} KV cache"
+    return dict(model=f"engine (builtin, greedy, 3 prompts batched{label})", kind="engine", tokens=len(agree),
                 top1_agreement=sum(agree) / len(agree), worst_flip=worst, graphs=stats["graphs"],
-                mtp_acceptance=stats["mtp_acceptance"], passed=worst <= TIE)
+                mtp_acceptance=stats["mtp_acceptance"], kv_cache_dtype=kv_cache_dtype,
+                token_ids=[list(o.token_ids) for o in outs], passed=worst <= TIE)
 
 
 def run(device: str | torch.device | None = None, choice: str | None = None, numerics: str = "official",
@@ -174,7 +183,15 @@ def run(device: str | torch.device | None = None, choice: str | None = None, num
     report["models"] = []
     if not skip_models:
         report["models"].append(check_builtin(device, choice, numerics))
-        report["models"].append(check_engine(device, choice, numerics))
+        auto = check_engine(device, choice, numerics)
+        report["models"].append(auto)
+        # the FP8 cache: under official numerics its rows are rounded so before they are stored,
+        # so the engine must emit exactly the tokens of the compute-dtype cache
+        fp8 = check_engine(device, choice, numerics, kv_cache_dtype="fp8")
+        if numerics == "official":
+            fp8["same_tokens_as_auto"] = fp8["token_ids"] == auto["token_ids"]
+            fp8["passed"] = fp8["passed"] and fp8["same_tokens_as_auto"]
+        report["models"].append(fp8)
         experts = slice_experts or (256 if device.type == "cuda" else 16)
         report["models"].append(check_flash_slice(device, choice, numerics, experts))
     report["passed"] = all(r["passed"] for r in report["ops"] + report["models"])
@@ -196,18 +213,20 @@ def _versions() -> dict:
 
 def card(report: dict) -> str:
     lines = [f"dayzero verify: {report['device']} ({report['device_type']}), ops table {report['ops_table']}, "
-             f"numerics {report['numerics']}", "", f"{'op':22s} {'size':6s} {'dtype':9s} {'impl':7s} "
+             f"numerics {report['numerics']}", "", f"{'op':26s} {'size':6s} {'dtype':9s} {'impl':7s} "
              f"{'rel err':>10s} {'tol':>8s}  result"]
     for r in report["ops"]:
-        lines.append(f"{r['op']:22s} {r['size']:6s} {r['dtype']:9s} {r['impl']:7s} {r['rel_error']:10.2e} "
+        lines.append(f"{r.get('case', r['op']):26s} {r['size']:6s} {r['dtype']:9s} {r['impl']:7s} {r['rel_error']:10.2e} "
                      f"{r['tolerance']:8.1e}  {'PASS' if r['passed'] else 'FAIL'}")
     for m in report["models"]:
         if m.get("kind") == "engine":
             graphs = m["graphs"]
             used = (f"{graphs['recorded']} graphs recorded, {graphs['replays']} replays" if "recorded" in graphs
                     else f"no graphs ({graphs['off']})")
+            same = ("" if "same_tokens_as_auto" not in m else
+                    f", tokens {'identical to' if m['same_tokens_as_auto'] else 'DIFFER from'} the auto cache's")
             lines += ["", f"{m['model']}: {m['tokens']} tokens, top-1 agreement {m['top1_agreement']:.3f}, worst "
-                          f"flip {m['worst_flip']:.3f} (<= {TIE}), {used}: {'PASS' if m['passed'] else 'FAIL'}"]
+                          f"flip {m['worst_flip']:.3f} (<= {TIE}), {used}{same}: {'PASS' if m['passed'] else 'FAIL'}"]
             continue
         lines += ["", f"{m['model']}: {m['positions']} positions: top-1 agreement {m['top1_agreement']:.3f}, "
                       f"worst flip {m['worst_flip']:.3f} of the logit range (<= {TIE}), KL mean {m['kl_mean']:.2e} (<= {MAX_KL}) max {m['kl_max']:.2e}, max "

@@ -27,6 +27,7 @@ skipped with a printed SKIP line (the FP8 tensor-core W8A8 path of gemm.fp8_line
 
   python scripts/aot_compile.py                  # sm_90 and sm_80, every config
   python scripts/aot_compile.py --cc 90 --quick  # default config (first of each space), bf16 only
+  python scripts/aot_compile.py --cc 90 --ops sparse_attn_paged  # one op's launches only
 
 The work runs in worker subprocesses with TRITON_INTERPRET removed from the environment (under
 TRITON_INTERPRET=1 @triton.jit gives interpreter objects) and a fresh TRITON_CACHE_DIR (so every
@@ -75,6 +76,7 @@ def _worker(args) -> int:
     from triton.backends.nvidia.compiler import CUDAOptions
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
+    from dayzero.ops.kvfp8 import Fp8Layout, Fp8Rows
     mods = {m: importlib.import_module(f"dayzero.ops.triton.{m}") for m in MODULES}
     attention, gemm, dense, moe, mhc, norm, topk = (mods[m] for m in MODULES)
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -110,13 +112,20 @@ def _worker(args) -> int:
         # (label, tokens, second-source keys or None for a sliding layer, idx dtype): the model's idx
         # are int64 (reference/attention.py rows_of), the tuning cases' int32; key counts past the
         # window are top-512 (CSA), all closed entries (HCA, any count: 1021 = not a multiple of 16)
+        # "-fp8": the pools of an FP8 KV cache (ops/kvfp8.py packed rows, rope dims in `act`)
+        lay = Fp8Layout(D, 64, act)
+
+        def pool(rows, fp8):
+            return Fp8Rows(T(rows, lay.width, dt=torch.uint8), lay) if fp8 else T(rows, D, dt=act)
+
         for label, n, kc, idt in (("dec-csa512", 1, 512, i64), ("dec-hca8192", 1, 8192, i64),
                                   ("dec-ragged1021", 1, 1021, i64), ("dec-swa", 1, None, i64),
-                                  ("pre512-csa512", 512, 512, i64), ("dec-csa512-idx32", 1, 512, i32)):
-            q = T(n, H, D, dt=act)
-            srcs = [(T(1 << 14, D, dt=act), T(n, win, dt=idt))]
+                                  ("pre512-csa512", 512, 512, i64), ("dec-csa512-idx32", 1, 512, i32),
+                                  ("dec-csa512-fp8", 1, 512, i64), ("pre512-csa512-fp8", 512, 512, i64)):
+            q, fp8 = T(n, H, D, dt=act), label.endswith("-fp8")
+            srcs = [(pool(1 << 14, fp8), T(n, win, dt=idt))]
             if kc is not None:
-                srcs.append((T(1 << 16, D, dt=act), T(n, kc, dt=idt)))
+                srcs.append((pool(1 << 16, fp8), T(n, kc, dt=idt)))
             sink = T(H)
             out.append((label, lambda cfg, q=q, s=srcs, k=sink: attention.sparse_attn_paged(q, s, k, D ** -0.5,
                                                                                             config=cfg)))
@@ -322,6 +331,8 @@ def _worker(args) -> int:
         backend = make_backend(target)
         sms = args.sms or SMS[cc]
         for mname, name, cases, acts in OPS:
+            if args.ops and name not in args.ops:
+                continue
             space = tunables[name].space
             for ci, cfg in enumerate(space[:1] if args.quick else space):
                 for act in (("bf16",) if args.quick else acts):
@@ -450,6 +461,8 @@ def main(argv=None) -> int:
                     "(repeatable; default: 90 and 80)")
     ap.add_argument("--quick", action="store_true", help="only the default config (first of each space), bf16 "
                     "activations, the first (decode) scenario of each op")
+    ap.add_argument("--ops", action="append", help="only the launches of this op (repeatable; a name of "
+                    "the modules' TUNABLES, e.g. sparse_attn_paged); default: every op")
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compile workers")
     ap.add_argument("--sms", type=int, default=0, help="SM count the launchers see (default 132 for sm_90, 108 for sm_80)")
     ap.add_argument("--json", type=Path, help="write every record (variants, skips, errors) to this file")
@@ -471,6 +484,7 @@ def main(argv=None) -> int:
     base = [sys.executable, str(Path(__file__).resolve()), "--worker", "--shards", str(jobs)]
     base += [a for cc in args.cc for a in ("--cc", str(cc))] + (["--quick"] if args.quick else [])
     base += ["--sms", str(args.sms)] if args.sms else []
+    base += [a for op in args.ops or () for a in ("--ops", op)]
     print(f"aot_compile: targets {', '.join(f'sm_{c}' for c in args.cc)}{' (quick)' if args.quick else ''}, "
           f"{jobs} worker(s), TRITON_CACHE_DIR={env['TRITON_CACHE_DIR']}", flush=True)
 
@@ -524,6 +538,8 @@ def main(argv=None) -> int:
         for name in names:
             vs = [r for r in variants if r["cc"] == cc and r["kernel"] == name]
             ok = [r for r in vs if r["ok"]]
+            if not vs and args.ops:  # a kernel of no op asked for
+                continue
             if not vs:
                 errors.append(f"sm_{cc}: kernel {plan['kernels'][name]}.{name} was never compiled")
                 print(f"  sm_{cc} {name:<20} NOT COMPILED")

@@ -111,7 +111,8 @@ def test_bench_keeps_the_records_of_a_run_cut_short(tmp_path, monkeypatch):
         bench.run(size="tiny", device="cpu", choice="ref", scenarios=("S1", "S2", "S3"), out_dir=tmp_path,
                   log=lambda s: None)
     lines = [json.loads(s) for s in (tmp_path / "bench.jsonl").read_text().splitlines()]
-    assert [r["scenario"].split()[0] for r in lines] == ["S1", "S1", "S2", "S2"]
+    assert [r["scenario"] for r in lines] == ["S1 moe decode"] * 2 + ["S2 sparse attention",
+                                                                   "S2 sparse attention (fp8 cache)"] * 2
 
 
 def test_bench_says_when_it_draws_no_chart(tmp_path, monkeypatch):

@@ -1,8 +1,9 @@
 """Device pools of the cache groups and the paged view of one engine step (a BatchCache).
 
 Pool tensor of a group's kind: [num_blocks + 1, members, per_block, *row]; row i of a member lives
-in block table[i // per_block] at offset i % per_block. Rows are fp32 for compressor projections
-and the compute dtype otherwise. The last block of every pool is the trash block: no request ever
+in block table[i // per_block] at offset i % per_block. Rows are fp32 for compressor projections,
+packed uint8 rows for the K=V kinds of an FP8 cache (ops/kvfp8.py: written packed, read decoded,
+handed to the paged ops as `Fp8Rows`) and the compute dtype otherwise. The last block of every pool is the trash block: no request ever
 holds it; a lookup of a row in a block its request does not hold lands there (so nothing another
 request owns is touched) and is reported by `PagedBatchCache.check`, once per step, without a host
 synchronisation per lookup.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from dayzero.cache.spec import GroupSpec
+from dayzero.ops import kvfp8
 
 
 class CachePools:
@@ -21,11 +23,18 @@ class CachePools:
         self.tensors: dict[tuple[str, str], torch.Tensor] = {}
         self.route: dict[tuple[int, str], tuple[str, int]] = {}
         self.trash = {g.name: num_blocks[g.name] for g in groups}  # block id of each group's trash block
+        self.dtype = dtype
+        self.layouts: dict[tuple[str, str], kvfp8.Fp8Layout] = {}  # (group, kind) -> packed row format
         for g in groups:
             for kind, spec in g.kinds.items():
-                shape = (num_blocks[g.name] + 1, len(g.layers), g.per_block, *spec.row)
-                self.tensors[(g.name, kind)] = torch.zeros(shape, dtype=torch.float32 if spec.fp32 else dtype,
-                                                           device=device)
+                layout = spec.layout(dtype)
+                if layout is not None:
+                    self.layouts[(g.name, kind)] = layout
+                shape = (num_blocks[g.name] + 1, len(g.layers), g.per_block,
+                         *((layout.width,) if layout is not None else spec.row))
+                self.tensors[(g.name, kind)] = torch.zeros(
+                    shape, dtype=torch.uint8 if layout is not None else torch.float32 if spec.fp32 else dtype,
+                    device=device)
                 for m, layer in enumerate(g.layers):
                     self.route[(layer, kind)] = (g.name, m)
         # each (layer, kind)'s rows as one flat view starting at its member's first row: row r of
@@ -35,6 +44,10 @@ class CachePools:
         for (layer, kind), (name, m) in self.route.items():
             t = self.tensors[(name, kind)]
             self.member_rows[(layer, kind)] = (name, t.view(-1, *t.shape[3:])[m * self.groups[name].per_block:])
+        # what the paged ops receive for a packed kind: the member view with its row format
+        self.packed: dict[tuple[int, str], kvfp8.Fp8Rows] = {
+            (layer, kind): kvfp8.Fp8Rows(self.member_rows[(layer, kind)][1], self.layouts[(name, kind)])
+            for (layer, kind), (name, _) in self.route.items() if (name, kind) in self.layouts}
 
     def rows_per_block(self, group: str) -> int:
         """Flat pool rows per block of a group (members x rows per member)."""
@@ -229,16 +242,20 @@ class PagedBatchCache:
         if keep is not None:
             values = values[keep]
         if flat.numel():
-            pool[flat] = values.to(pool.dtype)
+            packed = self.pools.packed.get((layer, kind))
+            pool[flat] = values.to(pool.dtype) if packed is None else kvfp8.pack(values, packed.layout)
 
     def read(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Rows as stored; packed FP8 rows decoded to the compute dtype."""
         group, pool = self.pools.member_rows[(layer, kind)]
-        return pool[self._lookup(group, seq, index, None)[0]]
+        packed = self.pools.packed.get((layer, kind))
+        rows = self._lookup(group, seq, index, None)[0]
+        return pool[rows] if packed is None else packed[rows]
 
     def locate_rows(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor, valid: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    ) -> tuple[torch.Tensor | kvfp8.Fp8Rows, torch.Tensor]:
         """(pool [rows, *row], ids [N, K]): rows index[n, k] of sequences seq[n] (seq [N, 1] or
-        [N, K]) as ids into `pool`, -1 where not valid; no boolean-mask indexing and no host
+        [N, K]) as ids into `pool` (an `Fp8Rows` for a packed kind), -1 where not valid; no boolean-mask indexing and no host
         synchronisation (rows in blocks not held are flagged for `check`). `pool` is a view of the
         layer's member of the group, so one lookup for a (seq, index, valid) triple serves every
         layer of the group in the step (callers pass the same tensors: Batch.window, Batch.entries)."""
@@ -251,4 +268,4 @@ class PagedBatchCache:
             first = tab[seq, (index // g.per_block).clamp(0, tab.shape[1] - 1)]
             self._flag(group, (first == self._trash[group]) & valid, seq)
             memo = self._memo[key] = (index, valid, seq, torch.where(valid, first + index % g.per_block, -1))
-        return pool, memo[3]
+        return self.pools.packed.get((layer, kind), pool), memo[3]

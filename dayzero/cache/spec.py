@@ -12,7 +12,9 @@ covers tokens [k*bs, (k+1)*bs) in every group and one chain hash names its conte
                                           all kept: they are the long-range context
 
 Byte layout of one block of a group: for each kind, a [members, per_block, *row] array in the
-kind's dtype (rows fp32, everything else the compute dtype), members in layer order.
+kind's dtype (rows fp32, everything else the compute dtype), members in layer order. With
+kv_cache_dtype "fp8" the K=V rows ("kv", "ent:attn") are packed uint8 rows instead
+([members, per_block, width], ops/kvfp8.py: FP8 nope dims + compute-dtype rope dims + scales).
 """
 from __future__ import annotations
 
@@ -24,10 +26,26 @@ import torch
 from dayzero.config import ModelArgs
 
 
+KV_CACHE_DTYPES = ("auto", "fp8")
+
+
 @dataclass(frozen=True)
 class KindSpec:
     row: tuple[int, ...]
     fp32: bool = False
+    fp8_rope: int = 0  # > 0: a packed FP8 row (ops/kvfp8.py) whose last fp8_rope dims stay in the compute dtype
+
+    def layout(self, dtype: torch.dtype):
+        """The packed row format of an FP8 kind in compute dtype `dtype` (None for other kinds)."""
+        if not self.fp8_rope:
+            return None
+        from dayzero.ops.kvfp8 import Fp8Layout
+        return Fp8Layout(self.row[0], self.fp8_rope, dtype)
+
+    def row_bytes(self, dtype: torch.dtype) -> int:
+        if self.fp8_rope:
+            return self.layout(dtype).width
+        return math.prod(self.row) * (4 if self.fp32 else torch.tensor([], dtype=dtype).element_size())
 
 
 @dataclass(frozen=True)
@@ -42,9 +60,7 @@ class GroupSpec:
     window_ratio: int = 0  # "open-window" groups: the compression ratio whose open window is kept
 
     def block_bytes(self, dtype: torch.dtype) -> int:
-        size = torch.tensor([], dtype=dtype).element_size()
-        return sum(len(self.layers) * self.per_block * math.prod(k.row) * (4 if k.fp32 else size)
-                   for k in self.kinds.values())
+        return sum(len(self.layers) * self.per_block * k.row_bytes(dtype) for k in self.kinds.values())
 
     def keep_from(self, num_tokens: int, window: int) -> int:
         """First token whose block this group still needs once `num_tokens` are computed."""
@@ -56,20 +72,29 @@ class GroupSpec:
         return 0
 
 
-def cache_groups(args: ModelArgs, block_size: int, with_mtp: bool) -> list[GroupSpec]:
+def check_kv_cache_dtype(kv_cache_dtype: str) -> None:
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype: must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+
+
+def cache_groups(args: ModelArgs, block_size: int, with_mtp: bool, kv_cache_dtype: str = "auto") -> list[GroupSpec]:
+    """kv_cache_dtype "auto": every row in the compute dtype (compressor rows fp32); "fp8": K=V rows
+    (window and compressed attention entries) packed as FP8 nope + compute-dtype rope dims."""
+    check_kv_cache_dtype(kv_cache_dtype)
+    kv = KindSpec((args.head_dim,), fp8_rope=args.rope_head_dim if kv_cache_dtype == "fp8" else 0)
     ratios = sorted({r for r in args.compress_ratios if r})
     for r in ratios:
         if block_size % r:
             raise ValueError(f"block_size {block_size} must be a multiple of every compression ratio "
                              f"({ratios}): a block holds block_size/r compressed entries")
     layers = tuple(range(args.n_layers)) + ((args.n_layers,) if with_mtp and args.n_mtp_layers else ())
-    groups = [GroupSpec("window", layers, {"kv": KindSpec((args.head_dim,))}, block_size, 1, "window")]
+    groups = [GroupSpec("window", layers, {"kv": kv}, block_size, 1, "window")]
     for r in ratios:
         members = tuple(i for i in range(args.n_layers) if args.compress_ratios[i] == r)
         csa = args.layer_types[members[0]] == "csa"
         width = args.head_dim * (2 if csa else 1)
         rows = {"rows:attn": KindSpec((2, width), fp32=True)}
-        ents = {"ent:attn": KindSpec((args.head_dim,))}
+        ents = {"ent:attn": kv}
         if csa:
             rows["rows:index"] = KindSpec((2, 2 * args.index_head_dim), fp32=True)
             ents["ent:index"] = KindSpec((args.index_head_dim,))
@@ -79,24 +104,30 @@ def cache_groups(args: ModelArgs, block_size: int, with_mtp: bool) -> list[Group
     return groups
 
 
-def bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> dict[str, float]:
+def _kv_row_bytes(args: ModelArgs, dtype: torch.dtype, kv_cache_dtype: str) -> int:
+    check_kv_cache_dtype(kv_cache_dtype)
+    return KindSpec((args.head_dim,), fp8_rope=args.rope_head_dim if kv_cache_dtype == "fp8" else 0).row_bytes(dtype)
+
+
+def bytes_per_token(args: ModelArgs, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> dict[str, float]:
     """Long-range cache bytes per token per layer, by layer type (entries only; the window and
     compressor rows are a fixed cost per sequence)."""
     size = torch.tensor([], dtype=dtype).element_size()
+    kv = _kv_row_bytes(args, dtype, kv_cache_dtype)
     out = {"sliding": 0.0}
     for t, r in zip(args.layer_types, args.compress_ratios):
         if t == "csa":
-            out["csa"] = (args.head_dim + args.index_head_dim) * size / r
+            out["csa"] = (kv + args.index_head_dim * size) / r
         elif t == "hca":
-            out[f"hca r{r}"] = args.head_dim * size / r
+            out[f"hca r{r}"] = kv / r
     return out
 
 
-def fixed_bytes_per_sequence(args: ModelArgs, dtype: torch.dtype, with_mtp: bool = False) -> int:
+def fixed_bytes_per_sequence(args: ModelArgs, dtype: torch.dtype, with_mtp: bool = False,
+                             kv_cache_dtype: str = "auto") -> int:
     """Window rows (last window-1 tokens, every layer) and open compressor windows (fp32 rows)."""
-    size = torch.tensor([], dtype=dtype).element_size()
     n_win = args.n_layers + (1 if with_mtp and args.n_mtp_layers else 0)
-    total = n_win * (args.window_size - 1) * args.head_dim * size
+    total = n_win * (args.window_size - 1) * _kv_row_bytes(args, dtype, kv_cache_dtype)
     for t, r in zip(args.layer_types, args.compress_ratios):
         if t == "csa":
             total += 2 * r * 2 * (2 * args.head_dim + 2 * args.index_head_dim) * 4
@@ -105,13 +136,14 @@ def fixed_bytes_per_sequence(args: ModelArgs, dtype: torch.dtype, with_mtp: bool
     return total
 
 
-def kv_report(args: ModelArgs, dtype: torch.dtype, contexts=(8192, 131072, 1048576)) -> dict:
+def kv_report(args: ModelArgs, dtype: torch.dtype, contexts=(8192, 131072, 1048576), kv_cache_dtype: str = "auto") -> dict:
     """Per-sequence cache bytes at each context length, from the same accounting the engine uses."""
-    per_tok = bytes_per_token(args, dtype)
+    per_tok = bytes_per_token(args, dtype, kv_cache_dtype)
     by_layer = sum(per_tok["csa"] if t == "csa" else per_tok.get(f"hca r{r}", 0.0)
                    for t, r in zip(args.layer_types, args.compress_ratios))
-    fixed = fixed_bytes_per_sequence(args, dtype)
+    fixed = fixed_bytes_per_sequence(args, dtype, kv_cache_dtype=kv_cache_dtype)
     return {
+        "kv_cache_dtype": kv_cache_dtype,
         "bytes_per_token_per_layer": per_tok,
         "bytes_per_token_all_layers": by_layer,
         "fixed_bytes_per_sequence": fixed,

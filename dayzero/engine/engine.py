@@ -15,7 +15,7 @@ import torch
 
 from dayzero.cache.manager import KVCacheManager
 from dayzero.cache.paged import CachePools, DeviceTables, PagedBatchCache, check_flags
-from dayzero.cache.spec import cache_groups, fixed_bytes_per_sequence
+from dayzero.cache.spec import cache_groups, check_kv_cache_dtype, fixed_bytes_per_sequence
 from dayzero.engine.graphs import RecordingFailed, StepGraphs, table_blocks, unsupported
 from dayzero.engine.request import Request, Status
 from dayzero.engine.sampling import SamplingParams, sample, token_logprobs, verify_draft
@@ -37,6 +37,7 @@ class EngineArgs:
     speculative_min_acceptance: float = 0.3  # MTP turns itself off below this after 16 drafts
     ops: str | None = None  # kernel table: "triton", "cpu" (native C), "ref" (PyTorch twins) or None (by device)
     enforce_eager: bool = False  # never replay CUDA graphs (engine/graphs.py); CPUs always run eagerly
+    kv_cache_dtype: str = "auto"  # "auto": the compute dtype; "fp8": K=V rows as FP8 nope + rope dims (ops/kvfp8.py)
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -54,6 +55,7 @@ class EngineArgs:
             raise ValueError(f"ops: must be 'triton', 'cpu', 'ref' or None, got {self.ops!r}")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager: must be True or False, got {self.enforce_eager!r}")
+        check_kv_cache_dtype(self.kv_cache_dtype)
 
 
 def bounded_blocks(groups, args, eargs: EngineArgs, bs: int) -> dict[str, int]:
@@ -86,7 +88,7 @@ class Engine:
         if spec and not has_mtp:
             raise ValueError("num_speculative_tokens: this checkpoint has no MTP module to draft with")
         self.spec_enabled = has_mtp if spec is None else bool(spec)
-        self.groups = cache_groups(args, bs, with_mtp=self.spec_enabled)
+        self.groups = cache_groups(args, bs, with_mtp=self.spec_enabled, kv_cache_dtype=eargs.kv_cache_dtype)
         self.num_blocks, self.max_tokens = self._capacity()
         self.kv = KVCacheManager(self.groups, self.num_blocks, bs, args.window_size, eargs.enable_prefix_caching,
                                  lookahead=int(self.spec_enabled))
@@ -149,10 +151,11 @@ class Engine:
             "ops": self.ops.name,
             "kernels": list(self.ops.kernels),
             "block_size": self.block_size,
+            "kv_cache_dtype": self.eargs.kv_cache_dtype,
             "kv_cache_bytes": self.pools.nbytes(),
             "max_tokens_in_cache": self.max_tokens,
             "fixed_bytes_per_sequence": fixed_bytes_per_sequence(self.args, self.model.compute_dtype,
-                                                                 self.spec_enabled),
+                                                                 self.spec_enabled, self.eargs.kv_cache_dtype),
             "kv_usage": self.kv.usage(),
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),

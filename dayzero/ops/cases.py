@@ -4,12 +4,17 @@
 Sizes: "tiny" (edge-ish shapes, interpreter-fast), "small" (CPU-sized V4-like), "flash"
 (V4-Flash per-layer shapes: dim 4096, 64 heads x 512, window 128, top-k 512, indexer 64 x 128,
 256 experts x 2048 FP4, hc 4). Every case returns (args, kwargs) for the op's twin signature.
+Besides one case per op, VARIANTS names cases of an op on other inputs ("sparse_attn_paged:fp8":
+its pools in the FP8 cache format, ops/kvfp8.py, rope dims D/8 as V4's 64 of 512).
 """
 from __future__ import annotations
 
 import torch
 
 from dayzero.loader.formats import quant_fp4, quant_fp8_block
+from dayzero.ops.kvfp8 import Fp8Layout, Fp8Rows, pack
+
+VARIANTS = {"sparse_attn_paged:fp8": "sparse_attn_paged"}  # case name -> op
 
 SIZES = {
     #          tokens dim  heads D  window topk entries pool  experts inter k  hc
@@ -50,10 +55,13 @@ def make(op: str, size: str = "tiny", device="cpu", dtype=torch.bfloat16, seed: 
     if op == "apply_rope":
         ang = _randn(g, N, 1, D // 4, device=dev, std=50.0)
         return (_randn(g, N, H, D, dtype=dtype, device=dev), ang.cos(), ang.sin()), {"inverse": seed % 2 == 1}
-    if op == "sparse_attn_paged":
+    if op in ("sparse_attn_paged", "sparse_attn_paged:fp8"):
         q = _randn(g, N, H, D, dtype=dtype, device=dev)
         pool_w = _randn(g, s["P"], D, dtype=dtype, device=dev)
         pool_e = _randn(g, s["P"] // 4, D, dtype=dtype, device=dev)
+        if op.endswith(":fp8"):
+            lay = Fp8Layout(D, D // 8, dtype)
+            pool_w, pool_e = Fp8Rows(pack(pool_w, lay), lay), Fp8Rows(pack(pool_e, lay), lay)
         sources = [(pool_w, _idx(g, N, s["window"], s["P"], 0.05, dev)),
                    (pool_e, _idx(g, N, s["topk"], s["P"] // 4, 0.05, dev))]
         return (q, sources, _randn(g, H, device=dev), D ** -0.5), {}
@@ -113,6 +121,7 @@ def tolerance(op: str, dtype: torch.dtype) -> float:
     fp32 differs by summation order only; bf16 outputs additionally by one rounding of the result
     (2^-8) and of intermediates the twin rounds at other points; fp8_act_sim and topk_select (integer
     indices) must be exact."""
+    op = VARIANTS.get(op, op)
     if op in ("fp8_act_sim", "topk_select"):
         return 0.0
     return 2e-5 if dtype == torch.float32 else 1.6e-2

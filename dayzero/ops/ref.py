@@ -251,8 +251,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
 
 
 # ---- ops over paged pools and quantized weights (the seam the Triton kernels implement) ------
-def gather_rows(pool: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """pool [P, *row], idx [N, K] int (-1 = none) -> rows [N, K, *row] (zeros where none), valid [N, K]."""
+def gather_rows(pool, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pool [P, *row] (or an FP8-packed pool, kvfp8.Fp8Rows: its rows decoded), idx [N, K] int
+    (-1 = none) -> rows [N, K, *row] (zeros where none), valid [N, K]."""
     valid = idx >= 0
     rows = pool[idx.clamp(min=0).long()]
     return rows.masked_fill(~valid.view(*valid.shape, *([1] * (rows.dim() - 2))), 0), valid
@@ -260,8 +261,9 @@ def gather_rows(pool: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, to
 
 def sparse_attn_paged(q: torch.Tensor, sources: list[tuple[torch.Tensor, torch.Tensor]], sink: torch.Tensor,
                       scale: float) -> torch.Tensor:
-    """q [N,H,D]; sources: (pool [P,D], idx [N,K] int32/64, -1 = none) pairs, e.g. the window ring
-    and the compressed entries, each query attending to the union of its rows; sink [H] -> [N,H,D].
+    """q [N,H,D]; sources: (pool [P,D] or kvfp8.Fp8Rows, idx [N,K] int32/64, -1 = none) pairs, e.g.
+    the window ring and the compressed entries, each query attending to the union of its rows;
+    sink [H] -> [N,H,D].
     Keys are read straight from the pools (one shared K=V head), nothing is gathered by the caller."""
     keys, valid = zip(*(gather_rows(pool, idx) for pool, idx in sources))
     return sparse_attn_gathered(q, torch.cat(keys, 1), torch.cat(valid, 1), sink, scale)

@@ -83,7 +83,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, logprob
 @pytest.mark.parametrize("opts", [
     dict(max_num_batched_tokens=7, num_speculative_tokens=0),  # prefill chunks fit buckets too
     dict(max_num_batched_tokens=64, max_num_seqs=3, num_speculative_tokens=1, speculative_min_acceptance=0.0),
-], ids=["chunk7", "mtp-verify"])
+    dict(max_num_batched_tokens=7, num_speculative_tokens=0, kv_cache_dtype="fp8"),  # packed rows written in graphs
+], ids=["chunk7", "mtp-verify", "fp8-cache"])
 def test_replayed_steps_give_the_eager_tokens(ckpt, opts):
     eager = run(engine(ckpt, False, **opts), prompts(), GREEDY)
     llm = engine(ckpt, True, **opts)

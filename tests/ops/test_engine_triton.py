@@ -69,3 +69,16 @@ def test_builtin_bf16_official_agrees(builtin_bf16):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
     want = ref_llm.generate([prompt], GREEDY)[0].token_ids
     assert tri_llm.generate([prompt], GREEDY)[0].token_ids == want
+
+
+def test_builtin_bf16_fp8_cache_gives_the_same_tokens():
+    """The Triton attention decodes the packed FP8 rows in the key tile; under official numerics
+    they hold exactly what the bf16 cache holds, so logprobs and tokens must not move (one prefill
+    step past the first CSA and HCA windows, then decode steps over the stored rows)."""
+    opts = dict(device=DEV, dtype="bfloat16", numerics="official", max_num_batched_tokens=64,
+                num_speculative_tokens=0)
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, logprobs=2)
+    prompt = "KING LEAR:\nWhat says our second daughter, our dearest Regan, wife of Cornwall? Speak.\nREGAN:\n"
+    want, got = (LLM(ops="triton", kv_cache_dtype=kv, **opts).generate([prompt], params)[0] for kv in ("auto", "fp8"))
+    assert len(got.prompt_token_ids) > 32  # r = 32 (HCA) closes an entry
+    assert got.token_ids == want.token_ids and got.logprobs == want.logprobs

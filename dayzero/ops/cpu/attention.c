@@ -14,6 +14,10 @@
  * The sink enters only the denominator: out = acc e^(m-M) / (l e^(m-M) + e^(sink-M)), M = max(m,
  * sink); a query with no keys gets 0. Few queries (decode): the key range of each query is cut
  * into splits run by different threads, whose (m, l, acc) partials are merged with the sink.
+ * Pools of an FP8 cache (ops/kvfp8.py: e4m3 nope codes, one power-of-two scale byte per 64 of
+ * them, rope dims in bf16 or fp32) are decoded row by row as they are read: to fp32 for the PV
+ * operand and, on the vdpbf16ps path, to bf16 for QK^T (codes x 2^k and bf16 rope dims are exact
+ * in both), so an FP8 pool gives the same output as a pool holding its decoded values.
  * The indexer shares the block transposition and QK tile; relu, the head weights and the head sum
  * are applied to the accumulators in registers, only fp32 [T] scores are written.
  * AVX-512 (+BF16) paths under #if, with a plain C fallback of the same blocking.
@@ -86,6 +90,67 @@ static inline float exp_neg(float x) {
     float s;
     memcpy(&s, &e, 4);
     return x < -87.0f ? 0.0f : p * s;
+}
+
+/* e4m3fn code -> value (0x7f / 0xff: NaN) */
+static float e4m3_lut[256];
+
+__attribute__((constructor)) static void e4m3_init(void) {
+    for (int c = 0; c < 256; c++) {
+        int e = (c >> 3) & 15, m = c & 7;
+        float v = e ? ldexpf(1.0f + (float)m / 8.0f, e - 7) : ldexpf((float)m, -9);
+        if (e == 15 && m == 7) v = NAN;
+        e4m3_lut[c] = (c & 0x80) ? -v : v;
+    }
+}
+
+/* UE8M0 scale byte -> 2^(b - 127) */
+static inline float e8m0_f32(uint8_t b) {
+    uint32_t u = b ? (uint32_t)b << 23 : 0x00400000u;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* pool row formats (source_t.fmt); bytes per stride unit */
+enum { FMT_F32 = 0, FMT_BF16 = 1, FMT_FP8_BF16 = 2, FMT_FP8_F32 = 3 };
+static inline int64_t fmt_unit(int fmt) { return fmt == FMT_F32 ? 4 : fmt == FMT_BF16 ? 2 : 1; }
+
+/* layout of an FP8-packed row (ops/kvfp8.py Fp8Layout), in bytes */
+typedef struct {
+    int64_t nope, rope_off, scale_off;
+} fp8_layout_t;
+
+/* fp32 copy of an FP8-packed row of n values (nope codes, then rope dims in bf16 or fp32), zero
+ * padded to np; dstb (if not NULL): the same values as bf16 (exact: see the file comment) */
+static void row_fp8(float *restrict dst, uint16_t *restrict dstb, const uint8_t *row, int rope_bf16,
+                    const fp8_layout_t *lay, int64_t n, int64_t np) {
+    const int64_t nope = lay->nope;
+    for (int64_t b0 = 0; b0 < nope; b0 += 64) {
+        float s = e8m0_f32(row[lay->scale_off + b0 / 64]);
+        int64_t e = b0 + 64 < nope ? b0 + 64 : nope;
+#pragma omp simd
+        for (int64_t i = b0; i < e; i++) dst[i] = e4m3_lut[row[i]] * s;
+    }
+    const uint8_t *rp = row + lay->rope_off;
+    if (rope_bf16) {
+        for (int64_t i = 0; i < n - nope; i++) {
+            uint16_t h;
+            memcpy(&h, rp + 2 * i, 2);
+            dst[nope + i] = dz_bf16_to_f32(h);
+        }
+    } else {
+        memcpy(dst + nope, rp, (size_t)(n - nope) * 4);
+    }
+    for (int64_t i = n; i < np; i++) dst[i] = 0.0f;
+    if (dstb) {
+#pragma omp simd
+        for (int64_t i = 0; i < np; i++) {
+            uint32_t u;
+            memcpy(&u, dst + i, 4);
+            dstb[i] = (uint16_t)(u >> 16);
+        }
+    }
 }
 
 /* fp32 copy of n elements of a row (fp32 or bf16), zero padded to np */
@@ -309,15 +374,16 @@ static void pv_block(float *restrict acc, const float *restrict P, const float *
 /* ---- sparse attention ------------------------------------------------------------------------ */
 typedef struct {
     const void *pool, *idx;
-    int bf16, i64;
+    int fmt, i64; /* fmt: FMT_*; stride in units of fmt_unit(fmt) bytes */
     int64_t stride, istride, P, K;
 } source_t;
 
 typedef struct {
     const void *q;
-    int q_bf16, dp; /* dp: bf16 pair path (q and every pool bf16, AVX512-BF16) */
+    int q_bf16, dp; /* dp: bf16 pair path (q and every pool bf16 or FP8 with bf16 rope dims, AVX512-BF16) */
     int64_t N, H, D, Dp, S;
     source_t src[2];
+    fp8_layout_t lay; /* of the FP8 sources */
     const float *sink;
     float scale;
 } attn_t;
@@ -392,8 +458,10 @@ static void softmax_block(float *restrict S, float *restrict m, float *restrict 
 static void attn_range(const attn_t *a, int64_t n, int64_t lo, int64_t hi, float *restrict acc, float *restrict m,
                        float *restrict l) {
     const int64_t H = a->H, D = a->D, Dp = a->Dp;
-    float *ws = (float *)buf_get(&tls_work, sizeof(float) * (size_t)(H * Dp + Dp * KB + KB * Dp + H * KB + H + 64));
+    float *ws = (float *)buf_get(&tls_work, sizeof(float) * (size_t)(H * Dp + Dp * KB + KB * Dp + H * KB + H +
+                                                                     KB * Dp / 2 + 64));
     float *qf = ws, *kt = qf + H * Dp, *kf = kt + Dp * KB, *S = kf + KB * Dp, *alpha = S + H * KB;
+    uint16_t *kb = (uint16_t *)(alpha + H); /* bf16 copies of decoded FP8 rows (dp path) */
     int dp = a->dp;
     /* q in the QK word format: fp32 (Dp words a row) or bf16 pairs (Dp / 2 words a row) */
     if (dp) {
@@ -421,12 +489,20 @@ static void attn_range(const attn_t *a, int64_t n, int64_t lo, int64_t hi, float
             int64_t k = pos < K0 ? pos : pos - K0;
             int64_t r = idx_at(s->idx, s->i64, n * s->istride + k);
             if (r < 0 || r >= s->P) continue;
-            rows[nk] = (const char *)s->pool + r * s->stride * (s->bf16 ? 2 : 4);
-            rbf[nk] = s->bf16;
+            rows[nk] = (const char *)s->pool + r * s->stride * fmt_unit(s->fmt);
+            rbf[nk] = s->fmt;
             if (++nk < KB) continue;
         }
         if (nk == 0) break;
-        for (int j = 0; j < nk; j++) row_f32(kf + j * Dp, rows[j], rbf[j], D, Dp);
+        for (int j = 0; j < nk; j++) {
+            if (rbf[j] >= FMT_FP8_BF16) {
+                row_fp8(kf + j * Dp, dp ? kb + j * Dp : NULL, (const uint8_t *)rows[j], rbf[j] == FMT_FP8_BF16, &a->lay,
+                        D, Dp);
+                if (dp) rows[j] = kb + j * Dp;
+            } else {
+                row_f32(kf + j * Dp, rows[j], rbf[j], D, Dp);
+            }
+        }
 #if DZ_AVX512
         if (dp) {
             build_kt((uint32_t *)kt, rows, nk, D, 1, Dp / 2);
@@ -458,15 +534,17 @@ static void attn_store(void *out, int bf16, const float *acc, float f, int64_t D
     }
 }
 
-/* q [N,H,D] (bf16 flag); sources i = 0, 1: pool [P_i rows, stride_i elements apart] (bf16 flag),
- * idx [N rows istride_i apart, K_i] int32/int64 (i64 flag), -1 = none (K_1 = 0: one source);
- * sink fp32 [H]; out [N,H,D] in q's dtype. */
+/* q [N,H,D] (bf16 flag); sources i = 0, 1: pool [P_i rows, stride_i units apart] in format fmt_i
+ * (FMT_*: fp32, bf16, or FP8-packed rows of the layout (nope, rope_off, scale_off) with bf16 or
+ * fp32 rope dims; stride in bytes for those), idx [N rows istride_i apart, K_i] int32/int64 (i64
+ * flag), -1 = none (K_1 = 0: one source); sink fp32 [H]; out [N,H,D] in q's dtype. */
 void dz_sparse_attn(const void *q, int64_t q_bf16, int64_t N, int64_t H, int64_t D,
                     const void *pool0, int64_t bf0, int64_t stride0, int64_t P0, const void *idx0, int64_t i64_0,
                     int64_t istride0, int64_t K0,
                     const void *pool1, int64_t bf1, int64_t stride1, int64_t P1, const void *idx1, int64_t i64_1,
                     int64_t istride1, int64_t K1,
-                    const float *sink, float scale, void *out, int64_t nthreads) {
+                    const float *sink, float scale, void *out, int64_t nthreads,
+                    int64_t nope, int64_t rope_off, int64_t scale_off) {
     if (N <= 0 || H <= 0 || D <= 0) return;
     attn_t a;
     a.q = q;
@@ -474,10 +552,12 @@ void dz_sparse_attn(const void *q, int64_t q_bf16, int64_t N, int64_t H, int64_t
     a.N = N, a.H = H, a.D = D, a.Dp = round_up(D, DPAD);
     a.src[0] = (source_t){pool0, idx0, (int)bf0, (int)i64_0, stride0, istride0, P0, K0};
     a.src[1] = (source_t){pool1, idx1, (int)bf1, (int)i64_1, stride1, istride1, P1, K1};
+    a.lay = (fp8_layout_t){nope, rope_off, scale_off};
     a.sink = sink;
     a.scale = scale;
 #if DZ_DPBF16
-    a.dp = q_bf16 && (K0 == 0 || bf0) && (K1 == 0 || bf1);
+    a.dp = q_bf16 && (K0 == 0 || bf0 == FMT_BF16 || bf0 == FMT_FP8_BF16) &&
+           (K1 == 0 || bf1 == FMT_BF16 || bf1 == FMT_FP8_BF16);
 #else
     a.dp = 0;
 #endif
@@ -661,11 +741,11 @@ void dz_indexer_scores(const void *q, int64_t q_bf16, int64_t N, int64_t H, int6
  * Python wrappers pay for one ctypes argument instead of ~25 (attention.py packs them). */
 void dz_sparse_attn_packed(const int64_t *a) {
     double scale;
-    memcpy(&scale, a + 24, 8);
+    memcpy(&scale, a + 27, 8);
     dz_sparse_attn((const void *)a[0], a[1], a[2], a[3], a[4],
                    (const void *)a[5], a[6], a[7], a[8], (const void *)a[9], a[10], a[11], a[12],
                    (const void *)a[13], a[14], a[15], a[16], (const void *)a[17], a[18], a[19], a[20],
-                   (const float *)a[21], (float)scale, (void *)a[22], a[23]);
+                   (const float *)a[21], (float)scale, (void *)a[22], a[23], a[24], a[25], a[26]);
 }
 
 void dz_indexer_scores_packed(const int64_t *a) {

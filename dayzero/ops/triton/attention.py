@@ -21,6 +21,19 @@ of BLOCK_K keys, and the blocks into S contiguous splits.
   still spreads the 640 KiB of keys over the SMs, each key block read from DRAM once (the other
   head blocks hit L2).
 
+Pools of an FP8 cache (ops/kvfp8.Fp8Rows: uint8 rows of e4m3 nope codes, one UE8M0 scale byte
+per 64 of them, the rope dims in the compute dtype) are decoded as the key tile is loaded: codes
+through fp16 bit arithmetic (no FP8 hardware needed), times the row's scales (one [BLOCK_K,
+D/64] load, broadcast over 64-dim groups), converted to the compute dtype at once; the rope dims
+are read through a view of the same rows in their dtype. Decoded values are exactly those of the
+compute-dtype pool the rows came from, so the output is the same. 584 instead of 1,024 bytes a
+key at D=512. The decode needs registers beside the bf16 tile: at 32-key tiles and 4 warps sm_90
+spills ~0.9 KB a thread, so FP8 pools have their own default (ATTN_FP8_DEFAULT: the same 32-key
+tile, 8 warps; a 16-key tile would not spill but would change the softmax grouping and so the
+bits) and tuning keys (suffix "-fp8"). fp32 activations over FP8 pools
+compile with heavy spills (tens of KB; fp32 already spills over bf16 pools): a CPU-test and
+fp32-reference combination, not a GPU serving one.
+
 indexer_scores_paged: grid (N * ceil(T / (BLOCK_T * TILES))): one program = one query, TILES
 blocks of BLOCK_T entries. All H heads of q [H, Di] (V4: 64 x 128 bf16 = 16 KiB) stay in
 registers; each key block [BLOCK_T, Di] is gathered once, s = q @ keys^T [H, BLOCK_T], relu,
@@ -38,7 +51,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dayzero.ops.kvfp8 import Fp8Layout, Fp8Rows, pack
 from dayzero.ops.triton import tuning
+from dayzero.ops.triton.gemm import _e4m3_x2m8
 
 LOG2E = 1.4426950408889634
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -58,20 +73,43 @@ def _sm_count(device: torch.device) -> int:
 
 # ---- sparse attention ------------------------------------------------------------------------
 @triton.jit
-def _attn_block(acc, m_i, l_i, q, pool, s_pool, idx_row, K, start, qk_scale,
-                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D, USE_F32: tl.constexpr):
+def _load_keys(pool, s_pool, rope, s_rope, ids, ok, offs_d, D, NOPE, SCALE_OFF, FP8: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, KDT: tl.constexpr):
+    """Key rows ids [BLOCK_K] (ok: valid) -> [BLOCK_K, BLOCK_D] in KDT, zeros where not valid or
+    d >= D. FP8: pool is uint8 rows (s_pool bytes apart) of NOPE e4m3 codes with one scale byte
+    per 64 at SCALE_OFF, rope a view of the same rows in the rope dtype (s_rope elements apart)."""
+    if FP8:
+        SB: tl.constexpr = 64 if BLOCK_D >= 64 else BLOCK_D
+        NB: tl.constexpr = BLOCK_D // SB
+        nope = offs_d < NOPE
+        rp = pool + ids[:, None] * s_pool
+        b = tl.load(rp + offs_d[None, :], mask=ok[:, None] & nope[None, :], other=0)
+        jb = tl.arange(0, NB)
+        e = tl.load(rp + SCALE_OFF + jb[None, :], mask=ok[:, None] & (jb * SB < NOPE)[None, :], other=0)
+        sc = (e.to(tl.int32) << 23).to(tl.float32, bitcast=True) * 256.0  # 2^(e - 127) x the 2^8 below
+        kn = tl.reshape(tl.reshape(_e4m3_x2m8(b), [BLOCK_K, NB, SB]) * sc[:, :, None], [BLOCK_K, BLOCK_D])
+        mr = ok[:, None] & (offs_d >= NOPE)[None, :] & (offs_d < D)[None, :]
+        kr = tl.load(rope + ids[:, None] * s_rope + (offs_d - NOPE)[None, :], mask=mr, other=0.0)
+        k = tl.where(nope[None, :], kn.to(KDT), kr.to(KDT))  # exact: codes x 2^k fit KDT
+    else:
+        k = tl.load(pool + ids[:, None] * s_pool + offs_d[None, :], mask=ok[:, None] & (offs_d < D)[None, :],
+                    other=0.0).to(KDT)
+    return k
+
+
+@triton.jit
+def _attn_block(acc, m_i, l_i, q, pool, s_pool, rope, s_rope, NOPE, SCALE_OFF, idx_row, K, start, qk_scale,
+                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D, USE_F32: tl.constexpr, FP8: tl.constexpr):
     offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
     j = start + offs_k
     ids = tl.load(idx_row + j, mask=j < K, other=-1).to(tl.int64)
     ok = ids >= 0
-    k = tl.load(pool + ids[:, None] * s_pool + offs_d[None, :], mask=ok[:, None] & (offs_d < D)[None, :],
-                other=0.0)
+    k = _load_keys(pool, s_pool, rope, s_rope, ids, ok, offs_d, D, NOPE, SCALE_OFF, FP8, BLOCK_K, BLOCK_D,
+                   tl.float32 if USE_F32 else q.dtype)
     if USE_F32:
-        k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
-        k = k.to(q.dtype)
         s = tl.dot(q, tl.trans(k))
     s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
     # m_i starts finite (-1e30), so a block of only invalid keys gives exp2(-inf) = 0, never NaN
@@ -88,11 +126,11 @@ def _attn_block(acc, m_i, l_i, q, pool, s_pool, idx_row, K, start, qk_scale,
 
 @triton.jit
 def _sparse_attn_kernel(q_ptr, sink_ptr, out_ptr, m_ptr, l_ptr, part_ptr,
-                        pool0, s_pool0, idx0, s_idx0, K0,
-                        pool1, s_pool1, idx1, s_idx1, K1,
-                        H, D, S, blocks_per_split, qk_scale,
+                        pool0, s_pool0, rope0, s_rope0, idx0, s_idx0, K0,
+                        pool1, s_pool1, rope1, s_rope1, idx1, s_idx1, K1,
+                        H, D, S, blocks_per_split, qk_scale, NOPE, SCALE_OFF,
                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                        USE_F32: tl.constexpr, FINAL: tl.constexpr):
+                        USE_F32: tl.constexpr, FINAL: tl.constexpr, FP8_0: tl.constexpr, FP8_1: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n_hb = tl.cdiv(H, BLOCK_H)
@@ -113,11 +151,12 @@ def _sparse_attn_kernel(q_ptr, sink_ptr, out_ptr, m_ptr, l_ptr, part_ptr,
     lo = split * blocks_per_split
     hi = tl.minimum(lo + blocks_per_split, nb0 + tl.cdiv(K1, BLOCK_K))
     for b in range(lo, tl.minimum(hi, nb0)):
-        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, pool0, s_pool0, idx0 + n * s_idx0, K0, b * BLOCK_K,
-                                    qk_scale, BLOCK_K, BLOCK_D, D, USE_F32)
+        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, pool0, s_pool0, rope0, s_rope0, NOPE, SCALE_OFF,
+                                    idx0 + n * s_idx0, K0, b * BLOCK_K, qk_scale, BLOCK_K, BLOCK_D, D, USE_F32, FP8_0)
     for b in range(tl.maximum(lo, nb0), hi):
-        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, pool1, s_pool1, idx1 + n * s_idx1, K1,
-                                    (b - nb0) * BLOCK_K, qk_scale, BLOCK_K, BLOCK_D, D, USE_F32)
+        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, pool1, s_pool1, rope1, s_rope1, NOPE, SCALE_OFF,
+                                    idx1 + n * s_idx1, K1, (b - nb0) * BLOCK_K, qk_scale, BLOCK_K, BLOCK_D, D,
+                                    USE_F32, FP8_1)
 
     if FINAL:
         sink = tl.load(sink_ptr + offs_h, mask=h_ok, other=0.0) * 1.4426950408889634
@@ -153,6 +192,11 @@ def _combine_kernel(m_ptr, l_ptr, part_ptr, sink_ptr, out_ptr, H, D, S,
 
 
 ATTN_DEFAULT = {"BLOCK_H": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "waves": 2, "min_split_blocks": 1}
+# FP8 pools: the decode of a 32-key tile (codes, scales, rope dims beside the bf16 tile) spills
+# ~0.9 KB a thread at 4 warps on sm_90 (scripts/aot_compile.py), so 8 warps share it. The key
+# tile stays 32 as over bf16 pools: the tile size sets the online-softmax grouping and the split
+# count, so the same keys give the same bits from a packed pool as from a bf16 one
+ATTN_FP8_DEFAULT = {"BLOCK_H": 16, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2, "waves": 2, "min_split_blocks": 1}
 
 
 def _check_float(name: str, t, dims: int):
@@ -170,7 +214,14 @@ def _check_idx(name: str, idx, n: int, device: torch.device) -> torch.Tensor:
     return idx if idx.stride(-1) == 1 else idx.contiguous()
 
 
-def _rows(name: str, pool, d: int, device: torch.device) -> torch.Tensor:
+def _rows(name: str, pool, d: int, device: torch.device):
+    """A float pool [P, d] with unit element stride, or an Fp8Rows pool of d values a row."""
+    if isinstance(pool, Fp8Rows):
+        if pool.layout.dim != d:
+            raise ValueError(f"{name} rows must have {d} values (q's head dim), got {pool}")
+        if pool.device != device:
+            raise ValueError(f"{name} is on {pool.device}, q on {device}")
+        return pool
     _check_float(name, pool, 2)
     if pool.shape[1] != d:
         raise ValueError(f"{name} rows must have {d} elements (q's head dim), got shape {tuple(pool.shape)}")
@@ -188,14 +239,27 @@ def _indexer_key(n: int, h: int, di: int) -> str:
     return f"D{di}-H{h}-{'dec' if n <= 64 else 'pre'}"
 
 
-def _use_f32(*ts: torch.Tensor) -> bool:
-    return _interpret() or any(t.dtype == torch.float32 for t in ts)
+def _use_f32(*ts) -> bool:
+    return _interpret() or any((t.layout.rope_dtype if isinstance(t, Fp8Rows) else t.dtype) == torch.float32
+                               for t in ts)
+
+
+def _pool_args(pool) -> tuple:
+    """(pool, row stride, rope view, its row stride, FP8 flag) kernel arguments of one source."""
+    if isinstance(pool, Fp8Rows):
+        lay, data = pool.layout, pool.data
+        e = lay.elem
+        if data.stride(0) % e or data.storage_offset() % e:
+            raise ValueError(f"FP8 pool rows must start at multiples of {e} bytes for its {lay.rope_dtype} rope dims")
+        rope = data.view(lay.rope_dtype)[:, lay.rope_off // e:lay.scale_off // e]
+        return data, data.stride(0), rope, rope.stride(0), True
+    return pool, pool.stride(0), pool, 0, False
 
 
 def sparse_attn_paged(q: torch.Tensor, sources: list[tuple[torch.Tensor, torch.Tensor]], sink: torch.Tensor,
                       scale: float, *, config: dict | None = None) -> torch.Tensor:
-    """q [N,H,D]; sources: 1 or 2 (pool [P,D], idx [N,K] int32/64, -1 = none); sink [H] -> [N,H,D]
-    in q.dtype (see the module docstring and ref.sparse_attn_paged)."""
+    """q [N,H,D]; sources: 1 or 2 (pool [P,D] or Fp8Rows, idx [N,K] int32/64, -1 = none); sink [H]
+    -> [N,H,D] in q.dtype (see the module docstring and ref.sparse_attn_paged)."""
     _check_float("q", q, 3)
     N, H, D = q.shape
     dev = q.device
@@ -216,10 +280,15 @@ def sparse_attn_paged(q: torch.Tensor, sources: list[tuple[torch.Tensor, torch.T
         return out
     if len(srcs) == 1:  # the second source: the first with no keys
         srcs.append((srcs[0][0], srcs[0][1][:, :0]))
+    layouts = {p.layout for p, _ in srcs if isinstance(p, Fp8Rows)}
+    if len(layouts) > 1:
+        raise ValueError(f"FP8 sources must share one row layout, got {sorted(map(str, layouts))}")
+    lay = layouts.pop() if layouts else None
 
-    key = _attn_key(N, H, D, sum(i.shape[1] for _, i in srcs))
-    cfg = {**ATTN_DEFAULT, **(config if config is not None
-                              else tuning.config("sparse_attn_paged", key, ATTN_DEFAULT, dev))}
+    key = _attn_key(N, H, D, sum(i.shape[1] for _, i in srcs)) + ("-fp8" if lay else "")
+    default = ATTN_FP8_DEFAULT if lay else ATTN_DEFAULT
+    cfg = {**default, **(config if config is not None
+                         else tuning.config("sparse_attn_paged", key, default, dev))}
     block_h = max(16, min(int(cfg["BLOCK_H"]), triton.next_power_of_2(H)))
     block_k = int(cfg["BLOCK_K"])
     block_d = max(16, triton.next_power_of_2(D))
@@ -240,12 +309,14 @@ def sparse_attn_paged(q: torch.Tensor, sources: list[tuple[torch.Tensor, torch.T
     # the interpreter rounds fp32 -> bf16/fp16 toward zero (compiled kernels round to nearest
     # even): there the kernels write fp32 and torch rounds
     res = torch.empty(q.shape, device=dev, dtype=torch.float32) if _interpret() else out
+    a0, a1 = _pool_args(p0), _pool_args(p1)
     _sparse_attn_kernel[(N * n_hb, S)](
         q, sink, res, m, l, part,
-        p0, p0.stride(0), i0, i0.stride(0), K0,
-        p1, p1.stride(0), i1, i1.stride(0), K1,
-        H, D, S, bps, float(scale) * LOG2E,
+        *a0[:4], i0, i0.stride(0), K0,
+        *a1[:4], i1, i1.stride(0), K1,
+        H, D, S, bps, float(scale) * LOG2E, lay.nope if lay else 0, lay.scale_off if lay else 0,
         BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_D=block_d, USE_F32=_use_f32(q, p0, p1), FINAL=final,
+        FP8_0=a0[4], FP8_1=a1[4],
         num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]))
     if not final:
         _combine_kernel[(N * H,)](m, l, part, sink, res, H, D, S,
@@ -340,6 +411,14 @@ def _attn_cases(device: torch.device):
         q = torch.randn(n, H, D, generator=gen).to(device, dt)
         srcs = [(window, _rand_idx(n, kw, pw, device, gen)), (entries, _rand_idx(n, kc, pc, device, gen))]
         out.append((_attn_key(n, H, D, kw + kc),
+                     lambda cfg, q=q, s=srcs: sparse_attn_paged(q, s, sink, D ** -0.5, config=cfg)))
+    # the same pools in the FP8 cache format (their own keys: the tile that fits differs)
+    lay = Fp8Layout(D, D // 8, dt)
+    window8, entries8 = (Fp8Rows(pack(p, lay), lay) for p in (window, entries))
+    for n, kc in shapes[:1] + shapes[2:]:
+        q = torch.randn(n, H, D, generator=gen).to(device, dt)
+        srcs = [(window8, _rand_idx(n, kw, pw, device, gen)), (entries8, _rand_idx(n, kc, pc, device, gen))]
+        out.append((_attn_key(n, H, D, kw + kc) + "-fp8",
                      lambda cfg, q=q, s=srcs: sparse_attn_paged(q, s, sink, D ** -0.5, config=cfg)))
     return out
 
