@@ -104,6 +104,11 @@ def _interpreter(a: argparse.Namespace) -> None:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
+    if a.weights:
+        from dayzero import verify
+        report = verify.run_weights(a.weights, out=a.out)
+        print(verify.weights_card(report))
+        return 0 if report["passed"] else 1
     _interpreter(a)
     from dayzero import verify
     report = verify.run(device=a.device, choice=a.ops, numerics=a.numerics, slice_experts=a.slice_experts,
@@ -202,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--slice-experts", type=int, default=None,
                    help="routed experts of the V4-Flash slice (default: 256 on a GPU, 16 on the CPU)")
     v.add_argument("--ops-only", action="store_true", help="skip the end-to-end model checks")
+    v.add_argument("--weights", metavar="DIR", default=None,
+                   help="instead: scan every tensor of the checkpoint at DIR for NaN/inf (shard by shard, "
+                        "memory-mapped); exit 1 if any")
     v.add_argument("--out", default="verify.json", help="JSON report path ('' to skip)")
     v.add_argument("--interpret", action="store_true", help="run Triton kernels in the interpreter (CPU)")
     v.set_defaults(func=cmd_verify)

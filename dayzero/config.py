@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,9 +120,9 @@ class ModelArgs:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 bad(name, f"must be a positive integer, got {value!r}")
         if len(self.layer_types) != self.n_layers:
-            bad("layer_types", f"has {len(self.layer_types)} entries but n_layers is {self.n_layers}")
+            bad("layer_types", f"has {len(self.layer_types)} entries but `n_layers` is {self.n_layers}")
         if len(self.compress_ratios) != self.n_layers:
-            bad("compress_ratios", f"has {len(self.compress_ratios)} entries but n_layers is {self.n_layers}")
+            bad("compress_ratios", f"has {len(self.compress_ratios)} entries but `n_layers` is {self.n_layers}")
         for i, (t, r) in enumerate(zip(self.layer_types, self.compress_ratios)):
             if t not in LAYER_TYPES:
                 bad("layer_types", f"layer {i} has unknown type {t!r} (allowed: {', '.join(LAYER_TYPES)})")
@@ -130,34 +131,35 @@ class ModelArgs:
             if r < 0 or (t != "sliding" and r < 2):
                 bad("compress_ratios", f"layer {i} has invalid ratio {r}")
         if self.n_heads % self.o_groups:
-            bad("o_groups", f"{self.o_groups} does not divide n_heads={self.n_heads}")
+            bad("o_groups", f"{self.o_groups} does not divide `n_heads` = {self.n_heads}")
         if not 0 < self.rope_head_dim <= self.head_dim or self.rope_head_dim % 2:
-            bad("rope_head_dim", f"{self.rope_head_dim} must be even and in (0, head_dim={self.head_dim}]")
+            bad("rope_head_dim", f"{self.rope_head_dim} must be even and in (0, `head_dim` = {self.head_dim}]")
         if self.rope_head_dim > self.index_head_dim:
-            bad("index_head_dim", f"{self.index_head_dim} is smaller than rope_head_dim={self.rope_head_dim}")
+            bad("index_head_dim", f"{self.index_head_dim} is smaller than `rope_head_dim` = {self.rope_head_dim}")
         if self.n_activated_experts > self.n_routed_experts:
-            bad("num_experts_per_tok",
-                f"top-k {self.n_activated_experts} exceeds n_routed_experts={self.n_routed_experts}")
+            bad("n_activated_experts",
+                f"top-k {self.n_activated_experts} exceeds `n_routed_experts` = {self.n_routed_experts}")
         if self.n_shared_experts != 1:
             bad("n_shared_experts", f"DeepSeek-V4 has exactly 1 shared expert, got {self.n_shared_experts}")
         if not 0 <= self.n_hash_layers <= self.n_layers:
-            bad("num_hash_layers", f"{self.n_hash_layers} is outside [0, n_layers={self.n_layers}]")
+            bad("n_hash_layers", f"{self.n_hash_layers} is outside [0, `n_layers` = {self.n_layers}]")
         if self.score_func not in ("sqrtsoftplus", "sigmoid", "softmax"):
-            bad("scoring_func", f"unknown scoring function {self.score_func!r}")
+            bad("score_func", f"unknown scoring function {self.score_func!r}")
         if self.index_topk <= 0:
             bad("index_topk", f"must be positive, got {self.index_topk}")
         if self.n_mtp_layers not in (0, 1):
-            bad("num_nextn_predict_layers", f"only 0 or 1 MTP module is supported, got {self.n_mtp_layers}")
+            bad("n_mtp_layers", f"only 0 or 1 MTP module is supported, got {self.n_mtp_layers}")
         if self.dtype not in DENSE_DTYPES:
-            bad("torch_dtype", f"unsupported storage dtype {self.dtype!r} (allowed: {', '.join(DENSE_DTYPES)})")
+            bad("dtype", f"unsupported storage dtype {self.dtype!r} (allowed: {', '.join(DENSE_DTYPES)})")
         if self.quant not in (None, "fp8"):
-            bad("quantization_config", f"unsupported weight quantization {self.quant!r}")
+            bad("quant", f"unsupported weight quantization {self.quant!r}")
         if self.expert_dtype not in (None, "fp8", "fp4"):
             bad("expert_dtype", f"unsupported expert dtype {self.expert_dtype!r}")
         if self.expert_dtype is not None and self.quant is None:
-            bad("expert_dtype", f"{self.expert_dtype!r} needs a quantization_config (fp8 weights)")
+            bad("expert_dtype", f"{self.expert_dtype!r} needs FP8 weights (`quant`)")
         if self.routed_expert_format == "fp4" and (self.dim % 32 or self.moe_inter_dim % 32):
-            bad("moe_intermediate_size", "FP4 experts need hidden and expert widths divisible by 32")
+            bad("moe_inter_dim", f"FP4 experts need `dim` ({self.dim}) and `moe_inter_dim` ({self.moe_inter_dim}) "
+                                 "divisible by 32")
         if self.index_head_dim & (self.index_head_dim - 1):
             bad("index_head_dim", f"{self.index_head_dim} must be a power of two (Hadamard rotation)")
 
@@ -176,119 +178,130 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "config") -> "ModelArgs":
-        """Accepts hub (HF) keys or official `inference/config.json` keys."""
+        """Accepts hub (HF) keys or official `inference/config.json` keys. A ConfigError names
+        `source` (the file) and the key as that file spells it (`hidden_size` in a hub config,
+        `dim` in an official one), also when the check that fails is on the derived value."""
         if not isinstance(cfg, dict):
             raise ConfigError(f"{source}: expected a JSON object")
+        official = "dim" in cfg and "hidden_size" not in cfg
         try:
-            if "dim" in cfg and "hidden_size" not in cfg:
-                return cls._from_official(cfg)
-            return cls._from_hf(cfg)
+            return cls._from_official(cfg) if official else cls._from_hf(cfg)
         except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-        except (TypeError, KeyError) as e:
-            raise ConfigError(f"{source}: missing or malformed field {e}") from None
+            keys = _official_keys(cfg) if official else _hub_keys(cfg)
+            raise ConfigError(f"{source}: {_in_file_terms(str(e), keys)}") from None
 
     @classmethod
     def _from_official(cls, c: dict) -> "ModelArgs":
-        n_layers = c["n_layers"]
-        ratios = list(c.get("compress_ratios") or [0] * n_layers)
+        k = _Keys(c)
+        n_layers = k.int("n_layers")
+        ratios = k.list("compress_ratios", [0] * n_layers)
         types = [_type_of_ratio(r, 4) for r in ratios[:n_layers]]
-        quant = "fp8" if c.get("dtype", "bf16") == "fp8" else None
+        quant = "fp8" if k.str("dtype", "bf16") == "fp8" else None
         return cls(
-            vocab_size=c["vocab_size"], dim=c["dim"], n_layers=n_layers, n_heads=c["n_heads"],
-            head_dim=c.get("head_dim", 512), rope_head_dim=c.get("rope_head_dim", 64),
-            q_lora_rank=c["q_lora_rank"], o_groups=c["o_groups"], o_lora_rank=c["o_lora_rank"],
-            window_size=c.get("window_size", 128), layer_types=tuple(types),
-            compress_ratios=tuple(ratios[:n_layers]), n_hash_layers=c.get("n_hash_layers", 0),
-            n_routed_experts=c["n_routed_experts"], n_shared_experts=c.get("n_shared_experts", 1),
-            n_activated_experts=c["n_activated_experts"], moe_inter_dim=c["moe_inter_dim"],
-            score_func=c.get("score_func", "sqrtsoftplus"), route_scale=float(c.get("route_scale", 1.0)),
-            swiglu_limit=float(c.get("swiglu_limit", 0.0)), index_n_heads=c.get("index_n_heads", 64),
-            index_head_dim=c.get("index_head_dim", 128), index_topk=c.get("index_topk", 512),
-            hc_mult=c.get("hc_mult", 4), hc_sinkhorn_iters=c.get("hc_sinkhorn_iters", 20),
-            hc_eps=float(c.get("hc_eps", 1e-6)), norm_eps=float(c.get("norm_eps", 1e-6)),
-            rope_theta=float(c.get("rope_theta", 10000.0)),
-            compress_rope_theta=float(c.get("compress_rope_theta", 40000.0)),
-            rope_factor=float(c.get("rope_factor", 40)), original_seq_len=c.get("original_seq_len", 0),
-            beta_fast=float(c.get("beta_fast", 32)), beta_slow=float(c.get("beta_slow", 1)),
-            max_seq_len=c.get("max_seq_len", 1048576), n_mtp_layers=c.get("n_mtp_layers", 1),
+            vocab_size=k.int("vocab_size"), dim=k.int("dim"), n_layers=n_layers, n_heads=k.int("n_heads"),
+            head_dim=k.int("head_dim", 512), rope_head_dim=k.int("rope_head_dim", 64),
+            q_lora_rank=k.int("q_lora_rank"), o_groups=k.int("o_groups"), o_lora_rank=k.int("o_lora_rank"),
+            window_size=k.int("window_size", 128), layer_types=tuple(types),
+            compress_ratios=tuple(ratios[:n_layers]), n_hash_layers=k.int("n_hash_layers", 0),
+            n_routed_experts=k.int("n_routed_experts"), n_shared_experts=k.int("n_shared_experts", 1),
+            n_activated_experts=k.int("n_activated_experts"), moe_inter_dim=k.int("moe_inter_dim"),
+            score_func=k.str("score_func", "sqrtsoftplus"), route_scale=k.num("route_scale", 1.0),
+            swiglu_limit=k.num("swiglu_limit", 0.0), index_n_heads=k.int("index_n_heads", 64),
+            index_head_dim=k.int("index_head_dim", 128), index_topk=k.int("index_topk", 512),
+            hc_mult=k.int("hc_mult", 4), hc_sinkhorn_iters=k.int("hc_sinkhorn_iters", 20),
+            hc_eps=k.num("hc_eps", 1e-6), norm_eps=k.num("norm_eps", 1e-6),
+            rope_theta=k.num("rope_theta", 10000.0), compress_rope_theta=k.num("compress_rope_theta", 40000.0),
+            rope_factor=k.num("rope_factor", 40.0), original_seq_len=k.int("original_seq_len", 0),
+            beta_fast=k.num("beta_fast", 32.0), beta_slow=k.num("beta_slow", 1.0),
+            max_seq_len=k.int("max_seq_len", 1048576), n_mtp_layers=k.int("n_mtp_layers", 1),
             dtype="bfloat16", quant=quant,
-            expert_dtype=(c.get("expert_dtype") if quant else None),
+            expert_dtype=(k.str("expert_dtype", None) if quant else None),
         )
 
     @classmethod
     def _from_hf(cls, c: dict) -> "ModelArgs":
-        n_layers = c["num_hidden_layers"]
+        k = _Keys(c)
+        n_layers = k.int("num_hidden_layers")
         rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
-        rates.update(c.get("compress_rates") or {})
+        rates.update(k.dict("compress_rates", {}))
         csa_rate, hca_rate = rates["compressed_sparse_attention"], rates["heavily_compressed_attention"]
         if c.get("layer_types") is not None:
             types = []
-            for i, name in enumerate(c["layer_types"]):
+            for i, name in enumerate(k.list("layer_types")):
                 if name not in _HF_LAYER_NAMES:
-                    raise ConfigError(f"config field `layer_types`: layer {i} has unknown type {name!r}")
+                    raise ConfigError(f"key `layer_types`: layer {i} has unknown type {name!r} "
+                                      f"(allowed: {', '.join(_HF_LAYER_NAMES)})")
                 types.append(_HF_LAYER_NAMES[name])
             ratios = [{"sliding": 0, "csa": csa_rate, "hca": hca_rate}[t] for t in types]
         elif c.get("compress_ratios") is not None:
-            ratios = list(c["compress_ratios"])
+            ratios = k.list("compress_ratios")
             types = [_type_of_ratio(r, csa_rate) for r in ratios]
         else:
-            raise ConfigError("config needs `layer_types` or `compress_ratios`")
+            raise ConfigError("needs the key `layer_types` or `compress_ratios`")
         if len(types) < n_layers:
-            raise ConfigError(f"config field `layer_types`: {len(types)} entries for {n_layers} layers")
+            raise ConfigError(f"key `{'layer_types' if c.get('layer_types') is not None else 'compress_ratios'}`: "
+                              f"{len(types)} entries for {n_layers} layers (`num_hidden_layers`)")
         if c.get("mlp_layer_types") is not None:
-            mlp = list(c["mlp_layer_types"])
+            mlp = k.list("mlp_layer_types")
             n_hash = sum(1 for t in mlp if t == "hash_moe")
             if mlp != ["hash_moe"] * n_hash + ["moe"] * (len(mlp) - n_hash):
-                raise ConfigError(f"config field `mlp_layer_types`: hash layers must come first, got {mlp}")
-            if c.get("num_hash_layers", n_hash) != n_hash:
-                raise ConfigError(f"config field `num_hash_layers`: {c['num_hash_layers']} disagrees with "
+                raise ConfigError(f"key `mlp_layer_types`: hash layers must come first, got {mlp}")
+            if k.int("num_hash_layers", n_hash) != n_hash:
+                raise ConfigError(f"key `num_hash_layers`: {c['num_hash_layers']} disagrees with "
                                   f"the {n_hash} hash_moe entries of `mlp_layer_types`")
         else:
-            n_hash = c.get("num_hash_layers", 3)
-        rope = c.get("rope_scaling") or {}
+            n_hash = k.int("num_hash_layers", 3)
+        rope_key = "rope_scaling"
+        rope = k.dict("rope_scaling", {})
         if not rope and isinstance(c.get("rope_parameters"), dict):
+            rope_key = "rope_parameters.compress" if "compress" in c["rope_parameters"] else "rope_parameters"
             rope = c["rope_parameters"].get("compress", c["rope_parameters"])
+            if not isinstance(rope, dict):
+                raise ConfigError(f"key `{rope_key}`: must be an object, got {rope!r}")
+        r = _Keys(rope, f"{rope_key}.")
         yarn = rope.get("rope_type", rope.get("type")) == "yarn"
-        qc = c.get("quantization_config")
+        qc = k.dict("quantization_config", None)
         quant = None
         if qc:
             if qc.get("quant_method") != "fp8" or qc.get("fmt", "e4m3") != "e4m3":
-                raise ConfigError(f"config field `quantization_config`: unsupported {qc}")
+                raise ConfigError(f"key `quantization_config`: unsupported {qc} (only quant_method 'fp8', "
+                                  "fmt 'e4m3')")
             if list(qc.get("weight_block_size", [128, 128])) != [128, 128]:
-                raise ConfigError("config field `quantization_config.weight_block_size`: only [128, 128]")
+                raise ConfigError("key `quantization_config.weight_block_size`: only [128, 128] is supported, "
+                                  f"got {qc.get('weight_block_size')!r}")
             quant = "fp8"
         expert_dtype = c.get("expert_dtype", (qc or {}).get("expert_dtype"))
         if quant and expert_dtype is None:
             expert_dtype = "fp4"  # instruct checkpoints; Base checkpoints say "fp8"
+        head_dim = k.int("head_dim", 512)
         used = set(_HF_KEYS_USED)
         return cls(
-            vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=n_layers,
-            n_heads=c["num_attention_heads"], head_dim=c.get("head_dim", 512),
-            rope_head_dim=c.get("qk_rope_head_dim",
-                                int(c.get("head_dim", 512) * c.get("partial_rotary_factor", 0.125))),
-            q_lora_rank=c["q_lora_rank"], o_groups=c["o_groups"], o_lora_rank=c["o_lora_rank"],
-            window_size=c.get("sliding_window", 128), layer_types=tuple(types[:n_layers]),
+            vocab_size=k.int("vocab_size"), dim=k.int("hidden_size"), n_layers=n_layers,
+            n_heads=k.int("num_attention_heads"), head_dim=head_dim,
+            rope_head_dim=(k.int("qk_rope_head_dim") if "qk_rope_head_dim" in c
+                           else int(head_dim * k.num("partial_rotary_factor", 0.125))),
+            q_lora_rank=k.int("q_lora_rank"), o_groups=k.int("o_groups"), o_lora_rank=k.int("o_lora_rank"),
+            window_size=k.int("sliding_window", 128), layer_types=tuple(types[:n_layers]),
             compress_ratios=tuple(ratios[:n_layers]), n_hash_layers=n_hash,
-            n_routed_experts=c["n_routed_experts"], n_shared_experts=c.get("n_shared_experts", 1),
-            n_activated_experts=c["num_experts_per_tok"], moe_inter_dim=c["moe_intermediate_size"],
-            score_func=c.get("scoring_func", "sqrtsoftplus"),
-            route_scale=float(c.get("routed_scaling_factor", 1.0)),
-            swiglu_limit=float(c.get("swiglu_limit", 0.0)), index_n_heads=c.get("index_n_heads", 64),
-            index_head_dim=c.get("index_head_dim", 128), index_topk=c.get("index_topk", 512),
-            hc_mult=c.get("hc_mult", 4), hc_sinkhorn_iters=c.get("hc_sinkhorn_iters", 20),
-            hc_eps=float(c.get("hc_eps", 1e-6)), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(c.get("rope_theta", 10000.0)),
-            compress_rope_theta=float(c.get("compress_rope_theta", 160000.0)),
-            rope_factor=float(rope.get("factor", 1.0)) if yarn else 1.0,
-            original_seq_len=int(rope.get("original_max_position_embeddings", 0)) if yarn else 0,
-            beta_fast=float(rope.get("beta_fast", 32)), beta_slow=float(rope.get("beta_slow", 1)),
-            max_seq_len=c.get("max_position_embeddings", 1048576),
-            n_mtp_layers=c.get("num_nextn_predict_layers", 0),
+            n_routed_experts=k.int("n_routed_experts"), n_shared_experts=k.int("n_shared_experts", 1),
+            n_activated_experts=k.int("num_experts_per_tok"), moe_inter_dim=k.int("moe_intermediate_size"),
+            score_func=k.str("scoring_func", "sqrtsoftplus"),
+            route_scale=k.num("routed_scaling_factor", 1.0),
+            swiglu_limit=k.num("swiglu_limit", 0.0), index_n_heads=k.int("index_n_heads", 64),
+            index_head_dim=k.int("index_head_dim", 128), index_topk=k.int("index_topk", 512),
+            hc_mult=k.int("hc_mult", 4), hc_sinkhorn_iters=k.int("hc_sinkhorn_iters", 20),
+            hc_eps=k.num("hc_eps", 1e-6), norm_eps=k.num("rms_norm_eps", 1e-6),
+            rope_theta=k.num("rope_theta", 10000.0), compress_rope_theta=k.num("compress_rope_theta", 160000.0),
+            rope_factor=r.num("factor", 1.0) if yarn else 1.0,
+            original_seq_len=r.int("original_max_position_embeddings", 0) if yarn else 0,
+            beta_fast=r.num("beta_fast", 32.0), beta_slow=r.num("beta_slow", 1.0),
+            max_seq_len=k.int("max_position_embeddings", 1048576),
+            n_mtp_layers=k.int("num_nextn_predict_layers", 0),
             dtype=c.get("torch_dtype", c.get("dtype", "bfloat16")) or "bfloat16", quant=quant,
             expert_dtype=expert_dtype if quant else None,
-            bos_token_id=c.get("bos_token_id", 0) or 0, eos_token_id=_first(c.get("eos_token_id", 1)),
-            extra={k: v for k, v in c.items() if k not in used},
+            bos_token_id=k.int("bos_token_id", 0, allow_none=True) or 0,
+            eos_token_id=_first(c.get("eos_token_id", 1)),
+            extra={key: v for key, v in c.items() if key not in used},
         )
 
     def to_hf_dict(self) -> dict:
@@ -354,7 +367,117 @@ def _type_of_ratio(r: int, csa_rate: int) -> str:
 
 
 def _first(x: Any) -> int:
-    return x[0] if isinstance(x, list) else int(x)
+    v = x[0] if isinstance(x, list) and x else x
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ConfigError(f"key `eos_token_id`: must be an integer or a list of them, got {x!r}")
+    return v
+
+
+_REQUIRED = object()
+
+
+class _Keys:
+    """Typed reads of a config dict; every error names the key as the file spells it."""
+
+    def __init__(self, c: dict, prefix: str = ""):
+        self.c, self.prefix = c, prefix
+
+    def _get(self, key: str, default):
+        v = self.c.get(key, _REQUIRED)
+        if v is _REQUIRED:
+            if default is _REQUIRED:
+                raise ConfigError(f"key `{self.prefix}{key}` is missing")
+            return default
+        return v
+
+    def _bad(self, key: str, what: str, v) -> ConfigError:
+        return ConfigError(f"key `{self.prefix}{key}`: must be {what}, got {v!r}")
+
+    def int(self, key: str, default=_REQUIRED, allow_none: bool = False) -> int:
+        v = self._get(key, default)
+        if v is None and allow_none:
+            return v
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise self._bad(key, "an integer", v)
+        return v
+
+    def num(self, key: str, default=_REQUIRED) -> float:
+        v = self._get(key, default)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise self._bad(key, "a finite number", v)
+        return float(v)
+
+    def str(self, key: str, default=_REQUIRED):
+        v = self._get(key, default)
+        if v is not None and not isinstance(v, str):
+            raise self._bad(key, "a string", v)
+        return v
+
+    def list(self, key: str, default=_REQUIRED) -> list:
+        v = self._get(key, default)
+        if not isinstance(v, list):
+            raise self._bad(key, "a list", v)
+        return list(v)
+
+    def dict(self, key: str, default=_REQUIRED):
+        v = self._get(key, default)
+        if v is None:
+            return default
+        if not isinstance(v, dict):
+            raise self._bad(key, "an object", v)
+        return v
+
+
+# ModelArgs field -> the key it comes from, per config form; fields absent here share their key's name
+_HUB_KEY_OF = {
+    "dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+    "rope_head_dim": "qk_rope_head_dim", "window_size": "sliding_window", "n_hash_layers": "num_hash_layers",
+    "n_activated_experts": "num_experts_per_tok", "moe_inter_dim": "moe_intermediate_size",
+    "score_func": "scoring_func", "route_scale": "routed_scaling_factor", "norm_eps": "rms_norm_eps",
+    "rope_factor": "rope_scaling.factor", "original_seq_len": "rope_scaling.original_max_position_embeddings",
+    "beta_fast": "rope_scaling.beta_fast", "beta_slow": "rope_scaling.beta_slow",
+    "max_seq_len": "max_position_embeddings", "n_mtp_layers": "num_nextn_predict_layers",
+    "dtype": "torch_dtype", "quant": "quantization_config",
+}
+_OFFICIAL_KEY_OF = {"layer_types": "compress_ratios", "quant": "dtype", "dtype": "dtype"}
+
+
+def _hub_keys(c: dict) -> dict[str, str]:
+    keys = dict(_HUB_KEY_OF)
+    if "qk_rope_head_dim" not in c:
+        keys["rope_head_dim"] = "partial_rotary_factor"
+    if c.get("layer_types") is None:
+        keys["layer_types"] = "compress_ratios"
+    else:
+        keys["compress_ratios"] = "compress_rates"
+    if c.get("mlp_layer_types") is not None and "num_hash_layers" not in c:
+        keys["n_hash_layers"] = "mlp_layer_types"
+    if "torch_dtype" not in c and "dtype" in c:
+        keys["dtype"] = "dtype"
+    if "rope_scaling" not in c and isinstance(c.get("rope_parameters"), dict):
+        base = "rope_parameters.compress" if "compress" in c["rope_parameters"] else "rope_parameters"
+        for f, sub in (("rope_factor", "factor"), ("original_seq_len", "original_max_position_embeddings"),
+                       ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow")):
+            keys[f] = f"{base}.{sub}"
+    if "expert_dtype" not in c and "expert_dtype" in (c.get("quantization_config") or {}):
+        keys["expert_dtype"] = "quantization_config.expert_dtype"
+    return keys
+
+
+def _official_keys(c: dict) -> dict[str, str]:
+    return dict(_OFFICIAL_KEY_OF)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(ModelArgs)}
+
+
+def _in_file_terms(message: str, keys: dict[str, str]) -> str:
+    """Rewrite a validation message from ModelArgs field names (in backticks) to the config file's keys."""
+    def key(m: re.Match) -> str:
+        name = m.group(1)
+        return f"`{keys.get(name, name)}`" if name in _FIELDS else m.group(0)
+    message = re.sub(r"^config field `", "key `", message)
+    return re.sub(r"`([a-z_0-9.]+)`", key, message)
 
 
 # ---- presets with the real shapes (v4-architecture.md sections 2 and 2.4) -------------------

@@ -12,6 +12,11 @@
    emits must be the reference's top-1 given the same prefix or a near tie; again with the FP8 KV
    cache, whose tokens must be those of the first run (numerics="official": lossless storage).
 Prints a report card and writes JSON. Exit status 1 if anything fails.
+
+`dayzero verify --weights DIR` instead scans every tensor of the checkpoint at DIR for NaN / inf
+(dayzero/loader/finite.py: shard by shard, memory-mapped, so checkpoints larger than RAM work)
+and reports each non-finite tensor; exit status 1 if there is one. Loading checks only the small
+tensors (norms, scales, router bias, sinks, hc_*), which is cheap; this check is the complete one.
 """
 from __future__ import annotations
 
@@ -234,4 +239,26 @@ def card(report: dict) -> str:
                       f"{m['greedy_identical_prefix']}/{m['greedy_tokens']} tokens: "
                       f"{'PASS' if m['passed'] else 'FAIL'}"]
     lines += ["", "RESULT: " + ("PASS" if report["passed"] else "FAIL")]
+    return "\n".join(lines)
+
+
+def run_weights(path: str | Path, out: str | None = None, quiet: bool = False) -> dict:
+    """`dayzero verify --weights DIR`: the full non-finite scan of a checkpoint (loader/finite.py)."""
+    from dayzero.loader.finite import scan_checkpoint
+    report = scan_checkpoint(path, progress=None if quiet else lambda line: print(line, flush=True))
+    report["versions"] = _versions()
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def weights_card(report: dict) -> str:
+    lines = [f"dayzero verify --weights {report['path']}: {report['tensors']} tensors in {report['shards']} "
+             f"shard(s), {report['bytes'] / 2**30:.2f} GiB scanned in {report['seconds']:.1f} s"]
+    for r in report["non_finite"]:
+        lines.append(f"  NON-FINITE {r['name']} ({r['dtype']} {r['shape']}) in {r['file']}: "
+                     f"{r['count']} of {r['numel']} values are NaN or inf")
+    lines.append("RESULT: " + ("PASS (every value is finite)" if report["passed"] else
+                               f"FAIL ({len(report['non_finite'])} tensor(s) with NaN or inf)"))
     return "\n".join(lines)

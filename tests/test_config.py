@@ -71,7 +71,14 @@ def test_base_checkpoint_expert_dtype():
     ({"num_hash_layers": 50, "mlp_layer_types": None}, "num_hash_layers"),
     ({"num_hash_layers": 2}, "num_hash_layers"),  # disagrees with mlp_layer_types
     ({"index_head_dim": 96}, "index_head_dim"),
-    ({"hidden_size": 0}, "dim"),
+    ({"hidden_size": 0}, "hidden_size"),
+    ({"hidden_size": "256"}, "hidden_size"),
+    ({"num_hidden_layers": 44}, "layer_types"),  # 43 entries for 44 layers
+    ({"moe_intermediate_size": 100}, "moe_intermediate_size"),
+    ({"qk_rope_head_dim": 1000}, "qk_rope_head_dim"),
+    ({"num_nextn_predict_layers": 2}, "num_nextn_predict_layers"),
+    ({"rms_norm_eps": "tiny"}, "rms_norm_eps"),
+    ({"rope_scaling": {"type": "yarn", "factor": "x"}}, "rope_scaling.factor"),
     ({"torch_dtype": "int8"}, "torch_dtype"),
     ({"quantization_config": {"quant_method": "awq"}}, "quantization_config"),
     ({"scoring_func": "relu"}, "scoring_func"),
@@ -97,7 +104,7 @@ def test_unknown_layer_type_and_wrong_lengths_are_rejected():
     cfg["mlp_layer_types"] = ["moe", "hash_moe"] + ["moe"] * 41
     with pytest.raises(ConfigError, match="hash layers must come first"):
         ModelArgs.from_dict(cfg)
-    with pytest.raises(ConfigError, match="missing or malformed field 'vocab_size'"):
+    with pytest.raises(ConfigError, match="key `vocab_size` is missing"):
         ModelArgs.from_dict({"num_hidden_layers": 2, "layer_types": ["sliding_attention"] * 2})
 
 
@@ -109,3 +116,56 @@ def test_from_dir_errors(tmp_path):
         ModelArgs.from_dir(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(flash().to_hf_dict()))
     assert ModelArgs.from_dir(tmp_path).n_layers == 43
+
+
+def _message(cfg, source="config.json") -> str:
+    with pytest.raises(ConfigError) as e:
+        ModelArgs.from_dict(cfg, source=source)
+    return str(e.value)
+
+
+def test_hub_config_errors_speak_hub_keys_never_internal_names():
+    cfg = flash().to_hf_dict()
+    cfg["hidden_size"] = 0
+    msg = _message(cfg, "/ckpt/config.json")
+    assert msg.startswith("/ckpt/config.json: key `hidden_size`:") and "`dim`" not in msg
+    cfg = flash().to_hf_dict()
+    cfg["num_attention_heads"] = 60
+    msg = _message(cfg)
+    assert "`o_groups`" in msg and "`num_attention_heads` = 60" in msg and "`n_heads`" not in msg
+    cfg = flash().to_hf_dict()
+    cfg["num_experts_per_tok"] = 300
+    msg = _message(cfg)
+    assert "key `num_experts_per_tok`" in msg and "`n_routed_experts` = 256" in msg
+    cfg = flash().to_hf_dict()  # dtype key spelled as newer transformers write it
+    del cfg["torch_dtype"]
+    cfg["dtype"] = "int8"
+    assert "key `dtype`: unsupported storage dtype 'int8'" in _message(cfg)
+
+
+def test_official_config_errors_speak_official_keys():
+    cfg = dict(OFFICIAL_FLASH, dim="256")
+    assert _message(cfg, "/ckpt/inference/config.json") == \
+        "/ckpt/inference/config.json: key `dim`: must be an integer, got '256'"
+    cfg = dict(OFFICIAL_FLASH, n_layers=45)  # compress_ratios lists 43 layers + the MTP one
+    msg = _message(cfg)
+    assert "key `compress_ratios`" in msg and "`n_layers` is 45" in msg and "num_hidden_layers" not in msg
+    cfg = dict(OFFICIAL_FLASH, n_activated_experts=300)
+    assert "key `n_activated_experts`" in _message(cfg)
+    cfg = dict(OFFICIAL_FLASH)
+    del cfg["n_heads"]
+    assert _message(cfg) == "config.json: key `n_heads` is missing"
+
+
+def test_from_dir_names_the_file_and_the_key(tmp_path):
+    cfg = flash().to_hf_dict()
+    cfg["num_hidden_layers"] = "43"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError) as e:
+        ModelArgs.from_dir(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'config.json'}: key `num_hidden_layers`: must be an integer, got '43'"
+
+
+def test_direct_construction_still_names_the_fields():
+    with pytest.raises(ConfigError, match="config field `dim`: must be a positive integer"):
+        flash().replace(dim=0)

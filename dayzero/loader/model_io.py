@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from dayzero.config import ModelArgs
+from dayzero.loader.finite import check_small_finite
 from dayzero.loader.checkpoint import CheckpointError, TensorSpec, load_state, read_config
 from dayzero.loader.writer import quantize_state, save_state
 from dayzero.reference.attention import Compressor
@@ -43,6 +44,7 @@ def load_model(path: str | os.PathLike, numerics: str = "official", dtype: torch
         model = Transformer(args, numerics=numerics, compute_dtype=dtype)
     expected = {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in model.state_dict().items()}
     state = load_state(path, expected, device=device, progress=progress)
+    check_small_finite(state, str(path))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

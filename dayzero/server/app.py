@@ -1,4 +1,10 @@
-"""The OpenAI-compatible HTTP app: /health, /v1/models, /v1/completions, /v1/chat/completions, /metrics."""
+"""The OpenAI-compatible HTTP app: /health, /v1/models, /v1/completions, /v1/chat/completions, /metrics.
+
+The event loop only moves bytes. Work whose cost grows with what a client sends or asks for (JSON
+parsing, chat rendering, tokenization, detokenization of long outputs, response JSON) runs in
+`CpuPool`, so no request can hold up /health or another request's stream: one client posting
+2 MB prompts held /health for 1.2 s at the median before (docs/BENCHMARKS.md, "Noisy neighbour").
+"""
 from __future__ import annotations
 
 import asyncio
@@ -7,6 +13,7 @@ import json
 import secrets
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -28,6 +35,33 @@ class ServerArgs:
     max_model_len: int | None = None  # default: the model's max_seq_len, capped by the KV cache capacity
     max_in_flight: int | None = None  # default: 4 x max_num_seqs; more answer 429
     max_body_bytes: int = 4 * 2**20
+    cpu_workers: int = 2  # threads per lane of CpuPool
+
+
+LARGE_BODY_BYTES = 64 * 2**10  # request bodies above this are parsed and tokenized in the large lane
+LARGE_OUTPUT_IDS = 4096  # detokenizing an output longer than this is large-lane work
+INLINE_OUTPUT_IDS = 256  # a stream shapes its chunks on the loop while its output is this short (~0.1 ms)
+
+
+class CpuPool:
+    """Two bounded lanes of worker threads for per-request CPU work, so the event loop stays free.
+
+    Small jobs (bodies up to LARGE_BODY_BYTES, outputs up to LARGE_OUTPUT_IDS) never queue behind
+    large ones: clients posting megabyte prompts can occupy at most the large lane's threads. The
+    queue in front of the lanes is bounded by the server's in-flight limit, since a request holds
+    its slot from before its body is read. The tokenizer releases the GIL (tokenizer.py); the pure
+    Python parts (JSON, rendering) share it with the loop at the interpreter's switch interval."""
+
+    def __init__(self, workers: int):
+        self.small = ThreadPoolExecutor(workers, thread_name_prefix="dayzero-cpu")
+        self.large = ThreadPoolExecutor(workers, thread_name_prefix="dayzero-cpu-large")
+
+    async def run(self, fn, *args, large: bool = False):
+        return await asyncio.get_running_loop().run_in_executor(self.large if large else self.small, fn, *args)
+
+    def shutdown(self) -> None:
+        for ex in (self.small, self.large):
+            ex.shutdown(wait=False, cancel_futures=True)
 
 
 class _Tracker:
@@ -84,6 +118,9 @@ class Server:
         self.tok = llm.tokenizer
         self.eos = {llm.args.eos_token_id}
         self.validator = Validator(sargs.model_name, self.tok, llm.args.vocab_size, self.context, self.eos)
+        if self.tok is not None and hasattr(self.tok, "max_token_bytes"):
+            self.tok.max_token_bytes  # noqa: B018 - scan the vocabulary now, not in the first request
+        self.cpu = CpuPool(sargs.cpu_workers)
         self.created = int(time.time())
 
     # ---- plumbing ---------------------------------------------------------------------------------
@@ -96,7 +133,7 @@ class Server:
             raise APIError(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
                            code="invalid_api_key")
 
-    async def read_json(self, request: Request):
+    async def read_body(self, request: Request) -> bytes:
         limit = self.sargs.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -107,10 +144,20 @@ class Server:
             if size > limit:
                 raise APIError(413, f"request body exceeds the {limit}-byte limit")
             chunks.append(c)
+        return b"".join(chunks)
+
+    def parse(self, data: bytes, kind: str) -> GenRequest:
+        """Body bytes -> a validated request (JSON, rendering, tokenization): runs in the CpuPool."""
         try:
-            return json.loads(b"".join(chunks))
+            body = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        try:
+            return self.validator.completion(body) if kind == "completion" else self.validator.chat(body)
+        except ValueError as e:  # SamplingParams.<field>: ...
+            msg = str(e)
+            field = msg.split(":", 1)[0].removeprefix("SamplingParams.")
+            raise bad(field, msg.split(": ", 1)[-1]) from None
 
     def token_str(self, t: int) -> str:
         return self.tok.decode([t], skip_special_tokens=False) if self.tok is not None else str(t)
@@ -148,13 +195,8 @@ class Server:
     # ---- generation -------------------------------------------------------------------------------
     async def handle(self, request: Request, kind: str):
         self.auth(request)
-        body = await self.read_json(request)
-        try:
-            g = self.validator.completion(body) if kind == "completion" else self.validator.chat(body)
-        except ValueError as e:  # SamplingParams.<field>: ...
-            msg = str(e)
-            field = msg.split(":", 1)[0].removeprefix("SamplingParams.")
-            raise bad(field, msg.split(": ", 1)[-1]) from None
+        # the slot is taken before the body is read: it bounds the bodies held in memory and the
+        # work waiting for the CpuPool by --max-in-flight
         try:
             self.loop.reserve()
         except Overloaded as e:
@@ -163,13 +205,18 @@ class Server:
         except EngineDead as e:
             self.metrics.reject(503)
             raise APIError(503, f"engine unavailable: {e}") from None
-        rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
-        if g.stream:
-            return _SSEResponse(self.stream(g, rid), self.loop.unreserve)
+        streaming = False
         try:
+            data = await self.read_body(request)
+            g = await self.cpu.run(self.parse, data, kind, large=len(data) > LARGE_BODY_BYTES)
+            rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+            if g.stream:
+                streaming = True  # the stream gives the slot back when it ends
+                return _SSEResponse(self.stream(g, rid), self.loop.unreserve)
             return await self.complete(g, rid, request)
         finally:
-            self.loop.unreserve()
+            if not streaming:
+                self.loop.unreserve()
 
     def _text_state(self, g: GenRequest) -> TextState:
         drop = set(g.params.stop_token_ids or ()) | (set() if g.params.ignore_eos else self.eos)
@@ -206,6 +253,13 @@ class Server:
             raise APIError(503, "the engine aborted the request")
         tr.done(self.metrics, reason)
         ts.ids = ids
+        return await self.cpu.run(self.response, g, rid, ts, ids, lps, reason, large=len(ids) > LARGE_OUTPUT_IDS)
+
+    def response(self, g: GenRequest, rid: str, ts: TextState, ids, lps, reason: str) -> JSONResponse:
+        """The whole answer of a non-streamed request, detokenized and serialized: runs in the CpuPool."""
+        return JSONResponse(self._response_body(g, rid, ts, ids, lps, reason))
+
+    def _response_body(self, g: GenRequest, rid: str, ts: TextState, ids, lps, reason: str) -> dict:
         text = ts.full(finished=True)
         usage = self.usage(g, len(ids))
         if g.kind == "completion":
@@ -241,6 +295,42 @@ class Server:
             return _sse({"id": rid, "object": obj, "created": created, "model": name, "system_fingerprint": None,
                          "choices": [dict(index=0, logprobs=None, finish_reason=None) | choice], **usage_null})
 
+        def shape(d) -> str:
+            """One engine delta -> its SSE text ('' if nothing is safe to send yet). Detokenizes
+            the whole output so far (text.py), so it moves to the CpuPool once the output is long."""
+            nonlocal offset, sent_r, sent_c
+            finished = d.finish_reason is not None
+            new = ts.add(d.token_ids, finished)
+            lp = None
+            if g.logprobs is not None and d.token_ids:
+                lp = (self.chat_logprobs(d.token_ids, d.logprobs, g.logprobs) if is_chat else
+                      self.completion_logprobs(d.token_ids, d.logprobs, g.logprobs, offset))
+            offset += len(new)
+            if not is_chat:
+                if new or lp or finished:
+                    return chunk({"text": new, "logprobs": lp, "finish_reason": d.finish_reason if finished else None})
+                return ""
+            text = ts.text
+            if finished:
+                p = chat.parse_output(text, g.thinking, bool(g.tools))
+                r_all, c_all = p.reasoning_content or "", p.content
+            else:
+                r_all, c_all, _ = chat.split_output(text, g.thinking, bool(g.tools), final=False)
+            delta = {}
+            if len(r_all) > sent_r:
+                delta["reasoning_content"] = r_all[sent_r:]
+                sent_r = len(r_all)
+            if len(c_all) > len(sent_c) and c_all.startswith(sent_c):
+                delta["content"] = c_all[len(sent_c):]
+                sent_c = c_all
+            fr = d.finish_reason if finished else None
+            if finished and p.tool_calls:
+                delta["tool_calls"] = [dict(index=i, **c) for i, c in enumerate(p.tool_calls)]
+                fr = "tool_calls"
+            if delta or lp or finished:
+                return chunk({"delta": delta, "logprobs": lp, "finish_reason": fr})
+            return ""
+
         try:
             if is_chat:
                 yield chunk({"delta": {"role": "assistant", "content": ""}})
@@ -251,39 +341,13 @@ class Server:
                     break
                 tr.tokens(len(d.token_ids))
                 n_out += len(d.token_ids)
-                finished = d.finish_reason is not None
-                new = ts.add(d.token_ids, finished)
-                lp = None
-                if g.logprobs is not None and d.token_ids:
-                    lp = (self.chat_logprobs(d.token_ids, d.logprobs, g.logprobs) if is_chat else
-                          self.completion_logprobs(d.token_ids, d.logprobs, g.logprobs, offset))
-                offset += len(new)
-                fr = None
-                if not is_chat:
-                    if new or lp or finished:
-                        fr = d.finish_reason if finished else None
-                        yield chunk({"text": new, "logprobs": lp, "finish_reason": fr})
+                if n_out <= INLINE_OUTPUT_IDS:
+                    out = shape(d)
                 else:
-                    text = ts.text
-                    if finished:
-                        p = chat.parse_output(text, g.thinking, bool(g.tools))
-                        r_all, c_all = p.reasoning_content or "", p.content
-                    else:
-                        r_all, c_all, _ = chat.split_output(text, g.thinking, bool(g.tools), final=False)
-                    delta = {}
-                    if len(r_all) > sent_r:
-                        delta["reasoning_content"] = r_all[sent_r:]
-                        sent_r = len(r_all)
-                    if len(c_all) > len(sent_c) and c_all.startswith(sent_c):
-                        delta["content"] = c_all[len(sent_c):]
-                        sent_c = c_all
-                    fr = d.finish_reason if finished else None
-                    if finished and p.tool_calls:
-                        delta["tool_calls"] = [dict(index=i, **c) for i, c in enumerate(p.tool_calls)]
-                        fr = "tool_calls"
-                    if delta or lp or finished:
-                        yield chunk({"delta": delta, "logprobs": lp, "finish_reason": fr})
-                if finished:
+                    out = await self.cpu.run(shape, d, large=n_out > LARGE_OUTPUT_IDS)
+                if out:
+                    yield out
+                if d.finish_reason is not None:
                     reason = d.finish_reason
             if g.include_usage:
                 yield _sse({"id": rid, "object": obj, "created": created, "model": name, "system_fingerprint": None,
@@ -301,6 +365,7 @@ def build_app(llm, sargs: ServerArgs) -> FastAPI:
         server.loop.start()
         yield
         server.loop.stop()
+        server.cpu.shutdown()
 
     app = FastAPI(title="dayzero", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server

@@ -94,26 +94,49 @@ def validate_tools(tools) -> list[dict]:
     for i, t in enumerate(tools):
         if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(t.get("function"), dict):
             raise ChatFormatError(f"tools[{i}]", "must be {'type': 'function', 'function': {...}}")
-        name = t["function"].get("name")
+        fn = t["function"]
+        name = fn.get("name")
         if not isinstance(name, str) or not name:
             raise ChatFormatError(f"tools[{i}].function.name", "must be a non-empty string")
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise ChatFormatError(f"tools[{i}].function.description", "must be a string")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise ChatFormatError(f"tools[{i}].function.parameters", "must be a JSON Schema object")
     return tools
 
 
 def encode_tool_calls(calls: list[dict], param: str = "tool_calls") -> str:
-    """OpenAI tool_calls -> DSML. String arguments are written raw, everything else as JSON."""
+    """OpenAI tool_calls -> DSML. String arguments are written raw, everything else as JSON.
+    Each call must be {"id"?: str, "type"?: "function", "function": {"name": non-empty str,
+    "arguments": a string holding a JSON object (or the object itself)}}."""
     out = [TOOL_CALLS]
     for i, c in enumerate(calls):
-        fn = c.get("function") if isinstance(c, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise ChatFormatError(f"{param}[{i}].function", "must have a string name")
-        args = fn.get("arguments", "{}")
-        try:
-            args = json.loads(args) if isinstance(args, str) else args
-        except json.JSONDecodeError:
-            raise ChatFormatError(f"{param}[{i}].function.arguments", "must be a JSON object string") from None
+        q = f"{param}[{i}]"
+        if not isinstance(c, dict):
+            raise ChatFormatError(q, "must be an object {'type': 'function', 'function': {...}}")
+        if c.get("type", "function") != "function":
+            raise ChatFormatError(f"{q}.type", f"must be 'function', got {c.get('type')!r}")
+        if c.get("id") is not None and not isinstance(c["id"], str):
+            raise ChatFormatError(f"{q}.id", "must be a string")
+        fn = c.get("function")
+        if not isinstance(fn, dict):
+            raise ChatFormatError(f"{q}.function", "is required: {'name': ..., 'arguments': ...}")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ChatFormatError(f"{q}.function.name", "must be a non-empty string")
+        if "arguments" not in fn or fn["arguments"] is None:
+            raise ChatFormatError(f"{q}.function.arguments", "is required (a JSON object string, '{}' for none)")
+        args = fn["arguments"]
+        if isinstance(args, str):
+            if not args.strip():
+                raise ChatFormatError(f"{q}.function.arguments", "must be a JSON object string, got an empty "
+                                                                 "string ('{}' for no arguments)")
+            try:
+                args = json.loads(args)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ChatFormatError(f"{q}.function.arguments", f"is not valid JSON ({e})") from None
         if not isinstance(args, dict):
-            raise ChatFormatError(f"{param}[{i}].function.arguments", "must encode a JSON object")
+            raise ChatFormatError(f"{q}.function.arguments", f"must encode a JSON object, got "
+                                                             f"{type(args).__name__}")
         out.append(f'<{DSML}invoke name="{fn["name"]}">')
         for k, v in args.items():
             if isinstance(v, str):
@@ -141,9 +164,18 @@ def encode_messages(messages, tools=None, thinking: bool = False, reasoning_effo
         p = f"messages[{i}]"
         if not isinstance(m, dict):
             raise ChatFormatError(p, "must be an object")
+        if "role" not in m:
+            raise ChatFormatError(f"{p}.role", "is required")
         role = m.get("role")
         if role not in ROLES:
             raise ChatFormatError(f"{p}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        if m.get("name") is not None and not isinstance(m["name"], str):
+            raise ChatFormatError(f"{p}.name", "must be a string")
+        # OpenAI's rules: content is required except on an assistant message that has tool_calls
+        if m.get("content") is None and not (role == "assistant" and m.get("tool_calls")):
+            raise ChatFormatError(f"{p}.content", f"is required for a {role} message" + (
+                " without tool_calls" if role == "assistant" else "") + (
+                "" if "content" not in m else " (got null)"))
         text = _text(m.get("content"), f"{p}.content")
         if role != "tool":
             pending_tool = False  # the next tool result opens a new user turn

@@ -97,6 +97,20 @@ class Validator:
         self.eos_ids = eos_ids
 
     def _encode(self, text: str, param: str, add_special: bool) -> list[int]:
+        # Refuse what cannot fit before tokenizing it: every token covers at most max_token_bytes
+        # bytes of text, so ceil(bytes / max_token_bytes) tokens is a lower bound (exact reasoning,
+        # no false refusals; tokenizer.py). On this server that caps the text a request may make it
+        # tokenize at context x max_token_bytes bytes.
+        bound = getattr(self.tokenizer, "min_tokens", None)
+        if bound is not None:
+            try:
+                at_least, nbytes = bound(text)
+            except Exception:  # noqa: BLE001 - a normalizer that fails: the tokenizer will say why below
+                at_least = 0
+            if at_least >= self.context:
+                raise bad(param, f"the prompt is at least {at_least} tokens ({nbytes} bytes of text, at most "
+                                 f"{self.tokenizer.max_token_bytes} bytes a token); this server's context is "
+                                 f"{self.context} tokens")
         try:
             return self.tokenizer.encode(text, add_special_tokens=add_special)
         except Exception as e:  # noqa: BLE001 - e.g. a lone surrogate from a JSON \ud800 escape

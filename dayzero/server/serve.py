@@ -24,6 +24,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-in-flight", type=int, default=None,
                    help="requests answered at once; more get 429 (default: 4 x --max-num-seqs)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413")
+    p.add_argument("--cpu-workers", type=int, default=2,
+                   help="threads per lane of the pool that parses, renders, tokenizes and detokenizes off the "
+                        "event loop (two lanes: bodies over 64 KiB or outputs over 4096 tokens, and the rest)")
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests in the engine's running batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per engine step")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
@@ -53,7 +56,7 @@ def serve(a) -> int:
     from dayzero.builtin import BUILTIN_NAME
     from dayzero.server.app import ServerArgs, build_app
 
-    for name in ("max_model_len", "max_in_flight", "max_body_bytes"):
+    for name in ("max_model_len", "max_in_flight", "max_body_bytes", "cpu_workers"):
         v = getattr(a, name)
         if v is not None and v < 1:
             raise SystemExit(f"dayzero serve: --{name.replace('_', '-')} must be positive, got {v}")
@@ -70,7 +73,8 @@ def serve(a) -> int:
               ops=a.ops, enforce_eager=a.enforce_eager, kv_cache_dtype=a.kv_cache_dtype)
     name = a.served_model_name or (Path(a.model).resolve().name if a.model else BUILTIN_NAME)
     sargs = ServerArgs(model_name=name, api_key=a.api_key or os.environ.get("DAYZERO_API_KEY") or None,
-                       max_model_len=a.max_model_len, max_in_flight=a.max_in_flight, max_body_bytes=a.max_body_bytes)
+                       max_model_len=a.max_model_len, max_in_flight=a.max_in_flight, max_body_bytes=a.max_body_bytes,
+                       cpu_workers=a.cpu_workers)
     app = build_app(llm, sargs)
     server = app.state.server
     print(f"dayzero: serving {name!r} (context {server.context} tokens) on http://{a.host}:{a.port}",

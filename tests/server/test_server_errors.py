@@ -58,6 +58,40 @@ CASES = [
     ("penalty", C, {"prompt": "hi", "presence_penalty": 1.0}, 400, "presence_penalty"),
     ("model-wrong-type", C, {"prompt": "hi", "model": 3}, 400, "model"),
     ("unknown-model", CH, {"model": "gpt-9", "messages": USER}, 404, "model"),
+    # messages validated completely (issue 24)
+    ("user-without-content", CH, {"messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ("user-null-content", CH, {"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content"),
+    ("system-without-content", CH, {"messages": [{"role": "system"}] + USER}, 400, "messages[0].content"),
+    ("role-missing", CH, {"messages": [{"content": "hi"}]}, 400, "messages[0].role"),
+    ("name-not-string", CH, {"messages": [{"role": "user", "content": "hi", "name": 3}]}, 400, "messages[0].name"),
+    ("assistant-empty", CH, {"messages": USER + [{"role": "assistant"}] + USER}, 400, "messages[1].content"),
+    ("tool-without-content", CH, {"messages": USER + [{"role": "tool", "tool_call_id": "c1"}]}, 400,
+     "messages[1].content"),
+    ("tool-call-empty-arguments", CH, {"messages": USER + [{"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": ""}}]}] + USER}, 400,
+     "messages[1].tool_calls[0].function.arguments"),
+    ("tool-call-arguments-missing", CH, {"messages": USER + [{"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f"}}]}] + USER}, 400,
+     "messages[1].tool_calls[0].function.arguments"),
+    ("tool-call-arguments-not-json", CH, {"messages": USER + [{"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{city: Oslo"}}]}] + USER}, 400,
+     "messages[1].tool_calls[0].function.arguments"),
+    ("tool-call-arguments-array", CH, {"messages": USER + [{"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[1, 2]"}}]}] + USER}, 400,
+     "messages[1].tool_calls[0].function.arguments"),
+    ("tool-call-name-empty", CH, {"messages": USER + [{"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "", "arguments": "{}"}}]}] + USER}, 400,
+     "messages[1].tool_calls[0].function.name"),
+    ("tool-call-not-object", CH, {"messages": USER + [{"role": "assistant", "tool_calls": ["f()"]}] + USER}, 400,
+     "messages[1].tool_calls[0]"),
+    ("tool-call-type", CH, {"messages": USER + [{"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "code", "function": {"name": "f", "arguments": "{}"}}]}] + USER}, 400,
+     "messages[1].tool_calls[0].type"),
+    ("tool-parameters-not-object", CH, {"messages": USER, "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": "none"}}]}, 400, "tools[0].function.parameters"),
+    # refused before tokenizing: more bytes than CONTEXT tokens can cover
+    ("prompt-cannot-fit", C, {"prompt": "word " * 20000}, 400, "prompt"),
+    ("chat-cannot-fit", CH, {"messages": [{"role": "user", "content": "word " * 20000}]}, 400, "messages"),
 ]
 
 
@@ -96,3 +130,21 @@ def test_openai_client_errors_and_server_stays_healthy(server, client):
     assert r.usage.completion_tokens >= 1
     m = server.wait_idle()
     assert m["dayzero:num_requests_running"] == 0
+
+
+def test_valid_tool_call_history_is_accepted():
+    from dayzero.server.chat import DSML, encode_messages
+
+    text = encode_messages(USER + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"}])
+    assert f'<{DSML}invoke name="f">' in text and f'<{DSML}tool_result name="f">42' in text
+
+
+def test_prompt_that_cannot_fit_is_refused_with_the_bound(server):
+    r = httpx.post(server.url + C, json={"prompt": "x" * 2_000_000}, timeout=60)
+    assert r.status_code == 400
+    msg = r.json()["error"]["message"]
+    assert msg.startswith("prompt: the prompt is at least ") and "2000000 bytes of text" in msg
+    assert f"context is {CONTEXT} tokens" in msg
