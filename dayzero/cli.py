@@ -19,6 +19,16 @@ def _token_ids(text: str) -> list[int]:
         raise SystemExit(f"--token-ids: expected integers separated by commas or spaces, got {text!r}") from None
 
 
+def add_parallel_arguments(p) -> None:
+    """The scale-out flags of generate and serve (vLLM's names; docs/SCALING.md)."""
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over N ranks: N - 1 local processes are started (under torchrun: the "
+                        "ranks torchrun started, N = their number); rank 0 schedules and samples")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with --tensor-parallel-size N: routed experts whole, E/N per rank (default: every expert "
+                        "split by its inner dim)")
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     from dayzero import LLM, SamplingParams
 
@@ -31,7 +41,15 @@ def cmd_generate(a: argparse.Namespace) -> int:
     llm = LLM(a.model, device=a.device, dtype=a.dtype, numerics=a.numerics,
               max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=not a.no_prefix_caching,
               num_speculative_tokens=a.num_speculative_tokens, kv_cache_memory_bytes=a.kv_cache_memory_bytes,
-              ops=a.ops, enforce_eager=a.enforce_eager, kv_cache_dtype=a.kv_cache_dtype)
+              ops=a.ops, enforce_eager=a.enforce_eager, kv_cache_dtype=a.kv_cache_dtype,
+              tensor_parallel_size=a.tensor_parallel_size, enable_expert_parallel=a.enable_expert_parallel)
+    try:
+        return _generate(llm, prompt, params, a)
+    finally:
+        llm.close()
+
+
+def _generate(llm, prompt, params, a) -> int:
     show_ids = llm.tokenizer is None
     if a.stream:
         printed = 0
@@ -163,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: cache rows in the compute dtype; fp8: K=V rows stored as FP8 (blocks of 64, "
                         "power-of-two scales) + rope dims, 584 instead of 1024 bytes a V4 row; lossless "
                         "with --numerics official, which rounds them so anyway")
+    add_parallel_arguments(g)
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     g.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per engine step (prefill chunk)")
     g.add_argument("--no-prefix-caching", action="store_true")

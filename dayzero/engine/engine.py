@@ -14,15 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from dayzero.cache.manager import KVCacheManager
-from dayzero.cache.paged import CachePools, DeviceTables, PagedBatchCache, check_flags
 from dayzero.cache.spec import cache_groups, check_kv_cache_dtype, fixed_bytes_per_sequence
-from dayzero.engine.graphs import RecordingFailed, StepGraphs, table_blocks, unsupported
 from dayzero.engine.request import Request, Status
 from dayzero.engine.sampling import SamplingParams, sample, token_logprobs, verify_draft
 from dayzero.engine.scheduler import Scheduled, Scheduler
-from dayzero.ops import for_device
+from dayzero.engine.worker import Worker, WorkerSpec
 from dayzero.reference.model import Transformer
-from dayzero.reference.seqcache import Batch
 
 
 @dataclass(frozen=True)
@@ -38,6 +35,8 @@ class EngineArgs:
     ops: str | None = None  # kernel table: "triton", "cpu" (native C), "ref" (PyTorch twins) or None (by device)
     enforce_eager: bool = False  # never replay CUDA graphs (engine/graphs.py); CPUs always run eagerly
     kv_cache_dtype: str = "auto"  # "auto": the compute dtype; "fp8": K=V rows as FP8 nope + rope dims (ops/kvfp8.py)
+    tensor_parallel_size: int = 1  # ranks the model is split over (distributed/layout.py); 1: this process alone
+    enable_expert_parallel: bool = False  # routed experts whole, E/N per rank, instead of split by inner dim
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -56,6 +55,11 @@ class EngineArgs:
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager: must be True or False, got {self.enforce_eager!r}")
         check_kv_cache_dtype(self.kv_cache_dtype)
+        tp = self.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise ValueError(f"tensor_parallel_size: must be a positive integer, got {tp!r}")
+        if not isinstance(self.enable_expert_parallel, bool):
+            raise ValueError(f"enable_expert_parallel: must be True or False, got {self.enable_expert_parallel!r}")
 
 
 def bounded_blocks(groups, args, eargs: EngineArgs, bs: int) -> dict[str, int]:
@@ -77,10 +81,17 @@ def _default_block_size(args) -> int:
 
 
 class Engine:
-    def __init__(self, model: Transformer, eargs: EngineArgs, device: torch.device, tokenizer=None):
+    """Rank 0's scheduler, cache bookkeeping and sampling over the workers that run the steps: its
+    own (`self.worker`, the model on `device`) and, with `ranks` (distributed/runtime.py), every
+    other rank's, which receive each call before rank 0 runs it. prepare_weights: let the worker
+    keep dequantised or cast weight copies its op table needs (what `LLM` does)."""
+
+    def __init__(self, model: Transformer, eargs: EngineArgs, device: torch.device, tokenizer=None,
+                 ranks=None, prepare_weights: bool = False):
         self.model, self.eargs, self.device, self.tokenizer = model, eargs, device, tokenizer
-        self.ops = for_device(device, eargs.ops)  # the dispatch decision, once per engine
-        model.set_ops(self.ops)
+        if (ranks.world if ranks is not None else 1) != model.layout.tp:
+            raise ValueError(f"a model split for tensor_parallel_size={model.layout.tp} needs that many ranks, "
+                             f"got {ranks.world if ranks is not None else 1}")
         args = self.args = model.args
         self.block_size = bs = eargs.block_size or _default_block_size(args)
         has_mtp = bool(args.n_mtp_layers)
@@ -92,31 +103,36 @@ class Engine:
         self.num_blocks, self.max_tokens = self._capacity()
         self.kv = KVCacheManager(self.groups, self.num_blocks, bs, args.window_size, eargs.enable_prefix_caching,
                                  lookahead=int(self.spec_enabled))
-        self.pools = CachePools(self.groups, self.num_blocks, model.compute_dtype, device)
         self.scheduler = Scheduler(self.kv, eargs.max_num_seqs, eargs.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self.drafts = self.accepted = 0
         self.num_steps = 0
         self.tokens_generated = 0
-        # every step's block tables, kept on the device (one slot per running request + padding):
-        # a step uploads what changed (cache/paged.py); recorded steps read them at fixed addresses
-        self.tables = DeviceTables(self.pools, eargs.max_num_seqs + 1,
-                                   table_blocks(self.args.max_seq_len, self.block_size), device)
-        self.graphs: StepGraphs | None = None
-        self.graphs_off = "enforce_eager" if eargs.enforce_eager else "not a CUDA device"
-        if device.type == "cuda" and not eargs.enforce_eager:
-            self.graphs_off = unsupported(model)
-            if self.graphs_off is None:
-                self.use_graphs("cuda")
+        spec = WorkerSpec(
+            ops=eargs.ops, groups=tuple(self.groups), num_blocks=dict(self.num_blocks), block_size=bs,
+            max_num_seqs=eargs.max_num_seqs,
+            max_tokens_per_step=min(eargs.max_num_seqs * (1 + int(self.spec_enabled)), eargs.max_num_batched_tokens),
+            enforce_eager=eargs.enforce_eager, prepare_weights=prepare_weights)
+        if ranks is not None:
+            ranks.start(spec)  # the other ranks build their workers first; they meet rank 0's in collectives
+        self.worker = Worker(model, spec, device)
+        self.ranks = ranks
+        self.runner = self.worker if ranks is None else ranks.runner(self.worker)
+        # resident bytes of every rank (weights and cache pools: fixed from here on)
+        self.rank_bytes = [self.worker.nbytes()] if ranks is None else ranks.gather(self.worker, "nbytes")
+
+    # rank 0's worker: its op table, pools, device tables and recorded steps
+    ops = property(lambda self: self.worker.ops)
+    pools = property(lambda self: self.worker.pools)
+    tables = property(lambda self: self.worker.tables)
+    graphs = property(lambda self: self.worker.graphs)
+    graphs_off = property(lambda self: self.worker.graphs_off)
 
     def use_graphs(self, backend: str) -> None:
-        """Replay decode steps from recorded graphs (engine/graphs.py): "cuda" on a GPU; "trace"
-        records aten ops on any device (how the CPU tests check replayed steps)."""
-        e = self.eargs
-        self.graphs = StepGraphs(self.model, self.pools, e.max_num_seqs,
-                                 min(e.max_num_seqs * (1 + int(self.spec_enabled)), e.max_num_batched_tokens),
-                                 self.block_size, self.args.max_seq_len, self.device, backend, self.tables)
-        self.graphs_off = None
+        """Replay decode steps from recorded graphs (engine/graphs.py; one rank only)."""
+        if self.ranks is not None:
+            raise ValueError("recorded steps need tensor_parallel_size=1")
+        self.worker.use_graphs(backend)
 
     # ---- capacity ------------------------------------------------------------------------------
     def _capacity(self) -> tuple[dict[str, int], int]:
@@ -169,6 +185,9 @@ class Engine:
             "steps": self.num_steps,
             "tokens_generated": self.tokens_generated,
             "graphs": self.graphs.stats() if self.graphs is not None else {"off": self.graphs_off},
+            "tensor_parallel_size": self.model.layout.tp,
+            "enable_expert_parallel": self.model.layout.ep,
+            "ranks": [{"rank": i, **b} for i, b in enumerate(self.rank_bytes)],
         }
 
     # ---- API -----------------------------------------------------------------------------------
@@ -225,7 +244,7 @@ class Engine:
                 want += [off + n - 2] if s.verify_draft else []
                 want.append(off + n - 1)
         rows = {row: i for i, row in enumerate(want)}
-        X, logits, cache = self._forward(ids, starts, lengths, reqs, want)
+        logits = self._forward(ids, starts, lengths, reqs, want)
         mtp = ([], [], [], [], [])  # sequence index, start, length, stream rows, next token ids
         for b, (s, off, n) in enumerate(zip(batch, offsets, lengths)):
             r = s.request
@@ -242,52 +261,21 @@ class Engine:
                 mtp[4].extend(r.all_ids[old + 1:old + 1 + k])
             touched.append(r)
         if mtp[0]:  # before the commits: the drafts read the step's block tables
-            self._draft(X[mtp[3]], mtp, cache, reqs)
+            self._draft(mtp[3], mtp, reqs)
         for r in reqs:
             self.kv.commit(r.rid, r.num_computed, r.all_ids)
             if r.finished:
                 self.scheduler.finish(r, r.finish_reason)
         return touched
 
-    def _replayed(self, ids, seq, positions, tables, end, streams=None):
-        """The step (or MTP draft forward) replayed from its recorded graph; None where graphs
-        are off or no bucket holds it. A capture that fails turns graphs off for good (the step
-        then runs eagerly: its warm-up's writes are what the eager step writes again)."""
-        if self.graphs is None:
-            return None
-        try:
-            return self.graphs.run(ids, seq, positions, tables, end, streams)
-        except RecordingFailed as e:
-            self.graphs, self.graphs_off = None, f"recording failed: {e}"
-            print(f"dayzero: CUDA graphs off, {self.graphs_off}", file=sys.stderr)
-            return None
-
-    def _eager_cache(self, tables: list[dict], protect: list[int]) -> PagedBatchCache:
-        """The cache of a step run eagerly, over the engine's device block tables: only what changed
-        is uploaded (at 1M context a request's table is 8K blocks per group)."""
-        return PagedBatchCache.of_slots(self.pools, self.tables, self.tables.update(tables), protect, self.device)
-
     def _forward(self, ids: list[int], starts: list[int], lengths: list[int], reqs: list[Request],
-                 want: list[int]) -> tuple[torch.Tensor, torch.Tensor | None, PagedBatchCache | None]:
-        """The step's forward: final streams of every row, fp32 logits of the `want` rows on the
-        host, and the step's cache for the MTP draft (None: the step was replayed from a recorded
-        graph, and so is the draft where a bucket holds it)."""
+                 want: list[int]) -> torch.Tensor | None:
+        """The step's forward on every rank: fp32 logits of the `want` rows on the host (the final
+        streams stay on the workers for the step's MTP draft)."""
         tables = [self.kv.table(r.rid) for r in reqs]
         # every write of a step is at or after its start: protection matters only below it
         protect = [r.protect if r.protect > r.num_computed else 0 for r in reqs]
-        end = max(a + n for a, n in zip(starts, lengths))
-        if not any(protect):
-            run = self._replayed(ids, [b for b, n in enumerate(lengths) for _ in range(n)],
-                                 [p for a, n in zip(starts, lengths) for p in range(a, a + n)], tables, end)
-            if run is not None:
-                logits = run.logits[want].float().cpu() if want else None
-                check_flags(run.flags)  # after the step's one synchronisation
-                return run.X, logits, None
-        cache = self._eager_cache(tables, protect)
-        X = self.model.forward_packed(torch.tensor(ids, device=self.device), Batch(starts, lengths, cache, self.device))
-        logits = self.model.logits(X[want], self.model.head_weight()).float().cpu() if want else None
-        cache.check()  # after the step's first synchronisation: lookups outside held blocks are bugs
-        return X, logits, cache
+        return self.runner.forward(ids, starts, lengths, tables, protect, want)
 
     def _sample(self, r: Request, s: Scheduled, logits, rows, last_row: int) -> None:
         last = logits[rows[last_row]]
@@ -334,25 +322,11 @@ class Engine:
             if self.tokenizer is not None:
                 r.text = self.tokenizer.decode(r.output_ids)
 
-    def _draft(self, streams, mtp, cache: PagedBatchCache | None, reqs: list[Request]) -> None:
+    def _draft(self, rows: list[int], mtp, reqs: list[Request]) -> None:
+        """MTP drafts for the requests in `mtp` from the step's final streams at `rows`."""
         seqs, starts, lengths, _, next_ids = mtp
-        ends = torch.tensor(lengths).cumsum(0) - 1
         tables = [self.kv.table(r.rid) for r in reqs]  # not committed yet: the step's tables
-        run = None if cache is not None else self._replayed(
-            next_ids, [b for b, n in zip(seqs, lengths) for _ in range(n)],
-            [p for a, n in zip(starts, lengths) for p in range(a, a + n)], tables,
-            max(a + n for a, n in zip(starts, lengths)), streams)
-        if run is not None:
-            logits = run.logits[ends.to(self.device)].float().cpu()
-            check_flags(run.flags)
-        else:
-            cache = cache or self._eager_cache(tables, [0] * len(reqs))
-            batch = Batch(starts, lengths, cache, self.device, ids=seqs)  # the step's cache, some of its requests
-            ids = torch.tensor(next_ids, device=self.device)
-            mtp_block = self.model.mtp[0]
-            X = mtp_block(streams, self.model.embed_tokens(ids), batch, ids)
-            logits = mtp_block.logits(X[ends.to(self.device)], self.model.head_weight()).float().cpu()
-            cache.check()
+        logits = self.runner.draft(rows, seqs, starts, lengths, next_ids, tables)
         for b, lg in zip(seqs, logits):
             r = reqs[b]
             # a draft only for decoding requests, where a step can still take two tokens

@@ -5,6 +5,7 @@ caching, MTP drafts); `score` is one full forward of the reference model on the 
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 from dataclasses import dataclass, field, fields
@@ -17,7 +18,9 @@ from dayzero.builtin import BUILTIN_NAME, BUILTIN_NAMES, builtin_path
 from dayzero.engine.engine import Engine, EngineArgs
 from dayzero.engine.request import Request
 from dayzero.engine.sampling import SamplingParams
-from dayzero.loader.model_io import keep_dequantized, load_model
+from dayzero.distributed import runtime
+from dayzero.distributed.layout import Layout
+from dayzero.loader.model_io import load_model, read_args
 from dayzero.tokenizer import Tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -69,6 +72,11 @@ def resolve_device(device) -> torch.device:
 
 
 class LLM:
+    """tensor_parallel_size=N > 1: the model is split over N ranks (distributed/layout.py); this
+    process is rank 0 and starts the other N - 1 on this host, or, under torchrun, joins the ranks
+    torchrun started (there `LLM(...)` returns on rank 0 only: the other ranks follow rank 0's
+    steps and exit the process when it closes). `close()` stops the other ranks."""
+
     def __init__(self, model: str | os.PathLike | None = None, device=None, dtype=None,
                  numerics: str = "official", **engine_options):
         known = {f.name for f in fields(EngineArgs)}
@@ -78,15 +86,46 @@ class LLM:
         eargs = EngineArgs(**engine_options)
         path = resolve_model(model)
         self.device = resolve_device(device)
-        self.model = load_model(path, numerics=numerics, dtype=resolve_dtype(dtype), device=self.device)
-        self.args = self.model.args
-        tok_file = path / "tokenizer.json"
-        self.tokenizer = Tokenizer(tok_file) if tok_file.is_file() else None
-        self.engine = Engine(self.model, eargs, self.device, self.tokenizer)
-        # no FP8/FP4 kernels: dequantise small models once; with them, only cast dense weights
-        kernels = self.engine.ops.kernels
-        keep_dequantized(self.model, dense_only="fp8_linear" in kernels, fp32_kernel="fp32_linear" in kernels)
+        dt = resolve_dtype(dtype)
+        tp, ep = eargs.tensor_parallel_size, eargs.enable_expert_parallel
+        self.group = None
+        if tp > 1 or runtime.torchrun_env() is not None:
+            Layout(tp, 0, ep).check(read_args(path))  # an impossible layout fails before any rank starts
+            load = {"path": str(Path(path).resolve()), "numerics": numerics, "ep": ep,
+                    "dtype": None if dt is None else str(dt).removeprefix("torch.")}
+            self.group = runtime.join(tp, self.device, load)
+        rank = self.group.rank if self.group else 0
+        try:
+            dev = self.group.device if self.group else self.device
+            self.model = load_model(path, numerics=numerics, dtype=dt, device=dev,
+                                    progress=None if rank == 0 else False, layout=Layout(tp, rank, ep))
+            if self.group is not None:
+                self.model.set_comm(self.group.comm)
+                if rank != 0:  # torchrun: this process follows rank 0's steps, then exits
+                    self.group.follow(self.model)
+                    raise SystemExit(0)
+            self.args = self.model.args
+            tok_file = path / "tokenizer.json"
+            self.tokenizer = Tokenizer(tok_file) if tok_file.is_file() else None
+            self.engine = Engine(self.model, eargs, dev, self.tokenizer, ranks=self.group, prepare_weights=True)
+        except BaseException:
+            self.close()
+            raise
+        if self.group is not None:
+            atexit.register(self.close)
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the other ranks (tensor_parallel_size > 1); nothing to do for one rank."""
+        group = getattr(self, "group", None)
+        if group is not None and not group.closed:
+            group.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- inputs ------------------------------------------------------------------------------
     def _token_ids(self, prompt) -> tuple[list[int], str | None]:
@@ -110,8 +149,7 @@ class LLM:
     def score(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Next-token logits at every position of one sequence: [len, vocab] fp32 (one full forward)."""
         ids, _ = self._token_ids(token_ids)
-        x = torch.tensor([ids], device=self.device)
-        return self.model(x)[0].float().cpu()
+        return self.engine.runner.score(ids)
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  ) -> list[GenerationOutput]:

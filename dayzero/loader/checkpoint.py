@@ -15,7 +15,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Collection, Mapping, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -246,6 +246,8 @@ def load_state(
     device: str | torch.device = "cpu",
     ignore: Callable[[str], bool] = lambda name: False,
     progress: bool | None = None,
+    only: Collection[str] | None = None,
+    slices: Mapping[str, tuple[int, int, int]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load exactly the tensors in `expected` from a checkpoint directory, strictly.
 
@@ -253,14 +255,32 @@ def load_state(
     tensor must be expected unless ignore(name) is true (ignored tensors are not loaded).
     Shards are read one at a time, memory-mapped, each tensor moved to `device`. progress:
     tqdm bar over bytes; None shows it when the tensors to load exceed 1 GiB.
+
+    One rank of a parallel layout: `only` loads just those of the expected tensors (the rest are
+    checked against the headers, not read) and `slices` {name: (dim, start, stop)} reads only
+    that range of a tensor from its mapped shard (the rest of it is never read).
     """
     d = _directory(path)
     infos = list_tensors(d)
     _check(d, infos, expected, ignore)
+    slices = dict(slices or {})
+    wanted = list(expected) if only is None else [n for n in expected if n in set(only)]
+    for name, (dim, start, stop) in slices.items():
+        shape = infos[name].shape if name in infos else None
+        if name not in wanted or shape is None or not (0 <= dim < len(shape) and 0 <= start < stop <= shape[dim]):
+            raise CheckpointError(f"tensor {name!r}: cannot read slice [{start}:{stop}] of dim {dim} from "
+                                  f"{_spec(infos[name]) if name in infos else 'a tensor the checkpoint lacks'}")
+
+    def nbytes(n):
+        shape = list(infos[n].shape)
+        if n in slices:
+            dim, start, stop = slices[n]
+            shape[dim] = stop - start
+        return math.prod(shape) * infos[n].dtype.itemsize
     by_file: dict[str, list[str]] = {}
-    for name in expected:
+    for name in wanted:
         by_file.setdefault(infos[name].file, []).append(name)
-    total = sum(math.prod(infos[n].shape) * infos[n].dtype.itemsize for n in expected)
+    total = sum(nbytes(n) for n in wanted)
     if progress is None:
         progress = total > _AUTO_PROGRESS_BYTES
     bar = None
@@ -277,7 +297,11 @@ def load_state(
             try:
                 with safe_open(str(shard), framework="pt", device="cpu") as f:
                     for name in by_file[file]:
-                        t = f.get_tensor(name)
+                        if name in slices:
+                            dim, start, stop = slices[name]
+                            t = f.get_slice(name)[(slice(None),) * dim + (slice(start, stop),)]
+                        else:
+                            t = f.get_tensor(name)
                         if device.type != "cpu":
                             t = t.to(device)
                         out[name] = t
@@ -289,11 +313,16 @@ def load_state(
     finally:
         if bar is not None:
             bar.close()
-    out = {name: out[name] for name in expected}
+    out = {name: out[name] for name in wanted}
     for name, t in out.items():
-        if t.dtype != infos[name].dtype or tuple(t.shape) != tuple(infos[name].shape):
+        shape = list(infos[name].shape)
+        if name in slices:
+            dim, start, stop = slices[name]
+            shape[dim] = stop - start
+        if t.dtype != infos[name].dtype or list(t.shape) != shape:
             raise CheckpointError(
                 f"tensor {name!r} from {d / infos[name].file} read as {_dt(t.dtype)} "
                 f"{list(t.shape)}, header says {_spec(infos[name])}"
+                + (f" (slice {slices[name]})" if name in slices else "")
             )
     return out

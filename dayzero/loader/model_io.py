@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from dayzero.config import ModelArgs
+from dayzero.distributed.layout import Layout
 from dayzero.loader.finite import check_small_finite
 from dayzero.loader.checkpoint import CheckpointError, TensorSpec, load_state, read_config
 from dayzero.loader.writer import quantize_state, save_state
@@ -30,20 +31,37 @@ def expected_tensors(args: ModelArgs) -> dict[str, TensorSpec]:
     return {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in model.state_dict().items()}
 
 
-def load_model(path: str | os.PathLike, numerics: str = "official", dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu", progress: bool | None = None) -> Transformer:
-    """Build the reference model for the checkpoint at `path` and load it strictly."""
-    device = torch.device(device)
+def read_args(path: str | os.PathLike) -> ModelArgs:
+    """The ModelArgs of the checkpoint at `path` (CheckpointError naming the file if invalid)."""
     cfg = read_config(path)
     try:
-        args = ModelArgs.from_dict(cfg, source=str(Path(path) / "config.json"))
+        return ModelArgs.from_dict(cfg, source=str(Path(path) / "config.json"))
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+
+
+def load_model(path: str | os.PathLike, numerics: str = "official", dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu", progress: bool | None = None,
+               layout: Layout = Layout()) -> Transformer:
+    """Build the reference model for the checkpoint at `path` and load it strictly; with a
+    tensor-parallel `layout`, only this rank's tensors and slices are read (distributed/layout.py),
+    after the whole checkpoint's inventory is checked against the headers."""
+    device = torch.device(device)
+    args = read_args(path)
     dtype = dtype or default_compute_dtype(device)
     with torch.device("meta"):
-        model = Transformer(args, numerics=numerics, compute_dtype=dtype)
-    expected = {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in model.state_dict().items()}
-    state = load_state(path, expected, device=device, progress=progress)
+        model = Transformer(args, numerics=numerics, compute_dtype=dtype, layout=layout)
+        whole = model if layout.single else Transformer(args, numerics=numerics, compute_dtype=dtype)
+    expected = {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in whole.state_dict().items()}
+    local = model.state_dict()
+    slices = {}
+    for name, dim in model.shard_plan().items():
+        n = local[name].shape[dim]
+        if expected[name].shape[dim] != n * layout.tp:  # layout.check rules this out; a guard for new splits
+            raise CheckpointError(f"tensor {name!r}: dim {dim} of {list(expected[name].shape)} does not split into "
+                                  f"{layout.tp} slices of {n}")
+        slices[name] = (dim, layout.rank * n, (layout.rank + 1) * n)
+    state = load_state(path, expected, device=device, progress=progress, only=set(local), slices=slices)
     check_small_finite(state, str(path))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

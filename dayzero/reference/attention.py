@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dayzero.config import ModelArgs
+from dayzero.distributed.layout import Layout
 from dayzero.ops import OpTable, ref
 from dayzero.reference.layers import Linear, RMSNorm, UsesOps, fused_pair
 from dayzero.reference.seqcache import Batch, BatchCache
@@ -178,23 +179,32 @@ class Indexer(UsesOps, nn.Module):
 
 
 class Attention(UsesOps, nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype, official: bool):
+    """Tensor parallel (`layout.tp` = N > 1): this rank's H/N heads (wq_b rows, sinks) and G/N
+    output groups (wo_a rows, wo_b input columns); the rest is replicated, and the partial wo_b
+    outputs are summed over ranks (distributed/layout.py)."""
+
+    def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype, official: bool,
+                 layout: Layout = Layout()):
         super().__init__()
         self.layer_type = args.layer_type(layer_id)
         ratio = args.compress_ratio(layer_id)
         self.ratio, self.official = ratio, official
-        self.n_heads, self.head_dim, self.rope_dim = args.n_heads, args.head_dim, args.rope_head_dim
-        self.window, self.eps, self.o_groups = args.window_size, args.norm_eps, args.o_groups
+        tp = layout.tp
+        self.n_heads, self.head_dim, self.rope_dim = args.n_heads // tp, args.head_dim, args.rope_head_dim
+        self.window, self.eps, self.o_groups = args.window_size, args.norm_eps, args.o_groups // tp
         fmt = args.linear_format
-        self.attn_sink = nn.Parameter(torch.zeros(args.n_heads), requires_grad=False)
+        split = None if layout.single else 0  # slices along dim 0 (rows), 1 (columns) when sharded
+        self.attn_sink = nn.Parameter(torch.zeros(self.n_heads), requires_grad=False)
+        self.param_splits = {} if layout.single else {"attn_sink": 0}  # see Transformer.shard_plan
         self.wq_a = Linear(args.dim, args.q_lora_rank, fmt, dtype, official)
         self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps, dtype)
-        self.wq_b = Linear(args.q_lora_rank, args.n_heads * args.head_dim, fmt, dtype, official)
+        self.wq_b = Linear(args.q_lora_rank, self.n_heads * args.head_dim, fmt, dtype, official, split=split)
         self.wkv = Linear(args.dim, args.head_dim, fmt, dtype, official)
         self.kv_norm = RMSNorm(args.head_dim, args.norm_eps, dtype)
-        self.wo_a = Linear(args.n_heads * args.head_dim // args.o_groups, args.o_groups * args.o_lora_rank,
-                           fmt, dtype, official, act_quant=False)
-        self.wo_b = Linear(args.o_groups * args.o_lora_rank, args.dim, fmt, dtype, official)
+        self.wo_a = Linear(args.n_heads * args.head_dim // args.o_groups, self.o_groups * args.o_lora_rank,
+                           fmt, dtype, official, act_quant=False, split=split)
+        self.wo_b = Linear(self.o_groups * args.o_lora_rank, args.dim, fmt, dtype, official,
+                           split=None if layout.single else 1)
         if self.layer_type != "sliding":
             self.compressor = Compressor(args, ratio, args.head_dim, overlap=self.layer_type == "csa",
                                          rotate=False, dtype=dtype, official=official)
@@ -243,7 +253,7 @@ class Attention(UsesOps, nn.Module):
         o = self.ops.sparse_attn_paged(q, sources, self.attn_sink, self.head_dim ** -0.5)
         o = self.ops.apply_rope(o, *batch.rope(inv_freq, heads=True), inverse=True)
         o = o.reshape(o.shape[0], self.o_groups, -1)  # [N, H, D] -> groups of heads
-        return self.wo_b(self._grouped_wo_a(o))
+        return self.comm.all_reduce(self.wo_b(self._grouped_wo_a(o)))
 
     def _grouped_wo_a(self, o: torch.Tensor) -> torch.Tensor:
         """The grouped low-rank output projection: group g of o [N, G, d] through rows

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from dayzero.distributed.comm import SINGLE, Comm
 from dayzero.loader.formats import dequant_fp4, dequant_fp8_block
 from dayzero.ops import REF, OpTable
 
@@ -23,8 +24,10 @@ def storage_dtype(name: str) -> torch.dtype:
 
 class UsesOps:
     """A module that calls ops through its table: the twins unless `Transformer.set_ops` installed
-    a device's table (chosen once, at engine start)."""
+    a device's table (chosen once, at engine start), and collectives through its comm: identity
+    unless `Transformer.set_comm` installed a process group's (tensor parallel ranks)."""
     ops: OpTable = REF
+    comm: Comm = SINGLE
 
 
 def fuse_rows(first: "Linear", second: "Linear") -> bool:
@@ -76,9 +79,13 @@ class Linear(UsesOps, nn.Module):
     the official converter dequantises to BF16)."""
 
     def __init__(self, in_features: int, out_features: int, fmt: str, dtype: torch.dtype,
-                 official: bool = False, act_quant: bool = True):
+                 official: bool = False, act_quant: bool = True, split: int | None = None):
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        # tensor parallel: this rank's slice of the checkpoint tensor along dim `split` of weight
+        # and scale (0: output rows, column-parallel; 1: input columns, row-parallel); the
+        # features above are the slice's (distributed/layout.py)
+        self.split = split
         self.quant_input = official and act_quant and fmt != "dense"
         o, i = out_features, in_features
         if fmt == "dense":

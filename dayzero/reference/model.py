@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from dayzero.config import ModelArgs
+from dayzero.distributed.comm import Comm
+from dayzero.distributed.layout import Layout
 from dayzero.ops import REF, OpTable, ref
 from dayzero.reference.attention import Attention
 from dayzero.reference.layers import Linear, RMSNorm, UsesOps, fuse_rows, storage_dtype
@@ -45,7 +47,7 @@ def _f32(*shape: int) -> nn.Parameter:
 class Block(UsesOps, nn.Module):
     """One layer: two mHC sites (attention, MoE) around the residual streams [B, S, hc, dim]."""
 
-    def __init__(self, args: ModelArgs, layer_id: int, official: bool):
+    def __init__(self, args: ModelArgs, layer_id: int, official: bool, layout: Layout = Layout()):
         super().__init__()
         dtype = storage_dtype(args.dtype)
         self.layer_id = layer_id
@@ -53,8 +55,8 @@ class Block(UsesOps, nn.Module):
         self.hc_mult, self.iters, self.hc_eps, self.norm_eps = n, args.hc_sinkhorn_iters, args.hc_eps, args.norm_eps
         self.attn_norm = RMSNorm(args.dim, args.norm_eps, dtype)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, dtype)
-        self.attn = Attention(args, layer_id, dtype, official)
-        self.ffn = MoE(args, layer_id, dtype, official)
+        self.attn = Attention(args, layer_id, dtype, official, layout)
+        self.ffn = MoE(args, layer_id, dtype, official, layout)
         self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = _f32(mix, n * args.dim), _f32(mix), _f32(3)
         self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = _f32(mix, n * args.dim), _f32(mix), _f32(3)
 
@@ -97,16 +99,17 @@ class HCHead(UsesOps, nn.Module):
         return self.ops.hc_pre(X, *pad, 1, self.norm_eps, self.hc_eps)[0]
 
     def logits(self, X: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """fp32 logits over the whole vocabulary (a vocab-parallel head's slices gathered)."""
         h = self.norm(self.hc_head(X))
-        return self.ops.fp32_linear(h, head)
+        return self.comm.all_gather(self.ops.fp32_linear(h, head), -1)
 
 
 class MTPBlock(Block, HCHead):
     """Multi-token prediction (3.11): streams of the main model at position p plus the embedding
     of token p+1 predict token p+2. The embedding and head are shared with the main model."""
 
-    def __init__(self, args: ModelArgs, official: bool):
-        super().__init__(args, args.n_layers, official)
+    def __init__(self, args: ModelArgs, official: bool, layout: Layout = Layout()):
+        super().__init__(args, args.n_layers, official, layout)
         dtype = storage_dtype(args.dtype)
         fmt = args.linear_format
         self.e_proj = Linear(args.dim, args.dim, fmt, dtype, official)
@@ -123,22 +126,55 @@ class MTPBlock(Block, HCHead):
 
 
 class Transformer(HCHead, nn.Module):
-    def __init__(self, args: ModelArgs, numerics: str = "official", compute_dtype: torch.dtype = torch.float32):
+    """`layout` (distributed/layout.py): this rank's slice of a tensor-parallel model; the default
+    is the whole model. A sliced model computes the whole model's outputs once `set_comm` installs
+    its process group's collectives."""
+
+    def __init__(self, args: ModelArgs, numerics: str = "official", compute_dtype: torch.dtype = torch.float32,
+                 layout: Layout = Layout()):
         super().__init__()
         if numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
+        layout.check(args)
         official = numerics == "official"
-        self.args, self.numerics, self.compute_dtype = args, numerics, compute_dtype
+        self.args, self.numerics, self.compute_dtype, self.layout = args, numerics, compute_dtype, layout
         self.norm_eps, self.hc_eps = args.norm_eps, args.hc_eps
         dtype = storage_dtype(args.dtype)
-        self.embed = nn.Embedding(args.vocab_size, args.dim, dtype=dtype)
+        self.vocab = layout.part(args.vocab_size)  # this rank's rows of embed and head: [start, stop)
+        vocab = self.vocab[1] - self.vocab[0]
+        self.embed = nn.Embedding(vocab, args.dim, dtype=dtype)
         self.embed.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(Block(args, i, official) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args, i, official, layout) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, dtype)
-        self.head = Linear(args.dim, args.vocab_size, "dense", dtype)
+        self.head = Linear(args.dim, vocab, "dense", dtype, split=None if layout.single else 0)
+        self.embed.param_splits = {} if layout.single else {"weight": 0}
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = (
             _f32(args.hc_mult, args.hc_mult * args.dim), _f32(args.hc_mult), _f32(1))
-        self.mtp = nn.ModuleList(MTPBlock(args, official) for _ in range(args.n_mtp_layers))
+        self.mtp = nn.ModuleList(MTPBlock(args, official, layout) for _ in range(args.n_mtp_layers))
+
+    def set_comm(self, comm: Comm) -> None:
+        """Install the collectives of this rank's process group in every module."""
+        if comm.world != self.layout.tp:
+            raise ValueError(f"a model sliced for tensor_parallel_size={self.layout.tp} needs a group of that "
+                             f"many ranks, got {comm.world}")
+        for m in self.modules():
+            if isinstance(m, UsesOps):
+                m.comm = comm
+
+    def shard_plan(self) -> dict[str, int]:
+        """Tensors this rank holds a slice of: name -> the dim it is sliced along (an even split in
+        rank order: this rank's slice is [rank * n, (rank + 1) * n) of the checkpoint tensor, n
+        its own size along that dim). Empty for the whole model."""
+        plan = {}
+        for prefix, m in self.named_modules():
+            lead = f"{prefix}." if prefix else ""
+            if isinstance(m, Linear) and m.split is not None:
+                plan[lead + "weight"] = m.split
+                if hasattr(m, "scale"):
+                    plan[lead + "scale"] = m.split
+            for name, dim in getattr(m, "param_splits", {}).items():
+                plan[lead + name] = dim
+        return plan
 
     def set_ops(self, table: OpTable) -> None:
         """Install a device's op table in every module (once, at engine start). Kernel tables get
@@ -169,7 +205,13 @@ class Transformer(HCHead, nn.Module):
         return ModelState()
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(input_ids).to(self.compute_dtype)
+        if self.layout.single:
+            return self.embed(input_ids).to(self.compute_dtype)
+        # vocab-parallel: each token's row lives on one rank, the others add zeros (exact)
+        lo, hi = self.vocab
+        mine = (input_ids >= lo) & (input_ids < hi)
+        e = self.embed(torch.where(mine, input_ids - lo, 0)).to(self.compute_dtype)
+        return self.comm.all_reduce(e * mine.unsqueeze(-1).to(e.dtype))
 
     def forward_packed(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         """input_ids [N] packed as `batch` -> final residual streams [N, hc, dim]."""

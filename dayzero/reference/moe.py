@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dayzero.config import ModelArgs
+from dayzero.distributed.layout import Layout
 from dayzero.ops import ref
 from dayzero.reference.layers import Linear, UsesOps, fused_pair
 
@@ -34,12 +35,16 @@ class Gate(UsesOps, nn.Module):
 
 
 class Expert(nn.Module):
-    def __init__(self, dim: int, inter: int, fmt: str, dtype: torch.dtype, official: bool, limit: float):
+    """SwiGLU expert; `split`: this rank holds a slice of its inner dim (w1/w3 rows, w2 columns)
+    and returns a partial sum."""
+
+    def __init__(self, dim: int, inter: int, fmt: str, dtype: torch.dtype, official: bool, limit: float,
+                 split: bool = False):
         super().__init__()
         self.limit = limit
-        self.w1 = Linear(dim, inter, fmt, dtype, official)
-        self.w2 = Linear(inter, dim, fmt, dtype, official)
-        self.w3 = Linear(dim, inter, fmt, dtype, official)
+        self.w1 = Linear(dim, inter, fmt, dtype, official, split=0 if split else None)
+        self.w2 = Linear(inter, dim, fmt, dtype, official, split=1 if split else None)
+        self.w3 = Linear(dim, inter, fmt, dtype, official, split=0 if split else None)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         h = ref.swiglu(*fused_pair(self.w1, self.w3, x), self.limit)
@@ -48,16 +53,40 @@ class Expert(nn.Module):
         return self.w2(h.to(x.dtype))
 
 
+class Experts(nn.ModuleDict):
+    """Routed experts by their global id (state_dict names `experts.<id>.*`, as in the checkpoint);
+    an expert-parallel rank holds a range of them. Indexed by int, iterates over the experts."""
+
+    def __getitem__(self, e) -> Expert:
+        return super().__getitem__(str(e))
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def ids(self) -> range:
+        keys = [int(k) for k in self._modules]
+        return range(keys[0], keys[-1] + 1) if keys else range(0)
+
+
 class MoE(UsesOps, nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype, official: bool):
+    """Tensor parallel (distributed/layout.py): the shared expert split by its inner dim; routed
+    experts split the same way, or whole with E/N per rank (`layout.ep`); the routed and shared
+    partial sums are summed over ranks in one all-reduce (fp32)."""
+
+    def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype, official: bool,
+                 layout: Layout = Layout()):
         super().__init__()
         self.gate = Gate(args, layer_id, dtype)
-        self.experts = nn.ModuleList(
-            Expert(args.dim, args.moe_inter_dim, args.routed_expert_format, dtype, official, args.swiglu_limit)
-            for _ in range(args.n_routed_experts))
-        self.shared_experts = Expert(args.dim, args.moe_inter_dim, args.linear_format, dtype, official,
-                                     args.swiglu_limit)
+        split = not layout.single
+        self.experts = Experts({str(e): Expert(args.dim, layout.expert_inter(args), args.routed_expert_format, dtype,
+                                               official, args.swiglu_limit, split=split and not layout.ep)
+                                for e in layout.experts(args)})
+        self.shared_experts = Expert(args.dim, args.moe_inter_dim // layout.tp, args.linear_format, dtype, official,
+                                     args.swiglu_limit, split=split)
         self.official, self.limit = official, args.swiglu_limit
+        # expert parallel: the routed ids this rank runs, [lo, hi) (all of them otherwise)
+        self.local = (None if not layout.ep or layout.single
+                      else (layout.experts(args).start, layout.experts(args).stop))
 
     def stack_experts(self) -> bool:
         """Re-home the FP4 routed experts' tensors into [E, ...] stacks (each expert's parameters
@@ -82,13 +111,32 @@ class MoE(UsesOps, nn.Module):
         stacked = self.__dict__.get("_stacked")
         if stacked is not None:  # one grouped call over every routed expert (FP4 checkpoints)
             xe = self.ops.fp8_act_sim(x, 128) if self.official else x
+            if self.local is not None:
+                weights, ids = self._local_pairs(weights, ids)
             y = self.ops.moe_experts(xe, weights, ids, *stacked, self.limit, h_act_sim=self.official)
             y += self.shared_experts(x)  # in-place add: fp32 accumulation of either dtype
+            y = self.comm.all_reduce(y)
             y = y if y.dtype == x.dtype else y.to(x.dtype)
             return y if len(shape) == 2 else y.view(shape)
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        held = self.experts.ids()
         for e in ids.unique().tolist():
+            if e not in held:  # expert parallel: another rank's expert
+                continue
             tok, slot = torch.where(ids == e)
             y.index_add_(0, tok, self.experts[e](x[tok], weights[tok, slot]).float())
         y += self.shared_experts(x).float()
-        return y.to(x.dtype).view(shape)
+        return self.comm.all_reduce(y).to(x.dtype).view(shape)
+
+    def _local_pairs(self, weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert parallel, stacked experts: each token's (weight, id) pairs of this rank's experts,
+        ids made local, moved to the front of the row and cut to the largest count of any row;
+        the slots a shorter row leaves get local expert 0 with weight 0 (a zero contribution)."""
+        lo, hi = self.local
+        mine = (ids >= lo) & (ids < hi)
+        order = torch.argsort((~mine).to(torch.int8), dim=1, stable=True)
+        mine = mine.gather(1, order)
+        ids = torch.where(mine, ids.gather(1, order) - lo, 0)
+        weights = torch.where(mine, weights.gather(1, order), 0.0)
+        k = int(mine.sum(1).max()) if mine.numel() else 0
+        return weights[:, :k].contiguous(), ids[:, :k].contiguous()

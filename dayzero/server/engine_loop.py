@@ -12,6 +12,7 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 
+from dayzero.distributed.runtime import RankFailed
 from dayzero.engine.sampling import SamplingParams
 
 
@@ -53,6 +54,7 @@ class EngineLoop:
         self.error: str | None = None  # set when the thread died
         self.stats: dict = engine.stats()  # a snapshot the thread refreshes; read by /metrics
         self._thread = threading.Thread(target=self._run, name="dayzero-engine", daemon=True)
+        self.on_dead = None  # called (from the engine thread) when the loop dies: `serve` shuts the server down
 
     # ---- event-loop side --------------------------------------------------------------------------
     def start(self) -> None:
@@ -137,6 +139,8 @@ class EngineLoop:
             self.error = "engine loop crashed: " + traceback.format_exc(limit=3).strip().splitlines()[-1]
             for rid in list(self._streams):
                 self._push(rid, Delta(error=self.error))
+            if self.on_dead is not None:
+                self.on_dead()
             raise
 
     def _step(self) -> None:
@@ -147,6 +151,8 @@ class EngineLoop:
             for rid in list(self._streams):
                 self.engine.abort(rid)
                 self._push(rid, Delta(error=msg))
+            if isinstance(e, RankFailed):  # ...unless a rank is gone: no step can run any more
+                raise
             return
         for r in touched:
             s = self._streams.get(r.rid)

@@ -44,6 +44,8 @@ def add_arguments(p) -> None:
                    help="auto: cache rows in the compute dtype; fp8: K=V rows stored as FP8 (blocks of 64, "
                         "power-of-two scales) + rope dims, 584 instead of 1024 bytes a V4 row; lossless "
                         "with --numerics official, which rounds them so anyway")
+    from dayzero.cli import add_parallel_arguments
+    add_parallel_arguments(p)
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -70,13 +72,17 @@ def serve(a) -> int:
     llm = LLM(a.model, device=a.device, dtype=a.dtype, numerics=a.numerics, max_num_seqs=a.max_num_seqs,
               max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=not a.no_prefix_caching,
               num_speculative_tokens=a.num_speculative_tokens, kv_cache_memory_bytes=a.kv_cache_memory_bytes,
-              ops=a.ops, enforce_eager=a.enforce_eager, kv_cache_dtype=a.kv_cache_dtype)
+              ops=a.ops, enforce_eager=a.enforce_eager, kv_cache_dtype=a.kv_cache_dtype,
+              tensor_parallel_size=a.tensor_parallel_size, enable_expert_parallel=a.enable_expert_parallel)
     name = a.served_model_name or (Path(a.model).resolve().name if a.model else BUILTIN_NAME)
     sargs = ServerArgs(model_name=name, api_key=a.api_key or os.environ.get("DAYZERO_API_KEY") or None,
                        max_model_len=a.max_model_len, max_in_flight=a.max_in_flight, max_body_bytes=a.max_body_bytes,
                        cpu_workers=a.cpu_workers)
     app = build_app(llm, sargs)
     server = app.state.server
+    # a dead engine loop (a rank of --tensor-parallel-size gone) drains the server and exits non-zero;
+    # meanwhile requests get 503
+    server.loop.on_dead = lambda: os.kill(os.getpid(), signal.SIGTERM)
     print(f"dayzero: serving {name!r} (context {server.context} tokens) on http://{a.host}:{a.port}",
           file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=None, http="h11",
@@ -88,5 +94,10 @@ def serve(a) -> int:
         uvicorn.Server(config).run()
     except KeyboardInterrupt:  # the re-raised SIGINT after a drained Ctrl-C
         pass
+    finally:
+        llm.close()  # the other ranks (--tensor-parallel-size) stop with this one
+    if server.loop.error:
+        print(f"dayzero: stopped: {server.loop.error}", file=sys.stderr, flush=True)
+        return 1
     print("dayzero: stopped", file=sys.stderr, flush=True)
     return 0

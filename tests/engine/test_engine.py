@@ -109,7 +109,7 @@ class Oracle:
     def __init__(self, engine, answers, right=True):
         self.engine, self.answers, self.right = engine, answers, right
 
-    def __call__(self, streams, next_ids, segs, reqs):
+    def __call__(self, rows, mtp, reqs):
         for r in reqs:
             if r.num_computed == r.num_tokens - 1 and len(r.output_ids) + 2 <= r.params.max_tokens:
                 want = self.answers[r.rid][len(r.output_ids)]

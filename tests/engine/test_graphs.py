@@ -42,7 +42,7 @@ def engine(path, graphs: bool, **opts):
     llm = LLM(path, ops="ref", dtype="float32", numerics="transformers", **opts)
     e = llm.engine
     e.model.set_ops(RECORDABLE)
-    e.ops = RECORDABLE
+    e.worker.ops = RECORDABLE
     if graphs:
         e.use_graphs("trace")
     return llm
@@ -60,7 +60,7 @@ class Oracle:
     def __init__(self, answers):
         self.answers = answers
 
-    def __call__(self, streams, mtp, cache, reqs):
+    def __call__(self, rows, mtp, reqs):
         for r in reqs:
             if r.num_computed == r.num_tokens - 1 and len(r.output_ids) + 2 <= r.params.max_tokens:
                 r.draft = self.answers[r.rid][len(r.output_ids)]

@@ -1,0 +1,101 @@
+"""The sharding layout of one rank: which slice of every tensor it holds (research/scale-out.md 1.5-1.6).
+
+Tensor parallel over `tensor_parallel_size` = N ranks (rank r):
+
+  attention   wq_b by heads (rows [r*H/N*D, (r+1)*H/N*D)), attn_sink by heads, wo_a by output
+              group (rows of groups [r*G/N, (r+1)*G/N)), wo_b by its input (the same groups'
+              o_lora_rank columns: row-parallel, partial sums all-reduced); wq_a, wkv, the norms,
+              compressor, indexer replicated (the MQA K=V cache is replicated on every rank)
+  MoE         router (gate, bias, tid2eid) replicated; the shared expert split by its inner dim
+              (w1/w3 rows, w2 columns); routed experts either split the same way (TP, the default)
+              or whole, E/N per rank (`enable_expert_parallel`: experts [r*E/N, (r+1)*E/N)); the
+              routed and shared partial sums leave the layer in one all-reduce
+  embed/head  vocab-parallel: rows [r*V/N, (r+1)*V/N); the embedding's one non-zero contribution
+              per token all-reduced, the head's logits all-gathered
+  mHC, norms, hc_head, MTP projections: replicated
+
+A split dimension must divide evenly, and where a weight is FP8 its 128-wide scale blocks (FP4:
+32) must not be cut, nor the 128-wide blocks of the official activation simulation; `check` names
+the field, its value and the sizes that would work. N = 1 is the whole model (the same code).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dayzero.config import ModelArgs
+
+
+class LayoutError(ValueError):
+    """A parallel layout this model cannot be split into; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1  # tensor_parallel_size
+    rank: int = 0
+    ep: bool = False  # enable_expert_parallel: routed experts whole, E/N per rank
+
+    def __post_init__(self):
+        if not isinstance(self.tp, int) or isinstance(self.tp, bool) or self.tp < 1:
+            raise LayoutError(f"tensor_parallel_size: must be a positive integer, got {self.tp!r}")
+        if not isinstance(self.rank, int) or not 0 <= self.rank < self.tp:
+            raise LayoutError(f"rank {self.rank!r} outside [0, {self.tp})")
+        if not isinstance(self.ep, bool):
+            raise LayoutError(f"enable_expert_parallel: must be True or False, got {self.ep!r}")
+
+    @property
+    def single(self) -> bool:
+        return self.tp == 1
+
+    def part(self, total: int) -> tuple[int, int]:
+        """This rank's [start, stop) of `total` items split evenly (checked by `check`)."""
+        n = total // self.tp
+        return self.rank * n, (self.rank + 1) * n
+
+    def experts(self, args: ModelArgs) -> range:
+        """The routed experts this rank holds (whole or split, see `expert_inter`)."""
+        return range(*self.part(args.n_routed_experts)) if self.ep else range(args.n_routed_experts)
+
+    def expert_inter(self, args: ModelArgs) -> int:
+        """Inner width of this rank's routed experts."""
+        return args.moe_inter_dim if self.ep else args.moe_inter_dim // self.tp
+
+    def check(self, args: ModelArgs) -> None:
+        """Every divisibility the layout needs, as one error naming each field that fails and the
+        tensor_parallel_size values that would fit this model."""
+        problems = self.problems(args)
+        if problems:
+            fits = [k for k in range(1, 65) if not Layout(k, 0, self.ep).problems(args)]
+            mode = " with enable_expert_parallel" if self.ep else ""
+            raise LayoutError(f"tensor_parallel_size={self.tp}{mode} does not fit this model:\n  "
+                              + "\n  ".join(problems)
+                              + f"\n  tensor_parallel_size values that fit it{mode}: {fits}")
+
+    def problems(self, args: ModelArgs) -> list[str]:
+        n = self.tp
+        out: list[str] = []
+        if n == 1:
+            return out
+
+        def need(field: str, value: int, what: str, unit: int = 1, block: int = 1, why: str = ""):
+            """value items split n ways, each rank's share (x unit) a multiple of block."""
+            if value % n or (value // n * unit) % block:
+                extra = f" with each rank's share a multiple of {block} ({why})" if block > 1 and value % n == 0 else ""
+                out.append(f"config `{field}`={value} ({what}) does not split {n} ways{extra}")
+
+        blk = 128 if args.linear_format == "fp8" else 1
+        need("num_attention_heads", args.n_heads, "attention heads: wq_b rows and sinks by head", args.head_dim,
+             blk, "FP8 128-row blocks of wq_b")
+        need("o_groups", args.o_groups, "wo_a output groups and wo_b input columns by group", args.o_lora_rank,
+             blk, "FP8 128 blocks of wo_b")
+        need("vocab_size", args.vocab_size, "embedding and head rows by vocabulary")
+        if self.ep:
+            need("n_routed_experts", args.n_routed_experts, "routed experts, whole, E/N per rank")
+            need("moe_intermediate_size", args.moe_inter_dim, "the shared expert's inner dim", 1, blk,
+                 "FP8 128 blocks of its weights and activations")
+        else:
+            eblk = max(blk, 128 if args.routed_expert_format != "dense" else 1)
+            need("moe_intermediate_size", args.moe_inter_dim,
+                 "the shared and routed experts' inner dim; enable_expert_parallel keeps routed experts whole",
+                 1, eblk, f"{args.routed_expert_format} weight and activation blocks")
+        return out

@@ -1,0 +1,163 @@
+"""What one rank runs for a step (DESIGN.md seam 4): the model (or this rank's slice of it), its op
+table, the cache pools and the device block tables. A worker makes no policy decision: the
+engine on rank 0 schedules, samples and keeps the block lists, and hands every rank the same
+step inputs (token ids, positions, block tables, which rows to score). One rank is the N = 1
+case: the engine calls its own worker directly; with N > 1 ranks each call first goes to the
+other ranks (distributed/runtime.py), whose workers run the same call and meet in the forward's
+collectives.
+
+Calls: `forward` (a step: final streams kept for the step's draft, fp32 logits of the rows asked
+for returned on the host), `draft` (the MTP block over the last forward's streams), `score` (one
+full forward of the reference, no cache).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dayzero.cache.paged import CachePools, DeviceTables, PagedBatchCache, check_flags
+from dayzero.cache.spec import GroupSpec
+from dayzero.engine.graphs import RecordingFailed, StepGraphs, table_blocks, unsupported
+from dayzero.ops import for_device
+from dayzero.reference.model import Transformer
+from dayzero.reference.seqcache import Batch
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs beside its model and device; rank 0 decides it and every rank
+    receives the same (the cache capacity included, so every rank's pools are the same)."""
+    ops: str | None
+    groups: tuple[GroupSpec, ...]
+    num_blocks: dict
+    block_size: int
+    max_num_seqs: int
+    max_tokens_per_step: int  # the recorded steps' token slots (decode batch, x2 with MTP drafts)
+    enforce_eager: bool
+    prepare_weights: bool  # keep dequantised / cast copies where the op table has no kernel for a format
+
+
+class Worker:
+    def __init__(self, model: Transformer, spec: WorkerSpec, device: torch.device):
+        self.model, self.spec, self.device = model, spec, device
+        self.ops = for_device(device, spec.ops)  # the dispatch decision, once per rank
+        model.set_ops(self.ops)
+        if spec.prepare_weights:
+            from dayzero.loader.model_io import keep_dequantized
+            # no FP8/FP4 kernels: dequantise small models once; with them, only cast dense weights
+            kernels = self.ops.kernels
+            keep_dequantized(model, dense_only="fp8_linear" in kernels, fp32_kernel="fp32_linear" in kernels)
+        args = model.args
+        self.pools = CachePools(list(spec.groups), spec.num_blocks, model.compute_dtype, device)
+        # every step's block tables, kept on the device (one slot per running request + padding):
+        # a step uploads what changed (cache/paged.py); recorded steps read them at fixed addresses
+        self.tables = DeviceTables(self.pools, spec.max_num_seqs + 1, table_blocks(args.max_seq_len, spec.block_size),
+                                   device)
+        self.graphs: StepGraphs | None = None
+        self.graphs_off = "enforce_eager" if spec.enforce_eager else "not a CUDA device"
+        if device.type == "cuda" and not spec.enforce_eager:
+            self.graphs_off = ("tensor_parallel_size > 1: steps with collectives are not recorded"
+                               if model.layout.tp > 1 else unsupported(model))
+            if self.graphs_off is None:
+                self.use_graphs("cuda")
+        self._last: tuple[torch.Tensor, PagedBatchCache | None] | None = None  # the last forward's streams, cache
+
+    def use_graphs(self, backend: str) -> None:
+        """Replay decode steps from recorded graphs (engine/graphs.py): "cuda" on a GPU; "trace"
+        records aten ops on any device (how the CPU tests check replayed steps)."""
+        s = self.spec
+        self.graphs = StepGraphs(self.model, self.pools, s.max_num_seqs, s.max_tokens_per_step, s.block_size,
+                                 self.model.args.max_seq_len, self.device, backend, self.tables)
+        self.graphs_off = None
+
+    def _replayed(self, ids, seq, positions, tables, end, streams=None):
+        """The step (or MTP draft forward) replayed from its recorded graph; None where graphs
+        are off or no bucket holds it. A capture that fails turns graphs off for good (the step
+        then runs eagerly: its warm-up's writes are what the eager step writes again)."""
+        if self.graphs is None:
+            return None
+        try:
+            return self.graphs.run(ids, seq, positions, tables, end, streams)
+        except RecordingFailed as e:
+            import sys
+            self.graphs, self.graphs_off = None, f"recording failed: {e}"
+            print(f"dayzero: CUDA graphs off, {self.graphs_off}", file=sys.stderr)
+            return None
+
+    def _eager_cache(self, tables: list[dict], protect: list[int]) -> PagedBatchCache:
+        """The cache of a step run eagerly, over the device block tables: only what changed is
+        uploaded (at 1M context a request's table is 8K blocks per group)."""
+        return PagedBatchCache.of_slots(self.pools, self.tables, self.tables.update(tables), protect, self.device)
+
+    @torch.no_grad()
+    def forward(self, ids: list[int], starts: list[int], lengths: list[int], tables: list[dict],
+                protect: list[int], want: list[int]) -> torch.Tensor | None:
+        """One step: sequence b's tokens ids[sum(lengths[:b]):][:lengths[b]] at positions
+        starts[b].., reading and writing the blocks tables[b]; writes below protect[b] (a
+        prefix-cache hit) are filtered. Returns fp32 logits of the `want` rows on the host (None
+        if none); the final streams stay here for `draft`."""
+        self._last = None
+        end = max(a + n for a, n in zip(starts, lengths))
+        if not any(protect):
+            run = self._replayed(ids, [b for b, n in enumerate(lengths) for _ in range(n)],
+                                 [p for a, n in zip(starts, lengths) for p in range(a, a + n)], tables, end)
+            if run is not None:
+                logits = run.logits[want].float().cpu() if want else None
+                check_flags(run.flags)  # after the step's one synchronisation
+                self._last = (run.X, None)
+                return logits
+        cache = self._eager_cache(tables, protect)
+        X = self.model.forward_packed(torch.tensor(ids, device=self.device), Batch(starts, lengths, cache, self.device))
+        logits = self.model.logits(X[want], self.model.head_weight()).float().cpu() if want else None
+        cache.check()  # after the step's first synchronisation: lookups outside held blocks are bugs
+        self._last = (X, cache)
+        return logits
+
+    @torch.no_grad()
+    def draft(self, rows: list[int], seqs: list[int], starts: list[int], lengths: list[int], next_ids: list[int],
+              tables: list[dict]) -> torch.Tensor:
+        """The MTP block over the last forward's final streams at `rows` (sequence seqs[i] of that
+        step, positions starts[i] .. + lengths[i]) and the tokens after them -> fp32 logits of each
+        sequence's last row, on the host. Reads the step's block tables (before its commits)."""
+        X, cache = self._last
+        streams = X[rows]
+        ends = torch.tensor(lengths).cumsum(0) - 1
+        run = None if cache is not None else self._replayed(
+            next_ids, [b for b, n in zip(seqs, lengths) for _ in range(n)],
+            [p for a, n in zip(starts, lengths) for p in range(a, a + n)], tables,
+            max(a + n for a, n in zip(starts, lengths)), streams)
+        if run is not None:
+            logits = run.logits[ends.to(self.device)].float().cpu()
+            check_flags(run.flags)
+            return logits
+        cache = cache or self._eager_cache(tables, [0] * len(tables))
+        batch = Batch(starts, lengths, cache, self.device, ids=seqs)  # the step's cache, some of its requests
+        ids = torch.tensor(next_ids, device=self.device)
+        mtp_block = self.model.mtp[0]
+        X = mtp_block(streams, self.model.embed_tokens(ids), batch, ids)
+        logits = mtp_block.logits(X[ends.to(self.device)], self.model.head_weight()).float().cpu()
+        cache.check()
+        return logits
+
+    @torch.no_grad()
+    def score(self, ids: list[int]) -> torch.Tensor:
+        """Next-token logits at every position of one sequence: [len, vocab] fp32 on the host."""
+        return self.model(torch.tensor([ids], device=self.device))[0].float().cpu()
+
+    def nbytes(self) -> dict:
+        """This rank's bytes: model tensors (parameters, buffers and the copies modules keep; a
+        view of another tensor's memory counted once) and cache pools."""
+        weights = 0
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        for m in self.model.modules():  # kept copies: dequantised, fused, stacked (views count once)
+            for v in m.__dict__.values():
+                vs = v if isinstance(v, (tuple, list)) else (v,)
+                tensors += [t for t in vs if isinstance(t, torch.Tensor)]
+        spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors
+                       if t.device.type != "meta" and t.numel())
+        end = 0
+        for lo, hi in spans:  # the union of the tensors' byte ranges
+            weights += max(0, hi - max(lo, end))
+            end = max(end, hi)
+        return {"weight_bytes": weights, "kv_cache_bytes": self.pools.nbytes()}
