@@ -12,8 +12,8 @@ import torch
 
 from dayzero.config import ModelArgs
 from dayzero.distributed.layout import Layout
-from dayzero.loader.finite import check_small_finite
 from dayzero.loader.checkpoint import CheckpointError, TensorSpec, load_state, read_config
+from dayzero.loader.finite import check_small_finite
 from dayzero.loader.writer import quantize_state, save_state
 from dayzero.reference.attention import Compressor
 from dayzero.reference.layers import Linear

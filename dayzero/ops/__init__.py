@@ -43,6 +43,9 @@ class OpTable:
     # graph, engine/graphs.py) can contain them all; the twins' moe_experts loops over the
     # experts present (a host read), so REF is not
     capturable: bool = False
+    # moe_experts takes each expert's tensors where they lie (ops/experts.py PerExpert: the
+    # memory-mapped checkpoint, nothing copied) as well as stacks; otherwise the model stacks them
+    moe_per_expert: bool = False
 
 
 REF = OpTable(name="ref", **{op: getattr(ref, op) for op in OP_NAMES})

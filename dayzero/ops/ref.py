@@ -331,7 +331,8 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1: t
                 h_act_sim: bool = False) -> torch.Tensor:
     """Routed experts with FP4 weights stacked over experts: x [N,dim], weights/ids [N,k] ->
     fp32 [N,dim] = sum_k w2_e((weights_k * swiglu(w1_e x, w3_e x)).to(x.dtype)), e = ids[:, k].
-    w1/w3 int8 [E,inter,dim/2], w2 int8 [E,dim,inter/2]; s* E8M0 [E, out, in/32]. The expert
+    w1/w3 int8 [E,inter,dim/2], w2 int8 [E,dim,inter/2]; s* E8M0 [E, out, in/32] (stacks, or
+    ops/experts.PerExpert lists of each expert's tensor, indexed the same way). The expert
     inputs are used as given (callers apply any activation simulation first); h_act_sim=True
     FP8-simulates the hidden (per 128) before w2, as official numerics do."""
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)

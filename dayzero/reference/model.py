@@ -178,12 +178,13 @@ class Transformer(HCHead, nn.Module):
 
     def set_ops(self, table: OpTable) -> None:
         """Install a device's op table in every module (once, at engine start). Kernel tables get
-        the FP4 routed experts stacked for grouped calls."""
+        the FP4 routed experts grouped for one call: stacked, or left where they lie for a table
+        that reads them in place (the native CPU kernel)."""
         for m in self.modules():
             if isinstance(m, UsesOps):
                 m.ops = table
             if table is not REF and hasattr(m, "stack_experts") and "_stacked" not in m.__dict__:
-                m.stack_experts()
+                m.stack_experts(in_place=table.moe_per_expert)
         if "fp8_linear" in table.kernels:  # FP8 pairs that read the same input: one GEMM each
             for m in self.modules():
                 if isinstance(m, Attention):

@@ -10,6 +10,7 @@ from torch import nn
 from dayzero.config import ModelArgs
 from dayzero.distributed.layout import Layout
 from dayzero.ops import ref
+from dayzero.ops.experts import PerExpert
 from dayzero.reference.layers import Linear, UsesOps, fused_pair
 
 
@@ -88,16 +89,26 @@ class MoE(UsesOps, nn.Module):
         self.local = (None if not layout.ep or layout.single
                       else (layout.experts(args).start, layout.experts(args).stop))
 
-    def stack_experts(self) -> bool:
-        """Re-home the FP4 routed experts' tensors into [E, ...] stacks (each expert's parameters
-        become views of them, nothing is copied twice) so `ops.moe_experts` runs them in one call.
-        Returns False (and does nothing) for other expert formats."""
+    def stack_experts(self, in_place: bool = False) -> bool:
+        """Hand the FP4 routed experts to `ops.moe_experts` as one group: with `in_place` (a table
+        whose kernel reads each expert where it lies, ops/experts.py) as PerExpert lists of the
+        experts' own tensors, nothing copied (on a CPU the memory-mapped checkpoint); otherwise
+        re-homed into [E, ...] stacks (each expert's parameters become views of them, nothing is
+        stored twice). Returns False (and does nothing) for other expert formats."""
         if any(e.w1.fmt != "fp4" for e in self.experts):
             return False
         stacked = []
         for name in ("w1", "w3", "w2"):
             for attr in ("weight", "scale"):
-                big = torch.stack([getattr(getattr(e, name), attr) for e in self.experts])
+                parts = [getattr(getattr(e, name), attr) for e in self.experts]
+                if in_place:
+                    # a row-parallel slice (w2 under tensor-parallel experts) is already its own copy
+                    parts = [p if p.is_contiguous() else p.contiguous() for p in parts]
+                    for e, p in zip(self.experts, parts):
+                        setattr(getattr(e, name), attr, nn.Parameter(p, requires_grad=False))
+                    stacked.append(PerExpert(parts))
+                    continue
+                big = torch.stack(parts)
                 for i, e in enumerate(self.experts):
                     setattr(getattr(e, name), attr, nn.Parameter(big[i], requires_grad=False))
                 stacked.append(big)

@@ -133,6 +133,20 @@ def test_preemption_under_two_ranks(ckpt):
         assert two.engine.scheduler.num_preemptions > 0
 
 
+@pytest.mark.parametrize("ep", [False, True], ids=["tp", "tp-ep"])
+def test_two_ranks_with_fp8_weights_and_fp4_experts(make_ckpt, ep):
+    """The native CPU table's grouped FP4 MoE over each rank's experts (whole experts read where
+    they lie under EP; the rank's slice of every expert otherwise), FP8 linears split on 128 blocks."""
+    ckpt = make_ckpt("flash", "fp8", moe_inter_dim=256)
+    ps = prompts(3)
+    one = LLM(ckpt, **OPTS)
+    assert one.engine.ops.name == "cpu" and "moe_experts" in one.engine.ops.kernels
+    want = tokens(one.generate(ps, GREEDY))
+    with LLM(ckpt, **OPTS, tensor_parallel_size=2, enable_expert_parallel=ep) as two:
+        assert tokens(two.generate(ps, GREEDY)) == want
+        assert rel(two.score(ps[1]), one.score(ps[1])) < 1e-5
+
+
 def test_four_ranks(make_ckpt):
     ckpt = make_ckpt("flash", "fp32", o_groups=4)
     ps = prompts(3)

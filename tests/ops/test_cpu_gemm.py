@@ -283,6 +283,30 @@ def test_moe_token_chunks(monkeypatch):
         G.moe_experts(*bad, 0.0)
 
 
+def test_moe_reads_each_expert_where_it_lies():
+    """PerExpert lists (each expert's tensors in memory of their own, as a memory-mapped
+    checkpoint leaves them) give the stacked result bit for bit, in the kernel (not the twin);
+    the twin indexes them the same way. Experts 2.. of a list are clones made in reverse order,
+    so no expert sits at stack[0] + e * stride."""
+    from dayzero.ops.experts import PerExpert
+    args = _moe_inputs(20, 5, 3, 96, 64, torch.bfloat16, seed=3)
+    stacked = G.moe_experts(*args, 0.7, True)
+    lists = [PerExpert([t[e].clone() for e in reversed(range(t.shape[0]))][::-1]) for t in args[3:]]
+    spread = [l.addresses[1:] - l.addresses[:-1] for l in lists]
+    assert any(bool((d != d[0]).any()) for d in spread)  # not one stack in disguise
+    calls = []
+    real = G.ref.moe_experts
+    G.ref.moe_experts = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        got = G.moe_experts(*args[:3], *lists, 0.7, True)
+    finally:
+        G.ref.moe_experts = real
+    assert not calls and torch.equal(got, stacked)
+    assert torch.equal(ref.moe_experts(*args[:3], *lists, 0.7, True), ref.moe_experts(*args, 0.7, True))
+    with pytest.raises(ValueError, match="expert 1"):
+        PerExpert([args[3][0], args[3][1, :, :8]])
+
+
 def test_results_do_not_depend_on_threads():
     """Reductions are never split between threads: bitwise equal for 1 and 2 threads, at sizes
     above the threshold where a team is used."""

@@ -8,6 +8,8 @@ instead of dequantised copies).
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dayzero.ops import OpTable, assemble
 from dayzero.ops.cpu import build
 from dayzero.ops.cpu.build import NativeUnavailable, available
@@ -50,4 +52,6 @@ def table() -> OpTable:
     failed = unavailable()
     if failed and len(failed) == len(set(_PROVIDERS.values())):
         raise NativeUnavailable("; ".join(failed.values()))
-    return assemble("cpu", __name__, _PROVIDERS, frozenset(failed))
+    t = assemble("cpu", __name__, _PROVIDERS, frozenset(failed))
+    # gemm.c's MoE reads an address table: experts stay where the checkpoint maps them
+    return dataclasses.replace(t, moe_per_expert="moe_experts" in t.kernels)

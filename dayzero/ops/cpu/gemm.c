@@ -1310,13 +1310,15 @@ static void pack_expert_panels(int64_t ne, const int64_t *touched, const int64_t
  * e = ids[n, j]: gate / up are rounded to x's dtype first (the twin's fp4_linear outputs), h
  * optionally FP8-simulated per 128 (h_act_sim), each pair's down projection rounded to x's dtype,
  * the k slots summed in fp32 in slot order.
+ * w1, s1, w3, s3, w2, s2: the address of each expert's weight / scale (E entries each), so the
+ * experts are read where they lie (memory-mapped checkpoint shards: nothing is stacked or copied).
  * Pairs are grouped by expert (counting sort), so each touched expert's weights are streamed once
  * per block of MB of its pairs; work items are (expert, tile of output rows), dynamically scheduled.
  * status: 0 ok, 1 an id outside [0, E) (nothing computed). */
 void dz_moe_fp4(const void *x, int64_t bf16, int64_t N, int64_t dim, int64_t inter, int64_t k,
                 const int64_t *ids, const float *rw, int64_t E,
-                const uint8_t *w1, const void *s1, int64_t e1, const uint8_t *w3, const void *s3, int64_t e3,
-                const uint8_t *w2, const void *s2, int64_t e2, float limit, int64_t h_act_sim,
+                const int64_t *w1, const int64_t *s1, int64_t e1, const int64_t *w3, const int64_t *s3, int64_t e3,
+                const int64_t *w2, const int64_t *s2, int64_t e2, float limit, int64_t h_act_sim,
                 float *out, int64_t *status, int64_t nthreads) {
     const int64_t P = N * k;
     *status = 0;
@@ -1354,7 +1356,6 @@ void dz_moe_fp4(const void *x, int64_t bf16, int64_t N, int64_t dim, int64_t int
 #if DZ_BF16DOT
     if (bfd) tile = fp4_tile_bf;
 #endif
-    const int64_t s1b = e1 ? 1 : 4, s3b = e3 ? 1 : 4, s2b = e2 ? 1 : 4;
     const int64_t cu = cdiv(inter, TILE), cd = cdiv(dim, TILE), nu = ne * cu, nd = ne * cd;
     const int nt = team(nthreads, P * dim * inter * 3, nu);
     for (int64_t n = 0; n < N; n++) {
@@ -1388,9 +1389,9 @@ void dz_moe_fp4(const void *x, int64_t bf16, int64_t N, int64_t dim, int64_t int
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < nu; it++) {
             const int64_t e = touched[it / cu], o0 = (it % cu) * TILE, o1 = min64(inter, o0 + TILE);
-            const QMat q1 = {w1 + e * inter * (dim / 2), (const char *)s1 + e * inter * (dim / 32) * s1b, dim, inter,
+            const QMat q1 = {(const uint8_t *)w1[e], (const char *)s1[e], dim, inter,
                              (int)e1, xb && !e1};
-            const QMat q3 = {w3 + e * inter * (dim / 2), (const char *)s3 + e * inter * (dim / 32) * s3b, dim, inter,
+            const QMat q3 = {(const uint8_t *)w3[e], (const char *)s3[e], dim, inter,
                              (int)e3, xb && !e3};
             const int64_t cnt = start[e + 1] - start[e];
             if (cnt >= MOE_ROWS_MIN) {
@@ -1431,7 +1432,7 @@ void dz_moe_fp4(const void *x, int64_t bf16, int64_t N, int64_t dim, int64_t int
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < nd; it++) {
             const int64_t e = touched[it / cd], o0 = (it % cd) * TILE, o1 = min64(dim, o0 + TILE);
-            const QMat q2 = {w2 + e * dim * (inter / 2), (const char *)s2 + e * dim * (inter / 32) * s2b, inter, dim,
+            const QMat q2 = {(const uint8_t *)w2[e], (const char *)s2[e], inter, dim,
                              (int)e2, xb && !e2};
             const int64_t cnt = start[e + 1] - start[e];
             if (cnt >= MOE_ROWS_MIN) {

@@ -14,6 +14,7 @@ import types
 import torch
 
 from dayzero.ops import ref
+from dayzero.ops.experts import PerExpert
 from dayzero.ops.cpu import build
 
 _BF16, _F32 = torch.bfloat16, torch.float32
@@ -96,25 +97,38 @@ def fp4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
     return out
 
 
-def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor,
-                w3: torch.Tensor, s3: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, limit: float,
+def _cpu(w) -> bool:
+    return w.device.type == "cpu"
+
+
+def _table(w) -> torch.Tensor:
+    """Each expert's first byte, int64 [E]: the rows of a contiguous stack, or a PerExpert's own
+    tensors where they lie."""
+    if isinstance(w, PerExpert):
+        return w.addresses
+    return torch.arange(w.shape[0], dtype=_I64) * (w.stride(0) * w.element_size()) + w.data_ptr()
+
+
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1, s1, w3, s3, w2, s2, limit: float,
                 h_act_sim: bool = False) -> torch.Tensor:
     """ref.moe_experts: fp32 [N, dim]. One call: pairs grouped by expert, each touched expert's
     weights streamed once per block of 8 of its pairs (24 pairs or more: decoded once per call, see
-    gemm.c's many-rows path); h_act_sim in the kernel (bit-exact).
+    gemm.c's many-rows path); h_act_sim in the kernel (bit-exact). w1 .. s2: stacks [E, ...] or
+    PerExpert lists (ops/experts.py: each expert read where it lies, nothing copied).
     ids outside [0, E) raise IndexError (the twin wraps negative ids around)."""
     dt = x.dtype
     k1, k3, k2 = _scale_kind(s1), _scale_kind(s3), _scale_kind(s2)
+    ws = (w1, s1, w3, s3, w2, s2)
     if ((dt is not _BF16 and dt is not _F32) or k1 < 0 or k3 < 0 or k2 < 0 or w1.dtype not in _FP4_W
-            or w3.dtype not in _FP4_W or w2.dtype not in _FP4_W or x.dim() != 2 or ids.dim() != 2 or w1.dim() != 3
+            or w3.dtype not in _FP4_W or w2.dtype not in _FP4_W or x.dim() != 2 or ids.dim() != 2 or len(w1.shape) != 3
             or ids.dtype.is_floating_point or not weights.is_floating_point()
-            or not (x.is_cpu and weights.is_cpu and ids.is_cpu and w1.is_cpu and s1.is_cpu and w3.is_cpu
-                    and s3.is_cpu and w2.is_cpu and s2.is_cpu)):
+            or not (x.is_cpu and weights.is_cpu and ids.is_cpu and all(_cpu(w) for w in ws))):
         return ref.moe_experts(x, weights, ids, w1, s1, w3, s3, w2, s2, limit, h_act_sim)
     N, dim = x.shape
     E, inter = w1.shape[0], w1.shape[1]
-    if (dim % 32 or inter % 32 or w1.shape[2] * 2 != dim or w3.shape != w1.shape or w2.shape != (E, dim, inter // 2)
-            or s1.shape != (E, inter, dim // 32) or s3.shape != s1.shape or s2.shape != (E, dim, inter // 32)
+    if (dim % 32 or inter % 32 or w1.shape[2] * 2 != dim or w3.shape != w1.shape
+            or tuple(w2.shape) != (E, dim, inter // 2) or tuple(s1.shape) != (E, inter, dim // 32)
+            or s3.shape != s1.shape or tuple(s2.shape) != (E, dim, inter // 32)
             or weights.shape != ids.shape or ids.shape[0] != N):
         return ref.moe_experts(x, weights, ids, w1, s1, w3, s3, w2, s2, limit, h_act_sim)
     k = ids.shape[1]
@@ -127,12 +141,11 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1: t
         ids = ids.to(_I64).contiguous()
     if weights.dtype is not _F32 or not weights.is_contiguous():
         weights = weights.to(_F32).contiguous()
-    if not (w1.is_contiguous() and s1.is_contiguous() and w3.is_contiguous() and s3.is_contiguous()
-            and w2.is_contiguous() and s2.is_contiguous()):
-        w1, s1, w3, s3, w2, s2 = (t.contiguous() for t in (w1, s1, w3, s3, w2, s2))
+    ws = tuple(w if isinstance(w, PerExpert) or w.is_contiguous() else w.contiguous() for w in ws)
+    tables = [_table(w) for w in ws]  # alive for the calls below
     status = ctypes.c_int64(0)
-    pw = (w1.data_ptr(), s1.data_ptr(), k1, w3.data_ptr(), s3.data_ptr(), k3, w2.data_ptr(), s2.data_ptr(), k2,
-          float(limit), bool(h_act_sim))
+    t1, u1, t3, u3, t2, u2 = (t.data_ptr() for t in tables)
+    pw = (t1, u1, k1, t3, u3, k3, t2, u2, k2, float(limit), bool(h_act_sim))
     # the kernel holds h and the down projection of every (token, slot) pair: prefill-sized
     # batches run in chunks of tokens (independent rows) to bound that memory
     step = max(1, MOE_CHUNK_PAIRS // k)  # module global read per call: tests shrink it
