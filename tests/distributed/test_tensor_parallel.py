@@ -86,6 +86,13 @@ def test_each_rank_reads_only_its_slices(ckpt, ep):
     sizes = [sum(t.numel() for t in m.state_dict().values()) for m in ranks]
     assert sizes[0] == sizes[1] < sum(t.numel() for t in whole.values())
 
+    # each rank holds exactly 1/N of the split part: the sliced tensors and the routed experts
+    def nbytes(sd, names):
+        return sum(sd[n].numel() * sd[n].element_size() for n in names if n in sd)
+    split = set(plan) | {n for n in whole if ".experts." in n and ".shared_experts." not in n}
+    for m in ranks:
+        assert 2 * nbytes(m.state_dict(), split) == nbytes(whole, split)
+
 
 # ---- two and four ranks against one ----------------------------------------------------------------
 @pytest.mark.parametrize("ep", [False, True], ids=["tp", "tp-ep"])

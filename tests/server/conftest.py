@@ -13,6 +13,9 @@ import httpx
 import pytest
 
 CONTEXT = 256  # --max-model-len of the test servers
+# flags every test server gets on top of its own: DAYZERO_TEST_SERVE_ARGS="--tensor-parallel-size 2"
+# runs the whole server suite against two-rank servers (docs/SCALING.md); empty in CI
+SERVE_ARGS = os.environ.get("DAYZERO_TEST_SERVE_ARGS", "").split()
 
 
 def free_port() -> int:
@@ -31,7 +34,8 @@ class ServerProcess:
         model = [] if model_dir is None else ["--model", str(model_dir)]  # None: the built-in model
         cmd = [sys.executable, "-m", "dayzero", "serve", *model, "--host", "127.0.0.1",
                "--port", str(self.port), "--served-model-name", name, "--max-model-len", str(CONTEXT),
-               "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(64 * 2**20), *extra]
+               "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(64 * 2**20), *extra,
+               *SERVE_ARGS]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
