@@ -36,12 +36,12 @@ def rank_bytes(args, layout: Layout) -> dict:
 
 def collective_bytes(args, n: int, act_bytes: int = 2) -> dict:
     """Bytes one rank sends per decoded token (one row), per step of the model (MTP excluded):
-    per layer one all-reduce of the attention output (compute dtype) and one of the MoE output
-    (fp32); the embedding's all-reduce; the head's all-gather of fp32 logits."""
+    per layer one all-reduce of the attention output and one of the MoE output (both fp32); the
+    embedding's all-reduce (compute dtype); the head's all-gather of fp32 logits."""
     if n == 1:
         return {"all_reduces": 0, "bytes": 0}
     ar = lambda size: 2 * (n - 1) / n * size  # noqa: E731 - ring all-reduce, bytes sent per rank
-    per_layer = ar(args.dim * act_bytes) + ar(args.dim * 4)
+    per_layer = ar(args.dim * 4) + ar(args.dim * 4)
     total = args.n_layers * per_layer + ar(args.dim * act_bytes) + (n - 1) / n * args.vocab_size * 4
     return {"all_reduces": 2 * args.n_layers + 1, "bytes": int(total)}
 

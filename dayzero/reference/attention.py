@@ -253,7 +253,12 @@ class Attention(UsesOps, nn.Module):
         o = self.ops.sparse_attn_paged(q, sources, self.attn_sink, self.head_dim ** -0.5)
         o = self.ops.apply_rope(o, *batch.rope(inv_freq, heads=True), inverse=True)
         o = o.reshape(o.shape[0], self.o_groups, -1)  # [N, H, D] -> groups of heads
-        return self.comm.all_reduce(self.wo_b(self._grouped_wo_a(o)))
+        y = self.wo_b(self._grouped_wo_a(o))
+        if self.comm.world == 1:
+            return y
+        # tensor parallel: the ranks' partial sums added in fp32 (a bf16 sum would round at every
+        # step of the reduction), rounded once to the compute dtype
+        return self.comm.all_reduce(y.float()).to(y.dtype)
 
     def _grouped_wo_a(self, o: torch.Tensor) -> torch.Tensor:
         """The grouped low-rank output projection: group g of o [N, G, d] through rows
