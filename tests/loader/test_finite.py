@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from dayzero import verify
 from dayzero.loader import CheckpointError
@@ -13,30 +12,17 @@ from dayzero.loader.checkpoint import load_state
 from dayzero.loader.finite import SMALL_NUMEL, check_small_finite, is_small, nonfinite_count, scan_checkpoint
 from dayzero.config import ModelArgs
 from dayzero.loader.model_io import expected_tensors
+from tests.loader.conftest import rewrite_shard
 
 
 def poison(d, name, index=0, value=float("nan")):
     """Set one value of tensor `name` in the checkpoint at `d` to `value` (NaN/inf; in the FP8
     formats: the NaN code of the storage dtype). Returns the shard file name."""
-    shard = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"][name]
-    state = load_file(d / shard)
-    t = state[name]
-    flat = t.view(torch.uint8).view(-1) if t.dtype in (torch.float8_e4m3fn, torch.float8_e8m0fnu) else t.view(-1)
-    if t.dtype == torch.float8_e4m3fn:
-        flat[index] = 0x7F
-    elif t.dtype == torch.float8_e8m0fnu:
-        flat[index] = 0xFF
-    else:
-        flat[index] = value
-    save_file(state, d / shard, metadata={"format": "pt"})
-    return shard
-
-
-@pytest.fixture
-def ckpt(make_ckpt, tmp_path):
-    d = tmp_path / "ckpt"
-    shutil.copytree(make_ckpt("flash", "fp8"), d)
-    return d
+    def edit(state):
+        t = state[name]
+        flat = t.view(torch.uint8).view(-1) if t.dtype in (torch.float8_e4m3fn, torch.float8_e8m0fnu) else t.view(-1)
+        flat[index] = 0x7F if t.dtype == torch.float8_e4m3fn else 0xFF if t.dtype == torch.float8_e8m0fnu else value
+    return rewrite_shard(d, name, edit).name
 
 
 def _state(d):

@@ -1,31 +1,13 @@
 """Model-level loading: the official layout of a real (tiny) model, strictly."""
 import json
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from dayzero.loader import CheckpointError
 from dayzero.loader.model_io import dense_state, expected_tensors, load_model, save_model
 from dayzero.config import flash
-
-
-def rewrite_shard(d, tensor, fn):
-    """Apply fn(state dict) to the shard holding `tensor`."""
-    index = json.loads((d / "model.safetensors.index.json").read_text())
-    shard = d / index["weight_map"][tensor]
-    state = load_file(shard)
-    fn(state)
-    save_file(state, shard, metadata={"format": "pt"})
-    return shard
-
-
-@pytest.fixture
-def ckpt(make_ckpt, tmp_path):
-    d = tmp_path / "ckpt"
-    shutil.copytree(make_ckpt("flash", "fp8"), d)
-    return d
+from tests.loader.conftest import rewrite_shard
 
 
 def test_hub_formats_and_dtypes(ckpt):
