@@ -5,14 +5,17 @@ covers tokens [k*bs, (k+1)*bs) in every group and one chain hash names its conte
 
   window          ("kv")                  all layers (+ MTP): one K=V row per token; a request keeps
                                           only blocks overlapping its last `window - 1` tokens
-  rows r<ratio>   ("rows:attn"/"rows:index") compressor projections (kv, gate + ape), fp32, one row
-                                          per token; kept from the start of the open window (CSA:
-                                          of the previous window, the overlap half)
+  rows r<ratio>   ("rows:attn"/"rows:index") compressor projections (kv, gate + ape), one row per
+                                          token, fp32 under official numerics (DeepSeek's reference
+                                          keeps fp32 compressor state), the compute dtype under
+                                          transformers numerics (transformers keeps them in the model
+                                          dtype); kept from the start of the open window (CSA: of the
+                                          previous window, the overlap half)
   entries r<ratio> ("ent:attn"/"ent:index") one compressed entry per r tokens (bs/r per block);
                                           all kept: they are the long-range context
 
 Byte layout of one block of a group: for each kind, a [members, per_block, *row] array in the
-kind's dtype (rows fp32, everything else the compute dtype), members in layer order. With
+kind's dtype (rows fp32 or the compute dtype as above, everything else the compute dtype), members in layer order. With
 kv_cache_dtype "fp8" the K=V rows ("kv", "ent:attn") are packed uint8 rows instead
 ([members, per_block, width], ops/kvfp8.py: FP8 nope dims + compute-dtype rope dims + scales).
 """
@@ -77,9 +80,11 @@ def check_kv_cache_dtype(kv_cache_dtype: str) -> None:
         raise ValueError(f"kv_cache_dtype: must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
 
 
-def cache_groups(args: ModelArgs, block_size: int, with_mtp: bool, kv_cache_dtype: str = "auto") -> list[GroupSpec]:
-    """kv_cache_dtype "auto": every row in the compute dtype (compressor rows fp32); "fp8": K=V rows
-    (window and compressed attention entries) packed as FP8 nope + compute-dtype rope dims."""
+def cache_groups(args: ModelArgs, block_size: int, with_mtp: bool, kv_cache_dtype: str = "auto",
+                 fp32_rows: bool = True) -> list[GroupSpec]:
+    """kv_cache_dtype "auto": every row in the compute dtype (compressor rows fp32 if `fp32_rows`);
+    "fp8": K=V rows (window and compressed attention entries) packed as FP8 nope + compute-dtype
+    rope dims. fp32_rows: the model's `fp32_compressor_rows` (official numerics)."""
     check_kv_cache_dtype(kv_cache_dtype)
     kv = KindSpec((args.head_dim,), fp8_rope=args.rope_head_dim if kv_cache_dtype == "fp8" else 0)
     ratios = sorted({r for r in args.compress_ratios if r})
@@ -93,10 +98,10 @@ def cache_groups(args: ModelArgs, block_size: int, with_mtp: bool, kv_cache_dtyp
         members = tuple(i for i in range(args.n_layers) if args.compress_ratios[i] == r)
         csa = args.layer_types[members[0]] == "csa"
         width = args.head_dim * (2 if csa else 1)
-        rows = {"rows:attn": KindSpec((2, width), fp32=True)}
+        rows = {"rows:attn": KindSpec((2, width), fp32=fp32_rows)}
         ents = {"ent:attn": kv}
         if csa:
-            rows["rows:index"] = KindSpec((2, 2 * args.index_head_dim), fp32=True)
+            rows["rows:index"] = KindSpec((2, 2 * args.index_head_dim), fp32=fp32_rows)
             ents["ent:index"] = KindSpec((args.index_head_dim,))
         groups.append(GroupSpec(f"rows r{r}", members, rows, block_size, 1, "open-window", overlap=csa,
                                 window_ratio=r))
@@ -124,26 +129,31 @@ def bytes_per_token(args: ModelArgs, dtype: torch.dtype, kv_cache_dtype: str = "
 
 
 def fixed_bytes_per_sequence(args: ModelArgs, dtype: torch.dtype, with_mtp: bool = False,
-                             kv_cache_dtype: str = "auto") -> int:
-    """Window rows (last window-1 tokens, every layer) and open compressor windows (fp32 rows)."""
+                             kv_cache_dtype: str = "auto", fp32_rows: bool = True) -> int:
+    """Window rows (last window-1 tokens, every layer) and open compressor windows (rows fp32 if
+    `fp32_rows`, else the compute dtype): the rows a sequence holds, not the whole blocks the
+    engine pages them in (engine/capacity.py)."""
     n_win = args.n_layers + (1 if with_mtp and args.n_mtp_layers else 0)
     total = n_win * (args.window_size - 1) * _kv_row_bytes(args, dtype, kv_cache_dtype)
+    size = 4 if fp32_rows else torch.tensor([], dtype=dtype).element_size()
     for t, r in zip(args.layer_types, args.compress_ratios):
         if t == "csa":
-            total += 2 * r * 2 * (2 * args.head_dim + 2 * args.index_head_dim) * 4
+            total += 2 * r * 2 * (2 * args.head_dim + 2 * args.index_head_dim) * size
         elif t == "hca":
-            total += r * 2 * args.head_dim * 4
+            total += r * 2 * args.head_dim * size
     return total
 
 
-def kv_report(args: ModelArgs, dtype: torch.dtype, contexts=(8192, 131072, 1048576), kv_cache_dtype: str = "auto") -> dict:
+def kv_report(args: ModelArgs, dtype: torch.dtype, contexts=(8192, 131072, 1048576), kv_cache_dtype: str = "auto",
+              fp32_rows: bool = True) -> dict:
     """Per-sequence cache bytes at each context length, from the same accounting the engine uses."""
     per_tok = bytes_per_token(args, dtype, kv_cache_dtype)
     by_layer = sum(per_tok["csa"] if t == "csa" else per_tok.get(f"hca r{r}", 0.0)
                    for t, r in zip(args.layer_types, args.compress_ratios))
-    fixed = fixed_bytes_per_sequence(args, dtype, kv_cache_dtype=kv_cache_dtype)
+    fixed = fixed_bytes_per_sequence(args, dtype, kv_cache_dtype=kv_cache_dtype, fp32_rows=fp32_rows)
     return {
         "kv_cache_dtype": kv_cache_dtype,
+        "compressor_rows": "float32" if fp32_rows else str(dtype).removeprefix("torch."),
         "bytes_per_token_per_layer": per_tok,
         "bytes_per_token_all_layers": by_layer,
         "fixed_bytes_per_sequence": fixed,

@@ -121,15 +121,18 @@ def keep_dequantized(model: Transformer, max_bytes: int = 4 * 2**30, dense_only:
     FP8/FP4 kernels); returns whether it did. dense_only: only the dense linears whose storage
     dtype differs from the compute dtype (devices whose kernels read FP8/FP4 directly).
     fp32_kernel: the op table's fp32_linear reads bf16 weights itself: no fp32 copies of the head
-    and compressor projections."""
-    linears = [m for m in model.modules() if isinstance(m, Linear) and (not dense_only or m.fmt == "dense")]
-    size = torch.tensor([], dtype=model.compute_dtype).element_size()
+    and compressor projections, nor of the dense linears its forward hands to it in fp32 (no copy
+    the op table does not read: Linear.copy_is_read)."""
+    dt = model.compute_dtype
+    linears = [m for m in model.modules() if isinstance(m, Linear) and (not dense_only or m.fmt == "dense")
+               and m.copy_is_read(dt, fp32_kernel) and m is not model.head]  # the head: keep_head_fp32
+    size = torch.tensor([], dtype=dt).element_size()
     total = sum(m.in_features * m.out_features * size for m in linears)
     total += 0 if fp32_kernel else model.head.weight.numel() * 4
     if total > max_bytes:
         return False
     for m in linears:
-        m.keep_dequantized(model.compute_dtype)
+        m.keep_dequantized(dt)
     model.keep_head_fp32(not fp32_kernel)
     for m in model.modules():
         if isinstance(m, Compressor):

@@ -79,16 +79,20 @@ class Compressor(UsesOps, nn.Module):
         self.norm = RMSNorm(head_dim, args.norm_eps, dtype)
 
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [N, dim] -> fp32 rows [N, 2, width]: (kv, gate + ape[position mod r])."""
+        """x [N, dim] -> rows [N, 2, width]: (kv, gate + ape[position mod r]), computed in fp32 and
+        kept fp32 under official numerics (DeepSeek's reference keeps fp32 compressor state),
+        rounded to the activation dtype otherwise (transformers projects in the model dtype and
+        keeps its compressor buffer so): the dtype the cache stores them in (cache/spec.py)."""
+        rows_dtype = torch.float32 if self.official else x.dtype
         x = x.float()
         both = self.__dict__.get("_wkv_wgate")  # inference: one GEMM for both projections
         if both is not None and not torch.is_grad_enabled():
             rows = self.ops.fp32_linear(x, both).unflatten(-1, (2, -1))
             rows[:, 1] += self.ape[positions % self.ratio]
-            return rows
+            return rows.to(rows_dtype)
         kv = self.wkv(x)
         gate = self.wgate(x) + self.ape[positions % self.ratio]
-        return torch.stack([kv, gate], 1)
+        return torch.stack([kv, gate], 1).to(rows_dtype)
 
     def fuse_projections(self, dtype: torch.dtype | None = None) -> None:
         """Keep wkv and wgate stacked (a copy in `dtype`, default their storage dtype; the
@@ -203,6 +207,7 @@ class Attention(UsesOps, nn.Module):
         self.kv_norm = RMSNorm(args.head_dim, args.norm_eps, dtype)
         self.wo_a = Linear(args.n_heads * args.head_dim // args.o_groups, self.o_groups * args.o_lora_rank,
                            fmt, dtype, official, act_quant=False, split=split)
+        self.wo_a.reads_dequant = True  # _grouped_wo_a reads dequant() (a kept copy), not forward
         self.wo_b = Linear(self.o_groups * args.o_lora_rank, args.dim, fmt, dtype, official,
                            split=None if layout.single else 1)
         if self.layer_type != "sliding":

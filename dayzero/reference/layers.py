@@ -86,6 +86,7 @@ class Linear(UsesOps, nn.Module):
         # and scale (0: output rows, column-parallel; 1: input columns, row-parallel); the
         # features above are the slice's (distributed/layout.py)
         self.split = split
+        self.reads_dequant = False  # True where the model reads dequant() instead of calling forward (wo_a)
         self.quant_input = official and act_quant and fmt != "dense"
         o, i = out_features, in_features
         if fmt == "dense":
@@ -109,6 +110,14 @@ class Linear(UsesOps, nn.Module):
         if self.fmt == "fp4":
             return dequant_fp4(self.weight, self.scale).to(dtype)
         return dequant_fp8_block(self.weight, self.scale).to(dtype)
+
+    def copy_is_read(self, dtype: torch.dtype, fp32_kernel: bool) -> bool:
+        """Whether a copy kept for inputs in `dtype` would be read: not for a dense weight whose
+        forward hands fp32 inputs to the table's fp32_linear (which reads the stored weight),
+        nor where the stored weight already is `dtype`."""
+        if self.fmt == "dense" and self.weight.dtype == dtype:
+            return False
+        return not (self.fmt == "dense" and dtype == torch.float32 and fp32_kernel and not self.reads_dequant)
 
     def keep_dequantized(self, dtype: torch.dtype | None) -> None:
         """Keep a dequantised copy for `dtype` (None: drop it): trades memory for speed where the

@@ -192,6 +192,12 @@ class Transformer(HCHead, nn.Module):
                 elif type(m).__name__ == "Expert" and m.w1.fmt == "fp8":
                     fuse_rows(m.w1, m.w3)
 
+    @property
+    def fp32_compressor_rows(self) -> bool:
+        """Whether the compressors' rows are fp32 (official numerics) or the compute dtype
+        (Compressor.project): the dtype the cache keeps them in."""
+        return self.numerics == "official" or self.compute_dtype == torch.float32
+
     def keep_head_fp32(self, keep: bool) -> None:
         """Keep an fp32 copy of the LM head (it runs in fp32; a bf16 checkpoint head is otherwise
         converted at every call). The checkpoint tensor stays as it is."""
