@@ -157,7 +157,7 @@ class FilledCache:
         from dayzero.cache.spec import cache_groups
         args = model.args
         bs = math.lcm(*[r for r in args.compress_ratios if r] or [1], 16)
-        groups = cache_groups(args, bs, with_mtp=False)
+        groups = cache_groups(args, bs, with_mtp=False, fp32_rows=model.fp32_compressor_rows)
         end = context + extra_tokens
         tables, counts = [{} for _ in range(batch)], {}
         for gs in groups:
@@ -246,14 +246,15 @@ def engine_long_context(model, device, tokens: int, chunk: int, short: int, deco
     seconds, seconds per decode step at `tokens`, at `short`). The model keeps its op table; the
     KV budget is what the prompt needs."""
     from dayzero.cache.spec import cache_groups
-    from dayzero.engine.engine import Engine, EngineArgs, _default_block_size, bounded_blocks
+    from dayzero.engine.capacity import bounded_blocks
+    from dayzero.engine.engine import Engine, EngineArgs, _default_block_size
     from dayzero.engine.sampling import SamplingParams
     args = model.args
     eargs = EngineArgs(max_num_seqs=1, max_num_batched_tokens=chunk, enable_prefix_caching=False,
                        num_speculative_tokens=0, ops=model.ops.name, block_size=None)
     bs = _default_block_size(args)
-    groups = cache_groups(args, bs, with_mtp=False)
-    bounded = bounded_blocks(groups, args, eargs, bs)
+    groups = cache_groups(args, bs, with_mtp=False, fp32_rows=model.fp32_compressor_rows)
+    bounded = bounded_blocks(groups, args, bs, 1, chunk, reserve_seqs=1)  # the reserve takes at most one sequence
     grow = math.ceil((tokens + chunk + decode_steps + 2) / bs) + 2
     budget = sum(((bounded.get(g.name) or grow) + 1) * g.block_bytes(model.compute_dtype) for g in groups)  # + trash
     eng = Engine(model, replace(eargs, kv_cache_memory_bytes=budget), device)

@@ -1,7 +1,8 @@
 """Device pools of the cache groups and the paged view of one engine step (a BatchCache).
 
 Pool tensor of a group's kind: [num_blocks + 1, members, per_block, *row]; row i of a member lives
-in block table[i // per_block] at offset i % per_block. Rows are fp32 for compressor projections,
+in block table[i // per_block] at offset i % per_block. Rows are fp32 for compressor projections
+(official numerics; cache/spec.py),
 packed uint8 rows for the K=V kinds of an FP8 cache (ops/kvfp8.py: written packed, read decoded,
 handed to the paged ops as `Fp8Rows`) and the compute dtype otherwise. The last block of every pool is the trash block: no request ever
 holds it; a lookup of a row in a block its request does not hold lands there (so nothing another
@@ -10,10 +11,25 @@ synchronisation per lookup.
 """
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from dayzero.cache.spec import GroupSpec
 from dayzero.ops import kvfp8
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed pool. On CPUs an anonymous private mapping: its pages are zero until written and
+    take RAM only as the cache fills (torch.zeros would touch every page of a budget sized from
+    the machine's free memory at start-up)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    n = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+    if n < 2**20:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, n), dtype=dtype).view(shape)  # the tensor keeps the map alive
 
 
 class CachePools:
@@ -32,9 +48,8 @@ class CachePools:
                     self.layouts[(g.name, kind)] = layout
                 shape = (num_blocks[g.name] + 1, len(g.layers), g.per_block,
                          *((layout.width,) if layout is not None else spec.row))
-                self.tensors[(g.name, kind)] = torch.zeros(
-                    shape, dtype=torch.uint8 if layout is not None else torch.float32 if spec.fp32 else dtype,
-                    device=device)
+                self.tensors[(g.name, kind)] = zeros(
+                    shape, torch.uint8 if layout is not None else torch.float32 if spec.fp32 else dtype, device)
                 for m, layer in enumerate(g.layers):
                     self.route[(layer, kind)] = (g.name, m)
         # each (layer, kind)'s rows as one flat view starting at its member's first row: row r of

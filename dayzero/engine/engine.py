@@ -18,17 +18,18 @@ from dayzero.cache.spec import cache_groups, check_kv_cache_dtype, fixed_bytes_p
 from dayzero.engine.request import Request, Status
 from dayzero.engine.sampling import SamplingParams, sample, token_logprobs, verify_draft
 from dayzero.engine.scheduler import Scheduled, Scheduler
-from dayzero.engine.worker import Worker, WorkerSpec
+from dayzero.engine.capacity import DEFAULT_MAX_NUM_SEQS, Capacity, derived_budget, gb, plan
+from dayzero.engine.worker import PoolSpec, Worker, WorkerSpec
 from dayzero.reference.model import Transformer
 
 
 @dataclass(frozen=True)
 class EngineArgs:
     """Engine options, named as vLLM names them."""
-    max_num_seqs: int = 32
+    max_num_seqs: int | None = None  # default: 32, lowered to what the cache budget holds (engine/capacity.py)
     max_num_batched_tokens: int = 1024
     enable_prefix_caching: bool = True
-    kv_cache_memory_bytes: int | None = None  # default: 512 MiB on CPU, half the free memory elsewhere
+    kv_cache_memory_bytes: int | None = None  # default: the memory free after the weights, less a margin (capacity.py)
     block_size: int | None = None  # default: the smallest multiple of every compression ratio >= 16
     num_speculative_tokens: int | None = None  # MTP drafts per step: 0 or 1 (default 1 with an MTP module)
     speculative_min_acceptance: float = 0.3  # MTP turns itself off below this after 16 drafts
@@ -41,6 +42,8 @@ class EngineArgs:
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             v = getattr(self, name)
+            if v is None and name == "max_num_seqs":
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {v!r}")
         if self.kv_cache_memory_bytes is not None and (
@@ -60,19 +63,6 @@ class EngineArgs:
             raise ValueError(f"tensor_parallel_size: must be a positive integer, got {tp!r}")
         if not isinstance(self.enable_expert_parallel, bool):
             raise ValueError(f"enable_expert_parallel: must be True or False, got {self.enable_expert_parallel!r}")
-
-
-def bounded_blocks(groups, args, eargs: EngineArgs, bs: int) -> dict[str, int]:
-    """Blocks of each group whose rows per sequence are bounded (the window, open compressor
-    windows): per running sequence its span plus a partial block at each end, the step's chunk on
-    top, and twice that, so finished requests' blocks stay cached for prefix hits a while."""
-    blocks = {}
-    for g in groups:
-        if g.keep != "all":
-            span = args.window_size - 1 if g.keep == "window" else g.window_ratio * (2 if g.overlap else 1)
-            blocks[g.name] = 2 * (eargs.max_num_seqs * (math.ceil(span / bs) + 2)
-                                  + math.ceil(eargs.max_num_batched_tokens / bs))
-    return blocks
 
 
 def _default_block_size(args) -> int:
@@ -99,27 +89,42 @@ class Engine:
         if spec and not has_mtp:
             raise ValueError("num_speculative_tokens: this checkpoint has no MTP module to draft with")
         self.spec_enabled = has_mtp if spec is None else bool(spec)
-        self.groups = cache_groups(args, bs, with_mtp=self.spec_enabled, kv_cache_dtype=eargs.kv_cache_dtype)
-        self.num_blocks, self.max_tokens = self._capacity()
+        self.groups = cache_groups(args, bs, with_mtp=self.spec_enabled, kv_cache_dtype=eargs.kv_cache_dtype,
+                                   fp32_rows=model.fp32_compressor_rows)
+        self.ranks = ranks
+        wspec = WorkerSpec(ops=eargs.ops, prepare_weights=prepare_weights)
+        if ranks is not None:
+            ranks.start(wspec)  # the other ranks build their workers first; they meet rank 0's in collectives
+        self.worker = Worker(model, wspec, device)
+        # the cache is sized once every rank's weights are in place, from the smallest rank's free memory
+        self.capacity = cap = self._capacity()
+        self.num_blocks, self.max_tokens, self.max_num_seqs = cap.num_blocks, cap.max_tokens, cap.max_num_seqs
+        if cap.lowered:
+            print(f"dayzero: max_num_seqs={cap.max_num_seqs} (not {DEFAULT_MAX_NUM_SEQS}): the cache budget of "
+                  f"{gb(cap.budget)} holds the window and compressor rows of {cap.max_num_seqs} sequences in half "
+                  f"of it; pass max_num_seqs or kv_cache_memory_bytes to choose", file=sys.stderr)
         self.kv = KVCacheManager(self.groups, self.num_blocks, bs, args.window_size, eargs.enable_prefix_caching,
                                  lookahead=int(self.spec_enabled))
-        self.scheduler = Scheduler(self.kv, eargs.max_num_seqs, eargs.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv, self.max_num_seqs, eargs.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self.drafts = self.accepted = 0
         self.num_steps = 0
         self.tokens_generated = 0
-        spec = WorkerSpec(
-            ops=eargs.ops, groups=tuple(self.groups), num_blocks=dict(self.num_blocks), block_size=bs,
-            max_num_seqs=eargs.max_num_seqs,
-            max_tokens_per_step=min(eargs.max_num_seqs * (1 + int(self.spec_enabled)), eargs.max_num_batched_tokens),
-            enforce_eager=eargs.enforce_eager, prepare_weights=prepare_weights)
-        if ranks is not None:
-            ranks.start(spec)  # the other ranks build their workers first; they meet rank 0's in collectives
-        self.worker = Worker(model, spec, device)
-        self.ranks = ranks
+        pspec = PoolSpec(
+            groups=tuple(self.groups), num_blocks=dict(self.num_blocks), block_size=bs,
+            max_num_seqs=self.max_num_seqs,
+            max_tokens_per_step=min(self.max_num_seqs * (1 + int(self.spec_enabled)), eargs.max_num_batched_tokens),
+            enforce_eager=eargs.enforce_eager)
+        self._on_ranks("allocate", pspec)
         self.runner = self.worker if ranks is None else ranks.runner(self.worker)
         # resident bytes of every rank (weights and cache pools: fixed from here on)
-        self.rank_bytes = [self.worker.nbytes()] if ranks is None else ranks.gather(self.worker, "nbytes")
+        self.rank_bytes = self._on_ranks("nbytes")
+
+    def _on_ranks(self, method: str, *args) -> list:
+        """`method` on every rank's worker (rank 0's included), results in rank order."""
+        if self.ranks is None:
+            return [getattr(self.worker, method)(*args)]
+        return self.ranks.gather(self.worker, method, *args)
 
     # rank 0's worker: its op table, pools, device tables and recorded steps
     ops = property(lambda self: self.worker.ops)
@@ -135,32 +140,24 @@ class Engine:
         self.worker.use_graphs(backend)
 
     # ---- capacity ------------------------------------------------------------------------------
-    def _capacity(self) -> tuple[dict[str, int], int]:
-        e, args, bs = self.eargs, self.args, self.block_size
-        dtype = self.model.compute_dtype
-        budget = e.kv_cache_memory_bytes
+    def _capacity(self) -> Capacity:
+        e = self.eargs
+        budget, source = e.kv_cache_memory_bytes, "kv_cache_memory_bytes"
         if budget is None:
-            if self.device.type == "cuda":
-                budget = int(torch.cuda.mem_get_info(self.device)[0] * 0.5)
-            else:
-                budget = 512 * 2**20
-        blocks = bounded_blocks(self.groups, args, e, bs)
-        fixed = sum(n * g.block_bytes(dtype) for g in self.groups if (n := blocks.get(g.name)))
-        fixed += sum(g.block_bytes(dtype) for g in self.groups)  # each pool's trash block (cache/paged.py)
-        growing = [g for g in self.groups if g.keep == "all"]
-        per_block = sum(g.block_bytes(dtype) for g in growing)
-        if not growing:  # sliding-window-only model: context bounded by max_seq_len only
-            return blocks, args.max_seq_len * e.max_num_seqs
-        n = (budget - fixed) // per_block
-        if n < 2:
-            raise ValueError(
-                f"kv_cache_memory_bytes={budget} leaves no room for compressed entries after the "
-                f"{fixed} bytes of window and compressor rows for max_num_seqs={e.max_num_seqs} (and one "
-                f"trash block per pool); "
-                f"need at least {fixed + 2 * per_block}")
-        for g in growing:
-            blocks[g.name] = n
-        return blocks, n * bs
+            if self.ranks is not None:
+                self._on_ranks("nbytes")  # a barrier: every rank has prepared its weights before any measures
+            budget, source = derived_budget(self._on_ranks("memory"))
+        return plan(self.groups, self.args, self.model.compute_dtype, self.block_size, budget, source,
+                    e.max_num_seqs, e.max_num_batched_tokens, budget_given=e.kv_cache_memory_bytes is not None)
+
+    def memory_line(self) -> str:
+        """One line: weights, window and compressor rows, entries, per rank, and the budget's origin."""
+        c, b = self.capacity, self.rank_bytes[0]
+        per = " per rank" if len(self.rank_bytes) > 1 else ""
+        return (f"dayzero: memory{per}: weights {gb(b['weight_bytes'])}, cache {gb(b['kv_cache_bytes'])} = window and "
+                f"compressor rows {gb(b['cache_rows_bytes'])} ({c.max_num_seqs} sequences + {c.reserve_seqs} kept "
+                f"for prefix hits) + compressed entries {gb(b['cache_entries_bytes'])} ({c.max_tokens} tokens); "
+                f"budget {gb(c.budget)} from {c.budget_source}")
 
     def stats(self) -> dict:
         return {
@@ -169,9 +166,19 @@ class Engine:
             "block_size": self.block_size,
             "kv_cache_dtype": self.eargs.kv_cache_dtype,
             "kv_cache_bytes": self.pools.nbytes(),
+            "weight_bytes": self.rank_bytes[0]["weight_bytes"],
+            "cache_rows_bytes": self.rank_bytes[0]["cache_rows_bytes"],
+            "cache_entries_bytes": self.rank_bytes[0]["cache_entries_bytes"],
+            "kv_cache_budget": self.capacity.budget,
+            "kv_cache_budget_source": self.capacity.budget_source,
+            "max_num_seqs": self.max_num_seqs,
+            "reserve_seqs": self.capacity.reserve_seqs,
+            "compressor_rows_dtype": "float32" if self.model.fp32_compressor_rows
+            else str(self.model.compute_dtype).removeprefix("torch."),
             "max_tokens_in_cache": self.max_tokens,
             "fixed_bytes_per_sequence": fixed_bytes_per_sequence(self.args, self.model.compute_dtype,
-                                                                 self.spec_enabled, self.eargs.kv_cache_dtype),
+                                                                 self.spec_enabled, self.eargs.kv_cache_dtype,
+                                                                 self.model.fp32_compressor_rows),
             "kv_usage": self.kv.usage(),
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),

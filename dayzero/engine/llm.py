@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import os
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
@@ -108,6 +109,7 @@ class LLM:
             tok_file = path / "tokenizer.json"
             self.tokenizer = Tokenizer(tok_file) if tok_file.is_file() else None
             self.engine = Engine(self.model, eargs, dev, self.tokenizer, ranks=self.group, prepare_weights=True)
+            print(self.engine.memory_line(), file=sys.stderr)
         except BaseException:
             self.close()
             raise

@@ -18,6 +18,7 @@ import torch
 
 from dayzero.cache.paged import CachePools, DeviceTables, PagedBatchCache, check_flags
 from dayzero.cache.spec import GroupSpec
+from dayzero.engine.capacity import Memory, probe, tensor_spans
 from dayzero.engine.graphs import RecordingFailed, StepGraphs, table_blocks, unsupported
 from dayzero.ops import for_device
 from dayzero.reference.model import Transformer
@@ -26,16 +27,21 @@ from dayzero.reference.seqcache import Batch
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker needs beside its model and device; rank 0 decides it and every rank
-    receives the same (the cache capacity included, so every rank's pools are the same)."""
+    """What a worker needs to set up its model: rank 0 decides it and every rank receives it."""
     ops: str | None
+    prepare_weights: bool  # keep dequantised / cast copies where the op table has no kernel for a format
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """The cache every rank allocates once the weights are in place (`Worker.allocate`): rank 0
+    sizes it from every rank's free memory (engine/capacity.py) and every rank gets the same."""
     groups: tuple[GroupSpec, ...]
     num_blocks: dict
     block_size: int
     max_num_seqs: int
     max_tokens_per_step: int  # the recorded steps' token slots (decode batch, x2 with MTP drafts)
     enforce_eager: bool
-    prepare_weights: bool  # keep dequantised / cast copies where the op table has no kernel for a format
 
 
 class Worker:
@@ -48,25 +54,37 @@ class Worker:
             # no FP8/FP4 kernels: dequantise small models once; with them, only cast dense weights
             kernels = self.ops.kernels
             keep_dequantized(model, dense_only="fp8_linear" in kernels, fp32_kernel="fp32_linear" in kernels)
-        args = model.args
+        self.pools: CachePools | None = None  # allocate()
+        self.tables: DeviceTables | None = None
+        self.pool_spec: PoolSpec | None = None
+        self.graphs: StepGraphs | None = None
+        self.graphs_off = "no cache allocated yet"
+        self._last: tuple[torch.Tensor, PagedBatchCache | None] | None = None  # the last forward's streams, cache
+
+    def memory(self) -> Memory | None:
+        """The memory free for the cache on this rank, its weights in place (engine/capacity.py)."""
+        return probe(self.device, tensor_spans(self._tensors()), self.model.layout.tp)
+
+    def allocate(self, spec: PoolSpec) -> None:
+        """The cache pools, the device block tables and (CUDA) the recorded steps."""
+        model, device = self.model, self.device
+        self.pool_spec = spec
         self.pools = CachePools(list(spec.groups), spec.num_blocks, model.compute_dtype, device)
         # every step's block tables, kept on the device (one slot per running request + padding):
         # a step uploads what changed (cache/paged.py); recorded steps read them at fixed addresses
-        self.tables = DeviceTables(self.pools, spec.max_num_seqs + 1, table_blocks(args.max_seq_len, spec.block_size),
-                                   device)
-        self.graphs: StepGraphs | None = None
+        self.tables = DeviceTables(self.pools, spec.max_num_seqs + 1,
+                                   table_blocks(model.args.max_seq_len, spec.block_size), device)
         self.graphs_off = "enforce_eager" if spec.enforce_eager else "not a CUDA device"
         if device.type == "cuda" and not spec.enforce_eager:
             self.graphs_off = ("tensor_parallel_size > 1: steps with collectives are not recorded"
                                if model.layout.tp > 1 else unsupported(model))
             if self.graphs_off is None:
                 self.use_graphs("cuda")
-        self._last: tuple[torch.Tensor, PagedBatchCache | None] | None = None  # the last forward's streams, cache
 
     def use_graphs(self, backend: str) -> None:
         """Replay decode steps from recorded graphs (engine/graphs.py): "cuda" on a GPU; "trace"
         records aten ops on any device (how the CPU tests check replayed steps)."""
-        s = self.spec
+        s = self.pool_spec
         self.graphs = StepGraphs(self.model, self.pools, s.max_num_seqs, s.max_tokens_per_step, s.block_size,
                                  self.model.args.max_seq_len, self.device, backend, self.tables)
         self.graphs_off = None
@@ -145,19 +163,24 @@ class Worker:
         """Next-token logits at every position of one sequence: [len, vocab] fp32 on the host."""
         return self.model(torch.tensor([ids], device=self.device))[0].float().cpu()
 
-    def nbytes(self) -> dict:
-        """This rank's bytes: model tensors (parameters, buffers and the copies modules keep; a
-        view of another tensor's memory counted once) and cache pools."""
-        weights = 0
+    def _tensors(self) -> list[torch.Tensor]:
+        """Model tensors: parameters, buffers and the copies modules keep (dequantised, fused, stacked)."""
         tensors = list(self.model.parameters()) + list(self.model.buffers())
-        for m in self.model.modules():  # kept copies: dequantised, fused, stacked (views count once)
+        for m in self.model.modules():
             for v in m.__dict__.values():
                 vs = v if isinstance(v, (tuple, list)) else (v,)
                 tensors += [t for t in vs if isinstance(t, torch.Tensor)]
-        spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors
-                       if t.device.type != "meta" and t.numel())
-        end = 0
-        for lo, hi in spans:  # the union of the tensors' byte ranges
-            weights += max(0, hi - max(lo, end))
-            end = max(end, hi)
-        return {"weight_bytes": weights, "kv_cache_bytes": self.pools.nbytes()}
+        return tensors
+
+    def nbytes(self) -> dict:
+        """This rank's bytes: model tensors (a view of another tensor's memory counted once) and
+        cache pools: the window and compressor rows (`cache_rows_bytes`) and the compressed
+        entries (`cache_entries_bytes`)."""
+        weights = sum(hi - lo for lo, hi in tensor_spans(self._tensors()))
+        out = {"weight_bytes": weights, "kv_cache_bytes": 0, "cache_rows_bytes": 0, "cache_entries_bytes": 0}
+        if self.pools is not None:
+            out["kv_cache_bytes"] = self.pools.nbytes()
+            for (group, _), t in self.pools.tensors.items():
+                key = "cache_entries_bytes" if self.pools.groups[group].keep == "all" else "cache_rows_bytes"
+                out[key] += t.numel() * t.element_size()
+        return out

@@ -113,7 +113,7 @@ class Server:
         eng = llm.engine
         limit = min(llm.args.max_seq_len, eng.max_tokens)
         self.context = min(limit, sargs.max_model_len) if sargs.max_model_len else limit
-        self.loop = EngineLoop(eng, sargs.max_in_flight or 4 * eng.eargs.max_num_seqs)
+        self.loop = EngineLoop(eng, sargs.max_in_flight or 4 * eng.max_num_seqs)
         self.metrics = Metrics(sargs.model_name)
         self.tok = llm.tokenizer
         self.eos = {llm.args.eos_token_id}

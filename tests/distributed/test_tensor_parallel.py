@@ -14,6 +14,7 @@ import torch
 
 from dayzero import LLM, SamplingParams
 from dayzero.distributed.layout import Layout, LayoutError
+from dayzero.engine.capacity import Sizes
 from dayzero.distributed.runtime import RankFailed
 from dayzero.loader.model_io import load_model
 from dayzero.testing import tiny_args
@@ -130,11 +131,9 @@ def test_preemption_under_two_ranks(ckpt):
     opts = dict(OPTS, max_num_batched_tokens=64, max_num_seqs=6, num_speculative_tokens=0)
     probe = LLM(ckpt, **opts)
     e, dt = probe.engine, probe.model.compute_dtype
-    fixed = sum(n * g.block_bytes(dt) for g, n in ((g, e.num_blocks[g.name]) for g in e.groups) if g.keep != "all")
-    fixed += sum(g.block_bytes(dt) for g in e.groups)  # the pools' trash blocks
-    per_block = sum(g.block_bytes(dt) for g in e.groups if g.keep == "all")
+    z = Sizes(e.groups, e.args, dt, e.block_size, 64)
     want = staggered_outputs(probe, prompts(6))
-    small = dict(opts, kv_cache_memory_bytes=fixed + 7 * per_block)  # 112 tokens of entries for six requests
+    small = dict(opts, kv_cache_memory_bytes=z.needed(6) + 5 * z.per_entry_block)  # <= 112 tokens of entries
     with LLM(ckpt, **small, tensor_parallel_size=2) as two:
         assert staggered_outputs(two, prompts(6), every=1) == want
         assert two.engine.scheduler.num_preemptions > 0

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dayzero import LLM, SamplingParams
+from dayzero.engine.capacity import Sizes
 from dayzero.engine.engine import Engine
 from dayzero.engine.sampling import sample, verify_draft
 from tests.engine.helpers import staggered
@@ -80,13 +81,11 @@ def test_preemption_under_a_tiny_kv_budget(ckpt, expected):
     probe = LLM(ckpt, numerics="transformers", max_num_batched_tokens=64, max_num_seqs=6,
                 num_speculative_tokens=0)
     e = probe.engine
-    fixed = sum(n * g.block_bytes(probe.model.compute_dtype)
-                for g, n in ((g, e.num_blocks[g.name]) for g in e.groups) if g.keep != "all")
-    fixed += sum(g.block_bytes(probe.model.compute_dtype) for g in e.groups)  # the pools' trash blocks
-    per_block = sum(g.block_bytes(probe.model.compute_dtype) for g in e.groups if g.keep == "all")
-    # room for about 9 blocks of long-range entries (~144 tokens) for six requests of up to 73 tokens
+    z = Sizes(e.groups, e.args, probe.model.compute_dtype, e.block_size, 64)
+    # room for at most 9 blocks of long-range entries (~144 tokens) for six requests of up to 73 tokens
     llm = LLM(ckpt, numerics="transformers", max_num_batched_tokens=64, max_num_seqs=6,
-              num_speculative_tokens=0, kv_cache_memory_bytes=fixed + 9 * per_block)
+              num_speculative_tokens=0, kv_cache_memory_bytes=z.needed(6) + 7 * z.per_entry_block)
+    assert 5 <= llm.engine.max_tokens // llm.engine.block_size <= 9
     assert run_staggered(llm.engine, prompts(), every=1) == expected
     assert llm.engine.scheduler.num_preemptions > 0
 

@@ -21,6 +21,7 @@ class ScriptedEngine:
     def __init__(self, script: list[int], eos: int):
         self.script, self.eos = script, eos
         self.eargs = SimpleNamespace(max_num_seqs=4)
+        self.max_num_seqs = 4
         self.max_tokens = 10**6
         self.requests = {}
 
