@@ -3,15 +3,54 @@ engine's own accounting (dayzero.cache.spec), next to v4-architecture.md section
 kv_cache_dtype values: "auto" (bf16 rows) and "fp8" (K=V rows packed as FP8 nope + bf16 rope, 584 B
 at D=512; the indexer keys stay bf16: the deployed FP4 indexer cache is not built).
 
-    python bench/kv_report.py          # prints a table, writes bench/results/kv_bytes.json
+Then the engine's defaults (engine/capacity.py): fixed bytes per sequence (the window and open
+compressor rows a sequence holds, and the whole 128-token blocks the engine pages them in), and how
+a budget splits (derived max_num_seqs, the bounded reserve, tokens of entries), on a CPU (fp32
+compute) and a GPU (bf16 compute); compressor rows fp32 under official numerics, bf16 under
+transformers numerics on a GPU. V4.1-Flash has no config in dayzero.config yet, so it is absent.
+
+    python -m bench.kv_report          # prints tables, writes bench/results/kv_bytes.json
 """
 import json
 
 import torch
 
 from bench.common import RESULTS, environment
-from dayzero.cache.spec import kv_report
+from dayzero.cache.spec import cache_groups, fixed_bytes_per_sequence, kv_report
 from dayzero.config import flash, pro
+from dayzero.engine.capacity import Sizes, bounded_blocks, plan
+
+# (device, compute dtype, numerics) profiles and the budgets shown for them (bytes per rank)
+PROFILES = (("cpu", torch.float32, "official"), ("gpu", torch.bfloat16, "official"),
+            ("gpu", torch.bfloat16, "transformers"))
+BUDGETS = {"cpu": (8 * 2**30, 64 * 2**30), "gpu": (8 * 2**30, 40 * 2**30)}
+BS, CHUNK = 128, 1024  # V4's block size, the default max_num_batched_tokens
+
+
+def defaults(args) -> dict:
+    """Fixed bytes per sequence and the split of each budget at the engine's defaults (MTP on:
+    its window rows count)."""
+    out = {}
+    for device, dtype, numerics in PROFILES:
+        fp32_rows = numerics == "official" or dtype == torch.float32
+        groups = cache_groups(args, BS, with_mtp=True, fp32_rows=fp32_rows)
+        z = Sizes(groups, args, dtype, BS, CHUNK)
+        before = bounded_blocks(groups, args, BS, 2 * 32, 2 * CHUNK)  # twice max_num_seqs=32, as before
+        row = {"compute_dtype": str(dtype).removeprefix("torch."), "numerics": numerics,
+               "compressor_rows": "float32" if fp32_rows else "bfloat16",
+               "fixed_bytes_per_sequence": fixed_bytes_per_sequence(args, dtype, True, fp32_rows=fp32_rows),
+               "paged_bytes_per_sequence": z.per_seq,
+               "rows_bytes_before_at_32_seqs": sum(n * z.block[k] for k, n in before.items()), "budgets": {}}
+        for budget in BUDGETS[device]:
+            try:
+                cap = plan(groups, args, dtype, BS, budget, "report", None, CHUNK, budget_given=False)
+                row["budgets"][str(budget)] = {"max_num_seqs": cap.max_num_seqs, "reserve_seqs": cap.reserve_seqs,
+                                               "rows_bytes": cap.rows_bytes, "entries_bytes": cap.entries_bytes,
+                                               "tokens": cap.max_tokens}
+            except ValueError as e:
+                row["budgets"][str(budget)] = {"error": str(e)}
+        out[f"{device} {row['compute_dtype']} {numerics}"] = row
+    return out
 
 # v4-architecture.md 4.2, bytes per token (compressed entries + indexer keys), all layers: all-BF16,
 # and the deployed FP8 entries + FP4 indexer keys
@@ -34,6 +73,20 @@ def main() -> None:
             print(f"{name:10} {kv:8} {rep['bytes_per_token_all_layers']:8.0f} {pub:9d} "
                   f"{rep['fixed_bytes_per_sequence'] / 2**20:8.1f}Mi "
                   + " ".join(f"{seq[k] / 2**30:8.3f}Gi" for k in ("8192", "131072", "1048576")))
+    print("\nat the engine's defaults (MTP on, block 128, max_num_batched_tokens 1024); budget -> derived "
+          "max_num_seqs + kept, rows, entries")
+    for name, args in (("v4-flash", flash()), ("v4-pro", pro())):
+        out["models"][name]["defaults"] = rows = defaults(args)
+        for prof, row in rows.items():
+            split = "; ".join(f"{int(b) / 2**30:.0f}Gi -> " + (
+                f"{c['max_num_seqs']}+{c['reserve_seqs']} seqs, rows {c['rows_bytes'] / 2**30:.2f}Gi, "
+                f"{c['tokens'] / 1e6:.2f}M tokens" if "error" not in c else "does not fit")
+                for b, c in row["budgets"].items())
+            print(f"{name:9} {prof:27} rows {row['compressor_rows']:8} fixed/seq "
+                  f"{row['fixed_bytes_per_sequence'] / 2**20:6.1f}Mi paged/seq {row['paged_bytes_per_sequence'] / 2**20:6.1f}Mi "
+                  f"(before: 2x32 seqs {row['rows_bytes_before_at_32_seqs'] / 2**30:5.2f}Gi) | {split}")
+    out["absent"] = {"v4.1-flash": "no V4.1-Flash config in dayzero.config"}
+    print("v4.1-flash: absent (no config in dayzero.config)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "kv_bytes.json").write_text(json.dumps(out, indent=2) + "\n")
 

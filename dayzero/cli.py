@@ -188,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-speculative-tokens", type=int, choices=[0, 1], default=None,
                    help="MTP drafts per step (default: 1 when the checkpoint has an MTP module)")
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None,
-                   help="KV cache budget per rank (default: the memory free after the weights, less a tenth "
-                        "of the memory (at least 1 GiB), shared by the local CPU ranks)")
+                   help="KV cache budget per rank (default: the memory free after the weights, less a margin, "
+                        "shared by the local CPU ranks; engine/capacity.py)")
     g.set_defaults(func=cmd_generate)
 
     from dayzero.server import client as chat_client, serve as serve_mod

@@ -31,8 +31,8 @@ def add_arguments(p) -> None:
                    help="requests in the engine's running batch (default: 32, lowered to what the cache budget holds)")
     p.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per engine step")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
-                   help="KV cache budget per rank (default: the memory free after the weights, less a tenth of "
-                        "the memory (at least 1 GiB), shared by the local CPU ranks)")
+                   help="KV cache budget per rank (default: the memory free after the weights, less a margin, "
+                        "shared by the local CPU ranks; engine/capacity.py)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--num-speculative-tokens", type=int, choices=[0, 1], default=None)
     p.add_argument("--numerics", choices=["official", "transformers"], default="official")
