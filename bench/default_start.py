@@ -12,44 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-
-def write(path: str, layers: int, seed: int = 0) -> None:
-    from safetensors.torch import save_file
-
-    from dayzero.synthetic import flash_slice, random_model
-    types = tuple(("csa", "hca")[i % 2] for i in range(layers))
-    args = flash_slice(types)
-    d = Path(path)
-    d.mkdir(parents=True, exist_ok=True)
-    weight_map, total = {}, 0
-    for i, t in enumerate(types):
-        one = random_model(flash_slice((t,)), seed=seed + i).state_dict()
-        tensors = {(f"layers.{i}." + n[len("layers.0."):] if n.startswith("layers.0.") else n): v.contiguous()
-                   for n, v in one.items() if n.startswith("layers.0.") or i == 0}
-        shard = f"model-{i + 1:05d}-of-{layers:05d}.safetensors"
-        save_file(tensors, str(d / shard), metadata={"format": "pt"})
-        weight_map.update({n: shard for n in tensors})
-        total += sum(v.numel() * v.element_size() for v in tensors.values())
-        print(f"layer {i} ({t}) written: {total / 1e9:.1f} GB so far", file=sys.stderr, flush=True)
-        del one, tensors
-    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                "weight_map": weight_map}, indent=1))
-    (d / "config.json").write_text(json.dumps(args.to_hf_dict(), indent=1))
-
-
-def _status() -> dict:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        k, _, v = line.partition(":")
-        if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            out[k] = int(v.split()[0]) * 1024
-    return out
+from bench.out_of_core import _status, write
 
 
 def run(path: str, tokens: int, prompt_len: int) -> dict:

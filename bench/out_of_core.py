@@ -51,6 +51,7 @@ def write(path: str, layers: int, seed: int = 0) -> None:
 
 
 def _status() -> dict:
+    """This process's resident bytes: now, peak, anonymous, file-backed (/proc/self/status)."""
     out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         k, _, v = line.partition(":")

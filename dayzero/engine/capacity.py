@@ -50,24 +50,43 @@ class Memory:
     """What one rank sees: `available` bytes free now (MemAvailable on CPUs, mem_get_info's free on
     accelerators) of `total`; `to_page_in`: this rank's weight bytes mapped from the checkpoint
     files (counted in MemAvailable as page cache or not resident yet: they take RAM as they are
-    read); `share`: ranks sharing this memory (local CPU ranks)."""
+    read); `share`: ranks sharing this memory (local CPU ranks); `streamed`: the part of
+    `to_page_in` that is routed experts read in place (ops/experts.py), which can stream from disk
+    through the page cache when the checkpoint does not fit."""
     source: str
     available: int
     total: int
     to_page_in: int = 0
     share: int = 1
+    streamed: int = 0
+
+    @property
+    def page_in(self) -> int:
+        """Mapped weight bytes counted against the cache: all of them when they fit beside the
+        margin; else (a checkpoint larger than memory, its experts streamed from disk) the other
+        weights and half of the memory they leave, the other half for the cache."""
+        left = self.available - self.share * self.to_page_in
+        if not self.streamed or left - margin(self.total, left) > 0:
+            return self.to_page_in
+        fixed = self.to_page_in - self.streamed
+        room = self.available - self.share * fixed
+        room -= margin(self.total, room)
+        return fixed + min(self.streamed, max(0, room) // (2 * self.share))
 
     @property
     def margin(self) -> int:
-        return margin(self.total, self.available - self.share * self.to_page_in)
+        return margin(self.total, self.available - self.share * self.page_in)
 
     @property
     def budget(self) -> int:
-        return max(0, (self.available - self.share * self.to_page_in - self.margin) // self.share)
+        return max(0, (self.available - self.share * self.page_in - self.margin) // self.share)
 
     def describe(self) -> str:
         s = f"{self.source} {gb(self.available)}"
-        if self.to_page_in:
+        if self.page_in != self.to_page_in:
+            s += (f" - {self.share} x {gb(self.page_in)} of mapped weights (of {gb(self.to_page_in)}: the routed "
+                  f"experts stream from disk, half of the rest is left to their page cache)")
+        elif self.to_page_in:
             s += f" - {self.share} x {gb(self.to_page_in)} of mapped weights"
         s += f" - margin {gb(self.margin)}"
         return s + (f", over {self.share} local ranks" if self.share > 1 else "")
@@ -123,8 +142,10 @@ def local_ranks(tp: int) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", tp))
 
 
-def probe(device: torch.device, weight_spans: list[tuple[int, int]], tp: int) -> Memory | None:
-    """This rank's Memory (None where the device reports no free memory)."""
+def probe(device: torch.device, weight_spans: list[tuple[int, int]], tp: int,
+          streamed_spans: list[tuple[int, int]] = ()) -> Memory | None:
+    """This rank's Memory (None where the device reports no free memory); `streamed_spans`: the
+    routed experts read in place (a subset of `weight_spans`)."""
     if device.type == "cpu":
         try:
             info = meminfo()
@@ -132,10 +153,10 @@ def probe(device: torch.device, weight_spans: list[tuple[int, int]], tp: int) ->
         except (OSError, KeyError):
             return None
         try:
-            mapped = file_backed(weight_spans)
+            mapped, streamed = file_backed(weight_spans), file_backed(list(streamed_spans))
         except OSError:
-            mapped = 0
-        return Memory("MemAvailable", avail, total, mapped, local_ranks(tp))
+            mapped = streamed = 0
+        return Memory("MemAvailable", avail, total, mapped, local_ranks(tp), streamed)
     mod = getattr(torch, device.type, None)
     get = getattr(mod, "mem_get_info", None)
     if get is None:

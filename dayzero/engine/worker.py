@@ -21,6 +21,7 @@ from dayzero.cache.spec import GroupSpec
 from dayzero.engine.capacity import Memory, probe, tensor_spans
 from dayzero.engine.graphs import RecordingFailed, StepGraphs, table_blocks, unsupported
 from dayzero.ops import for_device
+from dayzero.ops.experts import PerExpert
 from dayzero.reference.model import Transformer
 from dayzero.reference.seqcache import Batch
 
@@ -63,7 +64,9 @@ class Worker:
 
     def memory(self) -> Memory | None:
         """The memory free for the cache on this rank, its weights in place (engine/capacity.py)."""
-        return probe(self.device, tensor_spans(self._tensors()), self.model.layout.tp)
+        experts = [t for m in self.model.modules() for g in m.__dict__.get("_stacked", ())
+                   if isinstance(g, PerExpert) for t in g.tensors]
+        return probe(self.device, tensor_spans(self._tensors()), self.model.layout.tp, tensor_spans(experts))
 
     def allocate(self, spec: PoolSpec) -> None:
         """The cache pools, the device block tables and (CUDA) the recorded steps."""

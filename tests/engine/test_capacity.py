@@ -128,6 +128,20 @@ def test_memory_budget_arithmetic():
     assert derived_budget([one, None])[0] == capacity.FALLBACK_BUDGET
 
 
+def test_a_checkpoint_larger_than_memory_leaves_half_to_the_streamed_experts():
+    """Routed experts read in place stream from disk when the checkpoint does not fit: the other
+    weights count in full, the memory they leave is split between the experts' page cache and the
+    cache; a checkpoint that fits counts all its mapped bytes, streamed or not."""
+    G = 2**30
+    fits = Memory("MemAvailable", 20 * G, 24 * G, to_page_in=8 * G, streamed=7 * G)
+    assert fits.page_in == 8 * G and fits.budget == Memory("MemAvailable", 20 * G, 24 * G, to_page_in=8 * G).budget
+    big = Memory("MemAvailable", 20 * G, 24 * G, to_page_in=36 * G, streamed=34 * G)
+    room = 20 * G - 2 * G - capacity.margin(24 * G, 18 * G)
+    assert big.page_in == 2 * G + room // 2 and big.budget > 7 * G
+    assert Memory("MemAvailable", 20 * G, 24 * G, to_page_in=36 * G).budget == 0  # experts not streamed: no room
+    assert "experts stream from disk" in big.describe()
+
+
 def test_meminfo_and_file_backed_bytes(tmp_path):
     info = capacity.meminfo()
     assert 0 < info["MemAvailable"] <= info["MemTotal"]
