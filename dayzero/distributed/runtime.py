@@ -53,11 +53,15 @@ def _timeout() -> datetime.timedelta:
 
 
 def torchrun_env() -> tuple[int, int, int] | None:
-    """(rank, world, local rank) when this process was started by torchrun with WORLD_SIZE > 1."""
-    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+    """(rank, world, local rank) when this process was started by torchrun (WORLD_SIZE and RANK set;
+    a world of one included: one rank on the device's backend, how a single GPU checks NCCL)."""
+    env = os.environ
+    if "WORLD_SIZE" not in env or "RANK" not in env:
         return None
-    world = int(os.environ["WORLD_SIZE"])
-    return (int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))) if world > 1 else None
+    world = int(env["WORLD_SIZE"])
+    if world == 1 and not ("MASTER_ADDR" in env and "MASTER_PORT" in env):
+        return None  # a world of one set by something other than a launcher: no group to join
+    return int(env["RANK"]), world, int(env.get("LOCAL_RANK", "0"))
 
 
 def rank_device(device: torch.device, local_rank: int) -> torch.device:
@@ -203,7 +207,7 @@ def _threads(local_world: int) -> None:
 
 def join(tp: int, device: torch.device, load: dict) -> Group | None:
     """This process's group for tensor_parallel_size `tp` (None for one rank without torchrun).
-    Under torchrun: join the group torchrun set up (its world must be `tp`). Otherwise, as rank 0:
+    Under torchrun: join the group torchrun set up (its world must be `tp`, one included). Otherwise, as rank 0:
     start tp - 1 local ranks that load the model with `load` (LLM's arguments) and meet here."""
     import torch.distributed as dist
     env = torchrun_env()

@@ -182,16 +182,18 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def test_torchrun_gives_the_one_rank_tokens(ckpt):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_torchrun_gives_the_one_rank_tokens(ckpt, ranks):
+    """2 ranks, and a group of one (how a single GPU checks the engine on NCCL)."""
     args = ["generate", "--model", str(ckpt), "--token-ids", "5,17,42,99,3,8", "--max-tokens", "8", "--ignore-eos",
             "--numerics", "transformers", "--dtype", "float32"]
     one = subprocess.run([sys.executable, "-m", "dayzero", *args], capture_output=True, text=True, timeout=120,
                          env=_env())
     assert one.returncode == 0, one.stderr
     from tests.server.conftest import free_port
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
                           "--master-port", str(free_port()),
-                          "-m", "dayzero", *args, "--tensor-parallel-size", "2"],
+                          "-m", "dayzero", *args, "--tensor-parallel-size", str(ranks)],
                          capture_output=True, text=True, timeout=180, env=_env())
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout == one.stdout and "[8 tokens" in one.stderr and "[8 tokens" in run.stderr  # rank 1 prints nothing
