@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dayzero.config_keys import ConfigError, Keys, hub_keys, in_file_terms, official_keys
 
 LAYER_TYPES = ("sliding", "csa", "hca")
 _HF_LAYER_NAMES = {
@@ -23,10 +24,6 @@ _HF_LAYER_NAMES = {
 }
 _HF_NAME_OF = {v: k for k, v in _HF_LAYER_NAMES.items()}
 DENSE_DTYPES = ("bfloat16", "float32", "float16")
-
-
-class ConfigError(ValueError):
-    """An inconsistent or unsupported model configuration; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -187,12 +184,12 @@ class ModelArgs:
         try:
             return cls._from_official(cfg) if official else cls._from_hf(cfg)
         except ConfigError as e:
-            keys = _official_keys(cfg) if official else _hub_keys(cfg)
-            raise ConfigError(f"{source}: {_in_file_terms(str(e), keys)}") from None
+            keys = official_keys(cfg) if official else hub_keys(cfg)
+            raise ConfigError(f"{source}: {in_file_terms(str(e), keys, _FIELDS)}") from None
 
     @classmethod
     def _from_official(cls, c: dict) -> "ModelArgs":
-        k = _Keys(c)
+        k = Keys(c)
         n_layers = k.int("n_layers")
         ratios = k.list("compress_ratios", [0] * n_layers)
         types = [_type_of_ratio(r, 4) for r in ratios[:n_layers]]
@@ -220,7 +217,7 @@ class ModelArgs:
 
     @classmethod
     def _from_hf(cls, c: dict) -> "ModelArgs":
-        k = _Keys(c)
+        k = Keys(c)
         n_layers = k.int("num_hidden_layers")
         rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
         rates.update(k.dict("compress_rates", {}))
@@ -258,7 +255,7 @@ class ModelArgs:
             rope = c["rope_parameters"].get("compress", c["rope_parameters"])
             if not isinstance(rope, dict):
                 raise ConfigError(f"key `{rope_key}`: must be an object, got {rope!r}")
-        r = _Keys(rope, f"{rope_key}.")
+        r = Keys(rope, f"{rope_key}.")
         yarn = rope.get("rope_type", rope.get("type")) == "yarn"
         qc = k.dict("quantization_config", None)
         quant = None
@@ -373,111 +370,7 @@ def _first(x: Any) -> int:
     return v
 
 
-_REQUIRED = object()
-
-
-class _Keys:
-    """Typed reads of a config dict; every error names the key as the file spells it."""
-
-    def __init__(self, c: dict, prefix: str = ""):
-        self.c, self.prefix = c, prefix
-
-    def _get(self, key: str, default):
-        v = self.c.get(key, _REQUIRED)
-        if v is _REQUIRED:
-            if default is _REQUIRED:
-                raise ConfigError(f"key `{self.prefix}{key}` is missing")
-            return default
-        return v
-
-    def _bad(self, key: str, what: str, v) -> ConfigError:
-        return ConfigError(f"key `{self.prefix}{key}`: must be {what}, got {v!r}")
-
-    def int(self, key: str, default=_REQUIRED, allow_none: bool = False) -> int:
-        v = self._get(key, default)
-        if v is None and allow_none:
-            return v
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise self._bad(key, "an integer", v)
-        return v
-
-    def num(self, key: str, default=_REQUIRED) -> float:
-        v = self._get(key, default)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            raise self._bad(key, "a finite number", v)
-        return float(v)
-
-    def str(self, key: str, default=_REQUIRED):
-        v = self._get(key, default)
-        if v is not None and not isinstance(v, str):
-            raise self._bad(key, "a string", v)
-        return v
-
-    def list(self, key: str, default=_REQUIRED) -> list:
-        v = self._get(key, default)
-        if not isinstance(v, list):
-            raise self._bad(key, "a list", v)
-        return list(v)
-
-    def dict(self, key: str, default=_REQUIRED):
-        v = self._get(key, default)
-        if v is None:
-            return default
-        if not isinstance(v, dict):
-            raise self._bad(key, "an object", v)
-        return v
-
-
-# ModelArgs field -> the key it comes from, per config form; fields absent here share their key's name
-_HUB_KEY_OF = {
-    "dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
-    "rope_head_dim": "qk_rope_head_dim", "window_size": "sliding_window", "n_hash_layers": "num_hash_layers",
-    "n_activated_experts": "num_experts_per_tok", "moe_inter_dim": "moe_intermediate_size",
-    "score_func": "scoring_func", "route_scale": "routed_scaling_factor", "norm_eps": "rms_norm_eps",
-    "rope_factor": "rope_scaling.factor", "original_seq_len": "rope_scaling.original_max_position_embeddings",
-    "beta_fast": "rope_scaling.beta_fast", "beta_slow": "rope_scaling.beta_slow",
-    "max_seq_len": "max_position_embeddings", "n_mtp_layers": "num_nextn_predict_layers",
-    "dtype": "torch_dtype", "quant": "quantization_config",
-}
-_OFFICIAL_KEY_OF = {"layer_types": "compress_ratios", "quant": "dtype", "dtype": "dtype"}
-
-
-def _hub_keys(c: dict) -> dict[str, str]:
-    keys = dict(_HUB_KEY_OF)
-    if "qk_rope_head_dim" not in c:
-        keys["rope_head_dim"] = "partial_rotary_factor"
-    if c.get("layer_types") is None:
-        keys["layer_types"] = "compress_ratios"
-    else:
-        keys["compress_ratios"] = "compress_rates"
-    if c.get("mlp_layer_types") is not None and "num_hash_layers" not in c:
-        keys["n_hash_layers"] = "mlp_layer_types"
-    if "torch_dtype" not in c and "dtype" in c:
-        keys["dtype"] = "dtype"
-    if "rope_scaling" not in c and isinstance(c.get("rope_parameters"), dict):
-        base = "rope_parameters.compress" if "compress" in c["rope_parameters"] else "rope_parameters"
-        for f, sub in (("rope_factor", "factor"), ("original_seq_len", "original_max_position_embeddings"),
-                       ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow")):
-            keys[f] = f"{base}.{sub}"
-    if "expert_dtype" not in c and "expert_dtype" in (c.get("quantization_config") or {}):
-        keys["expert_dtype"] = "quantization_config.expert_dtype"
-    return keys
-
-
-def _official_keys(c: dict) -> dict[str, str]:
-    return dict(_OFFICIAL_KEY_OF)
-
-
 _FIELDS = {f.name for f in dataclasses.fields(ModelArgs)}
-
-
-def _in_file_terms(message: str, keys: dict[str, str]) -> str:
-    """Rewrite a validation message from ModelArgs field names (in backticks) to the config file's keys."""
-    def key(m: re.Match) -> str:
-        name = m.group(1)
-        return f"`{keys.get(name, name)}`" if name in _FIELDS else m.group(0)
-    message = re.sub(r"^config field `", "key `", message)
-    return re.sub(r"`([a-z_0-9.]+)`", key, message)
 
 
 # ---- presets with the real shapes (v4-architecture.md sections 2 and 2.4) -------------------

@@ -185,7 +185,8 @@ class Broadcast:
         try:
             return getattr(self.worker, method)(*args)
         except RuntimeError as e:
-            if "Connection" in str(e) or "gloo" in str(e).lower() or "NCCL" in str(e):
+            self.group.check()  # a local rank that died: RankFailed naming it
+            if isinstance(e, self.group.dist.DistError):  # a collective broke (a rank gone or unreachable)
                 self.group._failed(e)
             raise
 

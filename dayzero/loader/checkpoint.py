@@ -264,10 +264,11 @@ def load_state(
     infos = list_tensors(d)
     _check(d, infos, expected, ignore)
     slices = dict(slices or {})
-    wanted = list(expected) if only is None else [n for n in expected if n in set(only)]
+    only = None if only is None else set(only)
+    wanted = [n for n in expected if only is None or n in only]
     for name, (dim, start, stop) in slices.items():
         shape = infos[name].shape if name in infos else None
-        if name not in wanted or shape is None or not (0 <= dim < len(shape) and 0 <= start < stop <= shape[dim]):
+        if name not in expected or (only is not None and name not in only) or shape is None or not (0 <= dim < len(shape) and 0 <= start < stop <= shape[dim]):
             raise CheckpointError(f"tensor {name!r}: cannot read slice [{start}:{stop}] of dim {dim} from "
                                   f"{_spec(infos[name]) if name in infos else 'a tensor the checkpoint lacks'}")
 

@@ -182,6 +182,20 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a launcher and everything it starts in a session of their own; on a timeout the whole
+    session is killed (no rank left behind), then the test fails."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])} ... did not finish in {timeout} s")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_torchrun_gives_the_one_rank_tokens(ckpt, ranks):
     """2 ranks, and a group of one (how a single GPU checks the engine on NCCL)."""
@@ -191,10 +205,9 @@ def test_torchrun_gives_the_one_rank_tokens(ckpt, ranks):
                          env=_env())
     assert one.returncode == 0, one.stderr
     from tests.server.conftest import free_port
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-                          "--master-port", str(free_port()),
-                          "-m", "dayzero", *args, "--tensor-parallel-size", str(ranks)],
-                         capture_output=True, text=True, timeout=180, env=_env())
+    run = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+                "--master-port", str(free_port()), "-m", "dayzero", *args, "--tensor-parallel-size", str(ranks)],
+               timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout == one.stdout and "[8 tokens" in one.stderr and "[8 tokens" in run.stderr  # rank 1 prints nothing
 
