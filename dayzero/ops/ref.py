@@ -34,6 +34,36 @@ def _on(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     return got
 
 
+# ---- batch invariance of torch's elementwise ops -------------------------------------------
+# A CPU elementwise kernel of torch computes whole vectors (SLEEF polynomials) and the tail of the
+# range, past the last multiple of 2 vectors, with the scalar libm function: the two differ by an
+# ulp for exp, log1p, sigmoid, silu..., so an element's bits would depend on where it lies in the
+# tensor, i.e. on how many rows share the call. `lanewise` runs such a function on a flat copy
+# padded to a multiple of _LANES (2 x every vector width torch uses, fp32 and bf16) in chunks
+# below at::internal::GRAIN_SIZE (one thread, no range split): every element takes the vector path.
+_LANES = 64
+_CHUNK = 32768 - _LANES
+
+
+def lanewise(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) for an elementwise torch function, the same bits for an element wherever it lies in x
+    (CPU; other devices compute every element alike already)."""
+    if x.device.type != "cpu":
+        return fn(x)
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if n % _LANES:
+        flat = torch.cat([flat, flat.new_zeros(_LANES - n % _LANES)])
+    out = fn(flat) if flat.numel() <= _CHUNK else torch.cat([fn(c) for c in flat.split(_CHUNK)])
+    return out[:n].view(x.shape)
+
+
+def row_mean(x: torch.Tensor) -> torch.Tensor:
+    """mean over the last dim (keepdim), in x's dtype, summed in fp32 left to right in every row
+    (torch's mean may cut a row between threads when there are few rows: batch-dependent bits)."""
+    return (x.float().cumsum(-1)[..., -1:] / x.shape[-1]).to(x.dtype)
+
+
 # ---- norms -------------------------------------------------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim in fp32; the weight is applied in fp32, then one cast back."""
@@ -225,9 +255,9 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, topk: int, route_scal
     weights are the unbiased scores of the chosen experts, normalised (not for softmax), scaled."""
     logits = logits.float()
     if score_func == "sqrtsoftplus":
-        scores = F.softplus(logits).sqrt()
+        scores = lanewise(F.softplus, logits).sqrt()
     elif score_func == "sigmoid":
-        scores = logits.sigmoid()
+        scores = lanewise(torch.sigmoid, logits)
     else:
         scores = logits.softmax(-1)
     if hash_idx is not None:
@@ -247,7 +277,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     if limit > 0:
         gate = gate.clamp(max=limit)
         up = up.clamp(-limit, limit)
-    return F.silu(gate) * up
+    return lanewise(F.silu, gate) * up
 
 
 # ---- ops over paged pools and quantized weights (the seam the Triton kernels implement) ------

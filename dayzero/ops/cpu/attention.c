@@ -12,8 +12,8 @@
  *   - online softmax per head in fp32 (running max m, sum l), acc[h] = acc[h] * alpha + P k in
  *     fp32 (4 heads x 64 dims of accumulators per tile).
  * The sink enters only the denominator: out = acc e^(m-M) / (l e^(m-M) + e^(sink-M)), M = max(m,
- * sink); a query with no keys gets 0. Few queries (decode): the key range of each query is cut
- * into splits run by different threads, whose (m, l, acc) partials are merged with the sink.
+ * sink); a query with no keys gets 0. Few queries (decode): each query's heads are split between
+ * threads (never its keys: a query's output must not depend on the other queries of the call).
  * Pools of an FP8 cache (ops/kvfp8.py: e4m3 nope codes, one power-of-two scale byte per 64 of
  * them, rope dims in bf16 or fp32) are decoded row by row as they are read: to fp32 for the PV
  * operand and, on the vdpbf16ps path, to bf16 for QK^T (codes x 2^k and bf16 rope dims are exact
@@ -38,7 +38,6 @@
 
 #define KB 32        /* keys per block */
 #define DPAD 32      /* head dims padded to a multiple of this (zeros) */
-#define MIN_SPLIT 32 /* fewest keys a split of one query's key range gets */
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -381,7 +380,7 @@ typedef struct {
 typedef struct {
     const void *q;
     int q_bf16, dp; /* dp: bf16 pair path (q and every pool bf16 or FP8 with bf16 rope dims, AVX512-BF16) */
-    int64_t N, H, D, Dp, S;
+    int64_t N, H, D, Dp;
     source_t src[2];
     fp8_layout_t lay; /* of the FP8 sources */
     const float *sink;
@@ -454,10 +453,11 @@ static void softmax_block(float *restrict S, float *restrict m, float *restrict 
 }
 #endif
 
-/* one query n over its keys [lo, hi) of the concatenated sources: (m, l, acc) with acc [H][Dp] */
-static void attn_range(const attn_t *a, int64_t n, int64_t lo, int64_t hi, float *restrict acc, float *restrict m,
+/* one query n, heads [h0, h1), over every key of the concatenated sources: (m, l, acc) with acc
+ * [h1 - h0][Dp]. A head's arithmetic does not depend on which heads share the call. */
+static void attn_range(const attn_t *a, int64_t n, int64_t h0, int64_t h1, float *restrict acc, float *restrict m,
                        float *restrict l) {
-    const int64_t H = a->H, D = a->D, Dp = a->Dp;
+    const int64_t H = h1 - h0, D = a->D, Dp = a->Dp, lo = 0, hi = a->src[0].K + a->src[1].K;
     float *ws = (float *)buf_get(&tls_work, sizeof(float) * (size_t)(H * Dp + Dp * KB + KB * Dp + H * KB + H +
                                                                      KB * Dp / 2 + 64));
     float *qf = ws, *kt = qf + H * Dp, *kf = kt + Dp * KB, *S = kf + KB * Dp, *alpha = S + H * KB;
@@ -467,12 +467,12 @@ static void attn_range(const attn_t *a, int64_t n, int64_t lo, int64_t hi, float
     if (dp) {
         uint16_t *qb = (uint16_t *)qf;
         for (int64_t h = 0; h < H; h++) {
-            memcpy(qb + h * Dp, (const uint16_t *)a->q + (n * H + h) * D, (size_t)D * 2);
+            memcpy(qb + h * Dp, (const uint16_t *)a->q + (n * a->H + h0 + h) * D, (size_t)D * 2);
             memset(qb + h * Dp + D, 0, (size_t)(Dp - D) * 2);
         }
     } else {
         for (int64_t h = 0; h < H; h++)
-            row_f32(qf + h * Dp, (const char *)a->q + (n * H + h) * D * (a->q_bf16 ? 2 : 4), a->q_bf16, D, Dp);
+            row_f32(qf + h * Dp, (const char *)a->q + (n * a->H + h0 + h) * D * (a->q_bf16 ? 2 : 4), a->q_bf16, D, Dp);
     }
     memset(acc, 0, sizeof(float) * (size_t)(H * Dp));
     for (int64_t h = 0; h < H; h++) {
@@ -561,70 +561,35 @@ void dz_sparse_attn(const void *q, int64_t q_bf16, int64_t N, int64_t H, int64_t
 #else
     a.dp = 0;
 #endif
-    int64_t Kt = K0 + K1, Dp = a.Dp;
+    const int64_t Kt = K0 + K1, Dp = a.Dp;
     /* threads: a multiply-add count below ~1/4 M runs on one (a fork costs more than it saves) */
     int64_t nt = nthreads < 1 ? 1 : nthreads;
     if (N * Kt * H * Dp * 2 < (1 << 18)) nt = 1;
-    /* splits of each query's key range: with few queries, so that N * S tasks fill the threads */
-    int64_t S = 1;
+    /* few queries (decode): each query's heads are cut into G groups (>= 4 heads each) so that N * G
+     * tasks fill the threads. Heads, never keys: a split of the key range would merge partial
+     * softmaxes in an order that depends on the number of queries in the call, and so would a
+     * query's output (batch invariance); a head's result does not depend on the heads beside it. */
+    int64_t G = 1;
     if (nt > 1 && N < 4 * nt && N % nt) {
         int64_t g = N, b = nt;
         while (b) { int64_t t = g % b; g = b; b = t; }
-        S = nt / g;
-        if (S > Kt / MIN_SPLIT) S = Kt / MIN_SPLIT > 1 ? Kt / MIN_SPLIT : 1;
+        G = nt / g;
+        if (G > H / 4) G = H / 4 > 1 ? H / 4 : 1;
     }
-    a.S = S;
-    int64_t tasks = N * S;
+    const int64_t tasks = N * G;
     if (nt > tasks) nt = tasks;
-    float *part = NULL, *pml = NULL;
-    if (S > 1) {
-        part = (float *)buf_get(&tls_part, sizeof(float) * (size_t)(tasks * H * (Dp + 2)));
-        pml = part + tasks * H * Dp;
-    }
     const int ob = (int)q_bf16;
-#pragma omp parallel num_threads((int)nt) if (nt > 1)
-    {
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tasks; t++) {
-            int64_t n = t / S, s = t % S;
-            int64_t lo = Kt * s / S, hi = Kt * (s + 1) / S;
-            if (S > 1) {
-                attn_range(&a, n, lo, hi, part + t * H * Dp, pml + t * H * 2, pml + t * H * 2 + H);
-            } else {
-                float *w = (float *)buf_get(&tls_part, sizeof(float) * (size_t)(H * (Dp + 2)));
-                float *acc = w, *m = w + H * Dp, *l = m + H;
-                attn_range(&a, n, lo, hi, acc, m, l);
-                for (int64_t h = 0; h < H; h++) {
-                    float sk = sink[h], mx = m[h] > sk ? m[h] : sk;
-                    float c = m[h] == -INFINITY ? 0.0f : expf(m[h] - mx);
-                    float f = c / (l[h] * c + expf(sk - mx));
-                    attn_store((char *)out + (n * H + h) * D * (ob ? 2 : 4), ob, acc + h * Dp, f, D);
-                }
-            }
-        }
-        if (S > 1) {
-#pragma omp for schedule(static)
-            for (int64_t nh = 0; nh < N * H; nh++) {
-                int64_t n = nh / H, h = nh % H;
-                float *o = (float *)buf_get(&tls_work, sizeof(float) * (size_t)Dp);
-                float sk = sink[h], mx = sk;
-                for (int64_t s = 0; s < S; s++) {
-                    float ms = pml[(n * S + s) * H * 2 + h];
-                    mx = ms > mx ? ms : mx;
-                }
-                float den = expf(sk - mx);
-                memset(o, 0, sizeof(float) * (size_t)Dp);
-                for (int64_t s = 0; s < S; s++) {
-                    const float *ml = pml + (n * S + s) * H * 2;
-                    if (ml[h] == -INFINITY) continue;
-                    float c = expf(ml[h] - mx);
-                    den += c * ml[H + h];
-                    const float *pa = part + ((n * S + s) * H + h) * Dp;
-#pragma omp simd
-                    for (int64_t d = 0; d < D; d++) o[d] += c * pa[d];
-                }
-                attn_store((char *)out + nh * D * (ob ? 2 : 4), ob, o, 1.0f / den, D);
-            }
+#pragma omp parallel for num_threads((int)nt) schedule(static) if (nt > 1)
+    for (int64_t t = 0; t < tasks; t++) {
+        const int64_t n = t / G, h0 = H * (t % G) / G, h1 = H * (t % G + 1) / G;
+        float *w = (float *)buf_get(&tls_part, sizeof(float) * (size_t)(H * (Dp + 2)));
+        float *acc = w, *m = w + H * Dp, *l = m + H;
+        attn_range(&a, n, h0, h1, acc, m, l);
+        for (int64_t i = 0; i < h1 - h0; i++) {
+            const float sk = sink[h0 + i], mx = m[i] > sk ? m[i] : sk;
+            const float c = m[i] == -INFINITY ? 0.0f : expf(m[i] - mx);
+            const float f = c / (l[i] * c + expf(sk - mx));
+            attn_store((char *)out + (n * H + h0 + i) * D * (ob ? 2 : 4), ob, acc + i * Dp, f, D);
         }
     }
 }

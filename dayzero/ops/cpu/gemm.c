@@ -12,22 +12,27 @@
  * - FP8 e4m3 (128x128 block scales): byte s.eeee.mmm moved to fp16 bits s.0eeee.mmm0000000 is the
  *   value times 2^-8 (subnormals included), converted by vcvtph2ps and multiplied by the block
  *   scale times 2^8. The NaN codes 0x7f / 0xff decode as +-480 in the SIMD paths (as in the Triton
- *   kernel; checkpoints never contain them). bf16 x with 3 or more rows (AVX512-BF16): the scaled
+ *   kernel; checkpoints never contain them). bf16 x (AVX512-BF16, any number of rows): the scaled
  *   weights are rounded to bf16 (exact for E8M0 scales; the twin's W for fp32 scales) and
- *   vdpbf16ps takes 32 per instruction; 1-2 rows keep the fp32 FMAs, which decode faster.
+ *   vdpbf16ps takes 32 per instruction.
  * Products are exact inside FMAs / vdpbf16ps, sums are fp32, one rounding to x.dtype at the end:
  * results differ from the twins only by fp32 summation order (bf16: and the output rounding of
  * values that differ by it).
  *
+ * Batch invariance: every (weight row, activation row) sum is formed in one order whatever the
+ * number of rows in the call, the path (decode or many rows) or the block a row falls in: 16 lanes
+ * along K, two accumulators (fp32: alternate 16-position halves of each 32; bf16 pairs: alternate
+ * 32-position halves of each 64), over all of K, reduced once at the end. So a request's logits
+ * do not depend on what else is in the step (tests/engine/test_batch_invariance.py).
  * Blocking (decode, M < ROWS_MIN): one weight row pair shares each activation load with up to
- * MB = 8 activation rows; work items are tiles of <= TILE output rows; with more than two
- * activation rows K is walked in chunks that keep their slice in L1. Weight streams are
+ * MR4 = 4 activation rows (2 x 2 x 4 accumulators); work items are tiles of <= TILE output rows of
+ * blocks of MB = 8 activation rows; K is walked whole. Weight streams are
  * software-prefetched PF bytes ahead. The micro-kernels keep their accumulators in arrays that gcc
  * holds in registers only across a branch-free innermost loop: their loops are shaped for that
  * (whole 128-weight blocks for FP8, flat group pairs for FP4), with partial blocks after the loop.
- * Many rows (prefill, M >= ROWS_MIN; MoE: an expert's pairs): each weight is decoded once per call
- * into a per-thread buffer of OP rows and a register-tiled micro-kernel (OR weight rows x 16 * NV
- * activation rows) runs every row against it: see "many activation rows" below.
+ * Many rows (prefill, M >= ROWS_MIN; MoE: an expert's pairs; AVX-512 builds): each weight is
+ * decoded once per call into a per-thread buffer of OP rows and a micro-kernel in the decode order
+ * runs every row against it: see "many activation rows" below.
  * SIMD: AVX-512 (F+BW+VL, +BF16 for the bf16 kernels), else AVX2+FMA+F16C, else plain C.
  * Threads: OpenMP (torch's libgomp), nthreads from torch.get_num_threads(); work items are
  * dynamically scheduled; calls under PAR_MIN multiply-adds stay on the caller's thread. Results
@@ -303,7 +308,7 @@ AI void fp4_step(const uint8_t *w, int64_t ldw, const float *sg, int rnd, const 
 AI void fp4_micro(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, int e8m0, int rnd,
                   const float *const *xr, int64_t n, const int nr, const int mb, float *out) {
     const int64_t G = n >> 5, pfd = cdiv(PF, nr * ldw) * nr * ldw;
-    const int two = nr * mb <= 8;
+    const int two = 1; /* fixed: a row's sums never depend on mb (batch invariance) */
     __m512 a0[2][MB], a1[2][MB];
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
@@ -361,7 +366,7 @@ AI void fp8_step(const uint8_t *w, int64_t ldw, __m512 vs, int rnd, const float 
 /* the nr rows are in one 128-row block (callers pair rows 2i, 2i + 1): one scale row s */
 AI void fp8_micro(const uint8_t *w, int64_t ldw, const void *s, int e8m0, int rnd, const float *const *xr,
                   int64_t n, const int nr, const int mb, float *out) {
-    const int two = nr * mb <= 8;
+    const int two = 1; /* fixed: a row's sums never depend on mb (batch invariance) */
     const int64_t pfd = cdiv(PF, nr * ldw) * nr * ldw;
     __m512 a0[2][MB], a1[2][MB];
     for (int r = 0; r < nr; r++)
@@ -435,7 +440,7 @@ AI void fp4_step_bf(const uint8_t *w, int64_t ldw, const float *s0, const float 
 AI void fp4_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, int e8m0, const uint16_t *const *xr,
                      int64_t n, const int nr, const int mb, float *out) {
     const int64_t G = n >> 5, pfd = cdiv(PF, nr * ldw) * nr * ldw;
-    const int two = nr * mb <= 8;
+    const int two = 1; /* fixed: a row's sums never depend on mb (batch invariance) */
     __m512 a0[2][MB], a1[2][MB];
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
@@ -509,7 +514,7 @@ AI void fp8_step_bf(const uint8_t *w, int64_t ldw, __m512 vs, const uint16_t *co
 /* the nr rows are in one 128-row block (one scale row s), as fp8_micro */
 AI void fp8_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, const uint16_t *const *xr, int64_t n,
                      const int nr, const int mb, float *out) {
-    const int two = nr * mb <= 8;
+    const int two = 1; /* fixed: a row's sums never depend on mb (batch invariance) */
     const int64_t pfd = cdiv(PF, nr * ldw) * nr * ldw, nf = n & ~(int64_t)127;
     __m512 a0[2][MB], a1[2][MB];
     for (int r = 0; r < nr; r++)
@@ -528,9 +533,18 @@ AI void fp8_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, con
     }
     if (nf < n) { /* the last, partial block */
         const __m512 vs = _mm512_set1_ps(scale_at(s, nf >> 7, e8m0) * 256.0f);
-        int64_t k = nf;
-        for (; k + 32 <= n; k += 32) fp8_step_bf(w, ldw, vs, xr, k, 32, 1, nr, mb, 0, a0, a1);
-        if (k < n) fp8_step_bf(w, ldw, vs, xr, k, n - k, 0, nr, mb, 0, a0, a1);
+        int64_t k = nf; /* 32-weight steps alternate a0, a1 as in whole blocks (the many-rows path's order) */
+        for (; k + 64 <= n; k += 64) {
+            fp8_step_bf(w, ldw, vs, xr, k, 32, 1, nr, mb, 0, a0, a1);
+            fp8_step_bf(w, ldw, vs, xr, k + 32, 32, 1, nr, mb, two, a0, a1);
+        }
+        if (k + 32 <= n) {
+            fp8_step_bf(w, ldw, vs, xr, k, 32, 1, nr, mb, 0, a0, a1);
+            k += 32;
+            if (k < n) fp8_step_bf(w, ldw, vs, xr, k, n - k, 0, nr, mb, two, a0, a1);
+        } else if (k < n) {
+            fp8_step_bf(w, ldw, vs, xr, k, n - k, 0, nr, mb, 0, a0, a1);
+        }
     }
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mb; m++)
@@ -688,17 +702,34 @@ AI void fp8_micro(const uint8_t *w, const void *s, int e8m0, int elem, int rnd, 
     case 7: F(NR, 7); break;                                                                                      \
     default: F(NR, MB); break;
 
+#if DZ_AVX512
+/* AVX-512: two accumulators per (weight row, activation row) always (a row's sums must not depend
+ * on how many rows share the call), so at most MR4 = 4 activation rows per micro-kernel call (2 x
+ * 2 x 4 accumulators in registers); more rows run as blocks of 4 over the same (L1-resident) rows */
+#define MR4 4
+#define MR4_CASES(F, NR)                                                                                          \
+    case 1: F(NR, 1); break;                                                                                      \
+    case 2: F(NR, 2); break;                                                                                      \
+    case 3: F(NR, 3); break;                                                                                      \
+    default: F(NR, MR4); break;
+#define MR4_LOOP(F)                                                                                               \
+    for (int m0 = 0; m0 < mb; m0 += MR4) {                                                                        \
+        const int mc = mb - m0 < MR4 ? mb - m0 : MR4;                                                             \
+        if (nr == 2) {                                                                                            \
+            switch (mc) { MR4_CASES(F, 2) }                                                                       \
+        } else {                                                                                                  \
+            switch (mc) { MR4_CASES(F, 1) }                                                                       \
+        }                                                                                                         \
+    }
+#endif
+
 /* rows o, o + nr - 1 (nr <= 2) of a matrix: w / s point at row o, ldw bytes and lds scale
  * entries per row; FP8: both rows in one 128-row block (s = its scale row) */
 static void fp4_rows(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, int e8m0, int rnd,
                      const float *const *xr, int64_t n, int nr, int mb, float *out) {
 #if DZ_AVX512
-#define F4(NR, M) fp4_micro(w, ldw, s, lds, e8m0, rnd, xr, n, NR, M, out)
-    if (nr == 2) {
-        switch (mb) { MB_CASES(F4, 2) }
-    } else {
-        switch (mb) { MB_CASES(F4, 1) }
-    }
+#define F4(NR, M) fp4_micro(w, ldw, s, lds, e8m0, rnd, xr + m0, n, NR, M, out + m0 * TILE)
+    MR4_LOOP(F4)
 #undef F4
 #else
     for (int r = 0; r < nr; r++) {
@@ -715,12 +746,8 @@ static void fp4_rows(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, 
 static void fp8_rows(const uint8_t *w, int64_t ldw, const void *s, int e8m0, int rnd, const float *const *xr,
                      int64_t n, int nr, int mb, float *out) {
 #if DZ_AVX512
-#define F8(NR, M) fp8_micro(w, ldw, s, e8m0, rnd, xr, n, NR, M, out)
-    if (nr == 2) {
-        switch (mb) { MB_CASES(F8, 2) }
-    } else {
-        switch (mb) { MB_CASES(F8, 1) }
-    }
+#define F8(NR, M) fp8_micro(w, ldw, s, e8m0, rnd, xr + m0, n, NR, M, out + m0 * TILE)
+    MR4_LOOP(F8)
 #undef F8
 #else
     for (int r = 0; r < nr; r++) {
@@ -736,23 +763,15 @@ static void fp8_rows(const uint8_t *w, int64_t ldw, const void *s, int e8m0, int
 #if DZ_BF16DOT
 static void fp4_rows_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, int e8m0,
                         const uint16_t *const *xr, int64_t n, int nr, int mb, float *out) {
-#define FB(NR, M) fp4_micro_bf(w, ldw, s, lds, e8m0, xr, n, NR, M, out)
-    if (nr == 2) {
-        switch (mb) { MB_CASES(FB, 2) }
-    } else {
-        switch (mb) { MB_CASES(FB, 1) }
-    }
+#define FB(NR, M) fp4_micro_bf(w, ldw, s, lds, e8m0, xr + m0, n, NR, M, out + m0 * TILE)
+    MR4_LOOP(FB)
 #undef FB
 }
 
 static void fp8_rows_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, const uint16_t *const *xr, int64_t n,
                         int nr, int mb, float *out) {
-#define FB(NR, M) fp8_micro_bf(w, ldw, s, e8m0, xr, n, NR, M, out)
-    if (nr == 2) {
-        switch (mb) { MB_CASES(FB, 2) }
-    } else {
-        switch (mb) { MB_CASES(FB, 1) }
-    }
+#define FB(NR, M) fp8_micro_bf(w, ldw, s, e8m0, xr + m0, n, NR, M, out + m0 * TILE)
+    MR4_LOOP(FB)
 #undef FB
 }
 #endif
@@ -763,9 +782,8 @@ static void fp8_rows_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, 
  * a chunk is the whole row. */
 
 static inline int64_t k_chunk(int mb, int64_t K) {
-    if (mb <= 2) return K; /* <= 2 rows stream from L2 well enough; whole rows keep weights sequential */
-    int64_t kc = ((int64_t)4096 / mb) & ~(int64_t)127;
-    return kc < 128 ? 128 : (kc > K ? K : kc);
+    (void)mb; /* whole rows: a row's sums are never cut at K-chunks that depend on mb (batch invariance) */
+    return K;
 }
 
 typedef struct {
@@ -820,7 +838,8 @@ static void fp8_tile(const QMat *q, const void *const *xr, int mb, int64_t o0, i
 /* bf16 rows: chunks of whole 128-blocks (FP4: the split64_row layout's 64-blocks; FP8: natural
  * order, zeros past K to a multiple of 32) */
 static inline int64_t k_chunk_bf(int mb, int64_t K) {
-    return mb <= 2 ? K : min64(K, ((int64_t)8192 / mb) & ~(int64_t)127);
+    (void)mb;
+    return K;
 }
 
 static void fp4_pair_bf(const QMat *q, int64_t o, int64_t k0, int64_t n, const void *const *xc, int nr, int mb,
@@ -852,49 +871,41 @@ static int team(int64_t nthreads, int64_t macs, int64_t items) {
 }
 
 /* ---- many activation rows (prefill): weights decoded once per call ---------------------------------
- * With ROWS_MIN or more activation rows, a panel of OP weight rows is decoded ONCE, over all of K,
- * into a per-thread buffer (fp32, or bf16 for the vdpbf16ps kernels: the twin's W exactly, see the
- * decoders), and every activation row runs against it. The activations are packed first, once
- * per call, into panels of MP rows transposed to k-major ([position][MP rows]; bf16: [pair][MP]
- * 32-bit pairs), in the same k order as the decoded weight rows (FP4: the split layouts, so each
- * byte's nibbles decode to their places without interleaving; FP8: natural order), zeros past K.
- * Micro-kernel: OR weight rows x MP activation rows of independent fp32 accumulators (lanes are
- * activation rows; each weight, or weight pair, is broadcast), each summed over all of K in one
- * chain; a panel's last rows run with fewer 16-row vectors. Results land in a small tile, then
- * in the output (its dtype, or fp32 for the MoE). Products are exact (FMA / vdpbf16ps; the plain
- * C kernel rounds them, as the other plain C kernels do), sums fp32: only the order differs.
- * Threads: work items are panels of OP output rows (dynamic); the packing is split by panels.
- * Sizes measured on Zen 4 (AVX512-BF16): 8 x 48 tiles beat 6 x 64, 12 x 32 and 4 x 96; OP 16..64
- * are alike; from 16 rows this path is faster than the per-8 kernels with AVX-512 and plain C, from
- * about 64 with AVX2 (whose register kernels are fast, and this path's C kernel no FMA). */
+ * AVX-512 builds: with ROWS_MIN or more activation rows, a panel of OP weight rows is decoded ONCE,
+ * over all of K, into a per-thread buffer (fp32, or bf16 for the vdpbf16ps kernels: exactly the
+ * values the decode kernels form in registers, see rows_decode), and every activation row runs
+ * against it, read in place in the layout the decode kernels read (FP4: the split layouts; FP8:
+ * natural order; zeros past K).
+ * Batch invariance: the micro-kernel computes each (weight row, activation row) sum in exactly the
+ * decode kernels' order: 16 lanes along K, fp32 32 positions a step (the first 16 into a0, the next
+ * 16 into a1), bf16 64 positions a step (32 each, vdpbf16ps), a0 + a1 reduced once at the end. So
+ * a row's result is bit-identical whichever path, block of rows or batch computes it: a request's
+ * logits do not depend on what else is in the step, on the prefill chunk, or on prefix hits.
+ * Micro-kernel: 2 weight rows x 4 activation rows x 2 accumulators; the rows stream from L1/L2.
+ * Builds without AVX-512 take the decode path for every row count (its AVX2 / plain C order is
+ * per-block: a many-rows kernel in that order is not written), so they are batch-invariant too. */
+#if DZ_AVX512
+#define MANY_ROWS 1
 #ifndef ROWS_MIN
-#if DZ_AVX2
-#define ROWS_MIN 64 /* AVX2: the per-8-rows kernels are as fast below (measured on Zen 4, -march=haswell) */
-#else
-#define ROWS_MIN 16 /* activation rows from which the linears (and an expert's pairs) take this path */
+#define ROWS_MIN 16 /* activation rows from which the linears take this path */
 #endif
-#endif
-#ifndef MOE_ROWS_MIN /* pairs of one expert from which it takes this path (17..23 pairs, padded to 32 rows
-                       * here, ran slower than the per-8 path: measured, bf16 and fp32) */
+#ifndef MOE_ROWS_MIN /* pairs of one expert from which it takes this path */
 #define MOE_ROWS_MIN (ROWS_MIN > 24 ? ROWS_MIN : 24)
 #endif
-#ifndef OR
-#define OR 8 /* weight rows per micro-kernel tile */
+#else
+#define MANY_ROWS 0
 #endif
-#ifndef NV
-#define NV 3 /* 16-row vectors per micro-kernel tile */
-#endif
-#define MP (16 * NV) /* activation rows per packed panel */
 #ifndef OP
-#define OP 32 /* weight rows decoded per panel (a multiple of OR) */
+#define OP 32 /* weight rows decoded per panel (even) */
 #endif
 
-/* positions per row in the packed / decoded layouts: FP4 fp32 K (whole groups), FP4 bf16 K
+/* positions per row in the decoded layouts: FP4 fp32 K (whole groups), FP4 bf16 K
  * rounded up to 64 (split64), FP8 K rounded up to 32 */
 static inline int64_t rows_kp(int64_t K, int fp8, int bfd) {
     return fp8 ? (K + 31) & ~(int64_t)31 : bfd ? (K + 63) & ~(int64_t)63 : K;
 }
 
+#if MANY_ROWS
 /* weight row o of q -> dst (Kp positions, zeros past K): fp32 (rounded to bf16 where q->rnd) or,
  * bfd, bf16 values (E8M0: exact; fp32 scales: fl(v * s) rounded to nearest even, the twin's W) */
 static void rows_decode(const QMat *q, int fp8, int bfd, int64_t o, void *dst, int64_t Kp) {
@@ -998,118 +1009,94 @@ static void rows_decode(const QMat *q, int fp8, int bfd, int64_t o, void *dst, i
     }
 }
 
-/* MP rows (NULL: a zero row) with >= Kp positions each -> one packed panel: fp32 [Kp][MP], or
- * bf16 pairs [Kp / 2][MP] (32 bits each) */
-static void rows_pack(const char *const *rows, int64_t Kp, int bfd, void *dst) {
-    const int64_t n = bfd ? Kp / 2 : Kp; /* 32-bit units per row */
-    uint32_t *d = (uint32_t *)dst;
-    for (int i = 0; i < MP; i++) {
-        const uint32_t *s = (const uint32_t *)rows[i];
-        if (s)
-            for (int64_t p = 0; p < n; p++) d[p * MP + i] = s[p];
-        else
-            for (int64_t p = 0; p < n; p++) d[p * MP + i] = 0;
-    }
-}
-
-/* c[r * MP + i] = W row r . x row i over n units, r < OR, i < 16 * nv (w: OR decoded rows ldw
- * apart; nv < NV for a panel's last, partial rows) */
-#if DZ_AVX512
-AI void rows_micro_n(const void *xp, int64_t n, const void *w, int64_t ldw, int bfd, float *c, const int nvec) {
-    __m512 acc[OR][NV];
-    for (int r = 0; r < OR; r++)
-        for (int v = 0; v < nvec; v++) acc[r][v] = _mm512_setzero_ps();
+/* c[r * MR4 + i] = W row r . x row i, r < nr (<= 2), i < mr (<= MR4), over Kp positions, in the
+ * decode kernels' order (see above); w: decoded rows ldw bytes apart, xr: activation rows */
+AI void dot_micro(const char *w, int64_t ldw, const char *const *xr, int64_t Kp, int bfd, const int nr, const int mr,
+                  float *c) {
+    __m512 a0[2][MR4], a1[2][MR4];
+    for (int r = 0; r < nr; r++)
+        for (int i = 0; i < mr; i++) a0[r][i] = a1[r][i] = _mm512_setzero_ps();
 #if DZ_BF16DOT
     if (bfd) {
-        const uint32_t *x = (const uint32_t *)xp, *wr = (const uint32_t *)w;
-        for (int64_t p = 0; p < n; p++) {
-            __m512bh xv[NV];
-            for (int v = 0; v < nvec; v++) xv[v] = (__m512bh)_mm512_load_si512(x + p * MP + 16 * v);
-            for (int r = 0; r < OR; r++) {
-                const __m512bh b = (__m512bh)_mm512_set1_epi32((int)wr[r * ldw + p]);
-                for (int v = 0; v < nvec; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], xv[v], b);
+        int64_t p = 0;
+        for (; p + 64 <= Kp; p += 64) {
+            __m512i wl[2], wh[2];
+            for (int r = 0; r < nr; r++) {
+                wl[r] = _mm512_loadu_si512(w + r * ldw + 2 * p);
+                wh[r] = _mm512_loadu_si512(w + r * ldw + 2 * p + 64);
+            }
+            for (int i = 0; i < mr; i++) {
+                const __m512bh xl = (__m512bh)_mm512_loadu_si512(xr[i] + 2 * p);
+                const __m512bh xh = (__m512bh)_mm512_loadu_si512(xr[i] + 2 * p + 64);
+                for (int r = 0; r < nr; r++) {
+                    a0[r][i] = _mm512_dpbf16_ps(a0[r][i], (__m512bh)wl[r], xl);
+                    a1[r][i] = _mm512_dpbf16_ps(a1[r][i], (__m512bh)wh[r], xh);
+                }
             }
         }
+        if (p < Kp) /* FP8: Kp a multiple of 32, the last 32 positions into a0 */
+            for (int i = 0; i < mr; i++) {
+                const __m512bh xl = (__m512bh)_mm512_loadu_si512(xr[i] + 2 * p);
+                for (int r = 0; r < nr; r++)
+                    a0[r][i] = _mm512_dpbf16_ps(a0[r][i], (__m512bh)_mm512_loadu_si512(w + r * ldw + 2 * p), xl);
+            }
     } else
 #endif
     {
         (void)bfd;
-        const float *x = (const float *)xp, *wr = (const float *)w;
-        for (int64_t k = 0; k < n; k++) {
-            __m512 xv[NV];
-            for (int v = 0; v < nvec; v++) xv[v] = _mm512_load_ps(x + k * MP + 16 * v);
-            for (int r = 0; r < OR; r++) {
-                const __m512 b = _mm512_set1_ps(wr[r * ldw + k]);
-                for (int v = 0; v < nvec; v++) acc[r][v] = _mm512_fmadd_ps(xv[v], b, acc[r][v]);
+        for (int64_t p = 0; p < Kp; p += 32) {
+            __m512 wa[2], wb[2];
+            for (int r = 0; r < nr; r++) {
+                wa[r] = _mm512_loadu_ps((const float *)(w + r * ldw) + p);
+                wb[r] = _mm512_loadu_ps((const float *)(w + r * ldw) + p + 16);
+            }
+            for (int i = 0; i < mr; i++) {
+                const __m512 xa = _mm512_loadu_ps((const float *)xr[i] + p);
+                const __m512 xb = _mm512_loadu_ps((const float *)xr[i] + p + 16);
+                for (int r = 0; r < nr; r++) {
+                    a0[r][i] = _mm512_fmadd_ps(wa[r], xa, a0[r][i]);
+                    a1[r][i] = _mm512_fmadd_ps(wb[r], xb, a1[r][i]);
+                }
             }
         }
     }
-    for (int r = 0; r < OR; r++)
-        for (int v = 0; v < nvec; v++) _mm512_store_ps(c + r * MP + 16 * v, acc[r][v]);
+    for (int r = 0; r < nr; r++)
+        for (int i = 0; i < mr; i++) c[r * MR4 + i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r][i], a1[r][i]));
 }
-static void rows_micro(const void *xp, int64_t n, const void *w, int64_t ldw, int bfd, float *c, int nv) {
-    if (nv == 1)
-        rows_micro_n(xp, n, w, ldw, bfd, c, 1);
-    else if (nv == 2 && NV > 2)
-        rows_micro_n(xp, n, w, ldw, bfd, c, 2);
-    else
-        rows_micro_n(xp, n, w, ldw, bfd, c, NV);
+
+#define DOT_CASES(NR)                                                                                             \
+    switch (mr) {                                                                                                 \
+    case 1: dot_micro(w, ldw, xr, Kp, bfd, NR, 1, c); break;                                                      \
+    case 2: dot_micro(w, ldw, xr, Kp, bfd, NR, 2, c); break;                                                      \
+    case 3: dot_micro(w, ldw, xr, Kp, bfd, NR, 3, c); break;                                                      \
+    default: dot_micro(w, ldw, xr, Kp, bfd, NR, MR4, c); break;                                                   \
+    }
+static void dot_tile(const char *w, int64_t ldw, const char *const *xr, int64_t Kp, int bfd, int nr, int mr, float *c) {
+    if (nr == 2) {
+        DOT_CASES(2)
+    } else {
+        DOT_CASES(1)
+    }
 }
-#else
-/* plain C (fp32 only) on GCC / clang vector types: 8 lanes with AVX (RB = 4 weight rows), else 4
- * (SSE registers on plain x86-64, RB = 2), 16 activation rows at a time: 8 accumulator vectors */
-#if defined(__AVX__)
-#define VL 8
-#else
-#define VL 4
-#endif
-#define RB (32 / VL)
-typedef float vlf __attribute__((vector_size(4 * VL)));
-static void rows_micro(const void *xp, int64_t n, const void *w, int64_t ldw, int bfd, float *c, int nv) {
-    (void)bfd;
-    const float *x = (const float *)xp, *wr = (const float *)w;
-    for (int r = 0; r < OR; r += RB)
-        for (int i0 = 0; i0 < 16 * nv; i0 += 16) {
-            vlf a[RB][16 / VL];
-            for (int j = 0; j < RB; j++)
-                for (int v = 0; v < 16 / VL; v++) a[j][v] = (vlf){0};
-            for (int64_t k = 0; k < n; k++) {
-                vlf xv[16 / VL];
-                for (int v = 0; v < 16 / VL; v++) memcpy(&xv[v], x + k * MP + i0 + v * VL, 4 * VL);
-                for (int j = 0; j < RB; j++) {
-                    const float b = wr[(r + j) * ldw + k];
-                    for (int v = 0; v < 16 / VL; v++) a[j][v] += xv[v] * b;
-                }
-            }
-            for (int j = 0; j < RB; j++)
-                for (int v = 0; v < 16 / VL; v++) memcpy(c + (r + j) * MP + i0 + v * VL, &a[j][v], 4 * VL);
-        }
-}
-#endif
+#undef DOT_CASES
 
 /* out[m * ldo + o - obase] (x.dtype obf16, else fp32) = W[o] . x_m for m < M, o in [o0, o1);
- * xp: the cdiv(M, MP) packed panels; wbuf: OP * Kp decoded positions (this thread's) */
-static void rows_item(const QMat *q, int fp8, int bfd, const char *xp, int64_t M, int64_t o0, int64_t o1, void *wbuf,
-                      void *out, int64_t ldo, int64_t obase, int obf16) {
-    const int64_t Kp = rows_kp(q->K, fp8, bfd), esz = bfd ? 2 : 4, n = bfd ? Kp / 2 : Kp, pb = Kp * MP * esz;
-    const int64_t ldw = Kp * esz / 4; /* decoded row stride in 32-bit units */
-    float c[OR * MP] __attribute__((aligned(64)));
+ * xr: the M activation rows (>= Kp positions each, zeros past K); wbuf: OP * Kp decoded
+ * positions (this thread's) */
+static void rows_item(const QMat *q, int fp8, int bfd, const char *const *xr, int64_t M, int64_t o0, int64_t o1,
+                      void *wbuf, void *out, int64_t ldo, int64_t obase, int obf16) {
+    const int64_t Kp = rows_kp(q->K, fp8, bfd), esz = bfd ? 2 : 4, ldw = Kp * esz;
+    float c[2 * MR4];
     for (int64_t b0 = o0; b0 < o1; b0 += OP) {
-        const int64_t nb = min64(OP, o1 - b0), nbr = cdiv(nb, OR) * OR;
-        for (int64_t r = 0; r < nbr; r++) {
-            char *d = (char *)wbuf + r * Kp * esz;
-            if (r < nb)
-                rows_decode(q, fp8, bfd, b0 + r, d, Kp);
-            else
-                memset(d, 0, (size_t)(Kp * esz));
-        }
-        for (int64_t m0 = 0; m0 < M; m0 += MP) {
-            const int64_t mb = min64(MP, M - m0);
-            for (int64_t t = 0; t < nb; t += OR) {
-                rows_micro(xp + (m0 / MP) * pb, n, (const char *)wbuf + t * Kp * esz, ldw, bfd, c, (int)cdiv(mb, 16));
-                const int64_t nr = min64(OR, nb - t), oc = b0 + t - obase;
-                for (int64_t i = 0; i < mb; i++)
-                    for (int64_t r = 0; r < nr; r++) dz_store(out, (m0 + i) * ldo + oc + r, c[r * MP + i], obf16);
+        const int64_t nb = min64(OP, o1 - b0);
+        for (int64_t r = 0; r < nb; r++) rows_decode(q, fp8, bfd, b0 + r, (char *)wbuf + r * ldw, Kp);
+        for (int64_t m0 = 0; m0 < M; m0 += MR4) {
+            const int mr = (int)min64(MR4, M - m0);
+            for (int64_t t = 0; t < nb; t += 2) {
+                const int nr = (int)min64(2, nb - t);
+                dot_tile((const char *)wbuf + t * ldw, ldw, xr + m0, Kp, bfd, nr, mr, c);
+                for (int i = 0; i < mr; i++)
+                    for (int r = 0; r < nr; r++) dz_store(out, (m0 + i) * ldo + b0 + t + r - obase, c[r * MR4 + i], obf16);
             }
         }
     }
@@ -1118,26 +1105,21 @@ static void rows_item(const QMat *q, int fp8, int bfd, const char *xp, int64_t M
 /* the linears' many-rows path: xs = M rows (ldb bytes apart) holding Kp positions each */
 static void rows_linear(const QMat *q, int fp8, int bfd, const char *xs, int64_t ldb, int64_t M, void *out, int obf16,
                         int64_t nthreads) {
-    const int64_t Kp = rows_kp(q->K, fp8, bfd), esz = bfd ? 2 : 4, pb = Kp * MP * esz, np = cdiv(M, MP);
-    const int64_t items = cdiv(q->O, OP);
-    char *xp = (char *)dz_alloc(np * pb);
+    const int64_t Kp = rows_kp(q->K, fp8, bfd), esz = bfd ? 2 : 4, items = cdiv(q->O, OP);
+    const char **xr = (const char **)dz_alloc(M * (int64_t)sizeof(char *));
+    for (int64_t m = 0; m < M; m++) xr[m] = xs + m * ldb;
     const int nt = team(nthreads, M * q->O * q->K, items);
 #pragma omp parallel num_threads(nt)
     {
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t pn = 0; pn < np; pn++) {
-            const char *rows[MP];
-            for (int i = 0; i < MP; i++) rows[i] = pn * MP + i < M ? xs + (pn * MP + i) * ldb : NULL;
-            rows_pack(rows, Kp, bfd, xp + pn * pb);
-        }
         void *wbuf = dz_alloc(OP * Kp * esz);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; it++)
-            rows_item(q, fp8, bfd, xp, M, it * OP, min64(q->O, it * OP + OP), wbuf, out, q->O, 0, obf16);
+            rows_item(q, fp8, bfd, xr, M, it * OP, min64(q->O, it * OP + OP), wbuf, out, q->O, 0, obf16);
         free(wbuf);
     }
-    free(xp);
+    free(xr);
 }
+#endif
 
 /* ---- linears ------------------------------------------------------------------------------------ */
 typedef void (*tile_fn)(const QMat *, const void *const *, int, int64_t, int64_t, float *);
@@ -1182,9 +1164,11 @@ void dz_fp4_linear(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, c
         const int64_t ld = pad_ld64(K);
         uint16_t *xb = (uint16_t *)dz_alloc(M * ld * 2);
         for (int64_t m = 0; m < M; m++) split64_row((const uint16_t *)x + m * ldx, K, xb + m * ld);
+#if MANY_ROWS
         if (M >= ROWS_MIN)
             rows_linear(&q, 0, 1, (const char *)xb, ld * 2, M, out, 1, nthreads);
         else
+#endif
             linear(&q, fp4_tile_bf, (const char *)xb, ld * 2, M, out, 1, nthreads);
         free(xb);
         return;
@@ -1193,9 +1177,11 @@ void dz_fp4_linear(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, c
     const int64_t ld = pad_ld(K);
     float *xs = (float *)dz_alloc(M * ld * 4);
     for (int64_t m = 0; m < M; m++) split_row((const char *)x + m * ldx * (bf16 ? 2 : 4), (int)bf16, K, xs + m * ld);
+#if MANY_ROWS
     if (M >= ROWS_MIN)
         rows_linear(&q, 0, 0, (const char *)xs, ld * 4, M, out, (int)bf16, nthreads);
     else
+#endif
         linear(&q, fp4_tile, (const char *)xs, ld * 4, M, out, (int)bf16, nthreads);
     free(xs);
 }
@@ -1206,8 +1192,9 @@ void dz_fp8_linear(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, c
                    void *out, int64_t M, int64_t O, int64_t K, int64_t act_quant, int64_t nthreads) {
     const QMat q = {w, (const char *)s, K, O, (int)e8m0, bf16 && !e8m0};
 #if DZ_BF16DOT
-    if (bf16 && use_bf16dot && M > 2) { /* bf16 rows (FP8-simulated in bf16), zeros to Kp; 1-2 rows:
-                                           * the fp32 kernels below decode faster */
+    if (bf16 && use_bf16dot) { /* bf16 rows (FP8-simulated in bf16), zeros to Kp; every row count (the
+                                * fp32 kernels decode 1-2 rows faster, but round differently: a row's
+                                * result would depend on how many rows share the call) */
         const int64_t Kp = rows_kp(K, 1, 1);
         uint16_t *xb = (uint16_t *)dz_alloc(M * Kp * 2);
         for (int64_t m = 0; m < M; m++) {
@@ -1217,9 +1204,11 @@ void dz_fp8_linear(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, c
             if (act_quant)
                 for (int64_t k = 0; k < K; k += 128) fp8_sim_block_bf16(r + k, min64(128, K - k));
         }
+#if MANY_ROWS
         if (M >= ROWS_MIN)
             rows_linear(&q, 1, 1, (const char *)xb, Kp * 2, M, out, 1, nthreads);
         else
+#endif
             linear(&q, fp8_tile_bf, (const char *)xb, Kp * 2, M, out, 1, nthreads);
         free(xb);
         return;
@@ -1237,9 +1226,11 @@ void dz_fp8_linear(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, c
             for (int64_t k = 0; k < K; k += 128) fp8_sim_block(xf + m * ld + k, min64(128, K - k));
         memset(xf + m * ld + K, 0, (size_t)(rows_kp(K, 1, 0) - K) * 4); /* the many-rows path reads Kp */
     }
+#if MANY_ROWS
     if (M >= ROWS_MIN)
         rows_linear(&q, 1, 0, (const char *)xf, ld * 4, M, out, (int)bf16, nthreads);
     else
+#endif
         linear(&q, fp8_tile, (const char *)xf, ld * 4, M, out, (int)bf16, nthreads);
     free(xf);
 }
@@ -1282,27 +1273,6 @@ static void swiglu_store(const float *g, const float *u, int64_t n, int64_t o0, 
             ((uint16_t *)hrow)[g64_pos(o0 + j)] = dz_f32_to_bf16(hv[j]);
         else
             ((float *)hrow)[g32_pos(o0 + j)] = round_to(hv[j], xb);
-    }
-}
-
-/* Inside a parallel region (an orphaned omp for): the rows of every expert with >= MOE_ROWS_MIN
- * pairs packed into its panels (panel poff[t] + n of touched expert t), row of pair p at
- * base + (p / div) * ldb bytes (x: div = k, one row per token; h: div = 1, one row per pair). */
-static void pack_expert_panels(int64_t ne, const int64_t *touched, const int64_t *start, const int64_t *poff,
-                               const int64_t *order, int64_t div, const char *base, int64_t ldb, int64_t Kp, int bfd,
-                               char *pk, int64_t pb) {
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < ne; t++) {
-        const int64_t e = touched[t];
-        if (start[e + 1] - start[e] < MOE_ROWS_MIN) continue;
-        for (int64_t pn = 0; pn < poff[t + 1] - poff[t]; pn++) {
-            const char *rows[MP];
-            for (int64_t i = 0; i < MP; i++) {
-                const int64_t q0 = start[e] + pn * MP + i;
-                rows[i] = q0 < start[e + 1] ? base + (order[q0] / div) * ldb : NULL;
-            }
-            rows_pack(rows, Kp, bfd, pk + (poff[t] + pn) * pb);
-        }
     }
 }
 
@@ -1364,28 +1334,33 @@ void dz_moe_fp4(const void *x, int64_t bf16, int64_t N, int64_t dim, int64_t int
         else
             split_row((const char *)x + n * dim * (bf16 ? 2 : 4), xb, dim, (float *)xs + n * ldx);
     }
-    /* experts with >= MOE_ROWS_MIN pairs take the many-rows path: their x rows and (later) h rows
-     * packed in panels (poff: first panel of each touched expert) */
+#if MANY_ROWS
+    /* experts with >= MOE_ROWS_MIN pairs take the many-rows path: their pairs' x rows and h rows
+     * read in place (xr, hr: the row of each pair, in expert order) */
     const int64_t Kx = rows_kp(dim, 0, bfd), Kh = rows_kp(inter, 0, bfd);
-    const int64_t xpb = Kx * MP * esz, hpb = Kh * MP * esz;
-    int64_t *poff = (int64_t *)dz_alloc((ne + 1) * 8), npan = 0, maxc = 0;
+    int64_t maxc = 0;
     for (int64_t t = 0; t < ne; t++) {
         const int64_t c = start[touched[t] + 1] - start[touched[t]];
-        poff[t] = npan;
-        if (c >= MOE_ROWS_MIN) {
-            npan += cdiv(c, MP);
-            maxc = c > maxc ? c : maxc;
+        maxc = c >= MOE_ROWS_MIN && c > maxc ? c : maxc;
+    }
+    const char **xr = NULL, **hr = NULL;
+    if (maxc) {
+        xr = (const char **)dz_alloc(P * (int64_t)sizeof(char *));
+        hr = (const char **)dz_alloc(P * (int64_t)sizeof(char *));
+        for (int64_t q0 = 0; q0 < P; q0++) {
+            xr[q0] = xs + (order[q0] / k) * ldx * esz;
+            hr[q0] = hs + order[q0] * ldh * esz;
         }
     }
-    poff[ne] = npan;
-    char *xpk = npan ? (char *)dz_alloc(npan * xpb) : NULL, *hpk = npan ? (char *)dz_alloc(npan * hpb) : NULL;
+#endif
 
 #pragma omp parallel num_threads(nt)
     {
         float r1[TILE * MB], r3[TILE * MB];
-        void *wbuf = npan ? dz_alloc(OP * (Kx > Kh ? Kx : Kh) * esz) : NULL;
-        float *gb = npan ? (float *)dz_alloc(maxc * TILE * 4) : NULL, *ub = npan ? (float *)dz_alloc(maxc * TILE * 4) : NULL;
-        if (npan) pack_expert_panels(ne, touched, start, poff, order, k, xs, ldx * esz, Kx, bfd, xpk, xpb);
+#if MANY_ROWS
+        void *wbuf = maxc ? dz_alloc(OP * (Kx > Kh ? Kx : Kh) * esz) : NULL;
+        float *gb = maxc ? (float *)dz_alloc(maxc * TILE * 4) : NULL, *ub = maxc ? (float *)dz_alloc(maxc * TILE * 4) : NULL;
+#endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < nu; it++) {
             const int64_t e = touched[it / cu], o0 = (it % cu) * TILE, o1 = min64(inter, o0 + TILE);
@@ -1393,17 +1368,18 @@ void dz_moe_fp4(const void *x, int64_t bf16, int64_t N, int64_t dim, int64_t int
                              (int)e1, xb && !e1};
             const QMat q3 = {(const uint8_t *)w3[e], (const char *)s3[e], dim, inter,
                              (int)e3, xb && !e3};
+#if MANY_ROWS
             const int64_t cnt = start[e + 1] - start[e];
             if (cnt >= MOE_ROWS_MIN) {
-                const char *xp = xpk + poff[it / cu] * xpb;
-                rows_item(&q1, 0, bfd, xp, cnt, o0, o1, wbuf, gb, TILE, o0, 0);
-                rows_item(&q3, 0, bfd, xp, cnt, o0, o1, wbuf, ub, TILE, o0, 0);
+                rows_item(&q1, 0, bfd, xr + start[e], cnt, o0, o1, wbuf, gb, TILE, o0, 0);
+                rows_item(&q3, 0, bfd, xr + start[e], cnt, o0, o1, wbuf, ub, TILE, o0, 0);
                 for (int64_t i = 0; i < cnt; i++) {
                     const int64_t p = order[start[e] + i];
                     swiglu_store(gb + i * TILE, ub + i * TILE, o1 - o0, o0, rw[p], limit, xb, bfd, hs + p * ldh * esz);
                 }
                 continue;
             }
+#endif
             for (int64_t q0 = start[e]; q0 < start[e + 1]; q0 += MB) {
                 const int mb = (int)min64(MB, start[e + 1] - q0);
                 const void *xr[MB];
@@ -1427,20 +1403,21 @@ void dz_moe_fp4(const void *x, int64_t bf16, int64_t N, int64_t dim, int64_t int
                         fp8_sim_block((float *)hs + p * ldh + c, min64(128, hlen - c));
                 }
         }
-        if (npan) pack_expert_panels(ne, touched, start, poff, order, 1, hs, ldh * esz, Kh, bfd, hpk, hpb);
 
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < nd; it++) {
             const int64_t e = touched[it / cd], o0 = (it % cd) * TILE, o1 = min64(dim, o0 + TILE);
             const QMat q2 = {(const uint8_t *)w2[e], (const char *)s2[e], inter, dim,
                              (int)e2, xb && !e2};
+#if MANY_ROWS
             const int64_t cnt = start[e + 1] - start[e];
             if (cnt >= MOE_ROWS_MIN) {
-                rows_item(&q2, 0, bfd, hpk + poff[it / cd] * hpb, cnt, o0, o1, wbuf, gb, TILE, o0, 0);
+                rows_item(&q2, 0, bfd, hr + start[e], cnt, o0, o1, wbuf, gb, TILE, o0, 0);
                 for (int64_t i = 0; i < cnt; i++)
                     for (int64_t o = o0; o < o1; o++) yp[order[start[e] + i] * dim + o] = round_to(gb[i * TILE + o - o0], xb);
                 continue;
             }
+#endif
             for (int64_t q0 = start[e]; q0 < start[e + 1]; q0 += MB) {
                 const int mb = (int)min64(MB, start[e + 1] - q0);
                 const void *hr[MB];
@@ -1450,9 +1427,11 @@ void dz_moe_fp4(const void *x, int64_t bf16, int64_t N, int64_t dim, int64_t int
                     for (int64_t o = o0; o < o1; o++) yp[order[q0 + i] * dim + o] = round_to(r1[i * TILE + o - o0], xb);
             }
         }
+#if MANY_ROWS
         free(wbuf);
         free(gb);
         free(ub);
+#endif
     }
     /* the k slots of each token, in slot order (a team only for prefill-sized batches) */
 #pragma omp parallel for num_threads(N * k * dim < PAR_MIN ? 1 : nt) schedule(static)
@@ -1465,9 +1444,10 @@ void dz_moe_fp4(const void *x, int64_t bf16, int64_t N, int64_t dim, int64_t int
     free(xs);
     free(hs);
     free(yp);
-    free(poff);
-    free(xpk);
-    free(hpk);
+#if MANY_ROWS
+    free(xr);
+    free(hr);
+#endif
     free(start);
     free(fill);
     free(order);
