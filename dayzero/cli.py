@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every op and the engine on this device against the CPU reference")
     v.add_argument("--device", default=None, help="device to verify (default: cuda if available, else cpu)")
     v.add_argument("--ops", choices=["triton", "cpu", "ref"], default=None, help="op table (default: by device)")
-    v.add_argument("--numerics", choices=["official", "transformers"], default="official")
+    v.add_argument("--numerics", choices=["official", "transformers", "both"], default="both",
+                   help="numerics mode(s) of the end-to-end checks (default: both)")
     v.add_argument("--slice-experts", type=int, default=None,
                    help="routed experts of the V4-Flash slice (default: 256 on a GPU, 16 on the CPU)")
     v.add_argument("--ops-only", action="store_true", help="skip the end-to-end model checks")

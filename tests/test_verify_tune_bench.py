@@ -15,11 +15,16 @@ def test_verify_passes_every_kernel_on_the_interpreter(tmp_path):
     pytest.importorskip("triton", reason="no Triton wheel for this platform")
     out = tmp_path / "verify.json"
     report = verify.run(device="cpu", choice="triton", skip_models=True, out=str(out))
-    assert report["passed"], verify.card(report)
+    assert all(r["passed"] for r in report["ops"]), verify.card(report)
     assert {r["op"] for r in report["ops"] if r["impl"] == "kernel"} == set(report["kernels"])
     from dayzero.ops import OP_NAMES
     assert set(report["kernels"]) == set(OP_NAMES)  # every op of the seam has a Triton kernel
-    assert json.loads(out.read_text())["passed"] is True
+    # batch invariance is checked and reported per case; the Triton table's split-K linears and
+    # attention are not batch-invariant yet (docs/ARCHITECTURE.md), so the report as a whole fails
+    inv = report["invariance_ops"]
+    assert {r["case"] for r in inv} == {r["case"] for r in report["ops"]}
+    assert report["passed"] == all(r["invariant"] for r in inv)
+    assert json.loads(out.read_text())["passed"] is report["passed"]
 
 
 def test_verify_passes_the_native_cpu_kernels():
@@ -28,8 +33,47 @@ def test_verify_passes_the_native_cpu_kernels():
     assert report["passed"], verify.card(report)
     assert report["ops_table"] == "cpu" and set(report["kernels"]) == set(OP_NAMES)
     assert {r["size"] for r in report["ops"]} == {"tiny", "small"}  # native kernels: both sizes
+    assert report["invariance_ops"] and all(r["invariant"] for r in report["invariance_ops"])
     m = verify.check_builtin(torch.device("cpu"), "cpu", "official", new_tokens=4)
     assert m["passed"] and m["kl_mean"] < 0.02, m
+    assert len(m["kl_per_position"]) == m["positions"]
+
+
+def test_verify_fails_an_op_that_moves_a_logprob_by_one_nat():
+    """The end-to-end criteria catch a 1-nat error planted in one op: the LM head's fp32_linear
+    lowering each row's largest logit by 1 (a near tie only if the runner-up was within 1 nat)."""
+    base = for_device("cpu", "cpu")
+
+    def head_off_by_one_nat(x, weight):
+        y = base.fp32_linear(x, weight)
+        if weight.shape[0] >= 1000:  # the LM head (the built-in vocabulary), not the routers
+            y = y.scatter_add(-1, y.argmax(-1, keepdim=True), torch.full_like(y[..., :1], -1.0))
+        return y
+
+    planted = dataclasses.replace(base, fp32_linear=head_off_by_one_nat)
+    import dayzero.verify as v
+    real = v.for_device
+    try:
+        v.for_device = lambda device, choice=None: planted
+        m = verify.check_builtin(torch.device("cpu"), "cpu", "transformers", new_tokens=2)
+    finally:
+        v.for_device = real
+    assert not m["passed"], m
+    assert m["logprob_error"] > verify.MAX_LOGPROB_ERROR or m["worst_flip_nats"] > verify.TIE_NATS
+    clean = verify.check_builtin(torch.device("cpu"), "cpu", "transformers", new_tokens=2)
+    assert clean["passed"] and clean["logprob_error"] < 0.05, clean
+
+
+def test_verify_fails_a_batch_variant_op():
+    from dayzero import invariance
+    base = for_device("cpu", "cpu")
+
+    def rows_by_batch(x, weight, eps):  # a result that depends on how many rows share the call
+        return base.rms_norm(x, weight, eps) * (1 + 1e-3 * (x.shape[0] > 8))
+
+    recs = invariance.op_rows(dataclasses.replace(base, rms_norm=rows_by_batch), torch.device("cpu"), sizes=("tiny",))
+    bad = {r["op"] for r in recs if not r["invariant"]}
+    assert bad == {"rms_norm"}, bad
 
 
 def test_verify_fails_a_wrong_kernel():
@@ -51,7 +95,7 @@ def test_verify_end_to_end_on_the_builtin_model():
 
 def test_verify_checks_the_engine_against_the_reference():
     m = verify.check_engine(torch.device("cpu"), "ref", "official", new_tokens=8)
-    assert m["passed"] and m["tokens"] == 24 and m["top1_agreement"] == 1.0 and m["worst_flip"] == 0.0
+    assert m["passed"] and m["tokens"] == 24 and m["top1_agreement"] == 1.0 and m["worst_flip_nats"] == 0.0
     assert m["graphs"] == {"off": "not a CUDA device"} and "engine" in verify.card(dict(
         device="cpu", device_type="cpu", ops_table="ref", numerics="official", ops=[], models=[m], passed=True))
 
