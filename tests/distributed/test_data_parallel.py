@@ -3,15 +3,19 @@ local processes computes what one rank computes: each rank runs attention on its
 the routed experts E/N per rank, tokens all-gathered to the experts and reduce-scattered back."""
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
+import torch
 
 from dayzero import LLM, SamplingParams
 from dayzero.distributed.layout import Layout, LayoutError
 from dayzero.engine.capacity import Sizes
+from dayzero.loader.model_io import load_model
 from dayzero.testing import tiny_args
-from tests.distributed.test_tensor_parallel import GREEDY, OPTS, prompts, rel, staggered_outputs, tokens
+from tests.distributed.test_tensor_parallel import (GREEDY, OPTS, _run, prompts, rel, staggered_outputs,
+                                                    tokens)
 
 DP2 = dict(data_parallel_size=2, enable_expert_parallel=True)
 
@@ -71,6 +75,23 @@ def test_an_impossible_dp_layout_fails_before_any_rank_starts(ckpt):
 @pytest.fixture(scope="module")
 def ckpt(make_ckpt):
     return make_ckpt("flash", "fp32", tokenizer=True)
+
+
+def test_each_dp_rank_holds_whole_attention_and_its_experts(ckpt):
+    whole = load_model(ckpt, numerics="transformers").state_dict()
+    ranks = [load_model(ckpt, numerics="transformers", layout=Layout(1, r, True, 2)).state_dict() for r in range(2)]
+    routed = {n for n in whole if ".experts." in n and ".shared_experts." not in n}
+    for name, t in whole.items():
+        parts = [sd.get(name) for sd in ranks]
+        if name in routed:
+            assert sum(p is not None for p in parts) == 1, name  # each expert on exactly one rank
+            assert torch.equal(next(p for p in parts if p is not None), t), name
+        else:
+            assert all(torch.equal(p, t) for p in parts), name  # attention, shared expert, embed, head whole
+
+    def nbytes(sd):
+        return sum(sd[n].numel() * sd[n].element_size() for n in routed if n in sd)
+    assert all(2 * nbytes(sd) == nbytes(whole) for sd in ranks)
 
 
 # ---- two ranks against one -------------------------------------------------------------------------
@@ -161,3 +182,16 @@ def test_four_dp_ranks_one_idle(ckpt):
         assert seen[0] == {0, 1, 2}
         assert [r["rank"] for r in four.engine.stats()["ranks"]] == [0, 1, 2, 3]
     assert stopped(four)
+
+
+def test_torchrun_dp_gives_the_one_rank_tokens(ckpt):
+    args = ["generate", "--model", str(ckpt), "--token-ids", "5,17,42,99,3,8", "--max-tokens", "8", "--ignore-eos",
+            "--numerics", "transformers", "--dtype", "float32"]
+    one = _run([sys.executable, "-m", "dayzero", *args], timeout=120)
+    assert one.returncode == 0, one.stderr
+    from tests.server.conftest import free_port
+    run = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(free_port()), "-m", "dayzero", *args, "-dp", "2", "--enable-expert-parallel"],
+               timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout == one.stdout and "[8 tokens" in run.stderr
