@@ -195,3 +195,19 @@ def test_torchrun_dp_gives_the_one_rank_tokens(ckpt):
                timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout == one.stdout and "[8 tokens" in run.stderr
+
+
+def test_a_dead_dp_rank_fails_the_next_step_at_once(ckpt):
+    from dayzero.distributed.runtime import RankFailed
+    llm = LLM(ckpt, **OPTS, **DP2)
+    try:
+        assert tokens(llm.generate(prompts(2), GREEDY))[1]
+        llm.group.procs[0].kill()
+        llm.group.procs[0].wait(10)
+        t = time.monotonic()
+        with pytest.raises(RankFailed, match="rank 1 of 2 exited with code -9"):
+            llm.generate(prompts(2), GREEDY)
+        assert time.monotonic() - t < 10
+    finally:
+        llm.close()
+    assert stopped(llm)
