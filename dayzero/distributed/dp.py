@@ -85,5 +85,5 @@ class DataParallel:
 
     def score(self, ids: list[int]) -> torch.Tensor:
         """Every rank scores the same sequence (each its own copy: the MoE layers' dispatch then
-        hands every rank its own rows summed over all experts); rank 0's result."""
-        return self.group.each(self.worker, "score", [(ids,)] * self.world)[0]
+        hands every rank its own rows summed over all experts); rank 0's result, the others' kept there."""
+        return self.group.each(self.worker, "score", [(ids, r == 0) for r in range(self.world)])[0]

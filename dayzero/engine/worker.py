@@ -171,9 +171,11 @@ class Worker:
         return logits
 
     @torch.no_grad()
-    def score(self, ids: list[int]) -> torch.Tensor:
-        """Next-token logits at every position of one sequence: [len, vocab] fp32 on the host."""
-        return self.model(torch.tensor([ids], device=self.device))[0].float().cpu()
+    def score(self, ids: list[int], keep: bool = True) -> torch.Tensor | None:
+        """Next-token logits at every position of one sequence: [len, vocab] fp32 on the host
+        (None with `keep` False: a DP-attention rank computing a copy only for the collectives)."""
+        logits = self.model(torch.tensor([ids], device=self.device))[0]
+        return logits.float().cpu() if keep else None
 
     def _tensors(self) -> list[torch.Tensor]:
         """Model tensors: parameters, buffers and the copies modules keep (dequantised, fused, stacked)."""
