@@ -93,6 +93,8 @@ class Engine:
         if self.dp > 1 and eargs.enable_prefix_caching:
             from dataclasses import replace
             eargs = self.eargs = replace(eargs, enable_prefix_caching=False)
+            print("dayzero: prefix caching off: not built for data_parallel_size > 1 (docs/SCALING.md)",
+                  file=sys.stderr)
         args = self.args = model.args
         self.block_size = bs = eargs.block_size or _default_block_size(args)
         has_mtp = bool(args.n_mtp_layers)
