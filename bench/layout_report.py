@@ -3,7 +3,10 @@ project's own accounting: each rank's model is built on the meta device with its
 state_dict (the tensors it would load, in their checkpoint dtypes) is summed. Beside it, the bytes
 each rank's collectives move per decoded token (ring all-reduce / all-gather: 2(N-1)/N and (N-1)/N
 of the tensor) and what that costs at nominal link rates, and the long-range KV bytes per token,
-which tensor parallel replicates on every rank (one K=V head).
+which tensor parallel replicates on every rank (one K=V head). DP-attention + EP rows (`DP N+EP`):
+attention, shared expert, embedding and head whole on every rank, routed experts E/N; each rank's
+KV holds only its own requests; collectives per MoE layer: the token counts, the tokens and their
+routing all-gathered, the fp32 partial sums reduce-scattered (reference/moe.py `_forward_dp`).
 
     python -m bench.layout_report      # prints the tables, writes bench/results/layout.json
 """
@@ -19,7 +22,8 @@ from dayzero.config import flash, pro
 from dayzero.distributed.layout import Layout, LayoutError
 from dayzero.reference.model import Transformer
 
-LAYOUTS = [(1, False), (2, False), (4, False), (8, False), (8, True), (16, True)]
+LAYOUTS = [(1, False, 1), (2, False, 1), (4, False, 1), (8, False, 1), (8, True, 1), (16, True, 1),
+           (8, True, 8), (16, True, 16)]  # (ranks, enable_expert_parallel, data_parallel_size)
 # nominal one-direction rates, GB/s (vendor figures, not measured here)
 LINKS = {"NVLink4 (H100/H200 SXM)": 450.0, "PCIe 5.0 x16": 64.0, "RoCE 200 Gb/s (DGX Spark CX-7)": 25.0,
          "10 GbE": 1.25}
@@ -46,27 +50,41 @@ def collective_bytes(args, n: int, act_bytes: int = 2) -> dict:
     return {"all_reduces": 2 * args.n_layers + 1, "bytes": int(total)}
 
 
+def dp_collective_bytes(args, n: int, act_bytes: int = 2) -> dict:
+    """DP-attention + EP: bytes one rank sends per decode step with one token on every rank (ring
+    all-gather and reduce-scatter: (N-1) chunks of one rank's share sent per rank), per MoE layer:
+    the count (int64), the token's row (compute dtype), its routing (k weights + k ids, fp32), and
+    the reduce-scatter of the fp32 partial sums of the N tokens. MTP excluded."""
+    if n == 1:
+        return {"collectives": 0, "bytes": 0}
+    per_layer = (n - 1) * (8 + args.dim * act_bytes + 2 * args.n_activated_experts * 4 + args.dim * 4)
+    return {"collectives": 4 * args.n_layers, "bytes": int(args.n_layers * per_layer)}
+
+
 def main() -> None:
     out = {"environment": environment(), "links_GBps_nominal": LINKS, "models": {}}
     for name, args in (("v4-flash", flash()), ("v4-pro", pro())):
         kv = kv_report(args, torch.bfloat16)["bytes_per_token_all_layers"]
         rows = []
         print(f"\n{name}: KV {kv:,.0f} B/token on every rank (replicated under tensor parallel)")
-        print(f"{'layout':14} {'weights/rank':>13} {'experts':>10} {'other':>9} {'coll. B/token':>14} "
+        print(f"{'layout':14} {'weights/rank':>13} {'experts':>10} {'other':>9} {'coll. B/step':>14} "
               + " ".join(f"{k.split(' (')[0]:>11}" for k in LINKS))
-        for n, ep in LAYOUTS:
-            label = f"TP{n}" + ("+EP" if ep else "")
+        for n, ep, dp in LAYOUTS:
+            label = (f"DP{n}" if dp > 1 else f"TP{n}") + ("+EP" if ep else "")
+            lay = Layout(1, 0, ep, dp) if dp > 1 else Layout(n, 0, ep)
             try:
-                Layout(n, 0, ep).check(args)
+                lay.check(args)
             except LayoutError as e:
                 rows.append({"layout": label, "fits": False, "why": str(e)})
                 print(f"{label:14} does not fit: {str(e).splitlines()[1].strip()}")
                 continue
-            b = rank_bytes(args, Layout(n, 0, ep))
-            c = collective_bytes(args, n)
+            b = rank_bytes(args, lay)
+            c = dp_collective_bytes(args, n) if dp > 1 else collective_bytes(args, n)
             link_us = {k: c["bytes"] / (v * 1e9) * 1e6 for k, v in LINKS.items()}
-            rows.append({"layout": label, "fits": True, **b, "collectives_per_token": c,
-                         "collective_us_per_token_at_link": link_us, "kv_bytes_per_token": kv})
+            # a decode step: one token in all under TP, one on every rank (N in all) under DP-attention
+            rows.append({"layout": label, "fits": True, **b, "collectives_per_step": c, "tokens_per_step": dp,
+                         "collective_bytes_per_token": c["bytes"] // dp,
+                         "collective_us_per_step_at_link": link_us, "kv_bytes_per_token": kv})
             print(f"{label:14} {b['weight_bytes'] / 1e9:11.1f}GB {b['routed_expert_bytes'] / 1e9:8.1f}GB "
                   f"{b['other_bytes'] / 1e9:7.1f}GB {c['bytes']:14,d} "
                   + " ".join(f"{link_us[k]:9.1f}us" for k in LINKS))

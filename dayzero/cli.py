@@ -26,7 +26,11 @@ def add_parallel_arguments(p) -> None:
                         "ranks torchrun started, N = their number); rank 0 schedules and samples")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="with --tensor-parallel-size N: routed experts whole, E/N per rank (default: every expert "
-                        "split by its inner dim)")
+                        "split by its inner dim); required by --data-parallel-size")
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="DP-attention + EP over N ranks (with --enable-expert-parallel and --tensor-parallel-size 1): "
+                        "each rank runs attention whole on its own requests, routed experts E/N per rank, tokens "
+                        "all-gathered to the experts and reduce-scattered back; prefix caching off")
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -42,7 +46,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
               max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=not a.no_prefix_caching,
               num_speculative_tokens=a.num_speculative_tokens, kv_cache_memory_bytes=a.kv_cache_memory_bytes,
               ops=a.ops, enforce_eager=a.enforce_eager, kv_cache_dtype=a.kv_cache_dtype,
-              tensor_parallel_size=a.tensor_parallel_size, enable_expert_parallel=a.enable_expert_parallel)
+              tensor_parallel_size=a.tensor_parallel_size, enable_expert_parallel=a.enable_expert_parallel,
+              data_parallel_size=a.data_parallel_size)
     try:
         return _generate(llm, prompt, params, a)
     finally:

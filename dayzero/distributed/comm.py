@@ -24,6 +24,17 @@ class Comm:
         """Every rank's x, concatenated along `dim` in rank order."""
         return x
 
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+        """DP-attention + EP (reference/moe.py): every rank's tokens x [n_r, dim] and their routing
+        (weights [n_r, k] fp32, ids [n_r, k]) concatenated in rank order, and the counts n_r that
+        `combine` needs. One rank: its own."""
+        return x, weights, ids, [x.shape[0]]
+
+    def combine(self, y: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The rows of `dispatch`'s tokens, [sum(counts), dim] partial sums on every rank -> this
+        rank's n_r rows summed over ranks."""
+        return y
+
 
 SINGLE = Comm()
 
@@ -48,3 +59,29 @@ class GroupComm(Comm):
         parts = [torch.empty_like(x) for _ in range(self.world)]
         self.dist.all_gather(parts, x, group=self.group)
         return torch.cat(parts, dim)
+
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+        # collectives need one size on every rank: each rank's share padded to the step's largest
+        counts = self.all_gather(torch.tensor([x.shape[0]], device=x.device), 0).tolist()
+        m, k = max(counts), weights.shape[1]
+        route = torch.cat([weights.float(), ids.float()], 1)  # expert ids < 2**24 are exact in fp32: one call
+        xs, rs = (torch.cat([p[:c] for p, c in zip(self._gather(_pad(t, m)), counts)]) for t in (x, route))
+        return xs, rs[:, :k].contiguous(), rs[:, k:].long(), counts
+
+    def combine(self, y: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        m = max(counts)
+        parts = [_pad(p, m) for p in y.split(counts)]
+        out = torch.empty((m,) + tuple(y.shape[1:]), dtype=y.dtype, device=y.device)
+        self.dist.reduce_scatter(out, parts, group=self.group)
+        return out[:counts[self.rank]]
+
+    def _gather(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        self.dist.all_gather(parts, x, group=self.group)
+        return parts
+
+
+def _pad(t: torch.Tensor, m: int) -> torch.Tensor:
+    """t [n, ...] with zero rows up to [m, ...]."""
+    return t if t.shape[0] == m else torch.cat([t, t.new_zeros((m - t.shape[0],) + tuple(t.shape[1:]))])

@@ -14,6 +14,19 @@ Tensor parallel over `tensor_parallel_size` = N ranks (rank r):
               per token all-reduced, the head's logits all-gathered
   mHC, norms, hc_head, MTP projections: replicated
 
+DP-attention + expert parallel over `data_parallel_size` = N ranks (`tp` = 1, `ep` on; rank r):
+
+  attention, shared expert, embed/head, norms, router, mHC: whole on every rank (replicated); each
+              rank runs them on its own requests (rank 0's engine assigns each request a rank,
+              whose cache pools hold its KV)
+  routed      whole, E/N per rank: experts [r*E/N, (r+1)*E/N); every MoE layer all-gathers the
+              step's tokens of every rank (with their routing), runs its experts on all of them
+              and reduce-scatters the fp32 partial sums back to the tokens' ranks
+              (reference/moe.py); a rank with no requests joins these collectives with no tokens
+
+Tensor parallel inside a data-parallel rank (tp > 1 and dp > 1) and data parallel with replicated
+experts (dp > 1 without `ep`) are not built: `check` refuses them.
+
 A split dimension must divide evenly, and where a weight is FP8 its 128-wide scale blocks (FP4:
 32) must not be cut, nor the 128-wide blocks of the official activation simulation; `check` names
 the field, its value and the sizes that would work. N = 1 is the whole model (the same code).
@@ -34,27 +47,46 @@ class Layout:
     tp: int = 1  # tensor_parallel_size
     rank: int = 0
     ep: bool = False  # enable_expert_parallel: routed experts whole, E/N per rank
+    dp: int = 1  # data_parallel_size: ranks running attention on their own requests (with ep)
 
     def __post_init__(self):
-        if not isinstance(self.tp, int) or isinstance(self.tp, bool) or self.tp < 1:
-            raise LayoutError(f"tensor_parallel_size: must be a positive integer, got {self.tp!r}")
-        if not isinstance(self.rank, int) or not 0 <= self.rank < self.tp:
-            raise LayoutError(f"rank {self.rank!r} outside [0, {self.tp})")
+        for name, v in (("tensor_parallel_size", self.tp), ("data_parallel_size", self.dp)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise LayoutError(f"{name}: must be a positive integer, got {v!r}")
+        if not isinstance(self.rank, int) or not 0 <= self.rank < self.world:
+            raise LayoutError(f"rank {self.rank!r} outside [0, {self.world})")
         if not isinstance(self.ep, bool):
             raise LayoutError(f"enable_expert_parallel: must be True or False, got {self.ep!r}")
 
     @property
+    def world(self) -> int:
+        """Ranks in all: tensor_parallel_size x data_parallel_size (one of them is 1)."""
+        return self.tp * self.dp
+
+    @property
     def single(self) -> bool:
+        """No tensor-parallel split: attention, dense layers, embedding and head whole here."""
         return self.tp == 1
 
+    @property
+    def whole(self) -> bool:
+        """One rank: every tensor of the checkpoint here."""
+        return self.world == 1
+
     def part(self, total: int) -> tuple[int, int]:
-        """This rank's [start, stop) of `total` items split evenly (checked by `check`)."""
+        """This rank's [start, stop) of `total` items split evenly over the tensor-parallel ranks
+        (checked by `check`)."""
         n = total // self.tp
-        return self.rank * n, (self.rank + 1) * n
+        r = self.rank % self.tp
+        return r * n, (r + 1) * n
 
     def experts(self, args: ModelArgs) -> range:
-        """The routed experts this rank holds (whole or split, see `expert_inter`)."""
-        return range(*self.part(args.n_routed_experts)) if self.ep else range(args.n_routed_experts)
+        """The routed experts this rank holds (whole or split, see `expert_inter`): under expert
+        parallel E/N of them by rank over all N = tp x dp ranks."""
+        if not self.ep:
+            return range(args.n_routed_experts)
+        n = args.n_routed_experts // self.world
+        return range(self.rank * n, (self.rank + 1) * n)
 
     def expert_inter(self, args: ModelArgs) -> int:
         """Inner width of this rank's routed experts."""
@@ -62,7 +94,9 @@ class Layout:
 
     def check(self, args: ModelArgs) -> None:
         """Every divisibility the layout needs, as one error naming each field that fails and the
-        tensor_parallel_size values that would fit this model."""
+        tensor_parallel_size (or data_parallel_size) values that would fit this model."""
+        if self.dp > 1:
+            return self._check_dp(args)
         problems = self.problems(args)
         if problems:
             fits = [k for k in range(1, 65) if not Layout(k, 0, self.ep).problems(args)]
@@ -71,7 +105,30 @@ class Layout:
                               + "\n  ".join(problems)
                               + f"\n  tensor_parallel_size values that fit it{mode}: {fits}")
 
+    def _check_dp(self, args: ModelArgs) -> None:
+        head = f"data_parallel_size={self.dp}"
+        if self.tp > 1:
+            raise LayoutError(f"{head} with tensor_parallel_size={self.tp}: tensor parallel inside each data-parallel "
+                              f"rank is not built; use data_parallel_size={self.world} with enable_expert_parallel "
+                              f"(DP-attention + EP) or tensor_parallel_size={self.world} (TP), "
+                              "one of the two sizes 1")
+        if not self.ep:
+            raise LayoutError(f"{head} needs enable_expert_parallel (--enable-expert-parallel): each rank holds "
+                              "E/N routed experts; data parallel with every expert replicated on every rank is "
+                              "not built")
+        problems = self.problems(args)
+        if problems:
+            fits = [k for k in range(1, 65) if not Layout(1, 0, True, k).problems(args)]
+            raise LayoutError(f"{head} with enable_expert_parallel does not fit this model:\n  "
+                              + "\n  ".join(problems)
+                              + f"\n  data_parallel_size values that fit it with enable_expert_parallel: {fits}")
+
     def problems(self, args: ModelArgs) -> list[str]:
+        if self.dp > 1:  # only the routed experts are split (by whole experts)
+            e = args.n_routed_experts
+            return ([] if e % self.world == 0 else
+                    [f"config `n_routed_experts`={e} (routed experts, whole, E/N per rank) does not split "
+                     f"{self.world} ways"])
         n = self.tp
         out: list[str] = []
         if n == 1:

@@ -111,8 +111,29 @@ class Group:
         """Every other rank builds its worker from `spec` (engine/worker.py)."""
         self.send(("init", (spec,)))
 
-    def runner(self, worker) -> "Broadcast":
+    def runner(self, worker, data_parallel: bool = False):
+        """Rank 0's runner: every call to every rank (`Broadcast`), or under DP-attention + EP
+        each rank its own requests' rows (distributed/dp.py)."""
+        if data_parallel:
+            from dayzero.distributed.dp import DataParallel
+            return DataParallel(self, worker)
         return Broadcast(self, worker)
+
+    def each(self, worker, method: str, args: list[tuple]) -> list:
+        """Run `method` on every rank's worker with that rank's own arguments (args[r], scattered
+        from rank 0); rank 0 gets every rank's result, in rank order."""
+        self.send(("each", (method,)))
+        box, out = [None], [None] * self.world
+        try:
+            self.dist.scatter_object_list(box, args, src=0, group=self.cpu)
+            mine = getattr(worker, method)(*box[0])
+            self.dist.gather_object(mine, out, dst=0, group=self.cpu)
+        except RuntimeError as e:
+            self.check()  # a local rank that died: RankFailed naming it
+            if isinstance(e, self.dist.DistError):
+                self._failed(e)
+            raise
+        return out
 
     def gather(self, worker, method: str, *args) -> list:
         """Run `method` on every rank's worker; rank 0 gets every rank's result, in rank order."""
@@ -165,6 +186,10 @@ class Group:
             elif method == "gather":
                 name, rest = args
                 self.dist.gather_object(getattr(worker, name)(*rest), None, dst=0, group=self.cpu)
+            elif method == "each":  # this rank's own arguments (DP-attention), its result back to rank 0
+                box = [None]
+                self.dist.scatter_object_list(box, None, src=0, group=self.cpu)
+                self.dist.gather_object(getattr(worker, args[0])(*box[0]), None, dst=0, group=self.cpu)
             else:
                 try:
                     getattr(worker, method)(*args)
@@ -207,16 +232,18 @@ def _threads(local_world: int) -> None:
 
 
 def join(tp: int, device: torch.device, load: dict) -> Group | None:
-    """This process's group for tensor_parallel_size `tp` (None for one rank without torchrun).
-    Under torchrun: join the group torchrun set up (its world must be `tp`, one included). Otherwise, as rank 0:
-    start tp - 1 local ranks that load the model with `load` (LLM's arguments) and meet here."""
+    """This process's group of `tp` ranks (tensor_parallel_size x data_parallel_size; None for one
+    rank without torchrun). Under torchrun: join the group torchrun set up (its world must be `tp`,
+    one included). Otherwise, as rank 0: start tp - 1 local ranks that load the model with `load`
+    (LLM's arguments) and meet here."""
     import torch.distributed as dist
     env = torchrun_env()
     if env is not None:
         rank, world, local = env
         if tp != world:
-            raise ValueError(f"torchrun started {world} ranks: pass tensor_parallel_size={world} "
-                             f"(--tensor-parallel-size {world}), got {tp}")
+            raise ValueError(f"torchrun started {world} ranks: pass tensor_parallel_size x data_parallel_size = "
+                             f"{world} (--tensor-parallel-size {world}, or --data-parallel-size {world} "
+                             f"--enable-expert-parallel), got {tp}")
         dev = rank_device(device, local)
         if not dist.is_initialized():
             dist.init_process_group(backend_for(dev), init_method="env://", timeout=_timeout())
@@ -225,7 +252,7 @@ def join(tp: int, device: torch.device, load: dict) -> Group | None:
     if tp == 1:
         return None
     if dist.is_initialized():
-        raise ValueError("tensor_parallel_size > 1: this process already belongs to a torch.distributed group; "
+        raise ValueError("more than one rank: this process already belongs to a torch.distributed group; "
                          "close the other LLM first (llm.close())")
     backend = backend_for(device)
     store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True, timeout=_timeout(), wait_for_workers=False)
@@ -264,7 +291,7 @@ def _spawned(argv: list[str] | None = None) -> int:
     _threads(a.world)
     group = Group(a.rank, a.world, dev)
     model = load_model(load["path"], numerics=load["numerics"], dtype=resolve_dtype(load["dtype"]), device=dev,
-                       progress=False, layout=Layout(a.world, a.rank, load["ep"]))
+                       progress=False, layout=Layout(load["tp"], a.rank, load["ep"], load["dp"]))
     model.set_comm(group.comm)
     group.follow(model)
     return 0

@@ -20,6 +20,7 @@ from dayzero.engine.sampling import SamplingParams, sample, token_logprobs, veri
 from dayzero.engine.scheduler import Scheduled, Scheduler
 from dayzero.engine.capacity import DEFAULT_MAX_NUM_SEQS, Capacity, derived_budget, gb, plan
 from dayzero.engine.worker import PoolSpec, Worker, WorkerSpec
+from dayzero.distributed.dp import assign
 from dayzero.reference.model import Transformer
 
 
@@ -38,6 +39,7 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"  # "auto": the compute dtype; "fp8": K=V rows as FP8 nope + rope dims (ops/kvfp8.py)
     tensor_parallel_size: int = 1  # ranks the model is split over (distributed/layout.py); 1: this process alone
     enable_expert_parallel: bool = False  # routed experts whole, E/N per rank, instead of split by inner dim
+    data_parallel_size: int = 1  # ranks each running attention on its own requests (with enable_expert_parallel)
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -58,9 +60,10 @@ class EngineArgs:
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager: must be True or False, got {self.enforce_eager!r}")
         check_kv_cache_dtype(self.kv_cache_dtype)
-        tp = self.tensor_parallel_size
-        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
-            raise ValueError(f"tensor_parallel_size: must be a positive integer, got {tp!r}")
+        for name in ("tensor_parallel_size", "data_parallel_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {v!r}")
         if not isinstance(self.enable_expert_parallel, bool):
             raise ValueError(f"enable_expert_parallel: must be True or False, got {self.enable_expert_parallel!r}")
 
@@ -79,9 +82,19 @@ class Engine:
     def __init__(self, model: Transformer, eargs: EngineArgs, device: torch.device, tokenizer=None,
                  ranks=None, prepare_weights: bool = False):
         self.model, self.eargs, self.device, self.tokenizer = model, eargs, device, tokenizer
-        if (ranks.world if ranks is not None else 1) != model.layout.tp:
-            raise ValueError(f"a model split for tensor_parallel_size={model.layout.tp} needs that many ranks, "
-                             f"got {ranks.world if ranks is not None else 1}")
+        lay = model.layout
+        if (ranks.world if ranks is not None else 1) != lay.world:
+            raise ValueError(f"a model split for tensor_parallel_size={lay.tp} x data_parallel_size={lay.dp} needs "
+                             f"{lay.world} ranks, got {ranks.world if ranks is not None else 1}")
+        # DP-attention + EP: each request's blocks are written on its own rank only, so a block found
+        # by its hash may hold another rank's rows: prefix caching is off (not built for this layout)
+        self.dp = lay.dp
+        self.dp_owner: dict[str, int] = {}  # request id -> its rank (distributed/dp.py)
+        if self.dp > 1 and eargs.enable_prefix_caching:
+            from dataclasses import replace
+            eargs = self.eargs = replace(eargs, enable_prefix_caching=False)
+            print("dayzero: prefix caching off: not built for data_parallel_size > 1 (docs/SCALING.md)",
+                  file=sys.stderr)
         args = self.args = model.args
         self.block_size = bs = eargs.block_size or _default_block_size(args)
         has_mtp = bool(args.n_mtp_layers)
@@ -116,7 +129,7 @@ class Engine:
             max_tokens_per_step=min(self.max_num_seqs * (1 + int(self.spec_enabled)), eargs.max_num_batched_tokens),
             enforce_eager=eargs.enforce_eager)
         self._on_ranks("allocate", pspec)
-        self.runner = self.worker if ranks is None else ranks.runner(self.worker)
+        self.runner = self.worker if ranks is None else ranks.runner(self.worker, data_parallel=self.dp > 1)
         # resident bytes of every rank (weights and cache pools: fixed from here on)
         self.rank_bytes = self._on_ranks("nbytes")
 
@@ -194,6 +207,8 @@ class Engine:
             "graphs": self.graphs.stats() if self.graphs is not None else {"off": self.graphs_off},
             "tensor_parallel_size": self.model.layout.tp,
             "enable_expert_parallel": self.model.layout.ep,
+            "data_parallel_size": self.dp,
+            "enable_prefix_caching": self.eargs.enable_prefix_caching,
             "ranks": [{"rank": i, **b} for i, b in enumerate(self.rank_bytes)],
         }
 
@@ -215,6 +230,7 @@ class Engine:
         req = self.requests.pop(rid, None)
         if req is not None and not req.finished:
             self.scheduler.finish(req, "abort")
+        self.dp_owner.pop(rid, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -273,6 +289,7 @@ class Engine:
             self.kv.commit(r.rid, r.num_computed, r.all_ids)
             if r.finished:
                 self.scheduler.finish(r, r.finish_reason)
+                self.dp_owner.pop(r.rid, None)
         return touched
 
     def _forward(self, ids: list[int], starts: list[int], lengths: list[int], reqs: list[Request],
@@ -282,6 +299,11 @@ class Engine:
         tables = [self.kv.table(r.rid) for r in reqs]
         # every write of a step is at or after its start: protection matters only below it
         protect = [r.protect if r.protect > r.num_computed else 0 for r in reqs]
+        if self.dp > 1:  # each request on its rank: assigned when it starts from position 0 (new or preempted)
+            running = [r.rid for r in self.scheduler.running]
+            owners = [assign(self.dp_owner, running, r.rid, self.dp) if r.num_computed == 0 or r.rid not in
+                      self.dp_owner else self.dp_owner[r.rid] for r in reqs]
+            return self.runner.forward(ids, starts, lengths, tables, protect, want, owners)
         return self.runner.forward(ids, starts, lengths, tables, protect, want)
 
     def _sample(self, r: Request, s: Scheduled, logits, rows, last_row: int) -> None:
@@ -333,7 +355,11 @@ class Engine:
         """MTP drafts for the requests in `mtp` from the step's final streams at `rows`."""
         seqs, starts, lengths, _, next_ids = mtp
         tables = [self.kv.table(r.rid) for r in reqs]  # not committed yet: the step's tables
-        logits = self.runner.draft(rows, seqs, starts, lengths, next_ids, tables)
+        if self.dp > 1:
+            logits = self.runner.draft(rows, seqs, starts, lengths, next_ids, tables,
+                                       [self.dp_owner[r.rid] for r in reqs])
+        else:
+            logits = self.runner.draft(rows, seqs, starts, lengths, next_ids, tables)
         for b, lg in zip(seqs, logits):
             r = reqs[b]
             # a draft only for decoding requests, where a step can still take two tokens

@@ -73,7 +73,8 @@ def resolve_device(device) -> torch.device:
 
 
 class LLM:
-    """tensor_parallel_size=N > 1: the model is split over N ranks (distributed/layout.py); this
+    """tensor_parallel_size=N > 1 (or data_parallel_size=N > 1 with enable_expert_parallel:
+    DP-attention + EP): the model is split over N ranks (distributed/layout.py); this
     process is rank 0 and starts the other N - 1 on this host, or, under torchrun, joins the ranks
     torchrun started (there `LLM(...)` returns on rank 0 only: the other ranks follow rank 0's
     steps and exit the process when it closes). `close()` stops the other ranks."""
@@ -88,18 +89,18 @@ class LLM:
         path = resolve_model(model)
         self.device = resolve_device(device)
         dt = resolve_dtype(dtype)
-        tp, ep = eargs.tensor_parallel_size, eargs.enable_expert_parallel
+        tp, ep, dp = eargs.tensor_parallel_size, eargs.enable_expert_parallel, eargs.data_parallel_size
         self.group = None
-        if tp > 1 or runtime.torchrun_env() is not None:
-            Layout(tp, 0, ep).check(read_args(path))  # an impossible layout fails before any rank starts
-            load = {"path": str(Path(path).resolve()), "numerics": numerics, "ep": ep,
+        if tp * dp > 1 or runtime.torchrun_env() is not None:
+            Layout(tp, 0, ep, dp).check(read_args(path))  # an impossible layout fails before any rank starts
+            load = {"path": str(Path(path).resolve()), "numerics": numerics, "ep": ep, "tp": tp, "dp": dp,
                     "dtype": None if dt is None else str(dt).removeprefix("torch.")}
-            self.group = runtime.join(tp, self.device, load)
+            self.group = runtime.join(tp * dp, self.device, load)
         rank = self.group.rank if self.group else 0
         try:
             dev = self.group.device if self.group else self.device
             self.model = load_model(path, numerics=numerics, dtype=dt, device=dev,
-                                    progress=None if rank == 0 else False, layout=Layout(tp, rank, ep))
+                                    progress=None if rank == 0 else False, layout=Layout(tp, rank, ep, dp))
             if self.group is not None:
                 self.model.set_comm(self.group.comm)
                 if rank != 0:  # torchrun: this process follows rank 0's steps, then exits

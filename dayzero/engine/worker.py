@@ -4,7 +4,8 @@ engine on rank 0 schedules, samples and keeps the block lists, and hands every r
 step inputs (token ids, positions, block tables, which rows to score). One rank is the N = 1
 case: the engine calls its own worker directly; with N > 1 ranks each call first goes to the
 other ranks (distributed/runtime.py), whose workers run the same call and meet in the forward's
-collectives.
+collectives. Under DP-attention + EP (distributed/dp.py) each rank's call carries only its own
+requests' rows, and a rank with none joins the MoE collectives alone (`Transformer.idle`).
 
 Calls: `forward` (a step: final streams kept for the step's draft, fp32 logits of the rows asked
 for returned on the host), `draft` (the MTP block over the last forward's streams), `score` (one
@@ -66,7 +67,7 @@ class Worker:
         """The memory free for the cache on this rank, its weights in place (engine/capacity.py)."""
         experts = [t for m in self.model.modules() for g in m.__dict__.get("_stacked", ())
                    if isinstance(g, PerExpert) for t in g.tensors]
-        return probe(self.device, tensor_spans(self._tensors()), self.model.layout.tp, tensor_spans(experts))
+        return probe(self.device, tensor_spans(self._tensors()), self.model.layout.world, tensor_spans(experts))
 
     def allocate(self, spec: PoolSpec) -> None:
         """The cache pools, the device block tables and (CUDA) the recorded steps."""
@@ -79,8 +80,8 @@ class Worker:
                                    table_blocks(model.args.max_seq_len, spec.block_size), device)
         self.graphs_off = "enforce_eager" if spec.enforce_eager else "not a CUDA device"
         if device.type == "cuda" and not spec.enforce_eager:
-            self.graphs_off = ("tensor_parallel_size > 1: steps with collectives are not recorded"
-                               if model.layout.tp > 1 else unsupported(model))
+            self.graphs_off = ("more than one rank: steps with collectives are not recorded"
+                               if model.layout.world > 1 else unsupported(model))
             if self.graphs_off is None:
                 self.use_graphs("cuda")
 
@@ -117,8 +118,12 @@ class Worker:
         """One step: sequence b's tokens ids[sum(lengths[:b]):][:lengths[b]] at positions
         starts[b].., reading and writing the blocks tables[b]; writes below protect[b] (a
         prefix-cache hit) are filtered. Returns fp32 logits of the `want` rows on the host (None
-        if none); the final streams stay here for `draft`."""
+        if none); the final streams stay here for `draft`. Under DP-attention + EP a rank given no
+        sequences this step (an idle rank) joins the MoE layers' collectives and returns None."""
         self._last = None
+        if not lengths:
+            self.model.idle()
+            return None
         end = max(a + n for a, n in zip(starts, lengths))
         if not any(protect):
             run = self._replayed(ids, [b for b, n in enumerate(lengths) for _ in range(n)],
@@ -140,7 +145,11 @@ class Worker:
               tables: list[dict]) -> torch.Tensor:
         """The MTP block over the last forward's final streams at `rows` (sequence seqs[i] of that
         step, positions starts[i] .. + lengths[i]) and the tokens after them -> fp32 logits of each
-        sequence's last row, on the host. Reads the step's block tables (before its commits)."""
+        sequence's last row, on the host. Reads the step's block tables (before its commits).
+        No rows (a DP-attention rank with nothing to draft): the MTP block's collectives only."""
+        if not rows:
+            self.model.idle(mtp=True)
+            return None
         X, cache = self._last
         streams = X[rows]
         ends = torch.tensor(lengths).cumsum(0) - 1
@@ -162,9 +171,11 @@ class Worker:
         return logits
 
     @torch.no_grad()
-    def score(self, ids: list[int]) -> torch.Tensor:
-        """Next-token logits at every position of one sequence: [len, vocab] fp32 on the host."""
-        return self.model(torch.tensor([ids], device=self.device))[0].float().cpu()
+    def score(self, ids: list[int], keep: bool = True) -> torch.Tensor | None:
+        """Next-token logits at every position of one sequence: [len, vocab] fp32 on the host
+        (None with `keep` False: a DP-attention rank computing a copy only for the collectives)."""
+        logits = self.model(torch.tensor([ids], device=self.device))[0]
+        return logits.float().cpu() if keep else None
 
     def _tensors(self) -> list[torch.Tensor]:
         """Model tensors: parameters, buffers and the copies modules keep (dequantised, fused, stacked)."""

@@ -51,7 +51,7 @@ def load_model(path: str | os.PathLike, numerics: str = "official", dtype: torch
     dtype = dtype or default_compute_dtype(device)
     with torch.device("meta"):
         model = Transformer(args, numerics=numerics, compute_dtype=dtype, layout=layout)
-        whole = model if layout.single else Transformer(args, numerics=numerics, compute_dtype=dtype)
+        whole = model if layout.whole else Transformer(args, numerics=numerics, compute_dtype=dtype)
     expected = {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in whole.state_dict().items()}
     local = model.state_dict()
     slices = {}
@@ -60,7 +60,8 @@ def load_model(path: str | os.PathLike, numerics: str = "official", dtype: torch
         if expected[name].shape[dim] != n * layout.tp:  # layout.check rules this out; a guard for new splits
             raise CheckpointError(f"tensor {name!r}: dim {dim} of {list(expected[name].shape)} does not split into "
                                   f"{layout.tp} slices of {n}")
-        slices[name] = (dim, layout.rank * n, (layout.rank + 1) * n)
+        r = layout.rank % layout.tp  # this rank's place among the tensor-parallel ranks
+        slices[name] = (dim, r * n, (r + 1) * n)
     state = load_state(path, expected, device=device, progress=progress, only=set(local), slices=slices)
     check_small_finite(state, str(path))
     model.load_state_dict(state, strict=True, assign=True)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dayzero.config import ModelArgs
-from dayzero.distributed.comm import Comm
+from dayzero.distributed.comm import SINGLE, Comm
 from dayzero.distributed.layout import Layout
 from dayzero.ops import REF, OpTable, ref
 from dayzero.reference.attention import Attention
@@ -153,13 +153,24 @@ class Transformer(HCHead, nn.Module):
         self.mtp = nn.ModuleList(MTPBlock(args, official, layout) for _ in range(args.n_mtp_layers))
 
     def set_comm(self, comm: Comm) -> None:
-        """Install the collectives of this rank's process group in every module."""
-        if comm.world != self.layout.tp:
-            raise ValueError(f"a model sliced for tensor_parallel_size={self.layout.tp} needs a group of that "
-                             f"many ranks, got {comm.world}")
+        """Install the collectives of this rank's process group in every module; under
+        DP-attention + EP only the MoE layers meet the other ranks (everything else is whole here
+        and runs on this rank's own requests: identity collectives)."""
+        lay = self.layout
+        if comm.world != lay.world:
+            raise ValueError(f"a model sliced for tensor_parallel_size={lay.tp} x data_parallel_size={lay.dp} "
+                             f"needs a group of {lay.world} ranks, got {comm.world}")
         for m in self.modules():
             if isinstance(m, UsesOps):
-                m.comm = comm
+                m.comm = comm if lay.dp == 1 or isinstance(m, MoE) else SINGLE
+
+    def idle(self, mtp: bool = False) -> None:
+        """A DP-attention rank with no requests this step: join the collectives of every MoE layer
+        of the step's forward (`mtp`: of the MTP block's draft), in the order the others run them."""
+        blocks = self.mtp[:1] if mtp else self.layers
+        device = self.norm.weight.device
+        for block in blocks:
+            block.ffn.idle(self.compute_dtype, device)
 
     def shard_plan(self) -> dict[str, int]:
         """Tensors this rank holds a slice of: name -> the dim it is sliced along (an even split in

@@ -72,7 +72,9 @@ class Experts(nn.ModuleDict):
 class MoE(UsesOps, nn.Module):
     """Tensor parallel (distributed/layout.py): the shared expert split by its inner dim; routed
     experts split the same way, or whole with E/N per rank (`layout.ep`); the routed and shared
-    partial sums are summed over ranks in one all-reduce (fp32)."""
+    partial sums are summed over ranks in one all-reduce (fp32). DP-attention + EP (`layout.dp`
+    > 1): each rank's own tokens are dispatched to every rank's experts and combined back
+    (`_forward_dp`); the shared expert is whole on every rank."""
 
     def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype, official: bool,
                  layout: Layout = Layout()):
@@ -86,8 +88,11 @@ class MoE(UsesOps, nn.Module):
                                      args.swiglu_limit, split=split)
         self.official, self.limit = official, args.swiglu_limit
         # expert parallel: the routed ids this rank runs, [lo, hi) (all of them otherwise)
-        self.local = (None if not layout.ep or layout.single
+        self.local = (None if not layout.ep or layout.whole
                       else (layout.experts(args).start, layout.experts(args).stop))
+        # DP-attention + EP: tokens dispatched to every rank's experts and combined (`_forward_dp`)
+        self.data_parallel = layout.dp > 1
+        self.dim, self.topk = args.dim, args.n_activated_experts
 
     def stack_experts(self, in_place: bool = False) -> bool:
         """Hand the FP4 routed experts to `ops.moe_experts` as one group: with `in_place` (a table
@@ -118,17 +123,27 @@ class MoE(UsesOps, nn.Module):
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        if self.data_parallel:
+            return self._forward_dp(x, input_ids).view(shape)
         weights, ids = self.gate(x, input_ids)
+        y = self._routed(x, weights, ids)
+        if self.__dict__.get("_stacked") is not None:
+            y += self.shared_experts(x)  # in-place add: fp32 accumulation of either dtype
+            y = self.comm.all_reduce(y)
+            y = y if y.dtype == x.dtype else y.to(x.dtype)
+            return y if len(shape) == 2 else y.view(shape)
+        y += self.shared_experts(x).float()
+        return self.comm.all_reduce(y).to(x.dtype).view(shape)
+
+    def _routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's routed experts' weighted sum over the tokens x [n, dim] routed (weights,
+        ids: [n, k], global expert ids): [n, dim], fp32 in the loop, the kernel's dtype grouped."""
         stacked = self.__dict__.get("_stacked")
         if stacked is not None:  # one grouped call over every routed expert (FP4 checkpoints)
             xe = self.ops.fp8_act_sim(x, 128) if self.official else x
             if self.local is not None:
                 weights, ids = self._local_pairs(weights, ids)
-            y = self.ops.moe_experts(xe, weights, ids, *stacked, self.limit, h_act_sim=self.official)
-            y += self.shared_experts(x)  # in-place add: fp32 accumulation of either dtype
-            y = self.comm.all_reduce(y)
-            y = y if y.dtype == x.dtype else y.to(x.dtype)
-            return y if len(shape) == 2 else y.view(shape)
+            return self.ops.moe_experts(xe, weights, ids, *stacked, self.limit, h_act_sim=self.official)
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         held = self.experts.ids()
         for e in ids.unique().tolist():
@@ -136,8 +151,36 @@ class MoE(UsesOps, nn.Module):
                 continue
             tok, slot = torch.where(ids == e)
             y.index_add_(0, tok, self.experts[e](x[tok], weights[tok, slot]).float())
-        y += self.shared_experts(x).float()
-        return self.comm.all_reduce(y).to(x.dtype).view(shape)
+        return y
+
+    def _forward_dp(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """DP-attention + EP: x [n, dim] are this rank's tokens (n = 0 on a rank with no requests
+        this step: it still joins every collective). Routing is computed here; the step's tokens of
+        every rank and their routing are all-gathered, this rank's E/N experts run on all of them,
+        and the fp32 partial sums go back to the tokens' ranks in one reduce-scatter, where the
+        shared expert (whole on every rank) is added. Why all-gather + reduce-scatter rather than
+        all-to-all: both are one fixed-size call per rank (each rank's share padded to the step's
+        largest), which gloo and NCCL run alike, with no per-destination split bookkeeping; every
+        rank receives every token (N x the bytes of a top-k all-to-all), which at decode sizes is
+        latency, not bandwidth (docs/SCALING.md)."""
+        n = x.shape[0]
+        if n:
+            weights, ids = self.gate(x, input_ids)
+        else:  # an idle rank: no tokens, no routing, the same collectives
+            weights = torch.zeros(0, self.topk, dtype=torch.float32, device=x.device)
+            ids = torch.zeros(0, self.topk, dtype=torch.int64, device=x.device)
+        xs, ws, es, counts = self.comm.dispatch(x, weights, ids)
+        y = self._routed(xs, ws, es) if xs.shape[0] else xs.new_zeros(xs.shape, dtype=torch.float32)
+        y = self.comm.combine(y.float(), counts)  # [n, dim] fp32: every rank's experts summed
+        if n:
+            y += self.shared_experts(x).float()
+        return y.to(x.dtype)
+
+    def idle(self, dtype: torch.dtype, device: torch.device) -> None:
+        """A rank with no tokens this step joins this layer's dispatch and combine (x: the
+        compute dtype, as every rank's MoE input)."""
+        self._forward_dp(torch.zeros(0, self.dim, dtype=dtype, device=device),
+                         torch.zeros(0, dtype=torch.int64, device=device))
 
     def _local_pairs(self, weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert parallel, stacked experts: each token's (weight, id) pairs of this rank's experts,
