@@ -1,0 +1,112 @@
+"""DSpark (reference/dspark.py, engine/dspark_drafter.py) on a random-weight toy in V4-Flash-0731's
+layout (`dayzero toy --preset flash-0731`): strict loading under the official names, and the
+engine's tokens identical with DSpark on and off whatever the batching, chunking, prefix hits or
+preemption (verification keeps exactly the target's tokens; the random drafter is mostly wrong,
+so the rejection and rollback paths are what runs)."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from dayzero import LLM, SamplingParams
+from dayzero.engine.capacity import Sizes
+from dayzero.loader.checkpoint import CheckpointError
+from dayzero.reference.dspark import DSparkStage
+from tests.engine.helpers import staggered
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+SPEC = dict(numerics="transformers", speculative_min_acceptance=0.0)
+
+
+def prompts(n=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 500, (L,), generator=g).tolist() for L in [5, 23, 40, 17, 33][:n]]
+
+
+@pytest.fixture(scope="module")
+def ckpt(make_ckpt):
+    return make_ckpt("flash-0731", "fp8", mtp=0)
+
+
+@pytest.fixture(scope="module")
+def expected(ckpt):
+    llm = LLM(ckpt, numerics="transformers", speculative_config={"num_speculative_tokens": 0})
+    assert llm.engine.spec_enabled is False and llm.engine.worker.capture is False
+    return [r.output_ids for r in staggered(llm.engine, prompts(), GREEDY)]
+
+
+def test_toy_0731_loads_strictly_under_the_official_names(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["num_nextn_predict_layers"] == 1 and len(cfg["compress_ratios"]) == 5 + 3  # as 0731's root config
+    llm = LLM(ckpt, **SPEC)
+    m = llm.model
+    assert m.args.n_mtp_layers == 0 and m.args.dspark_stages == 3
+    assert len(m.mtp) == 3 and all(isinstance(s, DSparkStage) for s in m.mtp)
+    names = set(m.state_dict())
+    for n in ("mtp.0.main_proj.weight", "mtp.0.main_proj.scale", "mtp.0.main_norm.weight", "mtp.2.norm.weight",
+              "mtp.2.hc_head_fn", "mtp.2.markov_head.markov_w1.weight", "mtp.2.markov_head.markov_w2.weight",
+              "mtp.2.confidence_head.proj.weight", "mtp.1.ffn.experts.0.w1.weight", "mtp.1.attn.wkv.weight"):
+        assert n in names, n
+    assert not any(k in n for n in names for k in ("e_proj", "h_proj", "enorm", "hnorm", "tid2eid"))
+    assert m.state_dict()["mtp.0.main_proj.weight"].shape == (m.args.dim, 3 * m.args.dim)
+    assert m.state_dict()["mtp.2.confidence_head.proj.weight"].dtype == torch.float32
+    e = llm.engine
+    assert (e.spec_method, e.spec_k) == ("dspark", 5)  # the default follows the checkpoint
+
+
+def test_a_dspark_checkpoint_read_as_mtp_fails_naming_the_tensors(ckpt, tmp_path):
+    bad = tmp_path / "no-dspark-keys"
+    shutil.copytree(ckpt, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    for k in [k for k in cfg if k.startswith("dspark_")]:
+        del cfg[k]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    hint = r"(?s)mtp\.0\.(e_proj|main_proj).*hint: the checkpoint's mtp\.\* is a DSpark drafter"
+    with pytest.raises(CheckpointError, match=hint):
+        LLM(bad, numerics="transformers")
+
+
+@pytest.mark.parametrize("cfg, msg", [
+    ({"method": "mtp"}, "no MTP module"),
+    ({"method": "dspark", "num_speculative_tokens": 6}, "at most 5"),
+])
+def test_dspark_option_errors(ckpt, cfg, msg):
+    with pytest.raises(ValueError, match=msg):
+        LLM(ckpt, speculative_config=cfg, **SPEC)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(max_num_batched_tokens=7),  # chunked prefill, blocks cut by the budget
+    dict(max_num_batched_tokens=37, max_num_seqs=2),
+    dict(max_num_batched_tokens=64, speculative_config={"method": "dspark", "num_speculative_tokens": 3}),
+], ids=["chunk7", "seqs2", "k3"])
+def test_dspark_on_off_same_greedy_tokens(ckpt, expected, opts):
+    llm = LLM(ckpt, **SPEC, **opts)
+    assert [r.output_ids for r in staggered(llm.engine, prompts(), GREEDY)] == expected
+    st = llm.engine.stats()
+    assert st["spec_method"] == "dspark" and st["spec_draft_tokens"] > 0
+    conf = llm.engine.drafter.last_confidence
+    assert all(0 <= c <= 1 for cs in conf for c in cs)
+
+
+def test_dspark_prefix_hits_and_preemption(ckpt, expected):
+    llm = LLM(ckpt, max_num_batched_tokens=37, **SPEC)
+    first = [o.token_ids for o in llm.generate(prompts(), GREEDY)]
+    hits = llm.engine.kv.hits
+    second = [o.token_ids for o in llm.generate(prompts(), GREEDY)]
+    assert first == second == expected and llm.engine.kv.hits > hits
+    opts = dict(max_num_batched_tokens=16, max_num_seqs=5, **SPEC)
+    e = LLM(ckpt, **opts).engine
+    z = Sizes(e.groups, e.args, e.model.compute_dtype, e.block_size, 16)
+    small = LLM(ckpt, kv_cache_memory_bytes=z.needed(5) + 4 * z.per_entry_block, **opts)
+    assert [r.output_ids for r in staggered(small.engine, prompts(), GREEDY, every=1)] == expected
+    assert small.engine.scheduler.num_preemptions > 0
+
+
+def test_dspark_seeded_sampling_does_not_change(ckpt):
+    p = SamplingParams(temperature=0.9, top_k=50, seed=3, max_tokens=10, ignore_eos=True)
+    plain = LLM(ckpt, numerics="transformers", num_speculative_tokens=0).generate(prompts(3), p)
+    spec = LLM(ckpt, **SPEC)
+    assert [o.token_ids for o in spec.generate(prompts(3), p)] == [o.token_ids for o in plain]
+    assert spec.engine.stats()["spec_draft_tokens"] > 0
