@@ -13,7 +13,9 @@ Drafters: `MTPDrafter` (the checkpoint's one MTP module, k = 1) and `DSparkDraft
 (engine/dspark_drafter.py: the three-stage block drafter of V4-Flash-0731 / -DSpark, k <= its
 block size). `speculative_config={"method": "mtp" | "dspark", "num_speculative_tokens": k}`
 chooses; the default follows the checkpoint (DSpark when it ships one, else MTP when it has an
-MTP module, else none); k = 0 turns speculation off.
+MTP module, else none); k = 0 turns speculation off. DSpark also takes "confidence_threshold" t
+(dayzero's key, default 0: every request drafts its full k): a request's block stops before the
+first draft token whose cumulative survival (product of the confidence head's values) is below t.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from dayzero.engine.request import Request
 from dayzero.engine.sampling import sample
 
 METHODS = ("mtp", "dspark")
+KEYS = ("method", "num_speculative_tokens", "confidence_threshold")
 
 
 def check_speculative_config(cfg, num_speculative_tokens) -> None:
@@ -37,14 +40,19 @@ def check_speculative_config(cfg, num_speculative_tokens) -> None:
     if not isinstance(cfg, dict):
         raise ValueError(f"speculative_config: must be a dict like {{'method': 'dspark', "
                          f"'num_speculative_tokens': 3}}, got {cfg!r}")
-    unknown = sorted(set(cfg) - {"method", "num_speculative_tokens"})
+    unknown = sorted(set(cfg) - set(KEYS))
     if unknown:
-        raise ValueError(f"speculative_config: unknown key(s) {unknown}; known: ['method', 'num_speculative_tokens']")
+        raise ValueError(f"speculative_config: unknown key(s) {unknown}; known: {list(KEYS)}")
     if cfg.get("method") is not None and cfg["method"] not in METHODS:
         raise ValueError(f"speculative_config.method: must be one of {list(METHODS)}, got {cfg['method']!r}")
     k = cfg.get("num_speculative_tokens")
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
         raise ValueError(f"speculative_config.num_speculative_tokens: must be a non-negative integer, got {k!r}")
+    t = cfg.get("confidence_threshold", 0.0)
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t < 1:
+        raise ValueError(f"speculative_config.confidence_threshold: must be a number in [0, 1), got {t!r}")
+    if t and cfg.get("method") == "mtp":
+        raise ValueError("speculative_config.confidence_threshold: only DSpark has a confidence head, not 'mtp'")
     if (k is not None and num_speculative_tokens is not None and k != num_speculative_tokens):
         raise ValueError(f"num_speculative_tokens={num_speculative_tokens} disagrees with "
                          f"speculative_config.num_speculative_tokens={k}: give one")

@@ -9,8 +9,10 @@ After each step, on the step's cache (before its commits):
   3. the Markov head runs left to right over all drafting requests at once, each draft token
      sampled with the request's own sampling noise for that output index (sampling.py), so the
      verification accepts it exactly when the target samples the same token.
-The confidence of each draft token is computed and kept (`last_confidence`); choosing the draft
-length from it is not built: every drafting request proposes min(k, what its limits leave).
+Draft length: min(k, what the request's limits leave), cut before the first token whose
+cumulative survival (the product of the confidence head's values so far) falls below
+`confidence_threshold` (0: never cut). The confidences of the proposed tokens are kept
+(`last_confidence`). Weighing them against the measured cost of a step with more rows is not built.
 """
 from __future__ import annotations
 
@@ -25,8 +27,8 @@ from dayzero.reference.seqcache import Batch
 class DSparkDrafter:
     method = "dspark"
 
-    def __init__(self, model, k: int):
-        self.model, self.k = model, k
+    def __init__(self, model, k: int, confidence_threshold: float = 0.0):
+        self.model, self.k, self.threshold = model, k, confidence_threshold
         self.last_confidence: list[list[float]] = []  # per drafting request of the last step
 
     def attach(self, worker) -> None:
@@ -57,19 +59,26 @@ class DSparkDrafter:
         h, U = draft_block(self.model, stages, anchors, batch, k)
         last = stages[-1]
         prev, drafts, conf = anchors, [[] for _ in reqs], [[] for _ in reqs]
+        room = [n for _, n in drafting]  # tokens each request may still propose
+        survival = [1.0] * len(reqs)
         for i in range(k):
             e = last.markov_head.embed(prev)
             logits = (U[:, i] + last.markov_head.bias(e)).cpu()
             c = last.confidence_head(h[:, i], e).cpu()
             toks = []
-            for j, (r, (_, n)) in enumerate(zip(reqs, drafting)):
-                tok = sample(logits[j], r.params, r.seed, len(r.output_ids) + i) if i < n else 0
+            for j, r in enumerate(reqs):
+                tok = 0
+                if i < room[j]:
+                    survival[j] *= float(c[j])
+                    if survival[j] < self.threshold:
+                        room[j] = i  # the block ends before this token
+                    else:
+                        tok = sample(logits[j], r.params, r.seed, len(r.output_ids) + i)
+                        drafts[j].append(tok)
+                        conf[j].append(float(c[j]))
                 toks.append(tok)
-                if i < n:
-                    drafts[j].append(tok)
-                    conf[j].append(float(c[j]))
             prev = torch.tensor(toks, device=dev)
-            if all(i + 1 >= n for _, n in drafting):
+            if all(i + 1 >= n for n in room):
                 break
         for r, d in zip(reqs, drafts):
             r.draft = d

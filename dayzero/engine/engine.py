@@ -132,7 +132,8 @@ class Engine:
                 raise ValueError("speculative_config.method='dspark' needs tensor_parallel_size=1 (DSpark over "
                                  "several ranks is not built); use 'mtp' or num_speculative_tokens=0")
             from dayzero.engine.dspark_drafter import DSparkDrafter
-            return DSparkDrafter(self.model, self.spec_k)
+            return DSparkDrafter(self.model, self.spec_k,
+                                 (self.eargs.speculative_config or {}).get("confidence_threshold", 0.0))
         return None
 
     def _on_ranks(self, method: str, *args) -> list:

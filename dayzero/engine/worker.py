@@ -82,7 +82,9 @@ class Worker:
         self.tables = DeviceTables(self.pools, spec.max_num_seqs + 1,
                                    table_blocks(model.args.max_seq_len, spec.block_size), device)
         self.graphs_off = "enforce_eager" if spec.enforce_eager else "not a CUDA device"
-        if device.type == "cuda" and not spec.enforce_eager:
+        if self.capture:
+            self.graphs_off = "DSpark drafting: steps keep the target layers' outputs (not recorded)"
+        elif device.type == "cuda" and not spec.enforce_eager:
             self.graphs_off = ("tensor_parallel_size > 1: steps with collectives are not recorded"
                                if model.layout.tp > 1 else unsupported(model))
             if self.graphs_off is None:

@@ -48,7 +48,8 @@ def test_toy_0731_loads_strictly_under_the_official_names(ckpt):
               "mtp.2.hc_head_fn", "mtp.2.markov_head.markov_w1.weight", "mtp.2.markov_head.markov_w2.weight",
               "mtp.2.confidence_head.proj.weight", "mtp.1.ffn.experts.0.w1.weight", "mtp.1.attn.wkv.weight"):
         assert n in names, n
-    assert not any(k in n for n in names for k in ("e_proj", "h_proj", "enorm", "hnorm", "tid2eid"))
+    assert not any(k in n for n in names if n.startswith("mtp.") for k in ("e_proj", "h_proj", "enorm", "hnorm",
+                                                                           "tid2eid"))
     assert m.state_dict()["mtp.0.main_proj.weight"].shape == (m.args.dim, 3 * m.args.dim)
     assert m.state_dict()["mtp.2.confidence_head.proj.weight"].dtype == torch.float32
     e = llm.engine
@@ -90,6 +91,33 @@ def test_dspark_on_off_same_greedy_tokens(ckpt, expected, opts):
     assert all(0 <= c <= 1 for cs in conf for c in cs)
 
 
+def test_confidence_threshold_cuts_blocks_and_changes_no_token(ckpt, expected):
+    full = LLM(ckpt, **SPEC)
+    assert [r.output_ids for r in staggered(full.engine, prompts(3), GREEDY)] == expected[:3]
+    cut = LLM(ckpt, speculative_config={"confidence_threshold": 0.3}, **SPEC)
+    seen = []
+    propose = cut.engine.drafter.propose
+
+    def recording(engine, plan):
+        propose(engine, plan)
+        seen.extend(engine.drafter.last_confidence)
+
+    cut.engine.drafter.propose = recording
+    assert [r.output_ids for r in staggered(cut.engine, prompts(3), GREEDY)] == expected[:3]
+    assert seen and all(torch.tensor(cs).prod() >= 0.3 for cs in seen if cs)
+    assert 0 < cut.engine.stats()["spec_draft_tokens"] < full.engine.stats()["spec_draft_tokens"]
+    with pytest.raises(ValueError, match="only DSpark has a confidence head"):
+        LLM(ckpt, speculative_config={"method": "mtp", "confidence_threshold": 0.5}, **SPEC)
+
+
+def test_dspark_under_official_numerics(ckpt):
+    p = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    off = LLM(ckpt, num_speculative_tokens=0)
+    on = LLM(ckpt, speculative_min_acceptance=0.0, max_num_batched_tokens=19)
+    assert [o.token_ids for o in on.generate(prompts(2), p)] == [o.token_ids for o in off.generate(prompts(2), p)]
+    assert on.engine.stats()["spec_draft_tokens"] > 0
+
+
 def test_dspark_prefix_hits_and_preemption(ckpt, expected):
     llm = LLM(ckpt, max_num_batched_tokens=37, **SPEC)
     first = [o.token_ids for o in llm.generate(prompts(), GREEDY)]
@@ -110,3 +138,67 @@ def test_dspark_seeded_sampling_does_not_change(ckpt):
     spec = LLM(ckpt, **SPEC)
     assert [o.token_ids for o in spec.generate(prompts(3), p)] == [o.token_ids for o in plain]
     assert spec.engine.stats()["spec_draft_tokens"] > 0
+
+
+def test_draft_block_matches_a_dense_rendering_of_the_method():
+    """reference/dspark.py's draft against a direct rendering of the method (research/v41-and-dspark.md
+    2.3) on one sequence longer than the window: context rows of exactly the last `window` main
+    positions before the anchor, rotated at their main positions; every block row attending to all
+    k block rows (non-causal) and to those context rows, the sink in the denominator only."""
+    from dayzero.ops import ref
+    from dayzero.reference.dspark import draft_block, main_hidden
+    from dayzero.reference.model import Transformer
+    from dayzero.reference.seqcache import Batch, DenseBatchCache, DenseSeqCache
+    from dayzero.testing import random_state, tiny_args
+
+    args = tiny_args("flash-0731")
+    model = Transformer(args, numerics="transformers")
+    model.load_state_dict(random_state(model, seed=2), strict=True)
+    model.eval()
+    L, k, W = 23, 4, args.window_size
+    ids = torch.randint(2, 500, (L,), generator=torch.Generator().manual_seed(0))
+    anchor = 77
+    with torch.no_grad():
+        cache = DenseBatchCache([DenseSeqCache()])
+        cap: dict = {}
+        model.forward_packed(ids, Batch([0], [L], cache, torch.device("cpu")), cap)
+        st0, stages = model.mtp[0], model.mtp
+        main_x = st0.main_norm(st0.main_proj(main_hidden(cap, args)))
+        for st in stages:
+            st.write_context(main_x, Batch([0], [L], cache, torch.device("cpu")))
+        h, U = draft_block(model, stages, torch.tensor([anchor]), Batch([L], [k], cache, torch.device("cpu")), k)
+
+        # the same draft, written out densely
+        inv = stages[0].attn.inv_freq_cpu
+        ctx_pos = torch.arange(L - W, L)  # the W main positions before the anchor's position L
+        blk_pos = torch.arange(L, L + k)
+        x_ids = torch.tensor([anchor] + [args.dspark_noise_token_id] * (k - 1))
+        X = model.embed_tokens(x_ids).unsqueeze(1).repeat(1, args.hc_mult, 1)
+        for st in stages:
+            a = st.attn
+
+            def rot(t, pos, inverse=False):
+                return ref.apply_rope(t, *[c[:, None] if t.dim() == 3 else c for c in ref.rope_cos_sin(pos, inv)],
+                                      inverse=inverse)
+
+            ctx_kv = rot(a.kv_norm(a.wkv(main_x[ctx_pos])), ctx_pos)
+
+            def attend(x, a=a, ctx_kv=ctx_kv):
+                q = a.wq_b(a.q_norm(a.wq_a(x))).unflatten(-1, (a.n_heads, a.head_dim))
+                q = rot(ref.rms_norm(q, None, a.eps), blk_pos)
+                keys = torch.cat([ctx_kv, rot(a.kv_norm(a.wkv(x)), blk_pos)])  # [W + k, D]
+                logits = torch.einsum("nhd,kd->nhk", q, keys) * a.head_dim ** -0.5
+                full = torch.cat([logits, a.attn_sink.view(1, -1, 1).expand(k, -1, 1)], -1)
+                o = torch.einsum("nhk,kd->nhd", full.softmax(-1)[..., :-1], keys)
+                o = rot(o, blk_pos, inverse=True).reshape(k, a.o_groups, -1)
+                return a.wo_b(a._grouped_wo_a(o))
+
+            X = st._site(X, st.hc_attn_fn, st.hc_attn_scale, st.hc_attn_base, lambda u: attend(st.attn_norm(u)))
+            X = st._site(X, st.hc_ffn_fn, st.hc_ffn_scale, st.hc_ffn_base, lambda u: st.ffn(st.ffn_norm(u), x_ids))
+        h_ref, U_ref = stages[-1].head(X, model.head_weight())
+    assert torch.allclose(h[0], h_ref, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(U[0], U_ref, atol=1e-3, rtol=1e-3)
+    # the Markov head: row i's bias is markov_w2 . markov_w1[previous token]
+    mh = stages[-1].markov_head
+    bias = mh.bias(mh.embed(torch.tensor([anchor])))[0]
+    assert torch.allclose(bias, mh.markov_w2.weight @ mh.markov_w1.weight[anchor], atol=1e-5)
