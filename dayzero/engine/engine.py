@@ -3,7 +3,8 @@
 A step packs the scheduled tokens of every request into one forward (each request a sequence of
 the Batch, reading and writing its own blocks), samples where a request reached its last known token,
 verifies the drafts in the same forward, lets the drafter (engine/drafter.py) propose the next
-ones, and commits finished blocks to the prefix cache. Nothing a request sees depends on what else is in the batch.
+ones, and commits finished blocks to the prefix cache. Nothing a request sees depends on what else
+is in the batch.
 """
 from __future__ import annotations
 
@@ -129,8 +130,12 @@ class Engine:
             return MTPDrafter(self.spec_k)
         if self.spec_method == "dspark":
             if ranks is not None:
-                raise ValueError("speculative_config.method='dspark' needs tensor_parallel_size=1 (DSpark over "
-                                 "several ranks is not built); use 'mtp' or num_speculative_tokens=0")
+                if (self.eargs.speculative_config or {}).get("method") == "dspark":
+                    raise ValueError("speculative_config.method='dspark' needs tensor_parallel_size=1 (DSpark over "
+                                     "several ranks is not built); use num_speculative_tokens=0")
+                print("dayzero: speculation off: DSpark over several ranks is not built", file=sys.stderr)
+                self.spec_method, self.spec_k = None, 0
+                return None
             from dayzero.engine.dspark_drafter import DSparkDrafter
             return DSparkDrafter(self.model, self.spec_k,
                                  (self.eargs.speculative_config or {}).get("confidence_threshold", 0.0))

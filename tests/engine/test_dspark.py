@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dayzero import LLM, SamplingParams
+from dayzero.cli import main, speculative_config
 from dayzero.engine.capacity import Sizes
 from dayzero.loader.checkpoint import CheckpointError
 from dayzero.reference.dspark import DSparkStage
@@ -25,8 +26,11 @@ def prompts(n=5, seed=1):
 
 
 @pytest.fixture(scope="module")
-def ckpt(make_ckpt):
-    return make_ckpt("flash-0731", "fp8", mtp=0)
+def ckpt(tmp_path_factory):
+    """What `dayzero toy --preset flash-0731` writes (FP8, FP4 experts, a toy tokenizer)."""
+    d = tmp_path_factory.mktemp("toy") / "flash-0731"
+    assert main(["toy", str(d), "--preset", "flash-0731"]) == 0
+    return d
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +70,15 @@ def test_a_dspark_checkpoint_read_as_mtp_fails_naming_the_tensors(ckpt, tmp_path
     hint = r"(?s)mtp\.0\.(e_proj|main_proj).*hint: the checkpoint's mtp\.\* is a DSpark drafter"
     with pytest.raises(CheckpointError, match=hint):
         LLM(bad, numerics="transformers")
+
+
+def test_speculative_config_flag():
+    assert speculative_config('{"method": "dspark", "num_speculative_tokens": 3}') == {
+        "method": "dspark", "num_speculative_tokens": 3}
+    for text, msg in [("{method: dspark}", "not JSON"), ('{"method": "eagle3"}', "must be one of"),
+                      ('{"num_speculative_tokens": -1}', "non-negative")]:
+        with pytest.raises(SystemExit, match=msg):
+            speculative_config(text)
 
 
 @pytest.mark.parametrize("cfg, msg", [
