@@ -32,7 +32,7 @@ from torch import nn
 from dayzero.config import ModelArgs
 from dayzero.distributed.layout import Layout
 from dayzero.reference.attention import _fp8_nope_sim, rope_table, rows_of
-from dayzero.reference.layers import Linear, RMSNorm, fused_pair, storage_dtype
+from dayzero.reference.layers import Linear, RMSNorm, UsesOps, fused_pair, storage_dtype
 from dayzero.reference.model import Block, HCHead, _f32
 from dayzero.reference.seqcache import Batch
 
@@ -45,8 +45,9 @@ class _Weight(nn.Module):
         self.weight = nn.Parameter(torch.zeros(*shape, dtype=dtype), requires_grad=False)
 
 
-class MarkovHead(nn.Module):
-    """B(prev, v) = markov_w2[v] . markov_w1[prev]: a rank-r bigram bias on the draft logits."""
+class MarkovHead(UsesOps, nn.Module):
+    """B(prev, v) = markov_w2[v] . markov_w1[prev]: a rank-r bigram bias on the draft logits (through
+    the table's fp32_linear, as the LM head: a row's bias does not depend on the other rows)."""
 
     def __init__(self, args: ModelArgs, dtype: torch.dtype):
         super().__init__()
@@ -57,17 +58,17 @@ class MarkovHead(nn.Module):
         return self.markov_w1.weight[prev].float()  # [n, r]
 
     def bias(self, e: torch.Tensor) -> torch.Tensor:
-        return e @ self.markov_w2.weight.float().T  # [n, vocab] fp32
+        return self.ops.fp32_linear(e, self.markov_w2.weight)  # [n, vocab] fp32
 
 
-class ConfidenceHead(nn.Module):
+class ConfidenceHead(UsesOps, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.proj = _Weight(1, args.dim + args.dspark_markov_rank, dtype=torch.float32)
 
     def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """Probability that the draft survives verification, [n]."""
-        return torch.sigmoid(torch.cat([h.float(), e], -1) @ self.proj.weight.float().T).squeeze(-1)
+        return torch.sigmoid(self.ops.fp32_linear(torch.cat([h.float(), e], -1), self.proj.weight)).squeeze(-1)
 
 
 class DSparkStage(Block, HCHead):
