@@ -218,3 +218,16 @@ def test_speculative_config_spellings_and_errors(ckpt):
     ]:
         with pytest.raises(ValueError, match=msg):
             LLM(ckpt, numerics="transformers", speculative_config=cfg, **kw)
+
+
+def test_k_token_verification_reports_each_tokens_own_logprobs(ckpt, expected):
+    p = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+    plain = LLM(ckpt, numerics="transformers", num_speculative_tokens=0).generate(prompts()[:3], p)
+    llm = LLM(ckpt, numerics="transformers", num_speculative_tokens=1, speculative_min_acceptance=0.0)
+    llm.engine.drafter = OracleDrafter({f"gen-{i}": x for i, x in enumerate(expected[:3])}, 3, True)
+    spec = llm.generate(prompts()[:3], p)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain] == expected[:3]
+    assert llm.engine.stats()["spec_accepted_tokens"] > 10
+    for a, b in zip(spec, plain):
+        for la, lb in zip(a.logprobs, b.logprobs):
+            assert la.keys() == lb.keys() and all(abs(la[k] - lb[k]) < 1e-5 for k in la)
