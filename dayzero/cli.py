@@ -41,7 +41,8 @@ def add_speculative_arguments(p) -> None:
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "dspark", "num_speculative_tokens": 3}\' '
                         '(method "dspark" or "mtp"; num_speculative_tokens 0 turns it off; default: the '
-                        "checkpoint's drafter, DSpark where it ships one, else MTP, at its full length)")
+                        "checkpoint's drafter, DSpark where it ships one, else MTP, at its full length; DSpark "
+                        'also takes "confidence_threshold": t, cutting a block where its cumulative confidence < t)')
     p.add_argument("--num-speculative-tokens", type=int, default=None,
                    help="draft tokens per step for the checkpoint's drafter (MTP: 0 or 1; DSpark: up to its "
                         "block size); the same as num_speculative_tokens in --speculative-config")
