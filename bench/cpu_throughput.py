@@ -73,7 +73,7 @@ def main() -> None:
                "baseline_name": "transformers DeepseekV4ForCausalLM.generate (greedy, batch 1 each)",
                "baseline_time_us": t_hf * 1e6, "baseline_tokens_per_s": gen / t_hf,
                "speedup": t_hf / t_ours, "greedy_agreement": f"{agree}/{n}",
-               "mtp": llm.engine.stats()["mtp_acceptance"], "ops": llm.engine.ops.name, **env}
+               "mtp": llm.engine.stats()["spec_acceptance"], "ops": llm.engine.ops.name, **env}
         records.append(rec)
         print(f"{n:3d} prompt(s): dayzero ({llm.engine.ops.name} ops) {gen / t_ours:8.1f} tok/s, transformers {gen / t_hf:8.1f} tok/s, "
               f"speedup {t_hf / t_ours:5.2f}x, greedy agreement {agree}/{n}")

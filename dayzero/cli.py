@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 FORMATS = {
@@ -17,6 +18,34 @@ def _token_ids(text: str) -> list[int]:
         return [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
         raise SystemExit(f"--token-ids: expected integers separated by commas or spaces, got {text!r}") from None
+
+
+def speculative_config(text: str | None) -> dict | None:
+    """--speculative-config's JSON (vLLM's flag): {"method": "dspark" | "mtp", "num_speculative_tokens": k}."""
+    if text is None:
+        return None
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--speculative-config: not JSON ({e}): {text!r}")
+    from dayzero.engine.drafter import check_speculative_config
+    try:
+        check_speculative_config(cfg, None)
+    except ValueError as e:
+        raise SystemExit(f"--speculative-config: {e}")
+    return cfg
+
+
+def add_speculative_arguments(p) -> None:
+    """The speculation flags of generate and serve (vLLM's names; engine/drafter.py)."""
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "dspark", "num_speculative_tokens": 3}\' '
+                        '(method "dspark" or "mtp"; num_speculative_tokens 0 turns it off; default: the '
+                        "checkpoint's drafter, DSpark where it ships one, else MTP, at its full length; DSpark "
+                        'also takes "confidence_threshold": t, cutting a block where its cumulative confidence < t)')
+    p.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="draft tokens per step for the checkpoint's drafter (MTP: 0 or 1; DSpark: up to its "
+                        "block size); the same as num_speculative_tokens in --speculative-config")
 
 
 def add_parallel_arguments(p) -> None:
@@ -45,6 +74,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     llm = LLM(a.model, device=a.device, dtype=a.dtype, numerics=a.numerics,
               max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=not a.no_prefix_caching,
               num_speculative_tokens=a.num_speculative_tokens, kv_cache_memory_bytes=a.kv_cache_memory_bytes,
+              speculative_config=speculative_config(a.speculative_config),
               ops=a.ops, enforce_eager=a.enforce_eager, kv_cache_dtype=a.kv_cache_dtype,
               tensor_parallel_size=a.tensor_parallel_size, enable_expert_parallel=a.enable_expert_parallel,
               data_parallel_size=a.data_parallel_size)
@@ -70,8 +100,9 @@ def _generate(llm, prompt, params, a) -> int:
         out = llm.generate([prompt], params)[0]
         print(" ".join(map(str, out.token_ids)) if show_ids else out.text)
     st = llm.engine.stats()
-    mtp = (f", MTP acceptance {st['mtp_acceptance']:.0%} of {st['mtp_drafts']} drafts"
-           f"{'' if st['mtp_enabled'] else ' (turned off)'}" if st["mtp_drafts"] else "")
+    mtp = (f", {st['spec_method']} acceptance {st['spec_acceptance']:.0%} of {st['spec_draft_tokens']} draft tokens, "
+           f"{st['spec_mean_accepted_length']:.2f} accepted a step{'' if st['spec_enabled'] else ' (turned off)'}"
+           if st["spec_draft_tokens"] else "")
     print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}{mtp}]", file=sys.stderr)
     return 0
 
@@ -92,11 +123,11 @@ def cmd_toy(a: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from dayzero.testing import TINY, random_state, tiny_args, tiny_tokenizer
+    from dayzero.testing import DSPARK_TINY, TINY, random_state, tiny_args, tiny_tokenizer
 
-    if a.preset not in TINY:
-        raise SystemExit(f"toy: unknown preset {a.preset!r} (one of {', '.join(TINY)})")
-    args = tiny_args(a.preset, n_mtp_layers=1)
+    if a.preset not in TINY and a.preset not in DSPARK_TINY:
+        raise SystemExit(f"toy: unknown preset {a.preset!r} (one of {', '.join([*TINY, *DSPARK_TINY])})")
+    args = tiny_args(a.preset) if a.preset in DSPARK_TINY else tiny_args(a.preset, n_mtp_layers=1)
     state = random_state(Transformer(args), seed=a.seed)
     target = args.replace(**FORMATS[a.format])
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,8 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     g.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per engine step (prefill chunk)")
     g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--num-speculative-tokens", type=int, choices=[0, 1], default=None,
-                   help="MTP drafts per step (default: 1 when the checkpoint has an MTP module)")
+    add_speculative_arguments(g)
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                    help="KV cache budget per rank (default: the memory free after the weights, less a margin, "
                         "shared by the local CPU ranks; engine/capacity.py)")
@@ -219,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("toy", help="write a small random-weight DeepSeek-V4 checkpoint (for trying things out)")
     t.add_argument("dir")
-    t.add_argument("--preset", default="flash", help="flash (SWA+CSA+HCA, hash MoE), pro (HCA first), mixed")
+    t.add_argument("--preset", default="flash", help="flash (SWA+CSA+HCA, hash MoE, MTP), pro (HCA first), mixed, "
+                        "flash-0731 (flash with DeepSeek's three-stage DSpark drafter in mtp.*, as V4-Flash-0731)")
     t.add_argument("--format", choices=sorted(FORMATS), default="fp8")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--overwrite", action="store_true")

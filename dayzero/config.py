@@ -4,6 +4,10 @@
 Layer types are kept per layer as "sliding", "csa" (overlapping compressor + lightning indexer +
 top-k) or "hca" (non-overlapping compressor, all entries); every layer also has the sliding window.
 The MTP module's block is layer id `n_layers` and is always "sliding" (v4-architecture.md 2.4).
+A DSpark drafter (V4-Flash-0731, -DSpark; research/v41-and-dspark.md section 2) takes the `mtp.*`
+namespace instead: its stages are layer ids n_layers .. n_layers + dspark_stages - 1, all
+"sliding", and the checkpoint's `num_nextn_predict_layers` (1 in 0731's root config) does not
+describe them: the `dspark_*` keys do.
 """
 from __future__ import annotations
 
@@ -63,6 +67,13 @@ class ModelArgs:
     beta_slow: float = 1.0
     max_seq_len: int = 1048576
     n_mtp_layers: int = 1
+    # DSpark (0 stages: none): draft block size, the noise token filling the block after the anchor,
+    # the backbone layers whose outputs condition it, the Markov head's rank, its stages (mtp.0..)
+    dspark_stages: int = 0
+    dspark_block_size: int = 0
+    dspark_noise_token_id: int = 0
+    dspark_target_layer_ids: tuple[int, ...] = ()
+    dspark_markov_rank: int = 0
     dtype: str = "bfloat16"  # storage dtype of dense tensors in the checkpoint
     quant: str | None = "fp8"  # None: dense linears; "fp8": e4m3 weights, E8M0 128x128 scales
     expert_dtype: str | None = "fp4"  # routed experts: None (as `quant`), "fp8" or "fp4"
@@ -146,6 +157,20 @@ class ModelArgs:
             bad("index_topk", f"must be positive, got {self.index_topk}")
         if self.n_mtp_layers not in (0, 1):
             bad("n_mtp_layers", f"only 0 or 1 MTP module is supported, got {self.n_mtp_layers}")
+        if self.dspark_stages:
+            if self.n_mtp_layers:
+                bad("n_mtp_layers", "a DSpark checkpoint's mtp.* tensors are its drafter: no MTP module beside it")
+            if self.dspark_stages < 1 or self.dspark_block_size < 1:
+                bad("dspark_block_size", f"must be a positive integer, got {self.dspark_block_size}")
+            if not 0 <= self.dspark_noise_token_id < self.vocab_size:
+                bad("dspark_noise_token_id", f"{self.dspark_noise_token_id} is not a token id below "
+                                             f"`vocab_size` = {self.vocab_size}")
+            ids = self.dspark_target_layer_ids
+            if not ids or len(set(ids)) != len(ids) or not all(0 <= i < self.n_layers for i in ids):
+                bad("dspark_target_layer_ids", f"must be distinct backbone layer ids in [0, {self.n_layers}), "
+                                               f"got {list(ids)}")
+            if self.dspark_markov_rank < 1:
+                bad("dspark_markov_rank", f"must be a positive integer, got {self.dspark_markov_rank}")
         if self.dtype not in DENSE_DTYPES:
             bad("dtype", f"unsupported storage dtype {self.dtype!r} (allowed: {', '.join(DENSE_DTYPES)})")
         if self.quant not in (None, "fp8"):
@@ -210,7 +235,8 @@ class ModelArgs:
             rope_theta=k.num("rope_theta", 10000.0), compress_rope_theta=k.num("compress_rope_theta", 40000.0),
             rope_factor=k.num("rope_factor", 40.0), original_seq_len=k.int("original_seq_len", 0),
             beta_fast=k.num("beta_fast", 32.0), beta_slow=k.num("beta_slow", 1.0),
-            max_seq_len=k.int("max_seq_len", 1048576), n_mtp_layers=k.int("n_mtp_layers", 1),
+            max_seq_len=k.int("max_seq_len", 1048576),
+            **_drafter_fields(k, k.int("n_mtp_layers", 1), k.int("n_mtp_layers", 1)),
             dtype="bfloat16", quant=quant,
             expert_dtype=(k.str("expert_dtype", None) if quant else None),
         )
@@ -293,7 +319,9 @@ class ModelArgs:
             original_seq_len=r.int("original_max_position_embeddings", 0) if yarn else 0,
             beta_fast=r.num("beta_fast", 32.0), beta_slow=r.num("beta_slow", 1.0),
             max_seq_len=k.int("max_position_embeddings", 1048576),
-            n_mtp_layers=k.int("num_nextn_predict_layers", 0),
+            **_drafter_fields(k, k.int("num_nextn_predict_layers", 0),
+                              len(c["compress_ratios"]) - n_layers if isinstance(c.get("compress_ratios"), list)
+                              and len(c["compress_ratios"]) > n_layers else DSPARK_STAGES),
             dtype=c.get("torch_dtype", c.get("dtype", "bfloat16")) or "bfloat16", quant=quant,
             expert_dtype=expert_dtype if quant else None,
             bos_token_id=k.int("bos_token_id", 0, allow_none=True) or 0,
@@ -314,7 +342,7 @@ class ModelArgs:
             "o_groups": self.o_groups, "o_lora_rank": self.o_lora_rank, "sliding_window": self.window_size,
             "layer_types": [_HF_NAME_OF[t] for t in self.layer_types],
             "compress_rates": rates,
-            "compress_ratios": list(self.compress_ratios) + [0] * self.n_mtp_layers,
+            "compress_ratios": list(self.compress_ratios) + [0] * (self.n_mtp_layers + self.dspark_stages),
             "num_hash_layers": self.n_hash_layers,
             "mlp_layer_types": ["hash_moe"] * self.n_hash_layers + ["moe"] * (self.n_layers - self.n_hash_layers),
             "n_routed_experts": self.n_routed_experts, "n_shared_experts": self.n_shared_experts,
@@ -326,10 +354,16 @@ class ModelArgs:
             "hc_sinkhorn_iters": self.hc_sinkhorn_iters, "hc_eps": self.hc_eps,
             "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
             "compress_rope_theta": self.compress_rope_theta,
-            "max_position_embeddings": self.max_seq_len, "num_nextn_predict_layers": self.n_mtp_layers,
+            # a DSpark checkpoint says 1 next-n layer, as DeepSeek's 0731 root config does
+            "max_position_embeddings": self.max_seq_len,
+            "num_nextn_predict_layers": 1 if self.dspark_stages else self.n_mtp_layers,
             "hidden_act": "silu", "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
             "tie_word_embeddings": False, "torch_dtype": self.dtype, "attention_bias": False,
         })
+        if self.dspark_stages:
+            cfg.update({"dspark_block_size": self.dspark_block_size, "dspark_noise_token_id": self.dspark_noise_token_id,
+                        "dspark_target_layer_ids": list(self.dspark_target_layer_ids),
+                        "dspark_markov_rank": self.dspark_markov_rank})
         if self.yarn:
             cfg["rope_scaling"] = {"type": "yarn", "factor": self.rope_factor,
                                    "original_max_position_embeddings": self.original_seq_len,
@@ -354,7 +388,23 @@ _HF_KEYS_USED = (
     "hc_sinkhorn_iters hc_eps rms_norm_eps rope_theta compress_rope_theta rope_scaling rope_parameters "
     "max_position_embeddings num_nextn_predict_layers hidden_act bos_token_id eos_token_id "
     "tie_word_embeddings torch_dtype dtype attention_bias quantization_config expert_dtype"
-).split()
+).split() + ["dspark_block_size", "dspark_noise_token_id", "dspark_target_layer_ids",
+                "dspark_markov_rank"]
+
+
+DSPARK_STAGES = 3  # every DSpark DeepSeek ships has three stages (mtp.0 .. mtp.2)
+_DSPARK_KEYS = ("dspark_block_size", "dspark_noise_token_id", "dspark_target_layer_ids", "dspark_markov_rank")
+
+
+def _drafter_fields(k: Keys, n_mtp: int, dspark_stages: int) -> dict:
+    """n_mtp_layers and the DSpark fields: a config with `dspark_*` keys ships DSpark under mtp.*
+    (whatever its next-n count says: 0731's root config says 1), one without ships MTP."""
+    if "dspark_block_size" not in k.c:
+        return {"n_mtp_layers": n_mtp}
+    return {"n_mtp_layers": 0, "dspark_stages": dspark_stages, "dspark_block_size": k.int("dspark_block_size"),
+            "dspark_noise_token_id": k.int("dspark_noise_token_id"),
+            "dspark_target_layer_ids": tuple(k.list("dspark_target_layer_ids")),
+            "dspark_markov_rank": k.int("dspark_markov_rank")}
 
 
 def _type_of_ratio(r: int, csa_rate: int) -> str:
@@ -384,9 +434,9 @@ def flash() -> ModelArgs:
 
 
 def flash_0731() -> ModelArgs:
-    """Same backbone as Flash; the three DSpark draft stages are not modelled (absent)."""
-    return flash().replace(extra={"dspark_block_size": 5, "dspark_noise_token_id": 128799,
-                                  "dspark_target_layer_ids": [40, 41, 42], "dspark_markov_rank": 256})
+    """Same backbone as Flash, with DeepSeek's three-stage DSpark drafter in place of MTP."""
+    return flash().replace(n_mtp_layers=0, dspark_stages=3, dspark_block_size=5, dspark_noise_token_id=128799,
+                           dspark_target_layer_ids=(40, 41, 42), dspark_markov_rank=256)
 
 
 def pro() -> ModelArgs:

@@ -76,9 +76,10 @@ _HUB_KEY_OF = {
     "rope_factor": "rope_scaling.factor", "original_seq_len": "rope_scaling.original_max_position_embeddings",
     "beta_fast": "rope_scaling.beta_fast", "beta_slow": "rope_scaling.beta_slow",
     "max_seq_len": "max_position_embeddings", "n_mtp_layers": "num_nextn_predict_layers",
-    "dtype": "torch_dtype", "quant": "quantization_config",
+    "dtype": "torch_dtype", "quant": "quantization_config", "dspark_stages": "compress_ratios",
 }
-_OFFICIAL_KEY_OF = {"layer_types": "compress_ratios", "quant": "dtype", "dtype": "dtype"}
+_OFFICIAL_KEY_OF = {"layer_types": "compress_ratios", "quant": "dtype", "dtype": "dtype",
+                    "dspark_stages": "n_mtp_layers"}
 
 
 def hub_keys(c: dict) -> dict[str, str]:

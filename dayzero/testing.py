@@ -28,11 +28,20 @@ TINY = {
 }
 
 
+# presets with DeepSeek's DSpark drafter in mtp.* (V4-Flash-0731's layout): name -> its backbone's
+# preset; three stages, blocks of 5, conditioned on the last three layers (research/v41-and-dspark.md 2)
+DSPARK_TINY = {"flash-0731": "flash"}
+
+
 def tiny_args(name: str = "flash", **changes) -> ModelArgs:
-    ratios, n_hash, hc = TINY[name]
+    ratios, n_hash, hc = TINY[DSPARK_TINY.get(name, name)]
     types = tuple("sliding" if r == 0 else "csa" if r == 4 else "hca" for r in ratios)
     kw = dict(_BASE, n_layers=len(ratios), layer_types=types, compress_ratios=tuple(ratios),
               n_hash_layers=n_hash, hc_mult=hc)
+    if name in DSPARK_TINY:
+        n = len(ratios)
+        kw.update(n_mtp_layers=0, dspark_stages=3, dspark_block_size=5, dspark_noise_token_id=_BASE["vocab_size"] - 1,
+                  dspark_target_layer_ids=(n - 3, n - 2, n - 1), dspark_markov_rank=16)
     kw.update(changes)
     return ModelArgs(**kw)
 

@@ -180,7 +180,7 @@ def check_engine(device: torch.device, choice: str | None, numerics: str, new_to
     label = "" if kv_cache_dtype == "auto" else f", {kv_cache_dtype} KV cache"
     return dict(model=f"engine (builtin, greedy, 3 prompts batched{label})", kind="engine", numerics=numerics,
                 tokens=len(agree), top1_agreement=sum(agree) / len(agree), worst_flip_nats=worst, graphs=stats["graphs"],
-                mtp_acceptance=stats["mtp_acceptance"], kv_cache_dtype=kv_cache_dtype,
+                mtp_acceptance=stats["spec_acceptance"], kv_cache_dtype=kv_cache_dtype,
                 token_ids=[list(o.token_ids) for o in outs], passed=worst <= TIE_NATS)
 
 

@@ -169,3 +169,24 @@ def test_from_dir_names_the_file_and_the_key(tmp_path):
 def test_direct_construction_still_names_the_fields():
     with pytest.raises(ConfigError, match="config field `dim`: must be a positive integer"):
         flash().replace(dim=0)
+
+
+def test_dspark_keys_decide_what_mtp_holds():
+    """0731's root config says one next-n layer while mtp.* holds DSpark's three stages (vLLM #52111):
+    the dspark_* keys decide, in hub and official configs; bad values name the key."""
+    hub = flash_0731().to_hf_dict()
+    assert hub["num_nextn_predict_layers"] == 1 and len(hub["compress_ratios"]) == 46
+    a = ModelArgs.from_dict(hub)
+    assert (a.n_mtp_layers, a.dspark_stages, a.dspark_block_size, a.dspark_target_layer_ids) == (0, 3, 5, (40, 41, 42))
+    assert (a.dspark_noise_token_id, a.dspark_markov_rank) == (128799, 256)
+    official = {"vocab_size": 129280, "dim": 4096, "n_layers": 43, "n_heads": 64, "q_lora_rank": 1024, "o_groups": 8,
+                "o_lora_rank": 1024, "n_routed_experts": 256, "n_activated_experts": 6, "moe_inter_dim": 2048,
+                "compress_ratios": list(flash().compress_ratios) + [0, 0, 0], "n_mtp_layers": 3,
+                "dspark_block_size": 5, "dspark_noise_token_id": 128799, "dspark_target_layer_ids": [40, 41, 42],
+                "dspark_markov_rank": 256}
+    assert ModelArgs.from_dict(official).dspark_stages == 3
+    for key, value, msg in [("dspark_target_layer_ids", [40, 43], "dspark_target_layer_ids"),
+                            ("dspark_noise_token_id", 129280, "dspark_noise_token_id"),
+                            ("dspark_markov_rank", 0, "dspark_markov_rank")]:
+        with pytest.raises(ConfigError, match=msg):
+            ModelArgs.from_dict({**hub, key: value})

@@ -80,6 +80,11 @@ def check_kv_cache_dtype(kv_cache_dtype: str) -> None:
         raise ValueError(f"kv_cache_dtype: must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
 
 
+def drafter_layers(args: ModelArgs) -> int:
+    """Window layers a checkpoint's drafter keeps per sequence: 1 for MTP, one per DSpark stage."""
+    return args.dspark_stages or args.n_mtp_layers
+
+
 def cache_groups(args: ModelArgs, block_size: int, with_mtp: bool, kv_cache_dtype: str = "auto",
                  fp32_rows: bool = True) -> list[GroupSpec]:
     """kv_cache_dtype "auto": every row in the compute dtype (compressor rows fp32 if `fp32_rows`);
@@ -92,7 +97,9 @@ def cache_groups(args: ModelArgs, block_size: int, with_mtp: bool, kv_cache_dtyp
         if block_size % r:
             raise ValueError(f"block_size {block_size} must be a multiple of every compression ratio "
                              f"({ratios}): a block holds block_size/r compressed entries")
-    layers = tuple(range(args.n_layers)) + ((args.n_layers,) if with_mtp and args.n_mtp_layers else ())
+    # the drafter's window layers (with_mtp: speculation on): MTP's block, or DSpark's stages'
+    # context rows, layer ids n_layers.. (engine/drafter.py)
+    layers = tuple(range(args.n_layers + (drafter_layers(args) if with_mtp else 0)))
     groups = [GroupSpec("window", layers, {"kv": kv}, block_size, 1, "window")]
     for r in ratios:
         members = tuple(i for i in range(args.n_layers) if args.compress_ratios[i] == r)
@@ -133,7 +140,7 @@ def fixed_bytes_per_sequence(args: ModelArgs, dtype: torch.dtype, with_mtp: bool
     """Window rows (last window-1 tokens, every layer) and open compressor windows (rows fp32 if
     `fp32_rows`, else the compute dtype): the rows a sequence holds, not the whole blocks the
     engine pages them in (engine/capacity.py)."""
-    n_win = args.n_layers + (1 if with_mtp and args.n_mtp_layers else 0)
+    n_win = args.n_layers + (drafter_layers(args) if with_mtp else 0)
     total = n_win * (args.window_size - 1) * _kv_row_bytes(args, dtype, kv_cache_dtype)
     size = 4 if fp32_rows else torch.tensor([], dtype=dtype).element_size()
     for t, r in zip(args.layer_types, args.compress_ratios):

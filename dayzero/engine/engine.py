@@ -2,8 +2,9 @@
 
 A step packs the scheduled tokens of every request into one forward (each request a sequence of
 the Batch, reading and writing its own blocks), samples where a request reached its last known token,
-verifies MTP drafts, runs MTP to draft the next token, and commits finished blocks to the
-prefix cache. Nothing a request sees depends on what else is in the batch.
+verifies the drafts in the same forward, lets the drafter (engine/drafter.py) propose the next
+ones, and commits finished blocks to the prefix cache. Nothing a request sees depends on what else
+is in the batch.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import torch
 from dayzero.cache.manager import KVCacheManager
 from dayzero.cache.spec import cache_groups, check_kv_cache_dtype, fixed_bytes_per_sequence
 from dayzero.engine.request import Request, Status
-from dayzero.engine.sampling import SamplingParams, sample, token_logprobs, verify_draft
+from dayzero.engine.drafter import DraftPlan, MTPDrafter, check_speculative_config, resolve
+from dayzero.engine.sampling import SamplingParams, sample, token_logprobs, verify_block
 from dayzero.engine.scheduler import Scheduled, Scheduler
 from dayzero.engine.capacity import DEFAULT_MAX_NUM_SEQS, Capacity, derived_budget, gb, plan
 from dayzero.engine.worker import PoolSpec, Worker, WorkerSpec
@@ -32,8 +34,11 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     kv_cache_memory_bytes: int | None = None  # default: the memory free after the weights, less a margin (capacity.py)
     block_size: int | None = None  # default: the smallest multiple of every compression ratio >= 16
-    num_speculative_tokens: int | None = None  # MTP drafts per step: 0 or 1 (default 1 with an MTP module)
-    speculative_min_acceptance: float = 0.3  # MTP turns itself off below this after 16 drafts
+    # speculation (engine/drafter.py): {"method": "dspark" | "mtp", "num_speculative_tokens": k};
+    # None: the checkpoint's drafter (DSpark, else MTP) at its k; k = 0: off
+    speculative_config: dict | None = None
+    num_speculative_tokens: int | None = None  # the same k as a keyword of its own
+    speculative_min_acceptance: float = 0.3  # speculation turns itself off below this after 16 draft tokens
     ops: str | None = None  # kernel table: "triton", "cpu" (native C), "ref" (PyTorch twins) or None (by device)
     enforce_eager: bool = False  # never replay CUDA graphs (engine/graphs.py); CPUs always run eagerly
     kv_cache_dtype: str = "auto"  # "auto": the compute dtype; "fp8": K=V rows as FP8 nope + rope dims (ops/kvfp8.py)
@@ -53,8 +58,7 @@ class EngineArgs:
             raise ValueError(f"kv_cache_memory_bytes: must be a positive integer, got {self.kv_cache_memory_bytes!r}")
         if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1):
             raise ValueError(f"block_size: must be a positive integer, got {self.block_size!r}")
-        if self.num_speculative_tokens not in (None, 0, 1):
-            raise ValueError(f"num_speculative_tokens: MTP drafts 0 or 1 token, got {self.num_speculative_tokens!r}")
+        check_speculative_config(self.speculative_config, self.num_speculative_tokens)
         if self.ops not in (None, "auto", "ref", "triton", "cpu"):
             raise ValueError(f"ops: must be 'triton', 'cpu', 'ref' or None, got {self.ops!r}")
         if not isinstance(self.enforce_eager, bool):
@@ -97,11 +101,9 @@ class Engine:
                   file=sys.stderr)
         args = self.args = model.args
         self.block_size = bs = eargs.block_size or _default_block_size(args)
-        has_mtp = bool(args.n_mtp_layers)
-        spec = eargs.num_speculative_tokens
-        if spec and not has_mtp:
-            raise ValueError("num_speculative_tokens: this checkpoint has no MTP module to draft with")
-        self.spec_enabled = has_mtp if spec is None else bool(spec)
+        self.spec_method, self.spec_k = resolve(args, eargs.speculative_config, eargs.num_speculative_tokens)
+        self.drafter = self._make_drafter(ranks)
+        self.spec_enabled = self.drafter is not None
         self.groups = cache_groups(args, bs, with_mtp=self.spec_enabled, kv_cache_dtype=eargs.kv_cache_dtype,
                                    fp32_rows=model.fp32_compressor_rows)
         self.ranks = ranks
@@ -109,6 +111,8 @@ class Engine:
         if ranks is not None:
             ranks.start(wspec)  # the other ranks build their workers first; they meet rank 0's in collectives
         self.worker = Worker(model, wspec, device)
+        if hasattr(self.drafter, "attach"):
+            self.drafter.attach(self.worker)
         # the cache is sized once every rank's weights are in place, from the smallest rank's free memory
         self.capacity = cap = self._capacity()
         self.num_blocks, self.max_tokens, self.max_num_seqs = cap.num_blocks, cap.max_tokens, cap.max_num_seqs
@@ -120,18 +124,36 @@ class Engine:
                                  lookahead=int(self.spec_enabled))
         self.scheduler = Scheduler(self.kv, self.max_num_seqs, eargs.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
-        self.drafts = self.accepted = 0
+        self.drafts = self.accepted = 0  # draft tokens verified / accepted
+        self.verify_rounds = 0  # (request, step) pairs that verified drafts
         self.num_steps = 0
         self.tokens_generated = 0
         pspec = PoolSpec(
             groups=tuple(self.groups), num_blocks=dict(self.num_blocks), block_size=bs,
             max_num_seqs=self.max_num_seqs,
-            max_tokens_per_step=min(self.max_num_seqs * (1 + int(self.spec_enabled)), eargs.max_num_batched_tokens),
+            max_tokens_per_step=min(self.max_num_seqs * (1 + self.spec_k), eargs.max_num_batched_tokens),
             enforce_eager=eargs.enforce_eager)
         self._on_ranks("allocate", pspec)
         self.runner = self.worker if ranks is None else ranks.runner(self.worker, data_parallel=self.dp > 1)
         # resident bytes of every rank (weights and cache pools: fixed from here on)
         self.rank_bytes = self._on_ranks("nbytes")
+
+    def _make_drafter(self, ranks):
+        if self.spec_method == "mtp":
+            return MTPDrafter(self.spec_k)
+        if self.spec_method == "dspark":
+            if ranks is not None:
+                if (self.eargs.speculative_config or {}).get("method") == "dspark":
+                    raise ValueError("speculative_config.method='dspark' needs one rank (tensor_parallel_size = "
+                                     "data_parallel_size = 1: DSpark over several ranks is not built); use "
+                                     "num_speculative_tokens=0")
+                print("dayzero: speculation off: DSpark over several ranks is not built", file=sys.stderr)
+                self.spec_method, self.spec_k = None, 0
+                return None
+            from dayzero.engine.dspark_drafter import DSparkDrafter
+            return DSparkDrafter(self.model, self.spec_k,
+                                 (self.eargs.speculative_config or {}).get("confidence_threshold", 0.0))
+        return None
 
     def _on_ranks(self, method: str, *args) -> list:
         """`method` on every rank's worker (rank 0's included), results in rank order."""
@@ -198,10 +220,7 @@ class Engine:
             "preemptions": self.scheduler.num_preemptions,
             "prefix_cache_hit_tokens": self.kv.hits,
             "prefix_cache_query_tokens": self.kv.queries,
-            "mtp_enabled": self.spec_enabled,
-            "mtp_drafts": self.drafts,
-            "mtp_accepted": self.accepted,
-            "mtp_acceptance": self.accepted / self.drafts if self.drafts else None,
+            **self.spec_stats(),
             "steps": self.num_steps,
             "tokens_generated": self.tokens_generated,
             "graphs": self.graphs.stats() if self.graphs is not None else {"off": self.graphs_off},
@@ -210,6 +229,21 @@ class Engine:
             "data_parallel_size": self.dp,
             "enable_prefix_caching": self.eargs.enable_prefix_caching,
             "ranks": [{"rank": i, **b} for i, b in enumerate(self.rank_bytes)],
+        }
+
+    def spec_stats(self) -> dict:
+        """Speculation figures: draft tokens verified and accepted, their ratio, and the mean
+        accepted length (accepted draft tokens per verifying request-step; each such step also
+        yields one token of the target's own)."""
+        return {
+            "spec_method": self.spec_method,
+            "spec_num_speculative_tokens": self.spec_k,
+            "spec_enabled": self.spec_enabled,
+            "spec_draft_tokens": self.drafts,
+            "spec_accepted_tokens": self.accepted,
+            "spec_acceptance": self.accepted / self.drafts if self.drafts else None,
+            "spec_verify_steps": self.verify_rounds,
+            "spec_mean_accepted_length": self.accepted / self.verify_rounds if self.verify_rounds else None,
         }
 
     # ---- API -----------------------------------------------------------------------------------
@@ -252,39 +286,38 @@ class Engine:
         ids, lengths, offsets = [], [], []
         for s in batch:
             r = s.request
-            toks = r.all_ids[r.num_computed:r.num_computed + s.num_new - s.verify_draft]
-            if s.verify_draft:
-                toks.append(r.draft)
+            toks = r.all_ids[r.num_computed:r.num_computed + s.num_new - s.num_draft] + r.draft[:s.num_draft]
             offsets.append(len(ids))
             lengths.append(len(toks))
             ids.extend(toks)
         reqs = [s.request for s in batch]
         starts = [r.num_computed for r in reqs]
-        # logits only where something is sampled: a request's last row, and the one before when verifying
+        # logits only where something is sampled: a request's last row, and the draft rows' before it
         want = []
         for s, off, n in zip(batch, offsets, lengths):
-            if s.request.num_computed + s.num_new >= s.request.num_tokens:
-                want += [off + n - 2] if s.verify_draft else []
-                want.append(off + n - 1)
+            if s.request.num_computed + s.num_new - s.num_draft >= s.request.num_tokens:
+                want += range(off + n - 1 - s.num_draft, off + n)
         rows = {row: i for i, row in enumerate(want)}
         logits = self._forward(ids, starts, lengths, reqs, want)
-        mtp = ([], [], [], [], [])  # sequence index, start, length, stream rows, next token ids
+        plan = DraftPlan([], [], [], [], [], reqs, [])
         for b, (s, off, n) in enumerate(zip(batch, offsets, lengths)):
             r = s.request
             old = r.num_computed
-            if old + s.num_new < r.num_tokens:  # a prefill chunk: nothing to sample
+            if old + s.num_new - s.num_draft < r.num_tokens:  # a prefill chunk: nothing to sample
                 r.num_computed += s.num_new
             else:
                 self._sample(r, s, logits, rows, off + n - 1)
             if not r.finished and self.spec_enabled and r.num_computed > old:
-                k = r.num_computed - old  # MTP: positions old..num_computed-1 with the tokens after them
-                for lst, v in zip(mtp, (b, old, k)):
-                    lst.append(v)
-                mtp[3].extend(range(off, off + k))
-                mtp[4].extend(r.all_ids[old + 1:old + 1 + k])
+                k = r.num_computed - old  # positions old..num_computed-1 (accepted), the tokens after them
+                plan.seqs.append(b)
+                plan.starts.append(old)
+                plan.lengths.append(k)
+                plan.rows.extend(range(off, off + k))
+                plan.next_ids.extend(r.all_ids[old + 1:old + 1 + k])
             touched.append(r)
-        if mtp[0]:  # before the commits: the drafts read the step's block tables
-            self._draft(mtp[3], mtp, reqs)
+        if plan.seqs:  # before the commits: the drafts read the step's block tables
+            plan.tables = [self.kv.table(r.rid) for r in reqs]
+            self.drafter.propose(self, plan)
         for r in reqs:
             self.kv.commit(r.rid, r.num_computed, r.all_ids)
             if r.finished:
@@ -307,26 +340,27 @@ class Engine:
         return self.runner.forward(ids, starts, lengths, tables, protect, want)
 
     def _sample(self, r: Request, s: Scheduled, logits, rows, last_row: int) -> None:
-        last = logits[rows[last_row]]
         k = len(r.output_ids)  # index of the output token sampled next
-        if s.verify_draft:
-            target = logits[rows[last_row - 1]]
-            self.drafts += 1
-            ok, tok = verify_draft(target, r.draft, r.params, r.seed, k)
-            r.num_computed += 1  # the last known token's position
-            self._append(r, tok, target)
-            if ok:
-                self.accepted += 1
-                if not r.finished:
-                    r.num_computed += 1  # the draft's position holds the accepted token
-                    self._append(r, sample(last, r.params, r.seed, k + 1), last)
-            r.draft = None
-            if self.drafts >= 16 and self.accepted < self.eargs.speculative_min_acceptance * self.drafts:
-                self._disable_mtp()
+        d = s.num_draft
+        targets = [logits[rows[row]] for row in range(last_row - d, last_row + 1)]
+        r.num_computed += s.num_new - d  # up to the last known token's position
+        if d:
+            drafts = r.draft[:d]
+            accepted, toks = verify_block(targets, drafts, r.params, r.seed, k)
+            self.drafts += d
+            self.accepted += accepted
+            self.verify_rounds += 1
         else:
-            r.num_computed += s.num_new
-            r.draft = None  # a draft the budget left out is stale after this step
-            self._append(r, sample(last, r.params, r.seed, k), last)
+            toks = [sample(targets[0], r.params, r.seed, k)]
+        r.draft = []  # drafts the budget left out are stale after this step
+        for i, tok in enumerate(toks):
+            if i:
+                r.num_computed += 1  # draft i - 1's position holds the accepted token
+            self._append(r, tok, targets[i])
+            if r.finished:
+                break
+        if d and self.drafts >= 16 and self.accepted < self.eargs.speculative_min_acceptance * self.drafts:
+            self._disable_speculation()
 
     def _append(self, r: Request, tok: int, logits: torch.Tensor) -> None:
         r.output_ids.append(tok)
@@ -351,23 +385,8 @@ class Engine:
             if self.tokenizer is not None:
                 r.text = self.tokenizer.decode(r.output_ids)
 
-    def _draft(self, rows: list[int], mtp, reqs: list[Request]) -> None:
-        """MTP drafts for the requests in `mtp` from the step's final streams at `rows`."""
-        seqs, starts, lengths, _, next_ids = mtp
-        tables = [self.kv.table(r.rid) for r in reqs]  # not committed yet: the step's tables
-        if self.dp > 1:
-            logits = self.runner.draft(rows, seqs, starts, lengths, next_ids, tables,
-                                       [self.dp_owner[r.rid] for r in reqs])
-        else:
-            logits = self.runner.draft(rows, seqs, starts, lengths, next_ids, tables)
-        for b, lg in zip(seqs, logits):
-            r = reqs[b]
-            # a draft only for decoding requests, where a step can still take two tokens
-            if (r.num_computed == r.num_tokens - 1 and len(r.output_ids) + 2 <= r.params.max_tokens
-                    and r.num_tokens + 2 <= r.max_len):
-                r.draft = sample(lg, r.params, r.seed, len(r.output_ids))  # same noise as the target
-
-    def _disable_mtp(self) -> None:
+    def _disable_speculation(self) -> None:
         self.spec_enabled = False
+        self.worker.capture = False
         for r in self.requests.values():
-            r.draft = None
+            r.draft = []

@@ -32,7 +32,7 @@ class Request:
     error: str | None = None
     num_computed: int = 0  # positions [0, num_computed) are in the cache
     protect: int = 0  # prefix-cache hit length: positions below are shared, never rewritten
-    draft: int | None = None  # MTP's proposal for the token after the last known one
+    draft: list[int] = field(default_factory=list)  # the drafter's proposals for the tokens after the last known one
     max_len: int = 0  # context limit for this request (prompt + max_tokens, capped by the model)
 
     def __post_init__(self):

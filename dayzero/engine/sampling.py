@@ -3,9 +3,15 @@
 Order of operations on a request's fp32 logits: temperature -> top-k -> top-p -> min-p -> draw.
 temperature == 0 is greedy. A draw is the Gumbel-max trick, argmax(filtered logits + G), with the
 noise G a function of (request seed, index of the output token) only: the k-th token of a seeded
-request depends on nothing else (not on the batch, nor on speculation), and an MTP draft made with
-the same noise is verified by exact match, which keeps the output distribution exactly that of
-the model. Reported logprobs are the model's own distribution (log-softmax of the raw logits).
+request depends on nothing else (not on the batch, nor on speculation).
+
+Speculative verification (`verify_block`) is rejection sampling coupled through that noise: the
+token at each drafted position is what sampling the target's logits there gives anyway, a draft
+token is accepted iff it equals it, and the first mismatch ends the block with the target's own
+token (the correction). The output is therefore exactly the target's distribution, token for
+token the same as without speculation for a given seed; a drafter that samples its proposals
+with the same noise (MTP, DSpark) is accepted with the probability that the two Gumbel-max draws
+coincide. Reported logprobs are the model's own distribution (log-softmax of the raw logits).
 """
 from __future__ import annotations
 
@@ -100,6 +106,20 @@ def verify_draft(target: torch.Tensor, draft: int, p: SamplingParams, seed: int,
     the target gives anyway; the draft (made with the same noise) is accepted iff it equals it."""
     tok = sample(target, p, seed, index)
     return tok == draft, tok
+
+
+def verify_block(logits: list[torch.Tensor], drafts: list[int], p: SamplingParams, seed: int, index: int
+                 ) -> tuple[int, list[int]]:
+    """Verification of the drafts d_0..d_{k-1} for output tokens index .. index + k - 1 from the
+    target's logits at the k + 1 rows [last known token, d_0, .., d_{k-1}]: (number of drafts
+    accepted a, the a + 1 output tokens: the accepted drafts, then the target's token at the first
+    rejection or the bonus token after a full accept)."""
+    out: list[int] = []
+    for i, lg in enumerate(logits[:len(drafts) + 1]):
+        out.append(sample(lg, p, seed, index + i))
+        if i == len(drafts) or out[-1] != drafts[i]:
+            break
+    return len(out) - 1, out
 
 
 def token_logprobs(logits: torch.Tensor, token: int, n: int) -> dict[int, float]:

@@ -2,10 +2,10 @@
 
 Rule: every step, each request's computed tokens catch up with its known tokens, as far as
 `max_num_batched_tokens` (shared, first come first served) and `max_num_seqs` allow. A prompt
-is prefilled in chunks by that rule; a decoding request asks for its one new token (two with an
-MTP draft to verify). When the cache cannot hold a running request's next tokens, the most
-recently arrived running request is preempted: its blocks are freed and it recomputes later
-(from whatever prefix is still cached).
+is prefilled in chunks by that rule; a decoding request asks for its one new token (1 + k with k
+draft tokens to verify; a budget that cannot hold them all verifies the first ones). When the
+cache cannot hold a running request's next tokens, the most recently arrived running request is
+preempted: its blocks are freed and it recomputes later (from whatever prefix is still cached).
 """
 from __future__ import annotations
 
@@ -20,7 +20,11 @@ from dayzero.engine.request import Request, Status
 class Scheduled:
     request: Request
     num_new: int  # tokens computed this step, from request.num_computed
-    verify_draft: bool  # the last of them is the MTP draft (not yet a known token)
+    num_draft: int = 0  # the last num_draft of them are draft tokens (not yet known tokens)
+
+    @property
+    def verify_draft(self) -> bool:
+        return self.num_draft > 0
 
 
 class Scheduler:
@@ -44,16 +48,16 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.free(req.rid)
-        req.num_computed, req.protect, req.draft = 0, 0, None
+        req.num_computed, req.protect, req.draft = 0, 0, []
         req.status = Status.WAITING
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
-    def _wanted(self, req: Request) -> tuple[int, bool]:
+    def _wanted(self, req: Request) -> tuple[int, int]:
         remaining = req.num_tokens - req.num_computed
-        if req.draft is not None and remaining == 1:
-            return 2, True
-        return remaining, False
+        if req.draft and remaining == 1:
+            return 1 + len(req.draft), len(req.draft)
+        return remaining, 0
 
     def schedule(self) -> list[Scheduled]:
         budget = self.max_tokens
@@ -61,12 +65,9 @@ class Scheduler:
         for req in sorted(self.running, key=lambda r: r.arrival):
             if req not in self.running:  # preempted below for an earlier request
                 continue
-            want, verify = self._wanted(req)
+            want, drafts = self._wanted(req)
             n = min(want, budget)
-            if n < want:
-                verify = False
-                if req.draft is not None and n == 1:
-                    n = min(want - 1, budget)
+            drafts = min(drafts, max(n - 1, 0))  # the first drafts the budget holds
             if n <= 0:
                 continue
             while not self.kv.allocate(req.rid, req.num_computed + n):
@@ -75,7 +76,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                out.append(Scheduled(req, n, verify))
+                out.append(Scheduled(req, n, drafts))
                 budget -= n
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             req = self.waiting[0]
@@ -96,7 +97,7 @@ class Scheduler:
             self.waiting.popleft()
             req.status = Status.RUNNING
             self.running.append(req)
-            out.append(Scheduled(req, n, False))
+            out.append(Scheduled(req, n))
             budget -= n
         return out
 

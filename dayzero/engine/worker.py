@@ -62,6 +62,10 @@ class Worker:
         self.graphs: StepGraphs | None = None
         self.graphs_off = "no cache allocated yet"
         self._last: tuple[torch.Tensor, PagedBatchCache | None] | None = None  # the last forward's streams, cache
+        # DSpark: keep the target layers' outputs of each forward (its drafter reads them; such
+        # steps run eagerly: the recorded steps do not capture them)
+        self.capture = False
+        self.captured: dict[int, torch.Tensor] | None = None
 
     def memory(self) -> Memory | None:
         """The memory free for the cache on this rank, its weights in place (engine/capacity.py)."""
@@ -79,7 +83,9 @@ class Worker:
         self.tables = DeviceTables(self.pools, spec.max_num_seqs + 1,
                                    table_blocks(model.args.max_seq_len, spec.block_size), device)
         self.graphs_off = "enforce_eager" if spec.enforce_eager else "not a CUDA device"
-        if device.type == "cuda" and not spec.enforce_eager:
+        if self.capture:
+            self.graphs_off = "DSpark drafting: steps keep the target layers' outputs (not recorded)"
+        elif device.type == "cuda" and not spec.enforce_eager:
             self.graphs_off = ("more than one rank: steps with collectives are not recorded"
                                if model.layout.world > 1 else unsupported(model))
             if self.graphs_off is None:
@@ -120,12 +126,12 @@ class Worker:
         prefix-cache hit) are filtered. Returns fp32 logits of the `want` rows on the host (None
         if none); the final streams stay here for `draft`. Under DP-attention + EP a rank given no
         sequences this step (an idle rank) joins the MoE layers' collectives and returns None."""
-        self._last = None
+        self._last = self.captured = None
         if not lengths:
             self.model.idle()
             return None
         end = max(a + n for a, n in zip(starts, lengths))
-        if not any(protect):
+        if not any(protect) and not self.capture:
             run = self._replayed(ids, [b for b, n in enumerate(lengths) for _ in range(n)],
                                  [p for a, n in zip(starts, lengths) for p in range(a, a + n)], tables, end)
             if run is not None:
@@ -134,10 +140,12 @@ class Worker:
                 self._last = (run.X, None)
                 return logits
         cache = self._eager_cache(tables, protect)
-        X = self.model.forward_packed(torch.tensor(ids, device=self.device), Batch(starts, lengths, cache, self.device))
+        captured = {} if self.capture else None
+        X = self.model.forward_packed(torch.tensor(ids, device=self.device), Batch(starts, lengths, cache, self.device),
+                                      captured)
         logits = self.model.logits(X[want], self.model.head_weight()).float().cpu() if want else None
         cache.check()  # after the step's first synchronisation: lookups outside held blocks are bugs
-        self._last = (X, cache)
+        self._last, self.captured = (X, cache), captured
         return logits
 
     @torch.no_grad()

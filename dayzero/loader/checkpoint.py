@@ -228,7 +228,16 @@ def _check(d: Path, infos: dict[str, TensorInfo], expected: Mapping[str, TensorS
     title, items = found[0]
     msg = _lines(f"{d}: {len(items)} {title}:", items)
     others = ", ".join(f"{len(v)} {k}" for k, v in found[1:])
-    raise CheckpointError(msg + (f"\n  (also {others})" if others else ""))
+    hint = ""
+    dspark = ("mtp.0.main_proj.weight", "mtp.2.markov_head.markov_w1.weight")
+    if any(n in infos and n not in expected for n in dspark):
+        hint = (f"\n  hint: the checkpoint's mtp.* is a DSpark drafter ({dspark[0]!r}), but config.json has no "
+                "dspark_* keys (dspark_block_size, dspark_noise_token_id, dspark_target_layer_ids, "
+                "dspark_markov_rank), so it was read as an MTP module")
+    elif any(n.startswith("mtp.0.e_proj") for n in infos) and "mtp.0.main_proj.weight" in expected:
+        hint = ("\n  hint: config.json has dspark_* keys, but the checkpoint's mtp.* is an MTP module "
+                "('mtp.0.e_proj.weight'), not a DSpark drafter")
+    raise CheckpointError(msg + (f"\n  (also {others})" if others else "") + hint)
 
 
 def _dt(dtype: torch.dtype) -> str:

@@ -34,7 +34,8 @@ def convert_hf(src: str | os.PathLike, dst: str | os.PathLike, fmt: dict | None 
         dense = {n: (t.float() if t.is_floating_point() else t) for n, t in hf_to_official(state).items()}
     except KeyError as e:
         raise CheckpointError(f"{src}: {e.args[0]}") from None
-    target = args.replace(n_mtp_layers=0, **(fmt or {"quant": None, "expert_dtype": None, "dtype": "bfloat16"}))
+    target = args.replace(n_mtp_layers=0, dspark_stages=0,  # transformers has no MTP / DSpark modules
+                          **(fmt or {"quant": None, "expert_dtype": None, "dtype": "bfloat16"}))
     try:
         out_state = checkpoint_state(target, dense)
     except ValueError as e:

@@ -150,7 +150,11 @@ class Transformer(HCHead, nn.Module):
         self.embed.param_splits = {} if layout.single else {"weight": 0}
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = (
             _f32(args.hc_mult, args.hc_mult * args.dim), _f32(args.hc_mult), _f32(1))
-        self.mtp = nn.ModuleList(MTPBlock(args, official, layout) for _ in range(args.n_mtp_layers))
+        if args.dspark_stages:  # DSpark takes the mtp.* namespace (reference/dspark.py)
+            from dayzero.reference.dspark import DSparkStage
+            self.mtp = nn.ModuleList(DSparkStage(args, i, official, layout) for i in range(args.dspark_stages))
+        else:
+            self.mtp = nn.ModuleList(MTPBlock(args, official, layout) for _ in range(args.n_mtp_layers))
 
     def set_comm(self, comm: Comm) -> None:
         """Install the collectives of this rank's process group in every module; under
@@ -231,21 +235,26 @@ class Transformer(HCHead, nn.Module):
         e = self.embed(torch.where(mine, input_ids - lo, 0)).to(self.compute_dtype)
         return self.comm.all_reduce(e * mine.unsqueeze(-1).to(e.dtype))
 
-    def forward_packed(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """input_ids [N] packed as `batch` -> final residual streams [N, hc, dim]."""
+    def forward_packed(self, input_ids: torch.Tensor, batch: Batch, capture: dict | None = None) -> torch.Tensor:
+        """input_ids [N] packed as `batch` -> final residual streams [N, hc, dim]. capture: a dict
+        to receive, for each DSpark target layer, its output streams averaged over hc [N, dim]."""
         end = batch.end
         if end > self.args.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds max_position_embeddings={self.args.max_seq_len}")
         X = self.embed_tokens(input_ids).unsqueeze(1).repeat(1, self.args.hc_mult, 1)
-        for layer in self.layers:
+        targets = set(self.args.dspark_target_layer_ids) if capture is not None else ()
+        for i, layer in enumerate(self.layers):
             X = layer(X, batch, input_ids)
+            if i in targets:
+                capture[i] = X.mean(1)
         return X
 
     def mtp_packed(self, streams: torch.Tensor, next_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Streams of positions p (packed as `batch`, whose positions are those p) and the tokens at
         p + 1 -> MTP logits for the tokens at p + 2, fp32 [N, vocab]."""
-        if not self.mtp:
-            raise ValueError("this checkpoint has no MTP module (num_nextn_predict_layers = 0)")
+        if not self.args.n_mtp_layers:
+            raise ValueError("this checkpoint has no MTP module (num_nextn_predict_layers = 0, or its mtp.* is "
+                             "a DSpark drafter)")
         mtp = self.mtp[0]
         return mtp.logits(mtp(streams, self.embed_tokens(next_ids), batch, next_ids), self.head_weight())
 

@@ -89,6 +89,18 @@ class Metrics:
                            stats.get("prefix_cache_query_tokens", 0))
             out += counter("dayzero:num_preemptions_total", "Requests preempted for cache space.",
                            stats.get("preemptions", 0))
+            # speculative decoding (vLLM's spec_decode counters; engine/drafter.py)
+            out += counter("dayzero:spec_decode_num_drafts_total", "Request-steps that verified draft tokens.",
+                           stats.get("spec_verify_steps", 0))
+            out += counter("dayzero:spec_decode_num_draft_tokens_total", "Draft tokens verified.",
+                           stats.get("spec_draft_tokens", 0))
+            out += counter("dayzero:spec_decode_num_accepted_tokens_total", "Draft tokens accepted.",
+                           stats.get("spec_accepted_tokens", 0))
+            out += gauge("dayzero:spec_decode_acceptance_rate", "Accepted / verified draft tokens (0 before any).",
+                         stats.get("spec_acceptance") or 0.0)
+            out += gauge("dayzero:spec_decode_mean_accepted_length",
+                         "Accepted draft tokens per verifying request-step (0 before any).",
+                         stats.get("spec_mean_accepted_length") or 0.0)
             out += ["# HELP dayzero:request_success_total Finished requests by finish reason.",
                     "# TYPE dayzero:request_success_total counter"]
             out += [f'dayzero:request_success_total{{{L},finished_reason="{k}"}} {v}'

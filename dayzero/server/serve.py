@@ -34,7 +34,6 @@ def add_arguments(p) -> None:
                    help="KV cache budget per rank (default: the memory free after the weights, less a margin, "
                         "shared by the local CPU ranks; engine/capacity.py)")
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--num-speculative-tokens", type=int, choices=[0, 1], default=None)
     p.add_argument("--numerics", choices=["official", "transformers"], default="official")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
@@ -47,8 +46,9 @@ def add_arguments(p) -> None:
                    help="auto: cache rows in the compute dtype; fp8: K=V rows stored as FP8 (blocks of 64, "
                         "power-of-two scales) + rope dims, 584 instead of 1024 bytes a V4 row; lossless "
                         "with --numerics official, which rounds them so anyway")
-    from dayzero.cli import add_parallel_arguments
+    from dayzero.cli import add_parallel_arguments, add_speculative_arguments
     add_parallel_arguments(p)
+    add_speculative_arguments(p)
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -72,9 +72,11 @@ def serve(a) -> int:
                   file=sys.stderr)
     except ValueError:
         pass  # a host name
+    from dayzero.cli import speculative_config
     llm = LLM(a.model, device=a.device, dtype=a.dtype, numerics=a.numerics, max_num_seqs=a.max_num_seqs,
               max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=not a.no_prefix_caching,
               num_speculative_tokens=a.num_speculative_tokens, kv_cache_memory_bytes=a.kv_cache_memory_bytes,
+              speculative_config=speculative_config(a.speculative_config),
               ops=a.ops, enforce_eager=a.enforce_eager, kv_cache_dtype=a.kv_cache_dtype,
               tensor_parallel_size=a.tensor_parallel_size, enable_expert_parallel=a.enable_expert_parallel,
               data_parallel_size=a.data_parallel_size)

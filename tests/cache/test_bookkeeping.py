@@ -122,9 +122,9 @@ def test_scheduler_verifies_a_draft_and_drops_it_when_the_budget_is_short():
     s.schedule()
     a.num_computed = 5
     a.output_ids.append(9)
-    a.draft = 3
-    out = s.schedule()
-    assert (out[0].num_new, out[0].verify_draft) == (2, True)
+    a.draft = [3, 4, 5, 6]
+    out = s.schedule()  # a budget of 4: the last known token and the first 3 drafts
+    assert (out[0].num_new, out[0].num_draft, out[0].verify_draft) == (4, 3, True)
 
 
 def test_scheduler_preempts_the_latest_arrival_when_blocks_run_out():

@@ -6,8 +6,8 @@ import torch
 from dayzero import LLM, SamplingParams
 from dayzero.engine.capacity import Sizes
 from dayzero.engine.engine import Engine
-from dayzero.engine.sampling import sample, verify_draft
-from tests.engine.helpers import staggered
+from dayzero.engine.sampling import filter_logits, sample, verify_block, verify_draft
+from tests.engine.helpers import OracleDrafter, staggered
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -102,36 +102,43 @@ def test_seeded_sampling_is_independent_of_batch_composition(ckpt):
     assert again == alone
 
 
-class Oracle:
-    """Drafts the reference's next greedy token (all accepted) or a wrong one (all rejected)."""
-
-    def __init__(self, engine, answers, right=True):
-        self.engine, self.answers, self.right = engine, answers, right
-
-    def __call__(self, rows, mtp, reqs):
-        for r in reqs:
-            if r.num_computed == r.num_tokens - 1 and len(r.output_ids) + 2 <= r.params.max_tokens:
-                want = self.answers[r.rid][len(r.output_ids)]
-                r.draft = want if self.right else (want + 1) % 500
-
-
+@pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("right", [True, False])
-def test_mtp_verification_accepts_and_rejects_exactly(ckpt, expected, right):
+def test_k_token_verification_accepts_and_rejects_exactly(ckpt, expected, right, k):
+    """Oracle drafters through the k-token path: all right -> every draft token accepted and
+    1 + k tokens a step; all wrong -> none accepted; tokens identical either way."""
     llm = LLM(ckpt, numerics="transformers", num_speculative_tokens=1, speculative_min_acceptance=0.0,
               max_num_batched_tokens=64)
     e = llm.engine
-    e._draft = Oracle(e, {f"r{i}": x for i, x in enumerate(expected)}, right)
+    e.drafter = OracleDrafter({f"r{i}": x for i, x in enumerate(expected)}, k, right)
     assert run_staggered(e, prompts()) == expected
-    assert e.drafts > 0 and e.accepted == (e.drafts if right else 0)
-    assert e.num_steps < 30 if right else True  # accepted drafts give two tokens a step
+    st = e.stats()
+    assert st["spec_draft_tokens"] > 0 and st["spec_accepted_tokens"] == (st["spec_draft_tokens"] if right else 0)
+    if right:
+        assert st["spec_mean_accepted_length"] > (1.5 if k == 3 else 0.9)
+        assert e.num_steps < (24 if k == 3 else 30)  # accepted drafts give 1 + k tokens a step
+
+
+def test_k_token_drafts_under_a_small_budget_and_preemption(ckpt, expected):
+    """Blocks cut short by the token budget, steps that close compression windows on drafted
+    positions, preemption with drafts pending: still the speculation-free tokens."""
+    opts = dict(numerics="transformers", max_num_batched_tokens=16, max_num_seqs=6, num_speculative_tokens=1,
+                speculative_min_acceptance=0.0)
+    e = LLM(ckpt, **opts).engine
+    z = Sizes(e.groups, e.args, e.model.compute_dtype, e.block_size, 16)
+    llm = LLM(ckpt, kv_cache_memory_bytes=z.needed(6) + 4 * z.per_entry_block, **opts)
+    llm.engine.drafter = OracleDrafter({f"r{i}": x for i, x in enumerate(expected)}, 4, True)
+    assert run_staggered(llm.engine, prompts(), every=1) == expected
+    st = llm.engine.stats()
+    assert st["spec_accepted_tokens"] > 0 and st["preemptions"] > 0
 
 
 def test_mtp_turns_itself_off_when_acceptance_does_not_pay(ckpt):
     llm = LLM(ckpt, numerics="transformers", num_speculative_tokens=1, speculative_min_acceptance=0.9)
     llm.generate(prompts(), SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
     stats = llm.engine.stats()
-    assert stats["mtp_drafts"] >= 16 and stats["mtp_enabled"] is False
-    assert stats["mtp_acceptance"] < 0.9
+    assert stats["spec_draft_tokens"] >= 16 and stats["spec_enabled"] is False
+    assert stats["spec_acceptance"] < 0.9
 
 
 def test_sampling_is_the_model_distribution_and_verification_is_exact():
@@ -144,6 +151,33 @@ def test_sampling_is_the_model_distribution_and_verification_is_exact():
         tok = sample(logits, p, 3, i)
         assert verify_draft(logits, tok, p, 3, i) == (True, tok)
         assert verify_draft(logits, (tok + 1) % 4, p, 3, i) == (False, tok)  # the output never moves
+
+
+def test_block_verifier_keeps_the_target_distribution():
+    """Two tokens drawn through verify_block with a drafter that proposes from another
+    distribution (same noise, as MTP and DSpark draft) follow the target's joint distribution
+    p(x0) p(x1 | x0), and every seed gives the speculation-free tokens."""
+    V = 4
+    t0 = torch.tensor([1.5, 0.2, -0.5, 0.9])
+    t1 = torch.tensor([[0.0, 1.0, -1.0, 0.5], [2.0, -1.0, 0.0, 0.0], [-0.5, -0.5, 1.5, 0.0], [0.3, 0.3, 0.3, -2.0]])
+    q0, q1 = torch.tensor([0.0, 1.5, 0.0, 0.0]), torch.tensor([1.0, 0.0, 0.0, 1.0])  # the drafter's (wrong) logits
+    p = SamplingParams(temperature=1.0, top_k=3)
+    n, counts, accepted = 12000, torch.zeros(V, V), 0
+    for seed in range(n):
+        d0 = sample(q0, p, seed, 0)
+        d1 = sample(q1 + t1[d0] * 0.5, p, seed, 1)  # a drafter conditioned on its own previous draft
+        a, toks = verify_block([t0, t1[d0], t1[d1]], [d0, d1], p, seed, 0)
+        toks = toks[:2]
+        assert toks[0] == sample(t0, p, seed, 0)  # speculation-free token, whatever the draft
+        if a == 0:  # the next step samples after the corrected token
+            toks.append(sample(t1[toks[0]], p, seed, 1))
+        accepted += a
+        counts[toks[0], toks[1]] += 1
+        assert toks[1] == sample(t1[toks[0]], p, seed, 1)
+    want = filter_logits(t0, p).softmax(0)[:, None] * torch.stack([filter_logits(t, p).softmax(0) for t in t1])
+    assert torch.allclose(counts / n, want, atol=0.015)
+    assert counts[2].sum() == 0  # top_k = 3 drops token 2 at the first position
+    assert 0 < accepted < n  # the drafts were sometimes right, sometimes not
 
 
 def test_seeded_sampling_does_not_depend_on_speculation(ckpt):
@@ -167,3 +201,33 @@ def test_abort_frees_blocks(ckpt):
     assert e.kv.usage() > 0
     e.abort("x")
     assert r.finish_reason == "abort" and e.kv.usage() == 0 and not e.has_unfinished()
+
+
+def test_speculative_config_spellings_and_errors(ckpt):
+    off = LLM(ckpt, numerics="transformers", speculative_config={"num_speculative_tokens": 0}).engine
+    assert (off.spec_method, off.spec_enabled, off.stats()["spec_num_speculative_tokens"]) == (None, False, 0)
+    on = LLM(ckpt, numerics="transformers", speculative_config={"method": "mtp"}).engine
+    assert (on.spec_method, on.spec_k, on.spec_enabled) == ("mtp", 1, True)  # the default: the checkpoint's MTP
+    for cfg, kw, msg in [
+        ({"method": "eagle"}, {}, "speculative_config.method: must be one of"),
+        ({"method": "dspark"}, {}, "this checkpoint has no DSpark drafter"),
+        ({"method": "mtp", "num_speculative_tokens": 2}, {}, "at most 1"),
+        ({"num_speculative_tokens": 1}, {"num_speculative_tokens": 0}, "disagrees"),
+        ({"k": 1}, {}, "unknown key"),
+        ("dspark", {}, "must be a dict"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            LLM(ckpt, numerics="transformers", speculative_config=cfg, **kw)
+
+
+def test_k_token_verification_reports_each_tokens_own_logprobs(ckpt, expected):
+    p = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+    plain = LLM(ckpt, numerics="transformers", num_speculative_tokens=0).generate(prompts()[:3], p)
+    llm = LLM(ckpt, numerics="transformers", num_speculative_tokens=1, speculative_min_acceptance=0.0)
+    llm.engine.drafter = OracleDrafter({f"gen-{i}": x for i, x in enumerate(expected[:3])}, 3, True)
+    spec = llm.generate(prompts()[:3], p)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain] == expected[:3]
+    assert llm.engine.stats()["spec_accepted_tokens"] > 10
+    for a, b in zip(spec, plain):
+        for la, lb in zip(a.logprobs, b.logprobs):
+            assert la.keys() == lb.keys() and all(abs(la[k] - lb[k]) < 1e-5 for k in la)

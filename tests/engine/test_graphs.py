@@ -17,7 +17,7 @@ from dayzero.engine.graphs import HostSync, OpRecorder, StepGraphs, bucket_size,
 from dayzero.ops import REF, ref
 from dayzero.reference.seqcache import Batch, StaticBatch
 from dayzero.testing import tiny_args
-from tests.engine.helpers import staggered
+from tests.engine.helpers import OracleDrafter, staggered
 
 
 def moe_all_experts(x, weights, ids, w1, s1, w3, s3, w2, s2, limit, h_act_sim=False):
@@ -53,22 +53,11 @@ def prompts(seed=0, lengths=(5, 23, 40, 17, 33)):
     return [torch.randint(2, 500, (n,), generator=g).tolist() for n in lengths]
 
 
-class Oracle:
-    """Drafts the eager engine's next token: every step verifies a draft, so decode steps carry
-    two tokens per request (and some close compression windows on the draft's position)."""
-
-    def __init__(self, answers):
-        self.answers = answers
-
-    def __call__(self, rows, mtp, reqs):
-        for r in reqs:
-            if r.num_computed == r.num_tokens - 1 and len(r.output_ids) + 2 <= r.params.max_tokens:
-                r.draft = self.answers[r.rid][len(r.output_ids)]
-
-
 def run(llm, ps, params, oracle=None):
+    """oracle: {request id: the eager engine's tokens}: every decode step verifies a draft, so it
+    carries two tokens per request (and some close compression windows on the draft's position)."""
     if oracle is not None:
-        llm.engine._draft = oracle
+        llm.engine.drafter = OracleDrafter(oracle, 1)
     return staggered(llm.engine, ps, params)
 
 
@@ -88,7 +77,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, logprob
 def test_replayed_steps_give_the_eager_tokens(ckpt, opts):
     eager = run(engine(ckpt, False, **opts), prompts(), GREEDY)
     llm = engine(ckpt, True, **opts)
-    oracle = Oracle({r.rid: r.output_ids for r in eager}) if opts["num_speculative_tokens"] else None
+    oracle = {r.rid: r.output_ids for r in eager} if opts["num_speculative_tokens"] else None
     got = run(llm, prompts(), GREEDY, oracle)
     assert [r.output_ids for r in got] == [r.output_ids for r in eager]
     for a, b in zip(got, eager):
@@ -97,7 +86,7 @@ def test_replayed_steps_give_the_eager_tokens(ckpt, opts):
     stats = llm.engine.stats()
     assert stats["graphs"]["replays"] >= stats["graphs"]["recorded"] >= 3
     if oracle is not None:
-        assert stats["mtp_accepted"] == stats["mtp_drafts"] > 10
+        assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 10
 
 
 def test_prefix_hits_and_long_chunks_run_eagerly_over_the_device_tables(ckpt):
@@ -133,8 +122,9 @@ def test_builtin_model_replayed_with_its_own_mtp():
     # verification makes the tokens exact whatever the drafts are: the drafts themselves must
     # match the eager engine's (same MTP logits, same noise), so must their acceptance
     e = eager.engine.stats()
-    assert (stats["mtp_drafts"], stats["mtp_accepted"]) == (e["mtp_drafts"], e["mtp_accepted"])
-    assert e["mtp_accepted"] > 10
+    assert (stats["spec_draft_tokens"], stats["spec_accepted_tokens"]) == (e["spec_draft_tokens"],
+                                                                           e["spec_accepted_tokens"])
+    assert e["spec_accepted_tokens"] > 10
 
 
 def test_static_batch_closes_what_batch_closes():
