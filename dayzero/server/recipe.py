@@ -23,6 +23,7 @@ import deepseek_recipe as dr
 
 from dayzero.engine.sampling import SamplingParams
 from dayzero.server.protocol import APIError, bad
+from dayzero.server.text import TextState
 
 APIS = ("chat", "responses", "messages")
 _REQUEST = {"chat": dr.ChatCompletionRequest, "responses": dr.ResponsesRequest, "messages": dr.MessagesRequest}
@@ -130,9 +131,9 @@ class Protocol:
                 if body.get(name) not in (None, *ok):
                     raise _error(api, 400, f"{name}: only {ok[0]!r} is supported by this server, "
                                            f"got {body[name]!r}", name)
-        req = _REQUEST[api](body)
         echo = namespace_map = None
         try:
+            req = _REQUEST[api](body)
             if api == "responses":
                 echo = req.echo()
                 namespace_map = req.namespace_tool_map(self.options)
@@ -187,6 +188,9 @@ class Protocol:
         if not isinstance(ignore_eos, bool):
             raise bad("ignore_eos", f"must be a boolean, got {type(ignore_eos).__name__}")
         logprobs = None
+        if io.logprobs and not self.native:
+            raise _error(api, 400, "logprobs: not available on this model: its tokenizer lacks DeepSeek's special "
+                                   "tokens, so its output is parsed as text", "logprobs")
         if io.logprobs:
             logprobs = min(io.top_logprobs or 0, MAX_LOGPROBS)
         processor = None
@@ -230,6 +234,10 @@ class Output:
         self.cls = _RESPONSE[p.api]
         self.response = self.cls(self.id, name, int(time.time()), len(p.prompt_ids), 0)
         self.drop = set(p.params.stop_token_ids or ()) | (set() if p.params.ignore_eos else {proto.eos_id})
+        # The library parses tags by token id, so token chunks need a tokenizer whose special tokens are
+        # the library's (proto.native). Any other tokenizer: dayzero decodes (keeping special-token
+        # spellings) and hands the library text, which it parses by spelling; no logprobs then.
+        self.text = None if proto.native else TextState(proto.tok, [], set(), keep_special=True)
         self.n_out = 0
         self._started = False
 
@@ -247,7 +255,11 @@ class Output:
         self.n_out += len(ids)
         if finish_reason is not None and ids and ids[-1] in self.drop and finish_reason == "stop":
             ids, logprobs = ids[:-1], (logprobs[:-1] if logprobs else logprobs)
-        if ids:
+        if self.text is not None:
+            new = self.text.add(ids, finish_reason is not None)
+            if new or ids:
+                out += self.proc.push(dr.InferenceChunk.text(new, len(ids)))
+        elif ids:
             lp = None
             if self.p.logprobs is not None and logprobs:
                 n = self.p.logprobs
