@@ -22,6 +22,7 @@ from pathlib import Path
 import deepseek_recipe as dr
 
 from dayzero.engine.sampling import SamplingParams
+from dayzero.server.chat_checks import check_chat, param_named
 from dayzero.server.protocol import APIError, bad
 from dayzero.server.text import TextState
 
@@ -127,6 +128,11 @@ class Protocol:
             e.code = "model_not_found"
             raise e
         if api == "chat":
+            try:
+                check_chat(body, self.context)
+            except APIError as e:
+                e.api = api
+                raise
             for name, ok in {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},)}.items():
                 if body.get(name) not in (None, *ok):
                     raise _error(api, 400, f"{name}: only {ok[0]!r} is supported by this server, "
@@ -139,9 +145,10 @@ class Protocol:
                 namespace_map = req.namespace_tool_map(self.options)
             conv_req = req.convert(self.options)
         except dr.ConversionError as e:
-            raise _error(api, e.status_code, str(e)) from None
-        except ValueError as e:  # the body does not deserialize: the library names the field
-            raise _error(api, 400, str(e)) from None
+            raise _error(api, e.status_code, str(e), param_named(str(e), body)) from None
+        except Exception as e:  # noqa: BLE001 - ValueError: the body does not deserialize (the library
+            # names the field); anything else the library cannot take is a bad request, never a 500
+            raise _error(api, 400, str(e), param_named(str(e), body)) from None
         conv = conv_req.conversation
         for i, m in enumerate(conv.messages):
             if m.image_sources:
@@ -170,6 +177,8 @@ class Protocol:
                 max_tokens = min(max_tokens, requested)
         elif len(ids) + io.max_tokens > self.context:
             name = {"chat": "max_tokens", "responses": "max_output_tokens", "messages": "max_tokens"}[api]
+            if api == "chat" and body.get("max_completion_tokens") is not None:
+                name = "max_completion_tokens"
             raise _error(api, 400, f"{name}: {io.max_tokens} tokens after a {len(ids)}-token prompt exceed this "
                                    f"server's {self.context}-token context (at most {self.context - len(ids)})", name)
         else:

@@ -66,7 +66,7 @@ def serve(a) -> int:
     for name in ("max_model_len", "max_in_flight", "max_body_bytes", "cpu_workers"):
         v = getattr(a, name)
         if v is not None and v < 1:
-            raise SystemExit(f"dayzero serve: --{name.replace('_', '-')} must be positive, got {v}")
+            raise ValueError(f"--{name.replace('_', '-')}: must be positive, got {v}")
     try:
         if not ipaddress.ip_address(a.host).is_loopback:
             print(f"dayzero serve: warning: binding {a.host}, reachable beyond this machine"

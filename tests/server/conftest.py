@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-CONTEXT = 256  # --max-model-len of the test servers
+CONTEXT = 1024  # --max-model-len of the test servers
 # flags every test server gets on top of its own: DAYZERO_TEST_SERVE_ARGS="--tensor-parallel-size 2"
 # runs the whole server suite against two-rank servers (docs/SCALING.md); empty in CI
 SERVE_ARGS = os.environ.get("DAYZERO_TEST_SERVE_ARGS", "").split()

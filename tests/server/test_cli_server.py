@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
+NO_THINK = {"thinking": {"type": "disabled"}}  # what `dayzero chat` sends without --thinking
 
 
 def test_serve_without_model_serves_the_builtin_model(tmp_path):
@@ -24,8 +25,9 @@ def test_serve_without_model_serves_the_builtin_model(tmp_path):
 
 def test_chat_client_talks_to_server(server, client):
     want = client.chat.completions.create(model="toy", messages=[{"role": "user", "content": "hello there"}],
-                                          max_tokens=8, temperature=0).choices[0].message.content
-    r = subprocess.run([sys.executable, "-m", "dayzero", "chat", "--url", server.url, "--max-tokens", "8"],
+                                          max_tokens=8, temperature=0,
+                                          extra_body=NO_THINK).choices[0].message.content
+    r = subprocess.run([sys.executable, "-m", "dayzero", "chat", "--url", server.url, "--max-tokens", "8", "--temperature", "0"],
                        input="hello there\n/reset\n/exit\n", capture_output=True, text=True, env=ENV, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "toy" in r.stderr
@@ -40,8 +42,10 @@ def test_chat_client_reports_unreachable_server():
 
 def test_chat_runs_a_local_model_in_process(toy_dir, server, client):
     want = client.chat.completions.create(model="toy", messages=[{"role": "user", "content": "hello there"}],
-                                          max_tokens=8, temperature=0).choices[0].message.content
-    r = subprocess.run([sys.executable, "-m", "dayzero", "chat", "--local", str(toy_dir), "--max-tokens", "8"],
+                                          max_tokens=8, temperature=0,
+                                          extra_body=NO_THINK).choices[0].message.content
+    r = subprocess.run([sys.executable, "-m", "dayzero", "chat", "--local", str(toy_dir), "--max-tokens", "8", "--temperature", "0"],
                        input="hello there\n/exit\n", capture_output=True, text=True, env=ENV, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "'local'" in r.stderr and want.strip() in r.stdout
+    # named as `serve` would name it (was 'local')
+    assert repr(toy_dir.name) in r.stderr and want.strip() in r.stdout
