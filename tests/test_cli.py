@@ -128,3 +128,18 @@ def test_serve_reports_a_port_in_use_without_claiming_to_serve():
         r = dayzero("serve", "--port", port, "--device", "cpu", check=False)
     assert r.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
     assert "serving" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_architecture_tree_lists_every_module():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    tree = (root / "docs" / "ARCHITECTURE.md").read_text()
+    pkg = root / "dayzero"
+    missing = [p.name for p in sorted(pkg.glob("*.py")) if p.name not in ("__init__.py", "__main__.py")
+               and p.name not in tree]
+    missing += [p.name + "/" for p in sorted(pkg.iterdir()) if p.is_dir() and not p.name.startswith("__")
+                and p.name + "/" not in tree]
+    missing += [p.name for p in sorted((pkg / "server").glob("*.py")) if p.name != "__init__.py"
+                and p.name not in tree]
+    assert not missing, f"docs/ARCHITECTURE.md does not list {missing}"

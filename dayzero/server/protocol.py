@@ -1,4 +1,5 @@
-"""OpenAI request bodies -> validated generation requests; every rejection names its field.
+"""/v1/completions bodies -> validated generation requests; every rejection names its field. (The
+conversation APIs go through deepseek-recipe: recipe.py, chat_checks.py.)
 
 Validation is written out by hand (not a schema library) so that each error message and `param`
 is exactly the OpenAI field at fault, and nothing malformed reaches the engine.
@@ -129,12 +130,8 @@ class Validator:
                 logprobs: int | None) -> SamplingParams:
         room = self.context - n_prompt
         if room < 1:
-            raise bad("messages" if max_name == "max_completion_tokens" else "prompt",
-                      f"the prompt is {n_prompt} tokens; this server's context is {self.context} tokens")
+            raise bad("prompt", f"the prompt is {n_prompt} tokens; this server's context is {self.context} tokens")
         max_tokens = _num(body, max_name, None, lo=1, integer=True)
-        if max_name == "max_completion_tokens" and max_tokens is None:
-            max_name = "max_tokens"
-            max_tokens = _num(body, "max_tokens", None, lo=1, integer=True)
         if max_tokens is None:
             max_tokens = room if default_max is None else min(default_max, room)
         elif max_tokens > room:
