@@ -98,7 +98,8 @@ def _tools(tools) -> None:
     if not isinstance(tools, list):
         raise bad("tools", "must be a list")
     for i, t in enumerate(tools):
-        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(t.get("function"), dict):
+        if (not isinstance(t, dict) or t.get("type", "function") != "function"
+                or not isinstance(t.get("function"), dict)):
             raise bad(f"tools[{i}]", "must be {'type': 'function', 'function': {'name': ..., 'parameters': ...}}")
         fn = t["function"]
         if not isinstance(fn.get("name"), str) or not fn["name"]:

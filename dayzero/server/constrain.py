@@ -13,8 +13,6 @@ Windows) with no dependency on torch or transformers.
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from dayzero.server.protocol import APIError
@@ -33,7 +31,6 @@ class Constrainer:
         self.ll = llguidance
         self.vocab_size = vocab_size
         self.end_think = tokenizer.token_to_id(END_THINK)
-        self._lock = threading.Lock()
         self.lltok = None
         if llguidance is not None:
             self.lltok = llguidance.LLTokenizer(tokenizer.to_json(), n_vocab=vocab_size, eos_token=eos_id)

@@ -36,6 +36,9 @@ async def complete(server, p: Prepared, request, tracker):
             else:
                 out.push(d.token_ids, d.logprobs, d.finish_reason)
             reason = d.finish_reason
+            if out.done and reason is None:  # ended by the library (a stop sequence): abort the rest
+                reason = "stop"
+                break
 
     task = asyncio.ensure_future(collect())
     try:
@@ -80,6 +83,9 @@ async def stream(server, p: Prepared, tracker):
                 yield text
             if d.finish_reason is not None:
                 reason = d.finish_reason
+            elif out.done:  # ended by the library (a stop sequence): leaving aborts the rest
+                reason = "stop"
+                break
         yield out.sse_done()
     finally:
         out.close()

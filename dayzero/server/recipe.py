@@ -14,6 +14,7 @@ with the checkpoint's own tokenizer, where a special token it lacks is plain tex
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -101,6 +102,7 @@ class Protocol:
             except RuntimeError:  # a special token the tokenizer lacks (built-in, toy tokenizers)
                 pass
         self._constrainer = None
+        self._lock = threading.Lock()  # requests are prepared on CpuPool threads
 
     # ---- requests ---------------------------------------------------------------------------------
     def render(self, conversation: dr.Conversation) -> str:
@@ -216,10 +218,12 @@ class Protocol:
         return Prepared(api, conv_req, prompt, ids, params, conv_req.stream, echo, namespace_map, logprobs)
 
     def constrainer(self):
-        if self._constrainer is None:
-            from dayzero.server.constrain import Constrainer
-            self._constrainer = Constrainer(self.tok, self.eos_id, self.vocab_size)
-        return self._constrainer
+        """The llguidance tokenizer, built on the first constrained request (it scans the vocabulary)."""
+        with self._lock:
+            if self._constrainer is None:
+                from dayzero.server.constrain import Constrainer
+                self._constrainer = Constrainer(self.tok, self.eos_id, self.vocab_size)
+            return self._constrainer
 
     # ---- outputs ----------------------------------------------------------------------------------
     def output(self, p: Prepared) -> Output:
@@ -249,6 +253,7 @@ class Output:
         self.text = None if proto.native else TextState(proto.tok, [], set(), keep_special=True)
         self.n_out = 0
         self._started = False
+        self.done = False  # the response is complete
 
     def _start(self) -> list:
         if self._started:
@@ -262,6 +267,8 @@ class Output:
         the response object."""
         out = self._start()
         self.n_out += len(ids)
+        if self.done:  # the library ended the reply (a stop sequence): later tokens are not part of it
+            return []
         if finish_reason is not None and ids and ids[-1] in self.drop and finish_reason == "stop":
             ids, logprobs = ids[:-1], (logprobs[:-1] if logprobs else logprobs)
         if self.text is not None:
@@ -274,10 +281,12 @@ class Output:
                 n = self.p.logprobs
                 lp = [(d[t], sorted(d.items(), key=lambda kv: -kv[1])[:n]) for t, d in zip(ids, logprobs)]
             out += self.proc.push(dr.InferenceChunk.tokens(ids, lp))
-        if finish_reason is not None:
+        if finish_reason is not None and not self.proc.finished:
             fr = dr.InferenceFinishReason.Length if finish_reason == "length" else dr.InferenceFinishReason.Stop
             out += self.proc.push(dr.InferenceChunk.finish(fr))
+        if finish_reason is not None or self.proc.finished:
             out += self.proc.finish()
+            self.done = True
         if self.p.stream:  # (event name, data) pairs; serializing consumes nothing, accumulating does
             return [(self.cls.sse_event_name(c), c.to_json()) for c in out]
         for c in out:

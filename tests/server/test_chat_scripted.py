@@ -89,7 +89,8 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 # V4 DSML, as the library's tool section tells the model to write it
 CALL = ('<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\n'
         '<｜DSML｜parameter name="city" string="true">Oslo</｜DSML｜parameter>\n'
-        '<｜DSML｜parameter name="days" string="false">2</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>')
+        '<｜DSML｜parameter name="days" string="false">2</｜DSML｜parameter>\n'
+        '</｜DSML｜invoke>\n</｜DSML｜tool_calls>')
 THINK = {"thinking": {"type": "enabled"}}
 NO_THINK = {"thinking": {"type": "disabled"}}
 
@@ -231,3 +232,18 @@ def test_failed_step_fails_its_requests_and_server_goes_on(tiny_tok):
         ok = c.post("/v1/chat/completions", json=body)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
         assert "dayzero:num_requests_in_flight{model_name=\"scripted\"} 0" in c.get("/metrics").text
+
+
+def test_stop_sequences_end_the_reply(tok):
+    """The library cuts at a stop sequence; the tokens the engine still sends are not part of the reply
+    (and the request is aborted)."""
+    with make_client(tok, "abc def ghi jkl") as c:
+        body = {"messages": [{"role": "user", "content": "x"}], "stop": ["ghi"], "max_tokens": 50, **NO_THINK}
+        full, chunks = _both(c, body)
+        assert full["choices"][0]["message"]["content"] == "abc def "
+        assert full["choices"][0]["finish_reason"] == "stop"
+        assert "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"]) == "abc def "
+        m = c.post("/v1/messages", json={"messages": [{"role": "user", "content": "x"}], "stop_sequences": ["ghi"],
+                                         "max_tokens": 50, **NO_THINK}).json()
+        assert m["content"][0]["text"] == "abc def " and m["stop_reason"] == "stop_sequence"
+        assert m["stop_sequence"] == "ghi"

@@ -58,7 +58,8 @@ def test_chat_client_talks_to_server(server, client):
     want = client.chat.completions.create(model="toy", messages=[{"role": "user", "content": "hello there"}],
                                           max_tokens=8, temperature=0,
                                           extra_body=NO_THINK).choices[0].message.content
-    r = subprocess.run([sys.executable, "-m", "dayzero", "chat", "--url", server.url, "--max-tokens", "8", "--temperature", "0"],
+    r = subprocess.run([sys.executable, "-m", "dayzero", "chat", "--url", server.url, "--max-tokens", "8",
+                        "--temperature", "0"],
                        input="hello there\n/reset\n/exit\n", capture_output=True, text=True, env=ENV, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "toy" in r.stderr
@@ -75,7 +76,8 @@ def test_chat_runs_a_local_model_in_process(toy_dir, server, client):
     want = client.chat.completions.create(model="toy", messages=[{"role": "user", "content": "hello there"}],
                                           max_tokens=8, temperature=0,
                                           extra_body=NO_THINK).choices[0].message.content
-    r = subprocess.run([sys.executable, "-m", "dayzero", "chat", "--local", str(toy_dir), "--max-tokens", "8", "--temperature", "0"],
+    r = subprocess.run([sys.executable, "-m", "dayzero", "chat", "--local", str(toy_dir), "--max-tokens", "8",
+                        "--temperature", "0"],
                        input="hello there\n/exit\n", capture_output=True, text=True, env=ENV, timeout=120)
     assert r.returncode == 0, r.stderr
     # named as `serve` would name it (was 'local')
