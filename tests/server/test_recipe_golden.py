@@ -100,15 +100,23 @@ def test_other_apis_render_the_same_conversation(full_tok, api, body):
 
 
 def test_library_rejections_are_400s(full_tok):
+    """What the library rejects (past dayzero's own field checks) is a 400 with the field its message
+    names as `param`."""
     proto = _proto(full_tok, "v4")
-    cases = [({"messages": []}, "Empty input messages"),
-             ({"messages": [{"role": "bogus", "content": "x"}]}, "bogus"),
-             ({"messages": CONVERSATIONS["user"], "temperature": 5}, "temperature"),
-             ({"messages": CONVERSATIONS["user"], "max_tokens": 10**9}, "max_tokens")]
-    for body, word in cases:
+    user = CONVERSATIONS["user"]
+    cases = [("responses", {"input": []}, None),
+             ("messages", {"messages": user, "max_tokens": 5, "temperature": 7}, "temperature"),
+             ("messages", {"messages": [{"role": "bogus", "content": "x"}], "max_tokens": 5}, None),
+             ("chat", {"messages": user, "tool_choice": "required", "thinking": {"type": "enabled"},
+                       "tools": TOOLS}, "tool_choice"),
+             ("chat", {"messages": [{"role": "user", "content": "hi"}],
+                       "response_format": {"type": "json_object"}}, "response_format")]
+    for api, body, param in cases:
         with pytest.raises(APIError) as e:
-            proto.prepare("chat", body)
-        assert e.value.status == 400 and word in e.value.message, (body, e.value.message)
+            proto.prepare(api, body)
+        assert e.value.status == 400 and e.value.message, (api, body)
+        if param is not None:
+            assert e.value.param == param, (api, body, e.value.message)
     with pytest.raises(APIError) as e:
         proto.prepare("chat", {"model": "other", "messages": CONVERSATIONS["user"]})
     assert e.value.status == 404
