@@ -121,7 +121,8 @@ def test_library_rejections_are_400s(full_tok):
         proto.prepare("chat", {"model": "other", "messages": CONVERSATIONS["user"]})
     assert e.value.status == 404
     # V4.1 passes images on (V4 renders them as "[Unsupported Image]"); dayzero's engine is text only
-    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]
+    image = [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]
     with pytest.raises(APIError) as e:
-        _proto(full_tok, "v4.1").prepare("chat", {"messages": image})
+        _proto(full_tok, "v4.1").prepare("messages", {"messages": image, "max_tokens": 5})
     assert e.value.status == 400 and "images are not supported" in e.value.message
