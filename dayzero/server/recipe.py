@@ -157,22 +157,23 @@ class Protocol:
                 raise _error(api, 400, f"messages[{i}]: images are not supported by this server (text only)",
                              f"messages[{i}]")
         prompt = self.render(conv)
+        field = "input" if api == "responses" else "messages"  # where the prompt came from
         if min_tokens is not None:
             at_least, nbytes = min_tokens(prompt)
             if at_least >= self.context:
-                raise _error(api, 400, f"messages: the prompt is at least {at_least} tokens ({nbytes} bytes of "
-                                       f"text); this server's context is {self.context} tokens", "messages")
+                raise _error(api, 400, f"{field}: the prompt is at least {at_least} tokens ({nbytes} bytes of "
+                                       f"text); this server's context is {self.context} tokens", field)
         try:
             ids = self.encode(conv, prompt)
         except Exception as e:  # noqa: BLE001 - e.g. a lone surrogate from a JSON \ud800 escape
-            raise _error(api, 400, f"messages: cannot be tokenized ({type(e).__name__}: {e})", "messages") from None
+            raise _error(api, 400, f"{field}: cannot be tokenized ({type(e).__name__}: {e})", field) from None
         io = conv_req.inference_options
         requested = io.max_tokens
         if requested is None and self.builtin:
             requested = BUILTIN_CHAT_DEFAULTS["max_tokens"]
         if len(ids) >= self.context:
-            raise _error(api, 400, f"messages: the prompt is {len(ids)} tokens; this server's context is "
-                                   f"{self.context} tokens", "messages")
+            raise _error(api, 400, f"{field}: the prompt is {len(ids)} tokens; this server's context is "
+                                   f"{self.context} tokens", field)
         if io.max_tokens is None:
             max_tokens = conv_req.resolve_max_tokens(len(ids), self.context)
             if requested is not None:

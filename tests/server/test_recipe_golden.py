@@ -126,3 +126,15 @@ def test_library_rejections_are_400s(full_tok):
     with pytest.raises(APIError) as e:
         _proto(full_tok, "v4.1").prepare("messages", {"messages": image, "max_tokens": 5})
     assert e.value.status == 400 and "images are not supported" in e.value.message
+
+
+def test_prompt_past_the_context_names_the_apis_own_field(full_tok):
+    proto = _proto(full_tok, "v4", context=64)
+    long = "Hello " * 200
+    for api, body, field in [("chat", {"messages": [{"role": "user", "content": long}]}, "messages"),
+                             ("responses", {"input": long}, "input"),
+                             ("messages", {"messages": [{"role": "user", "content": long}], "max_tokens": 5},
+                              "messages")]:
+        with pytest.raises(APIError) as e:
+            proto.prepare(api, body)
+        assert e.value.status == 400 and e.value.param == field and "context is 64 tokens" in e.value.message
