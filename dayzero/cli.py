@@ -1,4 +1,8 @@
-"""`dayzero` command line: generate | serve | chat | convert | toy | verify | tune | bench."""
+"""`dayzero` command line: generate | serve | chat | convert | toy | verify | tune | bench.
+
+Input errors (bad flags or values, a missing or broken checkpoint) exit 2 with one line
+`dayzero COMMAND: error: ...`, as argparse's own errors do; failures while running exit 1.
+"""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +21,7 @@ def _token_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
-        raise SystemExit(f"--token-ids: expected integers separated by commas or spaces, got {text!r}") from None
+        raise ValueError(f"--token-ids: expected integers separated by commas or spaces, got {text!r}") from None
 
 
 def speculative_config(text: str | None) -> dict | None:
@@ -62,14 +66,45 @@ def add_parallel_arguments(p) -> None:
                         "all-gathered to the experts and reduce-scattered back; prefix caching off")
 
 
+# the built-in model is a plain-text model sampled as docs/BUILTIN.md samples it; greedy decoding
+# of a 13M-parameter model loops
+BUILTIN_SAMPLING = {"temperature": 0.8, "top_p": 0.95}
+
+
+def check_ops(ops: str | None, device) -> None:
+    """--ops triton where Triton cannot run: an input error before any loading (was a traceback)."""
+    if ops == "triton":
+        from dayzero.engine.llm import resolve_device
+        from dayzero.ops import triton_usable
+
+        dev = resolve_device(device)
+        if not triton_usable(dev):
+            raise ValueError(f"--ops triton: Triton cannot run on {dev} (no triton, or a CPU); "
+                             f"use --ops cpu or --ops ref there")
+
+
+def is_builtin(model) -> bool:
+    from dayzero.builtin import BUILTIN_NAMES, builtin_path
+    from dayzero.engine.llm import resolve_model
+
+    return resolve_model(model).resolve() in {builtin_path(n).resolve() for n in BUILTIN_NAMES}
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     from dayzero import LLM, SamplingParams
 
     if (a.prompt is None) == (a.token_ids is None):
-        raise SystemExit("generate: give exactly one of --prompt or --token-ids")
+        raise ValueError("give exactly one of --prompt or --token-ids")
     prompt = a.prompt if a.prompt is not None else _token_ids(a.token_ids)
-    params = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
-                            max_tokens=a.max_tokens, seed=a.seed, stop=a.stop or None,
+    if not prompt:  # as the server: an empty prompt is refused, not generated from
+        raise ValueError(f"{'--prompt' if a.prompt is not None else '--token-ids'}: must not be empty")
+    if a.max_tokens < 1:
+        raise ValueError(f"--max-tokens: must be positive, got {a.max_tokens}")
+    check_ops(a.ops, a.device)
+    defaults = BUILTIN_SAMPLING if is_builtin(a.model) else {"temperature": 0.0, "top_p": 1.0}
+    params = SamplingParams(temperature=defaults["temperature"] if a.temperature is None else a.temperature,
+                            top_p=defaults["top_p"] if a.top_p is None else a.top_p, top_k=a.top_k,
+                            min_p=a.min_p, max_tokens=a.max_tokens, seed=a.seed, stop=a.stop or None,
                             ignore_eos=a.ignore_eos)
     llm = LLM(a.model, device=a.device, dtype=a.dtype, numerics=a.numerics,
               max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=not a.no_prefix_caching,
@@ -79,6 +114,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
               tensor_parallel_size=a.tensor_parallel_size, enable_expert_parallel=a.enable_expert_parallel,
               data_parallel_size=a.data_parallel_size)
     try:
+        # as the server: prompt + --max-tokens must fit the context (was silently capped)
+        context = min(llm.args.max_seq_len, llm.engine.max_tokens)
+        n = len(prompt) if isinstance(prompt, list) else len(llm.tokenizer.encode(prompt)) if llm.tokenizer else 0
+        if n + a.max_tokens > context:
+            raise ValueError(f"--max-tokens: {a.max_tokens} tokens after a {n}-token prompt exceed this model's "
+                             f"{context}-token context (at most {max(context - n, 0)})")
         return _generate(llm, prompt, params, a)
     finally:
         llm.close()
@@ -126,7 +167,7 @@ def cmd_toy(a: argparse.Namespace) -> int:
     from dayzero.testing import DSPARK_TINY, TINY, random_state, tiny_args, tiny_tokenizer
 
     if a.preset not in TINY and a.preset not in DSPARK_TINY:
-        raise SystemExit(f"toy: unknown preset {a.preset!r} (one of {', '.join([*TINY, *DSPARK_TINY])})")
+        raise ValueError(f"--preset: unknown preset {a.preset!r} (one of {', '.join([*TINY, *DSPARK_TINY])})")
     args = tiny_args(a.preset) if a.preset in DSPARK_TINY else tiny_args(a.preset, n_mtp_layers=1)
     state = random_state(Transformer(args), seed=a.seed)
     target = args.replace(**FORMATS[a.format])
@@ -142,6 +183,7 @@ def cmd_toy(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     from dayzero.server.serve import serve
 
+    check_ops(a.ops, a.device)
     return serve(a)
 
 
@@ -192,14 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dayzero", description="A faithful, portable DeepSeek-V4 runtime.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate text or token ids from a checkpoint")
+    g = sub.add_parser("generate", help="generate text or token ids from a checkpoint",
+                       description="Continue a prompt. The built-in model (no --model) is a small plain-text "
+                                   "model trained on Shakespeare, not an instruct model: give it text to continue.")
     g.add_argument("--model", default=None,
                    help="checkpoint directory in the official hub layout (default: the built-in model)")
     g.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer.json)")
     g.add_argument("--token-ids", help="prompt as token ids, e.g. '0,17,42'")
-    g.add_argument("--max-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-tokens", type=int, default=32, help="prompt + this must fit the model's context")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy; default: 0.8 for the built-in model (docs/BUILTIN.md), else 0 (greedy)")
+    g.add_argument("--top-p", type=float, default=None, help="default: 0.95 for the built-in model, else 1")
     g.add_argument("--top-k", type=int, default=-1)
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
@@ -229,11 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dayzero.server import client as chat_client, serve as serve_mod
 
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    s = sub.add_parser("serve", help="HTTP server: OpenAI /v1/completions, /v1/chat/completions, /v1/responses "
+                                     "and Anthropic /v1/messages",
+                       description="Serve a checkpoint over HTTP. Chat requests use DeepSeek's own prompt format "
+                                   "through deepseek-recipe. The built-in model (no --model) is a plain-text "
+                                   "Shakespeare model, not an instruct model: its chat replies continue the "
+                                   "rendered conversation as text (no thinking by default, 256 tokens, T=0.8).")
     serve_mod.add_arguments(s)
     s.set_defaults(func=cmd_serve)
 
-    ch = sub.add_parser("chat", help="terminal chat client for a running `dayzero serve`")
+    ch = sub.add_parser("chat", help="terminal chat client for a running `dayzero serve`",
+                        description="Chat with a served model. The built-in model is a plain-text Shakespeare "
+                                    "model, not an instruct model: expect verse, not answers.")
     chat_client.add_arguments(ch)
     ch.set_defaults(func=cmd_chat)
 

@@ -46,5 +46,9 @@ class Tokenizer:
         n = len(text.encode("utf-8", "surrogatepass"))
         return -(-n // self.max_token_bytes), n
 
+    def to_json(self) -> str:
+        """The tokenizer.json text (for libraries that load their own copy)."""
+        return self._tok.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

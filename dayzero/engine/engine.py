@@ -366,6 +366,8 @@ class Engine:
         r.output_ids.append(tok)
         self.tokens_generated += 1
         p = r.params
+        if p.logits_processor is not None:
+            p.logits_processor.accept(tok)
         if r.logprobs is not None:
             r.logprobs.append(token_logprobs(logits, tok, p.logprobs))
         # text is decoded only where stop strings need it, and once at the end

@@ -16,7 +16,8 @@ coincide. Reported logprobs are the model's own distribution (log-softmax of the
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,6 +34,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # also return this many most likely tokens per step
+    # constrained decoding (server/constrain.py): an object with mask(logits [V]) -> logits, applied
+    # before any filtering, and accept(token) after each output token; None leaves sampling untouched
+    logits_processor: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -94,6 +98,8 @@ def gumbel_noise(seed: int, index: int, n: int) -> torch.Tensor:
 def sample(logits: torch.Tensor, p: SamplingParams, seed: int, index: int) -> int:
     """Output token `index` from `logits` [V]: argmax when greedy, else a draw from the filtered
     distribution (Gumbel-max with the noise of (seed, index))."""
+    if p.logits_processor is not None:
+        logits = p.logits_processor.mask(logits)
     if p.temperature == 0:
         return int(logits.argmax())
     x = filter_logits(logits, p)

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP app: /health, /v1/models, /v1/completions, /v1/chat/completions, /metrics.
+"""The HTTP app: /health, /v1/models, /v1/completions, /v1/chat/completions, /v1/responses, /v1/messages
+(Anthropic), /metrics. The three conversation APIs go through deepseek-recipe (recipe.py, conversations.py).
 
 The event loop only moves bytes. Work whose cost grows with what a client sends or asks for (JSON
 parsing, chat rendering, tokenization, detokenization of long outputs, response JSON) runs in
@@ -20,11 +21,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dayzero.server import chat
+from dayzero.server import conversations
 from dayzero.server.cpu_pool import INLINE_OUTPUT_IDS, LARGE_BODY_BYTES, LARGE_OUTPUT_IDS, CpuPool
 from dayzero.server.engine_loop import EngineDead, EngineLoop, Overloaded
 from dayzero.server.metrics import Metrics
 from dayzero.server.protocol import APIError, GenRequest, Validator, bad
+from dayzero.server.recipe import APIS, Prepared, Protocol, error_body, tokenizer_config
 from dayzero.server.text import TextState
 
 
@@ -36,6 +38,8 @@ class ServerArgs:
     max_in_flight: int | None = None  # default: 4 x max_num_seqs; more answer 429
     max_body_bytes: int = 4 * 2**20
     cpu_workers: int = 2  # threads per lane of CpuPool
+    model_dir: str | None = None  # its config.json picks the prompt encoding (V4 or V4.1)
+    builtin: bool = False  # the built-in plain-text model: its own chat defaults (recipe.py)
 
 
 class _Tracker:
@@ -92,6 +96,8 @@ class Server:
         self.tok = llm.tokenizer
         self.eos = {llm.args.eos_token_id}
         self.validator = Validator(sargs.model_name, self.tok, llm.args.vocab_size, self.context, self.eos)
+        self.proto = Protocol(sargs.model_name, self.tok, self.context, llm.args.eos_token_id, llm.args.vocab_size,
+                              config=tokenizer_config(sargs.model_dir), builtin=sargs.builtin)
         if self.tok is not None and hasattr(self.tok, "max_token_bytes"):
             self.tok.max_token_bytes  # noqa: B018 - scan the vocabulary now, not in the first request
         self.cpu = CpuPool(sargs.cpu_workers)
@@ -120,14 +126,16 @@ class Server:
             chunks.append(c)
         return b"".join(chunks)
 
-    def parse(self, data: bytes, kind: str) -> GenRequest:
+    def parse(self, data: bytes, kind: str) -> GenRequest | Prepared:
         """Body bytes -> a validated request (JSON, rendering, tokenization): runs in the CpuPool."""
         try:
             body = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         try:
-            return self.validator.completion(body) if kind == "completion" else self.validator.chat(body)
+            if kind == "completion":
+                return self.validator.completion(body)
+            return self.proto.prepare(kind, body, getattr(self.tok, "min_tokens", None))
         except ValueError as e:  # SamplingParams.<field>: ...
             msg = str(e)
             field = msg.split(":", 1)[0].removeprefix("SamplingParams.")
@@ -155,19 +163,20 @@ class Server:
                 "top_logprobs": [self._top_dict(lp, n) for lp in lps],
                 "text_offset": offsets}
 
-    def chat_logprobs(self, ids, lps, n: int) -> dict:
-        def entry(t, v):
-            s = self.token_str(t)
-            return {"token": s, "logprob": v, "bytes": list(s.encode())}
-        return {"content": [dict(entry(t, lp[t]), top_logprobs=[entry(k, v) for k, v in self._top(lp, n)])
-                            for t, lp in zip(ids, lps)]}
-
     def usage(self, g: GenRequest, n_out: int) -> dict:
         return {"prompt_tokens": len(g.prompt_ids), "completion_tokens": n_out,
                 "total_tokens": len(g.prompt_ids) + n_out}
 
     # ---- generation -------------------------------------------------------------------------------
     async def handle(self, request: Request, kind: str):
+        try:
+            return await self._handle(request, kind)
+        except APIError as e:
+            if getattr(e, "api", None) is None:
+                e.api = kind  # the error in this API's own shape
+            raise
+
+    async def _handle(self, request: Request, kind: str):
         self.auth(request)
         # the slot is taken before the body is read: it bounds the bodies held in memory and the
         # work waiting for the CpuPool by --max-in-flight
@@ -183,7 +192,13 @@ class Server:
         try:
             data = await self.read_body(request)
             g = await self.cpu.run(self.parse, data, kind, large=len(data) > LARGE_BODY_BYTES)
-            rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+            if kind in APIS:
+                tr = _Tracker(len(g.prompt_ids))
+                if g.stream:
+                    streaming = True
+                    return _SSEResponse(conversations.stream(self, g, tr), self.loop.unreserve)
+                return await conversations.complete(self, g, request, tr)
+            rid = "cmpl-" + uuid.uuid4().hex
             if g.stream:
                 streaming = True  # the stream gives the slot back when it ends
                 return _SSEResponse(self.stream(g, rid), self.loop.unreserve)
@@ -194,7 +209,7 @@ class Server:
 
     def _text_state(self, g: GenRequest) -> TextState:
         drop = set(g.params.stop_token_ids or ()) | (set() if g.params.ignore_eos else self.eos)
-        return TextState(self.tok, g.params.stop_strings, drop, keep_special=g.kind == "chat")
+        return TextState(self.tok, g.params.stop_strings, drop, keep_special=False)
 
     async def complete(self, g: GenRequest, rid: str, request: Request):
         ts, tr = self._text_state(g), _Tracker(len(g.prompt_ids))
@@ -235,32 +250,16 @@ class Server:
 
     def _response_body(self, g: GenRequest, rid: str, ts: TextState, ids, lps, reason: str) -> dict:
         text = ts.full(finished=True)
-        usage = self.usage(g, len(ids))
-        if g.kind == "completion":
-            lp = None if g.logprobs is None else self.completion_logprobs(ids, lps, g.logprobs, 0)
-            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.sargs.model_name,
-                    "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}],
-                    "usage": usage, "system_fingerprint": None}
-        parsed = chat.parse_output(text, g.thinking, bool(g.tools))
-        msg = {"role": "assistant", "content": parsed.content if parsed.content or not parsed.tool_calls else None}
-        if g.thinking:
-            msg["reasoning_content"] = parsed.reasoning_content
-        if parsed.tool_calls:
-            msg["tool_calls"] = parsed.tool_calls
-            reason = "tool_calls"
-        lp = None if g.logprobs is None else self.chat_logprobs(ids, lps, g.logprobs)
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.sargs.model_name,
-                "choices": [{"index": 0, "message": msg, "logprobs": lp, "finish_reason": reason}],
-                "usage": usage, "system_fingerprint": None}
+        lp = None if g.logprobs is None else self.completion_logprobs(ids, lps, g.logprobs, 0)
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.sargs.model_name,
+                "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}],
+                "usage": self.usage(g, len(ids)), "system_fingerprint": None}
 
     async def stream(self, g: GenRequest, rid: str):
         """SSE chunks as OpenAI shapes them. Leaving early (client gone) aborts via generate()'s finally."""
         ts, tr = self._text_state(g), _Tracker(len(g.prompt_ids))
-        created, name = int(time.time()), self.sargs.model_name
-        is_chat = g.kind == "chat"
-        obj = "chat.completion.chunk" if is_chat else "text_completion"
+        created, name, obj = int(time.time()), self.sargs.model_name, "text_completion"
         usage_null = {"usage": None} if g.include_usage else {}
-        sent_r, sent_c = 0, ""  # chat: reasoning characters / content sent
         offset = 0
         reason = "abort"
         n_out = 0
@@ -272,42 +271,18 @@ class Server:
         def shape(d) -> str:
             """One engine delta -> its SSE text ('' if nothing is safe to send yet). Detokenizes
             the whole output so far (text.py), so it moves to the CpuPool once the output is long."""
-            nonlocal offset, sent_r, sent_c
+            nonlocal offset
             finished = d.finish_reason is not None
             new = ts.add(d.token_ids, finished)
             lp = None
             if g.logprobs is not None and d.token_ids:
-                lp = (self.chat_logprobs(d.token_ids, d.logprobs, g.logprobs) if is_chat else
-                      self.completion_logprobs(d.token_ids, d.logprobs, g.logprobs, offset))
+                lp = self.completion_logprobs(d.token_ids, d.logprobs, g.logprobs, offset)
             offset += len(new)
-            if not is_chat:
-                if new or lp or finished:
-                    return chunk({"text": new, "logprobs": lp, "finish_reason": d.finish_reason if finished else None})
-                return ""
-            text = ts.text
-            if finished:
-                p = chat.parse_output(text, g.thinking, bool(g.tools))
-                r_all, c_all = p.reasoning_content or "", p.content
-            else:
-                r_all, c_all, _ = chat.split_output(text, g.thinking, bool(g.tools), final=False)
-            delta = {}
-            if len(r_all) > sent_r:
-                delta["reasoning_content"] = r_all[sent_r:]
-                sent_r = len(r_all)
-            if len(c_all) > len(sent_c) and c_all.startswith(sent_c):
-                delta["content"] = c_all[len(sent_c):]
-                sent_c = c_all
-            fr = d.finish_reason if finished else None
-            if finished and p.tool_calls:
-                delta["tool_calls"] = [dict(index=i, **c) for i, c in enumerate(p.tool_calls)]
-                fr = "tool_calls"
-            if delta or lp or finished:
-                return chunk({"delta": delta, "logprobs": lp, "finish_reason": fr})
+            if new or lp or finished:
+                return chunk({"text": new, "logprobs": lp, "finish_reason": d.finish_reason if finished else None})
             return ""
 
         try:
-            if is_chat:
-                yield chunk({"delta": {"role": "assistant", "content": ""}})
             async for d in self.loop.generate(rid, g.prompt_ids, g.params):
                 if d.error or d.finish_reason == "abort":
                     yield _sse(APIError(503, f"generation failed: {d.error or 'the engine aborted the request'}")
@@ -346,7 +321,7 @@ def build_app(llm, sargs: ServerArgs) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(error_body(getattr(e, "api", None), e), status_code=e.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, e: StarletteHTTPException):
@@ -391,5 +366,13 @@ def build_app(llm, sargs: ServerArgs) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await server.handle(request, "chat")
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        return await server.handle(request, "responses")
+
+    @app.post("/v1/messages")
+    async def messages(request: Request):
+        return await server.handle(request, "messages")
 
     return app

@@ -18,10 +18,15 @@ def add_arguments(p) -> None:
     p.add_argument("--api-key", default=None, help="bearer token (also read from DAYZERO_API_KEY)")
     p.add_argument("--model", default=None, help="model id (default: the server's first model)")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--thinking", action="store_true", help="thinking mode: the model reasons before answering")
-    p.add_argument("--reasoning-effort", choices=["low", "medium", "high", "max"], default=None)
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--thinking", action="store_true", help="thinking mode: the model reasons before answering "
+                                                           "(DeepSeek checkpoints; default: off)")
+    p.add_argument("--reasoning-effort", choices=["low", "high", "xhigh", "max"], default=None,
+                   help="thinking effort (implies --thinking), as deepseek-recipe renders it")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="reply length limit (default: the server's; 256 for the built-in model)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="default: the server's (the built-in model: 0.8 with top-p 0.95, docs/BUILTIN.md)")
+    p.add_argument("--top-p", type=float, default=None, help="default: the server's")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a reply")
     p.add_argument("--local", nargs="?", const="", default=None, metavar="DIR",
@@ -37,11 +42,18 @@ def start_local(model_dir: str) -> str:
 
     import uvicorn
 
+    from pathlib import Path
+
     from dayzero import LLM
+    from dayzero.builtin import BUILTIN_NAME, BUILTIN_NAMES, builtin_path
+    from dayzero.engine.llm import resolve_model
     from dayzero.server.app import ServerArgs, build_app
 
     llm = LLM(model_dir or None)
-    app = build_app(llm, ServerArgs(model_name="local"))
+    path = resolve_model(model_dir or None).resolve()
+    builtin = path in {builtin_path(n).resolve() for n in BUILTIN_NAMES}
+    name = BUILTIN_NAME if not model_dir else Path(model_dir).resolve().name  # what `serve` would call it
+    app = build_app(llm, ServerArgs(model_name=name, model_dir=str(path), builtin=builtin))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http="h11"))
@@ -99,8 +111,12 @@ class ChatClient:
                         yield "reasoning", d["reasoning_content"]
                     if d.get("content"):
                         yield "content", d["content"]
-                    for tc in d.get("tool_calls") or []:
-                        yield "content", f"\n[tool call {tc['function']['name']}({tc['function']['arguments']})]"
+                    for tc in d.get("tool_calls") or []:  # argument fragments after a first one with the name
+                        fn = tc.get("function") or {}
+                        if fn.get("name"):
+                            yield "content", f"\n[tool call {fn['name']}: "
+                        if fn.get("arguments"):
+                            yield "content", fn["arguments"]
                     if ch.get("finish_reason"):
                         yield "finish", ch["finish_reason"]
 
@@ -109,7 +125,10 @@ def chat_main(a) -> int:
     if a.local is not None:
         try:
             a.url = start_local(a.local)
-        except (ValueError, RuntimeError) as e:
+        except ValueError as e:  # a bad DIR: an input error, as every command reports them
+            print(f"dayzero chat: error: {e}", file=sys.stderr)
+            return 2
+        except RuntimeError as e:
             print(f"dayzero chat: {e}", file=sys.stderr)
             return 1
     client = ChatClient(a.url, a.api_key or os.environ.get("DAYZERO_API_KEY"), a.timeout)
@@ -135,17 +154,19 @@ def chat_main(a) -> int:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        body = {"model": model, "messages": history, "max_tokens": a.max_tokens, "temperature": a.temperature}
-        if a.seed is not None:
-            body["seed"] = a.seed
-        if a.thinking or a.reasoning_effort:
-            body["thinking"] = True
+        body = {"model": model, "messages": history,
+                "thinking": {"type": "enabled" if a.thinking or a.reasoning_effort else "disabled"}}
+        for key in ("max_tokens", "temperature", "top_p", "seed"):
+            if getattr(a, key) is not None:
+                body[key] = getattr(a, key)
         if a.reasoning_effort:
             body["reasoning_effort"] = a.reasoning_effort
         answer, kind = [], None
         try:
             for kind_, text in client.stream(body):
                 if kind_ == "finish":
+                    if text == "tool_calls":
+                        print("]", end="")
                     if text == "length":
                         print(f"\n{dim}[stopped at --max-tokens]{reset}", end="")
                     continue

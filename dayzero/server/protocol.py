@@ -1,14 +1,14 @@
-"""OpenAI request bodies -> validated generation requests; every rejection names its field.
+"""/v1/completions bodies -> validated generation requests; every rejection names its field. (The
+conversation APIs go through deepseek-recipe: recipe.py, chat_checks.py.)
 
 Validation is written out by hand (not a schema library) so that each error message and `param`
 is exactly the OpenAI field at fault, and nothing malformed reaches the engine.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dayzero.engine.sampling import SamplingParams
-from dayzero.server import chat
 
 MAX_LOGPROBS = 20
 MAX_STOP = 16
@@ -33,14 +33,12 @@ def bad(param: str, message: str) -> APIError:
 
 @dataclass
 class GenRequest:
-    kind: str  # "completion" or "chat"
+    kind: str  # "completion" (the conversation APIs are recipe.py's Prepared)
     prompt_ids: list[int]
     params: SamplingParams
     stream: bool = False
     include_usage: bool = False
-    logprobs: int | None = None  # completions: top-N; chat: top_logprobs (logprobs=true)
-    thinking: bool = False
-    tools: list = field(default_factory=list)
+    logprobs: int | None = None  # top-N alternatives
 
 
 _MISSING = object()
@@ -132,12 +130,8 @@ class Validator:
                 logprobs: int | None) -> SamplingParams:
         room = self.context - n_prompt
         if room < 1:
-            raise bad("messages" if max_name == "max_completion_tokens" else "prompt",
-                      f"the prompt is {n_prompt} tokens; this server's context is {self.context} tokens")
+            raise bad("prompt", f"the prompt is {n_prompt} tokens; this server's context is {self.context} tokens")
         max_tokens = _num(body, max_name, None, lo=1, integer=True)
-        if max_name == "max_completion_tokens" and max_tokens is None:
-            max_name = "max_tokens"
-            max_tokens = _num(body, "max_tokens", None, lo=1, integer=True)
         if max_tokens is None:
             max_tokens = room if default_max is None else min(default_max, room)
         elif max_tokens > room:
@@ -193,45 +187,3 @@ class Validator:
         stream, usage = self._stream(body)
         params = self._params(body, len(ids), 16, "max_tokens", lp)
         return GenRequest("completion", ids, params, stream, usage, lp)
-
-    def chat(self, body) -> GenRequest:
-        self._common(body)
-        if self.tokenizer is None:
-            raise APIError(400, "chat completions need a tokenizer; this model has none", param="model")
-        if "messages" not in body:
-            raise bad("messages", "is required")
-        msgs = body["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise bad("messages", "must be a non-empty list")
-        tools = body.get("tools")
-        choice = body.get("tool_choice")
-        if choice is not None and choice not in ("none", "auto"):
-            raise bad("tool_choice", "only 'none' and 'auto' are supported")
-        if choice == "none":
-            tools = None
-        effort = body.get("reasoning_effort")
-        kwargs = body.get("chat_template_kwargs")
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise bad("chat_template_kwargs", "must be an object")
-        thinking = body.get("thinking", (kwargs or {}).get("thinking"))
-        if thinking is None:
-            thinking = effort is not None
-        if not isinstance(thinking, bool):
-            raise bad("thinking", "must be a boolean")
-        try:
-            text = chat.encode_messages(msgs, tools=tools, thinking=thinking, reasoning_effort=effort)
-        except chat.ChatFormatError as e:
-            raise bad(e.param, str(e).split(": ", 1)[1]) from None
-        ids = self._encode(text, "messages", False)
-        want_lp = _bool(body, "logprobs", False)
-        top = _num(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS, integer=True)
-        if top is not None and not want_lp:
-            raise bad("top_logprobs", "needs logprobs=true")
-        lp = (top or 0) if want_lp else None
-        rf = body.get("response_format")
-        if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text"):
-            raise bad("response_format", "only {'type': 'text'} is supported")
-        stream, usage = self._stream(body)
-        params = self._params(body, len(ids), None, "max_completion_tokens", lp)
-        return GenRequest("chat", ids, params, stream, usage, lp, thinking=thinking,
-                          tools=chat.validate_tools(tools))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -58,13 +59,14 @@ def serve(a) -> int:
     import uvicorn
 
     from dayzero import LLM
-    from dayzero.builtin import BUILTIN_NAME
+    from dayzero.builtin import BUILTIN_NAME, BUILTIN_NAMES, builtin_path
+    from dayzero.engine.llm import resolve_model
     from dayzero.server.app import ServerArgs, build_app
 
     for name in ("max_model_len", "max_in_flight", "max_body_bytes", "cpu_workers"):
         v = getattr(a, name)
         if v is not None and v < 1:
-            raise SystemExit(f"dayzero serve: --{name.replace('_', '-')} must be positive, got {v}")
+            raise ValueError(f"--{name.replace('_', '-')}: must be positive, got {v}")
     try:
         if not ipaddress.ip_address(a.host).is_loopback:
             print(f"dayzero serve: warning: binding {a.host}, reachable beyond this machine"
@@ -83,13 +85,21 @@ def serve(a) -> int:
     name = a.served_model_name or (Path(a.model).resolve().name if a.model else BUILTIN_NAME)
     sargs = ServerArgs(model_name=name, api_key=a.api_key or os.environ.get("DAYZERO_API_KEY") or None,
                        max_model_len=a.max_model_len, max_in_flight=a.max_in_flight, max_body_bytes=a.max_body_bytes,
-                       cpu_workers=a.cpu_workers)
+                       cpu_workers=a.cpu_workers, model_dir=str(resolve_model(a.model)),
+                       builtin=resolve_model(a.model).resolve() in {builtin_path(n).resolve() for n in BUILTIN_NAMES})
     app = build_app(llm, sargs)
     server = app.state.server
     # a dead engine loop (a rank of --tensor-parallel-size gone) drains the server and exits non-zero;
     # meanwhile requests get 503
     server.loop.on_dead = lambda: os.kill(os.getpid(), signal.SIGTERM)
-    print(f"dayzero: serving {name!r} (context {server.context} tokens) on http://{a.host}:{a.port}",
+    # bind before saying so: a port in use is one clear line, not "serving on ..." and then a traceback
+    try:
+        sock = socket.create_server((a.host, a.port), family=socket.AF_INET6 if ":" in a.host else socket.AF_INET)
+    except OSError as e:
+        llm.close()
+        print(f"dayzero serve: cannot listen on {a.host}:{a.port}: {e.strerror or e}", file=sys.stderr, flush=True)
+        return 1
+    print(f"dayzero: serving {name!r} (context {server.context} tokens) on http://{a.host}:{sock.getsockname()[1]}",
           file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=None, http="h11",
                             access_log=a.log_level in ("info", "debug"))
@@ -97,7 +107,7 @@ def serve(a) -> int:
     # uvicorn re-raises the signal that stopped it once it has drained; a drained SIGTERM is a clean exit
     signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # the re-raised SIGINT after a drained Ctrl-C
         pass
     finally:

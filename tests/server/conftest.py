@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-CONTEXT = 256  # --max-model-len of the test servers
+CONTEXT = 1024  # --max-model-len of the test servers
 # flags every test server gets on top of its own: DAYZERO_TEST_SERVE_ARGS="--tensor-parallel-size 2"
 # runs the whole server suite against two-rank servers (docs/SCALING.md); empty in CI
 SERVE_ARGS = os.environ.get("DAYZERO_TEST_SERVE_ARGS", "").split()
@@ -99,3 +99,33 @@ def server(toy_dir):
 def client(server):
     openai = pytest.importorskip("openai")
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def recipe_tokenizer(path) -> None:
+    """A tiny byte-level BPE at `path` that holds every special token deepseek-recipe's encodings
+    spell, as a real V4 / V4.1 tokenizer does, so the library's own `encode` applies to it."""
+    import deepseek_recipe as dr
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    names = [n for n in dir(dr.SpecialToken) if n[:1].isupper()]
+    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"]
+    specials += [getattr(dr.SpecialToken, n).default_str() for n in names]
+    specials = list(dict.fromkeys(specials))
+    tok = HF(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["Hello, how are you? The weather in Oslo is sunny. Be brief.", "tool_calls invoke parameter"] * 50
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path))
+
+
+@pytest.fixture(scope="session")
+def full_tok(tmp_path_factory):
+    pytest.importorskip("deepseek_recipe")
+    from dayzero.tokenizer import Tokenizer
+
+    p = tmp_path_factory.mktemp("fulltok") / "tokenizer.json"
+    recipe_tokenizer(p)
+    return Tokenizer(p)

@@ -1,4 +1,5 @@
-"""Request validation never raises anything but an APIError (a 4xx), whatever a field holds."""
+"""Request validation never raises anything but an APIError (a 4xx), whatever a field holds: dayzero's
+own checks and deepseek-recipe's conversion, for all four request APIs."""
 from __future__ import annotations
 
 import itertools
@@ -15,12 +16,18 @@ CHAT = {"model": "toy", "messages": [{"role": "system", "content": "s"}, {"role"
                                          {"id": "c", "type": "function",
                                           "function": {"name": "f", "arguments": "{}"}}]},
                                      {"role": "tool", "tool_call_id": "c", "content": "r"}],
-        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "max_tokens": 4,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], "max_tokens": 4,
         "temperature": 0.5, "top_p": 0.9, "seed": 1, "stop": ["x"], "logprobs": True, "top_logprobs": 2,
         "stream": True, "stream_options": {"include_usage": True}, "tool_choice": "auto",
-        "reasoning_effort": "high", "thinking": True, "n": 1, "response_format": {"type": "text"},
-        "chat_template_kwargs": {"thinking": True}, "top_k": 5, "min_p": 0.1, "ignore_eos": False,
-        "stop_token_ids": [1]}
+        "reasoning_effort": "high", "thinking": {"type": "enabled"}, "n": 1, "response_format": {"type": "text"},
+        "top_k": 5, "min_p": 0.1, "ignore_eos": False, "stop_token_ids": [1]}
+RESPONSES = {"model": "toy", "input": [{"role": "user", "content": "hi"}], "instructions": "s",
+             "max_output_tokens": 4, "temperature": 0.5, "top_p": 0.9, "stream": True,
+             "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+             "reasoning": {"effort": "low"}, "text": {"format": {"type": "text"}}}
+MESSAGES = {"model": "toy", "system": "s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "temperature": 0.5, "stream": True, "tools": [{"name": "f", "input_schema": {"type": "object"}}],
+            "thinking": {"type": "disabled"}, "stop_sequences": ["x"]}
 COMPLETION = {"model": "toy", "prompt": "hello", "max_tokens": 4, "temperature": 0.5, "logprobs": 2, "echo": False,
               "stream": False, "seed": 3, "stop": "x", "presence_penalty": 0, "best_of": 1}
 
@@ -58,10 +65,21 @@ def _set(obj, path, value):
     return obj
 
 
-@pytest.mark.parametrize("kind", ["chat", "completion"])
-def test_every_field_every_odd_value(validator, kind):
-    base = CHAT if kind == "chat" else COMPLETION
-    fn = validator.chat if kind == "chat" else validator.completion
+@pytest.fixture(scope="module")
+def proto(full_tok):
+    from dayzero.server.recipe import Protocol
+
+    return Protocol("toy", full_tok, 4096, eos_id=1, vocab_size=full_tok.vocab_size)
+
+
+@pytest.mark.parametrize("kind", ["chat", "responses", "messages", "completion"])
+def test_every_field_every_odd_value(validator, proto, kind):
+    base = {"chat": CHAT, "responses": RESPONSES, "messages": MESSAGES, "completion": COMPLETION}[kind]
+    if kind == "completion":
+        fn = validator.completion
+    else:
+        def fn(body):
+            return proto.prepare(kind, body)
     assert fn(base).params.max_tokens == 4
     n = 0
     for path, value in itertools.product(list(_paths(base)), ODD):
