@@ -31,12 +31,12 @@ def speculative_config(text: str | None) -> dict | None:
     try:
         cfg = json.loads(text)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"--speculative-config: not JSON ({e}): {text!r}")
+        raise ValueError(f"--speculative-config: not JSON ({e}): {text!r}") from None
     from dayzero.engine.drafter import check_speculative_config
     try:
         check_speculative_config(cfg, None)
     except ValueError as e:
-        raise SystemExit(f"--speculative-config: {e}")
+        raise ValueError(f"--speculative-config: {e}") from None
     return cfg
 
 
