@@ -2,7 +2,8 @@
 step) and S5 (prefill chunk) on the small Flash slice, run twice in one process: with this tree's
 native kernels (batch-invariant) and with the kernels of the last revision before batch invariance
 (gemm.c and attention.c built from git, swapped in behind the same op table; torch's elementwise
-ops without ref.lanewise). Each line prints its roofline fraction; the summary, new / old time.
+ops without ref.lanewise); before them the FP8 / FP4 linears and the MoE at decode and prefill row
+counts, new and old timed alternately. Each line prints its roofline fraction and new / old time.
 
     python -m bench.batch_invariance [--rev 0ef106b] [--scenarios S1 S4 S5] [--out bench/results/batch_invariance]
 
@@ -89,6 +90,61 @@ def row_check(kernels: Kernels) -> dict[str, bool]:
     return out
 
 
+def op_costs(kernels: Kernels, pk: dict, reps: int = 7) -> list[dict]:
+    """FP8 / FP4 linears (K = O = 4096) and the routed-expert MoE (16 experts 4096 x 2048, top-6) at
+    decode and prefill row counts, each timed new and old alternately (median of `reps` pairs), so
+    a machine whose load changes affects both alike."""
+    import statistics
+    import time
+
+    from dayzero.loader.formats import quant_fp4, quant_fp8_block
+    from dayzero.ops.cpu import gemm
+    g = torch.Generator().manual_seed(0)
+    w8, s8 = quant_fp8_block(torch.randn(4096, 4096, generator=g) * 0.02)
+    w4, s4 = quant_fp4(torch.randn(4096, 4096, generator=g) * 0.02)
+    E, dim, inter, k = 16, 4096, 2048, 6
+    moe_w = []
+    for out, inn in ((inter, dim), (inter, dim), (dim, inter)):
+        ws, ss = zip(*(quant_fp4(torch.randn(out, inn, generator=g) * inn ** -0.5) for _ in range(E)))
+        moe_w += [torch.stack(ws), torch.stack(ss)]
+    cases = []
+    for dt in (torch.bfloat16, torch.float32):
+        for M in (1, 8, 64, 512):
+            x = torch.randn(M, 4096, generator=g).to(dt)
+            cases.append((f"fp8_linear {str(dt)[6:]}", M, lambda x=x: gemm.fp8_linear(x, w8, s8, act_quant=True),
+                          4096 * 4096 + M * 4096 * 2, 2 * M * 4096 * 4096))
+            cases.append((f"fp4_linear {str(dt)[6:]}", M, lambda x=x: gemm.fp4_linear(x, w4, s4),
+                          4096 * 2048 + 4096 * 128 + M * 4096 * 2, 2 * M * 4096 * 4096))
+    for B in (1, 8, 64):
+        x = torch.randn(B, dim, generator=g).to(torch.bfloat16)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(B)])
+        wts = torch.rand(B, k, generator=g)
+        touched = ids.unique().numel()
+        cases.append(("moe_experts bf16", B, lambda x=x, ids=ids, wts=wts: gemm.moe_experts(x, wts, ids, *moe_w, 10.0),
+                      touched * 3 * (dim * inter // 2 + dim * inter // 32), 6 * B * k * dim * inter))
+    rows = []
+    for name, M, fn, nbytes, flops in cases:
+        t = {"new": [], "old": []}
+        for which in ("new", "old"):  # warm-up
+            kernels.use(which)
+            fn()
+        for _ in range(reps):
+            for which in ("new", "old"):
+                kernels.use(which)
+                t0 = time.perf_counter()
+                fn()
+                t[which].append(time.perf_counter() - t0)
+        kernels.use("new")
+        tn, to = statistics.median(t["new"]), statistics.median(t["old"])
+        bound = "memory" if M <= 8 else "compute"
+        roof = (lambda tt: nbytes / tt / pk["bandwidth"]) if bound == "memory" else (lambda tt: flops / tt / pk["bf16_flops"])
+        rows.append(dict(op=name, rows=M, new_us=tn * 1e6, old_us=to * 1e6, new_over_old=tn / to, bound=bound,
+                         roofline_new=roof(tn), roofline_old=roof(to)))
+        print(f"{name:18s} rows={M:4d} new {tn * 1e6:9.1f} us ({100 * roof(tn):5.1f}% of {bound} roofline)  "
+              f"old {to * 1e6:9.1f} us ({100 * roof(to):5.1f}%)  new/old {tn / to:.2f}")
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rev", default=BASELINE_REV, help="git revision of the baseline kernels (default %(default)s)")
@@ -104,7 +160,11 @@ def main(argv=None) -> int:
     print(f"rows alone == in a batch of 41 (FP8 linear, bf16): this tree {inv['new']}, baseline {a.rev} {inv['old']}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.jsonl").unlink(missing_ok=True)
+    from dayzero.scenarios import peaks
+    pk = peaks(torch.device("cpu"))
+    print(f"copy {pk['bandwidth'] / 1e9:.1f} GB/s, bf16 matmul {pk['bf16_flops'] / 1e9:.0f} GFLOP/s (measured now)")
+    print("--- ops, new and old timed alternately")
+    ops = op_costs(kernels, pk)
     results = {}
     for which in ("new", "old"):
         kernels.use(which)
@@ -123,7 +183,8 @@ def main(argv=None) -> int:
         print(f"{n['scenario']:20s} B={n['batch']!s:3s} ctx={n['context']!s:6s} new {n['time_us']:10.1f} us "
               f"({100 * n['roofline_fraction']:5.1f}% of roofline)  old {o['time_us']:10.1f} us "
               f"({100 * o['roofline_fraction']:5.1f}%)  new/old {ratio:.2f}")
-    (out / "cost.json").write_text(json.dumps(rows, indent=1))
+    (out / "cost.json").write_text(json.dumps(dict(peaks=pk, baseline_rev=a.rev, row_invariant=inv, ops=ops,
+                                                   scenarios=rows), indent=1))
     print(f"wrote {out / 'cost.json'}")
     return 0
 

@@ -77,7 +77,7 @@ def test_speculative_config_flag():
         "method": "dspark", "num_speculative_tokens": 3}
     for text, msg in [("{method: dspark}", "not JSON"), ('{"method": "eagle3"}', "must be one of"),
                       ('{"num_speculative_tokens": -1}', "non-negative")]:
-        with pytest.raises(SystemExit, match=msg):
+        with pytest.raises(ValueError, match=msg):
             speculative_config(text)
 
 
