@@ -58,6 +58,39 @@ def lanewise(fn, x: torch.Tensor) -> torch.Tensor:
     return out[:n].view(x.shape)
 
 
+_MIN_ROWS = 16
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) with a row's bits independent of the rows beside it on the CPU: BLAS takes
+    other paths (gemv) for a few rows (measured with MKL: 1-3 rows differ from 4 or more, which
+    agree with each other), so calls of fewer than 16 rows run padded to 16 with zero rows."""
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.device.type != "cpu" or m == 0:
+        return F.linear(x, w)
+    x = x.contiguous()  # one memory layout (BLAS's transposed paths round otherwise)
+    if m >= _MIN_ROWS:
+        return F.linear(x, w)
+    flat = x.reshape(m, x.shape[-1])
+    padded = torch.cat([flat, flat.new_zeros(_MIN_ROWS - m, flat.shape[1])])
+    return F.linear(padded, w)[:m].view(*x.shape[:-1], w.shape[0])
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor, block: int = _MIN_ROWS) -> torch.Tensor:
+    """torch.bmm(a, b) with each batch element's bits independent of the batch size on the CPU:
+    batched BLAS picks its path by the batch count, so it runs in calls of exactly `block`
+    elements (the last padded with zeros)."""
+    n = a.shape[0]
+    if a.device.type != "cpu" or n == 0:
+        return torch.bmm(a, b)
+    a, b = a.contiguous(), b.contiguous()  # one memory layout (BLAS's transposed paths round otherwise)
+    pad = -n % block
+    if pad:
+        a = torch.cat([a, a.new_zeros(pad, *a.shape[1:])])
+        b = torch.cat([b, b.new_zeros(pad, *b.shape[1:])])
+    return torch.cat([torch.bmm(x, y) for x, y in zip(a.split(block), b.split(block))])[:n]
+
+
 def row_mean(x: torch.Tensor) -> torch.Tensor:
     """mean over the last dim (keepdim), in x's dtype, summed in fp32 left to right in every row
     (torch's mean may cut a row between threads when there are few rows: batch-dependent bits)."""
@@ -78,7 +111,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ weight [O, K]^T in fp32 (x and the weight, e.g. bf16 as stored, upcast
     exactly) -> fp32 [..., O]."""
-    return F.linear(x.float(), weight.float())
+    return linear(x.float(), weight.float())
 
 
 # ---- rotary embeddings ---------------------------------------------------------------------
@@ -185,13 +218,14 @@ def sparse_attn_gathered(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tenso
 
     out = sum_s exp(l_s - M) kv_s / (sum_s exp(l_s - M) + exp(sink_h - M)), l_s = scale q.kv_s over
     valid keys; logits and accumulation in fp32."""
-    logits = torch.einsum("nhd,nkd->nhk", q.float(), keys.float()) * scale
+    # batched matmuls of one shape (an einsum may fold the queries into other shapes)
+    logits = bmm(q.float(), keys.float().transpose(1, 2)) * scale
     logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
     sink_logit = sink.float().view(1, -1, 1).expand(q.shape[0], -1, 1)
     m = torch.maximum(logits.amax(-1, keepdim=True), sink_logit)
-    p = torch.exp(logits - m)
-    denom = p.sum(-1, keepdim=True) + torch.exp(sink_logit - m)
-    return torch.einsum("nhk,nkd->nhd", p / denom, keys.float()).to(q.dtype)
+    p = lanewise(torch.exp, logits - m)
+    denom = p.sum(-1, keepdim=True) + lanewise(torch.exp, sink_logit - m)
+    return bmm(p / denom, keys.float()).to(q.dtype)
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
@@ -217,8 +251,8 @@ def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tens
     Sinkhorn: row softmax + eps, column normalise, then (iters-1) x (row, column) normalisation."""
     s = scale.float()
     b = base.float()
-    pre = torch.sigmoid(mixes[..., :n] * s[0] + b[:n]) + eps
-    post = 2 * torch.sigmoid(mixes[..., n:2 * n] * s[1] + b[n:2 * n])
+    pre = lanewise(torch.sigmoid, mixes[..., :n] * s[0] + b[:n]) + eps
+    post = 2 * lanewise(torch.sigmoid, mixes[..., n:2 * n] * s[1] + b[n:2 * n])
     comb = (mixes[..., 2 * n:] * s[2] + b[2 * n:]).unflatten(-1, (n, n))
     comb = comb.softmax(-1) + eps
     comb = comb / (comb.sum(-2, keepdim=True) + eps)
@@ -233,7 +267,7 @@ def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     values (one statistic per token) before the projection."""
     flat = x.flatten(-2).float()
     rsqrt = torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
-    return F.linear(flat, fn.float()) * rsqrt
+    return linear(flat, fn.float()) * rsqrt
 
 
 def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
@@ -243,7 +277,9 @@ def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
 
 def hc_post(y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """X'_k = post_k y + sum_j comb[j, k] X_j (note the transpose), fp32, cast to y's dtype."""
-    mixed = torch.einsum("...jk,...jd->...kd", comb, x.float())
+    lead = x.shape[:-2]
+    mixed = bmm(comb.reshape(-1, *comb.shape[-2:]).transpose(1, 2),
+                x.float().reshape(-1, *x.shape[-2:])).view(*lead, *x.shape[-2:])
     return (post[..., None] * y.float()[..., None, :] + mixed).to(y.dtype)
 
 
@@ -303,7 +339,7 @@ def indexer_scores_paged(q: torch.Tensor, w: torch.Tensor, pool: torch.Tensor, i
     """q [N,H,Di], w [N,H], pool [P,Di], idx [N,T] (-1 = none) -> fp32 [N,T]:
     sum_h w[n,h] relu(q[n,h] . pool[idx[n,t]]), -inf where idx < 0."""
     keys, valid = gather_rows(pool, idx)
-    s = torch.einsum("nhd,ntd->nht", q.float(), keys.float()).relu()
+    s = bmm(q.float(), keys.float().transpose(1, 2)).relu()
     return (s * w.float()[..., None]).sum(1).masked_fill(~valid, float("-inf"))
 
 
@@ -334,7 +370,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_q
         x = fp8_act_sim(x, 128)
     s = e8m0_float(scale).repeat_interleave(128, 0).repeat_interleave(128, 1)[:weight.shape[0], :weight.shape[1]]
     w = (weight.float() * s).to(x.dtype)
-    return F.linear(x, w)
+    return linear(x, w)
 
 
 _E2M1_SIGNED = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
@@ -353,7 +389,7 @@ def fp4_dequant(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def fp4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M,K] @ W^T, W FP4 e2m1 packed int8 [O,K/2] with E8M0 per-32 scales [O,K/32] -> [M,O] x.dtype."""
-    return F.linear(x, fp4_dequant(weight, scale).to(x.dtype))
+    return linear(x, fp4_dequant(weight, scale).to(x.dtype))
 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor,

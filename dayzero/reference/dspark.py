@@ -31,6 +31,7 @@ from torch import nn
 
 from dayzero.config import ModelArgs
 from dayzero.distributed.layout import Layout
+from dayzero.ops import ref
 from dayzero.reference.attention import _fp8_nope_sim, rope_table, rows_of
 from dayzero.reference.layers import Linear, RMSNorm, UsesOps, fused_pair, storage_dtype
 from dayzero.reference.model import Block, HCHead, _f32
@@ -68,7 +69,8 @@ class ConfidenceHead(UsesOps, nn.Module):
 
     def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """Probability that the draft survives verification, [n]."""
-        return torch.sigmoid(self.ops.fp32_linear(torch.cat([h.float(), e], -1), self.proj.weight)).squeeze(-1)
+        return ref.lanewise(torch.sigmoid, self.ops.fp32_linear(torch.cat([h.float(), e], -1),
+                                                               self.proj.weight)).squeeze(-1)
 
 
 class DSparkStage(Block, HCHead):

@@ -13,7 +13,7 @@ from torch import nn
 
 from dayzero.distributed.comm import SINGLE, Comm
 from dayzero.loader.formats import dequant_fp4, dequant_fp8_block
-from dayzero.ops import REF, OpTable
+from dayzero.ops import REF, OpTable, ref
 
 _STORAGE = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -137,7 +137,7 @@ class Linear(UsesOps, nn.Module):
             if (self.fmt == "dense" and x.dtype == torch.float32 and "fp32_linear" in self.ops.kernels
                     and not torch.is_grad_enabled()):  # an fp32 GEMM reading the stored weight
                 return self.ops.fp32_linear(x, self.weight)
-            return torch.nn.functional.linear(x, self.dequant(x.dtype))
+            return ref.linear(x, self.dequant(x.dtype))  # F.linear, a row alike in any batch
         flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # the kernels take [M, K]
         if flat.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)

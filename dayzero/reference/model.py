@@ -79,7 +79,7 @@ class HCHead(UsesOps, nn.Module):
         if self.ops is not REF and not torch.is_grad_enabled():
             return self._hc_head_as_site(X)
         mixes = ref.hc_mixes(X, self.hc_head_fn, self.norm_eps)
-        pre = torch.sigmoid(mixes * self.hc_head_scale.float() + self.hc_head_base.float()) + self.hc_eps
+        pre = ref.lanewise(torch.sigmoid, mixes * self.hc_head_scale.float() + self.hc_head_base.float()) + self.hc_eps
         return ref.hc_collapse(X, pre)
 
     def _hc_head_as_site(self, X: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,13 @@
 """Batch invariance: a request's tokens and logprobs are bit-identical alone, in any batch, with any
 prefill chunk, with a prefix-cache hit or after preemption, in both numerics modes, on the native
-CPU table (the default on CPUs) and the twins (issue 20).
+CPU table (the default on CPUs) and the PyTorch twins (issue 20).
 
-Op level: every op of the native table computes a row with the same bits whichever rows share
-the call (so the engine level holds by construction; the engine tests below check the whole path,
+Op level: every op of both tables computes a row with the same bits whichever rows share the call (so the engine level holds by construction; the engine tests below check the whole path,
 torch's own elementwise ops and reductions included)."""
 import pytest
 import torch
 
-from dayzero import LLM, SamplingParams
+from dayzero import LLM, SamplingParams, invariance
 from dayzero.engine.capacity import Sizes
 from dayzero.ops import OP_NAMES, cases, for_device
 from dayzero.ops import cpu as native
@@ -18,42 +17,15 @@ from tests.engine.test_engine import prompts, reference_greedy
 PARAMS = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=3)
 
 
-def _rows(obj, n, a, b):
-    if isinstance(obj, torch.Tensor):
-        return obj[a:b] if obj.dim() and obj.shape[0] == n else obj
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_rows(o, n, a, b) for o in obj)
-    return obj
-
-
-def row_invariance_errors(table, case: str, size: str, dtype, n: int) -> list[str]:
-    """Rows of `case` computed in one call of n rows vs in calls of fewer rows: what differs."""
-    op = cases.VARIANTS.get(case, case)
-    args, kw = cases.make(case, size, "cpu", dtype, N=n)
-    fn = getattr(table, op)
-    whole = fn(*args, **kw)
-    whole = whole if isinstance(whole, tuple) else (whole,)
-    bad = []
-    for a, b in ((0, 1), (n - 1, n), (3, 8), (2, 2 + 17), (1, n - 1)):  # 17, n - 2: the many-rows paths
-        part = fn(*_rows(args, n, a, b), **kw)
-        part = part if isinstance(part, tuple) else (part,)
-        for w, p in zip(whole, part):
-            if not torch.equal(w[a:b], p):
-                bad.append(f"{case} {size} {dtype} rows {a}:{b}")
-    return bad
-
-
-@pytest.mark.skipif(not native.available("gemm"), reason="no C compiler: the native table is the twins")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_native_ops_compute_a_row_alike_in_any_batch(dtype):
-    table = for_device("cpu", "cpu")
-    bad = []
-    for case in OP_NAMES + tuple(cases.VARIANTS):
-        for size in ("tiny", "small"):
-            # 41 rows (not 40: the small MoE case has 16 experts); 200 for the MoE: >= 24 pairs of
-            # an expert take the many-rows path
-            n = 200 if case == "moe_experts" and size == "small" else 41
-            bad += row_invariance_errors(table, case, size, dtype, n)
+@pytest.mark.parametrize("ops", ["cpu", "ref"])
+def test_ops_compute_a_row_alike_in_any_batch(ops, dtype):
+    if ops == "cpu" and not native.available("gemm"):
+        pytest.skip("no C compiler: the native table is the twins (tested as 'ref')")
+    table = for_device("cpu", ops)
+    recs = invariance.op_rows(table, torch.device("cpu"), dtypes=(dtype,))
+    assert {r["case"] for r in recs} == set(OP_NAMES) | set(cases.VARIANTS)
+    bad = [(r["case"], r["size"], r["differing_blocks"]) for r in recs if not r["invariant"]]
     assert not bad, bad
 
 
@@ -67,14 +39,17 @@ def ckpt(make_ckpt):
     return make_ckpt("flash", "fp8", tokenizer=True)
 
 
-@pytest.mark.parametrize("numerics,dtype", [("official", None), ("transformers", None), ("official", "bf16")],
-                         ids=["official-fp32", "transformers-fp32", "official-bf16"])
-def test_logprobs_bit_identical_alone_batched_chunked_cached(ckpt, numerics, dtype):
+@pytest.mark.parametrize("numerics,dtype,ops", [("official", None, None), ("transformers", None, None),
+                                               ("official", "bf16", None), ("official", None, "ref"),
+                                               ("transformers", None, "ref")],
+                         ids=["official-fp32", "transformers-fp32", "official-bf16", "twins-official",
+                              "twins-transformers"])
+def test_logprobs_bit_identical_alone_batched_chunked_cached(ckpt, numerics, dtype, ops):
     target, others = prompts()[4], prompts()[:4] + prompts()[5:]
-    opts = dict(numerics=numerics, dtype=dtype, num_speculative_tokens=0)
+    opts = dict(numerics=numerics, dtype=dtype, num_speculative_tokens=0, ops=ops)
     llm = LLM(ckpt, **opts)
     alone = _run(llm, [target])[0]
-    assert llm.engine.ops.name == ("cpu" if native.available("gemm") else "ref")
+    assert llm.engine.ops.name == (ops or ("cpu" if native.available("gemm") else "ref"))
     crowd = _run(llm, others[:2] + [target] + others[2:])[2]  # a prefix-cache hit on the target too
     chunked = LLM(ckpt, max_num_batched_tokens=7, enable_prefix_caching=False, **opts)
     staggered_outs = staggered(chunked.engine, others[:3] + [target] + others[3:], PARAMS)
