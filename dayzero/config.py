@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dayzero.config_keys import ConfigError, Keys, hub_keys, in_file_terms, official_keys
+from dayzero.v41 import V41Args, is_v41_config
 
 LAYER_TYPES = ("sliding", "csa", "hca")
 _HF_LAYER_NAMES = {
@@ -28,6 +29,10 @@ _HF_LAYER_NAMES = {
 }
 _HF_NAME_OF = {v: k for k, v in _HF_LAYER_NAMES.items()}
 DENSE_DTYPES = ("bfloat16", "float32", "float16")
+
+
+class V41NotBuiltError(ConfigError):
+    """A valid DeepSeek-V4.1 config: dayzero reads it (dayzero.v41) but cannot build that model yet."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,13 @@ class ModelArgs:
         `dim` in an official one), also when the check that fails is on the derived value."""
         if not isinstance(cfg, dict):
             raise ConfigError(f"{source}: expected a JSON object")
+        if is_v41_config(cfg):
+            v41 = V41Args.from_dict(cfg, source)  # a ConfigError naming the key if the config is inconsistent
+            raise V41NotBuiltError(
+                f"{source}: a DeepSeek-V4.1 config (deepseek_v41): read and validated ({v41.n_layers} layers, "
+                f"KV sources {list(v41.kv_source_layers)}, index sources {list(v41.index_source_layers)}), but "
+                "dayzero does not build the V4.1 model yet (CSA2 attention, Engram, the V4.1 checkpoint layout, "
+                "its DSpark; issue 23): it runs DeepSeek-V4 checkpoints only")
         official = "dim" in cfg and "hidden_size" not in cfg
         try:
             return cls._from_official(cfg) if official else cls._from_hf(cfg)
