@@ -8,6 +8,8 @@ A DSpark drafter (V4-Flash-0731, -DSpark; research/v41-and-dspark.md section 2) 
 namespace instead: its stages are layer ids n_layers .. n_layers + dspark_stages - 1, all
 "sliding", and the checkpoint's `num_nextn_predict_layers` (1 in 0731's root config) does not
 describe them: the `dspark_*` keys do.
+A DeepSeek-V4.1 config (deepseek_v41) is a different family: dayzero.v41 reads and validates it, and
+`from_dict` then refuses it with V41NotBuiltError (the V4.1 model is not built yet, docs/V41.md).
 """
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dayzero.config_keys import ConfigError, Keys, in_file_terms
+from dayzero.config_keys import ConfigError, in_file_terms
+from dayzero.v41.read import from_hub, from_official, hub_key_map, official_key_map
 from dayzero.v41.schedule import V41Layer, derive_layers
 
 MODEL_TYPES = ("deepseek_v41", "deepseek_v41_text")
@@ -202,7 +203,6 @@ class V41Args:
 
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "config") -> "V41Args":
-        from dayzero.v41.read import from_hub, from_official, hub_key_map, official_key_map
         if not isinstance(cfg, dict):
             raise ConfigError(f"{source}: expected a JSON object")
         official = is_official_layout(cfg)
