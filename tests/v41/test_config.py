@@ -76,6 +76,12 @@ def test_loading_v41_is_refused_after_validation(path):
         ModelArgs.from_dir(path)
 
 
+def test_the_offline_api_says_the_same():
+    from dayzero import LLM
+    with pytest.raises(ValueError, match=r"read and validated .* does not build the V4.1 model yet"):
+        LLM(model=str(FLASH_DIR))
+
+
 def test_an_inconsistent_v41_config_gets_its_own_error_not_the_refusal(tmp_path):
     cfg = flash_hub()
     cfg["text_config"].update(kv_source_layer_ids=[2, 8, 14, 21], index_source_layer_ids=[2, 8, 14, 21, 24, 28],
