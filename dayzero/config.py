@@ -8,6 +8,8 @@ A DSpark drafter (V4-Flash-0731, -DSpark; research/v41-and-dspark.md section 2) 
 namespace instead: its stages are layer ids n_layers .. n_layers + dspark_stages - 1, all
 "sliding", and the checkpoint's `num_nextn_predict_layers` (1 in 0731's root config) does not
 describe them: the `dspark_*` keys do.
+A DeepSeek-V4.1 config (deepseek_v41) is a different family: dayzero.v41 reads and validates it, and
+`from_dict` then refuses it with V41NotBuiltError (the V4.1 model is not built yet, docs/V41.md).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dayzero.config_keys import ConfigError, Keys, hub_keys, in_file_terms, official_keys
+from dayzero.v41 import V41Args, is_v41_config
 
 LAYER_TYPES = ("sliding", "csa", "hca")
 _HF_LAYER_NAMES = {
@@ -28,6 +31,10 @@ _HF_LAYER_NAMES = {
 }
 _HF_NAME_OF = {v: k for k, v in _HF_LAYER_NAMES.items()}
 DENSE_DTYPES = ("bfloat16", "float32", "float16")
+
+
+class V41NotBuiltError(ConfigError):
+    """A valid DeepSeek-V4.1 config: dayzero reads it (dayzero.v41) but cannot build that model yet."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +212,13 @@ class ModelArgs:
         `dim` in an official one), also when the check that fails is on the derived value."""
         if not isinstance(cfg, dict):
             raise ConfigError(f"{source}: expected a JSON object")
+        if is_v41_config(cfg):
+            v41 = V41Args.from_dict(cfg, source)  # a ConfigError naming the key if the config is inconsistent
+            raise V41NotBuiltError(
+                f"{source}: a DeepSeek-V4.1 config (deepseek_v41): read and validated ({v41.n_layers} layers, "
+                f"KV sources {list(v41.kv_source_layers)}, index sources {list(v41.index_source_layers)}), but "
+                "dayzero does not build the V4.1 model yet (CSA2 attention, Engram, the V4.1 checkpoint layout, "
+                "its DSpark; issue 23): it runs DeepSeek-V4 checkpoints only")
         official = "dim" in cfg and "hidden_size" not in cfg
         try:
             return cls._from_official(cfg) if official else cls._from_hf(cfg)
