@@ -33,7 +33,7 @@ def test_verify_cli_interpreted_triton_ops(tmp_path):
     split-K linears and attention do not have it yet (docs/ARCHITECTURE.md): exit 1, named."""
     pytest.importorskip("triton", reason="no Triton wheel for this platform")
     out = tmp_path / "v.json"
-    r = dayzero("verify", "--interpret", "--ops", "triton", "--ops-only", "--out", out)
+    r = dayzero("verify", "--interpret", "--ops", "triton", "--ops-only", "--out", out, check=False)
     report = json.loads(out.read_text())
     assert report["ops_table"] == "triton" and "kernel" in r.stdout
     assert all(row["passed"] for row in report["ops"]), r.stdout
