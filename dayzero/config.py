@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dayzero.config_keys import ConfigError, Keys, hub_keys, in_file_terms, official_keys
+from dayzero.config_keys import ConfigError, Keys, check_dspark_ids, hub_keys, in_file_terms, official_keys
 from dayzero.v41 import V41Args, is_v41_config
 
 LAYER_TYPES = ("sliding", "csa", "hca")
@@ -169,13 +169,8 @@ class ModelArgs:
                 bad("n_mtp_layers", "a DSpark checkpoint's mtp.* tensors are its drafter: no MTP module beside it")
             if self.dspark_stages < 1 or self.dspark_block_size < 1:
                 bad("dspark_block_size", f"must be a positive integer, got {self.dspark_block_size}")
-            if not 0 <= self.dspark_noise_token_id < self.vocab_size:
-                bad("dspark_noise_token_id", f"{self.dspark_noise_token_id} is not a token id below "
-                                             f"`vocab_size` = {self.vocab_size}")
-            ids = self.dspark_target_layer_ids
-            if not ids or len(set(ids)) != len(ids) or not all(0 <= i < self.n_layers for i in ids):
-                bad("dspark_target_layer_ids", f"must be distinct backbone layer ids in [0, {self.n_layers}), "
-                                               f"got {list(ids)}")
+            check_dspark_ids(bad, self.dspark_noise_token_id, self.vocab_size, self.dspark_target_layer_ids,
+                             self.n_layers)
             if self.dspark_markov_rank < 1:
                 bad("dspark_markov_rank", f"must be a positive integer, got {self.dspark_markov_rank}")
         if self.dtype not in DENSE_DTYPES:

@@ -116,3 +116,13 @@ def in_file_terms(message: str, keys: dict[str, str], fields: set[str]) -> str:
         return f"`{keys.get(name, name)}`" if name in fields else m.group(0)
     message = re.sub(r"^config field `", "key `", message)
     return re.sub(r"`([a-z_0-9.]+)`", key, message)
+
+
+def check_dspark_ids(bad, noise_token_id: int, vocab_size: int, target_layer_ids, n_layers: int) -> None:
+    """The DSpark keys V4-Flash-0731 and V4.1 configs share: the noise token and the target layers
+    (`bad(field, why)` raises the config's error)."""
+    if not 0 <= noise_token_id < vocab_size:
+        bad("dspark_noise_token_id", f"{noise_token_id} is not a token id below `vocab_size` = {vocab_size}")
+    ids = target_layer_ids
+    if not ids or len(set(ids)) != len(ids) or not all(0 <= i < n_layers for i in ids):
+        bad("dspark_target_layer_ids", f"must be distinct backbone layer ids in [0, {n_layers}), got {list(ids)}")

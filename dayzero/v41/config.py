@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dayzero.config_keys import ConfigError, in_file_terms
+from dayzero.config_keys import ConfigError, check_dspark_ids, in_file_terms
 from dayzero.v41.read import from_hub, from_official, hub_key_map, official_key_map
 from dayzero.v41.schedule import V41Layer, derive_layers
 
@@ -168,13 +168,8 @@ class V41Args:
             if self.dspark_n_activated_experts > self.dspark_n_routed_experts:
                 bad("dspark_n_activated_experts", f"top-k {self.dspark_n_activated_experts} exceeds "
                                                   f"`dspark_n_routed_experts` = {self.dspark_n_routed_experts}")
-            if not 0 <= self.dspark_noise_token_id < self.vocab_size:
-                bad("dspark_noise_token_id", f"{self.dspark_noise_token_id} is not a token id below "
-                                             f"`vocab_size` = {self.vocab_size}")
-            ids = self.dspark_target_layer_ids
-            if not ids or len(set(ids)) != len(ids) or not all(0 <= i < self.n_layers for i in ids):
-                bad("dspark_target_layer_ids", f"must be distinct backbone layer ids in [0, {self.n_layers}), "
-                                               f"got {list(ids)}")
+            check_dspark_ids(bad, self.dspark_noise_token_id, self.vocab_size, self.dspark_target_layer_ids,
+                             self.n_layers)
         if self.quant not in (None, "fp8"):
             bad("quant", f"unsupported weight quantization {self.quant!r} (V4.1 ships 'fp8')")
         if self.quant and tuple(self.weight_block_size) != DENSE_BLOCK:
