@@ -4,7 +4,8 @@ each API's chunks, events and response objects (reasoning, content, DSML tool ca
 argument fragments, usage).
 
 dayzero adds what the library leaves to the caller: the served model name, the context limit, the
-engine's sampling parameters (plus vLLM's `top_k`, `min_p`, `ignore_eos`, `stop_token_ids`),
+engine's sampling parameters (plus vLLM's `top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, and `seed`
+where the API has none),
 constrained decoding of the output constraint (constrain.py) and refusing what the engine cannot do
 (images). Prompt encoding: with a checkpoint tokenizer that holds every special token the encoding
 spells (a real V4 / V4.1 tokenizer), the library's `encode` gives the ids; any other tokenizer (the
@@ -209,12 +210,15 @@ class Protocol:
         constraint = io.output_constraint
         if constraint is not None and constraint.kind in ("json", "regex"):
             processor = self.constrainer().processor(constraint, conv.thinking_mode, api)
+        seed = io.seed  # the Responses and Messages APIs have no seed: taken as an extra, as `top_k` is
+        if seed is None:
+            seed = _extra_num(body, "seed", None, 0, integer=True)
         params = SamplingParams(
             temperature=float(temperature if temperature is not None else 1.0),
             top_p=float(top_p if top_p is not None else 1.0),
             top_k=_extra_num(body, "top_k", -1, -1, integer=True),
             min_p=_extra_num(body, "min_p", 0.0, 0, 1),
-            max_tokens=max_tokens, seed=io.seed, stop=list(conv_req.parsing_options.stop_sequences) or None,
+            max_tokens=max_tokens, seed=seed, stop=list(conv_req.parsing_options.stop_sequences) or None,
             stop_token_ids=stop_ids, ignore_eos=ignore_eos, logprobs=logprobs, logits_processor=processor)
         return Prepared(api, conv_req, prompt, ids, params, conv_req.stream, echo, namespace_map, logprobs)
 
