@@ -4,7 +4,7 @@ finish and usage - must not depend on that grouping, streamed or not, and its us
 tokens generated. Checked on the text path (a tokenizer without DeepSeek's special tokens: dayzero
 decodes, the library parses spellings). The token path is not checked here: there the library
 itself drops the count of tokens held back as an unfinished UTF-8 character at the end and counts
-reasoning tokens by re-encoding the reasoning text (see /work/briefs/usagefix-report.md)."""
+reasoning tokens by re-encoding the reasoning text; not fixed yet."""
 from __future__ import annotations
 
 import json
