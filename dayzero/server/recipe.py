@@ -293,7 +293,13 @@ class Output:
             if self.p.logprobs is not None and logprobs:
                 n = self.p.logprobs
                 lp = [(d[t], sorted(d.items(), key=lambda kv: -kv[1])[:n]) for t, d in zip(ids, logprobs)]
-            out += self.proc.push(dr.InferenceChunk.tokens(ids, lp))
+            # One token a chunk: the library holds back a chunk whose text ends in an unfinished UTF-8
+            # character whole, and drops what it holds at the end (text and count); so a delta of
+            # several tokens would lose them all, and the reply would depend on the delta grouping.
+            for i, t in enumerate(ids):
+                out += self.proc.push(dr.InferenceChunk.tokens([t], lp[i:i + 1] if lp else None))
+                if self.proc.finished:
+                    break
         if finish_reason is not None and not self.proc.finished:
             fr = dr.InferenceFinishReason.Length if finish_reason == "length" else dr.InferenceFinishReason.Stop
             out += self.proc.push(dr.InferenceChunk.finish(fr))
