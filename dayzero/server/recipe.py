@@ -4,7 +4,8 @@ each API's chunks, events and response objects (reasoning, content, DSML tool ca
 argument fragments, usage).
 
 dayzero adds what the library leaves to the caller: the served model name, the context limit, the
-engine's sampling parameters (plus vLLM's `top_k`, `min_p`, `ignore_eos`, `stop_token_ids`),
+engine's sampling parameters (plus vLLM's `top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, and `seed`
+where the API has none),
 constrained decoding of the output constraint (constrain.py) and refusing what the engine cannot do
 (images). Prompt encoding: with a checkpoint tokenizer that holds every special token the encoding
 spells (a real V4 / V4.1 tokenizer), the library's `encode` gives the ids; any other tokenizer (the
@@ -209,12 +210,15 @@ class Protocol:
         constraint = io.output_constraint
         if constraint is not None and constraint.kind in ("json", "regex"):
             processor = self.constrainer().processor(constraint, conv.thinking_mode, api)
+        seed = io.seed  # the Responses and Messages APIs have no seed: taken as an extra, as `top_k` is
+        if seed is None:
+            seed = _extra_num(body, "seed", None, 0, integer=True)
         params = SamplingParams(
             temperature=float(temperature if temperature is not None else 1.0),
             top_p=float(top_p if top_p is not None else 1.0),
             top_k=_extra_num(body, "top_k", -1, -1, integer=True),
             min_p=_extra_num(body, "min_p", 0.0, 0, 1),
-            max_tokens=max_tokens, seed=io.seed, stop=list(conv_req.parsing_options.stop_sequences) or None,
+            max_tokens=max_tokens, seed=seed, stop=list(conv_req.parsing_options.stop_sequences) or None,
             stop_token_ids=stop_ids, ignore_eos=ignore_eos, logprobs=logprobs, logits_processor=processor)
         return Prepared(api, conv_req, prompt, ids, params, conv_req.stream, echo, namespace_map, logprobs)
 
@@ -252,6 +256,13 @@ class Output:
         # the library's (proto.native). Any other tokenizer: dayzero decodes (keeping special-token
         # spellings) and hands the library text, which it parses by spelling; no logprobs then.
         self.text = None if proto.native else TextState(proto.tok, [], set(), keep_special=True)
+        # Text chunks carry no ids, so the library counts reasoning tokens by re-encoding the reasoning
+        # text, which need not be the tokens generated (a random model's ids decode to U+FFFD, which
+        # re-encodes as 3 byte tokens). dayzero counts them from the ids instead (reasoning_tokens).
+        po = p.request.parsing_options
+        stage = po.thinking_initial_stage
+        self.think_end = (po.special_tokens.token(dr.SpecialToken.ThinkingEnd)
+                          if self.text is not None and stage is not None and stage.starts_in_reasoning() else None)
         self.n_out = 0
         self._started = False
         self.done = False  # the response is complete
@@ -276,12 +287,19 @@ class Output:
             new = self.text.add(ids, finish_reason is not None)
             if new or ids:
                 out += self.proc.push(dr.InferenceChunk.text(new, len(ids)))
+                self.text.given = len(self.text.ids)
         elif ids:
             lp = None
             if self.p.logprobs is not None and logprobs:
                 n = self.p.logprobs
                 lp = [(d[t], sorted(d.items(), key=lambda kv: -kv[1])[:n]) for t, d in zip(ids, logprobs)]
-            out += self.proc.push(dr.InferenceChunk.tokens(ids, lp))
+            # One token a chunk: the library holds back a chunk whose text ends in an unfinished UTF-8
+            # character whole, and drops what it holds at the end (text and count); so a delta of
+            # several tokens would lose them all, and the reply would depend on the delta grouping.
+            for i, t in enumerate(ids):
+                out += self.proc.push(dr.InferenceChunk.tokens([t], lp[i:i + 1] if lp else None))
+                if self.proc.finished:
+                    break
         if finish_reason is not None and not self.proc.finished:
             fr = dr.InferenceFinishReason.Length if finish_reason == "length" else dr.InferenceFinishReason.Stop
             out += self.proc.push(dr.InferenceChunk.finish(fr))
@@ -289,7 +307,8 @@ class Output:
             out += self.proc.finish()
             self.done = True
         if self.p.stream:  # (event name, data) pairs; serializing consumes nothing, accumulating does
-            return [(self.cls.sse_event_name(c), c.to_json()) for c in out]
+            return [(self.cls.sse_event_name(c), self._usage_fixed(c.to_json()) if self.done else c.to_json())
+                    for c in out]
         for c in out:
             self.response.accumulate(c)
         return []
@@ -306,7 +325,36 @@ class Output:
         return f"data: {d}\n\n" if d is not None else ""
 
     def body(self) -> dict:
-        return json.loads(self.response.to_json())
+        return json.loads(self._usage_fixed(self.response.to_json()))
+
+    def reasoning_tokens(self) -> int:
+        """Text path, thinking mode: how many of the ids given to the library decode to text wholly
+        before the first thinking-end tag (all of them when there is none), as the library counts
+        the ids before the `</think>` token on the token path. O(log n) decodes, at the end only."""
+        ids, decode = self.text.ids[:self.text.given], self.text.tok.decode
+        at = decode(ids, skip_special_tokens=False).find(self.think_end)
+        if at < 0:
+            return len(ids)
+        lo, hi = 0, len(ids)  # the largest k whose prefix ids[:k] decodes to at most `at` characters
+        while lo < hi:
+            k = (lo + hi + 1) // 2
+            if len(decode(ids[:k], skip_special_tokens=False).rstrip("\ufffd")) <= at:
+                lo = k
+            else:
+                hi = k - 1
+        return lo
+
+    def _usage_fixed(self, data: str) -> str:
+        """`data` (a JSON object) with each `reasoning_tokens` replaced by dayzero's count."""
+        if self.think_end is None or '"reasoning_tokens"' not in data:
+            return data
+        n = self.reasoning_tokens()
+
+        def fix(o):
+            if isinstance(o, dict):
+                return {k: (n if k == "reasoning_tokens" else fix(v)) for k, v in o.items()}
+            return [fix(v) for v in o] if isinstance(o, list) else o
+        return json.dumps(fix(json.loads(data)), ensure_ascii=False, separators=(",", ":"))
 
 
 def error_body(api: str, e: APIError) -> dict:

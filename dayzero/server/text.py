@@ -14,6 +14,7 @@ class TextState:
         self.ids: list[int] = []
         self.sent = 0  # characters of text already emitted
         self.text = ""  # the text emitted so far
+        self.given = 0  # ids whose text (and count) the caller has passed on
 
     def full(self, finished: bool) -> str:
         ids = self.ids
