@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dayzero.server import conversations
 from dayzero.server.cpu_pool import INLINE_OUTPUT_IDS, LARGE_BODY_BYTES, LARGE_OUTPUT_IDS, CpuPool
-from dayzero.server.engine_loop import EngineDead, EngineLoop, Overloaded
+from dayzero.server.engine_loop import EngineDead, EngineLoop, Overloaded, finished_or_left
 from dayzero.server.metrics import Metrics
 from dayzero.server.protocol import APIError, GenRequest, Validator, bad
 from dayzero.server.recipe import APIS, Prepared, Protocol, error_body, tokenizer_config
@@ -227,14 +227,9 @@ class Server:
 
         task = asyncio.ensure_future(collect())
         try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=0.25)
-                if not task.done() and await request.is_disconnected():
-                    task.cancel()  # the client left: abort and free its cache now
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                    tr.done(self.metrics, "abort")
-                    return JSONResponse({}, status_code=499)
+            if not await finished_or_left(task, request):
+                tr.done(self.metrics, "abort")
+                return JSONResponse({}, status_code=499)
             task.result()
         finally:
             task.cancel()

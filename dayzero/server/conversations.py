@@ -9,12 +9,12 @@ Either way the library decodes, parses and counts; this module only moves deltas
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 
 from fastapi.responses import JSONResponse
 
 from dayzero.server.cpu_pool import INLINE_OUTPUT_IDS, LARGE_OUTPUT_IDS
+from dayzero.server.engine_loop import finished_or_left
 from dayzero.server.protocol import APIError
 from dayzero.server.recipe import Prepared, error_body
 
@@ -42,14 +42,9 @@ async def complete(server, p: Prepared, request, tracker):
 
     task = asyncio.ensure_future(collect())
     try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.25)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()  # the client left: abort and free its cache now
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                tracker.done(server.metrics, "abort")
-                return JSONResponse({}, status_code=499)
+        if not await finished_or_left(task, request):
+            tracker.done(server.metrics, "abort")
+            return JSONResponse({}, status_code=499)
         task.result()
     except APIError as e:
         e.api = p.api

@@ -7,6 +7,7 @@ request's asyncio queue with `call_soon_threadsafe`. Nothing else touches the en
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import traceback
@@ -168,3 +169,17 @@ class EngineLoop:
                 self.engine.release(r.rid)
             if d.token_ids or d.last:
                 self._push(r.rid, d)
+
+
+async def finished_or_left(task: "asyncio.Task", request) -> bool:
+    """Wait for a non-streamed request's generation `task`, polling the client every 0.25 s: True
+    when it finished (its result or exception is the caller's), False when the client left first
+    (the task is cancelled, which aborts the request and frees its cache at once)."""
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.25)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return False
+    return True
