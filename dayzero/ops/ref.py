@@ -16,6 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dayzero.ops.rowwise import bmm, lanewise, linear, row_mean  # noqa: F401  (ref.* spellings)
+
 FP8_MAX = 448.0
 FP4_MAX = 6.0
 _E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
@@ -32,69 +34,6 @@ def _on(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     if got is None:
         got = _ON_DEVICE[key] = table.to(device)
     return got
-
-
-# ---- batch invariance of torch's elementwise ops -------------------------------------------
-# A CPU elementwise kernel of torch computes whole vectors (SLEEF polynomials) and the tail of the
-# range, past the last multiple of 2 vectors, with the scalar libm function: the two differ by an
-# ulp for exp, log1p, sigmoid, silu..., so an element's bits would depend on where it lies in the
-# tensor, i.e. on how many rows share the call. `lanewise` runs such a function on a flat copy
-# padded to a multiple of _LANES (2 x every vector width torch uses, fp32 and bf16) in chunks
-# below at::internal::GRAIN_SIZE (one thread, no range split): every element takes the vector path.
-_LANES = 64
-_CHUNK = 32768 - _LANES
-
-
-def lanewise(fn, x: torch.Tensor) -> torch.Tensor:
-    """fn(x) for an elementwise torch function, the same bits for an element wherever it lies in x
-    (CPU; other devices compute every element alike already)."""
-    if x.device.type != "cpu":
-        return fn(x)
-    flat = x.reshape(-1)
-    n = flat.numel()
-    if n % _LANES:
-        flat = torch.cat([flat, flat.new_zeros(_LANES - n % _LANES)])
-    out = fn(flat) if flat.numel() <= _CHUNK else torch.cat([fn(c) for c in flat.split(_CHUNK)])
-    return out[:n].view(x.shape)
-
-
-_MIN_ROWS = 16
-
-
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, w) with a row's bits independent of the rows beside it on the CPU: BLAS takes
-    other paths (gemv) for a few rows (measured with MKL: 1-3 rows differ from 4 or more, which
-    agree with each other), so calls of fewer than 16 rows run padded to 16 with zero rows."""
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if x.device.type != "cpu" or m == 0:
-        return F.linear(x, w)
-    x = x.contiguous()  # one memory layout (BLAS's transposed paths round otherwise)
-    if m >= _MIN_ROWS:
-        return F.linear(x, w)
-    flat = x.reshape(m, x.shape[-1])
-    padded = torch.cat([flat, flat.new_zeros(_MIN_ROWS - m, flat.shape[1])])
-    return F.linear(padded, w)[:m].view(*x.shape[:-1], w.shape[0])
-
-
-def bmm(a: torch.Tensor, b: torch.Tensor, block: int = _MIN_ROWS) -> torch.Tensor:
-    """torch.bmm(a, b) with each batch element's bits independent of the batch size on the CPU:
-    batched BLAS picks its path by the batch count, so it runs in calls of exactly `block`
-    elements (the last padded with zeros)."""
-    n = a.shape[0]
-    if a.device.type != "cpu" or n == 0:
-        return torch.bmm(a, b)
-    a, b = a.contiguous(), b.contiguous()  # one memory layout (BLAS's transposed paths round otherwise)
-    pad = -n % block
-    if pad:
-        a = torch.cat([a, a.new_zeros(pad, *a.shape[1:])])
-        b = torch.cat([b, b.new_zeros(pad, *b.shape[1:])])
-    return torch.cat([torch.bmm(x, y) for x, y in zip(a.split(block), b.split(block))])[:n]
-
-
-def row_mean(x: torch.Tensor) -> torch.Tensor:
-    """mean over the last dim (keepdim), in x's dtype, summed in fp32 left to right in every row
-    (torch's mean may cut a row between threads when there are few rows: batch-dependent bits)."""
-    return (x.float().cumsum(-1)[..., -1:] / x.shape[-1]).to(x.dtype)
 
 
 # ---- norms -------------------------------------------------------------------------------
