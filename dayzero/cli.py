@@ -64,6 +64,10 @@ def add_parallel_arguments(p) -> None:
                    help="DP-attention + EP over N ranks (with --enable-expert-parallel and --tensor-parallel-size 1): "
                         "each rank runs attention whole on its own requests, routed experts E/N per rank, tokens "
                         "all-gathered to the experts and reduce-scattered back; prefix caching off")
+    p.add_argument("--cpu-experts", action="store_true",
+                   help="hybrid placement: routed experts stay in host memory (memory-mapped) and run on the CPU's "
+                        "native kernels; attention, dense layers and the shared expert run on --device (one GPU + "
+                        "a big-RAM host); CUDA graphs off")
 
 
 # the built-in model is a plain-text model sampled as docs/BUILTIN.md samples it; greedy decoding
@@ -112,7 +116,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
               speculative_config=speculative_config(a.speculative_config),
               ops=a.ops, enforce_eager=a.enforce_eager, kv_cache_dtype=a.kv_cache_dtype,
               tensor_parallel_size=a.tensor_parallel_size, enable_expert_parallel=a.enable_expert_parallel,
-              data_parallel_size=a.data_parallel_size)
+              data_parallel_size=a.data_parallel_size, cpu_experts=a.cpu_experts)
     try:
         # as the server: prompt + --max-tokens must fit the context (was silently capped)
         context = min(llm.args.max_seq_len, llm.engine.max_tokens)

@@ -7,8 +7,9 @@
 #   scripts/gpu_session.sh bench    # dayzero bench --size flash, S1-S6 -> $OUT/bench.jsonl + PNG
 #   scripts/gpu_session.sh long     # S7 alone (a 1M-token prompt through the engine: minutes)
 #   scripts/gpu_session.sh all      # one call for a short lease (15 minutes, start included): verify, S4,
-#                                   # S1-S3 + S5, the kernel tests, then the engine as one torchrun rank on
-#                                   # NCCL, each part capped (under 9.5 minutes in all), written as it goes;
+#                                   # S1-S3 + S5, the kernel tests, the engine as one torchrun rank on NCCL,
+#                                   # then routed experts on the host (scripts/cpu_experts_check.py), each
+#                                   # part capped (under 9.5 minutes in all), written as it goes;
 #                                   # six files back (the device tool returns 8)
 # The package is used from the checkout (PYTHONPATH), not installed: the device machine has no network.
 set -u
@@ -41,14 +42,15 @@ case "$stage" in
             echo "=== $name rc=$r in $((SECONDS - t0))s$([ $r = 124 ] && echo ' (cut at its cap)')" >> "$log"
             [ $r = 0 ] || rc=1; }
           part 180 verify $py -m dayzero verify --out "$OUT/verify.json"
-          part 170 "bench S4" $py -m dayzero bench --size flash --out-dir "$OUT" --scenario S4
-          part 110 "bench S1 S2 S3 S5" $py -m dayzero bench --size flash --out-dir "$OUT" --no-baseline \
+          part 160 "bench S4" $py -m dayzero bench --size flash --out-dir "$OUT" --scenario S4
+          part 100 "bench S1 S2 S3 S5" $py -m dayzero bench --size flash --out-dir "$OUT" --no-baseline \
               --scenario S1 --scenario S2 --scenario S3 --scenario S5
           xdist=""; $py -c "import xdist" >/dev/null 2>&1 && xdist="-n 8"  # kernel compiles in parallel
           part 60 tests $py -m pytest -q -p no:cacheprovider $xdist tests/engine/test_graphs.py tests/ops
           part 45 "one rank on NCCL" $py -m torch.distributed.run --nproc-per-node 1 -m dayzero generate \
               --token-ids 0,17,42 --max-tokens 16 --tensor-parallel-size 1
-          grep -E "^=== |PASS|FAIL|roofline|baseline" "$log" | tail -n 60 ;;
+          part 30 "cpu experts" $py scripts/cpu_experts_check.py --device cuda --max-tokens 32
+          grep -E "^=== |PASS|FAIL|roofline|baseline|greedy_tokens_equal" "$log" | tail -n 60 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
 cat "$OUT/device.txt"

@@ -291,7 +291,8 @@ def _spawned(argv: list[str] | None = None) -> int:
     _threads(a.world)
     group = Group(a.rank, a.world, dev)
     model = load_model(load["path"], numerics=load["numerics"], dtype=resolve_dtype(load["dtype"]), device=dev,
-                       progress=False, layout=Layout(load["tp"], a.rank, load["ep"], load["dp"]))
+                       progress=False, layout=Layout(load["tp"], a.rank, load["ep"], load["dp"]),
+                       cpu_experts=load.get("cpu_experts", False))
     model.set_comm(group.comm)
     group.follow(model)
     return 0

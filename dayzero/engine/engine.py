@@ -45,6 +45,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1  # ranks the model is split over (distributed/layout.py); 1: this process alone
     enable_expert_parallel: bool = False  # routed experts whole, E/N per rank, instead of split by inner dim
     data_parallel_size: int = 1  # ranks each running attention on its own requests (with enable_expert_parallel)
+    cpu_experts: bool = False  # hybrid placement: routed experts in host memory on the CPU's kernels, the rest on the device
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -68,8 +69,9 @@ class EngineArgs:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {v!r}")
-        if not isinstance(self.enable_expert_parallel, bool):
-            raise ValueError(f"enable_expert_parallel: must be True or False, got {self.enable_expert_parallel!r}")
+        for name in ("enable_expert_parallel", "cpu_experts"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be True or False, got {getattr(self, name)!r}")
 
 
 def _default_block_size(args) -> int:
@@ -107,7 +109,7 @@ class Engine:
         self.groups = cache_groups(args, bs, with_mtp=self.spec_enabled, kv_cache_dtype=eargs.kv_cache_dtype,
                                    fp32_rows=model.fp32_compressor_rows)
         self.ranks = ranks
-        wspec = WorkerSpec(ops=eargs.ops, prepare_weights=prepare_weights)
+        wspec = WorkerSpec(ops=eargs.ops, prepare_weights=prepare_weights, cpu_experts=eargs.cpu_experts)
         if ranks is not None:
             ranks.start(wspec)  # the other ranks build their workers first; they meet rank 0's in collectives
         self.worker = Worker(model, wspec, device)
@@ -189,7 +191,8 @@ class Engine:
         """One line: weights, window and compressor rows, entries, per rank, and the budget's origin."""
         c, b = self.capacity, self.rank_bytes[0]
         per = " per rank" if len(self.rank_bytes) > 1 else ""
-        return (f"dayzero: memory{per}: weights {gb(b['weight_bytes'])}, cache {gb(b['kv_cache_bytes'])} = window and "
+        host = f" (+ routed experts in host memory {gb(b['host_expert_bytes'])})" if self.eargs.cpu_experts else ""
+        return (f"dayzero: memory{per}: weights {gb(b['weight_bytes'])}{host}, cache {gb(b['kv_cache_bytes'])} = window and "
                 f"compressor rows {gb(b['cache_rows_bytes'])} ({c.max_num_seqs} sequences + {c.reserve_seqs} kept "
                 f"for prefix hits) + compressed entries {gb(b['cache_entries_bytes'])} ({c.max_tokens} tokens); "
                 f"budget {gb(c.budget)} from {c.budget_source}")
@@ -202,6 +205,9 @@ class Engine:
             "kv_cache_dtype": self.eargs.kv_cache_dtype,
             "kv_cache_bytes": self.pools.nbytes(),
             "weight_bytes": self.rank_bytes[0]["weight_bytes"],
+            "cpu_experts": self.eargs.cpu_experts,
+            "expert_ops": (self.worker.host_ops or self.ops).name,  # the table the routed experts run on
+            "host_expert_bytes": self.rank_bytes[0]["host_expert_bytes"],
             "cache_rows_bytes": self.rank_bytes[0]["cache_rows_bytes"],
             "cache_entries_bytes": self.rank_bytes[0]["cache_entries_bytes"],
             "kv_cache_budget": self.capacity.budget,

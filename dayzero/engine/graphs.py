@@ -280,6 +280,8 @@ def table_blocks(max_len: int, block_size: int) -> int:
 def unsupported(model) -> str | None:
     """Why a model's steps cannot be recorded (None: they can)."""
     ops = model.ops
+    if any(m.__dict__.get("_host_ops") is not None for m in model.modules()):
+        return "routed experts in host memory (cpu_experts): a step waits on the CPU's experts"
     if not ops.capturable:
         return f"op table {ops.name!r} is not capturable (its moe_experts reads expert ids on the host)"
     for m in model.modules():

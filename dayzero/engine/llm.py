@@ -94,13 +94,15 @@ class LLM:
         if tp * dp > 1 or runtime.torchrun_env() is not None:
             Layout(tp, 0, ep, dp).check(read_args(path))  # an impossible layout fails before any rank starts
             load = {"path": str(Path(path).resolve()), "numerics": numerics, "ep": ep, "tp": tp, "dp": dp,
+                    "cpu_experts": eargs.cpu_experts,
                     "dtype": None if dt is None else str(dt).removeprefix("torch.")}
             self.group = runtime.join(tp * dp, self.device, load)
         rank = self.group.rank if self.group else 0
         try:
             dev = self.group.device if self.group else self.device
             self.model = load_model(path, numerics=numerics, dtype=dt, device=dev,
-                                    progress=None if rank == 0 else False, layout=Layout(tp, rank, ep, dp))
+                                    progress=None if rank == 0 else False, layout=Layout(tp, rank, ep, dp),
+                                    cpu_experts=eargs.cpu_experts)
             if self.group is not None:
                 self.model.set_comm(self.group.comm)
                 if rank != 0:  # torchrun: this process follows rank 0's steps, then exits

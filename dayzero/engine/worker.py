@@ -32,6 +32,7 @@ class WorkerSpec:
     """What a worker needs to set up its model: rank 0 decides it and every rank receives it."""
     ops: str | None
     prepare_weights: bool  # keep dequantised / cast copies where the op table has no kernel for a format
+    cpu_experts: bool = False  # hybrid placement: routed experts in host memory on the CPU's op table
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,16 @@ class Worker:
     def __init__(self, model: Transformer, spec: WorkerSpec, device: torch.device):
         self.model, self.spec, self.device = model, spec, device
         self.ops = for_device(device, spec.ops)  # the dispatch decision, once per rank
+        self.host_ops = None
+        if spec.cpu_experts:  # hybrid placement: the routed experts on the CPU's own table
+            self.host_ops = host_table(model)
         model.set_ops(self.ops)
         if spec.prepare_weights:
             from dayzero.loader.model_io import keep_dequantized
             # no FP8/FP4 kernels: dequantise small models once; with them, only cast dense weights
             kernels = self.ops.kernels
-            keep_dequantized(model, dense_only="fp8_linear" in kernels, fp32_kernel="fp32_linear" in kernels)
+            keep_dequantized(model, dense_only="fp8_linear" in kernels, fp32_kernel="fp32_linear" in kernels,
+                             host_experts=self.host_ops is not None)
         self.pools: CachePools | None = None  # allocate()
         self.tables: DeviceTables | None = None
         self.pool_spec: PoolSpec | None = None
@@ -187,22 +192,48 @@ class Worker:
 
     def _tensors(self) -> list[torch.Tensor]:
         """Model tensors: parameters, buffers and the copies modules keep (dequantised, fused, stacked)."""
-        tensors = list(self.model.parameters()) + list(self.model.buffers())
-        for m in self.model.modules():
-            for v in m.__dict__.values():
-                vs = v if isinstance(v, (tuple, list)) else (v,)
-                tensors += [t for t in vs if isinstance(t, torch.Tensor)]
-        return tensors
+        return _module_tensors(self.model)
 
     def nbytes(self) -> dict:
         """This rank's bytes: model tensors (a view of another tensor's memory counted once) and
         cache pools: the window and compressor rows (`cache_rows_bytes`) and the compressed
         entries (`cache_entries_bytes`)."""
-        weights = sum(hi - lo for lo, hi in tensor_spans(self._tensors()))
-        out = {"weight_bytes": weights, "kv_cache_bytes": 0, "cache_rows_bytes": 0, "cache_entries_bytes": 0}
+        tensors = self._tensors()
+        hosted = set()
+        if self.host_ops is not None:  # hybrid placement: the routed experts' bytes, in host memory
+            hosted = {id(t) for m in self.model.modules() if m.__dict__.get("_host_ops") is not None
+                      for t in _module_tensors(m.experts)}
+        host = sum(hi - lo for lo, hi in tensor_spans([t for t in tensors if id(t) in hosted]))
+        weights = sum(hi - lo for lo, hi in tensor_spans([t for t in tensors if id(t) not in hosted]))
+        out = {"weight_bytes": weights, "host_expert_bytes": host, "kv_cache_bytes": 0, "cache_rows_bytes": 0,
+               "cache_entries_bytes": 0}
         if self.pools is not None:
             out["kv_cache_bytes"] = self.pools.nbytes()
             for (group, _), t in self.pools.tensors.items():
                 key = "cache_entries_bytes" if self.pools.groups[group].keep == "all" else "cache_rows_bytes"
                 out[key] += t.numel() * t.element_size()
         return out
+
+
+def _module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """A module's parameters, buffers and the tensors its modules keep (dequantised, fused, stacked)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    for m in module.modules():
+        for v in m.__dict__.values():
+            vs = v if isinstance(v, (tuple, list)) else (v,)
+            tensors += [t for t in vs if isinstance(t, torch.Tensor)]
+    return tensors
+
+
+def host_table(model: Transformer):
+    """Hybrid placement (`cpu_experts`): the CPU's op table (the native kernels where they build,
+    else the twins), installed for every MoE layer's routed experts, whose weights must be in host
+    memory (`load_model(..., cpu_experts=True)` leaves them there)."""
+    for name, t in model.state_dict().items():
+        if ".ffn.experts." in name and t.device.type != "cpu":
+            raise ValueError(f"cpu_experts: routed expert tensor {name!r} is on {t.device}, not in host memory; "
+                             "load the model with load_model(..., cpu_experts=True) (LLM and `dayzero serve` do)")
+    table = for_device("cpu")
+    if not model.host_experts(table):
+        raise ValueError("cpu_experts: this model has no MoE layer (no routed experts to place in host memory)")
+    return table

@@ -257,6 +257,7 @@ def load_state(
     progress: bool | None = None,
     only: Collection[str] | None = None,
     slices: Mapping[str, tuple[int, int, int]] | None = None,
+    host: Callable[[str], bool] = lambda name: False,
 ) -> dict[str, torch.Tensor]:
     """Load exactly the tensors in `expected` from a checkpoint directory, strictly.
 
@@ -268,6 +269,9 @@ def load_state(
     One rank of a parallel layout: `only` loads just those of the expected tensors (the rest are
     checked against the headers, not read) and `slices` {name: (dim, start, stop)} reads only
     that range of a tensor from its mapped shard (the rest of it is never read).
+
+    `host(name)` true: that tensor stays on the CPU, as mapped, whatever `device` is (the routed
+    experts under hybrid placement, `cpu_experts`).
     """
     d = _directory(path)
     infos = list_tensors(d)
@@ -312,7 +316,7 @@ def load_state(
                             t = f.get_slice(name)[(slice(None),) * dim + (slice(start, stop),)]
                         else:
                             t = f.get_tensor(name)
-                        if device.type != "cpu":
+                        if device.type != "cpu" and not host(name):
                             t = t.to(device)
                         out[name] = t
                         if bar is not None:

@@ -42,10 +42,12 @@ def read_args(path: str | os.PathLike) -> ModelArgs:
 
 def load_model(path: str | os.PathLike, numerics: str = "official", dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu", progress: bool | None = None,
-               layout: Layout = Layout()) -> Transformer:
+               layout: Layout = Layout(), cpu_experts: bool = False) -> Transformer:
     """Build the reference model for the checkpoint at `path` and load it strictly; with a
     tensor-parallel `layout`, only this rank's tensors and slices are read (distributed/layout.py),
-    after the whole checkpoint's inventory is checked against the headers."""
+    after the whole checkpoint's inventory is checked against the headers. `cpu_experts`: the
+    routed experts stay in host memory, as mapped, whatever `device` is (hybrid placement: the
+    worker runs them on the CPU op table, `Transformer.host_experts`)."""
     device = torch.device(device)
     args = read_args(path)
     dtype = dtype or default_compute_dtype(device)
@@ -62,10 +64,17 @@ def load_model(path: str | os.PathLike, numerics: str = "official", dtype: torch
                                   f"{layout.tp} slices of {n}")
         r = layout.rank % layout.tp  # this rank's place among the tensor-parallel ranks
         slices[name] = (dim, r * n, (r + 1) * n)
-    state = load_state(path, expected, device=device, progress=progress, only=set(local), slices=slices)
+    state = load_state(path, expected, device=device, progress=progress, only=set(local), slices=slices,
+                       host=is_routed_expert if cpu_experts else (lambda name: False))
     check_small_finite(state, str(path))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def is_routed_expert(name: str) -> bool:
+    """Whether checkpoint tensor `name` belongs to a routed expert (`layers.3.ffn.experts.17.w1.weight`,
+    the MTP / DSpark blocks' `mtp.0.ffn.experts.*` too); the shared expert is `ffn.shared_experts`."""
+    return ".ffn.experts." in name
 
 
 def dense_state(model: Transformer) -> dict[str, torch.Tensor]:
@@ -116,17 +125,22 @@ def save_model(path: str | os.PathLike, model: Transformer, args: ModelArgs | No
 
 
 def keep_dequantized(model: Transformer, max_bytes: int = 4 * 2**30, dense_only: bool = False,
-                     fp32_kernel: bool = False) -> bool:
+                     fp32_kernel: bool = False, host_experts: bool = False) -> bool:
     """Keep dequantised copies of every linear in the compute dtype, and an fp32 copy of the LM
     head (it runs in fp32), when they total at most `max_bytes` (small models on devices without
     FP8/FP4 kernels); returns whether it did. dense_only: only the dense linears whose storage
     dtype differs from the compute dtype (devices whose kernels read FP8/FP4 directly).
     fp32_kernel: the op table's fp32_linear reads bf16 weights itself: no fp32 copies of the head
     and compressor projections, nor of the dense linears its forward hands to it in fp32 (no copy
-    the op table does not read: Linear.copy_is_read)."""
+    the op table does not read: Linear.copy_is_read). host_experts: leave the routed experts as
+    they are (hybrid placement: the host's table reads them, no copies in host memory)."""
     dt = model.compute_dtype
+    skip = set()
+    if host_experts:
+        skip = {id(m) for name, m in model.named_modules() if ".ffn.experts." in f"{name}."}
     linears = [m for m in model.modules() if isinstance(m, Linear) and (not dense_only or m.fmt == "dense")
-               and m.copy_is_read(dt, fp32_kernel) and m is not model.head]  # the head: keep_head_fp32
+               and m.copy_is_read(dt, fp32_kernel) and m is not model.head  # the head: keep_head_fp32
+               and id(m) not in skip]
     size = torch.tensor([], dtype=dt).element_size()
     total = sum(m.in_features * m.out_features * size for m in linears)
     total += 0 if fp32_kernel else model.head.weight.numel() * 4

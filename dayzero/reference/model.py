@@ -76,7 +76,7 @@ class HCHead(UsesOps, nn.Module):
     """Final stream collapse (hc_head) -> RMSNorm -> fp32 LM head."""
 
     def hc_head(self, X: torch.Tensor) -> torch.Tensor:
-        if self.ops is not REF and not torch.is_grad_enabled():
+        if "hc_pre" in self.ops.kernels and not torch.is_grad_enabled():  # the table's hc_pre is a kernel
             return self._hc_head_as_site(X)
         mixes = ref.hc_mixes(X, self.hc_head_fn, self.norm_eps)
         pre = ref.lanewise(torch.sigmoid, mixes * self.hc_head_scale.float() + self.hc_head_base.float()) + self.hc_eps
@@ -198,14 +198,30 @@ class Transformer(HCHead, nn.Module):
         for m in self.modules():
             if isinstance(m, UsesOps):
                 m.ops = table
-            if table is not REF and hasattr(m, "stack_experts") and "_stacked" not in m.__dict__:
-                m.stack_experts(in_place=table.moe_per_expert)
-        if "fp8_linear" in table.kernels:  # FP8 pairs that read the same input: one GEMM each
-            for m in self.modules():
-                if isinstance(m, Attention):
-                    fuse_rows(m.wq_a, m.wkv)
-                elif type(m).__name__ == "Expert" and m.w1.fmt == "fp8":
-                    fuse_rows(m.w1, m.w3)
+        for m in self.modules():
+            host = m.__dict__.get("_host_ops")  # hybrid placement: the routed experts keep the host's table
+            if host is not None:
+                m.host_experts(host)
+            t = host or table
+            if t is not REF and hasattr(m, "stack_experts") and "_stacked" not in m.__dict__:
+                m.stack_experts(in_place=t.moe_per_expert)
+        for m in self.modules():  # FP8 pairs that read the same input: one GEMM each
+            if isinstance(m, Attention) and "fp8_linear" in table.kernels:
+                fuse_rows(m.wq_a, m.wkv)
+            elif type(m).__name__ == "Expert" and m.w1.fmt == "fp8" and "fp8_linear" in m.w1.ops.kernels:
+                fuse_rows(m.w1, m.w3)
+
+    def host_experts(self, table: OpTable) -> int:
+        """Hybrid placement (`cpu_experts`): every MoE layer's routed experts (MTP / DSpark blocks'
+        too) run on `table`, the host's op table, over weights in host memory (load them there:
+        `load_model(..., cpu_experts=True)`); everything else stays on the model's device and
+        table. Call before `set_ops`. Returns the number of MoE layers placed."""
+        placed = 0
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.host_experts(table)
+                placed += 1
+        return placed
 
     @property
     def fp32_compressor_rows(self) -> bool:

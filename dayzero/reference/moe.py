@@ -94,6 +94,22 @@ class MoE(UsesOps, nn.Module):
         self.data_parallel = layout.dp > 1
         self.dim, self.topk = args.dim, args.n_activated_experts
 
+    def host_experts(self, table) -> None:
+        """Hybrid placement (`cpu_experts`): this layer's routed experts are in host memory and run
+        on `table` (the CPU's op table), whatever the model's device and table; each step's tokens
+        and routing go to the host and the routed sum comes back, while the shared expert runs on
+        the device (`_on_host`). Call before `Transformer.set_ops`, which groups them for `table`."""
+        self.__dict__["_host_ops"] = table
+        for e in self.experts:
+            for m in e.modules():
+                if isinstance(m, UsesOps):
+                    m.ops = table
+
+    @property
+    def expert_ops(self):
+        """The op table the routed experts run on: the host's under hybrid placement, else `ops`."""
+        return self.__dict__.get("_host_ops") or self.ops
+
     def stack_experts(self, in_place: bool = False) -> bool:
         """Hand the FP4 routed experts to `ops.moe_experts` as one group: with `in_place` (a table
         whose kernel reads each expert where it lies, ops/experts.py) as PerExpert lists of the
@@ -126,24 +142,49 @@ class MoE(UsesOps, nn.Module):
         if self.data_parallel:
             return self._forward_dp(x, input_ids).view(shape)
         weights, ids = self.gate(x, input_ids)
-        y = self._routed(x, weights, ids)
+        if self.__dict__.get("_host_ops") is not None:
+            y, shared = self._on_host(x, weights, ids, self.shared_experts)
+        else:
+            y, shared = self._routed(x, weights, ids), None
         if self.__dict__.get("_stacked") is not None:
-            y += self.shared_experts(x)  # in-place add: fp32 accumulation of either dtype
+            y += self.shared_experts(x) if shared is None else shared  # in-place add: fp32 accumulation of either dtype
             y = self.comm.all_reduce(y)
             y = y if y.dtype == x.dtype else y.to(x.dtype)
             return y if len(shape) == 2 else y.view(shape)
-        y += self.shared_experts(x).float()
+        y += (self.shared_experts(x) if shared is None else shared).float()
         return self.comm.all_reduce(y).to(x.dtype).view(shape)
+
+    def _on_host(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, meanwhile=None):
+        """Hybrid placement: the routed experts' sum (`_routed`) computed on the host table over
+        copies of x, weights and ids, returned on x's device (fp32), and `meanwhile(x)` (the shared
+        expert) queued on the device after the copies and before the host computes, so a GPU runs
+        it while the CPU runs the experts (CUDA: the host waits for the copies only). Returns
+        (routed sum, meanwhile's result or None)."""
+        dev = x.device
+        if dev.type == "cpu":
+            xh, wh, ih, copied = x, weights, ids, None
+        elif dev.type == "cuda":  # into pinned memory, in stream order
+            xh, wh, ih = (t.to("cpu", non_blocking=True) for t in (x, weights, ids))
+            copied = torch.cuda.Event()
+            copied.record()
+        else:
+            xh, wh, ih, copied = x.cpu(), weights.cpu(), ids.cpu(), None
+        other = meanwhile(x) if meanwhile is not None else None
+        if copied is not None:
+            copied.synchronize()
+        y = self._routed(xh, wh, ih)
+        return (y if y.device == dev else y.to(dev)), other
 
     def _routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """This rank's routed experts' weighted sum over the tokens x [n, dim] routed (weights,
         ids: [n, k], global expert ids): [n, dim], fp32 in the loop, the kernel's dtype grouped."""
         stacked = self.__dict__.get("_stacked")
         if stacked is not None:  # one grouped call over every routed expert (FP4 checkpoints)
-            xe = self.ops.fp8_act_sim(x, 128) if self.official else x
+            ops = self.expert_ops
+            xe = ops.fp8_act_sim(x, 128) if self.official else x
             if self.local is not None:
                 weights, ids = self._local_pairs(weights, ids)
-            return self.ops.moe_experts(xe, weights, ids, *stacked, self.limit, h_act_sim=self.official)
+            return ops.moe_experts(xe, weights, ids, *stacked, self.limit, h_act_sim=self.official)
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         held = self.experts.ids()
         for e in ids.unique().tolist():
@@ -170,7 +211,12 @@ class MoE(UsesOps, nn.Module):
             weights = torch.zeros(0, self.topk, dtype=torch.float32, device=x.device)
             ids = torch.zeros(0, self.topk, dtype=torch.int64, device=x.device)
         xs, ws, es, counts = self.comm.dispatch(x, weights, ids)
-        y = self._routed(xs, ws, es) if xs.shape[0] else xs.new_zeros(xs.shape, dtype=torch.float32)
+        if not xs.shape[0]:
+            y = xs.new_zeros(xs.shape, dtype=torch.float32)
+        elif self.__dict__.get("_host_ops") is not None:
+            y = self._on_host(xs, ws, es)[0]
+        else:
+            y = self._routed(xs, ws, es)
         y = self.comm.combine(y.float(), counts)  # [n, dim] fp32: every rank's experts summed
         if n:
             y += self.shared_experts(x).float()

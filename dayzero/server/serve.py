@@ -81,7 +81,7 @@ def serve(a) -> int:
               speculative_config=speculative_config(a.speculative_config),
               ops=a.ops, enforce_eager=a.enforce_eager, kv_cache_dtype=a.kv_cache_dtype,
               tensor_parallel_size=a.tensor_parallel_size, enable_expert_parallel=a.enable_expert_parallel,
-              data_parallel_size=a.data_parallel_size)
+              data_parallel_size=a.data_parallel_size, cpu_experts=a.cpu_experts)
     name = a.served_model_name or (Path(a.model).resolve().name if a.model else BUILTIN_NAME)
     sargs = ServerArgs(model_name=name, api_key=a.api_key or os.environ.get("DAYZERO_API_KEY") or None,
                        max_model_len=a.max_model_len, max_in_flight=a.max_in_flight, max_body_bytes=a.max_body_bytes,

@@ -139,18 +139,26 @@ def test_preemption_under_two_ranks(ckpt):
         assert two.engine.scheduler.num_preemptions > 0
 
 
-@pytest.mark.parametrize("ep", [False, True], ids=["tp", "tp-ep"])
-def test_two_ranks_with_fp8_weights_and_fp4_experts(make_ckpt, ep):
+@pytest.mark.parametrize("ep,hybrid", [(False, False), (True, False), (True, True)],
+                         ids=["tp", "tp-ep", "tp-ep-cpu-experts"])
+def test_two_ranks_with_fp8_weights_and_fp4_experts(make_ckpt, ep, hybrid):
     """The native CPU table's grouped FP4 MoE over each rank's experts (whole experts read where
-    they lie under EP; the rank's slice of every expert otherwise), FP8 linears split on 128 blocks."""
+    they lie under EP; the rank's slice of every expert otherwise), FP8 linears split on 128 blocks.
+    hybrid: every rank keeps its experts in host memory on the native kernels (`cpu_experts`), the
+    rest on the twins' table."""
     ckpt = make_ckpt("flash", "fp8", moe_inter_dim=256)
     ps = prompts(3)
-    one = LLM(ckpt, **OPTS)
-    assert one.engine.ops.name == "cpu" and "moe_experts" in one.engine.ops.kernels
+    opts = dict(OPTS, ops="ref", cpu_experts=True) if hybrid else OPTS
+    one = LLM(ckpt, **opts)
+    table = "ref" if hybrid else "cpu"
+    assert one.engine.ops.name == table and one.engine.stats()["expert_ops"] == "cpu"
     want = tokens(one.generate(ps, GREEDY))
-    with LLM(ckpt, **OPTS, tensor_parallel_size=2, enable_expert_parallel=ep) as two:
+    with LLM(ckpt, **opts, tensor_parallel_size=2, enable_expert_parallel=ep) as two:
         assert tokens(two.generate(ps, GREEDY)) == want
         assert rel(two.score(ps[1]), one.score(ps[1])) < 1e-5
+        if hybrid:  # each rank holds half the routed experts, in host memory
+            per_rank = [r["host_expert_bytes"] for r in two.engine.stats()["ranks"]]
+            assert per_rank[0] == per_rank[1] == one.engine.stats()["host_expert_bytes"] // 2 > 0
 
 
 def test_four_ranks(make_ckpt):
