@@ -63,7 +63,8 @@ def add_parallel_arguments(p) -> None:
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="DP-attention + EP over N ranks (with --enable-expert-parallel and --tensor-parallel-size 1): "
                         "each rank runs attention whole on its own requests, routed experts E/N per rank, tokens "
-                        "all-gathered to the experts and reduce-scattered back; prefix caching off")
+                        "all-gathered to the experts and reduce-scattered back; a request is placed on the rank "
+                        "caching its prompt's prefix, within a load balance")
     p.add_argument("--cpu-experts", action="store_true",
                    help="hybrid placement: routed experts stay in host memory (memory-mapped) and run on the CPU's "
                         "native kernels; attention, dense layers and the shared expert run on --device (one GPU + "

@@ -6,6 +6,11 @@ block is named by the chain hash of the tokens up to its end once the request ha
 it; freed named blocks stay findable until evicted, so a new request whose prompt shares the
 first k*bs tokens takes them back: compressed entries, indexer keys, the window and the open
 compressor rows, i.e. exactly the state at position k*bs.
+
+Partitions (DP-attention, distributed/dp.py): a request's blocks hold rows only on its own rank,
+so a block is named within its request's partition (the rank): the chain starts from a per-rank
+seed, and a lookup in one partition never finds another's blocks. One rank: partition 0, the
+plain chain.
 """
 from __future__ import annotations
 
@@ -13,9 +18,10 @@ from dayzero.cache.block_pool import BlockPool
 from dayzero.cache.spec import GroupSpec
 
 
-def chain_hashes(tokens: list[int], block_size: int, n_blocks: int, start: list[int] | None = None) -> list[int]:
+def chain_hashes(tokens: list[int], block_size: int, n_blocks: int, start: list[int] | None = None,
+                 part: int = 0) -> list[int]:
     out = list(start or [])
-    h = out[-1] if out else 0
+    h = out[-1] if out else (0 if part == 0 else hash(("partition", part)))
     for k in range(len(out), n_blocks):
         h = hash((h, tuple(tokens[k * block_size:(k + 1) * block_size])))
         out.append(h)
@@ -32,6 +38,7 @@ class KVCacheManager:
         self.pools = {g.name: BlockPool(num_blocks[g.name], g.name) for g in groups}
         self.tables: dict[str, dict[str, list[int | None]]] = {}
         self.hashes: dict[str, list[int]] = {}
+        self.part: dict[str, int] = {}  # request -> its partition (DP rank) where not 0
         self.hits = self.queries = 0  # prefix-cache tokens hit / asked, for stats
 
     def table(self, rid: str) -> dict[str, list[int | None]]:
@@ -43,34 +50,50 @@ class KVCacheManager:
         return g.keep_from(max(n - 1, 0), self.window) // self.bs
 
     # ---- prefix cache ------------------------------------------------------------------------
-    def lookup_prefix(self, rid: str, tokens: list[int]) -> int:
-        """Take the longest cached prefix of `tokens` (whole blocks, at least one token left to
-        compute); return its length L (0 if none). The caller recomputes position L-1 without
-        writing (see PagedBatchCache's `protect`) and continues from L."""
-        assert not any(self.table(rid).values()), "prefix lookup on a request that holds blocks"
+    def _longest(self, tokens: list[int], part: int):
+        """The longest cached prefix of `tokens` in partition `part`: (blocks k, the blocks each
+        group holds of it, the chain hashes), k = 0 if none."""
         m = (len(tokens) - 1) // self.bs
-        self.queries += len(tokens)
         if not self.caching or m == 0:
-            return 0
-        hashes = chain_hashes(tokens, self.bs, m)
+            return 0, {}, []
+        hashes = chain_hashes(tokens, self.bs, m, part=part)
         for k in range(m, 0, -1):
-            L = k * self.bs
             found = {}
             for g in self.groups:
-                blocks = [self.pools[g.name].lookup(hashes[j]) for j in range(self._needed_from(g, L), k)]
+                blocks = [self.pools[g.name].lookup(hashes[j]) for j in range(self._needed_from(g, k * self.bs), k)]
                 if any(b is None for b in blocks):
                     break
                 found[g.name] = blocks
             else:
-                tab = self.table(rid)
-                for g in self.groups:
-                    for b in found[g.name]:
-                        self.pools[g.name].take(b)
-                    tab[g.name] = [None] * (k - len(found[g.name])) + found[g.name]
-                self.hashes[rid] = hashes[:k]
-                self.hits += L
-                return L
-        return 0
+                return k, found, hashes[:k]
+        return 0, {}, []
+
+    def probe_prefix(self, tokens: list[int], part: int = 0) -> int:
+        """The length `lookup_prefix` would find in partition `part`, taking nothing."""
+        return self._longest(tokens, part)[0] * self.bs
+
+    def lookup_prefix(self, rid: str, tokens: list[int], part: int = 0) -> int:
+        """Take the longest cached prefix of `tokens` (whole blocks, at least one token left to
+        compute) in partition `part`, which becomes the request's (its blocks are named there from
+        now on); return its length L (0 if none). The caller recomputes position L-1 without
+        writing (see PagedBatchCache's `protect`) and continues from L."""
+        assert not any(self.table(rid).values()), "prefix lookup on a request that holds blocks"
+        self.queries += len(tokens)
+        if part:
+            self.part[rid] = part
+        else:
+            self.part.pop(rid, None)
+        k, found, hashes = self._longest(tokens, part)
+        if k == 0:
+            return 0
+        tab = self.table(rid)
+        for g in self.groups:
+            for b in found[g.name]:
+                self.pools[g.name].take(b)
+            tab[g.name] = [None] * (k - len(found[g.name])) + found[g.name]
+        self.hashes[rid] = hashes
+        self.hits += k * self.bs
+        return k * self.bs
 
     # ---- allocation --------------------------------------------------------------------------
     def can_allocate(self, rid: str, end: int) -> bool:
@@ -95,7 +118,7 @@ class KVCacheManager:
         full = num_computed // self.bs
         if self.caching:
             old = self.hashes.get(rid, [])
-            hashes = self.hashes[rid] = chain_hashes(tokens, self.bs, full, old)
+            hashes = self.hashes[rid] = chain_hashes(tokens, self.bs, full, old, self.part.get(rid, 0))
             for k in range(len(old), full):
                 for g in self.groups:
                     b = tab[g.name][k]
@@ -113,6 +136,7 @@ class KVCacheManager:
             self.pools[g.name].free(self.table(rid)[g.name])
         self.tables.pop(rid, None)
         self.hashes.pop(rid, None)
+        self.part.pop(rid, None)
 
     def usage(self) -> float:
         return max(p.usage for p in self.pools.values())

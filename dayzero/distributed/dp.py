@@ -16,14 +16,21 @@ from __future__ import annotations
 import torch
 
 
-def assign(owners: dict[str, int], running: list[str], rid: str, world: int) -> int:
-    """The rank for request `rid` starting from position 0: the one with the fewest of the other
-    running requests (`owners` maps request ids to ranks), the lowest such rank on a tie."""
+def assign(owners: dict[str, int], running: list[str], rid: str, world: int,
+           hits: list[int] | None = None) -> int:
+    """The rank for request `rid` starting from position 0 (`owners` maps request ids to ranks).
+    Among the ranks whose count of other running requests is within max(1, 25%) of the least
+    loaded one's, the rank whose prefix cache holds the longest prefix of the request (`hits`,
+    tokens per rank), then the fewest running requests, then the lowest rank: a shared prefix
+    brings requests to the rank that has it until that rank is busier than the balance allows."""
     load = [0] * world
     for other in running:
         if other != rid and other in owners:
             load[owners[other]] += 1
-    owners[rid] = r = min(range(world), key=lambda i: (load[i], i))
+    low = min(load)
+    allowed = [i for i in range(world) if load[i] <= low + max(1, low // 4)]
+    hits = hits or [0] * world
+    owners[rid] = r = min(allowed, key=lambda i: (-hits[i], load[i], i))
     return r
 
 

@@ -92,15 +92,11 @@ class Engine:
         if (ranks.world if ranks is not None else 1) != lay.world:
             raise ValueError(f"a model split for tensor_parallel_size={lay.tp} x data_parallel_size={lay.dp} needs "
                              f"{lay.world} ranks, got {ranks.world if ranks is not None else 1}")
-        # DP-attention + EP: each request's blocks are written on its own rank only, so a block found
-        # by its hash may hold another rank's rows: prefix caching is off (not built for this layout)
+        # DP-attention + EP: each request's blocks are written on its own rank only, so its blocks
+        # are named in its rank's partition of the prefix cache (cache/manager.py), and a request
+        # is placed when admitted from position 0 (`_place`)
         self.dp = lay.dp
         self.dp_owner: dict[str, int] = {}  # request id -> its rank (distributed/dp.py)
-        if self.dp > 1 and eargs.enable_prefix_caching:
-            from dataclasses import replace
-            eargs = self.eargs = replace(eargs, enable_prefix_caching=False)
-            print("dayzero: prefix caching off: not built for data_parallel_size > 1 (docs/SCALING.md)",
-                  file=sys.stderr)
         args = self.args = model.args
         self.block_size = bs = eargs.block_size or _default_block_size(args)
         self.spec_method, self.spec_k = resolve(args, eargs.speculative_config, eargs.num_speculative_tokens)
@@ -125,6 +121,8 @@ class Engine:
         self.kv = KVCacheManager(self.groups, self.num_blocks, bs, args.window_size, eargs.enable_prefix_caching,
                                  lookahead=int(self.spec_enabled))
         self.scheduler = Scheduler(self.kv, self.max_num_seqs, eargs.max_num_batched_tokens)
+        if self.dp > 1:
+            self.scheduler.place = self._place
         self.requests: dict[str, Request] = {}
         self.drafts = self.accepted = 0  # draft tokens verified / accepted
         self.verify_rounds = 0  # (request, step) pairs that verified drafts
@@ -331,6 +329,12 @@ class Engine:
                 self.dp_owner.pop(r.rid, None)
         return touched
 
+    def _place(self, req: Request) -> int:
+        """DP-attention + EP: the rank of a request admitted from position 0 (new, or again after a
+        preemption), given how much of its prompt each rank's prefix cache holds (dp.py `assign`)."""
+        hits = [self.kv.probe_prefix(req.all_ids, r) for r in range(self.dp)]
+        return assign(self.dp_owner, [r.rid for r in self.scheduler.running], req.rid, self.dp, hits)
+
     def _forward(self, ids: list[int], starts: list[int], lengths: list[int], reqs: list[Request],
                  want: list[int]) -> torch.Tensor | None:
         """The step's forward on every rank: fp32 logits of the `want` rows on the host (the final
@@ -338,10 +342,8 @@ class Engine:
         tables = [self.kv.table(r.rid) for r in reqs]
         # every write of a step is at or after its start: protection matters only below it
         protect = [r.protect if r.protect > r.num_computed else 0 for r in reqs]
-        if self.dp > 1:  # each request on its rank: assigned when it starts from position 0 (new or preempted)
-            running = [r.rid for r in self.scheduler.running]
-            owners = [assign(self.dp_owner, running, r.rid, self.dp) if r.num_computed == 0 or r.rid not in
-                      self.dp_owner else self.dp_owner[r.rid] for r in reqs]
+        if self.dp > 1:  # each request on its rank, placed when admitted from position 0 (`_place`)
+            owners = [self.dp_owner[r.rid] for r in reqs]
             return self.runner.forward(ids, starts, lengths, tables, protect, want, owners)
         return self.runner.forward(ids, starts, lengths, tables, protect, want)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from dayzero.cache.manager import KVCacheManager
 from dayzero.engine.request import Request, Status
@@ -33,6 +34,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # the cache partition of a request starting from position 0 (its DP rank: Engine sets the
+        # rule under DP-attention, distributed/dp.py `assign`); one rank: partition 0
+        self.place: Callable[[Request], int] = lambda req: 0
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -81,7 +85,7 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             req = self.waiting[0]
             if req.num_computed == 0:
-                hit = self.kv.lookup_prefix(req.rid, req.all_ids)
+                hit = self.kv.lookup_prefix(req.rid, req.all_ids, self.place(req))
                 if hit:
                     req.num_computed, req.protect = hit - 1, hit
             n = min(req.num_tokens - req.num_computed, budget)

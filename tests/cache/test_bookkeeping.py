@@ -89,6 +89,41 @@ def test_prefix_hit_takes_whole_blocks_and_leaves_a_token():
     assert nc.lookup_prefix("b", toks) == 0
 
 
+def test_prefix_cache_partitions_never_share_blocks():
+    """DP-attention: a request's blocks hold rows on its own rank only, so blocks are named within
+    its partition; a lookup elsewhere finds nothing, in its own partition everything."""
+    kv, _ = manager()
+    toks = list(range(100, 150))
+    kv.lookup_prefix("a", toks, part=1)  # placed in partition 1, nothing cached yet
+    kv.allocate("a", 50)
+    kv.commit("a", 50, toks)
+    kv.free("a")
+    assert kv.probe_prefix(toks, 0) == 0 and kv.probe_prefix(toks, 2) == 0
+    assert kv.probe_prefix(toks, 1) == 48
+    free = {n: p.num_free for n, p in kv.pools.items()}
+    assert {n: p.num_free for n, p in kv.pools.items()} == free  # probing takes nothing
+    assert kv.lookup_prefix("b", toks, part=0) == 0
+    assert kv.lookup_prefix("c", toks[:40], part=1) == 32
+    # c's own blocks are named in partition 1 too
+    kv.allocate("c", 40)
+    kv.commit("c", 40, toks[:40])
+    kv.free("c")
+    assert kv.probe_prefix(toks[:40] + [7], 1) == 32 and kv.probe_prefix(toks[:40] + [7], 0) == 0
+
+
+def test_dp_placement_follows_the_cached_prefix_within_the_balance():
+    from dayzero.distributed.dp import assign
+    owners = {}
+    assert assign(owners, [], "a", 2) == 0  # nothing cached, nothing running: the lowest rank
+    assert assign(owners, ["a"], "b", 2) == 1  # the less loaded rank
+    assert assign(owners, ["a", "b"], "c", 2, hits=[0, 32]) == 1  # equal load: the rank with the prefix
+    # rank 1 now runs b and c, rank 0 runs a: 2 <= 1 + 1, still within the balance
+    assert assign(owners, ["a", "b", "c"], "d", 2, hits=[0, 32]) == 1
+    # rank 1 runs 3, rank 0 runs 1: beyond the balance, the prefix loses to the load
+    assert assign(owners, ["a", "b", "c", "d"], "e", 2, hits=[0, 64]) == 0
+    assert owners == {"a": 0, "b": 1, "c": 1, "d": 1, "e": 0}
+
+
 def test_lookahead_allocates_one_more_row():
     kv, _ = manager(lookahead=1)
     kv.allocate("a", 32)

@@ -111,9 +111,32 @@ def test_two_dp_ranks_compute_the_one_rank_model(ckpt):
         for x, y in zip(a.logprobs, b.logprobs):
             assert x.keys() == y.keys() and all(abs(x[k] - y[k]) < 1e-4 for k in x)
         st = two.engine.stats()
-        assert st["data_parallel_size"] == 2 and st["enable_prefix_caching"] is False
+        assert st["data_parallel_size"] == 2 and st["enable_prefix_caching"] is True
         w = [r["weight_bytes"] for r in st["ranks"]]
         assert len(w) == 2 and w[0] == w[1] < one.engine.stats()["ranks"][0]["weight_bytes"]
+    assert stopped(two)
+
+
+def test_prefix_caching_under_two_dp_ranks(ckpt):
+    """Each rank's blocks are named in its own partition of the prefix cache: a request whose prompt
+    shares a prefix another request left on rank 1 is placed on rank 1 (rank 0 would be the lowest
+    rank at equal load) and resumes from the cached blocks there; tokens are one rank's."""
+    p, q = prompts(2, seed=7)[:2]
+    p, q = (p * 3)[:40], (q * 4)[:40]  # two 40-token prefixes: 2 whole blocks of 16 each
+    first = [p + [5, 6], q + [7]]  # concurrently: p on rank 0, q on rank 1
+    later = [q + [300, 301, 302]]
+    one = LLM(ckpt, **OPTS)
+    want = tokens(one.generate(first, GREEDY)) + tokens(one.generate(later, GREEDY))
+    with LLM(ckpt, **OPTS, **DP2) as two:
+        seen = owners_seen(two)
+        got = tokens(two.generate(first, GREEDY))
+        assert seen[0] == {0, 1}
+        seen.clear()
+        hits = two.engine.stats()["prefix_cache_hit_tokens"]
+        got += tokens(two.generate(later, GREEDY))
+        assert got == want
+        assert seen and all(s == {1} for s in seen)  # placed where its prefix is
+        assert two.engine.stats()["prefix_cache_hit_tokens"] - hits == 32
     assert stopped(two)
 
 
