@@ -7,10 +7,9 @@ it; freed named blocks stay findable until evicted, so a new request whose promp
 first k*bs tokens takes them back: compressed entries, indexer keys, the window and the open
 compressor rows, i.e. exactly the state at position k*bs.
 
-Partitions (DP-attention, distributed/dp.py): a request's blocks hold rows only on its own rank,
-so a block is named within its request's partition (the rank): the chain starts from a per-rank
-seed, and a lookup in one partition never finds another's blocks. One rank: partition 0, the
-plain chain.
+Partitions (DP-attention, distributed/dp.py): each rank holds its own requests' rows in its own
+cache pools, so the manager keeps one set of block pools per rank (`parts`): a request's blocks
+come from, are named in and are found again only in its rank's pools. One rank: one partition.
 """
 from __future__ import annotations
 
@@ -18,10 +17,9 @@ from dayzero.cache.block_pool import BlockPool
 from dayzero.cache.spec import GroupSpec
 
 
-def chain_hashes(tokens: list[int], block_size: int, n_blocks: int, start: list[int] | None = None,
-                 part: int = 0) -> list[int]:
+def chain_hashes(tokens: list[int], block_size: int, n_blocks: int, start: list[int] | None = None) -> list[int]:
     out = list(start or [])
-    h = out[-1] if out else (0 if part == 0 else hash(("partition", part)))
+    h = out[-1] if out else 0
     for k in range(len(out), n_blocks):
         h = hash((h, tuple(tokens[k * block_size:(k + 1) * block_size])))
         out.append(h)
@@ -30,16 +28,24 @@ def chain_hashes(tokens: list[int], block_size: int, n_blocks: int, start: list[
 
 class KVCacheManager:
     def __init__(self, groups: list[GroupSpec], num_blocks: dict[str, int], block_size: int, window: int,
-                 enable_prefix_caching: bool = True, lookahead: int = 0):
+                 enable_prefix_caching: bool = True, lookahead: int = 0, partitions: int = 1):
         """lookahead: rows stored past the last computed token (the MTP block stores the row of
-        position p at p + 1)."""
+        position p at p + 1). partitions: ranks holding their own requests' rows (DP-attention),
+        each with `num_blocks` blocks per group."""
         self.groups, self.bs, self.window, self.lookahead = groups, block_size, window, lookahead
         self.caching = enable_prefix_caching
-        self.pools = {g.name: BlockPool(num_blocks[g.name], g.name) for g in groups}
+        self.parts = [{g.name: BlockPool(num_blocks[g.name], g.name) for g in groups} for _ in range(partitions)]
+        self.pools = self.parts[0]  # partition 0's pools (one rank: the only ones)
         self.tables: dict[str, dict[str, list[int | None]]] = {}
         self.hashes: dict[str, list[int]] = {}
         self.part: dict[str, int] = {}  # request -> its partition (DP rank) where not 0
         self.hits = self.queries = 0  # prefix-cache tokens hit / asked, for stats
+
+    def part_of(self, rid: str) -> int:
+        return self.part.get(rid, 0)
+
+    def _pools(self, rid: str) -> dict[str, BlockPool]:
+        return self.parts[self.part.get(rid, 0)]
 
     def table(self, rid: str) -> dict[str, list[int | None]]:
         return self.tables.setdefault(rid, {g.name: [] for g in self.groups})
@@ -56,11 +62,11 @@ class KVCacheManager:
         m = (len(tokens) - 1) // self.bs
         if not self.caching or m == 0:
             return 0, {}, []
-        hashes = chain_hashes(tokens, self.bs, m, part=part)
+        hashes, pools = chain_hashes(tokens, self.bs, m), self.parts[part]
         for k in range(m, 0, -1):
             found = {}
             for g in self.groups:
-                blocks = [self.pools[g.name].lookup(hashes[j]) for j in range(self._needed_from(g, k * self.bs), k)]
+                blocks = [pools[g.name].lookup(hashes[j]) for j in range(self._needed_from(g, k * self.bs), k)]
                 if any(b is None for b in blocks):
                     break
                 found[g.name] = blocks
@@ -86,10 +92,10 @@ class KVCacheManager:
         k, found, hashes = self._longest(tokens, part)
         if k == 0:
             return 0
-        tab = self.table(rid)
+        tab, pools = self.table(rid), self.parts[part]
         for g in self.groups:
             for b in found[g.name]:
-                self.pools[g.name].take(b)
+                pools[g.name].take(b)
             tab[g.name] = [None] * (k - len(found[g.name])) + found[g.name]
         self.hashes[rid] = hashes
         self.hits += k * self.bs
@@ -97,46 +103,47 @@ class KVCacheManager:
 
     # ---- allocation --------------------------------------------------------------------------
     def can_allocate(self, rid: str, end: int) -> bool:
-        tab = self.table(rid)
+        tab, pools = self.table(rid), self._pools(rid)
         need = -(-(end + self.lookahead) // self.bs)
-        return all(need - len(tab[g.name]) <= self.pools[g.name].num_free for g in self.groups)
+        return all(need - len(tab[g.name]) <= pools[g.name].num_free for g in self.groups)
 
     def allocate(self, rid: str, end: int) -> bool:
         """Blocks for tokens up to `end` in every group, all or nothing."""
         if not self.can_allocate(rid, end):
             return False
-        tab = self.table(rid)
+        tab, pools = self.table(rid), self._pools(rid)
         need = -(-(end + self.lookahead) // self.bs)
         for g in self.groups:
             t = tab[g.name]
-            t.extend(self.pools[g.name].allocate(max(need - len(t), 0)))
+            t.extend(pools[g.name].allocate(max(need - len(t), 0)))
         return True
 
     def commit(self, rid: str, num_computed: int, tokens: list[int]) -> None:
         """After a step: name newly completed blocks, free what no group reads any more."""
-        tab = self.table(rid)
+        tab, pools = self.table(rid), self._pools(rid)
         full = num_computed // self.bs
         if self.caching:
             old = self.hashes.get(rid, [])
-            hashes = self.hashes[rid] = chain_hashes(tokens, self.bs, full, old, self.part.get(rid, 0))
+            hashes = self.hashes[rid] = chain_hashes(tokens, self.bs, full, old)
             for k in range(len(old), full):
                 for g in self.groups:
                     b = tab[g.name][k]
                     if b is not None:
-                        self.pools[g.name].cache(b, hashes[k])
+                        pools[g.name].cache(b, hashes[k])
         for g in self.groups:
             t = tab[g.name]
             for k in range(min(g.keep_from(num_computed, self.window) // self.bs, len(t))):
                 if t[k] is not None:
-                    self.pools[g.name].free([t[k]])
+                    pools[g.name].free([t[k]])
                     t[k] = None
 
     def free(self, rid: str) -> None:
+        pools = self._pools(rid)
         for g in self.groups:
-            self.pools[g.name].free(self.table(rid)[g.name])
+            pools[g.name].free(self.table(rid)[g.name])
         self.tables.pop(rid, None)
         self.hashes.pop(rid, None)
         self.part.pop(rid, None)
 
     def usage(self) -> float:
-        return max(p.usage for p in self.pools.values())
+        return max(p.usage for pools in self.parts for p in pools.values())

@@ -1,11 +1,12 @@
 """DP-attention + EP (distributed/layout.py): rank 0's engine assigns every request a rank, and a
 step's call carries to each rank only the rows of its own requests.
 
-The scheduler stays single on rank 0 (one engine, one block pool, one HTTP server). A request's
-rank (`assign`: the rank holding the fewest running requests, chosen when the request starts
-from position 0, i.e. on admission and again after a preemption freed its cache) runs its
-attention and holds its KV in that rank's cache pools; block ids come from rank 0's one block
-pool, so every rank allocates the same pools and a block is written only on its request's rank.
+The scheduler stays single on rank 0 (one engine, one HTTP server). A request's rank (`assign`:
+by the prefix each rank has cached and by load, chosen when the request is admitted from
+position 0, i.e. on arrival and again after a preemption freed its cache) runs its attention and
+holds its KV in that rank's cache pools. Rank 0's block manager keeps one set of block pools per
+rank (cache/manager.py partitions), so each rank's cache is its own: N ranks hold N times the
+requests and tokens one rank holds, max_num_seqs requests each.
 `DataParallel` splits each call of the engine into one call per rank (its sequences, renumbered
 from 0; the rows it should return logits for), scatters them over the CPU group, and reassembles
 the returned logits in the engine's order. A rank given no sequences joins the MoE collectives
@@ -17,18 +18,21 @@ import torch
 
 
 def assign(owners: dict[str, int], running: list[str], rid: str, world: int,
-           hits: list[int] | None = None) -> int:
+           hits: list[int] | None = None, cap: int | None = None) -> int:
     """The rank for request `rid` starting from position 0 (`owners` maps request ids to ranks).
-    Among the ranks whose count of other running requests is within max(1, 25%) of the least
-    loaded one's, the rank whose prefix cache holds the longest prefix of the request (`hits`,
-    tokens per rank), then the fewest running requests, then the lowest rank: a shared prefix
-    brings requests to the rank that has it until that rank is busier than the balance allows."""
+    Among the ranks running fewer than `cap` other requests (the per-rank max_num_seqs) whose
+    count is within max(1, 25%) of the least loaded one's, the rank whose prefix cache holds the
+    longest prefix of the request (`hits`, tokens per rank), then the fewest running requests,
+    then the lowest rank: a shared prefix brings requests to the rank that has it until that rank
+    is busier than the balance allows."""
     load = [0] * world
     for other in running:
         if other != rid and other in owners:
             load[owners[other]] += 1
     low = min(load)
-    allowed = [i for i in range(world) if load[i] <= low + max(1, low // 4)]
+    allowed = [i for i in range(world) if load[i] <= low + max(1, low // 4) and (cap is None or load[i] < cap)]
+    if not allowed:
+        raise RuntimeError(f"request {rid!r}: every rank already runs its {cap} requests (max_num_seqs)")
     hits = hits or [0] * world
     owners[rid] = r = min(allowed, key=lambda i: (-hits[i], load[i], i))
     return r

@@ -118,9 +118,10 @@ class Engine:
             print(f"dayzero: max_num_seqs={cap.max_num_seqs} (not {DEFAULT_MAX_NUM_SEQS}): the cache budget of "
                   f"{gb(cap.budget)} holds the window and compressor rows of {cap.max_num_seqs} sequences in half "
                   f"of it; pass max_num_seqs or kv_cache_memory_bytes to choose", file=sys.stderr)
+        # DP-attention: one cache per rank, each of num_blocks, max_num_seqs requests a rank
         self.kv = KVCacheManager(self.groups, self.num_blocks, bs, args.window_size, eargs.enable_prefix_caching,
-                                 lookahead=int(self.spec_enabled))
-        self.scheduler = Scheduler(self.kv, self.max_num_seqs, eargs.max_num_batched_tokens)
+                                 lookahead=int(self.spec_enabled), partitions=self.dp)
+        self.scheduler = Scheduler(self.kv, self.max_num_seqs * self.dp, eargs.max_num_batched_tokens)
         if self.dp > 1:
             self.scheduler.place = self._place
         self.requests: dict[str, Request] = {}
@@ -333,7 +334,8 @@ class Engine:
         """DP-attention + EP: the rank of a request admitted from position 0 (new, or again after a
         preemption), given how much of its prompt each rank's prefix cache holds (dp.py `assign`)."""
         hits = [self.kv.probe_prefix(req.all_ids, r) for r in range(self.dp)]
-        return assign(self.dp_owner, [r.rid for r in self.scheduler.running], req.rid, self.dp, hits)
+        return assign(self.dp_owner, [r.rid for r in self.scheduler.running], req.rid, self.dp, hits,
+                      cap=self.max_num_seqs)
 
     def _forward(self, ids: list[int], starts: list[int], lengths: list[int], reqs: list[Request],
                  want: list[int]) -> torch.Tensor | None:

@@ -6,6 +6,8 @@ is prefilled in chunks by that rule; a decoding request asks for its one new tok
 draft tokens to verify; a budget that cannot hold them all verifies the first ones). When the
 cache cannot hold a running request's next tokens, the most recently arrived running request is
 preempted: its blocks are freed and it recomputes later (from whatever prefix is still cached).
+Under DP-attention every rank has its own cache (cache/manager.py partitions): a request is placed
+on a rank when admitted (`place`), and only a request of the same rank is preempted for it.
 """
 from __future__ import annotations
 
@@ -75,7 +77,8 @@ class Scheduler:
             if n <= 0:
                 continue
             while not self.kv.allocate(req.rid, req.num_computed + n):
-                victim = max(self.running, key=lambda r: r.arrival)
+                part = self.kv.part_of(req.rid)  # only its own rank's cache can make room
+                victim = max((r for r in self.running if self.kv.part_of(r.rid) == part), key=lambda r: r.arrival)
                 self._preempt(victim)
                 if victim is req:
                     break
@@ -90,9 +93,11 @@ class Scheduler:
                     req.num_computed, req.protect = hit - 1, hit
             n = min(req.num_tokens - req.num_computed, budget)
             if not self.kv.allocate(req.rid, req.num_computed + n):
+                part = self.kv.part_of(req.rid)
                 self.kv.free(req.rid)  # give back prefix-hit blocks; look up again next time
                 req.num_computed, req.protect = 0, 0
-                if not self.running:  # it cannot fit even alone: fail this request, not the engine
+                if not any(self.kv.part_of(r.rid) == part for r in self.running):
+                    # it cannot fit even alone: fail this request, not the engine
                     req.error = (f"{req.num_tokens} tokens do not fit in the KV cache; raise "
                                  "kv_cache_memory_bytes or lower max_num_batched_tokens")
                     self.finish(req, "abort")

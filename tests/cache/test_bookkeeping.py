@@ -33,9 +33,9 @@ def test_pool_refcounts_free_order_and_hashes():
         pool.free([a[2], a[2]])
 
 
-def manager(num=64, caching=True, lookahead=0):
+def manager(num=64, caching=True, lookahead=0, partitions=1):
     groups = cache_groups(tiny_args("flash"), BS, with_mtp=False)
-    return KVCacheManager(groups, {g.name: num for g in groups}, BS, W, caching, lookahead), groups
+    return KVCacheManager(groups, {g.name: num for g in groups}, BS, W, caching, lookahead, partitions), groups
 
 
 def test_groups_of_the_flash_tiny_model():
@@ -90,18 +90,27 @@ def test_prefix_hit_takes_whole_blocks_and_leaves_a_token():
 
 
 def test_prefix_cache_partitions_never_share_blocks():
-    """DP-attention: a request's blocks hold rows on its own rank only, so blocks are named within
-    its partition; a lookup elsewhere finds nothing, in its own partition everything."""
-    kv, _ = manager()
+    """DP-attention: each rank holds its own requests' rows in its own pools, so each partition has
+    its own blocks: ids from its own pools, named and found again only there."""
+    kv, _ = manager(num=6, partitions=3)
     toks = list(range(100, 150))
-    kv.lookup_prefix("a", toks, part=1)  # placed in partition 1, nothing cached yet
-    kv.allocate("a", 50)
+    assert kv.lookup_prefix("a", toks, part=1) == 0  # placed in partition 1, nothing cached yet
+    assert kv.allocate("a", 50)
+    assert all(p.num_free == 6 - 4 for p in kv.parts[1].values())
+    assert all(p.num_free == 6 for part in (0, 2) for p in kv.parts[part].values())
+    # partition 1 is full for a second request of the size; partition 0 is not
+    kv.lookup_prefix("x", [1] * 50, part=1)
+    assert not kv.can_allocate("x", 50)
+    kv.free("x")
+    kv.lookup_prefix("y", [1] * 50, part=0)
+    assert kv.can_allocate("y", 50)
+    kv.free("y")
     kv.commit("a", 50, toks)
     kv.free("a")
     assert kv.probe_prefix(toks, 0) == 0 and kv.probe_prefix(toks, 2) == 0
     assert kv.probe_prefix(toks, 1) == 48
-    free = {n: p.num_free for n, p in kv.pools.items()}
-    assert {n: p.num_free for n, p in kv.pools.items()} == free  # probing takes nothing
+    free = [{n: p.num_free for n, p in part.items()} for part in kv.parts]
+    assert [{n: p.num_free for n, p in part.items()} for part in kv.parts] == free  # probing takes nothing
     assert kv.lookup_prefix("b", toks, part=0) == 0
     assert kv.lookup_prefix("c", toks[:40], part=1) == 32
     # c's own blocks are named in partition 1 too
@@ -109,6 +118,7 @@ def test_prefix_cache_partitions_never_share_blocks():
     kv.commit("c", 40, toks[:40])
     kv.free("c")
     assert kv.probe_prefix(toks[:40] + [7], 1) == 32 and kv.probe_prefix(toks[:40] + [7], 0) == 0
+    assert kv.usage() == max(p.usage for part in kv.parts for p in part.values())
 
 
 def test_dp_placement_follows_the_cached_prefix_within_the_balance():
@@ -122,6 +132,8 @@ def test_dp_placement_follows_the_cached_prefix_within_the_balance():
     # rank 1 runs 3, rank 0 runs 1: beyond the balance, the prefix loses to the load
     assert assign(owners, ["a", "b", "c", "d"], "e", 2, hits=[0, 64]) == 0
     assert owners == {"a": 0, "b": 1, "c": 1, "d": 1, "e": 0}
+    # a rank at its max_num_seqs takes no more, whatever it caches
+    assert assign({"a": 0, "b": 1, "c": 1}, ["a", "b", "c"], "f", 2, hits=[0, 64], cap=2) == 0
 
 
 def test_lookahead_allocates_one_more_row():

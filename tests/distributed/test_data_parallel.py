@@ -160,16 +160,27 @@ def test_an_idle_rank_does_not_hang(ckpt):
     assert stopped(two)
 
 
-def test_preemption_under_two_dp_ranks(ckpt):
+def test_each_dp_rank_has_its_own_cache_and_preemption(ckpt):
+    """Every rank's cache is its own (the block manager's partitions): under the same per-rank
+    budget two ranks preempt less than one rank does, still preempt when their own cache is full
+    (only a request of the same rank is preempted for another), and give the one-rank tokens."""
     opts = dict(OPTS, max_num_batched_tokens=64, max_num_seqs=6, num_speculative_tokens=0)
     probe = LLM(ckpt, **opts, enable_prefix_caching=False)
     e, dt = probe.engine, probe.model.compute_dtype
     z = Sizes(e.groups, e.args, dt, e.block_size, 64)
-    want = staggered_outputs(probe, prompts(6))
+    ps = prompts(6) + prompts(6, seed=1)
+    want = staggered_outputs(probe, ps)
     small = dict(opts, kv_cache_memory_bytes=z.needed(6) + 5 * z.per_entry_block)  # <= 112 tokens of entries
+    one = LLM(ckpt, **small)
+    assert staggered_outputs(one, ps, every=1) == want
     with LLM(ckpt, **small, **DP2) as two:
-        assert staggered_outputs(two, prompts(6), every=1) == want
-        assert two.engine.scheduler.num_preemptions > 0
+        per_rank = []
+        fwd = two.engine.runner.forward
+        two.engine.runner.forward = lambda *a: per_rank.append(max(a[-1].count(r) for r in (0, 1))) or fwd(*a)
+        assert staggered_outputs(two, ps, every=1) == want
+        assert 0 < two.engine.scheduler.num_preemptions < one.engine.scheduler.num_preemptions
+        assert max(per_rank) <= 6  # max_num_seqs per rank
+        assert len(two.engine.kv.parts) == 2 and two.engine.stats()["max_num_seqs"] == 6
     assert stopped(two)
 
 
