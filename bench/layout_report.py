@@ -5,8 +5,9 @@ each rank's collectives move per decoded token (ring all-reduce / all-gather: 2(
 of the tensor) and what that costs at nominal link rates, and the long-range KV bytes per token,
 which tensor parallel replicates on every rank (one K=V head). DP-attention + EP rows (`DP N+EP`):
 attention, shared expert, embedding and head whole on every rank, routed experts E/N; each rank's
-KV holds only its own requests; collectives per MoE layer: the token counts, the tokens and their
-routing all-gathered, the fp32 partial sums reduce-scattered (reference/moe.py `_forward_dp`).
+KV holds only its own requests; collectives per MoE layer: the tokens with their routing as one row
+of bytes all-gathered, the fp32 partial sums reduce-scattered (reference/moe.py `_forward_dp`; the
+token counts come with the step call).
 
     python -m bench.layout_report      # prints the tables, writes bench/results/layout.json
 """
@@ -53,12 +54,12 @@ def collective_bytes(args, n: int, act_bytes: int = 2) -> dict:
 def dp_collective_bytes(args, n: int, act_bytes: int = 2) -> dict:
     """DP-attention + EP: bytes one rank sends per decode step with one token on every rank (ring
     all-gather and reduce-scatter: (N-1) chunks of one rank's share sent per rank), per MoE layer:
-    the count (int64), the token's row (compute dtype), its routing (k weights + k ids, fp32), and
+    the token's row (compute dtype) with its routing (k weights + k ids, fp32) in one all-gather, and
     the reduce-scatter of the fp32 partial sums of the N tokens. MTP excluded."""
     if n == 1:
         return {"collectives": 0, "bytes": 0}
-    per_layer = (n - 1) * (8 + args.dim * act_bytes + 2 * args.n_activated_experts * 4 + args.dim * 4)
-    return {"collectives": 4 * args.n_layers, "bytes": int(args.n_layers * per_layer)}
+    per_layer = (n - 1) * (args.dim * act_bytes + 2 * args.n_activated_experts * 4 + args.dim * 4)
+    return {"collectives": 2 * args.n_layers, "bytes": int(args.n_layers * per_layer)}
 
 
 def main() -> None:

@@ -8,6 +8,8 @@ stays identical on every rank without being compared.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -23,6 +25,11 @@ class Comm:
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Every rank's x, concatenated along `dim` in rank order."""
         return x
+
+    def counted(self, counts: list[int] | None):
+        """A context for one step call whose rows per rank (`counts`, rank 0's decision, sent with
+        the call) `dispatch` then uses instead of gathering them in every MoE layer."""
+        return contextlib.nullcontext()
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
         """DP-attention + EP (reference/moe.py): every rank's tokens x [n_r, dim] and their routing
@@ -47,6 +54,17 @@ class GroupComm(Comm):
         self.dist, self.group = dist, group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.counts: list[int] | None = None  # the current step call's rows per rank (`counted`)
+
+    @contextlib.contextmanager
+    def counted(self, counts: list[int] | None):
+        if counts is not None and len(counts) != self.world:
+            raise ValueError(f"counts for {len(counts)} ranks in a group of {self.world}")
+        self.counts = counts
+        try:
+            yield
+        finally:
+            self.counts = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_contiguous():
@@ -61,11 +79,22 @@ class GroupComm(Comm):
         return torch.cat(parts, dim)
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
-        # collectives need one size on every rank: each rank's share padded to the step's largest
-        counts = self.all_gather(torch.tensor([x.shape[0]], device=x.device), 0).tolist()
-        m, k = max(counts), weights.shape[1]
-        route = torch.cat([weights.float(), ids.float()], 1)  # expert ids < 2**24 are exact in fp32: one call
-        xs, rs = (torch.cat([p[:c] for p, c in zip(self._gather(_pad(t, m)), counts)]) for t in (x, route))
+        # collectives need one size on every rank: each rank's share padded to the step's largest.
+        # The counts come with the step call (`counted`: no collective, no device sync per layer);
+        # without them (a call that did not bring them) they are gathered here.
+        counts = self.counts
+        if counts is None:
+            counts = self.all_gather(torch.tensor([x.shape[0]], device=x.device), 0).tolist()
+        elif counts[self.rank] != x.shape[0]:
+            raise RuntimeError(f"rank {self.rank}: {x.shape[0]} tokens reach an MoE layer, the step call said "
+                               f"{counts[self.rank]} (counts {counts})")
+        m, k, dim = max(counts), weights.shape[1], x.shape[1]
+        # tokens and routing as the bytes of one row each: one all-gather (expert ids < 2**24 are exact in fp32)
+        route = torch.cat([weights.float(), ids.float()], 1)
+        row = torch.cat([x.contiguous().view(torch.uint8), route.view(torch.uint8)], 1)
+        rows = torch.cat([p[:c] for p, c in zip(self._gather(_pad(row, m)), counts)])
+        xs = rows[:, :dim * x.element_size()].contiguous().view(x.dtype)
+        rs = rows[:, dim * x.element_size():].contiguous().view(torch.float32)
         return xs, rs[:, :k].contiguous(), rs[:, k:].long(), counts
 
     def combine(self, y: torch.Tensor, counts: list[int]) -> torch.Tensor:

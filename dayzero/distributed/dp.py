@@ -69,7 +69,8 @@ class DataParallel:
             r, local = self._rows[row]
             where.append((r, len(per[r][5])))
             per[r][5].append(local)
-        out = self.group.each(self.worker, "forward", per)
+        counts = [len(p[0]) for p in per]  # every rank's rows: sent along, no MoE layer gathers them
+        out = self.group.each(self.worker, "forward", [(*p, counts) for p in per])
         return torch.stack([out[r][i] for r, i in where]) if want else None
 
     def draft(self, rows: list[int], seqs: list[int], starts: list[int], lengths: list[int],
@@ -91,10 +92,12 @@ class DataParallel:
             p[3].append(n)
             p[4].extend(next_ids[pos:pos + n])
             pos += n
-        out = self.group.each(self.worker, "draft", per)
+        counts = [len(p[0]) for p in per]
+        out = self.group.each(self.worker, "draft", [(*p, counts) for p in per])
         return torch.stack([out[r][i] for r, i in where])
 
     def score(self, ids: list[int]) -> torch.Tensor:
         """Every rank scores the same sequence (each its own copy: the MoE layers' dispatch then
         hands every rank its own rows summed over all experts); rank 0's result, the others' kept there."""
-        return self.group.each(self.worker, "score", [(ids, r == 0) for r in range(self.world)])[0]
+        counts = [len(ids)] * self.world
+        return self.group.each(self.worker, "score", [(ids, r == 0, counts) for r in range(self.world)])[0]

@@ -123,14 +123,35 @@ class Worker:
         uploaded (at 1M context a request's table is 8K blocks per group)."""
         return PagedBatchCache.of_slots(self.pools, self.tables, self.tables.update(tables), protect, self.device)
 
-    @torch.no_grad()
     def forward(self, ids: list[int], starts: list[int], lengths: list[int], tables: list[dict],
-                protect: list[int], want: list[int]) -> torch.Tensor | None:
+                protect: list[int], want: list[int], counts: list[int] | None = None) -> torch.Tensor | None:
         """One step: sequence b's tokens ids[sum(lengths[:b]):][:lengths[b]] at positions
         starts[b].., reading and writing the blocks tables[b]; writes below protect[b] (a
         prefix-cache hit) are filtered. Returns fp32 logits of the `want` rows on the host (None
         if none); the final streams stay here for `draft`. Under DP-attention + EP a rank given no
-        sequences this step (an idle rank) joins the MoE layers' collectives and returns None."""
+        sequences this step (an idle rank) joins the MoE layers' collectives and returns None;
+        `counts`: every rank's rows this step (rank 0 sends them, so no MoE layer gathers them)."""
+        with self.model.group_comm.counted(counts):
+            return self._forward(ids, starts, lengths, tables, protect, want)
+
+    def draft(self, rows: list[int], seqs: list[int], starts: list[int], lengths: list[int], next_ids: list[int],
+              tables: list[dict], counts: list[int] | None = None) -> torch.Tensor:
+        """The MTP block over the last forward's final streams at `rows` (sequence seqs[i] of that
+        step, positions starts[i] .. + lengths[i]) and the tokens after them -> fp32 logits of each
+        sequence's last row, on the host. Reads the step's block tables (before its commits).
+        No rows (a DP-attention rank with nothing to draft): the MTP block's collectives only.
+        `counts`: every rank's draft rows (as `forward`'s)."""
+        with self.model.group_comm.counted(counts):
+            return self._draft(rows, seqs, starts, lengths, next_ids, tables)
+
+    def score(self, ids: list[int], keep: bool = True, counts: list[int] | None = None) -> torch.Tensor | None:
+        """Next-token logits at every position of one sequence: [len, vocab] fp32 on the host
+        (None with `keep` False: a DP-attention rank computing a copy only for the collectives)."""
+        with self.model.group_comm.counted(counts):
+            return self._score(ids, keep)
+
+    @torch.no_grad()
+    def _forward(self, ids, starts, lengths, tables, protect, want):
         self._last = self.captured = None
         if not lengths:
             self.model.idle()
@@ -154,12 +175,7 @@ class Worker:
         return logits
 
     @torch.no_grad()
-    def draft(self, rows: list[int], seqs: list[int], starts: list[int], lengths: list[int], next_ids: list[int],
-              tables: list[dict]) -> torch.Tensor:
-        """The MTP block over the last forward's final streams at `rows` (sequence seqs[i] of that
-        step, positions starts[i] .. + lengths[i]) and the tokens after them -> fp32 logits of each
-        sequence's last row, on the host. Reads the step's block tables (before its commits).
-        No rows (a DP-attention rank with nothing to draft): the MTP block's collectives only."""
+    def _draft(self, rows, seqs, starts, lengths, next_ids, tables):
         if not rows:
             self.model.idle(mtp=True)
             return None
@@ -184,9 +200,7 @@ class Worker:
         return logits
 
     @torch.no_grad()
-    def score(self, ids: list[int], keep: bool = True) -> torch.Tensor | None:
-        """Next-token logits at every position of one sequence: [len, vocab] fp32 on the host
-        (None with `keep` False: a DP-attention rank computing a copy only for the collectives)."""
+    def _score(self, ids, keep):
         logits = self.model(torch.tensor([ids], device=self.device))[0]
         return logits.float().cpu() if keep else None
 

@@ -167,6 +167,12 @@ class Transformer(HCHead, nn.Module):
         for m in self.modules():
             if isinstance(m, UsesOps):
                 m.comm = comm if lay.dp == 1 or isinstance(m, MoE) else SINGLE
+        self.__dict__["_group_comm"] = comm
+
+    @property
+    def group_comm(self) -> Comm:
+        """The process group's collectives (`set_comm`; SINGLE for one rank), whatever modules use."""
+        return self.__dict__.get("_group_comm", SINGLE)
 
     def idle(self, mtp: bool = False) -> None:
         """A DP-attention rank with no requests this step: join the collectives of every MoE layer

@@ -140,6 +140,27 @@ def test_prefix_caching_under_two_dp_ranks(ckpt):
     assert stopped(two)
 
 
+def test_a_dp_moe_layer_costs_one_all_gather_and_one_reduce_scatter(ckpt, monkeypatch):
+    """The step call brings every rank's row count (no count gather per layer), and the tokens
+    travel with their routing as one row of bytes: per MoE layer and step, rank 0 calls one
+    all-gather and one reduce-scatter."""
+    import torch.distributed as dist
+    with LLM(ckpt, **OPTS, num_speculative_tokens=0, **DP2) as two:
+        calls = {"all_gather": 0, "reduce_scatter": 0}
+        for name in calls:
+            def spy(*a, _real=getattr(dist, name), _name=name, **k):
+                calls[_name] += 1
+                return _real(*a, **k)
+            monkeypatch.setattr(dist, name, spy)
+        before = two.engine.num_steps
+        want = tokens(two.generate(prompts(3), GREEDY))
+        steps = two.engine.num_steps - before
+        monkeypatch.undo()
+        moe = len(two.model.layers)
+        assert steps > 0 and calls == {"all_gather": steps * moe, "reduce_scatter": steps * moe}
+    assert want == tokens(LLM(ckpt, **OPTS, num_speculative_tokens=0).generate(prompts(3), GREEDY))
+
+
 def test_an_idle_rank_does_not_hang(ckpt):
     """Fewer requests than ranks: rank 1 idle while rank 0 works; then rank 0 idle while the
     request it does not hold (on rank 1) goes on alone."""
