@@ -17,6 +17,12 @@ from dayzero.reference.moe import MoE, Expert, Experts
 class V41Gate(UsesOps, nn.Module):
     def __init__(self, args, n_experts: int, topk: int, dtype: torch.dtype):
         super().__init__()
+        # transformers' deepseek_v41 renormalises the top-k weights for every scoring function and
+        # not at top-1; the shared router (ops/ref.route) does neither of those two: refuse them
+        if args.score_func == "softmax" or topk == 1:
+            raise ValueError(f"DeepSeek-V4.1 routing with score_func={args.score_func!r} and top-k {topk} is not "
+                             f"built (the released model uses 'sqrtsoftplus' with top-6; any top-k > 1 of "
+                             f"'sqrtsoftplus' or 'sigmoid' is)")
         self.topk, self.route_scale, self.score_func, self.temp = topk, args.route_scale, args.score_func, args.gate_temp
         self.weight = nn.Parameter(torch.zeros(n_experts, args.dim, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(n_experts), requires_grad=False)

@@ -71,14 +71,14 @@ def test_loading_v41_is_refused_after_validation(path):
     msg = str(e.value)
     assert f"{path / 'config.json'}: a DeepSeek-V4.1 config" in msg
     assert "read and validated (40 layers, KV sources [2, 8, 14, 20]" in msg
-    assert "does not build the V4.1 model yet" in msg and "issue 23" in msg
+    assert "cannot serve the V4.1 model yet: only its reference forward exists" in msg and "issue 23" in msg
     with pytest.raises(V41NotBuiltError):
         ModelArgs.from_dir(path)
 
 
 def test_the_offline_api_says_the_same():
     from dayzero import LLM
-    with pytest.raises(ValueError, match=r"read and validated .* does not build the V4.1 model yet"):
+    with pytest.raises(ValueError, match=r"read and validated .* cannot serve the V4.1 model yet"):
         LLM(model=str(FLASH_DIR))
 
 

@@ -218,3 +218,12 @@ def test_state_dict_names_are_the_oracles():
     assert "layers.4.attn.compressor.wgate.weight" not in names  # ratio 1: no gate
     assert "layers.3.attn.indexer.wk.weight" not in names  # reindex layer: no keys of its own
     assert not [n for n in names if "hc_head" in n or "tid2eid" in n]
+
+
+def test_a_batch_computes_each_sequence_as_alone():
+    """Two sequences in one call (their own windows, groups, entries and n-gram histories) give
+    each one's logits bit for bit."""
+    ours, _ = _pair("readme-6", quantised=True)
+    a, b = _ids(ours, 6), _ids(ours, 7)
+    both = _ours(ours, torch.cat([a, b]))
+    assert torch.equal(both[:1], _ours(ours, a)) and torch.equal(both[1:], _ours(ours, b))
