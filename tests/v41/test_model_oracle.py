@@ -17,6 +17,7 @@ import torch
 from dayzero.v41 import V41Args, quant
 from dayzero.v41.buckets import table_rows
 from dayzero.v41.engram import compressed_token_map
+from tests.v41.oracle import oracle
 from tests.v41.pair import build, engram_text, oracle_logits, rel, schedule_text, tokenizers
 from tests.v41.tiny import SCHEDULES, flash_hub
 
@@ -249,3 +250,26 @@ def test_a_batch_computes_each_sequence_as_alone():
     a, b = _ids(ours, 6), _ids(ours, 7)
     both = _ours(ours, torch.cat([a, b]))
     assert torch.equal(both[:1], _ours(ours, a)) and torch.equal(both[1:], _ours(ours, b))
+
+
+def test_fp8_engram_rows_are_dequantised_per_gathered_row_as_the_oracle_does():
+    """The released tables are FP8 e4m3 rows with a UE8M0 scale per 32 values: dayzero gathers the rows
+    and their scales (stored as float8_e8m0fnu) and dequantises only those; the oracle's embedding
+    (fp32 scales) gives the same values."""
+    oracle()
+    from deepseek_v41.modeling_deepseek_v41 import DeepseekV41EngramEmbedding
+    from dayzero.v41.engram import EngramTable
+    g = torch.Generator().manual_seed(0)
+    rows, dim = 97, 64
+    w8 = (torch.randn(rows, dim, generator=g) * 3).to(torch.float8_e4m3fn)
+    exps = torch.randint(-6, 6, (rows, dim // 32), generator=g)
+    ours = EngramTable(rows, dim, torch.float8_e4m3fn)
+    ours.weight.data = w8.clone()
+    ours.scale.data = torch.exp2(exps.float()).to(torch.float8_e8m0fnu)
+    theirs = DeepseekV41EngramEmbedding(rows, dim)
+    theirs.weight = torch.nn.Parameter(w8.clone(), requires_grad=False)
+    theirs.scale = torch.nn.Parameter(torch.exp2(exps.float()), requires_grad=False)
+    ids = torch.randint(0, rows, (5, 7), generator=g)
+    got = ours(ids)
+    assert torch.equal(got, theirs(ids).float())
+    assert torch.equal(got[0, 0], w8[ids[0, 0]].float() * torch.exp2(exps[ids[0, 0]].float()).repeat_interleave(32))
