@@ -273,3 +273,21 @@ def test_fp8_engram_rows_are_dequantised_per_gathered_row_as_the_oracle_does():
     got = ours(ids)
     assert torch.equal(got, theirs(ids).float())
     assert torch.equal(got[0, 0], w8[ids[0, 0]].float() * torch.exp2(exps[ids[0, 0]].float()).repeat_interleave(32))
+
+
+@pytest.mark.parametrize("case", ["readme-6", "three-pooled-groups"])
+def test_greedy_decode_equals_the_oracles_greedy_tokens(case):
+    """dayzero decodes token by token from its state; the oracle recomputes the whole sequence
+    (its cache path) at every step."""
+    ours, theirs = _pair(case)
+    prompt = _ids(ours, 8, 20)
+    state, out = ours.new_state(), []
+    with torch.no_grad():
+        nxt = ours(prompt, state)[0, -1].argmax()
+        for _ in range(8):
+            out.append(int(nxt))
+            nxt = ours(nxt.view(1, 1), state)[0, -1].argmax()
+    seq = prompt[0].tolist()
+    for _ in range(8):
+        seq.append(int(oracle_logits(theirs, torch.tensor([seq]))[0, -1].argmax()))
+    assert out == seq[20:]
