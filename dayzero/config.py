@@ -9,7 +9,8 @@ namespace instead: its stages are layer ids n_layers .. n_layers + dspark_stages
 "sliding", and the checkpoint's `num_nextn_predict_layers` (1 in 0731's root config) does not
 describe them: the `dspark_*` keys do.
 A DeepSeek-V4.1 config (deepseek_v41) is a different family: dayzero.v41 reads and validates it, and
-`from_dict` then refuses it with V41NotBuiltError (the V4.1 model is not built yet, docs/V41.md).
+`from_dict` then refuses it with V41NotBuiltError (only V4.1's reference forward exists, not its
+engine path or loader, docs/V41.md).
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ DENSE_DTYPES = ("bfloat16", "float32", "float16")
 
 
 class V41NotBuiltError(ConfigError):
-    """A valid DeepSeek-V4.1 config: dayzero reads it (dayzero.v41) but cannot build that model yet."""
+    """A valid DeepSeek-V4.1 config: dayzero reads it (dayzero.v41) and has its reference forward
+    (dayzero.v41.model), but the engine cannot run it (no paged cache, loader or drafter for V4.1)."""
 
 
 @dataclass(frozen=True)
@@ -212,8 +214,10 @@ class ModelArgs:
             raise V41NotBuiltError(
                 f"{source}: a DeepSeek-V4.1 config (deepseek_v41): read and validated ({v41.n_layers} layers, "
                 f"KV sources {list(v41.kv_source_layers)}, index sources {list(v41.index_source_layers)}), but "
-                "dayzero does not build the V4.1 model yet (CSA2 attention, Engram, the V4.1 checkpoint layout, "
-                "its DSpark; issue 23): it runs DeepSeek-V4 checkpoints only")
+                "dayzero cannot serve the V4.1 model yet: only its reference forward exists "
+                "(dayzero.v41.model, checked against transformers' deepseek_v41); the engine's paged cache, the "
+                "V4.1 checkpoint loader (FP8 32x32, MXFP4 experts, FP8 Engram rows), its DSpark and vision are "
+                "not built (docs/V41.md, issue 23): the engine runs DeepSeek-V4 checkpoints only")
         official = "dim" in cfg and "hidden_size" not in cfg
         try:
             return cls._from_official(cfg) if official else cls._from_hf(cfg)

@@ -71,8 +71,12 @@ def random_state(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tenso
             out[name] = randn(1.0)
         elif leaf == "ape":
             out[name] = randn(0.5)
-        elif leaf == "bias":
+        elif leaf in ("bias", "bias_vl"):  # bias_vl: V4.1's router bias for image spans
             out[name] = randn(0.1)
+        elif leaf in ("q_weight", "k_weight"):  # V4.1 Engram gate weights (used as a product)
+            out[name] = 1 + randn(0.3)
+        elif name.endswith("engram.embed.scale"):  # V4.1 Engram row scales: read only for FP8 rows
+            out[name] = torch.ones(shape)
         elif name.endswith("norm.weight"):
             out[name] = 1 + randn(0.1)
         elif name == "embed.weight":

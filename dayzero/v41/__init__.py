@@ -1,5 +1,7 @@
-"""DeepSeek-V4.1 (model_type deepseek_v41): configuration and CSA2 layer schedule only. The model,
-CSA2 attention, Engram, loading, V4.1's DSpark and encoding are not built yet (issue 23; docs/V41.md)."""
+"""DeepSeek-V4.1 (model_type deepseek_v41): configuration and CSA2 layer schedule (config.py, read.py,
+schedule.py) and the reference forward (model.py: CSA2 attention, single-pass mHC, MoE, Engram, the
+fake-quant points; imported on its own, `from dayzero.v41.model import V41Transformer`). Not built:
+the engine path (paged cache), the checkpoint loader, V4.1's DSpark, vision (issue 23; docs/V41.md)."""
 from dayzero.v41.config import V41Args, is_v41_config
 from dayzero.v41.schedule import V41Layer, derive_layers, validate_schedule
 

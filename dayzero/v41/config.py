@@ -4,7 +4,8 @@ inference/config.json (research/v41-and-dspark.md 1.2), typed and validated. Err
 and the key as that file spells it (`text_config.kv_source_layer_ids` in a hub config,
 `kv_source_layers` in the official one), and for schedule errors the layer and its value.
 
-This is configuration only: dayzero does not build, load or run the V4.1 model yet (issue 23).
+The reference forward built from it is dayzero/v41/model.py; the engine does not load or run V4.1
+yet (issue 23, docs/V41.md).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dayzero.config_keys import ConfigError, check_dspark_ids, in_file_terms
+from dayzero.v41.buckets import bucket_primes
 from dayzero.v41.read import from_hub, from_official, hub_key_map, official_key_map
 from dayzero.v41.schedule import V41Layer, derive_layers
 
@@ -151,13 +153,15 @@ class V41Args:
                                                     f"{self.vocab_size}")
             if not 0 <= self.engram_pad_id < self.vocab_size:
                 bad("engram_pad_id", f"{self.engram_pad_id} is not a token id below `vocab_size` = {self.vocab_size}")
-            # each (n-gram, head) bucket range is a distinct prime >= engram_vocab_size
-            floor = self.engram_hash_columns * self.engram_vocab_size
-            for layer, rows in zip(self.engram_layer_ids, self.engram_num_embeddings):
-                if not isinstance(rows, int) or rows < floor:
-                    bad("engram_num_embeddings", f"layer {layer} has {rows!r} rows, fewer than its "
-                                                 f"{self.engram_hash_columns} prime buckets of at least "
-                                                 f"`engram_vocab_size` = {self.engram_vocab_size} ({floor})")
+            # each (n-gram, head) bucket range is a distinct prime above engram_vocab_size - 1 (v41/buckets.py)
+            layout = bucket_primes(len(self.engram_layer_ids), self.engram_max_ngram_size, self.engram_n_heads,
+                                   self.engram_vocab_size)
+            for layer, rows, primes in zip(self.engram_layer_ids, self.engram_num_embeddings, layout):
+                want = sum(sum(per) for per in primes)
+                if rows != want:
+                    bad("engram_num_embeddings", f"layer {layer} has {rows!r} rows, but its "
+                                                 f"{self.engram_hash_columns} prime buckets above "
+                                                 f"`engram_vocab_size` = {self.engram_vocab_size} hold {want}")
         if self.n_mtp_layers < 0:
             bad("n_mtp_layers", f"must be 0 or more, got {self.n_mtp_layers}")
         if self.n_mtp_layers:

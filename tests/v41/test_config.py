@@ -71,14 +71,14 @@ def test_loading_v41_is_refused_after_validation(path):
     msg = str(e.value)
     assert f"{path / 'config.json'}: a DeepSeek-V4.1 config" in msg
     assert "read and validated (40 layers, KV sources [2, 8, 14, 20]" in msg
-    assert "does not build the V4.1 model yet" in msg and "issue 23" in msg
+    assert "cannot serve the V4.1 model yet: only its reference forward exists" in msg and "issue 23" in msg
     with pytest.raises(V41NotBuiltError):
         ModelArgs.from_dir(path)
 
 
 def test_the_offline_api_says_the_same():
     from dayzero import LLM
-    with pytest.raises(ValueError, match=r"read and validated .* does not build the V4.1 model yet"):
+    with pytest.raises(ValueError, match=r"read and validated .* cannot serve the V4.1 model yet"):
         LLM(model=str(FLASH_DIR))
 
 
@@ -127,7 +127,8 @@ def _hub_error(change: dict, top: dict | None = None) -> str:
      "c.json: key `text_config.engram_num_embeddings`: has 1 entries for 2 `text_config.engram_layer_ids`"),
     (dict(engram_layer_ids=[1], engram_num_embeddings=[40], engram_max_ngram_size=3, engram_vocab_size=13,
           engram_n_heads=2, engram_head_dim=16, engram_pad_token_id=2, engram_compressed_vocab_size=50), None,
-     "c.json: key `text_config.engram_num_embeddings`: layer 1 has 40 rows, fewer than its 4 prime buckets"),
+     "c.json: key `text_config.engram_num_embeddings`: layer 1 has 40 rows, but its 4 prime buckets above "
+     "`text_config.engram_vocab_size` = 13 hold 72"),
     (dict(num_nextn_predict_layers=1, dspark_block_size=5, dspark_noise_token_id=7, dspark_target_layer_ids=[6],
           dspark_markov_rank=8, dspark_n_routed_experts=4, dspark_num_experts_per_tok=2), None,
      "c.json: key `text_config.dspark_target_layer_ids`: must be distinct backbone layer ids in [0, 6), got [6]"),

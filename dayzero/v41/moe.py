@@ -1,0 +1,52 @@
+"""DeepSeek-V4.1's MoE: V4's experts, expert loop and shared expert (reference/moe.py) behind V4.1's
+gate: every layer routes by a learned gate (no hash layers, no expert groups), scores
+sqrtsoftplus(logits / gate_temp), selection by scores + `bias` (`bias_vl` for image-span tokens),
+weights from the unbiased scores, renormalised, times `route_scale` (research/v41-and-dspark.md 1.3).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dayzero.distributed.comm import SINGLE
+from dayzero.ops import ref
+from dayzero.reference.layers import UsesOps
+from dayzero.reference.moe import MoE, Expert, Experts
+
+
+class V41Gate(UsesOps, nn.Module):
+    def __init__(self, args, n_experts: int, topk: int, dtype: torch.dtype):
+        super().__init__()
+        # transformers' deepseek_v41 renormalises the top-k weights for every scoring function and
+        # not at top-1; the shared router (ops/ref.route) does neither of those two: refuse them
+        if args.score_func == "softmax" or topk == 1:
+            raise ValueError(f"DeepSeek-V4.1 routing with score_func={args.score_func!r} and top-k {topk} is not "
+                             f"built (the released model uses 'sqrtsoftplus' with top-6; any top-k > 1 of "
+                             f"'sqrtsoftplus' or 'sigmoid' is)")
+        self.topk, self.route_scale, self.score_func, self.temp = topk, args.route_scale, args.score_func, args.gate_temp
+        self.weight = nn.Parameter(torch.zeros(n_experts, args.dim, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(n_experts), requires_grad=False)
+        self.bias_vl = nn.Parameter(torch.zeros(n_experts), requires_grad=False)  # image spans (vision: not built)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, dim] -> weights [N, k] fp32, expert ids [N, k]. Text only: every token uses `bias`."""
+        logits = self.ops.fp32_linear(x, self.weight)
+        if self.temp != 1.0:
+            logits = logits / self.temp
+        return ref.route(logits, self.bias, self.topk, self.route_scale, self.score_func)
+
+
+class V41MoE(MoE):
+    """V4's MoE (its forward, expert loop and grouped FP4 path) with the V4.1 gate, on one rank: the
+    tensor/expert-parallel layouts of V4 are not wired for V4.1 yet, so the attributes MoE.__init__
+    derives from a V4 layout are set here for the single-rank case."""
+
+    def __init__(self, args, dtype: torch.dtype, official: bool = False):
+        nn.Module.__init__(self)
+        self.gate = V41Gate(args, args.n_routed_experts, args.n_activated_experts, dtype)
+        self.experts = Experts({str(e): Expert(args.dim, args.moe_inter_dim, "dense", dtype, official, args.swiglu_limit)
+                                for e in range(args.n_routed_experts)})
+        self.shared_experts = Expert(args.dim, args.moe_inter_dim, "dense", dtype, official, args.swiglu_limit)
+        self.official, self.limit = official, args.swiglu_limit
+        self.local, self.data_parallel, self.comm = None, False, SINGLE
+        self.dim, self.topk = args.dim, args.n_activated_experts
