@@ -82,3 +82,26 @@ def test_builtin_bf16_fp8_cache_gives_the_same_tokens():
     want, got = (LLM(ops="triton", kv_cache_dtype=kv, **opts).generate([prompt], params)[0] for kv in ("auto", "fp8"))
     assert len(got.prompt_token_ids) > 32  # r = 32 (HCA) closes an entry
     assert got.token_ids == want.token_ids and got.logprobs == want.logprobs
+
+
+@pytest.mark.parametrize("numerics", ["official", "transformers"])
+def test_logprobs_bit_identical_alone_batched_chunked(make_ckpt, numerics):
+    """Batch invariance on the Triton table (issue 20): one request's tokens and logprobs are
+    bit-identical alone, among other requests (its prompt also a prefix-cache hit there) and
+    prefilled in 7-token chunks beside decodes; bf16, FP8/FP4 random tiny checkpoint."""
+    from tests.engine.helpers import staggered
+    from tests.engine.test_engine import prompts
+
+    ckpt = make_ckpt("flash", "fp8")
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=2)
+    ps = prompts(4, seed=1)
+    target, others = ps[1], ps[:1] + ps[2:]
+    opts = dict(device=DEV, ops="triton", dtype="bfloat16", numerics=numerics, num_speculative_tokens=0)
+    llm = LLM(ckpt, **opts)
+    alone = llm.generate([target], params)[0]
+    crowd = llm.generate(others[:1] + [target] + others[1:], params)[1]
+    chunked = LLM(ckpt, max_num_batched_tokens=7, enable_prefix_caching=False, **opts)
+    late = staggered(chunked.engine, others[:2] + [target] + others[2:], params)[2]
+    want = (alone.token_ids, alone.logprobs)
+    assert (crowd.token_ids, crowd.logprobs) == want
+    assert (list(late.output_ids), list(late.logprobs)) == want

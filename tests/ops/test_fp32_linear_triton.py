@@ -72,7 +72,7 @@ def test_every_config_and_split(cfg, split):
     x, w = _t(17, 300, dt=xdt, seed=i), _t(70, 300, dt=wdt, seed=i + 50)
     c = {**cfg, "SPLIT_K": split}
     if split == 3:  # split-K really on: >= 2 partials for every BLOCK_K of the space
-        assert G._split_k(x, 1, 300, cfg["BLOCK_K"], split)[0] >= 2
+        assert G.k_ranges(x, 300, cfg["BLOCK_K"], 1, split)[0] >= 2
     got = G.fp32_linear(x, w, config=c)
     _check(got, x, w, f"{c}")
     if split == 3:

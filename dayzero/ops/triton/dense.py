@@ -98,8 +98,8 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor, *, config: dict | None = 
     cfg = config or tuning.config("fp32_linear", f"O{O}-K{K}", _fp32_default(), x.device)
     _check_fp32_cfg(cfg)
     BM, BO, BK = cfg["BLOCK_M"], cfg["BLOCK_O"], cfg["BLOCK_K"]
-    S, ksplit = k_ranges(x.device, K, BK, triton.cdiv(O, BO), cfg.get("SPLIT_K", 0))
-    wide = spread(cfg, triton.cdiv(M, BM) * triton.cdiv(O, BO), S, x.device) and S * M * O <= _I32
+    S, ksplit = k_ranges(x2, K, BK, triton.cdiv(O, BO), cfg.get("SPLIT_K", 0))
+    wide = spread(cfg, triton.cdiv(M, BM) * triton.cdiv(O, BO), S, x2) and S * M * O <= _I32
     y = torch.empty((M, O), device=x.device, dtype=torch.float32)
     part = torch.empty((S, M, O), device=x.device, dtype=torch.float32) if wide else y
     grid = (triton.cdiv(M, BM), triton.cdiv(O, BO), S if wide else 1)

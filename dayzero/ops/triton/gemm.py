@@ -209,23 +209,23 @@ def _check_cfg(cfg: dict, bk_ok) -> None:
         raise ValueError(f"config: bad block sizes {cfg}")
 
 
-def _sms(device: torch.device) -> int:
-    """SMs the K ranges are sized for; the interpreter: a pretend GPU of 4, so that test shapes
-    take the split paths."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+def _sms(x: torch.Tensor) -> int:
+    """SMs the K ranges are sized for (x: a tensor on the device); the interpreter: a pretend GPU
+    of 4, so that test shapes take the split paths."""
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
 
 
-def k_ranges(device: torch.device, K: int, BK: int, o_tiles: int, split: int = 0) -> tuple[int, int]:
+def k_ranges(x: torch.Tensor, K: int, BK: int, o_tiles: int, split: int = 0) -> tuple[int, int]:
     """(S, KSPLIT): K cut into S ranges of KSPLIT elements (a multiple of BK), chosen from the
     weight shape and the device only, never from the row count (batch invariance). split 0 =
     auto: about two waves of programs over the SMs at one M tile, each range >= 4 K tiles."""
     nk = triton.cdiv(K, BK)
-    split = split or max(1, min(triton.cdiv(2 * _sms(device), o_tiles), nk // 4))
+    split = split or max(1, min(triton.cdiv(2 * _sms(x), o_tiles), nk // 4))
     ksplit = triton.cdiv(nk, split) * BK
     return triton.cdiv(K, ksplit), ksplit
 
 
-def spread(cfg: dict, tiles: int, S: int, device: torch.device) -> bool:
+def spread(cfg: dict, tiles: int, S: int, x: torch.Tensor) -> bool:
     """Compute the S K ranges in S programs each (few tiles: decode) rather than in a loop inside
     one program (many tiles: prefill). Both give the same bits; cfg["SPREAD"] (True / False)
     forces one (tests), else: spread when the tiles alone fill less than two waves of SMs."""
@@ -233,7 +233,7 @@ def spread(cfg: dict, tiles: int, S: int, device: torch.device) -> bool:
         return False
     if cfg.get("SPREAD") is not None:
         return bool(cfg["SPREAD"])
-    return tiles < 2 * _sms(device)
+    return tiles < 2 * _sms(x)
 
 
 def sum_splits(part: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -247,8 +247,8 @@ def _launch_linear(kernel, x, w, s, O, K, cfg, kmult, **flags):
     """Grid (M tiles, O tiles, S or 1): the K ranges of k_ranges, spread over programs or not."""
     M = x.shape[0]
     BM, BO, BK = cfg["BLOCK_M"], cfg["BLOCK_O"], cfg["BLOCK_K"]
-    S, ksplit = k_ranges(x.device, K, BK, triton.cdiv(O, BO), cfg.get("SPLIT_K", 0))
-    wide = spread(cfg, triton.cdiv(M, BM) * triton.cdiv(O, BO), S, x.device)
+    S, ksplit = k_ranges(x, K, BK, triton.cdiv(O, BO), cfg.get("SPLIT_K", 0))
+    wide = spread(cfg, triton.cdiv(M, BM) * triton.cdiv(O, BO), S, x)
     y = torch.empty((M, O), device=x.device, dtype=x.dtype)
     part = torch.empty((S, M, O), device=x.device, dtype=torch.float32) if wide else y
     grid = (triton.cdiv(M, BM), triton.cdiv(O, BO), S if wide else 1)
