@@ -35,7 +35,11 @@ needed to fill the SMs (batch-1 decode at 640 keys: 20 splits of one 32-key bloc
 SPLIT_BLOCKS = 4 for every call: 5 splits there (20 programs with 4 head blocks instead of 80),
 so short-context batch-1 decode attention is expected slower; long HCA lists (8K entries) get
 ~65 splits whose partials are about as many bytes as the keys. Prefill pays one state merge per
-split (a rescale of acc) and no scratch.
+split (a rescale of acc) and no scratch, and holds a second [BLOCK_H, D] fp32 accumulator (the
+running state beside the split's): at D=512, bf16, 16 x 32 tiles, sm_90 (triton 3.9,
+scripts/aot_compile.py, 2026-12-07) the looping variant takes 255 registers and spills 12 B at 4
+warps (128 registers, 8 B at 8 warps), where the one-split variant takes 185 (106-173 for decode's
+spread variant, no spills). The FP8-pool and fp32 variants spilled before and still do.
 
 Pools of an FP8 cache (ops/kvfp8.Fp8Rows: uint8 rows of e4m3 nope codes, one UE8M0 scale byte
 per 64 of them, the rope dims in the compute dtype) are decoded as the key tile is loaded: codes
