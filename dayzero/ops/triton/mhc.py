@@ -238,7 +238,8 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
     block_d = min(int(cfg["BLOCK_D"]), triton.next_power_of_2(d))
     _finish_kernel[(N, triton.cdiv(d, block_d))](
         x, part, ss, scale, base, u, post, comb, N, d, K, split, iters, float(norm_eps), float(hc_eps),
-        HC=n, NP=max(2, triton.next_power_of_2(n)), RP=rp, BLOCK_D=block_d, RNE=rne_bf16(u), num_warps=int(cfg["num_warps"]))
+        HC=n, NP=max(2, triton.next_power_of_2(n)), RP=rp, BLOCK_D=block_d, RNE=rne_bf16(u),
+        num_warps=int(cfg["num_warps"]))
     return u, post, comb
 
 

@@ -22,10 +22,8 @@ apply_rope: x viewed as [N, H, Dh] rows sharing a token's cos/sin [N, rd/2]; gri
   (cdiv(N*H, ROWS)); one program = ROWS rows: the rope pairs rotated in fp32 with the twin's
   roundings, the nope dims copied.
 
-Batch invariance (issue 20): rms_norm and compress_pool reduce within a row (sum of squares,
-softmax over slots), so their configs are keyed by the row shape only (C; S and C), one config
-for every row count; fp8_act_sim (a max, exact in any order) and apply_rope (no reduction) keep
-decode / prefill keys: their configs cannot change a value.
+Batch invariance (issue 20): rms_norm and compress_pool reduce within a row, so their configs are
+keyed by the row shape only; fp8_act_sim (a max: exact) and apply_rope keep decode / prefill keys.
 
 cast_out (also used by mhc.py) stores fp32 results as bf16 with round-to-nearest-even under the
 Triton interpreter too, whose fp32 -> bf16 cast truncates (GPUs round): the CPU parity tests then
@@ -134,8 +132,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, config
     M = x.numel() // C
     if M == 0:
         return out
-    # keyed by the row length only: ROWS, MAX_C and num_warps set the order of a row's sum of
-    # squares (one pass or two, the lanes' reduction tree), the same for every row count
+    # keyed by C only: ROWS, MAX_C, num_warps set the order of a row's sum of squares
     cfg = _cfg("rms_norm", f"C{C}", RMS_DEFAULT, config, x.device)
     block_c = min(triton.next_power_of_2(C), triton.next_power_of_2(int(cfg["MAX_C"])))
     rows = int(cfg["ROWS"])
