@@ -82,3 +82,26 @@ def test_builtin_bf16_fp8_cache_gives_the_same_tokens():
     want, got = (LLM(ops="triton", kv_cache_dtype=kv, **opts).generate([prompt], params)[0] for kv in ("auto", "fp8"))
     assert len(got.prompt_token_ids) > 32  # r = 32 (HCA) closes an entry
     assert got.token_ids == want.token_ids and got.logprobs == want.logprobs
+
+
+def test_logprobs_bit_identical_alone_batched_chunked(make_ckpt):
+    """Batch invariance on the Triton table (issue 20): one request's tokens and logprobs are
+    bit-identical alone, beside another request in one batch, and prefilled in 7-token chunks
+    beside that request's decode; bf16, official numerics (FP8
+    activation and KV rounding: the strictest), FP8/FP4 random tiny checkpoint. Short prompts:
+    every step runs the interpreter (tests/ops/test_triton_invariance.py covers the ops' paths)."""
+    from tests.engine.helpers import staggered
+
+    ckpt = make_ckpt("flash", "fp8")
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, logprobs=2)
+    g = torch.Generator().manual_seed(5)
+    target, other = (torch.randint(2, 500, (n,), generator=g).tolist() for n in (12, 5))
+    opts = dict(device=DEV, ops="triton", dtype="bfloat16", numerics="official", num_speculative_tokens=0)
+    llm = LLM(ckpt, **opts)
+    alone = llm.generate([target], params)[0]
+    crowd = llm.generate([other, target], params)[1]
+    chunked = LLM(ckpt, max_num_batched_tokens=7, enable_prefix_caching=False, **opts)
+    late = staggered(chunked.engine, [other, target], params, every=1)[1]
+    want = (alone.token_ids, alone.logprobs)
+    assert (crowd.token_ids, crowd.logprobs) == want
+    assert (list(late.output_ids), list(late.logprobs)) == want

@@ -72,7 +72,7 @@ def test_every_config_and_split(cfg, split):
     x, w = _t(17, 300, dt=xdt, seed=i), _t(70, 300, dt=wdt, seed=i + 50)
     c = {**cfg, "SPLIT_K": split}
     if split == 3:  # split-K really on: >= 2 partials for every BLOCK_K of the space
-        assert G._split_k(x, 1, 300, cfg["BLOCK_K"], split)[0] >= 2
+        assert G.k_ranges(x, 300, cfg["BLOCK_K"], 1, split)[0] >= 2
     got = G.fp32_linear(x, w, config=c)
     _check(got, x, w, f"{c}")
     if split == 3:
@@ -119,8 +119,8 @@ def test_empty_and_fallbacks():
 
 def test_int32_offset_limits(monkeypatch):
     """Rows whose x or y offsets would pass int32 run in row chunks (one launch each), a configured
-    split-K whose workspace would pass it runs unsplit, weights past it go to the twin: shown with
-    the limit lowered to 4000 elements."""
+    split-K whose workspace would pass it loops over its K ranges in one program (no workspace,
+    the same sums), weights past it go to the twin: shown with the limit lowered to 4000 elements."""
     launches = []
 
     class Count:
@@ -134,11 +134,13 @@ def test_int32_offset_limits(monkeypatch):
     monkeypatch.setattr(G, "_I32", 4000)
     monkeypatch.setattr(G, "_fp32_kernel", Count(G._fp32_kernel))
     x, w = _t(130, 31, dt=BF16, seed=10), _t(70, 31, dt=BF16, seed=11)
-    _check(G.fp32_linear(x, w, config=SPACE[0]), x, w, "row chunks")
+    one_row = next(c for c in SPACE if c["BLOCK_M"] == 1)
+    _check(G.fp32_linear(x, w, config=one_row), x, w, "row chunks")
     assert [g[0] for g in launches] == [56, 56, 18]  # (4000 - 31) // 70 = 56 rows per launch, BLOCK_M 1
     launches.clear()
     x, w = _t(40, 64, dt=F32, seed=12), _t(60, 64, dt=BF16, seed=13)  # 40 rows fit, 2 * 40 * 60 do not
-    _check(G.fp32_linear(x, w, config={**SPACE[3], "SPLIT_K": 2}), x, w, "split-K off")
+    cfg = {**SPACE[3], "SPLIT_K": 2, "SPREAD": True}
+    _check(G.fp32_linear(x, w, config=cfg), x, w, "split-K in one program")
     assert [g[2] for g in launches] == [1]
     launches.clear()
     w = _t(70, 64, dt=BF16, seed=14)  # 4480 elements

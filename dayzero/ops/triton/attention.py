@@ -3,23 +3,43 @@
 sparse_attn_paged: split-K flash-decoding. Keys: rows of one or two pools [P, D] (bf16 on V4:
 one 1 KiB row per key at D=512) named per query by idx [N, K_i] (-1 = none). The concatenated
 key list (source 0's K0 keys padded to a BLOCK_K multiple, then source 1's) is cut into blocks
-of BLOCK_K keys, and the blocks into S contiguous splits.
-  grid (N * ceil(H / BLOCK_H), S): one program = one query, BLOCK_H heads, one split. It keeps
-  q [BLOCK_H, D] in registers, and per key block gathers keys [BLOCK_K, D] once (row-contiguous,
-  vectorized loads) and serves all BLOCK_H heads from it: logits = q @ keys^T [BLOCK_H, BLOCK_K]
-  (tensor cores, fp32 accumulate), online softmax in the exp2 domain, acc [BLOCK_H, D] fp32 +=
-  p @ keys (the same tile: MQA keys are the values). D is not tiled: both dots need the full
-  key row, and tiling D for QK^T would make the PV dot re-read the keys. At D=512 (sm_90,
-  triton 3.9, scripts/aot_compile.py) BLOCK_H=16, BLOCK_K=32, 4 warps takes 173-190 registers
-  with int64 indices (134 with int32) and no spills, 8 warps ~100; BLOCK_K=64 or BLOCK_H=64
-  spill, so the tuning space stops at 32 x 32 / 16 x 32 tiles (fp32 inputs do spill).
-  S = 1 (prefill, N * head blocks >= the SMs): the program adds the sink and writes the output.
-  S > 1 (decode): partial (max, sum) [N, H, S] and acc [N, H, S, D] fp32 go to scratch and
-  _combine_kernel (grid N * H, one program reads S * D * 4 bytes) merges them with the sink.
-  S = clamp(ceil(waves * SMs / programs), 1, key blocks), at least min_split_blocks key blocks a
-  split, so batch-1 decode (V4: 64 heads / 16 = 4 head blocks, 128 + 512 keys = 20 blocks of 32)
-  still spreads the 640 KiB of keys over the SMs, each key block read from DRAM once (the other
-  head blocks hit L2).
+of BLOCK_K keys, and the blocks into S splits of SPLIT_BLOCKS consecutive blocks.
+  One program = one query, BLOCK_H heads, and one split (spread) or all S splits in order (not
+  spread). It keeps q [BLOCK_H, D] in registers, and per key block gathers keys [BLOCK_K, D]
+  once (row-contiguous, vectorized loads) and serves all BLOCK_H heads from it: logits = q @
+  keys^T [BLOCK_H, BLOCK_K] (tensor cores, fp32 accumulate), online softmax in the exp2 domain,
+  acc [BLOCK_H, D] fp32 += p @ keys (the same tile: MQA keys are the values). D is not tiled:
+  both dots need the full key row, and tiling D for QK^T would make the PV dot re-read the
+  keys. At D=512 (sm_90, triton 3.9, scripts/aot_compile.py) BLOCK_H=16, BLOCK_K=32, 4 warps
+  takes 173-190 registers with int64 indices (134 with int32) and no spills, 8 warps ~100;
+  BLOCK_K=64 or BLOCK_H=64 spill, so the tuning space stops at 32 x 32 / 16 x 32 tiles (fp32
+  inputs do spill).
+  Each split starts its own (max, sum, acc) and the splits' states are merged in split order
+  (_merge: one fixed formula), then the sink is added (_finish). Not spread (prefill: N * head
+  blocks fill the SMs), grid (N * ceil(H / BLOCK_H), 1): the program merges its splits as it
+  goes and writes the output. Spread (decode), grid (N * head blocks, S): each program writes
+  its split's state [N, H, S] (max, sum) and [N, H, S, D] acc fp32 to scratch and
+  _combine_kernel (grid N * head blocks) merges them in split order with the same helpers.
+Batch invariance (issue 20): a query's output must not depend on the other queries of the call,
+so the split structure is fixed by the key positions alone: BLOCK_K and SPLIT_BLOCKS (and
+BLOCK_H, num_warps: they shape the in-program reductions) come from the key "D{D}-H{H}" only,
+never from N or the key count; the key count only decides how many splits exist, and a split
+past a query's last valid key (the padding of a batch whose other queries see more entries:
+the HCA/CSA entry lists are as wide as the batch's longest) leaves the state exactly as it was
+(its max -1e30 and sum 0 merge as weights exp2(-huge) = 0). Both kernels are compiled with
+enable_fp_fusion=False, so the merge and finish arithmetic is the same IEEE operations in the
+attention and the combine kernel (no mul+add contracted into an FMA in one and not the other);
+spread or not then gives the same bits, and decode and prefill queries share them.
+Cost (not measured on a GPU: none was lent): before, the split count grew with the programs
+needed to fill the SMs (batch-1 decode at 640 keys: 20 splits of one 32-key block); now
+SPLIT_BLOCKS = 4 for every call: 5 splits there (20 programs with 4 head blocks instead of 80),
+so short-context batch-1 decode attention is expected slower; long HCA lists (8K entries) get
+~65 splits whose partials are about as many bytes as the keys. Prefill pays one state merge per
+split (a rescale of acc) and no scratch, and holds a second [BLOCK_H, D] fp32 accumulator (the
+running state beside the split's): at D=512, bf16, 16 x 32 tiles, sm_90 (triton 3.9,
+scripts/aot_compile.py, 2026-12-07) the looping variant takes 255 registers and spills 12 B at 4
+warps (128 registers, 8 B at 8 warps), where the one-split variant takes 185 (106-173 for decode's
+spread variant, no spills). The FP8-pool and fp32 variants spilled before and still do.
 
 Pools of an FP8 cache (ops/kvfp8.Fp8Rows: uint8 rows of e4m3 nope codes, one UE8M0 scale byte
 per 64 of them, the rope dims in the compute dtype) are decoded as the key tile is loaded: codes
@@ -125,14 +145,31 @@ def _attn_block(acc, m_i, l_i, q, pool, s_pool, rope, s_rope, NOPE, SCALE_OFF, i
 
 
 @triton.jit
+def _merge(m_r, l_r, acc_r, m, l, acc):
+    """The running (max, sum, acc) of the splits so far merged with one split's: the same IEEE
+    operations wherever it runs (kernels compiled without FMA contraction)."""
+    m_new = tl.maximum(m_r, m)
+    a = tl.exp2(m_r - m_new)
+    b = tl.exp2(m - m_new)
+    return m_new, l_r * a + l * b, acc_r * a[:, None] + acc * b[:, None]
+
+
+@triton.jit
+def _finish(m_r, l_r, acc_r, sink):
+    """Output rows from the merged state and the sink logits (log2 domain)."""
+    mx = tl.maximum(m_r, sink)
+    c = tl.exp2(m_r - mx)
+    return acc_r * (c / (l_r * c + tl.exp2(sink - mx)))[:, None]
+
+
+@triton.jit
 def _sparse_attn_kernel(q_ptr, sink_ptr, out_ptr, m_ptr, l_ptr, part_ptr,
                         pool0, s_pool0, rope0, s_rope0, idx0, s_idx0, K0,
                         pool1, s_pool1, rope1, s_rope1, idx1, s_idx1, K1,
-                        H, D, S, blocks_per_split, qk_scale, NOPE, SCALE_OFF,
+                        H, D, S, SPLITS, blocks_per_split, qk_scale, NOPE, SCALE_OFF,
                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                         USE_F32: tl.constexpr, FINAL: tl.constexpr, FP8_0: tl.constexpr, FP8_1: tl.constexpr):
     pid = tl.program_id(0)
-    split = tl.program_id(1)
     n_hb = tl.cdiv(H, BLOCK_H)
     n = (pid // n_hb).to(tl.int64)
     offs_h = (pid % n_hb) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -143,60 +180,75 @@ def _sparse_attn_kernel(q_ptr, sink_ptr, out_ptr, m_ptr, l_ptr, part_ptr,
     q = tl.load(q_ptr + rows[:, None] * D + offs_d[None, :], mask=hd_ok, other=0.0)
     if USE_F32:
         q = q.to(tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc_r = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    m_r = tl.full([BLOCK_H], -1.0e30, tl.float32)
+    l_r = tl.zeros([BLOCK_H], tl.float32)
 
     nb0 = tl.cdiv(K0, BLOCK_K)
-    lo = split * blocks_per_split
-    hi = tl.minimum(lo + blocks_per_split, nb0 + tl.cdiv(K1, BLOCK_K))
-    for b in range(lo, tl.minimum(hi, nb0)):
-        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, pool0, s_pool0, rope0, s_rope0, NOPE, SCALE_OFF,
-                                    idx0 + n * s_idx0, K0, b * BLOCK_K, qk_scale, BLOCK_K, BLOCK_D, D, USE_F32, FP8_0)
-    for b in range(tl.maximum(lo, nb0), hi):
-        acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, pool1, s_pool1, rope1, s_rope1, NOPE, SCALE_OFF,
-                                    idx1 + n * s_idx1, K1, (b - nb0) * BLOCK_K, qk_scale, BLOCK_K, BLOCK_D, D,
-                                    USE_F32, FP8_1)
+    nb = nb0 + tl.cdiv(K1, BLOCK_K)
+    first = tl.program_id(1) * SPLITS
+    for sp in range(first, first + SPLITS):  # this program's splits, in order
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        # m starts finite (-1e30), so a block of only invalid keys gives exp2(-inf) = 0, never NaN
+        m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        lo = sp * blocks_per_split
+        hi = tl.minimum(lo + blocks_per_split, nb)
+        for b in range(lo, tl.minimum(hi, nb0)):
+            acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, pool0, s_pool0, rope0, s_rope0, NOPE, SCALE_OFF,
+                                        idx0 + n * s_idx0, K0, b * BLOCK_K, qk_scale, BLOCK_K, BLOCK_D, D,
+                                        USE_F32, FP8_0)
+        for b in range(tl.maximum(lo, nb0), hi):
+            acc, m_i, l_i = _attn_block(acc, m_i, l_i, q, pool1, s_pool1, rope1, s_rope1, NOPE, SCALE_OFF,
+                                        idx1 + n * s_idx1, K1, (b - nb0) * BLOCK_K, qk_scale, BLOCK_K, BLOCK_D, D,
+                                        USE_F32, FP8_1)
+        m_r, l_r, acc_r = _merge(m_r, l_r, acc_r, m_i, l_i, acc)
 
     if FINAL:
         sink = tl.load(sink_ptr + offs_h, mask=h_ok, other=0.0) * 1.4426950408889634
-        mx = tl.maximum(m_i, sink)
-        c = tl.exp2(m_i - mx)
-        o = acc * (c / (l_i * c + tl.exp2(sink - mx)))[:, None]
+        o = _finish(m_r, l_r, acc_r, sink)
         tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=hd_ok)
-    else:
-        prow = rows * S + split  # [N, H, S] partials; acc rows of D each
-        tl.store(m_ptr + prow, m_i, mask=h_ok)
-        tl.store(l_ptr + prow, l_i, mask=h_ok)
-        tl.store(part_ptr + prow[:, None] * D + offs_d[None, :], acc, mask=hd_ok)
+    else:  # one split (SPLITS = 1): its state, exactly (merged into the initial state)
+        prow = rows * S + tl.program_id(1)  # [N, H, S] partials; acc rows of D each
+        tl.store(m_ptr + prow, m_r, mask=h_ok)
+        tl.store(l_ptr + prow, l_r, mask=h_ok)
+        tl.store(part_ptr + prow[:, None] * D + offs_d[None, :], acc_r, mask=hd_ok)
 
 
 @triton.jit
 def _combine_kernel(m_ptr, l_ptr, part_ptr, sink_ptr, out_ptr, H, D, S,
-                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # n * H + h
-    offs_s = tl.arange(0, BLOCK_S)
+                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The S split states of one query's BLOCK_H heads merged in split order, then the sink."""
+    pid = tl.program_id(0)
+    n_hb = tl.cdiv(H, BLOCK_H)
+    n = (pid // n_hb).to(tl.int64)
+    offs_h = (pid % n_hb) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    base = row * S
-    ms = tl.load(m_ptr + base + offs_s, mask=offs_s < S, other=float("-inf"))
-    ls = tl.load(l_ptr + base + offs_s, mask=offs_s < S, other=0.0)
-    sink = tl.load(sink_ptr + row % H) * 1.4426950408889634
-    mx = tl.maximum(tl.max(ms, axis=0), sink)
-    denom = tl.sum(tl.exp2(ms - mx) * ls, axis=0) + tl.exp2(sink - mx)
-    acc = tl.zeros([BLOCK_D], tl.float32)
+    h_ok = offs_h < H
+    hd_ok = h_ok[:, None] & (offs_d < D)[None, :]
+    rows = n * H + offs_h
+    acc_r = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    m_r = tl.full([BLOCK_H], -1.0e30, tl.float32)
+    l_r = tl.zeros([BLOCK_H], tl.float32)
     for s in range(S):
-        w = tl.exp2(tl.load(m_ptr + base + s) - mx)
-        acc += w * tl.load(part_ptr + (base + s) * D + offs_d, mask=d_ok, other=0.0)
-    tl.store(out_ptr + row * D + offs_d, (acc / denom).to(out_ptr.dtype.element_ty), mask=d_ok)
+        prow = rows * S + s
+        m = tl.load(m_ptr + prow, mask=h_ok, other=-1.0e30)
+        l = tl.load(l_ptr + prow, mask=h_ok, other=0.0)
+        acc = tl.load(part_ptr + prow[:, None] * D + offs_d[None, :], mask=hd_ok, other=0.0)
+        m_r, l_r, acc_r = _merge(m_r, l_r, acc_r, m, l, acc)
+    sink = tl.load(sink_ptr + offs_h, mask=h_ok, other=0.0) * 1.4426950408889634
+    o = _finish(m_r, l_r, acc_r, sink)
+    tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=hd_ok)
 
 
-ATTN_DEFAULT = {"BLOCK_H": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "waves": 2, "min_split_blocks": 1}
+# SPLIT_BLOCKS: key blocks a split (the split structure: fixed per key, see the docstring);
+# WAVES: spread the splits over programs when N * head blocks < WAVES x SMs (no effect on bits)
+ATTN_DEFAULT = {"BLOCK_H": 16, "BLOCK_K": 32, "SPLIT_BLOCKS": 4, "num_warps": 4, "num_stages": 2, "waves": 2}
 # FP8 pools: the decode of a 32-key tile (codes, scales, rope dims beside the bf16 tile) spills
 # ~0.9 KB a thread at 4 warps on sm_90 (scripts/aot_compile.py), so 8 warps share it. The key
-# tile stays 32 as over bf16 pools: the tile size sets the online-softmax grouping and the split
-# count, so the same keys give the same bits from a packed pool as from a bf16 one
-ATTN_FP8_DEFAULT = {"BLOCK_H": 16, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2, "waves": 2, "min_split_blocks": 1}
+# tile and split stay as over bf16 pools: they set the online-softmax grouping and the split
+# structure, so the same keys give the same bits from a packed pool as from a bf16 one
+ATTN_FP8_DEFAULT = {**ATTN_DEFAULT, "num_warps": 8}
 
 
 def _check_float(name: str, t, dims: int):
@@ -230,13 +282,14 @@ def _rows(name: str, pool, d: int, device: torch.device):
     return pool if pool.stride(1) == 1 else pool.contiguous()
 
 
-def _attn_key(n: int, h: int, d: int, keys: int) -> str:
-    """Tuning-table key: decode/prefill by queries, CSA-like (window + top-k) or HCA-like key counts."""
-    return f"D{d}-H{h}-{'dec' if n <= 64 else 'pre'}-{'short' if keys <= 1024 else 'long'}"
+def _attn_key(h: int, d: int) -> str:
+    """Tuning-table key: the head shape only, never the query or key count (batch invariance)."""
+    return f"D{d}-H{h}"
 
 
-def _indexer_key(n: int, h: int, di: int) -> str:
-    return f"D{di}-H{h}-{'dec' if n <= 64 else 'pre'}"
+def _indexer_key(h: int, di: int) -> str:
+    """The head shape only: BLOCK_T and num_warps shape the sum over heads (batch invariance)."""
+    return f"D{di}-H{h}"
 
 
 def _use_f32(*ts) -> bool:
@@ -285,8 +338,10 @@ def sparse_attn_paged(q: torch.Tensor, sources: list[tuple[torch.Tensor, torch.T
         raise ValueError(f"FP8 sources must share one row layout, got {sorted(map(str, layouts))}")
     lay = layouts.pop() if layouts else None
 
-    key = _attn_key(N, H, D, sum(i.shape[1] for _, i in srcs)) + ("-fp8" if lay else "")
+    key = _attn_key(H, D) + ("-fp8" if lay else "")
     default = ATTN_FP8_DEFAULT if lay else ATTN_DEFAULT
+    if _interpret():  # a pretend GPU: test shapes (a few key blocks) take several splits
+        default = {**default, "SPLIT_BLOCKS": 1}
     cfg = {**default, **(config if config is not None
                          else tuning.config("sparse_attn_paged", key, default, dev))}
     block_h = max(16, min(int(cfg["BLOCK_H"]), triton.next_power_of_2(H)))
@@ -296,31 +351,33 @@ def sparse_attn_paged(q: torch.Tensor, sources: list[tuple[torch.Tensor, torch.T
     (p0, i0), (p1, i1) = srcs
     K0, K1 = i0.shape[1], i1.shape[1]
     nb = triton.cdiv(K0, block_k) + triton.cdiv(K1, block_k)
-    want = triton.cdiv(int(cfg["waves"]) * _sm_count(dev), N * n_hb)
-    bps = max(1, int(cfg["min_split_blocks"]), triton.cdiv(nb, max(1, min(want, nb))))
+    bps = max(1, int(cfg["SPLIT_BLOCKS"]))
     S = max(1, triton.cdiv(nb, bps))
-    final = S == 1
-    if final:
-        m = l = part = q  # unused
+    if cfg.get("SPREAD") is not None:  # tests: force either path
+        wide = bool(cfg["SPREAD"]) and S > 1
     else:
+        wide = S > 1 and N * n_hb < int(cfg["waves"]) * _sm_count(dev)
+    if wide:
         ml = torch.empty(2, N, H, S, device=dev, dtype=torch.float32)
         m, l = ml[0], ml[1]
         part = torch.empty(N, H, S, D, device=dev, dtype=torch.float32)
+    else:
+        m = l = part = q  # unused
     # the interpreter rounds fp32 -> bf16/fp16 toward zero (compiled kernels round to nearest
     # even): there the kernels write fp32 and torch rounds
     res = torch.empty(q.shape, device=dev, dtype=torch.float32) if _interpret() else out
     a0, a1 = _pool_args(p0), _pool_args(p1)
-    _sparse_attn_kernel[(N * n_hb, S)](
+    _sparse_attn_kernel[(N * n_hb, S if wide else 1)](
         q, sink, res, m, l, part,
         *a0[:4], i0, i0.stride(0), K0,
         *a1[:4], i1, i1.stride(0), K1,
-        H, D, S, bps, float(scale) * LOG2E, lay.nope if lay else 0, lay.scale_off if lay else 0,
-        BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_D=block_d, USE_F32=_use_f32(q, p0, p1), FINAL=final,
-        FP8_0=a0[4], FP8_1=a1[4],
+        H, D, S, 1 if wide else S, bps, float(scale) * LOG2E, lay.nope if lay else 0, lay.scale_off if lay else 0,
+        BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_D=block_d, USE_F32=_use_f32(q, p0, p1), FINAL=not wide,
+        FP8_0=a0[4], FP8_1=a1[4], enable_fp_fusion=False,
         num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]))
-    if not final:
-        _combine_kernel[(N * H,)](m, l, part, sink, res, H, D, S,
-                                  BLOCK_S=triton.next_power_of_2(S), BLOCK_D=block_d, num_warps=4)
+    if wide:
+        _combine_kernel[(N * n_hb,)](m, l, part, sink, res, H, D, S, BLOCK_H=block_h, BLOCK_D=block_d,
+                                     enable_fp_fusion=False, num_warps=4)
     return out.copy_(res) if res is not out else out
 
 
@@ -377,7 +434,7 @@ def indexer_scores_paged(q: torch.Tensor, w: torch.Tensor, pool: torch.Tensor, i
     if H == 0:
         return out.fill_(0.0).masked_fill_(idx < 0, float("-inf"))
     q, w = q.contiguous(), w.contiguous()
-    key = _indexer_key(N, H, DI)
+    key = _indexer_key(H, DI)
     cfg = {**IDX_DEFAULT, **(config if config is not None
                              else tuning.config("indexer_scores_paged", key, IDX_DEFAULT, dev))}
     block_t, tiles = int(cfg["BLOCK_T"]), int(cfg["TILES"])
@@ -410,7 +467,7 @@ def _attn_cases(device: torch.device):
     for n, kc in shapes:
         q = torch.randn(n, H, D, generator=gen).to(device, dt)
         srcs = [(window, _rand_idx(n, kw, pw, device, gen)), (entries, _rand_idx(n, kc, pc, device, gen))]
-        out.append((_attn_key(n, H, D, kw + kc),
+        out.append((_attn_key(H, D),
                      lambda cfg, q=q, s=srcs: sparse_attn_paged(q, s, sink, D ** -0.5, config=cfg)))
     # the same pools in the FP8 cache format (their own keys: the tile that fits differs)
     lay = Fp8Layout(D, D // 8, dt)
@@ -418,7 +475,7 @@ def _attn_cases(device: torch.device):
     for n, kc in shapes[:1] + shapes[2:]:
         q = torch.randn(n, H, D, generator=gen).to(device, dt)
         srcs = [(window8, _rand_idx(n, kw, pw, device, gen)), (entries8, _rand_idx(n, kc, pc, device, gen))]
-        out.append((_attn_key(n, H, D, kw + kc) + "-fp8",
+        out.append((_attn_key(H, D) + "-fp8",
                      lambda cfg, q=q, s=srcs: sparse_attn_paged(q, s, sink, D ** -0.5, config=cfg)))
     return out
 
@@ -435,19 +492,20 @@ def _indexer_cases(device: torch.device):
         w = torch.randn(n, H, generator=gen).to(device, dt)
         pool = torch.randn(P, DI, generator=gen).to(device, dt)
         idx = _rand_idx(n, t, P, device, gen)
-        out.append((_indexer_key(n, H, DI),
+        out.append((_indexer_key(H, DI),
                     lambda cfg, q=q, w=w, p=pool, i=idx: indexer_scores_paged(q, w, p, i, config=cfg)))
     return out
 
 
 TUNABLES = {
+    # one config per head shape for every query and key count (its cases' times are added)
     "sparse_attn_paged": tuning.Tunable(space=(
         ATTN_DEFAULT,
-        {"BLOCK_H": 16, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2, "waves": 2, "min_split_blocks": 1},
-        {"BLOCK_H": 32, "BLOCK_K": 16, "num_warps": 8, "num_stages": 2, "waves": 2, "min_split_blocks": 1},
-        {"BLOCK_H": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 3, "waves": 2, "min_split_blocks": 1},
-        {"BLOCK_H": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3, "waves": 1, "min_split_blocks": 2},
-        {"BLOCK_H": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2, "waves": 4, "min_split_blocks": 1},
+        {"BLOCK_H": 16, "BLOCK_K": 32, "SPLIT_BLOCKS": 4, "num_warps": 8, "num_stages": 2, "waves": 2},
+        {"BLOCK_H": 16, "BLOCK_K": 32, "SPLIT_BLOCKS": 2, "num_warps": 4, "num_stages": 2, "waves": 2},
+        {"BLOCK_H": 16, "BLOCK_K": 32, "SPLIT_BLOCKS": 8, "num_warps": 4, "num_stages": 3, "waves": 2},
+        {"BLOCK_H": 32, "BLOCK_K": 16, "SPLIT_BLOCKS": 8, "num_warps": 8, "num_stages": 2, "waves": 2},
+        {"BLOCK_H": 16, "BLOCK_K": 16, "SPLIT_BLOCKS": 4, "num_warps": 4, "num_stages": 3, "waves": 4},
     ), cases=_attn_cases),
     "indexer_scores_paged": tuning.Tunable(space=(
         IDX_DEFAULT,

@@ -1,7 +1,11 @@
 """The fp32 linear over dense fp32 / bf16 weights (LM head, MoE routers, compressor projections;
 twin ref.fp32_linear): x and weight tiles upcast to fp32 exactly and multiplied in fp32 (ieee
-tl.dot from 16 rows, broadcast multiply-adds below: no padded rows), bf16 weights read as stored.
-Same grid and split-K rule as the quantized linears of gemm.py.
+tl.dot for BLOCK_M >= 16, broadcast multiply-adds below), bf16 weights read as stored.
+Same grid, K ranges and batch-invariance rule as the quantized linears of gemm.py: the config
+(BLOCK_M included, which picks the tl.dot or the multiply-add form) is chosen per weight shape,
+never per row count. Default BLOCK_M 16 for every M: decode rows (M < 16) pay the padded rows'
+FMAs where a 1-row multiply-add kernel ran before (the LM head's decode is about as much FMA
+work as weight streaming at 16 rows on an H100; expected slower, not measured: no GPU was lent).
 """
 from __future__ import annotations
 
@@ -13,13 +17,14 @@ import triton.language as tl
 
 from dayzero.ops import ref
 from dayzero.ops.triton import tuning
-from dayzero.ops.triton.gemm import _interp, _lin, _lin_cases, _mkey, _split_k
+from dayzero.ops.triton.gemm import _interp, _lin, _lin_cases, k_ranges, spread, sum_splits
 
 
 @triton.jit
-def _fp32_kernel(X, W, Y, M, O, K, sxm, sxk, swo, sys, KSPLIT, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    """Y[split] = X[:, ks] @ W[:, ks]^T over this split's K range ks, in fp32: x and w tiles
+def _fp32_kernel(X, W, Y, M, O, K, sxm, sxk, swo, sys, KSPLIT, SPLITS, BLOCK_M: tl.constexpr,
+                 BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Y[program] = the sum, in order, of X[:, ks] @ W[:, ks]^T over this program's SPLITS K ranges
+    ks of KSPLIT elements (gemm.py), in fp32: x and w tiles
     (fp32, bf16 or fp16) upcast exactly, every product and sum fp32. BLOCK_M >= 16: tl.dot with
     input_precision="ieee" (FMA, never TF32). BLOCK_M < 16 (decode rows, where a 16-row dot
     would multiply padding): broadcast multiply-adds into a [BLOCK_M, BLOCK_O, BLOCK_K]
@@ -31,34 +36,37 @@ def _fp32_kernel(X, W, Y, M, O, K, sxm, sxk, swo, sys, KSPLIT, BLOCK_M: tl.const
     rk = tl.arange(0, BLOCK_K)
     m_ok, o_ok = rm < M, ro < O
     xr, wr = X + rm * sxm, W + ro * swo  # strides as args: sxk == 1 and swo % 16 are specialised
-    k_lo = tl.program_id(2) * KSPLIT
-    k_hi = tl.minimum(K, k_lo + KSPLIT)
-    if BLOCK_M >= 16:
-        acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            kk = k0 + rk
-            k_ok = kk < k_hi
-            x = tl.load(xr[:, None] + kk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0)
-            w = tl.load(wr[None, :] + kk[:, None], mask=o_ok[None, :] & k_ok[:, None], other=0).to(tl.float32)
-            if X.dtype.element_ty == tl.float32 and W.dtype.element_ty != tl.float32:
-                # + 0.0 (exact up to a zero's sign) routes the fp32 x tile through registers like
-                # the upcast w tile; read straight from the pipeline's shared memory instead,
-                # triton 3.9 spills ~600 B per thread at BLOCK_M >= 64 (scripts/aot_compile.py)
-                x = x + 0.0
-            acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
-    else:
-        acc3 = tl.zeros([BLOCK_M, BLOCK_O, BLOCK_K], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            kk = k0 + rk
-            k_ok = kk < k_hi
-            x = tl.load(xr[:, None, None] + kk[None, None, :] * sxk,
-                        mask=m_ok[:, None, None] & k_ok[None, None, :], other=0)
-            w = tl.load(wr[None, :, None] + kk[None, None, :], mask=o_ok[None, :, None] & k_ok[None, None, :],
-                        other=0)
-            acc3 += x.to(tl.float32) * w.to(tl.float32)
-        acc = tl.sum(acc3, axis=2)
+    total = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
+    for sp in range(tl.program_id(2) * SPLITS, (tl.program_id(2) + 1) * SPLITS):  # K ranges, in order
+        k_lo = sp * KSPLIT
+        k_hi = tl.minimum(K, k_lo + KSPLIT)
+        if BLOCK_M >= 16:
+            acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                kk = k0 + rk
+                k_ok = kk < k_hi
+                x = tl.load(xr[:, None] + kk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0)
+                w = tl.load(wr[None, :] + kk[:, None], mask=o_ok[None, :] & k_ok[:, None], other=0).to(tl.float32)
+                if X.dtype.element_ty == tl.float32 and W.dtype.element_ty != tl.float32:
+                    # + 0.0 (exact up to a zero's sign) routes the fp32 x tile through registers like
+                    # the upcast w tile; read straight from the pipeline's shared memory instead,
+                    # triton 3.9 spills ~600 B per thread at BLOCK_M >= 64 (scripts/aot_compile.py)
+                    x = x + 0.0
+                acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+        else:
+            acc3 = tl.zeros([BLOCK_M, BLOCK_O, BLOCK_K], dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                kk = k0 + rk
+                k_ok = kk < k_hi
+                x = tl.load(xr[:, None, None] + kk[None, None, :] * sxk,
+                            mask=m_ok[:, None, None] & k_ok[None, None, :], other=0)
+                w = tl.load(wr[None, :, None] + kk[None, None, :], mask=o_ok[None, :, None] & k_ok[None, None, :],
+                            other=0)
+                acc3 += x.to(tl.float32) * w.to(tl.float32)
+            acc = tl.sum(acc3, axis=2)
+        total += acc
     yp = Y + tl.program_id(2) * sys + rm[:, None] * O + ro[None, :]
-    tl.store(yp, acc, mask=m_ok[:, None] & o_ok[None, :])
+    tl.store(yp, total, mask=m_ok[:, None] & o_ok[None, :])
 
 
 _FP32_IN = (torch.float32, torch.bfloat16, torch.float16)  # upcast to fp32 exactly
@@ -86,17 +94,19 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor, *, config: dict | None = 
         return torch.cat([fp32_linear(x2[r:r + rows], weight, config=config)
                           for r in range(0, M, rows)]).view(*lead, O)
     w = weight if weight.stride(1) == 1 else weight.contiguous()
-    cfg = config or tuning.config("fp32_linear", f"M{_mkey(M)}-O{O}-K{K}", _fp32_default(M), x.device)
+    # the config is looked up by the weight shape, never M (batch invariance: see gemm.py)
+    cfg = config or tuning.config("fp32_linear", f"O{O}-K{K}", _fp32_default(), x.device)
     _check_fp32_cfg(cfg)
     BM, BO, BK = cfg["BLOCK_M"], cfg["BLOCK_O"], cfg["BLOCK_K"]
-    split, ksplit = _split_k(x2, triton.cdiv(M, BM) * triton.cdiv(O, BO), K, BK, cfg.get("SPLIT_K", 0))
-    if split * M * O > _I32:  # a configured split-K whose workspace offsets would not fit int32
-        split, ksplit = 1, triton.cdiv(K, BK) * BK
-    y = torch.empty((split, M, O) if split > 1 else (M, O), device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(M, BM), triton.cdiv(O, BO), split)
-    _fp32_kernel[grid](x2, w, y, M, O, K, x2.stride(0), x2.stride(1), w.stride(0), M * O, ksplit,
-                       BLOCK_M=BM, BLOCK_O=BO, BLOCK_K=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    y = y.sum(0) if split > 1 else y  # partials summed in a fixed order: deterministic
+    S, ksplit = k_ranges(x2, K, BK, triton.cdiv(O, BO), cfg.get("SPLIT_K", 0))
+    wide = spread(cfg, triton.cdiv(M, BM) * triton.cdiv(O, BO), S, x2) and S * M * O <= _I32
+    y = torch.empty((M, O), device=x.device, dtype=torch.float32)
+    part = torch.empty((S, M, O), device=x.device, dtype=torch.float32) if wide else y
+    grid = (triton.cdiv(M, BM), triton.cdiv(O, BO), S if wide else 1)
+    _fp32_kernel[grid](x2, w, part, M, O, K, x2.stride(0), x2.stride(1), w.stride(0), M * O, ksplit,
+                       1 if wide else S, BLOCK_M=BM, BLOCK_O=BO, BLOCK_K=BK, num_warps=cfg["num_warps"],
+                       num_stages=cfg["num_stages"])
+    y = sum_splits(part, y) if wide else y  # the ranges' partials added in order: the same bits
     return y.view(*lead, O)
 
 
@@ -108,23 +118,21 @@ def _check_fp32_cfg(cfg: dict) -> None:
         raise ValueError(f"config: bad block sizes {cfg}")
 
 
-def _fp32_default(m: int) -> dict:
-    """Untuned: the config of the space made for m rows (one M tile up to 64 rows: the weight is
-    read once); the interpreter gets the widest O tiles."""
-    space = TUNABLES["fp32_linear"].space
-    cfg = space[next((i for i, b in enumerate((1, 4, 8, 16, 64)) if m <= b), 5)]
+def _fp32_default() -> dict:
+    """Untuned: the space's first config (16-row tl.dot tiles) for every row count; the
+    interpreter gets the widest O tiles."""
+    cfg = TUNABLES["fp32_linear"].space[0]
     return {**cfg, "BLOCK_O": 256} if _interp() else cfg
 
 
 # LM head (vocab 129280) at decode and prefill, MoE router (256 experts), compressor wkv+wgate
-_FP32_GPU = [(1, 129280, 4096), (1, 256, 4096), (1, 1024, 4096), (16, 129280, 4096), (64, 384, 4096),
-             (512, 129280, 4096)]
+_FP32_GPU = [(m, o, 4096) for o in (129280, 256, 1024, 384) for m in (1, 512)]
 
 TUNABLES: dict[str, tuning.Tunable] = {
-    # indices 0-4: the untuned choice for <= 1, 4, 8, 16, 64 rows (below 16: no tl.dot), 5: more
+    # index 0: the untuned choice for every row count (BLOCK_M < 16: multiply-adds, no tl.dot)
     "fp32_linear": tuning.Tunable(
-        space=(_lin(1, 64, 128, 0, 4, 3), _lin(4, 32, 64, 0, 4, 3), _lin(8, 32, 64, 0, 8, 3),
-               _lin(16, 64, 64, 0, 4, 3), _lin(64, 64, 32, 0, 4, 3), _lin(64, 128, 32, 0, 8, 3),
+        space=(_lin(16, 64, 64, 0, 4, 3), _lin(1, 64, 128, 0, 4, 3), _lin(4, 32, 64, 0, 4, 3),
+               _lin(8, 32, 64, 0, 8, 3), _lin(64, 64, 32, 0, 4, 3), _lin(64, 128, 32, 0, 8, 3),
                _lin(1, 32, 256, 0, 4, 3), _lin(128, 128, 32, 0, 8, 3)),
         cases=_lin_cases(fp32_linear, lambda O, K, dev: (torch.randn(O, K, device=dev, dtype=torch.bfloat16),),
                          _FP32_GPU, [(3, 70, 130)])),

@@ -5,19 +5,27 @@ fn [(2+n)n, n*d] fp32 (V4: 24 x 16384 = 1.5 MiB). K = n*d, R = (2+n)n, RP = next
 
 hc_pre = two launches (the collapse needs pre, which needs the full-K reduction of the token, so
 one pass over x cannot do both without a grid-wide barrier):
- 1. _mix_kernel, grid (cdiv(N, BLOCK_N), SPLIT): one program = BLOCK_N tokens x one K-slab of
-    K/SPLIT values. It reads its x slab in [BLOCK_N, BLOCK_K] tiles and the matching fn columns
-    [BLOCK_K, RP] once, accumulates the projection with tl.dot and the sum of squares of the same
-    x tile (the RMS statistic rides along, so this kernel reads x exactly once), and writes fp32
-    partials [SPLIT, N, RP] and [SPLIT, N]. The twin is an fp32 GEMM and TF32 would move the
-    mixes by ~1e-3, so: bf16 x (V4) is exact in bf16 and fn is split in registers into three
-    bf16 pieces, three tensor-core dots with fp32 accumulation; other dtypes use fp32 operands in
-    IEEE precision (the FMA path). SPLIT makes about WAVES x SMs programs: at decode (N <= 16, one
-    16-token tile) fn dominates the bytes and is spread over up to K/BLOCK_K = 256 programs, each
-    reading 6 KiB of it; at prefill the token tiles alone fill the SMs, SPLIT falls to 1-2 and fn
-    (L2-resident) is re-read once per BLOCK_N = 64 tokens, not per token.
- 2. _finish_kernel, grid (N, cdiv(d, BLOCK_D)): sums the SPLIT partials in a fixed order (no
-    atomics: deterministic), applies the RMS factor, sigmoid/softmax and the Sinkhorn iterations
+ 1. _mix_kernel: one program = BLOCK_N tokens x K-slabs of K_PER values each. It reads x in
+    [BLOCK_N, BLOCK_K] tiles and the matching fn columns [BLOCK_K, RP] once, accumulates the
+    projection with tl.dot and the sum of squares of the same x tile (the RMS statistic rides
+    along, so this kernel reads x exactly once). The twin is an fp32 GEMM and TF32 would move
+    the mixes by ~1e-3, so: bf16 x (V4) is exact in bf16 and fn is split in registers into three
+    bf16 pieces, three tensor-core dots with fp32 accumulation; other dtypes use fp32 operands
+    in IEEE precision (the FMA path). K is cut into S slabs so that one token tile makes about
+    WAVES x SMs programs (decode: fn dominates the bytes and is spread over up to K/BLOCK_K =
+    256 programs, each reading 6 KiB of it). Each slab is accumulated on its own and the slabs
+    are added in order, 0 + p0 + p1 + ...: with few token tiles (decode) grid (tiles, S), one
+    slab a program, fp32 partials [S, N, RP] and [S, N]; with many (prefill) grid (tiles, 1),
+    the program loops over the S slabs and writes their sum (fn, L2-resident, is re-read once
+    per BLOCK_N tokens).
+    Batch invariance (issue 20): BLOCK_N, BLOCK_K, S and the warps come from (n, d) and the
+    device only, never N (the tuning key has no token bucket), so a token's sums have one order
+    whatever the other tokens; BLOCK_N is 16 (decode's tile) for every N by default, where
+    prefill had 64-token tiles before: expected slower prefill mixes (fn re-read per 16
+    tokens), not measured (no GPU was lent).
+ 2. _finish_kernel, grid (N, cdiv(d, BLOCK_D)): adds the partials one after the other in slab
+    order (no atomics: deterministic; the same additions as the looping program), applies the
+    RMS factor, sigmoid/softmax and the Sinkhorn iterations
     to the n x n matrix in registers (padded to NP = next_pow2(n) with masks), then collapses its
     BLOCK_D columns: u = sum_j pre_j x_j, reading x a second time (L2 at decode). Each d-chunk
     program recomputes the tiny Sinkhorn rather than paying a third launch; chunk 0 stores post
@@ -73,8 +81,10 @@ def _cfg(name: str, key: str, default: dict, config: dict | None, dev: torch.dev
 
 # ---- hc_pre ------------------------------------------------------------------------------------
 @triton.jit
-def _mix_kernel(x_ptr, fn_ptr, part_ptr, ss_ptr, N, K, R, K_PER, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                RP: tl.constexpr, SPLIT3: tl.constexpr, DOT_F32: tl.constexpr):
+def _mix_kernel(x_ptr, fn_ptr, part_ptr, ss_ptr, N, K, R, K_PER, SPLITS, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, RP: tl.constexpr, SPLIT3: tl.constexpr, DOT_F32: tl.constexpr):
+    """Partials [program_id(1), N, RP] and [program_id(1), N]: the sums, in order, of this
+    program's SPLITS K ranges of K_PER values, each range accumulated on its own."""
     pid_s = tl.program_id(1)
     tok = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     tm = tok < N
@@ -82,45 +92,50 @@ def _mix_kernel(x_ptr, fn_ptr, part_ptr, ss_ptr, N, K, R, K_PER, BLOCK_N: tl.con
     r = tl.arange(0, RP)
     rm = r < R
     kk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, RP], tl.float32)
-    ss = tl.zeros([BLOCK_N], tl.float32)
-    k_lo = pid_s * K_PER
-    k_hi = tl.minimum(k_lo + K_PER, K)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k = k0 + kk
-        km = k < k_hi
-        xv = tl.load(xrow + k[None, :], mask=tm[:, None] & km[None, :], other=0.0)
-        xt = xv.to(tl.float32)
-        ft = tl.load(fn_ptr + r[None, :] * K + k[:, None], mask=rm[None, :] & km[:, None], other=0.0)
-        if SPLIT3:
-            # bf16 x: fn = hi + mid + lo in bf16 (each residual exact in fp32, the remainder
-            # ~2^-24 |fn|); three bf16 tensor-core dots with exact products and fp32 accumulation
-            # give the fp32 GEMM's accuracy without the fp32 FMA path.
-            hi = ft.to(tl.bfloat16)
-            r1 = ft - hi.to(tl.float32)
-            mid = r1.to(tl.bfloat16)
-            lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
-            if DOT_F32:  # the interpreter's 16-bit dot is wrong: same pieces, fp32 operands
-                acc = tl.dot(xt, hi.to(tl.float32), acc, input_precision="ieee")
-                acc = tl.dot(xt, mid.to(tl.float32), acc, input_precision="ieee")
-                acc = tl.dot(xt, lo.to(tl.float32), acc, input_precision="ieee")
+    acc_t = tl.zeros([BLOCK_N, RP], tl.float32)
+    ss_t = tl.zeros([BLOCK_N], tl.float32)
+    for sp in range(pid_s * SPLITS, (pid_s + 1) * SPLITS):
+        acc = tl.zeros([BLOCK_N, RP], tl.float32)
+        ss = tl.zeros([BLOCK_N], tl.float32)
+        k_lo = sp * K_PER
+        k_hi = tl.minimum(k_lo + K_PER, K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + kk
+            km = k < k_hi
+            xv = tl.load(xrow + k[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+            xt = xv.to(tl.float32)
+            ft = tl.load(fn_ptr + r[None, :] * K + k[:, None], mask=rm[None, :] & km[:, None], other=0.0)
+            if SPLIT3:
+                # bf16 x: fn = hi + mid + lo in bf16 (each residual exact in fp32, the remainder
+                # ~2^-24 |fn|); three bf16 tensor-core dots with exact products and fp32 accumulation
+                # give the fp32 GEMM's accuracy without the fp32 FMA path.
+                hi = ft.to(tl.bfloat16)
+                r1 = ft - hi.to(tl.float32)
+                mid = r1.to(tl.bfloat16)
+                lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+                if DOT_F32:  # the interpreter's 16-bit dot is wrong: same pieces, fp32 operands
+                    acc = tl.dot(xt, hi.to(tl.float32), acc, input_precision="ieee")
+                    acc = tl.dot(xt, mid.to(tl.float32), acc, input_precision="ieee")
+                    acc = tl.dot(xt, lo.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    xb = xv.to(tl.bfloat16)
+                    acc = tl.dot(xb, hi, acc)
+                    acc = tl.dot(xb, mid, acc)
+                    acc = tl.dot(xb, lo, acc)
             else:
-                xb = xv.to(tl.bfloat16)
-                acc = tl.dot(xb, hi, acc)
-                acc = tl.dot(xb, mid, acc)
-                acc = tl.dot(xb, lo, acc)
-        else:
-            acc = tl.dot(xt, ft, acc, input_precision="ieee")
-        ss += tl.sum(xt * xt, axis=1)
+                acc = tl.dot(xt, ft, acc, input_precision="ieee")
+            ss += tl.sum(xt * xt, axis=1)
+        acc_t += acc
+        ss_t += ss
     prow = pid_s * N + tok
-    tl.store(part_ptr + prow.to(tl.int64)[:, None] * RP + r[None, :], acc, mask=tm[:, None])
-    tl.store(ss_ptr + prow, ss, mask=tm)
+    tl.store(part_ptr + prow.to(tl.int64)[:, None] * RP + r[None, :], acc_t, mask=tm[:, None])
+    tl.store(ss_ptr + prow, ss_t, mask=tm)
 
 
 @triton.jit
 def _finish_kernel(x_ptr, part_ptr, ss_ptr, scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr,
                    N, D, K, SPLIT, iters, norm_eps, hc_eps,
-                   HC: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, SB: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HC: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BLOCK_D: tl.constexpr,
                    RNE: tl.constexpr):
     t = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -128,22 +143,19 @@ def _finish_kernel(x_ptr, part_ptr, ss_ptr, scale_ptr, base_ptr, u_ptr, post_ptr
     im = i < HC
     m2 = im[:, None] & im[None, :]
     cidx = 2 * HC + i[:, None] * HC + i[None, :]  # comb[j, k] at mixes[2n + j*n + k]
-    # the SPLIT partials, SB splits a (vectorized) load, in a fixed order: deterministic
-    sb = tl.arange(0, SB)
+    # the SPLIT partials added one after the other in split order, 0 + p0 + p1 + ...: the same
+    # additions as a _mix_kernel program that loops over the splits itself (batch invariance)
     a_pre = tl.zeros([NP], tl.float32)
     a_post = tl.zeros([NP], tl.float32)
     a_comb = tl.zeros([NP, NP], tl.float32)
-    a_ss = tl.zeros([SB], tl.float32)
-    for s0 in range(0, SPLIT, SB):
-        s = s0 + sb
-        sm = s < SPLIT
-        row = part_ptr + (s * N + t).to(tl.int64) * RP
-        a_pre += tl.sum(tl.load(row[:, None] + i[None, :], mask=sm[:, None] & im[None, :], other=0.0), axis=0)
-        a_post += tl.sum(tl.load(row[:, None] + HC + i[None, :], mask=sm[:, None] & im[None, :], other=0.0), axis=0)
-        a_comb += tl.sum(tl.load(row[:, None, None] + cidx[None, :, :], mask=sm[:, None, None] & m2[None, :, :],
-                                 other=0.0), axis=0)
-        a_ss += tl.load(ss_ptr + s * N + t, mask=sm, other=0.0)
-    ss = tl.sum(a_ss, axis=0)
+    ss = tl.sum(tl.zeros([NP], tl.float32), axis=0)
+    row = part_ptr + t.to(tl.int64) * RP
+    for s in range(SPLIT):
+        a_pre += tl.load(row + i, mask=im, other=0.0)
+        a_post += tl.load(row + HC + i, mask=im, other=0.0)
+        a_comb += tl.load(row + cidx, mask=m2, other=0.0)
+        ss += tl.load(ss_ptr + s * N + t)
+        row += N * RP
     rs = 1.0 / tl.sqrt(ss / K + norm_eps)
     s0 = tl.load(scale_ptr)
     s1 = tl.load(scale_ptr + 1)
@@ -177,7 +189,8 @@ def _finish_kernel(x_ptr, part_ptr, ss_ptr, scale_ptr, base_ptr, u_ptr, post_ptr
     tl.store(u_ptr + t.to(tl.int64) * D + offs, cast_out(u, u_ptr.dtype.element_ty, RNE), mask=dm)
 
 
-PRE_DEFAULT = dict(BLOCK_N=64, BLOCK_K=64, WAVES=2, mix_warps=8, mix_stages=3, BLOCK_D=512, num_warps=4)
+# BLOCK_N 16 (decode's tile) for every token count: see the module docstring
+PRE_DEFAULT = dict(BLOCK_N=16, BLOCK_K=64, WAVES=2, mix_warps=8, mix_stages=3, BLOCK_D=512, num_warps=4)
 
 
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
@@ -203,26 +216,30 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
     comb = torch.empty(N, n, n, device=dev, dtype=torch.float32)
     if N == 0:
         return u, post, comb
-    cfg = _cfg("hc_pre", f"n{n}-d{d}-{_tok_bucket(N)}", PRE_DEFAULT, config, dev)
-    # decode: one 16-token tile whatever the config (tl.dot's smallest M)
-    block_n = max(16, min(int(cfg["BLOCK_N"]), triton.next_power_of_2(N)))
+    # batch invariance: the token tile and the K splits (the order of a token's sums) come from
+    # the shape (n, d) and the device, never N; only whether the splits run in separate programs
+    # (few token tiles: decode) or in a loop inside one (prefill) depends on N: the same bits
+    cfg = _cfg("hc_pre", f"n{n}-d{d}", PRE_DEFAULT, config, dev)
+    block_n = int(cfg["BLOCK_N"])
     block_k = int(cfg["BLOCK_K"])
     rp = max(16, triton.next_power_of_2(R))
     tiles, kblocks = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
-    want = max(1, min(kblocks, triton.cdiv(int(cfg["WAVES"]) * _sm_count(dev), tiles)))
-    per = triton.cdiv(kblocks, want)  # K-blocks a split; no split is empty
-    split = triton.cdiv(kblocks, per)
+    waves = int(cfg["WAVES"]) * _sm_count(dev)
+    per = triton.cdiv(kblocks, max(1, min(kblocks, waves)))  # K-blocks a split (as for one tile)
+    splits = triton.cdiv(kblocks, per)
+    wide = cfg.get("SPREAD") if cfg.get("SPREAD") is not None else tiles < waves
+    split = splits if wide else 1  # partials written
     part = torch.empty(split, N, rp, device=dev, dtype=torch.float32)
     ss = torch.empty(split, N, device=dev, dtype=torch.float32)
     interp = os.environ.get("TRITON_INTERPRET") == "1"
-    _mix_kernel[(tiles, split)](x, fn, part, ss, N, K, R, per * block_k, BLOCK_N=block_n, BLOCK_K=block_k,
-                                RP=rp, SPLIT3=x.dtype == torch.bfloat16, DOT_F32=interp,
+    _mix_kernel[(tiles, split)](x, fn, part, ss, N, K, R, per * block_k, 1 if wide else splits, BLOCK_N=block_n,
+                                BLOCK_K=block_k, RP=rp, SPLIT3=x.dtype == torch.bfloat16, DOT_F32=interp,
                                 num_warps=int(cfg["mix_warps"]), num_stages=int(cfg["mix_stages"]))
     block_d = min(int(cfg["BLOCK_D"]), triton.next_power_of_2(d))
     _finish_kernel[(N, triton.cdiv(d, block_d))](
         x, part, ss, scale, base, u, post, comb, N, d, K, split, iters, float(norm_eps), float(hc_eps),
-        HC=n, NP=max(2, triton.next_power_of_2(n)), RP=rp, SB=min(64, triton.next_power_of_2(split)),
-        BLOCK_D=block_d, RNE=rne_bf16(u), num_warps=int(cfg["num_warps"]))
+        HC=n, NP=max(2, triton.next_power_of_2(n)), RP=rp, BLOCK_D=block_d, RNE=rne_bf16(u),
+        num_warps=int(cfg["num_warps"]))
     return u, post, comb
 
 
@@ -290,7 +307,7 @@ def _pre_cases(device: torch.device):
     out = []
     for N, n, d in shapes:
         x, fn, scale, base = _inputs(N, n, d, device, dt)
-        out.append((f"n{n}-d{d}-{_tok_bucket(N)}", lambda cfg, a=(x, fn, scale, base):
+        out.append((f"n{n}-d{d}", lambda cfg, a=(x, fn, scale, base):
                     hc_pre(*a, 20, 1e-6, 1e-6, config=cfg)))
     return out
 

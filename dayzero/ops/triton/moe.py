@@ -6,6 +6,13 @@ through the token index, w1 and w3 both decoded, swiglu + routing weight fused, 
 in x.dtype (sorted order). Kernel 2, grid (row tiles, dim tiles): h @ w2^T stored, in x.dtype,
 at each pair's own row; the k slots of a token are then summed in fp32 in slot order. Each
 touched expert's weights are read once per row tile (once in decode, when its rows fit a tile).
+
+Batch invariance (issue 20): the config (BLOCK_M, BLOCK_K, ...: the tiles and so the reduction
+order over dim and inter) is looked up by the expert shape "D-I-E-k" only, never the token
+count, and K is walked whole in BLOCK_K steps (no split-K): a (token, slot) row computes the same
+whether its expert's tile holds 1 or BLOCK_M rows. The default is the decode tile (16 rows) for
+every N, where 64-row tiles were chosen above 64 tokens before: prefill reads each expert's
+weights once per 16 rows instead of 64 (expected slower prefill, not measured: no GPU was lent).
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ import triton
 import triton.language as tl
 
 from dayzero.ops.triton import tuning
-from dayzero.ops.triton.gemm import _check_cfg, _fp4_group, _interp, _mkey, _rand_fp4, _round, _scale_arg, _x2d
+from dayzero.ops.triton.gemm import _check_cfg, _fp4_group, _interp, _rand_fp4, _round, _scale_arg, _x2d
 
 
 # ---- routed experts -------------------------------------------------------------------------------
@@ -108,8 +115,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1: t
     k = ids.shape[1]
     if N * k == 0:
         return torch.zeros((N, dim), device=x.device, dtype=torch.float32)
-    cfg = config or tuning.config("moe_experts", f"N{_mkey(N)}-D{dim}-I{inter}-E{E}-k{k}",
-                                  _default(N), x.device)
+    cfg = config or tuning.config("moe_experts", f"D{dim}-I{inter}-E{E}-k{k}", _default(), x.device)  # never N
     _check_cfg(cfg, lambda bk: bk >= 32)
     BM, BK = cfg["BLOCK_M"], cfg["BLOCK_K"]
     # tile table, all on device (no host sync): tile t -> (expert, first sorted row, end row)
@@ -147,10 +153,10 @@ def _moe(bm, bo1, bo2, bk, warps, stages):
     return {"BLOCK_M": bm, "BLOCK_O1": bo1, "BLOCK_O2": bo2, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
 
 
-def _default(m: int) -> dict:
-    """Untuned: the first config (decode), the last (64-row tiles) for M > 64; the interpreter pays
+def _default() -> dict:
+    """Untuned: the first config for every token count (batch invariance); the interpreter pays
     per program and per op, not per element: it gets the widest tiles."""
-    cfg = TUNABLES["moe_experts"].space[-1 if m > 64 else 0]
+    cfg = TUNABLES["moe_experts"].space[0]
     return {**cfg, "BLOCK_O1": 256, "BLOCK_O2": 256} if _interp() else cfg
 
 
@@ -163,7 +169,7 @@ def _moe_cases(device):
     for N in (1, 64, 512) if gpu else (5,):
         ids = torch.rand(N, E, device=device).topk(k, -1).indices
         args = (torch.randn(N, dim, device=device, dtype=torch.bfloat16), torch.rand(N, k, device=device), ids)
-        out.append((f"N{_mkey(N)}-D{dim}-I{inter}-E{E}-k{k}",
+        out.append((f"D{dim}-I{inter}-E{E}-k{k}",  # decode and prefill N: one key, times added
                     lambda cfg, a=args: moe_experts(*a, *ws, 10.0, config=cfg)))
     return out
 
