@@ -18,7 +18,7 @@ import torch
 
 from dayzero.verify import rel_error
 
-FAMILIES = ("attention", "gemm", "dense", "moe", "mhc", "norm", "topk")
+FAMILIES = ("attention", "indexer", "gemm", "dense", "moe", "mhc", "norm", "topk")
 
 
 def _outputs(x):

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile every Triton kernel of dayzero/ops/triton/{attention,gemm,dense,moe,mhc,norm,topk}.py for
+"""Ahead-of-time compile every Triton kernel of dayzero/ops/triton/{attention,indexer,gemm,dense,moe,mhc,norm,topk}.py for
 NVIDIA sm_90 (H100) and sm_80 (A100) on a machine without a GPU, with the launch configurations the
 launchers really use.
 
@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("attention", "gemm", "dense", "moe", "mhc", "norm", "topk")
+MODULES = ("attention", "indexer", "gemm", "dense", "moe", "mhc", "norm", "topk")
 SMS = {90: 132, 80: 108}  # H100 SXM5, A100
 TAG = "@@AOT "
 
@@ -78,7 +78,7 @@ def _worker(args) -> int:
     from triton.runtime.jit import JITFunction, create_function_from_signature
     from dayzero.ops.kvfp8 import Fp8Layout, Fp8Rows
     mods = {m: importlib.import_module(f"dayzero.ops.triton.{m}") for m in MODULES}
-    attention, gemm, dense, moe, mhc, norm, topk = (mods[m] for m in MODULES)
+    attention, indexer, gemm, dense, moe, mhc, norm, topk = (mods[m] for m in MODULES)
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     cuobjdump = bin_dir / "cuobjdump"
 
@@ -137,7 +137,7 @@ def _worker(args) -> int:
         for label, n, t in (("dec-T65536", 1, 1 << 16), ("dec-T65533", 1, (1 << 16) - 3), ("pre256-T16384", 256, 1 << 14)):
             # w fp32 and idx int64 as the model passes them (reference/attention.py Indexer.select)
             a = (T(n, H, DI, dt=act), T(n, H), T(1 << 16, DI, dt=act), T(n, t, dt=i64))
-            out.append((label, lambda cfg, a=a: attention.indexer_scores_paged(*a, config=cfg)))
+            out.append((label, lambda cfg, a=a: indexer.indexer_scores_paged(*a, config=cfg)))
         return out
 
     def rms_cases(act):
@@ -239,7 +239,7 @@ def _worker(args) -> int:
 
     OPS = [  # (module, tunable name, cases(act dtype), activation dtypes)
         ("attention", "sparse_attn_paged", sparse_attn_cases, ("bf16", "fp32")),
-        ("attention", "indexer_scores_paged", indexer_cases, ("bf16", "fp32")),
+        ("indexer", "indexer_scores_paged", indexer_cases, ("bf16", "fp32")),
         ("gemm", "fp8_linear", lambda a: fp8_cases(a, False), ("bf16", "fp32")),
         ("gemm", "fp8_linear_w8a8", lambda a: fp8_cases(a, True), ("bf16", "fp32")),
         ("gemm", "fp4_linear", fp4_cases, ("bf16", "fp32")),

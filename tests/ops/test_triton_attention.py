@@ -19,6 +19,7 @@ pytest.importorskip("triton", reason="Triton has no wheel for this platform (tes
 
 from dayzero.ops import ref
 from dayzero.ops.triton import attention as A
+from dayzero.ops.triton import indexer as I
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
@@ -126,17 +127,17 @@ IDX_TOL = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.bfloat16: {"atol":
                                       (1, 4, 48, 70), (3, 4, 32, 0)])
 def test_indexer_parity(N, H, DI, T, dtype):
     q, w, pool, idx = _indexer_inputs(N + H + T, N, H, DI, T, dtype)
-    got = A.indexer_scores_paged(q, w, pool, idx)
+    got = I.indexer_scores_paged(q, w, pool, idx)
     assert got.dtype == torch.float32 and got.shape == (N, T)
     torch.testing.assert_close(got, ref.indexer_scores_paged(q, w, pool, idx), **IDX_TOL[dtype])
     assert torch.equal(torch.isinf(got), idx < 0)
 
 
-@pytest.mark.parametrize("cfg", A.TUNABLES["indexer_scores_paged"].space,
+@pytest.mark.parametrize("cfg", I.TUNABLES["indexer_scores_paged"].space,
                          ids=lambda c: "-".join(map(str, c.values())))
 def test_indexer_every_config_agrees(cfg):
     q, w, pool, idx = _indexer_inputs(5, 3, 20, 32, 300, torch.float32)
-    torch.testing.assert_close(A.indexer_scores_paged(q, w, pool, idx, config=cfg),
+    torch.testing.assert_close(I.indexer_scores_paged(q, w, pool, idx, config=cfg),
                                ref.indexer_scores_paged(q, w, pool, idx), **IDX_TOL[torch.float32])
 
 
@@ -160,6 +161,6 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="q"):
         A.sparse_attn_paged(q[0], sources, sink, 1.0)
     with pytest.raises(ValueError, match="w"):
-        A.indexer_scores_paged(q, torch.ones(2, 3, device=DEV), sources[0][0], sources[0][1])
+        I.indexer_scores_paged(q, torch.ones(2, 3, device=DEV), sources[0][0], sources[0][1])
     with pytest.raises(ValueError, match="idx"):
-        A.indexer_scores_paged(q, torch.ones(2, 4, device=DEV), sources[0][0], sources[0][1][:1])
+        I.indexer_scores_paged(q, torch.ones(2, 4, device=DEV), sources[0][0], sources[0][1][:1])

@@ -19,7 +19,7 @@ _PROVIDERS = {
     "apply_rope": "norm",
     "fp32_linear": "dense",
     "sparse_attn_paged": "attention",
-    "indexer_scores_paged": "attention",
+    "indexer_scores_paged": "indexer",
     "topk_select": "topk",
     "hc_pre": "mhc",
     "hc_post": "mhc",
