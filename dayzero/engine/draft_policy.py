@@ -15,18 +15,22 @@ request and step, the k_i in 0..k that maximises the step's expected tokens per 
   forward included) and keeps an exponential moving average of its wall time per bucket of
   forward rows (`StepCost`; the buckets are those recorded steps are padded to, engine/graphs.py).
   No start-up calibration: the table fills from the steps the engine runs; a bucket's first step
-  is not counted (kernel compilation, graph recording, first touch); a bucket not yet measured is
-  estimated from the measured ones (linear between two of them, proportional to rows above the
-  largest, the smallest's below it: each an over-estimate of a convex cost curve), and the table
-  is read as non-decreasing in rows.
+  is not counted (kernel compilation, graph recording, first touch). The table is read as
+  non-decreasing in rows: a bucket costs the most of the measured buckets at or below it (the
+  smallest measured one below them all). So a bucket not yet measured is taken to cost what
+  the rows below it do, which explores it: the policy tries drafts that land there, and after two
+  such steps its own measurement decides. This exploration is bounded (two steps per row bucket
+  over the engine's life) and is the only place where a request can be slower than without
+  drafts in expectation; without it a step size never run would never be measured (at batch 1
+  the engine would only ever know the cost of one row).
 
 With R0 the step's rows without drafts and K = sum k_i, a request's expected rate is
 (1 + S_i(k_i)) / T(R0 + K) against 1 / T(R0) without drafts. The chooser (`choose_lengths`)
 maximises the step's sum of expected rates subject to every request of the step keeping at
-least its no-draft rate: 1 + S_i(k_i) >= T(R0 + K) / T(R0) for each decoding request (drafting
+least its no-draft rate under the table: 1 + S_i(k_i) >= T(R0 + K) / T(R0) for each decoding request (drafting
 or not), and T(R0 + K) <= T(R0) while a prefill chunk shares the step (it produces no token to
 pay for the slowdown). K = 0 always qualifies, so in expectation under the measured costs no
-request is slower than without drafts. The drafter's own forward is not part of the choice: it
+request is slower than without drafts (outside the exploration above). The drafter's own forward is not part of the choice: it
 runs every step while speculation is on (its context rows are needed for later drafts), whatever
 lengths are verified; `speculative_min_acceptance` still turns speculation off for the engine.
 
@@ -68,16 +72,12 @@ class StepCost:
     def __call__(self, rows: int) -> float:
         """Estimated seconds of a step with `rows` forward rows (needs one measured bucket)."""
         b = bucket_size(rows)
-        pts, top = [], 0.0
-        for bb, t in sorted(self.ema.items()):  # read as non-decreasing in rows (noise can invert two buckets)
-            top = max(top, t)
-            pts.append((bb, top))
-        if b <= pts[0][0]:
-            return pts[0][1]
-        if b >= pts[-1][0]:
-            return pts[-1][1] * b / pts[-1][0]
-        (b0, t0), (b1, t1) = next((lo, hi) for lo, hi in zip(pts, pts[1:]) if lo[0] < b <= hi[0])
-        return t0 + (t1 - t0) * (b - b0) / (b1 - b0)
+        below = [t for bb, t in self.ema.items() if bb <= b]
+        if not below:  # below the smallest measured bucket: its cost
+            return self.ema[min(self.ema)]
+        # the largest measured at or below: non-decreasing in rows (noise can invert two buckets),
+        # and an unmeasured bucket costs what the measured rows below it do until it is measured
+        return max(below)
 
     def table(self) -> dict[int, float]:
         return dict(sorted(self.ema.items()))

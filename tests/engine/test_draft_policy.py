@@ -95,13 +95,13 @@ def test_step_cost_table():
     c.observe(3, 4.0)
     assert c.table() == {4: 3.0}
     assert c(1) == 3.0  # below the smallest measured bucket: its cost
-    assert c(8) == 6.0  # above the largest: proportional to rows
+    assert c(8) == 3.0  # not measured: what the rows below cost (the policy explores it)
     for _ in range(2):
         c.observe(16, 7.0)
-    assert c(8) == pytest.approx(3.0 + 4.0 * (8 - 4) / (16 - 4))  # between two: linear
+    assert c(8) == 3.0 and c(16) == 7.0 and c(20) == 7.0
     for _ in range(2):
         c.observe(32, 5.0)  # noise: a larger bucket measured faster
-    assert c(32) == 7.0 and c(64) == 14.0 and c(24) == 7.0  # read as non-decreasing in rows
+    assert c(32) == 7.0 and c(64) == 7.0  # read as non-decreasing in rows
 
 
 def request(draft, conf=None):
@@ -122,3 +122,14 @@ def test_running_acceptance_estimate_from_every_outcome():
     pol.observe(other, [4], [8])  # an unverified draft, judged against the token produced in its place
     assert other.accept_rate == 0.0 and pol.probabilities(request([1, 1])) == [pytest.approx(1 / 3)] * 2
     assert pol.probabilities(request([5, 6], conf=[0.9, 0.4])) == [0.9, 0.4]  # a confidence head wins
+
+
+def test_an_unmeasured_bucket_is_explored_then_its_measurement_decides():
+    c = table({1: 1.0})
+    assert choose_lengths([[0.5, 0.5]], 1, c) == [2]  # rows 3 (bucket 4) not measured: taken as 1.0, tried
+    c.observe(3, 9.0)
+    c.observe(3, 3.0)  # measured: a step of 3-4 rows costs 3x
+    assert choose_lengths([[0.5, 0.5]], 1, c) == [1]  # rows 2 still not measured: tried
+    c.observe(2, 9.0)
+    c.observe(2, 2.0)
+    assert choose_lengths([[0.5, 0.5]], 1, c) == [0]  # 1.5 tokens for 2x the time: no drafts
