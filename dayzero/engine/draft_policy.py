@@ -16,23 +16,24 @@ request and step, the k_i in 0..k that maximises the step's expected tokens per 
   forward rows (`StepCost`; the buckets are those recorded steps are padded to, engine/graphs.py).
   No start-up calibration: the table fills from the steps the engine runs; a bucket's first step
   is not counted (kernel compilation, graph recording, first touch). The table is read as
-  non-decreasing in rows: a bucket costs the most of the measured buckets at or below it (the
-  smallest measured one below them all). So a bucket not yet measured is taken to cost what
-  the rows below it do, which explores it: the policy tries drafts that land there, and after two
-  such steps its own measurement decides. This exploration is bounded (two steps per row bucket
-  over the engine's life) and is the only place where a request can be slower than without
-  drafts in expectation; without it a step size never run would never be measured (at batch 1
-  the engine would only ever know the cost of one row).
+  non-decreasing in rows: a bucket costs the most of the measured buckets at or below it (a
+  bucket below every measured one: the smallest measured one's cost). So a bucket not measured
+  yet is taken to cost what the rows below it do, which explores it: the policy tries drafts that
+  land there, and after two such steps its own measurement decides. This exploration is bounded
+  (two steps per row bucket over the engine's life) and is the only place where a request can be
+  slower than without drafts in expectation; without it a step size never run would never be
+  measured (at batch 1 the engine would only ever know the cost of one row).
 
 With R0 the step's rows without drafts and K = sum k_i, a request's expected rate is
 (1 + S_i(k_i)) / T(R0 + K) against 1 / T(R0) without drafts. The chooser (`choose_lengths`)
 maximises the step's sum of expected rates subject to every request of the step keeping at
-least its no-draft rate under the table: 1 + S_i(k_i) >= T(R0 + K) / T(R0) for each decoding request (drafting
-or not), and T(R0 + K) <= T(R0) while a prefill chunk shares the step (it produces no token to
-pay for the slowdown). K = 0 always qualifies, so in expectation under the measured costs no
-request is slower than without drafts (outside the exploration above). The drafter's own forward is not part of the choice: it
-runs every step while speculation is on (its context rows are needed for later drafts), whatever
-lengths are verified; `speculative_min_acceptance` still turns speculation off for the engine.
+least its no-draft rate under the table: 1 + S_i(k_i) >= T(R0 + K) / T(R0) for each decoding
+request (drafting or not), and T(R0 + K) <= T(R0) while a prefill chunk shares the step (it
+produces no token to pay for the slowdown). K = 0 always qualifies, so in expectation under the
+measured costs no request is slower than without drafts (outside the exploration above). The
+drafter's own forward is not part of the choice: it runs every step while speculation is on (its
+context rows are needed for later drafts), whatever lengths are verified;
+`speculative_min_acceptance` still turns speculation off for the engine.
 
 The lengths never change a token: verification keeps exactly the target's tokens, whichever
 prefix of the proposal is verified (sampling.verify_block). "fixed" verifies every proposed draft
