@@ -41,7 +41,6 @@ the budget holds (the behaviour before this policy).
 """
 from __future__ import annotations
 
-from dayzero.engine.drafter import POLICIES  # noqa: F401  (the option's values, checked there)
 from dayzero.engine.graphs import bucket_size
 
 EMA = 0.2  # weight of a new step time in its bucket's average
