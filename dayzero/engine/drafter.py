@@ -22,6 +22,7 @@ cost of a step; "fixed": all the budget holds).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from dayzero.config import ModelArgs
@@ -97,7 +98,6 @@ def resolve(args: ModelArgs, cfg: dict | None, num_speculative_tokens: int | Non
 def make_drafter(engine, ranks):
     """The engine's drafter for its resolved method (None: no speculation). DSpark needs one rank:
     asked for explicitly over several it is an error, by default speculation is off."""
-    import sys
     cfg = engine.eargs.speculative_config or {}
     if engine.spec_method == "mtp":
         return MTPDrafter(engine.spec_k)
