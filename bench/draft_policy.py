@@ -7,7 +7,8 @@ drift in the machine's load hits all three alike.
 
 Default model: the built-in one (its own MTP drafter). Each engine first runs the workload once
 (warm-up; the adaptive engine's step-cost table fills there, as a server's does in its first
-steps). Prints tokens/s per configuration (median of the reps) and its ratio to no speculation,
+steps); engines are built per batch size with default options, so speculation may turn itself
+off (low acceptance; for the adaptive policy also when the drafter's own time does not pay). Prints tokens/s per configuration (median of the reps) and its ratio to no speculation,
 the acceptance, the mean accepted and mean chosen draft lengths, and checks that all three give
 the same tokens. No roofline fraction: this compares policies on one device, it does not rate the
 device. Appends records to bench/results/draft_policy.jsonl. Not part of CI.
@@ -38,12 +39,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default=None)
     a = ap.parse_args()
-    llms = {name: LLM(a.model, device=a.device, speculative_config=cfg, speculative_min_acceptance=0.0)
-            for name, cfg in CONFIGS.items()}
     params = SamplingParams(temperature=0.0, max_tokens=a.new_tokens, ignore_eos=True)
     env, records = environment(), []
     for n in a.batch:
         prompts = [TEXTS[i % len(TEXTS)] for i in range(n)]
+        # fresh engines per batch size, default options (speculation may turn itself off)
+        llms = {name: LLM(a.model, device=a.device, speculative_config=cfg) for name, cfg in CONFIGS.items()}
         for llm in llms.values():
             llm.generate(prompts, params)  # warm-up
         times = {name: [] for name in llms}
@@ -72,12 +73,14 @@ def main() -> None:
                    "acceptance": acc / d if d else None, "mean_accepted_length": acc / steps if steps else None,
                    "mean_draft_length": d / props if props else None, "method": st["spec_method"],
                    "k": st["spec_num_speculative_tokens"], "step_cost_seconds": st["spec_step_cost_seconds"],
+                   "spec_enabled_at_end": st["spec_enabled"], "payoff": st["spec_payoff"],
                    "same_tokens_as_baseline": same, "ops": llm.engine.ops.name, **env}
             records.append(rec)
             acc_s = f"{acc / d:5.1%}" if d else "    -"
             dl = f"{d / props:4.2f}" if props else "   -"
             print(f"{n:3d} prompt(s) {name:9s} {gen / t:8.1f} tok/s ({base / t:4.2f}x none), acceptance {acc_s}, "
-                  f"mean draft length {dl} of {st['spec_num_speculative_tokens']}, same tokens: {same}")
+                  f"mean draft length {dl} of {st['spec_num_speculative_tokens']}, "
+                  f"{'on' if st['spec_enabled'] else 'off'} at the end, same tokens: {same}")
     print("appended to", append("draft_policy.jsonl", records))
 
 

@@ -16,9 +16,9 @@ request and step, the k_i in 0..k that maximises the step's expected tokens per 
   forward rows (`StepCost`; the buckets are those recorded steps are padded to, engine/graphs.py).
   No start-up calibration: the table fills from the steps the engine runs; a bucket's first step
   is not counted (kernel compilation, graph recording, first touch). The table is read as
-  non-decreasing in rows: a bucket costs the most of the measured buckets at or below it (a
-  bucket below every measured one: the smallest measured one's cost). So a bucket not measured
-  yet is taken to cost what the rows below it do, which explores it: the policy tries drafts that
+  non-decreasing in rows (`StepCost.fitted`: the least-squares non-decreasing fit, weighted by
+  steps); a bucket below every measured one costs the smallest measured one's cost, and a bucket
+  not measured yet is taken to cost what the measured rows below it do, which explores it: the policy tries drafts that
   land there, and after two such steps its own measurement decides. This exploration is bounded
   (two steps per row bucket over the engine's life) and is the only place where a request can be
   slower than without drafts in expectation; without it a step size never run would never be
@@ -32,8 +32,12 @@ request (drafting or not), and T(R0 + K) <= T(R0) while a prefill chunk shares t
 produces no token to pay for the slowdown). K = 0 always qualifies, so in expectation under the
 measured costs no request is slower than without drafts (outside the exploration above). The
 drafter's own forward is not part of the choice: it runs every step while speculation is on (its
-context rows are needed for later drafts), whatever lengths are verified;
-`speculative_min_acceptance` still turns speculation off for the engine.
+context rows are needed for later drafts), whatever lengths are verified. It is weighed for the
+engine instead: the drafter's share of each step is timed too (`draft_cost`, per row bucket of
+the step), and a moving average of (expected rate of the chosen lengths) / (rate of the step with
+no drafts and no drafter: T(R0) less the drafter's share) is kept (`payoff`). After 32 steps with
+proposals, an average below 1 turns speculation off for the engine, as low acceptance does
+(both only with `speculative_min_acceptance` > 0, the engine's "speculation may turn itself off").
 
 The lengths never change a token: verification keeps exactly the target's tokens, whichever
 prefix of the proposal is verified (sampling.verify_block). "fixed" verifies every proposed draft
@@ -46,6 +50,8 @@ from dayzero.engine.graphs import bucket_size
 EMA = 0.2  # weight of a new step time in its bucket's average
 ACCEPT_EMA = 0.25  # weight of a new observation in a request's running acceptance estimate
 PRIOR = 0.5  # acceptance assumed before the engine has seen any draft's outcome
+PAYOFF_EMA = 0.1  # weight of a step in the moving average of what speculation pays
+PAYOFF_STEPS = 32  # steps with proposals before that average may turn speculation off
 
 
 class StepCost:
@@ -56,6 +62,7 @@ class StepCost:
         self.alpha = alpha
         self.ema: dict[int, float] = {}
         self.steps: dict[int, int] = {}  # steps seen per bucket (the first is not counted)
+        self._fit: dict[int, float] | None = None
 
     def observe(self, rows: int, seconds: float) -> None:
         b = bucket_size(rows)
@@ -65,6 +72,7 @@ class StepCost:
             return  # warm-up: compilation, graph recording, first touch of its buffers
         e = self.ema.get(b)
         self.ema[b] = seconds if e is None else e + self.alpha * (seconds - e)
+        self._fit = None
 
     def __bool__(self) -> bool:
         return bool(self.ema)
@@ -72,12 +80,30 @@ class StepCost:
     def __call__(self, rows: int) -> float:
         """Estimated seconds of a step with `rows` forward rows (needs one measured bucket)."""
         b = bucket_size(rows)
-        below = [t for bb, t in self.ema.items() if bb <= b]
-        if not below:  # below the smallest measured bucket: its cost
-            return self.ema[min(self.ema)]
-        # the largest measured at or below: non-decreasing in rows (noise can invert two buckets),
-        # and an unmeasured bucket costs what the measured rows below it do until it is measured
-        return max(below)
+        fit = self.fitted()
+        below = [t for bb, t in fit.items() if bb <= b]
+        # a bucket below every measured one costs the smallest's; one not measured yet, what the
+        # measured rows below it cost (so the policy explores it)
+        return below[-1] if below else fit[min(fit)]
+
+    def fitted(self) -> dict[int, float]:
+        """The measured buckets' costs made non-decreasing in rows (noise can invert two buckets):
+        the least-squares non-decreasing fit (pool adjacent violators), each bucket weighted by its
+        counted steps (at most the moving average's effective sample size), so one noisy bucket
+        is averaged with its neighbours rather than raising every larger one."""
+        if self._fit is not None:
+            return self._fit
+        blocks: list[list[float]] = []  # [value, weight, number of buckets]
+        keys = sorted(self.ema)
+        for b in keys:
+            blocks.append([self.ema[b], float(min(self.steps.get(b, 2) - 1, (2 - self.alpha) / self.alpha)), 1])
+            while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+                v2, w2, n2 = blocks.pop()
+                v1, w1, n1 = blocks[-1]
+                blocks[-1] = [(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2]
+        values = [v for v, _, n in blocks for _ in range(n)]
+        self._fit = dict(zip(keys, values))
+        return self._fit
 
     def table(self) -> dict[int, float]:
         return dict(sorted(self.ema.items()))
@@ -154,6 +180,10 @@ class DraftPolicy:
         self.proposals = 0  # (request, step) pairs scheduled with a proposal to verify
         self.chosen = 0  # draft tokens chosen for verification (after the budget's cut)
         self.seen = self.seen_accepted = 0  # draft outcomes observed (verified or not), accepted ones
+        self.draft_cost = StepCost()  # the drafter's share of a step's time, per row bucket of the step
+        # moving average of the chosen lengths' expected rate over the rate with no drafter at all
+        self.payoff: float | None = None
+        self.payoff_steps, self.min_steps = 0, PAYOFF_STEPS
 
     def probabilities(self, r) -> list[float]:
         """Acceptance probability per proposed position: the drafter's confidences when it has
@@ -178,6 +208,7 @@ class DraftPolicy:
                 probs = [self.probabilities(s.request)[:s.num_draft] for s in decoding]
                 base = sum(s.num_new - s.num_draft for s in batch)
                 ks = choose_lengths(probs, base, self.cost, prefill)
+                self._weigh(probs, ks, base)
             else:  # nothing measured yet: no drafts (the steps without them fill the table)
                 decoding, ks = drafting, [0] * len(drafting)
             for s, k in zip(decoding, ks):
@@ -185,6 +216,23 @@ class DraftPolicy:
                 s.num_draft = k
         self.proposals += len(drafting)
         self.chosen += sum(s.num_draft for s in drafting)
+
+    def _weigh(self, probs: list[list[float]], ks: list[int], base: int) -> None:
+        """What the chosen lengths pay against no speculation at all: their expected rate (the
+        measured step, drafter included) over the rate of a step with no drafts and no drafter
+        (the measured step less the drafter's measured share)."""
+        t_none = self.cost(base) - (self.draft_cost(base) if self.draft_cost else 0.0)
+        if t_none <= 0:
+            return
+        n = len(probs)
+        tokens = n + sum(sum(survival(p)[:k]) for p, k in zip(probs, ks))
+        x = (tokens / self.cost(base + sum(ks))) / (n / t_none)
+        self.payoff = x if self.payoff is None else self.payoff + PAYOFF_EMA * (x - self.payoff)
+        self.payoff_steps += 1
+
+    def pays(self) -> bool:
+        """False once the moving average says speculation, drafter included, is slower than none."""
+        return self.payoff_steps < self.min_steps or self.payoff >= 1.0
 
     def observe(self, r, draft: list[int], toks: list[int]) -> None:
         """The outcome of each proposed draft whose token the step produced (verified or not): the
@@ -203,4 +251,6 @@ class DraftPolicy:
             "spec_proposal_steps": self.proposals,
             "spec_mean_draft_length": self.chosen / self.proposals if self.proposals else None,
             "spec_step_cost_seconds": self.cost.table(),  # row bucket -> moving average of a step's wall time
+            "spec_drafter_cost_seconds": self.draft_cost.table(),  # the drafter's share of it
+            "spec_payoff": self.payoff,
         }

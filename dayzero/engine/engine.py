@@ -308,13 +308,19 @@ class Engine:
             touched.append(r)
         if plan.seqs:  # before the commits: the drafts read the step's block tables
             plan.tables = [self.kv.table(r.rid) for r in reqs]
+            t = time.perf_counter()
             self.drafter.propose(self, plan)
+            self.policy.draft_cost.observe(len(ids), time.perf_counter() - t)
         for r in reqs:
             self.kv.commit(r.rid, r.num_computed, r.all_ids)
             if r.finished:
                 self.scheduler.finish(r, r.finish_reason)
                 self.dp_owner.pop(r.rid, None)
         self.policy.cost.observe(len(ids), time.perf_counter() - t0)
+        if self.spec_enabled and self.eargs.speculative_min_acceptance and not self.policy.pays():
+            print(f"dayzero: speculation off: with the drafter's own time, the measured steps give "
+                  f"{self.policy.payoff:.2f}x the rate of no speculation", file=sys.stderr)
+            self._disable_speculation()
         return touched
 
     def _forward(self, ids: list[int], starts: list[int], lengths: list[int], reqs: list[Request],

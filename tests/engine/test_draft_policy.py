@@ -5,10 +5,11 @@ import itertools
 
 import pytest
 
-from dayzero.engine.draft_policy import DraftPolicy, StepCost, choose_lengths, survival
+from dayzero.engine.draft_policy import PAYOFF_STEPS, DraftPolicy, StepCost, choose_lengths, survival
 from dayzero.engine.graphs import bucket_size
 from dayzero.engine.request import Request
 from dayzero.engine.sampling import SamplingParams
+from dayzero.engine.scheduler import Scheduled
 
 
 def table(costs: dict) -> StepCost:
@@ -101,7 +102,12 @@ def test_step_cost_table():
     assert c(8) == 3.0 and c(16) == 7.0 and c(20) == 7.0
     for _ in range(2):
         c.observe(32, 5.0)  # noise: a larger bucket measured faster
-    assert c(32) == 7.0 and c(64) == 7.0  # read as non-decreasing in rows
+    # read as non-decreasing in rows: the two inverted buckets pooled (least squares), not the max
+    assert c(16) == c(32) == c(64) == 6.0 and c(8) == 3.0
+    for _ in range(3):
+        c.observe(32, 5.0)  # more steps against one: the pool leans to bucket 32's measurement,
+    # weighted by its steps up to the moving average's effective sample size (3 at weight 0.5)
+    assert c(16) == c(32) == pytest.approx((7.0 + 3 * 5.0) / 4) and c(4) == 3.0
 
 
 def request(draft, conf=None):
@@ -133,3 +139,21 @@ def test_an_unmeasured_bucket_is_explored_then_its_measurement_decides():
     c.observe(2, 9.0)
     c.observe(2, 2.0)
     assert choose_lengths([[0.5, 0.5]], 1, c) == [0]  # 1.5 tokens for 2x the time: no drafts
+
+
+@pytest.mark.parametrize("drafter_share, pays", [(0.1, True), (0.5, False)])
+def test_what_speculation_pays_counts_the_drafters_own_time(drafter_share, pays):
+    """A step of 1 row costs 1.0 with the drafter in it, of 2 rows 1.05; at acceptance 0.5 one
+    draft yields 1.5 tokens a step. Without the drafter a 1-row step would cost 1 - its share:
+    0.9 (speculation pays, 1.5 / 1.05 > 1 / 0.9) or 0.5 (it does not: 1.43 < 2 tokens per second)."""
+    pol = DraftPolicy("adaptive")
+    pol.cost, pol.draft_cost = table({1: 1.0, 2: 1.05}), table({1: drafter_share, 2: drafter_share})
+    for step in range(PAYOFF_STEPS):
+        assert pol.pays()  # not before PAYOFF_STEPS steps
+        r = request([7])
+        r.num_computed = r.num_tokens - 1  # decoding
+        s = Scheduled(r, 2, 1)
+        pol.cut([s])
+        assert (s.num_new, s.num_draft) == (2, 1)  # the step's choice: one draft (rows are cheap)
+    want = (1.5 / 1.05) / (1 / (1 - drafter_share))
+    assert pol.payoff == pytest.approx(want) and pol.pays() is pays

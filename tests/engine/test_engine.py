@@ -143,6 +143,19 @@ def test_adaptive_policy_learns_a_drafter_without_confidences(ckpt, expected, ri
         assert lengths[-5:] == [0] * 5
 
 
+def test_adaptive_policy_turns_speculation_off_when_the_drafter_does_not_pay(ckpt, expected):
+    """Drafts always right and rows free, but the drafter takes 90% of every step: speculation
+    gives 2 tokens per step where no speculation would give 10, so the engine turns it off."""
+    llm = LLM(ckpt, numerics="transformers", num_speculative_tokens=1, max_num_batched_tokens=64)
+    e = llm.engine
+    e.drafter = OracleDrafter({f"r{i}": x for i, x in enumerate(expected)}, 1, True)
+    e.policy.cost, e.policy.draft_cost = FrozenCost(1.0, 0.0), FrozenCost(0.9, 0.0)
+    e.policy.min_steps = 4
+    assert run_staggered(e, prompts()) == expected
+    st = e.stats()
+    assert st["spec_enabled"] is False and st["spec_acceptance"] == 1.0 and st["spec_payoff"] < 1
+
+
 def test_k_token_drafts_under_a_small_budget_and_preemption(ckpt, expected):
     """Blocks cut short by the token budget, steps that close compression windows on drafted
     positions, preemption with drafts pending: still the speculation-free tokens."""
