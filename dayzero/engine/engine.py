@@ -40,7 +40,9 @@ class EngineArgs:
     # None: the checkpoint's drafter (DSpark, else MTP) at its k; k = 0: off
     speculative_config: dict | None = None
     num_speculative_tokens: int | None = None  # the same k as a keyword of its own
-    speculative_min_acceptance: float = 0.3  # speculation turns itself off below this after 16 draft tokens
+    # speculation turns itself off below this after 16 draft tokens, and (adaptive draft policy) when the
+    # measured steps say it does not pay (engine/draft_policy.py); 0: it never turns itself off
+    speculative_min_acceptance: float = 0.3
     ops: str | None = None  # kernel table: "triton", "cpu" (native C), "ref" (PyTorch twins) or None (by device)
     enforce_eager: bool = False  # never replay CUDA graphs (engine/graphs.py); CPUs always run eagerly
     kv_cache_dtype: str = "auto"  # "auto": the compute dtype; "fp8": K=V rows as FP8 nope + rope dims (ops/kvfp8.py)
