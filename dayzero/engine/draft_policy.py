@@ -163,7 +163,7 @@ def choose_lengths(probs: list[list[float]], base_rows: int, cost, prefill: bool
                 ks[i] += 1
                 room -= 1
         tokens = n + sum(sum(gs[:k]) for gs, k in zip(gains, ks))
-        rate = tokens / t
+        rate = tokens / cost(base_rows + sum(ks))  # fewer than K where the gains ran out: no slower
         if rate > best_rate * (1 + 1e-9):
             best_rate, best = rate, ks
     return best
