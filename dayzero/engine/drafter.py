@@ -117,8 +117,10 @@ def make_drafter(engine, ranks):
 
 def draft_room(r: Request, k: int) -> int:
     """How many draft tokens a request can use this step: 0 unless it is decoding (its last known
-    token is the only one not computed), and no more than its max_tokens / context leave."""
-    if r.finished or r.num_computed != r.num_tokens - 1:
+    token is the only one not computed), and no more than its max_tokens / context leave. None
+    for a request with a logits processor (constrained decoding): its mask at a drafted row must
+    follow the drafts before it, and the processor only advances over tokens already output."""
+    if r.finished or r.num_computed != r.num_tokens - 1 or r.params.logits_processor is not None:
         return 0
     return max(0, min(k, r.params.max_tokens - len(r.output_ids) - 1, r.max_len - r.num_tokens - 1))
 
