@@ -46,7 +46,10 @@ def add_speculative_arguments(p) -> None:
                    help='speculative decoding, e.g. \'{"method": "dspark", "num_speculative_tokens": 3}\' '
                         '(method "dspark" or "mtp"; num_speculative_tokens 0 turns it off; default: the '
                         "checkpoint's drafter, DSpark where it ships one, else MTP, at its full length; DSpark "
-                        'also takes "confidence_threshold": t, cutting a block where its cumulative confidence < t)')
+                        'also takes "confidence_threshold": t, cutting a block where its cumulative confidence < t; '
+                        '"draft_policy": "adaptive" (default: per request and step, the number of drafts that '
+                        "maximises expected tokens per second from their acceptance probabilities and the measured "
+                        'cost of a step, none where drafting does not pay) or "fixed" (every draft the budget holds))')
     p.add_argument("--num-speculative-tokens", type=int, default=None,
                    help="draft tokens per step for the checkpoint's drafter (MTP: 0 or 1; DSpark: up to its "
                         "block size); the same as num_speculative_tokens in --speculative-config")
@@ -149,6 +152,9 @@ def _generate(llm, prompt, params, a) -> int:
     mtp = (f", {st['spec_method']} acceptance {st['spec_acceptance']:.0%} of {st['spec_draft_tokens']} draft tokens, "
            f"{st['spec_mean_accepted_length']:.2f} accepted a step{'' if st['spec_enabled'] else ' (turned off)'}"
            if st["spec_draft_tokens"] else "")
+    if st["spec_proposal_steps"]:
+        mtp += (f", {st['spec_draft_policy']} draft length {st['spec_mean_draft_length']:.2f} "
+                f"of {st['spec_num_speculative_tokens']}")
     print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}{mtp}]", file=sys.stderr)
     return 0
 

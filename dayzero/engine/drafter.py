@@ -16,9 +16,13 @@ chooses; the default follows the checkpoint (DSpark when it ships one, else MTP 
 MTP module, else none); k = 0 turns speculation off. DSpark also takes "confidence_threshold" t
 (dayzero's key, default 0: every request drafts its full k): a request's block stops before the
 first draft token whose cumulative survival (product of the confidence head's values) is below t.
+"draft_policy": "adaptive" (default) | "fixed": how many of the proposed drafts each request
+verifies per step (engine/draft_policy.py: from the acceptance probabilities and the measured
+cost of a step; "fixed": all the budget holds).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from dayzero.config import ModelArgs
@@ -26,7 +30,8 @@ from dayzero.engine.request import Request
 from dayzero.engine.sampling import sample
 
 METHODS = ("mtp", "dspark")
-KEYS = ("method", "num_speculative_tokens", "confidence_threshold")
+KEYS = ("method", "num_speculative_tokens", "confidence_threshold", "draft_policy")
+POLICIES = ("adaptive", "fixed")  # engine/draft_policy.py
 
 
 def check_speculative_config(cfg, num_speculative_tokens) -> None:
@@ -53,6 +58,9 @@ def check_speculative_config(cfg, num_speculative_tokens) -> None:
         raise ValueError(f"speculative_config.confidence_threshold: must be a number in [0, 1), got {t!r}")
     if t and cfg.get("method") == "mtp":
         raise ValueError("speculative_config.confidence_threshold: only DSpark has a confidence head, not 'mtp'")
+    if cfg.get("draft_policy", "adaptive") not in POLICIES:
+        raise ValueError(f"speculative_config.draft_policy: must be one of {list(POLICIES)}, "
+                         f"got {cfg['draft_policy']!r}")
     if (k is not None and num_speculative_tokens is not None and k != num_speculative_tokens):
         raise ValueError(f"num_speculative_tokens={num_speculative_tokens} disagrees with "
                          f"speculative_config.num_speculative_tokens={k}: give one")
@@ -87,10 +95,32 @@ def resolve(args: ModelArgs, cfg: dict | None, num_speculative_tokens: int | Non
     return (method, k) if k else (None, 0)
 
 
+def make_drafter(engine, ranks):
+    """The engine's drafter for its resolved method (None: no speculation). DSpark needs one rank:
+    asked for explicitly over several it is an error, by default speculation is off."""
+    cfg = engine.eargs.speculative_config or {}
+    if engine.spec_method == "mtp":
+        return MTPDrafter(engine.spec_k)
+    if engine.spec_method == "dspark":
+        if ranks is not None:
+            if cfg.get("method") == "dspark":
+                raise ValueError("speculative_config.method='dspark' needs one rank (tensor_parallel_size = "
+                                 "data_parallel_size = 1: DSpark over several ranks is not built); use "
+                                 "num_speculative_tokens=0")
+            print("dayzero: speculation off: DSpark over several ranks is not built", file=sys.stderr)
+            engine.spec_method, engine.spec_k = None, 0
+            return None
+        from dayzero.engine.dspark_drafter import DSparkDrafter
+        return DSparkDrafter(engine.model, engine.spec_k, cfg.get("confidence_threshold", 0.0))
+    return None
+
+
 def draft_room(r: Request, k: int) -> int:
     """How many draft tokens a request can use this step: 0 unless it is decoding (its last known
-    token is the only one not computed), and no more than its max_tokens / context leave."""
-    if r.finished or r.num_computed != r.num_tokens - 1:
+    token is the only one not computed), and no more than its max_tokens / context leave. None
+    for a request with a logits processor (constrained decoding): its mask at a drafted row must
+    follow the drafts before it, and the processor only advances over tokens already output."""
+    if r.finished or r.num_computed != r.num_tokens - 1 or r.params.logits_processor is not None:
         return 0
     return max(0, min(k, r.params.max_tokens - len(r.output_ids) - 1, r.max_len - r.num_tokens - 1))
 

@@ -12,7 +12,8 @@ After each step, on the step's cache (before its commits):
 Draft length: min(k, what the request's limits leave), cut before the first token whose
 cumulative survival (the product of the confidence head's values so far) falls below
 `confidence_threshold` (0: never cut). The confidences of the proposed tokens are kept
-(`last_confidence`). Weighing them against the measured cost of a step with more rows is not built.
+(`last_confidence`) and handed to the engine's draft policy with the draft (`Request.draft_conf`),
+which weighs them against the measured cost of a step with more rows (engine/draft_policy.py).
 """
 from __future__ import annotations
 
@@ -80,6 +81,6 @@ class DSparkDrafter:
             prev = torch.tensor(toks, device=dev)
             if all(i + 1 >= n for n in room):
                 break
-        for r, d in zip(reqs, drafts):
-            r.draft = d
+        for r, d, cs in zip(reqs, drafts, conf):
+            r.draft, r.draft_conf = d, cs  # the draft policy's acceptance probabilities (engine/draft_policy.py)
         self.last_confidence = conf

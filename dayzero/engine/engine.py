@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,8 @@ import torch
 from dayzero.cache.manager import KVCacheManager
 from dayzero.cache.spec import cache_groups, check_kv_cache_dtype, fixed_bytes_per_sequence
 from dayzero.engine.request import Request, Status
-from dayzero.engine.drafter import DraftPlan, MTPDrafter, check_speculative_config, resolve
+from dayzero.engine.drafter import DraftPlan, check_speculative_config, make_drafter, resolve
+from dayzero.engine.draft_policy import DraftPolicy
 from dayzero.engine.sampling import SamplingParams, sample, token_logprobs, verify_block
 from dayzero.engine.scheduler import Scheduled, Scheduler
 from dayzero.engine.capacity import DEFAULT_MAX_NUM_SEQS, Capacity, derived_budget, gb, plan
@@ -38,7 +40,9 @@ class EngineArgs:
     # None: the checkpoint's drafter (DSpark, else MTP) at its k; k = 0: off
     speculative_config: dict | None = None
     num_speculative_tokens: int | None = None  # the same k as a keyword of its own
-    speculative_min_acceptance: float = 0.3  # speculation turns itself off below this after 16 draft tokens
+    # speculation turns itself off below this after 16 draft tokens, and (adaptive draft policy) when the
+    # measured steps say it does not pay (engine/draft_policy.py); 0: it never turns itself off
+    speculative_min_acceptance: float = 0.3
     ops: str | None = None  # kernel table: "triton", "cpu" (native C), "ref" (PyTorch twins) or None (by device)
     enforce_eager: bool = False  # never replay CUDA graphs (engine/graphs.py); CPUs always run eagerly
     kv_cache_dtype: str = "auto"  # "auto": the compute dtype; "fp8": K=V rows as FP8 nope + rope dims (ops/kvfp8.py)
@@ -100,8 +104,9 @@ class Engine:
         args = self.args = model.args
         self.block_size = bs = eargs.block_size or _default_block_size(args)
         self.spec_method, self.spec_k = resolve(args, eargs.speculative_config, eargs.num_speculative_tokens)
-        self.drafter = self._make_drafter(ranks)
+        self.drafter = make_drafter(self, ranks)
         self.spec_enabled = self.drafter is not None
+        self.policy = DraftPolicy((eargs.speculative_config or {}).get("draft_policy", "adaptive"))
         self.groups = cache_groups(args, bs, with_mtp=self.spec_enabled, kv_cache_dtype=eargs.kv_cache_dtype,
                                    fp32_rows=model.fp32_compressor_rows)
         self.ranks = ranks
@@ -138,23 +143,6 @@ class Engine:
         self.runner = self.worker if ranks is None else ranks.runner(self.worker, data_parallel=self.dp > 1)
         # resident bytes of every rank (weights and cache pools: fixed from here on)
         self.rank_bytes = self._on_ranks("nbytes")
-
-    def _make_drafter(self, ranks):
-        if self.spec_method == "mtp":
-            return MTPDrafter(self.spec_k)
-        if self.spec_method == "dspark":
-            if ranks is not None:
-                if (self.eargs.speculative_config or {}).get("method") == "dspark":
-                    raise ValueError("speculative_config.method='dspark' needs one rank (tensor_parallel_size = "
-                                     "data_parallel_size = 1: DSpark over several ranks is not built); use "
-                                     "num_speculative_tokens=0")
-                print("dayzero: speculation off: DSpark over several ranks is not built", file=sys.stderr)
-                self.spec_method, self.spec_k = None, 0
-                return None
-            from dayzero.engine.dspark_drafter import DSparkDrafter
-            return DSparkDrafter(self.model, self.spec_k,
-                                 (self.eargs.speculative_config or {}).get("confidence_threshold", 0.0))
-        return None
 
     def _on_ranks(self, method: str, *args) -> list:
         """`method` on every rank's worker (rank 0's included), results in rank order."""
@@ -239,7 +227,8 @@ class Engine:
     def spec_stats(self) -> dict:
         """Speculation figures: draft tokens verified and accepted, their ratio, and the mean
         accepted length (accepted draft tokens per verifying request-step; each such step also
-        yields one token of the target's own)."""
+        yields one token of the target's own); the draft policy's mean chosen length (verified
+        drafts per request-step that had a proposal, 0 included) and its step-cost table."""
         return {
             "spec_method": self.spec_method,
             "spec_num_speculative_tokens": self.spec_k,
@@ -249,6 +238,7 @@ class Engine:
             "spec_acceptance": self.accepted / self.drafts if self.drafts else None,
             "spec_verify_steps": self.verify_rounds,
             "spec_mean_accepted_length": self.accepted / self.verify_rounds if self.verify_rounds else None,
+            **self.policy.stats(),
         }
 
     # ---- API -----------------------------------------------------------------------------------
@@ -282,12 +272,15 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[Request]:
         """Run one scheduled batch; return the requests that produced tokens or finished."""
+        t0 = time.perf_counter()
         before = {r.rid for r in self.requests.values() if r.finished}
         batch = self.scheduler.schedule()
         touched = [r for r in self.requests.values() if r.finished and r.rid not in before]
         if not batch:
             return touched
         self.num_steps += 1
+        if self.spec_enabled:
+            self.policy.cut(batch)  # each request's draft length this step (engine/draft_policy.py)
         ids, lengths, offsets = [], [], []
         for s in batch:
             r = s.request
@@ -322,12 +315,19 @@ class Engine:
             touched.append(r)
         if plan.seqs:  # before the commits: the drafts read the step's block tables
             plan.tables = [self.kv.table(r.rid) for r in reqs]
+            t = time.perf_counter()
             self.drafter.propose(self, plan)
+            self.policy.draft_cost.observe(len(ids), time.perf_counter() - t)
         for r in reqs:
             self.kv.commit(r.rid, r.num_computed, r.all_ids)
             if r.finished:
                 self.scheduler.finish(r, r.finish_reason)
                 self.dp_owner.pop(r.rid, None)
+        self.policy.cost.observe(len(ids), time.perf_counter() - t0)
+        if self.spec_enabled and self.eargs.speculative_min_acceptance and not self.policy.pays():
+            print(f"dayzero: speculation off: with the drafter's own time, the measured steps give "
+                  f"{self.policy.payoff:.2f}x the rate of no speculation", file=sys.stderr)
+            self._disable_speculation()
         return touched
 
     def _place(self, req: Request) -> int:
@@ -362,7 +362,9 @@ class Engine:
             self.verify_rounds += 1
         else:
             toks = [sample(targets[0], r.params, r.seed, k)]
-        r.draft = []  # drafts the budget left out are stale after this step
+        if r.draft:
+            self.policy.observe(r, r.draft, toks)  # every proposed draft's outcome, verified or not
+        r.draft, r.draft_conf = [], None  # drafts the budget left out are stale after this step
         for i, tok in enumerate(toks):
             if i:
                 r.num_computed += 1  # draft i - 1's position holds the accepted token
@@ -401,4 +403,4 @@ class Engine:
         self.spec_enabled = False
         self.worker.capture = False
         for r in self.requests.values():
-            r.draft = []
+            r.draft, r.draft_conf = [], None

@@ -33,6 +33,8 @@ class Request:
     num_computed: int = 0  # positions [0, num_computed) are in the cache
     protect: int = 0  # prefix-cache hit length: positions below are shared, never rewritten
     draft: list[int] = field(default_factory=list)  # the drafter's proposals for the tokens after the last known one
+    draft_conf: list[float] | None = None  # per proposed token: the drafter's acceptance probability (DSpark)
+    accept_rate: float | None = None  # running estimate of its drafts' acceptance (engine/draft_policy.py)
     max_len: int = 0  # context limit for this request (prompt + max_tokens, capped by the model)
 
     def __post_init__(self):

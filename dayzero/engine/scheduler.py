@@ -54,7 +54,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.free(req.rid)
-        req.num_computed, req.protect, req.draft = 0, 0, []
+        req.num_computed, req.protect, req.draft, req.draft_conf = 0, 0, [], None
         req.status = Status.WAITING
         self.waiting.appendleft(req)
         self.num_preemptions += 1

@@ -101,6 +101,10 @@ class Metrics:
             out += gauge("dayzero:spec_decode_mean_accepted_length",
                          "Accepted draft tokens per verifying request-step (0 before any).",
                          stats.get("spec_mean_accepted_length") or 0.0)
+            out += gauge("dayzero:spec_decode_mean_draft_length",
+                         "Draft tokens the draft policy chose to verify per request-step with a proposal "
+                         "(0 before any; engine/draft_policy.py).",
+                         stats.get("spec_mean_draft_length") or 0.0)
             out += ["# HELP dayzero:request_success_total Finished requests by finish reason.",
                     "# TYPE dayzero:request_success_total counter"]
             out += [f'dayzero:request_success_total{{{L},finished_reason="{k}"}} {v}'

@@ -1,5 +1,10 @@
 """Shared by the engine tests: requests arriving while others run."""
 
+from dayzero.engine.draft_policy import StepCost
+
+# every proposed draft verified (what tests of the verification path need; engine/draft_policy.py)
+FIXED = {"draft_policy": "fixed"}
+
 
 def staggered(engine, prompts, params, every: int = 2) -> list:
     """Add two requests every `every` steps (mixed arrival: prefill chunks beside decodes), run
@@ -33,3 +38,32 @@ class OracleDrafter:
             if n:
                 want = self.answers[r.rid][len(r.output_ids):len(r.output_ids) + n]
                 r.draft = list(want) if self.right else [(want[0] + 1) % self.vocab] + list(want[1:])
+
+
+class FrozenCost(StepCost):
+    """A step-cost table fixed by the test (the engine's measurements are not added to it): per
+    row bucket, or (bucketed False) exactly per row, so that no row is free."""
+
+    def __init__(self, fixed: float, per_row: float, bucketed: bool = True):
+        super().__init__()
+        self.fixed, self.per_row, self.bucketed = fixed, per_row, bucketed
+        self.ema = {b: fixed + per_row * b for b in (1, 2, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48)}
+
+    def observe(self, rows, seconds):
+        pass
+
+    def __call__(self, rows):
+        return super().__call__(rows) if self.bucketed else self.fixed + self.per_row * rows
+
+
+def chosen_lengths(engine) -> list[int]:
+    """Every draft length the engine's policy chooses from here on (requests with a proposal)."""
+    seen: list[int] = []
+    cut = engine.policy.cut
+
+    def recording(batch):
+        cut(batch)
+        seen.extend(s.num_draft for s in batch if s.request.draft)
+
+    engine.policy.cut = recording
+    return seen

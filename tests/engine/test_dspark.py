@@ -14,10 +14,11 @@ from dayzero.cli import main, speculative_config
 from dayzero.engine.capacity import Sizes
 from dayzero.loader.checkpoint import CheckpointError
 from dayzero.reference.dspark import DSparkStage
-from tests.engine.helpers import staggered
+from tests.engine.helpers import FIXED, FrozenCost, chosen_lengths, staggered
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-SPEC = dict(numerics="transformers", speculative_min_acceptance=0.0)
+# every proposed draft verified: these tests are about the drafts and their verification
+SPEC = dict(numerics="transformers", speculative_min_acceptance=0.0, speculative_config=FIXED)
 
 
 def prompts(n=5, seed=1):
@@ -87,16 +88,16 @@ def test_speculative_config_flag():
 ])
 def test_dspark_option_errors(ckpt, cfg, msg):
     with pytest.raises(ValueError, match=msg):
-        LLM(ckpt, speculative_config=cfg, **SPEC)
+        LLM(ckpt, **{**SPEC, "speculative_config": cfg})
 
 
 @pytest.mark.parametrize("opts", [
     dict(max_num_batched_tokens=7),  # chunked prefill, blocks cut by the budget
     dict(max_num_batched_tokens=37, max_num_seqs=2),
-    dict(max_num_batched_tokens=64, speculative_config={"method": "dspark", "num_speculative_tokens": 3}),
+    dict(max_num_batched_tokens=64, speculative_config={"method": "dspark", "num_speculative_tokens": 3, **FIXED}),
 ], ids=["chunk7", "seqs2", "k3"])
 def test_dspark_on_off_same_greedy_tokens(ckpt, expected, opts):
-    llm = LLM(ckpt, **SPEC, **opts)
+    llm = LLM(ckpt, **{**SPEC, **opts})
     assert [r.output_ids for r in staggered(llm.engine, prompts(), GREEDY)] == expected
     st = llm.engine.stats()
     assert st["spec_method"] == "dspark" and st["spec_draft_tokens"] > 0
@@ -107,7 +108,7 @@ def test_dspark_on_off_same_greedy_tokens(ckpt, expected, opts):
 def test_confidence_threshold_cuts_blocks_and_changes_no_token(ckpt, expected):
     full = LLM(ckpt, **SPEC)
     assert [r.output_ids for r in staggered(full.engine, prompts(3), GREEDY)] == expected[:3]
-    cut = LLM(ckpt, speculative_config={"confidence_threshold": 0.3}, **SPEC)
+    cut = LLM(ckpt, **{**SPEC, "speculative_config": {"confidence_threshold": 0.3, **FIXED}})
     seen = []
     propose = cut.engine.drafter.propose
 
@@ -120,13 +121,13 @@ def test_confidence_threshold_cuts_blocks_and_changes_no_token(ckpt, expected):
     assert seen and all(torch.tensor(cs).prod() >= 0.3 for cs in seen if cs)
     assert 0 < cut.engine.stats()["spec_draft_tokens"] < full.engine.stats()["spec_draft_tokens"]
     with pytest.raises(ValueError, match="only DSpark has a confidence head"):
-        LLM(ckpt, speculative_config={"method": "mtp", "confidence_threshold": 0.5}, **SPEC)
+        LLM(ckpt, **{**SPEC, "speculative_config": {"method": "mtp", "confidence_threshold": 0.5}})
 
 
 def test_dspark_under_official_numerics(ckpt):
     p = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     off = LLM(ckpt, num_speculative_tokens=0)
-    on = LLM(ckpt, speculative_min_acceptance=0.0, max_num_batched_tokens=19)
+    on = LLM(ckpt, speculative_min_acceptance=0.0, speculative_config=FIXED, max_num_batched_tokens=19)
     assert [o.token_ids for o in on.generate(prompts(2), p)] == [o.token_ids for o in off.generate(prompts(2), p)]
     assert on.engine.stats()["spec_draft_tokens"] > 0
 
@@ -250,3 +251,34 @@ def test_draft_block_matches_a_dense_rendering_of_the_method():
     mh = stages[-1].markov_head
     bias = mh.bias(mh.embed(torch.tensor([anchor])))[0]
     assert torch.allclose(bias, mh.markov_w2.weight @ mh.markov_w1.weight[anchor], atol=1e-5)
+
+
+def test_adaptive_draft_lengths_keep_the_tokens(ckpt, expected):
+    """The default policy, on the engine's own step timings: the speculation-free tokens, and the
+    chosen lengths in the stats. Then fixed cost tables: one under which the lengths differ from
+    step to step and request to request (the seeded tokens do not), one under which drafting never
+    pays (nothing is verified, the drafter still proposes)."""
+    llm = LLM(ckpt, numerics="transformers", speculative_min_acceptance=0.0)
+    assert [r.output_ids for r in staggered(llm.engine, prompts(3), GREEDY)] == expected[:3]
+    st = llm.engine.stats()
+    assert st["spec_draft_policy"] == "adaptive" and st["spec_proposal_steps"] > 0
+    assert 0 <= st["spec_mean_draft_length"] <= 5 and st["spec_step_cost_seconds"]
+    assert all(t > 0 for t in st["spec_step_cost_seconds"].values())
+
+    e = llm.engine
+    e.policy.cost = FrozenCost(1.0, 0.1)  # a step's cost grows by a tenth of a 1-row step per row
+    lengths = chosen_lengths(e)
+    drafts = st["spec_draft_tokens"]
+    seeded = SamplingParams(temperature=0.9, top_k=50, seed=3, max_tokens=10, ignore_eos=True)
+    plain = LLM(ckpt, numerics="transformers", num_speculative_tokens=0).generate(prompts(3), seeded)
+    assert [o.token_ids for o in llm.generate(prompts(3), seeded)] == [o.token_ids for o in plain]
+    assert len(set(lengths)) >= 3  # e.g. 0, 1 and longer blocks
+    st = e.stats()
+    assert st["spec_draft_tokens"] - drafts == sum(lengths) > 0
+    assert st["spec_mean_draft_length"] == st["spec_draft_tokens"] / st["spec_proposal_steps"]
+
+    e.policy.cost = FrozenCost(0.0, 1.0, bucketed=False)  # proportional to rows: drafting never pays
+    lengths = chosen_lengths(e)
+    drafts = e.stats()["spec_draft_tokens"]
+    assert [o.token_ids for o in llm.generate(prompts(3), GREEDY)] == expected[:3]
+    assert lengths and set(lengths) == {0} and e.stats()["spec_draft_tokens"] == drafts

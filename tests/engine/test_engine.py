@@ -7,7 +7,7 @@ from dayzero import LLM, SamplingParams
 from dayzero.engine.capacity import Sizes
 from dayzero.engine.engine import Engine
 from dayzero.engine.sampling import filter_logits, sample, verify_block, verify_draft
-from tests.engine.helpers import OracleDrafter, staggered
+from tests.engine.helpers import FIXED, FrozenCost, OracleDrafter, chosen_lengths, staggered
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -46,7 +46,8 @@ def run_staggered(engine: Engine, ps, params=GREEDY, every=2):
 @pytest.mark.parametrize("opts", [
     dict(max_num_batched_tokens=7),  # chunks that align with nothing (4, 16, window 16)
     dict(max_num_batched_tokens=37, max_num_seqs=2),  # fewer slots than requests
-    dict(max_num_batched_tokens=64, num_speculative_tokens=1, speculative_min_acceptance=0.0),  # MTP on
+    dict(max_num_batched_tokens=64, num_speculative_tokens=1,
+         speculative_config=FIXED, speculative_min_acceptance=0.0),  # MTP on
     dict(max_num_batched_tokens=37, enable_prefix_caching=False, num_speculative_tokens=0),
 ], ids=["chunk7", "chunk37-seqs2", "mtp", "no-prefix-cache"])
 def test_greedy_matches_reference_under_batching(ckpt, expected, opts):
@@ -107,7 +108,8 @@ def test_seeded_sampling_is_independent_of_batch_composition(ckpt):
 def test_k_token_verification_accepts_and_rejects_exactly(ckpt, expected, right, k):
     """Oracle drafters through the k-token path: all right -> every draft token accepted and
     1 + k tokens a step; all wrong -> none accepted; tokens identical either way."""
-    llm = LLM(ckpt, numerics="transformers", num_speculative_tokens=1, speculative_min_acceptance=0.0,
+    llm = LLM(ckpt, numerics="transformers", num_speculative_tokens=1,
+              speculative_config=FIXED, speculative_min_acceptance=0.0,
               max_num_batched_tokens=64)
     e = llm.engine
     e.drafter = OracleDrafter({f"r{i}": x for i, x in enumerate(expected)}, k, right)
@@ -119,11 +121,46 @@ def test_k_token_verification_accepts_and_rejects_exactly(ckpt, expected, right,
         assert e.num_steps < (24 if k == 3 else 30)  # accepted drafts give 1 + k tokens a step
 
 
+@pytest.mark.parametrize("right", [True, False])
+def test_adaptive_policy_learns_a_drafter_without_confidences(ckpt, expected, right):
+    """The adaptive policy (the default) over a drafter with no confidence head (as MTP): each
+    request's running acceptance estimate, from every proposal's outcome. Free rows (a flat cost
+    table): a drafter that is always right is verified every time; one that is always wrong stops
+    being verified once its first outcomes are known. Tokens identical either way."""
+    llm = LLM(ckpt, numerics="transformers", num_speculative_tokens=1, speculative_min_acceptance=0.0,
+              max_num_batched_tokens=64)
+    e = llm.engine
+    e.drafter = OracleDrafter({f"r{i}": x for i, x in enumerate(expected)}, 3, right)
+    e.policy.cost = FrozenCost(1.0, 0.0)
+    lengths = chosen_lengths(e)
+    assert run_staggered(e, prompts()) == expected
+    st = e.stats()
+    assert st["spec_draft_policy"] == "adaptive" and st["spec_proposal_steps"] == len(lengths) > 10
+    if right:
+        assert st["spec_accepted_tokens"] == st["spec_draft_tokens"] == sum(lengths) > 10
+    else:
+        assert st["spec_accepted_tokens"] == 0 and st["spec_draft_tokens"] <= 3 * len(prompts())
+        assert lengths[-5:] == [0] * 5
+
+
+def test_adaptive_policy_turns_speculation_off_when_the_drafter_does_not_pay(ckpt, expected):
+    """Drafts always right and rows free, but the drafter takes 90% of every step: speculation
+    gives 2 tokens per step where no speculation would give 10, so the engine turns it off."""
+    llm = LLM(ckpt, numerics="transformers", num_speculative_tokens=1, max_num_batched_tokens=64)
+    e = llm.engine
+    e.drafter = OracleDrafter({f"r{i}": x for i, x in enumerate(expected)}, 1, True)
+    e.policy.cost, e.policy.draft_cost = FrozenCost(1.0, 0.0), FrozenCost(0.9, 0.0)
+    e.policy.min_steps = 4
+    assert run_staggered(e, prompts()) == expected
+    st = e.stats()
+    assert st["spec_enabled"] is False and st["spec_acceptance"] == 1.0 and st["spec_payoff"] < 1
+
+
 def test_k_token_drafts_under_a_small_budget_and_preemption(ckpt, expected):
     """Blocks cut short by the token budget, steps that close compression windows on drafted
     positions, preemption with drafts pending: still the speculation-free tokens."""
     opts = dict(numerics="transformers", max_num_batched_tokens=16, max_num_seqs=6, num_speculative_tokens=1,
-                speculative_min_acceptance=0.0)
+                speculative_config=FIXED, speculative_min_acceptance=0.0)
     e = LLM(ckpt, **opts).engine
     z = Sizes(e.groups, e.args, e.model.compute_dtype, e.block_size, 16)
     llm = LLM(ckpt, kv_cache_memory_bytes=z.needed(6) + 4 * z.per_entry_block, **opts)
@@ -134,7 +171,8 @@ def test_k_token_drafts_under_a_small_budget_and_preemption(ckpt, expected):
 
 
 def test_mtp_turns_itself_off_when_acceptance_does_not_pay(ckpt):
-    llm = LLM(ckpt, numerics="transformers", num_speculative_tokens=1, speculative_min_acceptance=0.9)
+    llm = LLM(ckpt, numerics="transformers", num_speculative_tokens=1,
+              speculative_config=FIXED, speculative_min_acceptance=0.9)
     llm.generate(prompts(), SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
     stats = llm.engine.stats()
     assert stats["spec_draft_tokens"] >= 16 and stats["spec_enabled"] is False
@@ -183,7 +221,8 @@ def test_block_verifier_keeps_the_target_distribution():
 def test_seeded_sampling_does_not_depend_on_speculation(ckpt):
     p = SamplingParams(temperature=0.8, seed=5, max_tokens=12, ignore_eos=True)
     plain = LLM(ckpt, numerics="transformers", num_speculative_tokens=0).generate(prompts()[:3], p)
-    spec = LLM(ckpt, numerics="transformers", num_speculative_tokens=1, speculative_min_acceptance=0.0)
+    spec = LLM(ckpt, numerics="transformers", num_speculative_tokens=1,
+               speculative_config=FIXED, speculative_min_acceptance=0.0)
     assert [o.token_ids for o in spec.generate(prompts()[:3], p)] == [o.token_ids for o in plain]
     assert spec.engine.drafts > 0
 
@@ -208,12 +247,16 @@ def test_speculative_config_spellings_and_errors(ckpt):
     assert (off.spec_method, off.spec_enabled, off.stats()["spec_num_speculative_tokens"]) == (None, False, 0)
     on = LLM(ckpt, numerics="transformers", speculative_config={"method": "mtp"}).engine
     assert (on.spec_method, on.spec_k, on.spec_enabled) == ("mtp", 1, True)  # the default: the checkpoint's MTP
+    assert on.stats()["spec_draft_policy"] == "adaptive"
+    fixed = LLM(ckpt, numerics="transformers", speculative_config={"draft_policy": "fixed"}).engine
+    assert fixed.stats()["spec_draft_policy"] == "fixed"
     for cfg, kw, msg in [
         ({"method": "eagle"}, {}, "speculative_config.method: must be one of"),
         ({"method": "dspark"}, {}, "this checkpoint has no DSpark drafter"),
         ({"method": "mtp", "num_speculative_tokens": 2}, {}, "at most 1"),
         ({"num_speculative_tokens": 1}, {"num_speculative_tokens": 0}, "disagrees"),
         ({"k": 1}, {}, "unknown key"),
+        ({"draft_policy": "greedy"}, {}, r"speculative_config.draft_policy: must be one of \['adaptive', 'fixed'\]"),
         ("dspark", {}, "must be a dict"),
     ]:
         with pytest.raises(ValueError, match=msg):
@@ -223,7 +266,8 @@ def test_speculative_config_spellings_and_errors(ckpt):
 def test_k_token_verification_reports_each_tokens_own_logprobs(ckpt, expected):
     p = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
     plain = LLM(ckpt, numerics="transformers", num_speculative_tokens=0).generate(prompts()[:3], p)
-    llm = LLM(ckpt, numerics="transformers", num_speculative_tokens=1, speculative_min_acceptance=0.0)
+    llm = LLM(ckpt, numerics="transformers", num_speculative_tokens=1,
+              speculative_config=FIXED, speculative_min_acceptance=0.0)
     llm.engine.drafter = OracleDrafter({f"gen-{i}": x for i, x in enumerate(expected[:3])}, 3, True)
     spec = llm.generate(prompts()[:3], p)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain] == expected[:3]

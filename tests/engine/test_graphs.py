@@ -17,7 +17,7 @@ from dayzero.engine.graphs import HostSync, OpRecorder, StepGraphs, bucket_size,
 from dayzero.ops import REF, ref
 from dayzero.reference.seqcache import Batch, StaticBatch
 from dayzero.testing import tiny_args
-from tests.engine.helpers import OracleDrafter, staggered
+from tests.engine.helpers import FIXED, OracleDrafter, staggered
 
 
 def moe_all_experts(x, weights, ids, w1, s1, w3, s3, w2, s2, limit, h_act_sim=False):
@@ -71,7 +71,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, logprob
 
 @pytest.mark.parametrize("opts", [
     dict(max_num_batched_tokens=7, num_speculative_tokens=0),  # prefill chunks fit buckets too
-    dict(max_num_batched_tokens=64, max_num_seqs=3, num_speculative_tokens=1, speculative_min_acceptance=0.0),
+    dict(max_num_batched_tokens=64, max_num_seqs=3, num_speculative_tokens=1,
+         speculative_config=FIXED, speculative_min_acceptance=0.0),
     dict(max_num_batched_tokens=7, num_speculative_tokens=0, kv_cache_dtype="fp8"),  # packed rows written in graphs
 ], ids=["chunk7", "mtp-verify", "fp8-cache"])
 def test_replayed_steps_give_the_eager_tokens(ckpt, opts):
@@ -110,7 +111,8 @@ def test_prefix_hits_and_long_chunks_run_eagerly_over_the_device_tables(ckpt):
 def test_builtin_model_replayed_with_its_own_mtp():
     p = [SamplingParams(temperature=0.8, seed=s, max_tokens=24, ignore_eos=True) for s in range(3)]
     ids = ["KING LEAR:\n", "ROMEO:\nBut soft", "First Citizen:\nBefore we proceed"]
-    opts = dict(num_speculative_tokens=1, speculative_min_acceptance=0.0, max_num_batched_tokens=32)
+    opts = dict(num_speculative_tokens=1,
+                speculative_config=FIXED, speculative_min_acceptance=0.0, max_num_batched_tokens=32)
     eager = engine(None, False, **opts)
     want = [o.token_ids for o in eager.generate(ids, p)]
     llm = engine(None, True, **opts)
@@ -270,7 +272,7 @@ def test_buckets_pad_by_at_most_a_quarter_and_stop_at_the_context(ckpt):
 def test_cuda_graphs_give_the_eager_tokens(ckpt):
     pytest.importorskip("triton")
     opts = dict(device="cuda", ops="triton", dtype="float32", max_num_batched_tokens=16,
-                num_speculative_tokens=1, speculative_min_acceptance=0.0)
+                num_speculative_tokens=1, speculative_config=FIXED, speculative_min_acceptance=0.0)
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     want = [o.token_ids for o in LLM(ckpt, enforce_eager=True, **opts).generate(prompts(), params)]
     llm = LLM(ckpt, **opts)

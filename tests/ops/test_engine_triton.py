@@ -11,7 +11,8 @@ from dayzero.ops import OP_NAMES, REF, for_device
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 # chunked prefill + MTP drafts exercise the paged path (kernels read the pools through row ids)
-ENGINE = dict(device=DEV, max_num_batched_tokens=16, num_speculative_tokens=1, speculative_min_acceptance=0.0)
+ENGINE = dict(device=DEV, max_num_batched_tokens=16, num_speculative_tokens=1,
+              speculative_config={"draft_policy": "fixed"}, speculative_min_acceptance=0.0)
 
 
 def rel(a, b):

@@ -132,7 +132,9 @@ def test_metrics_exposition(server, client):
     for name in ("dayzero:num_requests_running", "dayzero:num_requests_waiting", "dayzero:kv_cache_usage_perc",
                  "dayzero:prompt_tokens_total", "dayzero:generation_tokens_total",
                  "dayzero:time_to_first_token_seconds_bucket", "dayzero:time_per_output_token_seconds_count",
-                 "dayzero:request_success_total"):
+                 "dayzero:request_success_total", "dayzero:spec_decode_num_draft_tokens_total",
+                 "dayzero:spec_decode_acceptance_rate", "dayzero:spec_decode_mean_accepted_length",
+                 "dayzero:spec_decode_mean_draft_length"):
         assert name in text, name
     m = server.metrics()
     assert m["dayzero:generation_tokens_total"] >= 4 and m["dayzero:time_to_first_token_seconds_count"] >= 1
