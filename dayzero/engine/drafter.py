@@ -117,7 +117,7 @@ def make_drafter(engine, ranks):
 
 def draft_room(r: Request, k: int) -> int:
     """How many draft tokens a request can use this step: 0 unless it is decoding (its last known
-    token is the only one not computed), and no more than its max_tokens / context leave. None
+    token is the only one not computed), and no more than its max_tokens / context leave. 0
     for a request with a logits processor (constrained decoding): its mask at a drafted row must
     follow the drafts before it, and the processor only advances over tokens already output."""
     if r.finished or r.num_computed != r.num_tokens - 1 or r.params.logits_processor is not None:
