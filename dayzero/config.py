@@ -15,13 +15,13 @@ engine path or loader, docs/V41.md).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dayzero.config_keys import ConfigError, Keys, check_dspark_ids, hub_keys, in_file_terms, official_keys
+from dayzero.config_keys import (ConfigError, Keys, check_dspark_ids, hub_keys, in_file_terms, official_keys,
+                                 read_config_json)
 from dayzero.v41 import V41Args, is_v41_config
 
 LAYER_TYPES = ("sliding", "csa", "hca")
@@ -192,15 +192,8 @@ class ModelArgs:
     # ---- construction from config files ---------------------------------------------------
     @classmethod
     def from_dir(cls, path: str | Path) -> "ModelArgs":
-        path = Path(path)
-        cfg_path = path / "config.json"
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no config.json (not a DeepSeek-V4 checkpoint directory)") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cfg_path}: invalid JSON ({e})") from None
-        return cls.from_dict(cfg, source=str(cfg_path))
+        cfg, source = read_config_json(Path(path), "not a DeepSeek-V4 checkpoint directory")
+        return cls.from_dict(cfg, source=source)
 
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "config") -> "ModelArgs":

@@ -4,8 +4,10 @@ the file spells it (`Keys`), and the map from ModelArgs fields to the hub config
 `n_layers`, ...), so a check on a derived value still names the key the user wrote (config.py)."""
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -80,6 +82,19 @@ _HUB_KEY_OF = {
 }
 _OFFICIAL_KEY_OF = {"layer_types": "compress_ratios", "quant": "dtype", "dtype": "dtype",
                     "dspark_stages": "n_mtp_layers"}
+
+
+def read_config_json(path, what: str = "") -> tuple:
+    """The object in directory `path`'s config.json and that file's name (a ConfigError names the
+    directory when the file is missing, `what` saying what it should have been, and the file when
+    it is not JSON)."""
+    cfg_path = Path(path) / "config.json"
+    try:
+        return json.loads(cfg_path.read_text()), str(cfg_path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no config.json{f' ({what})' if what else ''}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg_path}: invalid JSON ({e})") from None
 
 
 def hub_keys(c: dict) -> dict[str, str]:

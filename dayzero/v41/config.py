@@ -10,11 +10,10 @@ yet (issue 23, docs/V41.md).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dayzero.config_keys import ConfigError, check_dspark_ids, in_file_terms
+from dayzero.config_keys import ConfigError, check_dspark_ids, in_file_terms, read_config_json
 from dayzero.v41.buckets import bucket_primes
 from dayzero.v41.read import from_hub, from_official, hub_key_map, official_key_map
 from dayzero.v41.schedule import V41Layer, derive_layers
@@ -191,14 +190,8 @@ class V41Args:
     # ---- construction from config files --------------------------------------------------
     @classmethod
     def from_dir(cls, path: str | Path) -> "V41Args":
-        cfg_path = Path(path) / "config.json"
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no config.json") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cfg_path}: invalid JSON ({e})") from None
-        return cls.from_dict(cfg, source=str(cfg_path))
+        cfg, source = read_config_json(path)
+        return cls.from_dict(cfg, source=source)
 
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "config") -> "V41Args":
