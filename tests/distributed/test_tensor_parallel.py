@@ -225,6 +225,22 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out]
 
 
+def test_close_leaves_no_collective_thread_running_into_exit(ckpt):
+    """After close() the process group is gone with its gloo threads, so none of them can run into
+    interpreter exit and abort the process there (CI saw rank 0 under torchrun die with SIGABRT,
+    "terminate called without an active exception", after printing its tokens). The group is made by
+    a fresh interpreter, as a user's process makes it; the threads are read from /proc."""
+    code = ("import os, sys\n"
+            "from dayzero import LLM, SamplingParams\n"
+            f"llm = LLM({str(ckpt)!r}, numerics='transformers', dtype='float32', tensor_parallel_size=2)\n"
+            "llm.generate([[5, 17, 42]], SamplingParams(max_tokens=2, ignore_eos=True))\n"
+            "llm.close()\n"
+            "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+            "print(sorted(n for n in names if 'gloo' in n))\n")
+    run = _run([sys.executable, "-c", code], timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "[]", run.stdout
+
 def test_server_with_two_ranks_answers_then_exits_when_a_rank_dies(ckpt):
     from tests.server.conftest import ServerProcess
     body = {"model": "toy", "prompt": [5, 17, 42, 99], "max_tokens": 6, "temperature": 0}
