@@ -39,8 +39,8 @@ def assign(owners: dict[str, int], running: list[str], rid: str, world: int,
 
 
 class DataParallel:
-    """Rank 0's runner under DP-attention + EP: `forward` and `draft` take the rank of each of the
-    step's sequences (`owners`, the engine's decision) and send each rank its own rows."""
+    """Rank 0's runner under DP-attention + EP: `forward`, `draft` and `dspark` take the rank of
+    each of the step's sequences (`owners`, the engine's decision) and send each rank its own rows."""
 
     def __init__(self, group, worker):
         self.group, self.worker, self.world = group, worker, group.world
@@ -95,6 +95,30 @@ class DataParallel:
         counts = [len(p[0]) for p in per]
         out = self.group.each(self.worker, "draft", [(*p, counts) for p in per])
         return torch.stack([out[r][i] for r, i in where])
+
+    def dspark(self, rows: list[int], seqs: list[int], starts: list[int], lengths: list[int], blocks: list[tuple],
+               k: int, threshold: float, owners: list[int]) -> list[tuple[list[int], list[float]]]:
+        """DSpark after the last forward (Worker.dspark): each rank writes the context rows of its
+        own sequences and drafts its own requests' blocks; a rank with no block joins the stages'
+        MoE collectives while another drafts. Blocks come back in the engine's order."""
+        per = [([], [], [], [], []) for _ in range(self.world)]  # rows, seqs, starts, lengths, blocks
+        pos = 0
+        for seq, a, n in zip(seqs, starts, lengths):
+            r, local = self._seqs[seq]
+            assert owners[seq] == r, "a draft on another rank than its step"
+            per[r][0].extend(self._rows[row][1] for row in rows[pos:pos + n])
+            per[r][1].append(local)
+            per[r][2].append(a)
+            per[r][3].append(n)
+            pos += n
+        where = []
+        for blk in blocks:
+            r, local = self._seqs[blk[0]]
+            where.append((r, len(per[r][4])))
+            per[r][4].append((local, *blk[1:]))
+        counts = [len(p[4]) * k for p in per]  # every rank's block rows
+        out = self.group.each(self.worker, "dspark", [(*p, k, threshold, counts) for p in per])
+        return [out[r][i] for r, i in where]
 
     def score(self, ids: list[int]) -> torch.Tensor:
         """Every rank scores the same sequence (each its own copy: the MoE layers' dispatch then

@@ -234,6 +234,9 @@ class Broadcast:
     def draft(self, *args):
         return self._call("draft", *args)
 
+    def dspark(self, *args):
+        return self._call("dspark", *args)
+
     def score(self, *args):
         return self._call("score", *args)
 

@@ -22,7 +22,6 @@ cost of a step; "fixed": all the budget holds).
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 from dayzero.config import ModelArgs
@@ -95,21 +94,12 @@ def resolve(args: ModelArgs, cfg: dict | None, num_speculative_tokens: int | Non
     return (method, k) if k else (None, 0)
 
 
-def make_drafter(engine, ranks):
-    """The engine's drafter for its resolved method (None: no speculation). DSpark needs one rank:
-    asked for explicitly over several it is an error, by default speculation is off."""
+def make_drafter(engine):
+    """The engine's drafter for its resolved method (None: no speculation), on one rank or many."""
     cfg = engine.eargs.speculative_config or {}
     if engine.spec_method == "mtp":
         return MTPDrafter(engine.spec_k)
     if engine.spec_method == "dspark":
-        if ranks is not None:
-            if cfg.get("method") == "dspark":
-                raise ValueError("speculative_config.method='dspark' needs one rank (tensor_parallel_size = "
-                                 "data_parallel_size = 1: DSpark over several ranks is not built); use "
-                                 "num_speculative_tokens=0")
-            print("dayzero: speculation off: DSpark over several ranks is not built", file=sys.stderr)
-            engine.spec_method, engine.spec_k = None, 0
-            return None
         from dayzero.engine.dspark_drafter import DSparkDrafter
         return DSparkDrafter(engine.model, engine.spec_k, cfg.get("confidence_threshold", 0.0))
     return None

@@ -104,18 +104,17 @@ class Engine:
         args = self.args = model.args
         self.block_size = bs = eargs.block_size or _default_block_size(args)
         self.spec_method, self.spec_k = resolve(args, eargs.speculative_config, eargs.num_speculative_tokens)
-        self.drafter = make_drafter(self, ranks)
+        self.drafter = make_drafter(self)
         self.spec_enabled = self.drafter is not None
         self.policy = DraftPolicy((eargs.speculative_config or {}).get("draft_policy", "adaptive"))
         self.groups = cache_groups(args, bs, with_mtp=self.spec_enabled, kv_cache_dtype=eargs.kv_cache_dtype,
                                    fp32_rows=model.fp32_compressor_rows)
         self.ranks = ranks
-        wspec = WorkerSpec(ops=eargs.ops, prepare_weights=prepare_weights, cpu_experts=eargs.cpu_experts)
+        wspec = WorkerSpec(ops=eargs.ops, prepare_weights=prepare_weights, cpu_experts=eargs.cpu_experts,
+                           capture=getattr(self.drafter, "captures", False))
         if ranks is not None:
             ranks.start(wspec)  # the other ranks build their workers first; they meet rank 0's in collectives
         self.worker = Worker(model, wspec, device)
-        if hasattr(self.drafter, "attach"):
-            self.drafter.attach(self.worker)
         # the cache is sized once every rank's weights are in place, from the smallest rank's free memory
         self.capacity = cap = self._capacity()
         self.num_blocks, self.max_tokens, self.max_num_seqs = cap.num_blocks, cap.max_tokens, cap.max_num_seqs
@@ -401,6 +400,7 @@ class Engine:
 
     def _disable_speculation(self) -> None:
         self.spec_enabled = False
-        self.worker.capture = False
+        if self.worker.capture:
+            self._on_ranks("set_capture", False)
         for r in self.requests.values():
             r.draft, r.draft_conf = [], None

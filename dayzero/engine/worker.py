@@ -8,8 +8,9 @@ collectives. Under DP-attention + EP (distributed/dp.py) each rank's call carrie
 requests' rows, and a rank with none joins the MoE collectives alone (`Transformer.idle`).
 
 Calls: `forward` (a step: final streams kept for the step's draft, fp32 logits of the rows asked
-for returned on the host), `draft` (the MTP block over the last forward's streams), `score` (one
-full forward of the reference, no cache).
+for returned on the host), `draft` (the MTP block over the last forward's streams), `dspark`
+(DSpark's context rows and draft blocks after the last forward), `score` (one full forward of the
+reference, no cache).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class WorkerSpec:
     ops: str | None
     prepare_weights: bool  # keep dequantised / cast copies where the op table has no kernel for a format
     cpu_experts: bool = False  # hybrid placement: routed experts in host memory on the CPU's op table
+    capture: bool = False  # DSpark: forwards keep the target layers' outputs (`Worker.set_capture`)
 
 
 @dataclass(frozen=True)
@@ -67,10 +69,15 @@ class Worker:
         self.graphs: StepGraphs | None = None
         self.graphs_off = "no cache allocated yet"
         self._last: tuple[torch.Tensor, PagedBatchCache | None] | None = None  # the last forward's streams, cache
-        # DSpark: keep the target layers' outputs of each forward (its drafter reads them; such
-        # steps run eagerly: the recorded steps do not capture them)
-        self.capture = False
+        self.capture = spec.capture
         self.captured: dict[int, torch.Tensor] | None = None
+
+    def set_capture(self, on: bool) -> None:
+        """DSpark: keep the target layers' outputs of each forward (its drafter reads them; such
+        steps run eagerly: the recorded steps do not capture them). Off when speculation stops."""
+        self.capture = on
+        if not on:
+            self.captured = None
 
     def memory(self) -> Memory | None:
         """The memory free for the cache on this rank, its weights in place (engine/capacity.py)."""
@@ -143,6 +150,15 @@ class Worker:
         `counts`: every rank's draft rows (as `forward`'s)."""
         with self.model.group_comm.counted(counts):
             return self._draft(rows, seqs, starts, lengths, next_ids, tables)
+
+    def dspark(self, rows: list[int], seqs: list[int], starts: list[int], lengths: list[int], blocks: list[tuple],
+               k: int, threshold: float, counts: list[int] | None = None) -> list[tuple[list[int], list[float]]]:
+        """DSpark after the last forward: its context rows, then the draft blocks and their
+        tokens (engine/dspark_drafter.py `dspark_step`). `counts`: every rank's block rows
+        (DP-attention, as `forward`'s)."""
+        from dayzero.engine.dspark_drafter import dspark_step
+        with self.model.group_comm.counted(counts):
+            return dspark_step(self, rows, seqs, starts, lengths, blocks, k, threshold, counts)
 
     def score(self, ids: list[int], keep: bool = True, counts: list[int] | None = None) -> torch.Tensor | None:
         """Next-token logits at every position of one sequence: [len, vocab] fp32 on the host

@@ -259,12 +259,15 @@ class Attention(UsesOps, nn.Module):
             sources.append((pool, rows))
         o = self.ops.sparse_attn_paged(q, sources, self.attn_sink, self.head_dim ** -0.5)
         o = self.ops.apply_rope(o, *batch.rope(inv_freq, heads=True), inverse=True)
-        o = o.reshape(o.shape[0], self.o_groups, -1)  # [N, H, D] -> groups of heads
-        y = self.wo_b(self._grouped_wo_a(o))
+        return self.output(o)
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """o [N, H, D] (this rank's heads, rope undone) -> [N, dim]: the grouped wo_a, wo_b, and
+        under tensor parallel the ranks' partial sums added in fp32 (a bf16 sum would round at
+        every step of the reduction), rounded once to the compute dtype."""
+        y = self.wo_b(self._grouped_wo_a(o.reshape(o.shape[0], self.o_groups, -1)))  # heads -> groups
         if self.comm.world == 1:
             return y
-        # tensor parallel: the ranks' partial sums added in fp32 (a bf16 sum would round at every
-        # step of the reduction), rounded once to the compute dtype
         return self.comm.all_reduce(y.float()).to(y.dtype)
 
     def _grouped_wo_a(self, o: torch.Tensor) -> torch.Tensor:

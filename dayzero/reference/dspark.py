@@ -128,7 +128,7 @@ class DSparkStage(Block, HCHead):
         own = (torch.arange(M, device=dev) // k * k)[:, None] + torch.arange(k, device=dev)[None, :]
         o = ops.sparse_attn_paged(q, [ctx, (kv, own)], a.attn_sink, a.head_dim ** -0.5)
         o = ops.apply_rope(o, *batch.rope(inv, heads=True), inverse=True)
-        return a.wo_b(a._grouped_wo_a(o.reshape(M, a.o_groups, -1)))
+        return a.output(o)  # tensor parallel: this rank's heads, partial sums all-reduced
 
     def forward_block(self, X: torch.Tensor, batch: Batch, ids: torch.Tensor, k: int) -> torch.Tensor:
         X = self._site(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
@@ -137,9 +137,10 @@ class DSparkStage(Block, HCHead):
                           lambda u: self.ffn(self.ffn_norm(u), ids))
 
     def head(self, X: torch.Tensor, head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(collapsed hidden h [M, dim], fp32 logits U [M, vocab] before the Markov bias)."""
+        """(collapsed hidden h [M, dim], fp32 logits U [M, vocab] before the Markov bias; a
+        vocab-parallel head's slices gathered, as Transformer.logits)."""
         h = self.hc_head(X)
-        return h, self.ops.fp32_linear(self.norm(h), head)
+        return h, self.comm.all_gather(self.ops.fp32_linear(self.norm(h), head), -1)
 
 
 def main_hidden(captured: dict[int, torch.Tensor], args: ModelArgs) -> torch.Tensor:
