@@ -96,12 +96,15 @@ class DataParallel:
         out = self.group.each(self.worker, "draft", [(*p, counts) for p in per])
         return torch.stack([out[r][i] for r, i in where])
 
-    def dspark(self, rows: list[int], seqs: list[int], starts: list[int], lengths: list[int], blocks: list[tuple],
-               k: int, threshold: float, owners: list[int]) -> list[tuple[list[int], list[float]]]:
+    def dspark(self, rows: list[int], seqs: list[int], starts: list[int], lengths: list[int], tables: list[dict],
+               blocks: list[tuple], k: int, threshold: float, owners: list[int]
+               ) -> list[tuple[list[int], list[float]]]:
         """DSpark after the last forward (Worker.dspark): each rank writes the context rows of its
         own sequences and drafts its own requests' blocks; a rank with no block joins the stages'
         MoE collectives while another drafts. Blocks come back in the engine's order."""
-        per = [([], [], [], [], []) for _ in range(self.world)]  # rows, seqs, starts, lengths, blocks
+        per = [([], [], [], [], [], []) for _ in range(self.world)]  # rows, seqs, starts, lengths, tables, blocks
+        for r, p in enumerate(per):  # each rank's step tables, in its own order
+            p[4].extend(tables[b] for b, (o, _) in enumerate(self._seqs) if o == r)
         pos = 0
         for seq, a, n in zip(seqs, starts, lengths):
             r, local = self._seqs[seq]
@@ -114,9 +117,9 @@ class DataParallel:
         where = []
         for blk in blocks:
             r, local = self._seqs[blk[0]]
-            where.append((r, len(per[r][4])))
-            per[r][4].append((local, *blk[1:]))
-        counts = [len(p[4]) * k for p in per]  # every rank's block rows
+            where.append((r, len(per[r][5])))
+            per[r][5].append((local, *blk[1:]))
+        counts = [len(p[5]) * k for p in per]  # every rank's block rows
         out = self.group.each(self.worker, "dspark", [(*p, k, threshold, counts) for p in per])
         return [out[r][i] for r, i in where]
 

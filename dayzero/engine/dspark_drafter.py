@@ -45,8 +45,8 @@ class DSparkDrafter:
                 blocks.append((b, r.num_computed, r.all_ids[r.num_computed], n, r.params, r.seed,
                                len(r.output_ids)))
         owners = ([engine.dp_owner[r.rid] for r in plan.reqs],) if engine.dp > 1 else ()  # DP: each on its rank
-        out = engine.runner.dspark(plan.rows, plan.seqs, plan.starts, plan.lengths, blocks, self.k, self.threshold,
-                                   *owners)
+        out = engine.runner.dspark(plan.rows, plan.seqs, plan.starts, plan.lengths, plan.tables, blocks, self.k,
+                                   self.threshold, *owners)
         self.last_confidence = []
         for blk, (drafts, conf) in zip(blocks, out):
             r = plan.reqs[blk[0]]
@@ -56,7 +56,7 @@ class DSparkDrafter:
 
 @torch.no_grad()
 def dspark_step(worker, rows: list[int], seqs: list[int], starts: list[int], lengths: list[int],
-                blocks: list[tuple], k: int, threshold: float, counts: list[int] | None = None
+                tables: list[dict], blocks: list[tuple], k: int, threshold: float, counts: list[int] | None = None
                 ) -> list[tuple[list[int], list[float]]]:
     """What every rank runs after a step, on the step's cache (before its commits), with the
     target layers' outputs its forward kept: the context rows of the step's computed positions
@@ -66,10 +66,13 @@ def dspark_step(worker, rows: list[int], seqs: list[int], starts: list[int], len
     block's (draft tokens, their confidences). Tensor parallel: every rank computes every block
     (the stages' collectives), and the same tokens; DP-attention: each rank its own requests' rows
     and blocks, and a rank with no block joins the stages' MoE collectives while another drafts
-    (`counts`: every rank's block rows)."""
+    (`counts`: every rank's block rows). The step's cache: the eager step's own, or after a
+    replayed step (recorded graphs) one over its block tables `tables`."""
     model, dev = worker.model, worker.device
     stages = model.mtp
     cache = worker._last[1] if worker._last is not None else None
+    if cache is None and rows:
+        cache = worker._eager_cache(tables, [0] * len(tables))
     if rows:
         hidden = main_hidden(worker.captured, model.args)[torch.tensor(rows, device=dev)]
         st0 = stages[0]

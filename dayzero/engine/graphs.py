@@ -23,7 +23,8 @@ pays the capture); every bucket shares one memory pool. A step runs eagerly when
 tokens than the largest bucket (prefill chunks), when it writes below a prefix-cache hit (the
 protected prefix needs a host-side filter), or when graphs are off. The MTP block's forward after
 a replayed step is recorded the same way, in buckets of its own (its input streams, the step's
-final streams at the drafted positions, are one more buffer).
+final streams at the drafted positions, are one more buffer). With DSpark (`capture`) a model
+step also leaves the target layers' outputs in buffers; the drafter's stages run eagerly after it.
 
 Backends: "cuda" (torch.cuda.CUDAGraph; warm-up on a side stream, capture, replay), and "trace"
 (`OpRecorder`: the step's aten ops recorded once, with their arguments, and replayed op by op,
@@ -143,6 +144,7 @@ class _Graph:
     X: torch.Tensor | None = None  # [N, hc, dim] final streams
     logits: torch.Tensor | None = None  # [N, vocab] fp32
     flags: list = field(default_factory=list)  # (group, device bool) of the step's lookups
+    captured: dict | None = None  # DSpark: {target layer: [N, dim] its output averaged over hc}
     replays: int = 0
 
 
@@ -153,7 +155,8 @@ class StepGraphs:
     the bucket (X, logits and flags hold this step's results until the next `run`)."""
 
     def __init__(self, model, pools: CachePools, max_seqs: int, max_tokens: int, block_size: int,
-                 max_len: int, device: torch.device, backend: str, tables: DeviceTables | None = None):
+                 max_len: int, device: torch.device, backend: str, tables: DeviceTables | None = None,
+                 capture: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"graph backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "cuda" and torch.device(device).type != "cuda":
@@ -162,6 +165,8 @@ class StepGraphs:
         if reason:
             raise ValueError(f"this model's steps cannot be recorded: {reason}")
         self.model, self.pools, self.device, self.backend = model, pools, torch.device(device), backend
+        # DSpark: model steps also leave the target layers' outputs (the drafter's input) in buffers
+        self.targets = tuple(model.args.dspark_target_layer_ids) if capture else ()
         self.slots = max_seqs + 1  # one table row per request slot, the last for padding
         self.max_tokens, self.bs = bucket_size(max_tokens), block_size
         self.max_capacity = block_size * table_blocks(max_len, block_size)
@@ -234,11 +239,12 @@ class StepGraphs:
         batch = StaticBatch(g.tokens[1], g.tokens[2], g.capacity, self.slots - 1, cache, end)
         ids, head = g.tokens[0], self.model.head_weight()
         if g.streams is None:
-            X = self.model.forward_packed(ids, batch)
-            return X, self.model.logits(X, head), cache.flags()
+            captured = {} if self.targets else None
+            X = self.model.forward_packed(ids, batch, captured)
+            return X, self.model.logits(X, head), cache.flags(), tuple(captured[i] for i in self.targets)
         mtp = self.model.mtp[0]
         X = mtp(g.streams, self.model.embed_tokens(ids), batch, ids)
-        return X, mtp.logits(X, head), cache.flags()
+        return X, mtp.logits(X, head), cache.flags(), ()
 
     @torch.no_grad()
     def _record(self, g: _Graph, end: int) -> None:
@@ -251,7 +257,7 @@ class StepGraphs:
             cur.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                g.X, g.logits, g.flags = self._forward(g, end)
+                self._keep(g, self._forward(g, end))
             g.recording = graph
             graph.replay()  # capture records without computing: this step's results
             return
@@ -262,14 +268,18 @@ class StepGraphs:
         with rec, torch.device("meta"):
             outputs = self._forward(g, end)
         g.recording = (rec, outputs)
-        g.X, g.logits, g.flags = outputs
+        self._keep(g, outputs)
+
+    def _keep(self, g: _Graph, outputs) -> None:
+        g.X, g.logits, g.flags, captured = outputs
+        g.captured = dict(zip(self.targets, captured)) if self.targets and g.streams is None else None
 
     def _replay(self, g: _Graph) -> None:
         if self.backend == "cuda":
             g.recording.replay()
             return
         rec, outputs = g.recording  # the buffers were refilled in place
-        g.X, g.logits, g.flags = rec.replay(outputs)
+        self._keep(g, rec.replay(outputs))
 
 
 def table_blocks(max_len: int, block_size: int) -> int:

@@ -73,8 +73,8 @@ class Worker:
         self.captured: dict[int, torch.Tensor] | None = None
 
     def set_capture(self, on: bool) -> None:
-        """DSpark: keep the target layers' outputs of each forward (its drafter reads them; such
-        steps run eagerly: the recorded steps do not capture them). Off when speculation stops."""
+        """DSpark: keep the target layers' outputs of each forward, eager or replayed (its drafter
+        reads them). Off when speculation stops."""
         self.capture = on
         if not on:
             self.captured = None
@@ -95,9 +95,7 @@ class Worker:
         self.tables = DeviceTables(self.pools, spec.max_num_seqs + 1,
                                    table_blocks(model.args.max_seq_len, spec.block_size), device)
         self.graphs_off = "enforce_eager" if spec.enforce_eager else "not a CUDA device"
-        if self.capture:
-            self.graphs_off = "DSpark drafting: steps keep the target layers' outputs (not recorded)"
-        elif device.type == "cuda" and not spec.enforce_eager:
+        if device.type == "cuda" and not spec.enforce_eager:
             self.graphs_off = ("more than one rank: steps with collectives are not recorded"
                                if model.layout.world > 1 else unsupported(model))
             if self.graphs_off is None:
@@ -108,7 +106,7 @@ class Worker:
         records aten ops on any device (how the CPU tests check replayed steps)."""
         s = self.pool_spec
         self.graphs = StepGraphs(self.model, self.pools, s.max_num_seqs, s.max_tokens_per_step, s.block_size,
-                                 self.model.args.max_seq_len, self.device, backend, self.tables)
+                                 self.model.args.max_seq_len, self.device, backend, self.tables, self.capture)
         self.graphs_off = None
 
     def _replayed(self, ids, seq, positions, tables, end, streams=None):
@@ -151,14 +149,15 @@ class Worker:
         with self.model.group_comm.counted(counts):
             return self._draft(rows, seqs, starts, lengths, next_ids, tables)
 
-    def dspark(self, rows: list[int], seqs: list[int], starts: list[int], lengths: list[int], blocks: list[tuple],
-               k: int, threshold: float, counts: list[int] | None = None) -> list[tuple[list[int], list[float]]]:
+    def dspark(self, rows: list[int], seqs: list[int], starts: list[int], lengths: list[int], tables: list[dict],
+               blocks: list[tuple], k: int, threshold: float, counts: list[int] | None = None
+               ) -> list[tuple[list[int], list[float]]]:
         """DSpark after the last forward: its context rows, then the draft blocks and their
-        tokens (engine/dspark_drafter.py `dspark_step`). `counts`: every rank's block rows
-        (DP-attention, as `forward`'s)."""
+        tokens (engine/dspark_drafter.py `dspark_step`), on the step's cache (`tables`: its block
+        tables, before its commits). `counts`: every rank's block rows (DP-attention, as `forward`'s)."""
         from dayzero.engine.dspark_drafter import dspark_step
         with self.model.group_comm.counted(counts):
-            return dspark_step(self, rows, seqs, starts, lengths, blocks, k, threshold, counts)
+            return dspark_step(self, rows, seqs, starts, lengths, tables, blocks, k, threshold, counts)
 
     def score(self, ids: list[int], keep: bool = True, counts: list[int] | None = None) -> torch.Tensor | None:
         """Next-token logits at every position of one sequence: [len, vocab] fp32 on the host
@@ -173,13 +172,14 @@ class Worker:
             self.model.idle()
             return None
         end = max(a + n for a, n in zip(starts, lengths))
-        if not any(protect) and not self.capture:
+        if not any(protect):
             run = self._replayed(ids, [b for b, n in enumerate(lengths) for _ in range(n)],
                                  [p for a, n in zip(starts, lengths) for p in range(a, a + n)], tables, end)
             if run is not None:
                 logits = run.logits[want].float().cpu() if want else None
                 check_flags(run.flags)  # after the step's one synchronisation
                 self._last = (run.X, None)
+                self.captured = run.captured if self.capture else None  # DSpark: its buffers, read before the next step
                 return logits
         cache = self._eager_cache(tables, protect)
         captured = {} if self.capture else None

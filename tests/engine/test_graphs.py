@@ -129,6 +129,29 @@ def test_builtin_model_replayed_with_its_own_mtp():
     assert e["spec_accepted_tokens"] > 10
 
 
+def test_dspark_after_replayed_steps(make_ckpt):
+    """DSpark reads the target layers' outputs of each step: a replayed step leaves them in its
+    buffers, and the drafter's context rows and blocks (eager, over the device block tables) are
+    the eager engine's, draft for draft; the tokens are the eager engine's."""
+    ckpt = make_ckpt("flash-0731", "fp8", mtp=0)
+    opts = dict(max_num_batched_tokens=16, speculative_config=FIXED, speculative_min_acceptance=0.0)
+    drafts = []
+    for graphs in (False, True):
+        llm = engine(ckpt, graphs, **opts)
+        assert llm.engine.spec_method == "dspark" and llm.engine.worker.capture
+        seen, propose = [], llm.engine.drafter.propose
+
+        def recording(engine, plan, propose=propose, seen=seen):
+            propose(engine, plan)
+            seen.extend((r.rid, len(r.output_ids), tuple(r.draft)) for r in plan.reqs if r.draft)
+        llm.engine.drafter.propose = recording
+        drafts.append((seen, [r.output_ids for r in run(llm, prompts(lengths=(5, 23)), GREEDY)]))
+    (eager_drafts, eager_tokens), (got_drafts, got_tokens) = drafts
+    assert got_tokens == eager_tokens and got_drafts == eager_drafts and len(eager_drafts) > 10
+    stats = llm.engine.stats()
+    assert stats["graphs"]["replays"] >= 3 and stats["spec_draft_tokens"] > 20
+
+
 def test_static_batch_closes_what_batch_closes():
     """Every token pools the entry of its own window; only closing tokens write it for their
     sequence (the others for the padding sequence), and those are Batch's closing entries."""
