@@ -46,8 +46,39 @@ def test_released_layer_tensors_are_the_official_names_and_shapes(layer, want):
     args = V41Args.from_dict(flash_hub())
     with torch.device("meta"):
         block = V41Block(args, layer, torch.bfloat16)
-    got = {k: tuple(v.shape) for k, v in block.state_dict().items()}
-    assert got == want
+    got = {k: (tuple(v.shape), v.dtype) for k, v in block.state_dict().items()}
+    assert got == stored(want)
+    with torch.device("meta"):  # a config without quantization_config: every weight dense, in its dtype
+        dense = V41Block(args.replace(quant=None, expert_dtype=None), layer, torch.bfloat16)
+    assert {k: tuple(v.shape) for k, v in dense.state_dict().items()} == want
+
+
+F32 = ("hc_", "attn_sink", "gate.bias")
+DENSE_FP8 = ("attn.wq_a.", "attn.wq_b.", "attn.wkv.", "attn.wo_a.", "attn.wo_b.", "indexer.wq_b.", "indexer.wk.",
+             "shared_experts.", "engram.wkv.")
+
+
+def stored(logical: dict) -> dict:
+    """Logical shapes -> the quantised checkpoint's (shape, dtype) per tensor (research 1.5): FP8 + E8M0
+    per 32x32 block for the DENSE role, MXFP4 int8 [out, in/2] + E8M0 [out, in/32] for routed experts,
+    FP8 rows + E8M0 per 32 for the Engram table, F32 for the mHC / sink / router-bias tensors, else BF16."""
+    e8m0, fp8 = torch.float8_e8m0fnu, torch.float8_e4m3fn
+    out = {}
+    for name, shape in logical.items():
+        if name.startswith("ffn.experts."):
+            out[name] = ((shape[0], shape[1] // 2), torch.int8)
+            out[name.replace(".weight", ".scale")] = ((shape[0], shape[1] // 32), e8m0)
+        elif any(k in name for k in DENSE_FP8):
+            out[name] = (shape, fp8)
+            out[name.replace(".weight", ".scale")] = ((-(-shape[0] // 32), -(-shape[1] // 32)), e8m0)
+        elif name == "engram.embed.weight":
+            out[name] = (shape, fp8)
+        elif name == "engram.embed.scale":
+            out[name] = (shape, e8m0)
+        else:
+            out[name] = (shape, torch.float32 if name.startswith(F32) or ".attn_sink" in name
+                         or name.startswith("ffn.gate.bias") else torch.bfloat16)
+    return out
 
 
 def _tiny(**changes) -> V41Args:
