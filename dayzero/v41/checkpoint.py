@@ -54,8 +54,8 @@ def checkpoint_state(args: V41Args, dense: Mapping[str, torch.Tensor], storage: 
     expected = checkpoint_model(args, storage).state_dict()
     out: dict[str, torch.Tensor] = {}
     for name, want in expected.items():
-        if name.endswith(".scale") and name[:-len("scale")] + "weight" in out:
-            continue  # written with its weight
+        if name in out:
+            continue  # a scale, written with its quantised weight
         if name not in dense:
             raise ValueError(f"tensor {name!r}: the checkpoint for this config needs it, the dense state lacks it")
         t = dense[name]

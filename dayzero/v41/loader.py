@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dayzero.loader.checkpoint import CheckpointError, load_state, read_config
+from dayzero.loader.checkpoint import CheckpointError, list_tensors, load_state, read_config
 from dayzero.loader.finite import check_small_finite
 from dayzero.v41.checkpoint import expected_tensors, storage_dtype
 from dayzero.v41.config import V41Args
@@ -68,6 +68,7 @@ def load_v41(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
                                   f"hashes come from the tokenizer, but there is no tokenizer.json")
         from tokenizers import Tokenizer
         tokenizer = Tokenizer.from_file(str(file))
+    _check_quantisation(path, args)
     state = load_state(path, expected_tensors(args, storage), device=device, ignore=not_loaded, progress=progress,
                        host=is_engram_table)
     check_small_finite(state, str(path))
@@ -85,3 +86,21 @@ def load_v41(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
         except ValueError as e:
             raise CheckpointError(f"{Path(path) / 'tokenizer.json'}: {e}") from None
     return model.eval()
+
+
+def _check_quantisation(path, args: V41Args) -> None:
+    """config.json's quantisation against the tensors (headers only), as one named error rather than a
+    list of every scale tensor: a quantised checkpoint has `.scale` tensors beside its linears."""
+    infos = list_tensors(path)
+    scales = sorted(n for n in infos if n.endswith(".scale") and not is_engram_table(n) and not not_loaded(n))
+    source = Path(path) / "config.json"
+    if args.quant is None and scales:
+        raise CheckpointError(f"{source} has no `quantization_config`, so every weight should be dense, but the "
+                              f"checkpoint stores quantised weights with scales (e.g. {scales[0]!r} in "
+                              f"{infos[scales[0]].file}): add the release's quantization_config (fp8, "
+                              f"weight_block_size [32, 32], expert_dtype fp4)")
+    if args.quant is not None and not scales:
+        some = next((n for n in sorted(infos) if n.endswith("attn.wq_a.weight")), None)
+        raise CheckpointError(f"{source}: `quantization_config` says FP8 weights with scales, but the checkpoint has "
+                              f"no `.scale` tensors" + (f" ({some!r} is {infos[some].dtype})" if some else "")
+                              + ": it is a dense checkpoint; remove quantization_config")
