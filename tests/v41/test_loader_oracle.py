@@ -9,6 +9,7 @@ dequantised, equals the oracle's bit for bit; logits agree within 1e-5 relative 
 equal. Tolerance: the widths (head_dim 40, indexer head_dim 24) are ones the fake-quant blocks do not
 divide, so neither side rounds activations and no FP8/FP4 rounding flip can occur (the oracle README's
 trap); what is left is fp32 summation order (test_model_oracle.py measures < 1e-5 on these schedules).
+At widths where the points do round, the comparison counts rounding flips as test_model_oracle.py does.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from dayzero.v41.loader import load_v41
 from tests.v41.ckpt import UNQUANTISED, cached, read_all, v41_config
 from tests.v41.oracle import oracle, oracle_text_config
 from tests.v41.pair import engram_text, oracle_logits, oracle_name, rel, schedule_text, tokenizer_file, tokenizers
+from tests.v41.test_model_oracle import QUANTISED, _flips
 from tests.v41.tiny import SCHEDULES
 
 _S = {s[0]: s[1:] for s in SCHEDULES}
@@ -62,16 +64,18 @@ def _independent_dequant(files: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {n: v.float() for n, v in out.items()}
 
 
-def _text(case: str) -> dict:
+def _text(case: str, shapes: dict) -> dict:
     schedule, engram = CASES[case]
-    return engram_text(schedule_text(*_S[schedule], **UNQUANTISED), engram)
+    return engram_text(schedule_text(*_S[schedule], **shapes), engram)
 
 
 @functools.lru_cache(maxsize=None)
-def _pair(case: str):
+def _pair(case: str, live_points: bool = False):
+    """(ours loaded by load_v41, the oracle given the independently dequantised files, those weights);
+    live_points: widths 64 / 32, where the fake-quant points round (QUANTISED of test_model_oracle)."""
     o = oracle()
-    text = _text(case)
-    path = cached(case, json.dumps(v41_config(text)), str(tokenizer_file()))
+    text = _text(case, QUANTISED if live_points else UNQUANTISED)
+    path = cached(f"{case}-{live_points}", json.dumps(v41_config(text)), str(tokenizer_file()))
     ours = load_v41(path)
     theirs = o.DeepseekV41ForCausalLM(o.DeepseekV41Config(text_config=oracle_text_config(text))).eval()
     weights = _independent_dequant(read_all(path))
@@ -130,3 +134,19 @@ def test_logits_and_greedy_tokens_equal_the_oracles(case):
             tok = ours(tok, state)[:, -1:].argmax(-1)
             got.append(int(tok))
     assert got == want
+
+
+def test_through_the_fake_quantisation_points_every_deviation_is_a_counted_flip(monkeypatch):
+    """Widths where the QAT points round (window FP8, compressed-KV and indexer FP4): over 4 inputs, where
+    no value rounds apart between the two (counted at every point, test_model_oracle._flips) logits agree
+    within 1e-5 and the greedy tokens are equal; a deviation above 1e-5 only ever comes with a flip."""
+    ours, theirs, _ = _pair("readme-6", live_points=True)
+    clean = 0
+    for seed in range(4):
+        ids = torch.randint(0, ours.args.vocab_size, (1, 29), generator=torch.Generator().manual_seed(seed))
+        flips, got, want = _flips(monkeypatch, ours, theirs, ids)
+        assert flips > 0 or rel(got, want) < 1e-5, (seed, rel(got, want))
+        if flips == 0:
+            clean += 1
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert clean >= 1
