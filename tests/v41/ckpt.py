@@ -2,8 +2,10 @@
 an editor that rewrites one consistently (shards + index) after changing its tensors."""
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,6 +38,7 @@ def write(path: Path, cfg: dict, tokenizer_json=None, seed: int = 0) -> Path:
 def cached(name: str, cfg_json: str, tokenizer_json: str | None) -> Path:
     """One checkpoint per (name, config) for the session; tests that damage one copy it first."""
     path = Path(tempfile.mkdtemp(prefix=f"v41ckpt-{name}-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
     return write(path, json.loads(cfg_json), tokenizer_json)
 
 
