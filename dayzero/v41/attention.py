@@ -95,7 +95,7 @@ class CSA2Indexer(UsesOps, nn.Module):
         self.wq_b = v41_linear(args, args.q_lora_rank, self.n_heads * self.head_dim, dtype)
         self.weights_proj = Linear(args.dim, self.n_heads, "dense", dtype)
         if layer.is_kv_source:
-            self.wk = v41_linear(args, args.head_dim, self.head_dim, dtype)
+            self.wk = Linear(args.head_dim, self.head_dim, "dense", dtype)  # BF16 in the release (v41/formats.py)
             self.k_norm = RMSNorm(self.head_dim, args.norm_eps, dtype)
 
     def keys(self, latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -2,22 +2,26 @@
 the one V4 does not have.
 
 role     tensors                                                        storage (+ `.scale`)
-DENSE    attn.wq_a, wq_b, wkv, wo_a, wo_b; attn.indexer.wq_b, wk;        float8_e4m3fn [out, in], E8M0 scale per
+DENSE    attn.wq_a, wq_b, wkv, wo_a, wo_b; attn.indexer.wq_b;            float8_e4m3fn [out, in], E8M0 scale per
          ffn.shared_experts.w1/w2/w3; engram.wkv                         32x32 block [ceil(out/32), ceil(in/32)]
 EXPERT   ffn.experts.{e}.w1/w2/w3                                        MXFP4: int8 [out, in/2] (two e2m1 codes
                                                                          per byte, low nibble = even k), E8M0
                                                                          scale per 32 inputs [out, in/32] (V4's)
 ENGRAM   engram.embed.weight                                             float8_e4m3fn [rows, head_dim], E8M0
                                                                          scale per 32 values of a row [rows, head_dim/32]
-other    embed, head, norms, compressor.wkv/wgate, indexer.weights_proj, the storage dtype (BF16 in the release);
-         ffn.gate.weight, engram.q_weight/k_weight                       F32: hc_*, attn_sink, gate.bias / bias_vl
+other    embed, head, norms, compressor.wkv/wgate, indexer.wk,          the storage dtype (BF16 in the release);
+         indexer.weights_proj, ffn.gate.weight, engram.q_weight/k_weight F32: hc_*, attn_sink, gate.bias / bias_vl
 
-The DENSE list follows the research table ("attn proj, shared experts, compressor/indexer, engram.wkv") with
-two choices the notes leave open, made as V4 makes them: the compressor projections stay in the storage
-dtype (the ratio-2 pooling compressor runs them in fp32 and transformers' deepseek_v41 says its gate ships
-BF16; V4's compressor is BF16 too) and so does the indexer's `weights_proj` (V4: BF16). The released
-headers were not available to check these against; a checkpoint that stores them otherwise is refused by
-the strict loader, naming the tensor and both dtypes.
+The DENSE list follows the research table ("attn proj, shared experts, compressor/indexer, engram.wkv")
+where it is specific; where the notes leave it open: the compressor projections stay in the storage dtype
+(the ratio-2 pooling compressor runs them in fp32 and transformers' deepseek_v41 says its gate ships BF16;
+V4's compressor is BF16 too), so does the indexer's `weights_proj` (V4: BF16), and so does the small
+latent-key projection `indexer.wk` [128, 512]: with it BF16 the released inventory's tensor count is met
+exactly (backbone 93,418 by this table + 2,401 `mtp.*` + 266 vision = 96,085, the checkpoint atlas of
+research 1.4; with an FP8 `wk` and its scale there would be 4 more, one per KV source), and the I8 and
+F8_E8M0 byte totals agree with the atlas (tests/v41/test_model_shapes.py). The released headers
+themselves were not available; a checkpoint that stores a tensor otherwise is refused by the strict
+loader, naming the tensor and both dtypes.
 
 FP8 32x32 is V4's FP8 block format with block 32 (loader/formats.py `dequant_fp8_block(.., block=32)`);
 MXFP4 is V4's FP4 format unchanged; the Engram row format is new (1x32 blocks along a row).
