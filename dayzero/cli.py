@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+V41_PRESET = "v41-flash"  # a tiny DeepSeek-V4.1 (dayzero/v41/toy.py); formats fp8 (default) and bf16
 FORMATS = {
     "fp8": dict(quant="fp8", expert_dtype="fp4", dtype="bfloat16"),  # the hub's instruct layout
     "fp8-base": dict(quant="fp8", expert_dtype="fp8", dtype="bfloat16"),  # Base: FP8 experts, fp32 scales
@@ -177,8 +178,16 @@ def cmd_toy(a: argparse.Namespace) -> int:
 
     from dayzero.testing import DSPARK_TINY, TINY, random_state, tiny_args, tiny_tokenizer
 
+    if a.preset == V41_PRESET:
+        from dayzero.v41.toy import write_toy
+
+        write_toy(a.dir, seed=a.seed, fmt=a.format, overwrite=a.overwrite)
+        print(f"wrote a random-weight tiny DeepSeek-V4.1 ({a.preset}, {a.format}, with a toy tokenizer) to {a.dir}; "
+              f"dayzero cannot serve V4.1 yet: load it with dayzero.v41.loader.load_v41 (docs/V41.md)")
+        return 0
     if a.preset not in TINY and a.preset not in DSPARK_TINY:
-        raise ValueError(f"--preset: unknown preset {a.preset!r} (one of {', '.join([*TINY, *DSPARK_TINY])})")
+        raise ValueError(f"--preset: unknown preset {a.preset!r} "
+                         f"(one of {', '.join([*TINY, *DSPARK_TINY, V41_PRESET])})")
     args = tiny_args(a.preset) if a.preset in DSPARK_TINY else tiny_args(a.preset, n_mtp_layers=1)
     state = random_state(Transformer(args), seed=a.seed)
     target = args.replace(**FORMATS[a.format])
@@ -310,10 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace checkpoint files already in dst")
     c.set_defaults(func=cmd_convert)
 
-    t = sub.add_parser("toy", help="write a small random-weight DeepSeek-V4 checkpoint (for trying things out)")
+    t = sub.add_parser("toy", help="write a small random-weight DeepSeek-V4 (or, --preset v41-flash, V4.1) checkpoint "
+                                   "(for trying things out)")
     t.add_argument("dir")
     t.add_argument("--preset", default="flash", help="flash (SWA+CSA+HCA, hash MoE, MTP), pro (HCA first), mixed, "
-                        "flash-0731 (flash with DeepSeek's three-stage DSpark drafter in mtp.*, as V4-Flash-0731)")
+                        "flash-0731 (flash with DeepSeek's three-stage DSpark drafter in mtp.*, as V4-Flash-0731), "
+                        "v41-flash (a tiny DeepSeek-V4.1 with Engram in the official V4.1 layout; fp8 or bf16 only; "
+                        "not servable yet: docs/V41.md)")
     t.add_argument("--format", choices=sorted(FORMATS), default="fp8")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--overwrite", action="store_true")

@@ -9,8 +9,8 @@ namespace instead: its stages are layer ids n_layers .. n_layers + dspark_stages
 "sliding", and the checkpoint's `num_nextn_predict_layers` (1 in 0731's root config) does not
 describe them: the `dspark_*` keys do.
 A DeepSeek-V4.1 config (deepseek_v41) is a different family: dayzero.v41 reads and validates it, and
-`from_dict` then refuses it with V41NotBuiltError (only V4.1's reference forward exists, not its
-engine path or loader, docs/V41.md).
+`from_dict` then refuses it with V41NotBuiltError (only V4.1's reference forward and its checkpoint
+loader exist, not its engine path, docs/V41.md).
 """
 from __future__ import annotations
 
@@ -208,8 +208,8 @@ class ModelArgs:
                 f"{source}: a DeepSeek-V4.1 config (deepseek_v41): read and validated ({v41.n_layers} layers, "
                 f"KV sources {list(v41.kv_source_layers)}, index sources {list(v41.index_source_layers)}), but "
                 "dayzero cannot serve the V4.1 model yet: only its reference forward exists "
-                "(dayzero.v41.model, checked against transformers' deepseek_v41); the engine's paged cache, the "
-                "V4.1 checkpoint loader (FP8 32x32, MXFP4 experts, FP8 Engram rows), its DSpark and vision are "
+                "(dayzero.v41.model, checked against transformers' deepseek_v41), with its checkpoint loader "
+                "(dayzero.v41.loader.load_v41); the engine's paged cache, its DSpark and vision are "
                 "not built (docs/V41.md, issue 23): the engine runs DeepSeek-V4 checkpoints only")
         official = "dim" in cfg and "hidden_size" not in cfg
         try:

@@ -34,6 +34,7 @@ from dayzero.reference.attention import Attention, rope_table, rows_of
 from dayzero.reference.layers import Linear, RMSNorm, UsesOps
 from dayzero.reference.seqcache import Batch
 from dayzero.v41 import quant
+from dayzero.v41.formats import v41_linear
 from dayzero.v41.schedule import V41Layer
 
 
@@ -91,10 +92,10 @@ class CSA2Indexer(UsesOps, nn.Module):
         self.n_heads, self.head_dim, self.topk = args.index_n_heads, args.index_head_dim, args.index_topk
         self.cand_blocks, self.cand_block = args.candidate_topk_blocks, args.candidate_block_size
         self.publishes, self.bounded = layer.publishes_candidates, layer.candidate_source is not None
-        self.wq_b = Linear(args.q_lora_rank, self.n_heads * self.head_dim, "dense", dtype)
+        self.wq_b = v41_linear(args, args.q_lora_rank, self.n_heads * self.head_dim, dtype)
         self.weights_proj = Linear(args.dim, self.n_heads, "dense", dtype)
         if layer.is_kv_source:
-            self.wk = Linear(args.head_dim, self.head_dim, "dense", dtype)
+            self.wk = Linear(args.head_dim, self.head_dim, "dense", dtype)  # BF16 in the release (v41/formats.py)
             self.k_norm = RMSNorm(self.head_dim, args.norm_eps, dtype)
 
     def keys(self, latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -128,14 +129,14 @@ class CSA2Attention(UsesOps, nn.Module):
         self.n_heads, self.head_dim, self.window = args.n_heads, args.head_dim, args.window_size
         self.o_groups = args.o_groups
         self.attn_sink = nn.Parameter(torch.zeros(args.n_heads), requires_grad=False)
-        self.wq_a = Linear(args.dim, args.q_lora_rank, "dense", dtype)
+        self.wq_a = v41_linear(args, args.dim, args.q_lora_rank, dtype)
         self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps, dtype)
-        self.wq_b = Linear(args.q_lora_rank, args.n_heads * args.head_dim, "dense", dtype)
-        self.wkv = Linear(args.dim, args.head_dim, "dense", dtype)
+        self.wq_b = v41_linear(args, args.q_lora_rank, args.n_heads * args.head_dim, dtype)
+        self.wkv = v41_linear(args, args.dim, args.head_dim, dtype)
         self.kv_norm = RMSNorm(args.head_dim, args.norm_eps, dtype)
-        self.wo_a = Linear(args.n_heads * args.head_dim // args.o_groups, args.o_groups * args.o_lora_rank,
-                           "dense", dtype)
-        self.wo_b = Linear(args.o_groups * args.o_lora_rank, args.dim, "dense", dtype)
+        self.wo_a = v41_linear(args, args.n_heads * args.head_dim // args.o_groups,
+                               args.o_groups * args.o_lora_rank, dtype)
+        self.wo_b = v41_linear(args, args.o_groups * args.o_lora_rank, args.dim, dtype)
         if layer.is_kv_source:
             self.compressor = CSA2Compressor(args, self.ratio, dtype)
         if layer.is_index_source:

@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 from dayzero.ops import ref
-from dayzero.reference.layers import Linear, UsesOps
+from dayzero.reference.layers import UsesOps
 from dayzero.reference.seqcache import Batch
 from dayzero.v41.buckets import bucket_primes
+from dayzero.v41.formats import v41_linear
 
 HISTORY = (-1, "engram:tok")  # (layer, kind) of the compressed token ids in a sequence's cache
 _SEED_STRIDE = 10007
@@ -115,21 +116,30 @@ class NgramHasher:
 
 
 class EngramTable(nn.Module):
-    """One layer's n-gram table, gathered by row: `weight` [rows, head_dim] (FP8 e4m3 in the released
-    checkpoint, any float dtype here) and `scale` [rows, head_dim / 32] (UE8M0 there, used only for
-    an FP8 weight)."""
+    """One layer's n-gram table, gathered by row: `weight` [rows, head_dim] and `scale`
+    [rows, head_dim / 32]: FP8 e4m3 with UE8M0 scales per 32 values of a row in a quantised checkpoint
+    (`quantized`, the released format), else `dtype` with fp32 scales that are not used.
 
-    def __init__(self, rows: int, head_dim: int, dtype: torch.dtype):
+    The loader leaves both as the checkpoint's memory map (on the host whatever the compute device):
+    only the rows a batch addresses are read and dequantised, on the ids' device."""
+
+    def __init__(self, rows: int, head_dim: int, dtype: torch.dtype, quantized: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(rows, head_dim, dtype=dtype), requires_grad=False)
-        self.scale = nn.Parameter(torch.ones(rows, math.ceil(head_dim / 32)), requires_grad=False)
+        if quantized:
+            self.weight = nn.Parameter(torch.zeros(rows, head_dim, dtype=torch.float8_e4m3fn), requires_grad=False)
+            self.scale = nn.Parameter(torch.zeros(rows, math.ceil(head_dim / 32), dtype=torch.float8_e8m0fnu),
+                                      requires_grad=False)
+        else:
+            self.weight = nn.Parameter(torch.zeros(rows, head_dim, dtype=dtype), requires_grad=False)
+            self.scale = nn.Parameter(torch.ones(rows, math.ceil(head_dim / 32)), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.weight[ids]
+        at = ids.to(self.weight.device)
+        rows = self.weight[at]
         if self.weight.dtype != torch.float8_e4m3fn:
-            return rows.float()
-        s = ref.e8m0_float(self.scale[ids])
-        return (rows.float().unflatten(-1, (-1, 32)) * s[..., None]).flatten(-2)
+            return rows.to(ids.device).float()
+        rows, s = rows.to(ids.device), self.scale[at].to(ids.device)
+        return (rows.float().unflatten(-1, (-1, 32)) * ref.e8m0_float(s)[..., None]).flatten(-2)
 
 
 class Engram(UsesOps, nn.Module):
@@ -137,15 +147,16 @@ class Engram(UsesOps, nn.Module):
         super().__init__()
         self.slot, self.hc, self.dim, self.eps = slot, args.hc_mult, args.dim, args.norm_eps
         cols = args.engram_hash_columns
-        self.embed = EngramTable(args.engram_num_embeddings[slot], args.engram_head_dim, dtype)
-        self.wkv = Linear(cols * args.engram_head_dim, args.dim * (args.hc_mult + 1), "dense", dtype)
-        self.q_weight = nn.Parameter(torch.zeros(args.hc_mult, args.dim), requires_grad=False)
-        self.k_weight = nn.Parameter(torch.zeros(args.hc_mult, args.dim), requires_grad=False)
+        self.compute_dtype = dtype
+        self.embed = EngramTable(args.engram_num_embeddings[slot], args.engram_head_dim, dtype, args.quant == "fp8")
+        self.wkv = v41_linear(args, cols * args.engram_head_dim, args.dim * (args.hc_mult + 1), dtype)
+        self.q_weight = nn.Parameter(torch.zeros(args.hc_mult, args.dim, dtype=dtype), requires_grad=False)
+        self.k_weight = nn.Parameter(torch.zeros(args.hc_mult, args.dim, dtype=dtype), requires_grad=False)
 
     def forward(self, X: torch.Tensor, hash_ids: torch.Tensor) -> torch.Tensor:
         """X [N, hc, dim] streams, hash_ids [N, engram layers, cols] -> streams with the lookup added."""
         rows = self.embed(hash_ids[:, self.slot]).flatten(-2)  # [N, cols * head_dim]
-        kv = self.wkv(rows.to(self.wkv.weight.dtype))
+        kv = self.wkv(rows.to(self.compute_dtype))  # FP8 rows are exact in any float dtype
         key = kv[:, :self.hc * self.dim].float().unflatten(-1, (self.hc, self.dim))
         value = kv[:, self.hc * self.dim:].float()
         h = X.float()

@@ -2,9 +2,10 @@
 
 Module and parameter names are the official checkpoint names (`embed.weight`, `layers.{i}.attn.*`,
 `layers.{i}.ffn.gate.bias_vl`, `layers.{i}.engram.embed.weight`, `norm.weight`, `head.weight`, no
-`hc_head_*`), so `V41Transformer(args).state_dict()` lists the backbone tensors of a checkpoint
-(dense storage here: the FP8 32x32 / MXFP4 / FP8 1x32 formats and the `mtp.*` / vision tensors
-are not built).
+`hc_head_*`), so `V41Transformer(args).state_dict()` lists the backbone tensors of a checkpoint: for
+a quantised config (`quantization_config`) in the formats of v41/formats.py by role (FP8 32x32, MXFP4
+experts, FP8 1x32 Engram rows, with their `.scale` tensors), else dense (the `mtp.*` / vision tensors
+are not built). v41/loader.py loads a checkpoint into it.
 
 Numerics: only `transformers`, what transformers' `deepseek_v41` computes, its fake-quantisation
 points included (v41/quant.py). The forward is exact full prefill of the causal encoder-decoder

@@ -12,6 +12,7 @@ from dayzero.distributed.comm import SINGLE
 from dayzero.ops import ref
 from dayzero.reference.layers import UsesOps
 from dayzero.reference.moe import MoE, Expert, Experts
+from dayzero.v41.formats import expert_format, v41_linear
 
 
 class V41Gate(UsesOps, nn.Module):
@@ -44,9 +45,14 @@ class V41MoE(MoE):
     def __init__(self, args, dtype: torch.dtype, official: bool = False):
         nn.Module.__init__(self)
         self.gate = V41Gate(args, args.n_routed_experts, args.n_activated_experts, dtype)
-        self.experts = Experts({str(e): Expert(args.dim, args.moe_inter_dim, "dense", dtype, official, args.swiglu_limit)
+        fmt = expert_format(args)  # MXFP4 in a quantised checkpoint (V4's format and expert path)
+        self.experts = Experts({str(e): Expert(args.dim, args.moe_inter_dim, fmt, dtype, official, args.swiglu_limit)
                                 for e in range(args.n_routed_experts)})
         self.shared_experts = Expert(args.dim, args.moe_inter_dim, "dense", dtype, official, args.swiglu_limit)
+        if args.quant == "fp8":  # the shared expert is a DENSE-role weight: FP8 in 32x32 blocks
+            for name, (i, o) in (("w1", (args.dim, args.moe_inter_dim)), ("w2", (args.moe_inter_dim, args.dim)),
+                                 ("w3", (args.dim, args.moe_inter_dim))):
+                setattr(self.shared_experts, name, v41_linear(args, i, o, dtype))
         self.official, self.limit = official, args.swiglu_limit
         self.local, self.data_parallel, self.comm = None, False, SINGLE
         self.dim, self.topk = args.dim, args.n_activated_experts

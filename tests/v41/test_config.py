@@ -72,6 +72,7 @@ def test_loading_v41_is_refused_after_validation(path):
     assert f"{path / 'config.json'}: a DeepSeek-V4.1 config" in msg
     assert "read and validated (40 layers, KV sources [2, 8, 14, 20]" in msg
     assert "cannot serve the V4.1 model yet: only its reference forward exists" in msg and "issue 23" in msg
+    assert "with its checkpoint loader (dayzero.v41.loader.load_v41)" in msg
     with pytest.raises(V41NotBuiltError):
         ModelArgs.from_dir(path)
 

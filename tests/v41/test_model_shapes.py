@@ -46,8 +46,39 @@ def test_released_layer_tensors_are_the_official_names_and_shapes(layer, want):
     args = V41Args.from_dict(flash_hub())
     with torch.device("meta"):
         block = V41Block(args, layer, torch.bfloat16)
-    got = {k: tuple(v.shape) for k, v in block.state_dict().items()}
-    assert got == want
+    got = {k: (tuple(v.shape), v.dtype) for k, v in block.state_dict().items()}
+    assert got == stored(want)
+    with torch.device("meta"):  # a config without quantization_config: every weight dense, in its dtype
+        dense = V41Block(args.replace(quant=None, expert_dtype=None), layer, torch.bfloat16)
+    assert {k: tuple(v.shape) for k, v in dense.state_dict().items()} == want
+
+
+F32 = ("hc_", "attn_sink", "gate.bias")
+DENSE_FP8 = ("attn.wq_a.", "attn.wq_b.", "attn.wkv.", "attn.wo_a.", "attn.wo_b.", "indexer.wq_b.",
+             "shared_experts.", "engram.wkv.")
+
+
+def stored(logical: dict) -> dict:
+    """Logical shapes -> the quantised checkpoint's (shape, dtype) per tensor (research 1.5): FP8 + E8M0
+    per 32x32 block for the DENSE role, MXFP4 int8 [out, in/2] + E8M0 [out, in/32] for routed experts,
+    FP8 rows + E8M0 per 32 for the Engram table, F32 for the mHC / sink / router-bias tensors, else BF16."""
+    e8m0, fp8 = torch.float8_e8m0fnu, torch.float8_e4m3fn
+    out = {}
+    for name, shape in logical.items():
+        if name.startswith("ffn.experts."):
+            out[name] = ((shape[0], shape[1] // 2), torch.int8)
+            out[name.replace(".weight", ".scale")] = ((shape[0], shape[1] // 32), e8m0)
+        elif any(k in name for k in DENSE_FP8):
+            out[name] = (shape, fp8)
+            out[name.replace(".weight", ".scale")] = ((-(-shape[0] // 32), -(-shape[1] // 32)), e8m0)
+        elif name == "engram.embed.weight":
+            out[name] = (shape, fp8)
+        elif name == "engram.embed.scale":
+            out[name] = (shape, e8m0)
+        else:
+            out[name] = (shape, torch.float32 if name.startswith(F32) or ".attn_sink" in name
+                         or name.startswith("ffn.gate.bias") else torch.bfloat16)
+    return out
 
 
 def _tiny(**changes) -> V41Args:
@@ -80,3 +111,19 @@ def test_a_tokenizer_whose_token_map_does_not_fit_is_a_named_error():
 def test_routing_the_shared_router_computes_differently_is_refused():
     with pytest.raises(ValueError, match=r"score_func='softmax' and top-k 2 is not built"):
         V41Transformer(_tiny(scoring_func="softmax"))
+
+
+def test_released_inventory_matches_the_published_census():
+    """research 1.4 (checkpoint atlas of the released V4.1-Flash): 96,085 tensors, of which 2,401 are the
+    DSpark stages `mtp.*` and 266 vision / aligner / image delimiters (neither built here); I8 (MXFP4
+    experts) 278.6 GB and F8_E8M0 23.6 GB, DSpark's 3 x 128 experts included."""
+    import math
+
+    from dayzero.v41.checkpoint import expected_tensors
+    args = V41Args.from_dict(flash_hub())
+    ex = expected_tensors(args)
+    assert len(ex) + 2401 + 266 == 96085
+    size = lambda dt: sum(math.prod(s.shape) * dt.itemsize for s in ex.values() if s.dtype == dt)  # noqa: E731
+    dspark_experts = args.n_mtp_layers * args.dspark_n_routed_experts * 3 * args.moe_inter_dim * args.dim
+    assert round((size(torch.int8) + dspark_experts // 2) / 1e9, 1) == 278.6
+    assert round((size(torch.float8_e8m0fnu) + dspark_experts // 32) / 1e9, 1) == 23.6

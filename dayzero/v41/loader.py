@@ -1,0 +1,106 @@
+"""Load a DeepSeek-V4.1 checkpoint in the official hub layout into the reference model, strictly.
+
+`load_v41(path)`: config.json is read with `V41Args` (a bad or inconsistent config is a CheckpointError
+naming the file and key); the inventory the config implies (v41/checkpoint.py: names, shapes, storage
+dtypes, the `.scale` tensors of FP8 32x32 / MXFP4 / FP8-row weights) must equal the checkpoint's,
+tensor by tensor (loader/checkpoint.py: missing, unexpected, shape or dtype mismatches, each with its
+shard; bad index; truncated or corrupt shards). Quantised weights stay quantised in the model (FP8 dense
+linears dequantise per call, the experts run V4's FP4 path); unquantised float tensors become the
+compute dtype.
+
+Engram tables (`layers.{i}.engram.embed.weight` / `.scale`, ~98 GB each in the release) are never
+copied: they stay the shard's memory map, on the host whatever `device` is, and the forward reads only
+the rows a batch's n-gram hashes address (v41/engram.py EngramTable).
+
+Recognised and not loaded: the vision tower and aligner (`vision.*`, `aligner.*`, `image_start`,
+`image_end`, `image_newline`: dayzero runs V4.1 on text only) and the DSpark drafter (`mtp.*`, not built
+for V4.1). Every other tensor must be one the config implies.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from dayzero.loader.checkpoint import CheckpointError, list_tensors, load_state, read_config
+from dayzero.loader.finite import check_small_finite
+from dayzero.v41.checkpoint import expected_tensors, storage_dtype
+from dayzero.v41.config import V41Args
+
+_NOT_LOADED = re.compile(r"^(vision\.|aligner\.|image_(start|end|newline)$|mtp\.\d+\.)")
+_ENGRAM_TABLE = re.compile(r"^layers\.\d+\.engram\.embed\.(weight|scale)$")
+
+
+def not_loaded(name: str) -> bool:
+    """A checkpoint tensor dayzero recognises and leaves unread: vision tower, aligner, image delimiters
+    (text only) and the DSpark stages `mtp.*` (V4.1's drafter is not built)."""
+    return bool(_NOT_LOADED.match(name))
+
+
+def is_engram_table(name: str) -> bool:
+    return bool(_ENGRAM_TABLE.match(name))
+
+
+def read_v41_args(path: str | os.PathLike) -> tuple[V41Args, torch.dtype]:
+    """(V41Args, storage dtype) of the checkpoint at `path`; CheckpointError naming the file otherwise."""
+    cfg = read_config(path)
+    source = str(Path(path) / "config.json")
+    try:
+        return V41Args.from_dict(cfg, source=source), storage_dtype(cfg, source)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_v41(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+             progress: bool | None = None):
+    """The V41Transformer of the checkpoint at `path` (compute `dtype`, on `device`), loaded strictly, its
+    Engram tables memory-mapped, the tokenizer.json bound for Engram."""
+    from dayzero.v41.model import V41Transformer
+
+    args, storage = read_v41_args(path)
+    tokenizer = None
+    if args.engram_layer_ids:
+        file = Path(path) / "tokenizer.json"
+        if not file.is_file():
+            raise CheckpointError(f"{path}: the config has Engram layers {list(args.engram_layer_ids)}, whose n-gram "
+                                  f"hashes come from the tokenizer, but there is no tokenizer.json")
+        from tokenizers import Tokenizer
+        tokenizer = Tokenizer.from_file(str(file))
+    _check_quantisation(path, args)
+    state = load_state(path, expected_tensors(args, storage), device=device, ignore=not_loaded, progress=progress,
+                       host=is_engram_table)
+    check_small_finite(state, str(path))
+    with torch.device("meta"):
+        model = V41Transformer(args, dtype=dtype)
+    params = model.state_dict()
+    for name, t in state.items():
+        # storage -> compute dtype for unquantised floats; quantised weights and the tables stay as read
+        if t.dtype != params[name].dtype and not is_engram_table(name):
+            state[name] = t.to(params[name].dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    if tokenizer is not None:
+        try:
+            model.bind_tokenizer(tokenizer)
+        except ValueError as e:
+            raise CheckpointError(f"{Path(path) / 'tokenizer.json'}: {e}") from None
+    return model.eval()
+
+
+def _check_quantisation(path, args: V41Args) -> None:
+    """config.json's quantisation against the tensors (headers only), as one named error rather than a
+    list of every scale tensor: a quantised checkpoint has `.scale` tensors beside its linears."""
+    infos = list_tensors(path)
+    scales = sorted(n for n in infos if n.endswith(".scale") and not is_engram_table(n) and not not_loaded(n))
+    source = Path(path) / "config.json"
+    if args.quant is None and scales:
+        raise CheckpointError(f"{source} has no `quantization_config`, so every weight should be dense, but the "
+                              f"checkpoint stores quantised weights with scales (e.g. {scales[0]!r} in "
+                              f"{infos[scales[0]].file}): add the release's quantization_config (fp8, "
+                              f"weight_block_size [32, 32], expert_dtype fp4)")
+    if args.quant is not None and not scales:
+        some = next((n for n in sorted(infos) if n.endswith("attn.wq_a.weight")), None)
+        raise CheckpointError(f"{source}: `quantization_config` says FP8 weights with scales, but the checkpoint has "
+                              f"no `.scale` tensors" + (f" ({some!r} is {infos[some].dtype})" if some else "")
+                              + ": it is a dense checkpoint; remove quantization_config")
