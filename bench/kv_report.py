@@ -7,11 +7,19 @@ Then the engine's defaults (engine/capacity.py): fixed bytes per sequence (the w
 compressor rows a sequence holds, and the whole 128-token blocks the engine pages them in), and how
 a budget splits (derived max_num_seqs, the bounded reserve, tokens of entries), on a CPU (fp32
 compute) and a GPU (bf16 compute); compressor rows fp32 under official numerics, bf16 under
-transformers numerics on a GPU. V4.1-Flash has no config in dayzero.config yet, so it is absent.
+transformers numerics on a GPU.
 
-    python -m bench.kv_report          # prints tables, writes bench/results/kv_bytes.json
+V4.1-Flash (dayzero/v41/presets.py `kv_plan`): the PLANNED layout's bytes, the V4.1 engine path is not
+built. Window rows on every layer (40 backbone + 3 DSpark stages); compressed entries and indexer keys
+stored once per KV-source group (layers 2, 8, 14 at ratio 2, layer 20 at ratio 1), from V41Args' layer
+schedule. Storage: "qat" = the QAT points (window FP8 e4m3 + UE8M0 per 32; entries FP4 e2m1 + e4m3 per
+16; indexer keys FP4 + UE8M0 per 32), "bf16" = every row bf16. Shown next to V4-Flash's rows.
+
+    python -m bench.kv_report [--v41-only] [--out DIR]  # prints tables, writes bench/results/kv_bytes.json
 """
+import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -19,6 +27,7 @@ from bench.common import RESULTS, environment
 from dayzero.cache.spec import cache_groups, fixed_bytes_per_sequence, kv_report
 from dayzero.config import flash, pro
 from dayzero.engine.capacity import Sizes, bounded_blocks, plan
+from dayzero.v41.presets import PLANS, kv_plan, v41_flash
 
 # (device, compute dtype, numerics) profiles and the budgets shown for them (bytes per rank)
 PROFILES = (("cpu", torch.float32, "official"), ("gpu", torch.bfloat16, "official"),
@@ -58,8 +67,47 @@ PUBLISHED_BF16 = {"v4-flash": 6880, "v4-pro": 9848}
 PUBLISHED_FP8_FP4 = {"v4-flash": 3514, "v4-pro": 5031}
 
 
-def main() -> None:
+CONTEXTS = ("8192", "131072", "1048576")
+
+
+def v41_rows(out: dict) -> None:
+    """V4.1-Flash's planned bytes per token next to V4-Flash's engine accounting (bf16 and fp8 rows)."""
+    print("\nv4.1-flash: PLANNED layout (the V4.1 engine path is not built); V4-Flash from the engine's accounting")
+    print(f"{'model':10} {'storage':34} {'B/token':>8} {'fixed/seq':>10} {'8K':>10} {'128K':>10} {'1M':>10}")
+    v4 = {kv: kv_report(flash(), torch.bfloat16, kv_cache_dtype=kv) for kv in ("auto", "fp8")}
+    for kv, rep in v4.items():
+        seq = rep["per_sequence_bytes"]
+        print(f"{'v4-flash':10} {kv + ' (engine)':34} {rep['bytes_per_token_all_layers']:8.0f} "
+              f"{rep['fixed_bytes_per_sequence'] / 2**20:8.1f}Mi " + " ".join(f"{seq[k] / 2**30:8.3f}Gi" for k in CONTEXTS))
+    args, rows = v41_flash(), {}
+    for name in PLANS:
+        p = rows[name] = kv_plan(args, name, contexts=tuple(int(c) for c in CONTEXTS))
+        p["vs_v4_flash_published"] = {"bf16": p["bytes_per_token_all_layers"] / PUBLISHED_BF16["v4-flash"],
+                                      "fp8_fp4": p["bytes_per_token_all_layers"] / PUBLISHED_FP8_FP4["v4-flash"]}
+        fmt = "/".join(p["formats"].values())
+        seq = p["per_sequence_bytes"]
+        print(f"{'v4.1-flash':10} {name + ' ' + fmt:34} {p['bytes_per_token_all_layers']:8.0f} "
+              f"{p['fixed_bytes_per_sequence'] / 2**20:8.1f}Mi " + " ".join(f"{seq[k] / 2**30:8.3f}Gi" for k in CONTEXTS))
+    q = rows["qat"]["bytes_per_token_all_layers"]
+    print(f"v4.1-flash qat / v4-flash published FP8+FP4 ({PUBLISHED_FP8_FP4['v4-flash']} B/token): "
+          f"{q / PUBLISHED_FP8_FP4['v4-flash']:.3f}")
+    out["models"]["v4.1-flash"] = {"status": "planned layout; the V4.1 engine path is not built", **rows}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--v41-only", action="store_true", help="only the V4.1-Flash rows (and V4-Flash beside them)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for kv_bytes.json (default bench/results)")
+    a = ap.parse_args(argv)
     out = {"environment": environment(), "models": {}}
+    if not a.v41_only:
+        v4_tables(out)
+    v41_rows(out)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "kv_bytes.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+def v4_tables(out: dict) -> None:
     print(f"{'model':10} {'kv dtype':8} {'B/token':>8} {'published':>9} {'fixed/seq':>10} {'8K':>10} {'128K':>10} "
           f"{'1M':>10}")
     for name, args in (("v4-flash", flash()), ("v4-pro", pro())):
@@ -85,10 +133,6 @@ def main() -> None:
             print(f"{name:9} {prof:27} rows {row['compressor_rows']:8} fixed/seq "
                   f"{row['fixed_bytes_per_sequence'] / 2**20:6.1f}Mi paged/seq {row['paged_bytes_per_sequence'] / 2**20:6.1f}Mi "
                   f"(before: 2x32 seqs {row['rows_bytes_before_at_32_seqs'] / 2**30:5.2f}Gi) | {split}")
-    out["absent"] = {"v4.1-flash": "no V4.1-Flash config in dayzero.config"}
-    print("v4.1-flash: absent (no config in dayzero.config)")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "kv_bytes.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

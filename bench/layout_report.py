@@ -9,11 +9,23 @@ KV holds only its own requests; collectives per MoE layer: the tokens with their
 of bytes all-gathered, the fp32 partial sums reduce-scattered (reference/moe.py `_forward_dp`; the
 token counts come with the step call).
 
-    python -m bench.layout_report      # prints the tables, writes bench/results/layout.json
+V4.1-Flash rows (`v41_layout`): the PLANNED layout's per-rank bytes; the V4.1 engine path (and its
+Layout) is not built. Tensors from the census inventory (dayzero/v41/presets.py: backbone from
+checkpoint.expected_tensors, DSpark stages from dspark_tensors: `inventory`), in their checkpoint dtypes, split by
+V4's TP rules (wq_b / attn_sink by heads, wo_a / wo_b by output group, shared expert by its inner dim,
+routed experts by inner dim, or E/N whole under EP, embed / head by vocab; everything else, DSpark's
+extras included, replicated), or under DP-attention + EP only the routed experts E/N. Engram tables are
+not on the GPU: one memory-mapped copy per host (FP8 rows + scales), gathered by row; engram.wkv,
+q_weight, k_weight stay resident. A split must divide and must not cut a 32-wide scale block.
+
+    python -m bench.layout_report [--v41-only] [--out DIR]  # prints the tables, writes bench/results/layout.json
 """
 from __future__ import annotations
 
+import argparse
 import json
+import math
+from pathlib import Path
 
 import torch
 
@@ -22,6 +34,7 @@ from dayzero.cache.spec import kv_report
 from dayzero.config import flash, pro
 from dayzero.distributed.layout import Layout, LayoutError
 from dayzero.reference.model import Transformer
+from dayzero.v41.presets import inventory, kv_plan, v41_flash
 
 LAYOUTS = [(1, False, 1), (2, False, 1), (4, False, 1), (8, False, 1), (8, True, 1), (16, True, 1),
            (8, True, 8), (16, True, 16)]  # (ranks, enable_expert_parallel, data_parallel_size)
@@ -62,8 +75,78 @@ def dp_collective_bytes(args, n: int, act_bytes: int = 2) -> dict:
     return {"collectives": 2 * args.n_layers, "bytes": int(args.n_layers * per_layer)}
 
 
-def main() -> None:
+_TP_SPLIT = ("attn.wq_b.", "attn.attn_sink", "attn.wo_a.", "attn.wo_b.", "shared_experts.", "ffn.experts.")
+
+
+def _v41_fits(args, n: int, ep: bool, dp: int) -> str | None:
+    """Why the planned V4.1 layout cannot split this way, or None."""
+    if ep and (args.n_routed_experts % n or args.dspark_n_routed_experts % n):
+        return f"EP{n}: {args.n_routed_experts} / {args.dspark_n_routed_experts} experts do not split in {n}"
+    if dp > 1:
+        return None
+    if args.n_heads % n or args.o_groups % n or args.vocab_size % n:
+        return f"TP{n}: n_heads {args.n_heads}, o_groups {args.o_groups}, vocab {args.vocab_size} must divide by {n}"
+    if (args.moe_inter_dim // n) % 32 or args.moe_inter_dim % n:
+        return f"TP{n}: moe_inter_dim {args.moe_inter_dim} / {n} cuts a 32-wide scale block"
+    return None
+
+
+def v41_rank_bytes(args, n: int, ep: bool, dp: int) -> dict:
+    inv = inventory(args)
+    gpu = experts = host = 0
+    for name, spec in inv.items():
+        b = math.prod(spec.shape) * spec.dtype.itemsize
+        if ".engram.embed." in name:
+            host += b
+            continue
+        routed = ".ffn.experts." in name
+        if routed and ep:  # rank 0's experts [0, E/N), whole
+            e, bank = int(name.split(".ffn.experts.")[1].split(".")[0]), (
+                args.dspark_n_routed_experts if name.startswith("mtp.") else args.n_routed_experts)
+            b = b if e < bank // n else 0
+        elif dp == 1 and (any(k in name for k in _TP_SPLIT) or name.split(".")[0] in ("embed", "head")):
+            b //= n  # exact: _v41_fits checked every split divides
+        gpu += b
+        experts += b if routed else 0
+    return {"gpu_weight_bytes": gpu, "routed_expert_bytes": experts, "other_bytes": gpu - experts,
+            "host_engram_bytes_per_host": host}
+
+
+def v41_layout(out: dict) -> None:
+    args = v41_flash()
+    kv = kv_plan(args)["bytes_per_token_all_layers"]
+    print(f"\nv4.1-flash: PLANNED layout (the V4.1 engine path is not built); KV {kv:,.0f} B/token "
+          f"(QAT formats) on every rank under TP, own requests only under DP")
+    print(f"{'layout':14} {'GPU weights/rank':>17} {'experts':>10} {'other':>9} {'host Engram (mmap, per host)':>30}")
+    rows = []
+    for n, ep, dp in LAYOUTS:
+        label = (f"DP{n}" if dp > 1 else f"TP{n}") + ("+EP" if ep else "")
+        why = _v41_fits(args, n, ep, dp)
+        if why:
+            rows.append({"layout": label, "fits": False, "why": why})
+            print(f"{label:14} does not fit: {why}")
+            continue
+        b = v41_rank_bytes(args, n, ep, dp)
+        rows.append({"layout": label, "fits": True, **b, "kv_bytes_per_token": kv})
+        print(f"{label:14} {b['gpu_weight_bytes'] / 1e9:15.1f}GB {b['routed_expert_bytes'] / 1e9:8.1f}GB "
+              f"{b['other_bytes'] / 1e9:7.1f}GB {b['host_engram_bytes_per_host'] / 1e9:28.1f}GB")
+    out["models"]["v4.1-flash"] = {"status": "planned layout; the V4.1 engine path is not built", "rows": rows}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--v41-only", action="store_true", help="only the V4.1-Flash rows")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for layout.json (default bench/results)")
+    a = ap.parse_args(argv)
     out = {"environment": environment(), "links_GBps_nominal": LINKS, "models": {}}
+    if not a.v41_only:
+        v4_layouts(out)
+    v41_layout(out)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "layout.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+def v4_layouts(out: dict) -> None:
     for name, args in (("v4-flash", flash()), ("v4-pro", pro())):
         kv = kv_report(args, torch.bfloat16)["bytes_per_token_all_layers"]
         rows = []
@@ -90,8 +173,6 @@ def main() -> None:
                   f"{b['other_bytes'] / 1e9:7.1f}GB {c['bytes']:14,d} "
                   + " ".join(f"{link_us[k]:9.1f}us" for k in LINKS))
         out["models"][name] = rows
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "layout.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
