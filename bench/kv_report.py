@@ -78,7 +78,8 @@ def v41_rows(out: dict) -> None:
     for kv, rep in v4.items():
         seq = rep["per_sequence_bytes"]
         print(f"{'v4-flash':10} {kv + ' (engine)':34} {rep['bytes_per_token_all_layers']:8.0f} "
-              f"{rep['fixed_bytes_per_sequence'] / 2**20:8.1f}Mi " + " ".join(f"{seq[k] / 2**30:8.3f}Gi" for k in CONTEXTS))
+              f"{rep['fixed_bytes_per_sequence'] / 2**20:8.1f}Mi "
+              + " ".join(f"{seq[k] / 2**30:8.3f}Gi" for k in CONTEXTS))
     args, rows = v41_flash(), {}
     for name in PLANS:
         p = rows[name] = kv_plan(args, name, contexts=tuple(int(c) for c in CONTEXTS))
@@ -87,7 +88,8 @@ def v41_rows(out: dict) -> None:
         fmt = "/".join(p["formats"].values())
         seq = p["per_sequence_bytes"]
         print(f"{'v4.1-flash':10} {name + ' ' + fmt:34} {p['bytes_per_token_all_layers']:8.0f} "
-              f"{p['fixed_bytes_per_sequence'] / 2**20:8.1f}Mi " + " ".join(f"{seq[k] / 2**30:8.3f}Gi" for k in CONTEXTS))
+              f"{p['fixed_bytes_per_sequence'] / 2**20:8.1f}Mi "
+              + " ".join(f"{seq[k] / 2**30:8.3f}Gi" for k in CONTEXTS))
     q = rows["qat"]["bytes_per_token_all_layers"]
     print(f"v4.1-flash qat / v4-flash published FP8+FP4 ({PUBLISHED_FP8_FP4['v4-flash']} B/token): "
           f"{q / PUBLISHED_FP8_FP4['v4-flash']:.3f}")

@@ -130,7 +130,14 @@ def v41_layout(out: dict) -> None:
         rows.append({"layout": label, "fits": True, **b, "kv_bytes_per_token": kv})
         print(f"{label:14} {b['gpu_weight_bytes'] / 1e9:15.1f}GB {b['routed_expert_bytes'] / 1e9:8.1f}GB "
               f"{b['other_bytes'] / 1e9:7.1f}GB {b['host_engram_bytes_per_host'] / 1e9:28.1f}GB")
-    out["models"]["v4.1-flash"] = {"status": "planned layout; the V4.1 engine path is not built", "rows": rows}
+    # Engram rows gathered per token: every hash column of every Engram layer, FP8 row + E8M0 per 32
+    row = args.engram_head_dim + args.engram_head_dim // 32
+    gather = {"rows_per_token": len(args.engram_layer_ids) * args.engram_hash_columns, "row_bytes": row,
+              "bytes_per_token": len(args.engram_layer_ids) * args.engram_hash_columns * row}
+    print(f"Engram gathers per token: {gather['rows_per_token']} rows of {row} B = {gather['bytes_per_token']:,} B "
+          f"(host RAM or NVMe -> GPU)")
+    out["models"]["v4.1-flash"] = {"status": "planned layout; the V4.1 engine path is not built", "rows": rows,
+                                   "engram_gather": gather}
 
 
 def main(argv=None) -> None:

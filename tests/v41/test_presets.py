@@ -94,4 +94,6 @@ def test_reports_print_the_v41_rows(tmp_path, capsys, script, out):
         assert rows["DP8+EP"]["routed_expert_bytes"] * 8 == rows["TP1"]["routed_expert_bytes"]
         assert rows["TP8+EP"]["gpu_weight_bytes"] == rows["TP8"]["gpu_weight_bytes"]  # both split experts 1/8
         assert rows["DP8+EP"]["other_bytes"] == rows["TP1"]["other_bytes"]
+        assert data["engram_gather"] == {"rows_per_token": 2 * 3 * 8, "row_bytes": 256 + 8,
+                                         "bytes_per_token": 48 * 264}  # 2 layers x (2,3,4-grams x 8 heads)
         assert not rows["TP16+EP"]["fits"] and "o_groups 8" in rows["TP16+EP"]["why"]
