@@ -126,10 +126,14 @@ def dspark_tensors(args: V41Args, storage: torch.dtype = torch.bfloat16) -> dict
     return out
 
 
-@functools.lru_cache(maxsize=4)
 def inventory(args: V41Args, storage: torch.dtype = torch.bfloat16) -> dict:
     """Every text-model tensor of the checkpoint: checkpoint.expected_tensors (backbone) + dspark_tensors.
     Cached (building the backbone on the meta device takes seconds); do not mutate the result."""
+    return _inventory(args, storage)
+
+
+@functools.lru_cache(maxsize=4)
+def _inventory(args: V41Args, storage: torch.dtype) -> dict:
     from dayzero.v41.checkpoint import expected_tensors
 
     return {**expected_tensors(args, storage), **dspark_tensors(args, storage)}
