@@ -175,9 +175,11 @@ def convert(root: Path, hf_dir: Path, out: Path, python: str = sys.executable, l
 
 
 # ---- runs --------------------------------------------------------------------------------------
-def _tool(bdir: Path, name: str, args, timeout: float = 1800) -> str:
+def _tool(bdir: Path, name: str, args, timeout: float = 1800, stderr: list | None = None) -> str:
     cmd = [str(bdir / name), *map(str, args)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
+    if stderr is not None:
+        stderr.append(p.stderr)
     if p.returncode:
         tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-15:])
         raise LlamaCppError(f"{' '.join(cmd)} failed (exit {p.returncode}):\n{tail}")
@@ -196,13 +198,15 @@ def bench_tokens(bdir: Path, gguf: Path, threads: int, prompt: int = 0, gen: int
 def batched_decode(bdir: Path, gguf: Path, threads: int, batch: int, prompt: int, gen: int) -> dict:
     """llama-batched-bench: `batch` sequences of `prompt` random tokens, then `gen` decode steps;
     returns its jsonl record (speed_tg: aggregate decode tokens/s)."""
-    ctx = batch * (prompt + gen) + 16
+    ctx = -(-batch * (prompt + gen) // 2048) * 2048  # llama.cpp rounds n_ctx; a multiple of 2048 (and of 8, 32) stays
+    err: list[str] = []
     out = _tool(bdir, "llama-batched-bench", ["-m", gguf, "-t", threads, "-fa", "on", "-c", ctx, "-b", 2048,
                                               "-ub", 512, "-np", batch, "-npp", prompt, "-ntg", gen, "-npl", batch,
-                                              "--output-format", "jsonl"])
+                                              "--output-format", "jsonl"], stderr=err)
     lines = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
     if not lines:
-        raise LlamaCppError(f"llama-batched-bench printed no result line:\n{out[-2000:]}")
+        tail = "\n".join((out + err[0]).strip().splitlines()[-15:])
+        raise LlamaCppError(f"llama-batched-bench (batch {batch}, n_ctx {ctx}) printed no result line:\n{tail}")
     return lines[-1]
 
 

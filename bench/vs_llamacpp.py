@@ -161,7 +161,7 @@ def row(model: str, case: str, ll: float | None, dz: float | None, nbytes: int |
 def fmt_row(r: dict) -> str:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
-    return (f"{r['model']:7s} {r['case']:26s} llama.cpp {f(r['llamacpp_tok_s'], '9.1f')} tok/s "
+    return (f"{r['model']:7s} {r['case']:28s} llama.cpp {f(r['llamacpp_tok_s'], '9.1f')} tok/s "
             f"{f(r['llamacpp_gb_s'], '6.2f')} GB/s ({f(r['llamacpp_copy_fraction'] and 100 * r['llamacpp_copy_fraction'], '5.1f')}%)"
             f" | dayzero {f(r['dayzero_tok_s'], '9.1f')} tok/s {f(r['dayzero_gb_s'], '6.2f')} GB/s "
             f"({f(r['dayzero_copy_fraction'] and 100 * r['dayzero_copy_fraction'], '5.1f')}%) | "
@@ -212,6 +212,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="threads for both runtimes (default 2)")
     ap.add_argument("--reps", type=int, default=None, help="alternating repetitions (default 3, --quick 1)")
     ap.add_argument("--new-tokens", type=int, default=None, help="decode tokens per measurement (default 32, --quick 16)")
+    ap.add_argument("--kv-cache-gb", type=float, default=2.0,
+                    help="dayzero's cache budget (default 2 GiB: these runs need far less than the free memory)")
     ap.add_argument("--quick", action="store_true", help="one repetition, 512 context only, batch 8 only on flash2")
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON record (default bench/results)")
     a = ap.parse_args(argv)
@@ -260,7 +262,8 @@ def run(a: argparse.Namespace, log=print) -> int:
         tensors = checkpoint_tensor_bytes(d)
         cfg = json.loads((d / "config.json").read_text())
         E, k, vocab = cfg["n_routed_experts"], cfg["num_experts_per_tok"], cfg["vocab_size"]
-        llm = LLM(str(d), device="cpu", num_speculative_tokens=0, enable_prefix_caching=False)
+        llm = LLM(str(d), device="cpu", num_speculative_tokens=0, enable_prefix_caching=False,
+                  kv_cache_memory_bytes=int(a.kv_cache_gb * 2**30))
         dz_run(llm, random_prompts(1, 16, vocab, 99), 4)  # warm-up (kernel builds, first-call costs)
         meas: dict[str, tuple[list, list]] = {}
         n = a.new_tokens
@@ -312,13 +315,25 @@ def greedy_agreement(llm, bdir: Path, gguf: Path, n: int, log=print) -> dict:
     ll_text = lc.greedy_text(bdir, gguf, GREEDY_PROMPT, n)
     norm = (lambda t: t.replace("<｜begin▁of▁sentence｜>", "").strip())
     same = norm(dz_text) == norm(ll_text)
-    r = dict(prompt=GREEDY_PROMPT, prompt_ids_dayzero=ids, prompt_ids_llamacpp=ll_ids, prompt_ids_agree=ids == ll_ids,
+    agree = agreeing_tokens(llm.tokenizer.decode, ids, out.token_ids, norm(ll_text))
+    r = dict(agreeing_tokens=agree, prompt=GREEDY_PROMPT, prompt_ids_dayzero=ids, prompt_ids_llamacpp=ll_ids, prompt_ids_agree=ids == ll_ids,
              dayzero_tokens=out.token_ids, dayzero_text=dz_text, llamacpp_text=ll_text, texts_agree=same)
     log(f"greedy ({n} tokens, built-in model): prompt ids {'agree' if ids == ll_ids else 'DIFFER'}, "
-        f"continuations {'AGREE' if same else 'DIFFER'}")
+        f"continuations {'AGREE' if same else 'DIFFER'}: the first {agree} of dayzero's {len(out.token_ids)} "
+        "tokens spell the start of llama.cpp's text")
     if not same:
         log(f"  dayzero:   {norm(dz_text)!r}\n  llama.cpp: {norm(ll_text)!r}")
     return r
+
+
+def agreeing_tokens(decode, prompt_ids: list[int], out_ids: list[int], other_text: str) -> int:
+    """How many of `out_ids` (in order) decode, after the prompt, to a prefix of `other_text`."""
+    n = 0
+    for i in range(1, len(out_ids) + 1):
+        if not other_text.startswith(decode(prompt_ids + out_ids[:i]).replace("<｜begin▁of▁sentence｜>", "").lstrip()):
+            break
+        n = i
+    return n
 
 
 def _environment() -> dict:

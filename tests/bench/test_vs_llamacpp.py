@@ -105,3 +105,11 @@ def test_tokenizer_check():
     from dayzero.builtin import builtin_path
     assert lc.gpt2_pretokenizer(builtin_path())
     assert not lc.gpt2_pretokenizer(builtin_path().parent)  # no tokenizer.json
+
+
+def test_agreeing_tokens():
+    words = {0: "A", 1: " b", 2: " c", 3: " d"}
+    decode = lambda ids: "".join(words[i] for i in ids)  # noqa: E731
+    assert v.agreeing_tokens(decode, [0], [1, 2, 3], "A b c d") == 3
+    assert v.agreeing_tokens(decode, [0], [1, 3, 2], "A b c d") == 1
+    assert v.agreeing_tokens(decode, [0], [2], "A b") == 0
