@@ -215,6 +215,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--kv-cache-gb", type=float, default=2.0,
                     help="dayzero's cache budget (default 2 GiB: these runs need far less than the free memory)")
     ap.add_argument("--quick", action="store_true", help="one repetition, 512 context only, batch 8 only on flash2")
+    ap.add_argument("--contexts", default=None,
+                    help="batch-1 decode contexts, comma-separated, for every model (default per model: 512,8192; "
+                         "the built-in model 512,2048)")
+    ap.add_argument("--batches", default=None, help="decode batch sizes, comma-separated (default 8,32)")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the 512-token prefill case")
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON record (default bench/results)")
     a = ap.parse_args(argv)
     bad = [m for m in a.models.split(",") if m not in MODELS]
@@ -223,6 +228,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.models = a.models.split(",")
     if a.threads < 1:
         ap.error(f"--threads: must be >= 1, got {a.threads}")
+    for name in ("contexts", "batches"):
+        val = getattr(a, name)
+        if val is not None:
+            try:
+                nums = tuple(int(x) for x in val.split(",") if x)
+            except ValueError:
+                nums = ()
+            if any(n < 1 for n in nums):
+                nums = ()
+            if not nums and val != "":
+                ap.error(f"--{name}: expected positive integers separated by commas, got {val!r}")
+            setattr(a, name, nums)
     a.reps = a.reps or (1 if a.quick else 3)
     a.new_tokens = a.new_tokens or (16 if a.quick else 32)
     a.work_dir = a.work_dir or a.llamacpp_dir / "models"
@@ -244,6 +261,10 @@ def main(argv=None) -> int:
 def run(a: argparse.Namespace, log=print) -> int:
     all_specs = specs(a.quick)
     chosen = [all_specs[m] for m in a.models]
+    if a.contexts is not None or a.batches is not None:
+        from dataclasses import replace
+        chosen = [replace(s, contexts=s.contexts if a.contexts is None else a.contexts,
+                          batches=s.batches if a.batches is None else a.batches) for s in chosen]
     bins = {s.hca_ratio: lc.require_built(a.llamacpp_dir, s.hca_ratio) for s in chosen}  # fail before any work
 
     import torch
@@ -281,8 +302,9 @@ def run(a: argparse.Namespace, log=print) -> int:
                 both(f"decode b{B} (128-tok prompts)",
                      lambda: lc.batched_decode(b, gguf, a.threads, B, 128, n)["speed_tg"],
                      lambda: (lambda r: r[2] / r[1])(dz_run(llm, random_prompts(B, 128, vocab, rep), n)))
-            both("prefill 512", lambda: lc.bench_tokens(b, gguf, a.threads, prompt=512),
-                 lambda: 512 / dz_run(llm, random_prompts(1, 512, vocab, rep), 1)[0])
+            if not a.no_prefill:
+                both("prefill 512", lambda: lc.bench_tokens(b, gguf, a.threads, prompt=512),
+                     lambda: 512 / dz_run(llm, random_prompts(1, 512, vocab, rep), 1)[0])
         for case, (ll, dz) in meas.items():
             B = int(case.split()[1][1:]) if case.startswith("decode") else None
             nbytes = weight_bytes(tensors, E, k, B) if B else None

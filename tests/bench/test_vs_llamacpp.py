@@ -113,3 +113,13 @@ def test_agreeing_tokens():
     assert v.agreeing_tokens(decode, [0], [1, 2, 3], "A b c d") == 3
     assert v.agreeing_tokens(decode, [0], [1, 3, 2], "A b c d") == 1
     assert v.agreeing_tokens(decode, [0], [2], "A b") == 0
+
+
+def test_case_overrides():
+    a = v.parse_args(["--contexts", "8192", "--batches", "32", "--no-prefill"])
+    assert a.contexts == (8192,) and a.batches == (32,) and a.no_prefill
+    assert v.parse_args(["--batches", ""]).batches == ()  # no batched cases
+    assert v.parse_args([]).contexts is None
+    for bad in ("8k", "0", "-5"):
+        with pytest.raises(SystemExit):
+            v.parse_args(["--contexts", bad])
