@@ -2,6 +2,7 @@
 
     python -m bench.vs_llamacpp --build                 # once: llama.cpp from the llama-cpp-python sdist
     python -m bench.vs_llamacpp [--quick] [--models builtin,toy,flash2] [--threads 2]
+    python -m bench.vs_llamacpp --models flash2 --contexts 8192 --batches "" --no-prefill   # some cases only
 
 llama.cpp is the one vendored in the PyPI sdist of llama-cpp-python 0.3.36, built with cmake
 (Release, GGML_NATIVE, OpenMP) into ~/.cache/dayzero/llamacpp (--llamacpp-dir) only with --build;
