@@ -103,5 +103,8 @@ def test_bad_drafter_options_fail_naming_the_option(tmp_path):
         LLM(device="cpu", speculative_config={"method": "dspark", "model": str(tmp_path / "nowhere")})
     with pytest.raises(ValueError, match="speculative_config.model: a separate drafter is a DSpark drafter"):
         LLM(device="cpu", speculative_config={"method": "mtp", "model": DRAFTER})
+    with pytest.raises(CheckpointError, match=r"(?s)missing tensors.*'embed\.weight'.*hint: the directory holds only "
+                                              r"mtp\.\* tensors"):
+        LLM(drafter_path(DRAFTER), device="cpu")  # the drafter directory is not a model by itself
     with pytest.raises(ValueError, match="speculative_config.model: must be"):
         LLM(device="cpu", speculative_config={"model": 3})
