@@ -23,8 +23,11 @@ stages' weights fake-quantised to their shipped FP8 / FP4 formats (straight-thro
 Held-out acceptance (Timon / Two Gentlemen prompts, greedy continuations) is printed per block position
 at the end, measured on the exported (quantised) drafter loaded back strictly.
 
-Reproduce the shipped drafter (about 20 minutes on 2 shared CPU cores):
-    python scripts/train_dspark.py --work /tmp/dspark-work --out dayzero/builtin/shakespeare-dspark
+Reproduce the shipped drafter (26 minutes on 2 heavily shared CPU cores, docs/BUILTIN.md):
+    python scripts/train_dspark.py --work /tmp/dspark-work --out dayzero/builtin/shakespeare-dspark --threads 2
+Data, initialisation and batches are seeded; the learning-rate schedule and the stop follow --steps or
+the wall-clock --minutes, whichever runs out first (the shipped run stopped on the clock at step 95), so
+a rerun independent of the load needs a clock-free schedule: e.g. --steps 95 --minutes 100000.
 """
 from __future__ import annotations
 
