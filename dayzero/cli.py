@@ -47,7 +47,9 @@ def add_speculative_arguments(p) -> None:
                    help='speculative decoding, e.g. \'{"method": "dspark", "num_speculative_tokens": 3}\' '
                         '(method "dspark" or "mtp"; num_speculative_tokens 0 turns it off; default: the '
                         "checkpoint's drafter, DSpark where it ships one, else MTP, at its full length; DSpark "
-                        'also takes "confidence_threshold": t, cutting a block where its cumulative confidence < t; '
+                        'also takes "confidence_threshold": t, cutting a block where its cumulative confidence < t, '
+                        'and "model": a DSpark drafter directory or built-in drafter name (shakespeare-dspark) '
+                        'loaded onto the target; '
                         '"draft_policy": "adaptive" (default: per request and step, the number of drafts that '
                         "maximises expected tokens per second from their acceptance probabilities and the measured "
                         'cost of a step, none where drafting does not pay) or "fixed" (every draft the budget holds))')

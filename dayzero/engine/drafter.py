@@ -16,12 +16,15 @@ chooses; the default follows the checkpoint (DSpark when it ships one, else MTP 
 MTP module, else none); k = 0 turns speculation off. DSpark also takes "confidence_threshold" t
 (dayzero's key, default 0: every request drafts its full k): a request's block stops before the
 first draft token whose cumulative survival (product of the confidence head's values) is below t.
+"model": a DSpark drafter shipped in a directory of its own (or a built-in drafter name such as
+"shakespeare-dspark"), loaded onto the target at start (loader/drafter_dir.py; one rank).
 "draft_policy": "adaptive" (default) | "fixed": how many of the proposed drafts each request
 verifies per step (engine/draft_policy.py: from the acceptance probabilities and the measured
 cost of a step; "fixed": all the budget holds).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from dayzero.config import ModelArgs
@@ -29,7 +32,7 @@ from dayzero.engine.request import Request
 from dayzero.engine.sampling import sample
 
 METHODS = ("mtp", "dspark")
-KEYS = ("method", "num_speculative_tokens", "confidence_threshold", "draft_policy")
+KEYS = ("method", "num_speculative_tokens", "confidence_threshold", "draft_policy", "model")
 POLICIES = ("adaptive", "fixed")  # engine/draft_policy.py
 
 
@@ -60,9 +63,24 @@ def check_speculative_config(cfg, num_speculative_tokens) -> None:
     if cfg.get("draft_policy", "adaptive") not in POLICIES:
         raise ValueError(f"speculative_config.draft_policy: must be one of {list(POLICIES)}, "
                          f"got {cfg['draft_policy']!r}")
+    check_drafter_model(cfg)
     if (k is not None and num_speculative_tokens is not None and k != num_speculative_tokens):
         raise ValueError(f"num_speculative_tokens={num_speculative_tokens} disagrees with "
                          f"speculative_config.num_speculative_tokens={k}: give one")
+
+
+def check_drafter_model(cfg: dict) -> None:
+    """speculative_config "model": a DSpark drafter directory (or built-in drafter name) to load onto
+    the target (loader/drafter_dir.py); only DSpark ships as a separate drafter."""
+    m = cfg.get("model")
+    if m is None:
+        return
+    if not isinstance(m, (str, os.PathLike)) or not str(m):
+        raise ValueError(f"speculative_config.model: must be a DSpark drafter directory or a built-in drafter "
+                         f"name, got {m!r}")
+    if cfg.get("method", "dspark") != "dspark":
+        raise ValueError(f"speculative_config.model: a separate drafter is a DSpark drafter; method "
+                         f"{cfg['method']!r} drafts with the checkpoint's own MTP module (drop 'model')")
 
 
 def resolve(args: ModelArgs, cfg: dict | None, num_speculative_tokens: int | None) -> tuple[str | None, int]:

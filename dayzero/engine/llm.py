@@ -60,6 +60,18 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     return Path(model)
 
 
+def _load_with_drafter(path: Path, drafter, numerics: str, dtype, device, ranks: int, cpu_experts: bool):
+    """speculative_config={"model": <drafter directory or built-in drafter name>} (loader/drafter_dir.py)."""
+    from dayzero.builtin import DRAFTER_NAMES, drafter_path
+    from dayzero.loader.drafter_dir import load_model_with_drafter
+    if ranks > 1 or cpu_experts:
+        raise ValueError("speculative_config.model: a separate DSpark drafter loads on one rank without "
+                         "cpu_experts (tensor_parallel_size = data_parallel_size = 1)")
+    d = drafter_path(drafter) if isinstance(drafter, str) and drafter in DRAFTER_NAMES and not Path(drafter).exists() \
+        else Path(drafter)
+    return load_model_with_drafter(path, d, numerics=numerics, dtype=dtype, device=device)
+
+
 def resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,9 +112,13 @@ class LLM:
         rank = self.group.rank if self.group else 0
         try:
             dev = self.group.device if self.group else self.device
-            self.model = load_model(path, numerics=numerics, dtype=dt, device=dev,
-                                    progress=None if rank == 0 else False, layout=Layout(tp, rank, ep, dp),
-                                    cpu_experts=eargs.cpu_experts)
+            drafter = (eargs.speculative_config or {}).get("model")
+            if drafter is not None:  # a DSpark drafter directory loaded onto the target
+                self.model = _load_with_drafter(path, drafter, numerics, dt, dev, tp * dp, eargs.cpu_experts)
+            else:
+                self.model = load_model(path, numerics=numerics, dtype=dt, device=dev,
+                                        progress=None if rank == 0 else False, layout=Layout(tp, rank, ep, dp),
+                                        cpu_experts=eargs.cpu_experts)
             if self.group is not None:
                 self.model.set_comm(self.group.comm)
                 if rank != 0:  # torchrun: this process follows rank 0's steps, then exits

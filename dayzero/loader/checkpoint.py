@@ -234,6 +234,9 @@ def _check(d: Path, infos: dict[str, TensorInfo], expected: Mapping[str, TensorS
         hint = (f"\n  hint: the checkpoint's mtp.* is a DSpark drafter ({dspark[0]!r}), but config.json has no "
                 "dspark_* keys (dspark_block_size, dspark_noise_token_id, dspark_target_layer_ids, "
                 "dspark_markov_rank), so it was read as an MTP module")
+    elif infos and all(n.startswith("mtp.") for n in infos) and "embed.weight" in expected:
+        hint = ("\n  hint: the directory holds only mtp.* tensors, a DSpark drafter shipped on its own: load it "
+                "onto its target with speculative_config={'method': 'dspark', 'model': <this directory>}")
     elif any(n.startswith("mtp.0.e_proj") for n in infos) and "mtp.0.main_proj.weight" in expected:
         hint = ("\n  hint: config.json has dspark_* keys, but the checkpoint's mtp.* is an MTP module "
                 "('mtp.0.e_proj.weight'), not a DSpark drafter")
