@@ -43,7 +43,6 @@ import torch.nn.functional as F
 
 from dayzero import LLM, SamplingParams
 from dayzero.builtin import builtin_path
-from dayzero.loader.drafter_dir import load_model_with_drafter
 from dayzero.loader.model_io import checkpoint_state, dense_state, load_model
 from dayzero.loader.writer import save_state
 from dayzero.reference.dspark import draft_block, main_hidden
@@ -300,7 +299,7 @@ def main(argv=None) -> None:
     full = checkpoint_state(dargs, {n: t.detach().float() if t.is_floating_point() else t
                                     for n, t in model.state_dict().items()})
     save_state(out, {n: t for n, t in full.items() if n.startswith("mtp.")}, dargs.to_hf_dict(), overwrite=True)
-    shipped = load_model_with_drafter(builtin_path(), out, numerics="official", dtype=torch.float32)
+    shipped = load_model(builtin_path(), numerics="official", dtype=torch.float32, drafter=out)
     view = types.SimpleNamespace(args=shipped.args, embed_tokens=shipped.embed_tokens, head_weight=shipped.head_weight)
     held = acceptance(view, shipped.mtp, vhidden, val, vlabels, first, k)
     train_acc = acceptance(view, shipped.mtp, hidden[:16], seqs[:16], labels[:16], first, k)

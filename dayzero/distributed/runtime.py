@@ -308,7 +308,7 @@ def _spawned(argv: list[str] | None = None) -> int:
     group = Group(a.rank, a.world, dev)
     model = load_model(load["path"], numerics=load["numerics"], dtype=resolve_dtype(load["dtype"]), device=dev,
                        progress=False, layout=Layout(load["tp"], a.rank, load["ep"], load["dp"]),
-                       cpu_experts=load.get("cpu_experts", False))
+                       cpu_experts=load.get("cpu_experts", False), drafter=load.get("drafter"))
     model.set_comm(group.comm)
     group.follow(model)
     return 0

@@ -17,7 +17,8 @@ MTP module, else none); k = 0 turns speculation off. DSpark also takes "confiden
 (dayzero's key, default 0: every request drafts its full k): a request's block stops before the
 first draft token whose cumulative survival (product of the confidence head's values) is below t.
 "model": a DSpark drafter shipped in a directory of its own (or a built-in drafter name such as
-"shakespeare-dspark"), loaded onto the target at start (loader/drafter_dir.py; one rank).
+"shakespeare-dspark"), loaded onto the target at start by every rank under its layout
+(loader/drafter_dir.py, `load_model(..., drafter=)`).
 "draft_policy": "adaptive" (default) | "fixed": how many of the proposed drafts each request
 verifies per step (engine/draft_policy.py: from the acceptance probabilities and the measured
 cost of a step; "fixed": all the budget holds).

@@ -60,16 +60,15 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     return Path(model)
 
 
-def _load_with_drafter(path: Path, drafter, numerics: str, dtype, device, ranks: int, cpu_experts: bool):
-    """speculative_config={"model": <drafter directory or built-in drafter name>} (loader/drafter_dir.py)."""
+def resolve_drafter(drafter) -> Path | None:
+    """speculative_config "model": a DSpark drafter directory, or a built-in drafter's name -> its
+    directory inside the package (loader/drafter_dir.py); None: the checkpoint's own drafter."""
     from dayzero.builtin import DRAFTER_NAMES, drafter_path
-    from dayzero.loader.drafter_dir import load_model_with_drafter
-    if ranks > 1 or cpu_experts:
-        raise ValueError("speculative_config.model: a separate DSpark drafter loads on one rank without "
-                         "cpu_experts (tensor_parallel_size = data_parallel_size = 1)")
-    d = drafter_path(drafter) if isinstance(drafter, str) and drafter in DRAFTER_NAMES and not Path(drafter).exists() \
-        else Path(drafter)
-    return load_model_with_drafter(path, d, numerics=numerics, dtype=dtype, device=device)
+    if drafter is None:
+        return None
+    if isinstance(drafter, str) and drafter in DRAFTER_NAMES and not Path(drafter).exists():
+        return drafter_path(drafter)
+    return Path(drafter)
 
 
 def resolve_device(device) -> torch.device:
@@ -102,23 +101,20 @@ class LLM:
         self.device = resolve_device(device)
         dt = resolve_dtype(dtype)
         tp, ep, dp = eargs.tensor_parallel_size, eargs.enable_expert_parallel, eargs.data_parallel_size
+        drafter = resolve_drafter((eargs.speculative_config or {}).get("model"))  # a DSpark drafter of its own
         self.group = None
         if tp * dp > 1 or runtime.torchrun_env() is not None:
             Layout(tp, 0, ep, dp).check(read_args(path))  # an impossible layout fails before any rank starts
             load = {"path": str(Path(path).resolve()), "numerics": numerics, "ep": ep, "tp": tp, "dp": dp,
-                    "cpu_experts": eargs.cpu_experts,
+                    "cpu_experts": eargs.cpu_experts, "drafter": None if drafter is None else str(drafter.resolve()),
                     "dtype": None if dt is None else str(dt).removeprefix("torch.")}
             self.group = runtime.join(tp * dp, self.device, load)
         rank = self.group.rank if self.group else 0
         try:
             dev = self.group.device if self.group else self.device
-            drafter = (eargs.speculative_config or {}).get("model")
-            if drafter is not None:  # a DSpark drafter directory loaded onto the target
-                self.model = _load_with_drafter(path, drafter, numerics, dt, dev, tp * dp, eargs.cpu_experts)
-            else:
-                self.model = load_model(path, numerics=numerics, dtype=dt, device=dev,
-                                        progress=None if rank == 0 else False, layout=Layout(tp, rank, ep, dp),
-                                        cpu_experts=eargs.cpu_experts)
+            self.model = load_model(path, numerics=numerics, dtype=dt, device=dev,
+                                    progress=None if rank == 0 else False, layout=Layout(tp, rank, ep, dp),
+                                    cpu_experts=eargs.cpu_experts, drafter=drafter)
             if self.group is not None:
                 self.model.set_comm(self.group.comm)
                 if rank != 0:  # torchrun: this process follows rank 0's steps, then exits

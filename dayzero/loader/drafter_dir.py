@@ -7,6 +7,7 @@ config plus the `dspark_*` keys (as 0731's root config). The target's backbone t
 the target directory (its own `mtp.*`, an MTP module, is not read), the drafter's from the drafter
 directory, both strictly: a missing, unexpected or misshapen tensor is named with its file, and a
 config field that disagrees with the target's is named with both values.
+`load_model(target, drafter=directory)` (loader/model_io.py) loads the two, under any layout.
 """
 from __future__ import annotations
 
@@ -14,14 +15,11 @@ import dataclasses
 import os
 from pathlib import Path
 
-import torch
 
 from dayzero.config import ModelArgs
 from dayzero.config_keys import _HUB_KEY_OF
-from dayzero.loader.checkpoint import CheckpointError, TensorSpec, load_state
-from dayzero.loader.finite import check_small_finite
-from dayzero.loader.model_io import default_compute_dtype, read_args
-from dayzero.reference.model import Transformer
+from dayzero.loader.checkpoint import CheckpointError
+from dayzero.loader.model_io import read_args
 
 # the fields a drafter directory's config may (must) differ in from its target's
 _DRAFTER_FIELDS = ("n_mtp_layers", "dspark_stages", "dspark_block_size", "dspark_noise_token_id",
@@ -45,23 +43,3 @@ def drafter_args(target_path: str | os.PathLike, drafter_path: str | os.PathLike
         raise CheckpointError(f"{d / 'config.json'} disagrees with the target {Path(target_path) / 'config.json'} "
                               "(a drafter is trained on one target):\n  " + "\n  ".join(differ))
     return args
-
-
-def load_model_with_drafter(target_path: str | os.PathLike, drafter_path: str | os.PathLike,
-                            numerics: str = "official", dtype: torch.dtype | None = None,
-                            device: str | torch.device = "cpu", progress: bool | None = None) -> Transformer:
-    """The target's backbone with the drafter directory's DSpark stages as its `mtp.*` (one rank)."""
-    device = torch.device(device)
-    args = drafter_args(target_path, drafter_path)
-    with torch.device("meta"):
-        model = Transformer(args, numerics=numerics, compute_dtype=dtype or default_compute_dtype(device))
-    expected = {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in model.state_dict().items()}
-    backbone = {n: s for n, s in expected.items() if not n.startswith("mtp.")}
-    drafter = {n: s for n, s in expected.items() if n.startswith("mtp.")}
-    state = load_state(target_path, backbone, device=device, progress=progress,
-                       ignore=lambda n: n.startswith("mtp."))  # the target's own MTP module is not read
-    check_small_finite(state, str(target_path))
-    stages = load_state(drafter_path, drafter, device=device, progress=progress)
-    check_small_finite(stages, str(drafter_path))
-    model.load_state_dict({**state, **stages}, strict=True, assign=True)
-    return model.eval()

@@ -42,14 +42,21 @@ def read_args(path: str | os.PathLike) -> ModelArgs:
 
 def load_model(path: str | os.PathLike, numerics: str = "official", dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu", progress: bool | None = None,
-               layout: Layout = Layout(), cpu_experts: bool = False) -> Transformer:
+               layout: Layout = Layout(), cpu_experts: bool = False,
+               drafter: str | os.PathLike | None = None) -> Transformer:
     """Build the reference model for the checkpoint at `path` and load it strictly; with a
     tensor-parallel `layout`, only this rank's tensors and slices are read (distributed/layout.py),
     after the whole checkpoint's inventory is checked against the headers. `cpu_experts`: the
     routed experts stay in host memory, as mapped, whatever `device` is (hybrid placement: the
-    worker runs them on the CPU op table, `Transformer.host_experts`)."""
+    worker runs them on the CPU op table, `Transformer.host_experts`). `drafter`: a DSpark drafter
+    directory (loader/drafter_dir.py) whose `mtp.*` stages replace the target's own `mtp.*`, read
+    from there under the same layout."""
     device = torch.device(device)
-    args = read_args(path)
+    if drafter is not None:
+        from dayzero.loader.drafter_dir import drafter_args
+        args = drafter_args(path, drafter)
+    else:
+        args = read_args(path)
     dtype = dtype or default_compute_dtype(device)
     with torch.device("meta"):
         model = Transformer(args, numerics=numerics, compute_dtype=dtype, layout=layout)
@@ -64,9 +71,20 @@ def load_model(path: str | os.PathLike, numerics: str = "official", dtype: torch
                                   f"{layout.tp} slices of {n}")
         r = layout.rank % layout.tp  # this rank's place among the tensor-parallel ranks
         slices[name] = (dim, r * n, (r + 1) * n)
-    state = load_state(path, expected, device=device, progress=progress, only=set(local), slices=slices,
-                       host=is_routed_expert if cpu_experts else (lambda name: False))
-    check_small_finite(state, str(path))
+    host = is_routed_expert if cpu_experts else (lambda name: False)
+    stage = lambda n: n.startswith("mtp.")  # noqa: E731
+    everything, nothing = (lambda n: True), (lambda n: False)
+    # (directory, its tensors, what it may hold beside them): with a drafter directory the backbone
+    # comes from the target (its own mtp.*, an MTP module, is not read) and the stages from the drafter
+    parts = ([(path, everything, nothing)] if drafter is None else
+             [(path, lambda n: not stage(n), stage), (drafter, stage, nothing)])
+    state = {}
+    for src, mine, ignore in parts:
+        part = load_state(src, {n: t for n, t in expected.items() if mine(n)}, device=device, progress=progress,
+                          only={n for n in local if mine(n)}, slices={n: v for n, v in slices.items() if mine(n)},
+                          host=host, ignore=ignore)
+        check_small_finite(part, str(src))
+        state.update(part)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

@@ -87,3 +87,22 @@ def test_speculation_switched_off_stops_every_rank_capturing(ckpt):
         assert capture(two) == [False, False]
         assert tokens(two.generate(prompts(1), GREEDY)) == tokens(LLM(ckpt, **OPTS).generate(prompts(1), GREEDY))
     assert stopped(two)
+
+
+def test_a_drafter_directory_over_two_ranks(ckpt):
+    """The built-in DSpark drafter, a directory of its own, loaded onto the built-in model by every
+    rank under its layout (each rank its slices of the stages): the one-rank drafts and tokens."""
+    spec = {"method": "dspark", "model": "shakespeare-dspark", "draft_policy": "fixed"}
+    opts = dict(device="cpu", speculative_config=spec, speculative_min_acceptance=0.0, numerics="transformers",
+                dtype="float32")
+    ps = ["KING LEAR:\nWhat shall Cordelia speak?", "ROMEO:\nBut soft, what light"]
+    p = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    one = LLM(**opts)
+    want_drafts = recorded(one)
+    want = tokens(one.generate(ps, p))
+    assert want_drafts and one.engine.stats()["spec_accepted_tokens"] > 0
+    with LLM(**opts, tensor_parallel_size=2) as two:
+        got = recorded(two)
+        assert tokens(two.generate(ps, p)) == want and got == want_drafts
+        assert two.model.args.dspark_stages == 3
+    assert stopped(two)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from dayzero import LLM, SamplingParams
 from dayzero.builtin import builtin_path, drafter_path
 from dayzero.loader.checkpoint import CheckpointError
-from dayzero.loader.drafter_dir import load_model_with_drafter
+from dayzero.loader.model_io import load_model
 from dayzero.loader.writer import save_state
 from dayzero.reference.dspark import DSparkStage
 
@@ -37,7 +37,7 @@ def test_shipped_drafter_loads_strictly_in_the_official_layout():
     d = drafter_path(DRAFTER)
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["num_nextn_predict_layers"] == 1 and 1 <= cfg["dspark_block_size"] <= 5  # as 0731's root config
-    m = load_model_with_drafter(builtin_path(), d)
+    m = load_model(builtin_path(), drafter=d)
     a = m.args
     assert a.dspark_stages == 3 and a.n_mtp_layers == 0 and len(m.mtp) == 3
     assert all(isinstance(s, DSparkStage) for s in m.mtp)
@@ -95,7 +95,7 @@ def _copy(tmp_path, edit_state=None, edit_cfg=None):
 def test_bad_drafter_directories_fail_naming_what_is_wrong(tmp_path, edit_state, edit_cfg, match):
     d = _copy(tmp_path, edit_state, edit_cfg)
     with pytest.raises(CheckpointError, match=match):
-        load_model_with_drafter(builtin_path(), d)
+        load_model(builtin_path(), drafter=d)
 
 
 def test_bad_drafter_options_fail_naming_the_option(tmp_path):
