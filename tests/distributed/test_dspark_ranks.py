@@ -11,6 +11,7 @@ from dayzero import LLM, SamplingParams
 from tests.distributed.test_data_parallel import DP2, stopped
 from tests.distributed.test_tensor_parallel import GREEDY, OPTS, prompts, tokens
 from tests.engine.helpers import FIXED, staggered
+from tests.engine.test_dspark import recorded_drafts as recorded
 
 SPEC = dict(**OPTS, speculative_min_acceptance=0.0, speculative_config=FIXED)  # every proposed draft verified
 
@@ -33,22 +34,6 @@ def one(ckpt):
     drafts = recorded(llm)
     spec = [r.output_ids for r in staggered(llm.engine, prompts(3), GREEDY)]
     return plain, spec, drafts
-
-
-def recorded(llm) -> dict:
-    """{prompt: [(output tokens so far, draft), ...]} of every draft rank 0's drafter hands out."""
-    seen: dict = {}
-    propose = llm.engine.drafter.propose
-
-    def recording(engine, plan):
-        propose(engine, plan)
-        for b in plan.seqs:
-            r = plan.reqs[b]
-            if r.draft:
-                seen.setdefault(tuple(r.prompt_ids), []).append((len(r.output_ids), tuple(r.draft)))
-
-    llm.engine.drafter.propose = recording
-    return seen
 
 
 @pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2), dict(tensor_parallel_size=2,
