@@ -9,6 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
+import torch
 from safetensors.torch import load_file
 
 from dayzero.loader.writer import save_state
@@ -18,6 +20,15 @@ from dayzero.v41.checkpoint import save_v41
 from dayzero.v41.model import V41Transformer
 from dayzero.v41.toy import QUANTIZATION
 from tests.v41.tiny import hub
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The loader tests' modules run their small forwards on one thread (imported by name: autouse there)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 UNQUANTISED = dict(head_dim=40, index_head_dim=24, index_n_heads=16)  # fake-quant points off (test_model_oracle)
 

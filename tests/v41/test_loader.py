@@ -18,16 +18,9 @@ from dayzero.v41.formats import Fp8Linear32
 from dayzero.v41.loader import load_v41
 from dayzero.v41.toy import tiny_config
 from tests.test_cli import dayzero
-from tests.v41.ckpt import cached, read_all, rewrite
+from tests.v41.ckpt import cached, one_thread, read_all, rewrite  # noqa: F401 (one_thread: autouse fixture)
 from tests.v41.pair import tokenizer_file
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _toy_config() -> dict:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from dayzero.v41.loader import load_v41
-from tests.v41.ckpt import UNQUANTISED, cached, read_all, v41_config
+from tests.v41.ckpt import UNQUANTISED, cached, one_thread, read_all, v41_config  # noqa: F401 (one_thread: autouse)
 from tests.v41.oracle import oracle, oracle_text_config
 from tests.v41.pair import engram_text, oracle_logits, oracle_name, rel, schedule_text, tokenizer_file, tokenizers
 from tests.v41.test_model_oracle import QUANTISED, _flips
@@ -30,13 +30,6 @@ _S = {s[0]: s[1:] for s in SCHEDULES}
 CASES = {"readme-6": ("readme-6", [1, 4]), "three-pooled-groups": ("three-pooled-groups", [0, 6])}
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _pow2(scale: torch.Tensor) -> torch.Tensor:
