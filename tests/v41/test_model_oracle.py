@@ -136,15 +136,19 @@ def test_logits_equal_the_oracles_through_the_fake_quantisation(monkeypatch, cas
 
 
 def test_every_deviation_through_the_fake_quantisation_is_a_counted_flip(monkeypatch):
-    """Over 4 inputs: where the logits differ by more than 1e-5, values were rounded apart (the
-    oracle README's trap); where none were, they agree within 1e-5; both kinds occur."""
+    """Over inputs: where the logits differ by more than 1e-5, values were rounded apart (the
+    oracle README's trap); where none were, they agree within 1e-5; both kinds occur. Which inputs
+    flip a rounding depends on the machine's fp32 summation order (seeds 0-3 flip none on some
+    x86 CPUs), so inputs are drawn until both kinds were seen, every one of them checked."""
     ours, theirs = _pair("readme-6", quantised=True)
     seen = set()
-    for seed in range(4):
+    for seed in range(32):
         flips, got, want = _flips(monkeypatch, ours, theirs, _ids(ours, seed))
         assert flips > 0 or rel(got, want) < 1e-5, (seed, rel(got, want))
         seen.add(rel(got, want) > 1e-5)
-    assert seen == {True, False}
+        if seen == {True, False}:
+            break
+    assert seen == {True, False}, f"over {seed + 1} inputs only {'deviations' if True in seen else 'agreements'}"
 
 
 def test_full_forward_is_causal():
