@@ -143,24 +143,23 @@ def step_bytes(model, context: int) -> dict:
             parts["engram_rows"] += a.engram_hash_columns * nb // t.shape[0]
         else:
             parts["dense"] += nb
-    store = None
     for layer in a.layers:
         win = min(context + 1, a.window_size)
-        parts["kv"] += win * a.head_dim * _elsize(model, "kv")
+        parts["kv"] += win * a.head_dim * _elsize(model)
         if layer.compress_ratio:
             count = (context + 1) // layer.compress_ratio
-            parts["kv"] += min(a.index_topk, count) * a.head_dim * _elsize(model, "c:ent")
+            parts["kv"] += min(a.index_topk, count) * a.head_dim * _elsize(model)
             if layer.is_index_source:
-                parts["kv"] += count * a.index_head_dim * _elsize(model, "c:key")
+                parts["kv"] += count * a.index_head_dim * _elsize(model)
     if a.engram_layer_ids:
         parts["kv"] += a.engram_max_ngram_size * 8
-    del store
     parts["total"] = sum(parts.values())
     return parts
 
 
-def _elsize(model, kind: str) -> int:
-    return torch.tensor([], dtype=model.compute_dtype).element_size()  # the reference stores rows in compute dtype
+def _elsize(model) -> int:
+    """Bytes of a cache value: the reference stores window rows, entries and keys in the compute dtype."""
+    return torch.tensor([], dtype=model.compute_dtype).element_size()
 
 
 def time_step(model, state, context: int, reps: int = 3) -> float:

@@ -91,6 +91,9 @@ def check_floors(batch: Batch, replay_from) -> list[int] | None:
     floor is 0 (nothing to skip: the exact path)."""
     if replay_from is None:
         return None
+    if not hasattr(batch, "lengths"):
+        raise ValueError(f"bounded replay needs each sequence's starts and lengths; a {type(batch).__name__} "
+                         f"(a recorded CUDA-graph step) has none: run bounded-replay prefill eagerly")
     floors = list(replay_from)
     if len(floors) != len(batch.lengths):
         raise ValueError(f"replay_from has {len(floors)} entries but the batch has {len(batch.lengths)} sequences "

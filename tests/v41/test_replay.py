@@ -160,3 +160,7 @@ def test_errors_name_what_is_wrong():
         m.forward_packed(ids[0], batch, [1, 2])
     with pytest.raises(ValueError, match=r"replay_from\[0\] is 1.5"):
         m.forward_packed(ids[0], batch, [1.5])
+    from dayzero.reference.seqcache import StaticBatch
+    static = StaticBatch(batch.seq, batch.positions, 64, 0, batch.cache, 10)
+    with pytest.raises(ValueError, match="StaticBatch .* run bounded-replay prefill eagerly"):
+        m.forward_packed(ids[0], static, [4])
