@@ -95,7 +95,7 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(1)
     recs = []
     for name in SCHEDULES:
-        for window, lengths in ((4, (3, 4, 8, 16, 64)), (16, (16, 32, 64, 128))):
+        for window, lengths in ((4, (3, 4, 8, 16, 64)), (16, (16, 32, 64, 128)), (128, (128, 256, 512))):
             recs += measure(name, window, lengths, range(a.seeds), a.tokens)
     print(f"{'schedule':24s} {'W':>3s} {'L':>4s} {'exact':>5s} {'max|d|':>9s} {'rel':>9s} {'KL nats':>9s} "
           f"{'top1':>4s} {'greedy lead/pos':>15s}")
