@@ -8,8 +8,9 @@ experts, FP8 1x32 Engram rows, with their `.scale` tensors), else dense (the `mt
 are not built). v41/loader.py loads a checkpoint into it.
 
 Numerics: only `transformers`, what transformers' `deepseek_v41` computes, its fake-quantisation
-points included (v41/quant.py). The forward is exact full prefill of the causal encoder-decoder
-schedule: every layer runs on every token (no bounded replay of the decoder layers).
+points included (v41/quant.py). The forward is the exact full prefill of the causal encoder-decoder
+schedule (every layer on every token) unless a call opts in to the bounded replay of the decoder layers
+(`replay_from` / `bounded_replay`, v41/replay.py), an approximation that is off by default.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from dayzero.v41.attention import Context, CSA2Attention
 from dayzero.v41.config import V41Args
 from dayzero.v41.engram import Engram, NgramHasher, compressed_token_map
 from dayzero.v41.moe import V41MoE
+from dayzero.v41.replay import ReplayBatch, V41State, check_floors, decoder_layers, kept_rows, replay_start
 
 NUMERICS = ("transformers",)
 
@@ -90,11 +92,17 @@ class V41Transformer(nn.Module):
             self.hasher = NgramHasher(self.args, *compressed_token_map(tokenizer))
         return self
 
-    def new_state(self) -> ModelState:
-        return ModelState()
+    def new_state(self) -> V41State:
+        return V41State()
 
-    def forward_packed(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """input_ids [N] packed as `batch` -> the final collapsed hidden [N, dim] (before `norm`)."""
+    def forward_packed(self, input_ids: torch.Tensor, batch: Batch, replay_from=None) -> torch.Tensor:
+        """input_ids [N] packed as `batch` -> the final collapsed hidden [N, dim] (before `norm`).
+
+        replay_from (opt-in bounded replay, v41/replay.py): one floor per batch member, the same on every
+        call of that sequence (`replay_start(prompt length, window)`; 0: exact). The layers after the last
+        KV source run only on positions >= the floor, with their windows cut at it; the rows of the
+        positions below it are NaN (no hidden state is computed for them)."""
+        floors = check_floors(batch, replay_from)
         if batch.end > self.args.max_seq_len:
             raise ValueError(f"sequence of {batch.end} tokens exceeds max_position_embeddings={self.args.max_seq_len}")
         hash_ids = None
@@ -108,14 +116,64 @@ class V41Transformer(nn.Module):
         pre = torch.zeros(X.shape[:2], device=X.device)
         pre[:, 0] = 1.0  # the first site reads stream 0
         ctx = Context()
+        skip = decoder_layers(self.args) if floors is not None else range(0)
+        keep = None
         for layer in self.layers:
+            if len(skip) and layer.layer_id == skip.start:
+                keep = kept_rows(batch, floors)
+                if not keep.any():
+                    break
+                batch, X, pre, input_ids = ReplayBatch(batch, floors), X[keep], pre[keep], input_ids[keep]
+                hash_ids = None if hash_ids is None else hash_ids[keep]
+                ratio = self.args.layers[self.args.kv_source_layers[-1]].compress_ratio
+                ctx = Context(topk=None if ctx.topk is None else ctx.topk[keep],
+                              candidates=None if ctx.candidates is None
+                              else ctx.candidates[keep][:, :batch.entry_span(ratio)])
             X, pre = layer(X, pre, batch, ctx, input_ids, hash_ids)
-        return ref.hc_collapse(X, pre)
+        if keep is None:
+            return ref.hc_collapse(X, pre)
+        out = torch.full((keep.shape[0], self.args.dim), float("nan"), dtype=X.dtype, device=X.device)
+        if keep.any():
+            out[keep] = ref.hc_collapse(X, pre)
+        return out
 
-    def forward(self, input_ids: torch.Tensor, state: ModelState | None = None) -> torch.Tensor:
-        """input_ids [B, S] continuing `state` (a fresh one if None) -> logits [B, S, vocab] fp32."""
+    def forward(self, input_ids: torch.Tensor, state: ModelState | None = None, bounded_replay: bool = False,
+                replay_from: int | None = None) -> torch.Tensor:
+        """input_ids [B, S] continuing `state` (a fresh one if None) -> logits [B, S, vocab] fp32.
+
+        bounded_replay=True: this call ends the prompt; the decoder layers run only on its last `window`
+        tokens (floor = replay_start(state.pos + S, window)). replay_from: the floor given explicitly (a
+        prompt prefilled in chunks passes the same value on each chunk). The floor is kept in the state
+        and applies to every later call; the logits rows below it are NaN (not computed)."""
         state = state if state is not None else self.new_state()
         B, S = input_ids.shape
-        h = self.forward_packed(input_ids.reshape(-1), state.batch(B, S, state.pos, input_ids.device))
+        floor = self._replay_floor(state, S, bounded_replay, replay_from)
+        h = self.forward_packed(input_ids.reshape(-1), state.batch(B, S, state.pos, input_ids.device),
+                                None if floor is None else [floor] * B)
         state.pos += S
-        return ref.fp32_linear(self.norm(h), self.head.weight).view(B, S, -1)
+        if floor is None:
+            return ref.fp32_linear(self.norm(h), self.head.weight).view(B, S, -1)
+        keep = ~h.isnan().any(-1)
+        logits = torch.full((B * S, self.args.vocab_size), float("nan"), device=h.device)
+        if keep.any():
+            logits[keep] = ref.fp32_linear(self.norm(h[keep]), self.head.weight)
+        return logits.view(B, S, -1)
+
+    def _replay_floor(self, state: ModelState, S: int, bounded_replay: bool, replay_from: int | None) -> int | None:
+        if bounded_replay and replay_from is not None:
+            raise ValueError("pass either bounded_replay=True (this call ends the prompt) or replay_from=<floor> "
+                             "(a chunked prompt's floor), not both")
+        want = replay_start(state.pos + S, self.args.window_size) if bounded_replay else replay_from
+        have = getattr(state, "replay_from", None)
+        if want is None:
+            return have
+        if not isinstance(want, int) or isinstance(want, bool) or want < 0:
+            raise ValueError(f"replay_from is {want!r}: a replay floor is a token position >= 0 (0: exact prefill)")
+        if not isinstance(state, V41State):
+            raise ValueError("bounded replay keeps its floor in the state: use V41Transformer.new_state() "
+                             f"(a V41State), not {type(state).__name__}")
+        if have is not None and have != want:
+            raise ValueError(f"this state was prefilled with replay floor {have}; a call asks for {want} (a "
+                             f"sequence has one floor; later calls apply it without passing it again)")
+        state.replay_from = want
+        return want
