@@ -18,8 +18,8 @@ engine's paged cache, every group paged in blocks of `block_size` tokens:
 
 Rows are in the compute dtype except "c:rows" (fp32, as the compressor computes them) and
 "engram:tok" (int64). The KV report's 890 B/token for V4.1-Flash (v41/presets.py `kv_plan`, QAT
-formats) is the plan; these pools hold the rows unpacked, in the compute dtype
-(`bytes_per_token`: 2,112 B/token for V4.1-Flash in bf16).
+formats) is the plan; these pools hold the rows unpacked, in the compute dtype (`bytes_per_token`:
+3,200 B/token for V4.1-Flash in bf16, kv_plan's all-bf16 figure; 6,400 in fp32).
 """
 from __future__ import annotations
 
