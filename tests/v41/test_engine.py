@@ -180,3 +180,15 @@ def test_cli_generate_runs_v41(ckpt, capsys):
     assert main(["generate", "--model", str(ckpt), "--token-ids", "6,7,8", "--max-tokens", "3",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("ckpt", ["engram"], indirect=True)
+def test_bf16_compute_matches_the_bf16_reference(ckpt):
+    """bf16 pools (window, entries, keys) beside fp32 pooling rows and int64 token ids."""
+    bf16 = load_served(ckpt, torch.bfloat16, torch.device("cpu"))
+    e = engine(bf16, max_num_batched_tokens=7)
+    assert e.pools.tensors[("window", "kv")].dtype == torch.bfloat16
+    assert e.pools.tensors[("rows L2", "c:rows")].dtype == torch.float32
+    want = [reference_greedy(bf16, p, 6) for p in prompts()[:4]]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    assert [r.output_ids for r in staggered(e, prompts()[:4], params)] == want
