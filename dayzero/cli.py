@@ -185,7 +185,7 @@ def cmd_toy(a: argparse.Namespace) -> int:
 
         write_toy(a.dir, seed=a.seed, fmt=a.format, overwrite=a.overwrite)
         print(f"wrote a random-weight tiny DeepSeek-V4.1 ({a.preset}, {a.format}, with a toy tokenizer) to {a.dir}; "
-              f"dayzero cannot serve V4.1 yet: load it with dayzero.v41.loader.load_v41 (docs/V41.md)")
+              f"run it with `dayzero generate --model {a.dir}` or `dayzero serve --model {a.dir}` (docs/V41.md)")
         return 0
     if a.preset not in TINY and a.preset not in DSPARK_TINY:
         raise ValueError(f"--preset: unknown preset {a.preset!r} "
@@ -272,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--numerics", choices=["official", "transformers"], default="official")
+    g.add_argument("--numerics", choices=["official", "transformers"], default=None,
+                   help="official (the default for DeepSeek-V4) or transformers (DeepSeek-V4.1's only mode, "
+                        "its default)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="compute dtype: float32 or bfloat16")
     g.add_argument("--ops", choices=["triton", "cpu", "ref"], default=None,
@@ -327,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default="flash", help="flash (SWA+CSA+HCA, hash MoE, MTP), pro (HCA first), mixed, "
                         "flash-0731 (flash with DeepSeek's three-stage DSpark drafter in mtp.*, as V4-Flash-0731), "
                         "v41-flash (a tiny DeepSeek-V4.1 with Engram in the official V4.1 layout; fp8 or bf16 only; "
-                        "not servable yet: docs/V41.md)")
+                        "generate / serve run it on one rank: docs/V41.md)")
     t.add_argument("--format", choices=sorted(FORMATS), default="fp8")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--overwrite", action="store_true")

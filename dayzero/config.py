@@ -9,8 +9,8 @@ namespace instead: its stages are layer ids n_layers .. n_layers + dspark_stages
 "sliding", and the checkpoint's `num_nextn_predict_layers` (1 in 0731's root config) does not
 describe them: the `dspark_*` keys do.
 A DeepSeek-V4.1 config (deepseek_v41) is a different family: dayzero.v41 reads and validates it, and
-`from_dict` then refuses it with V41NotBuiltError (only V4.1's reference forward and its checkpoint
-loader exist, not its engine path, docs/V41.md).
+`from_dict` then refuses it with V41ConfigError (V4's ModelArgs and loader do not describe V4.1; `LLM`,
+`dayzero generate` and `dayzero serve` run it through dayzero.v41.served, docs/V41.md).
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ _HF_NAME_OF = {v: k for k, v in _HF_LAYER_NAMES.items()}
 DENSE_DTYPES = ("bfloat16", "float32", "float16")
 
 
-class V41NotBuiltError(ConfigError):
-    """A valid DeepSeek-V4.1 config: dayzero reads it (dayzero.v41) and has its reference forward
-    (dayzero.v41.model), but the engine cannot run it (no paged cache, loader or drafter for V4.1)."""
+class V41ConfigError(ConfigError):
+    """A valid DeepSeek-V4.1 config handed to V4's `ModelArgs` (V4's loader, converter, verify): V4.1
+    is another family, read by dayzero.v41 and run by the engine through dayzero.v41.served."""
 
 
 @dataclass(frozen=True)
@@ -204,13 +204,12 @@ class ModelArgs:
             raise ConfigError(f"{source}: expected a JSON object")
         if is_v41_config(cfg):
             v41 = V41Args.from_dict(cfg, source)  # a ConfigError naming the key if the config is inconsistent
-            raise V41NotBuiltError(
+            raise V41ConfigError(
                 f"{source}: a DeepSeek-V4.1 config (deepseek_v41): read and validated ({v41.n_layers} layers, "
                 f"KV sources {list(v41.kv_source_layers)}, index sources {list(v41.index_source_layers)}), but "
-                "dayzero cannot serve the V4.1 model yet: only its reference forward exists "
-                "(dayzero.v41.model, checked against transformers' deepseek_v41), with its checkpoint loader "
-                "(dayzero.v41.loader.load_v41); the engine's paged cache, its DSpark and vision are "
-                "not built (docs/V41.md, issue 23): the engine runs DeepSeek-V4 checkpoints only")
+                "it is not a DeepSeek-V4 config: V4's ModelArgs and loader do not read V4.1. LLM(model=...), "
+                "`dayzero generate` and `dayzero serve` run it on one rank (dayzero.v41.served; its DSpark, "
+                "parallel layouts and vision are not built); dayzero.v41.loader.load_v41 loads it (docs/V41.md)")
         official = "dim" in cfg and "hidden_size" not in cfg
         try:
             return cls._from_official(cfg) if official else cls._from_hf(cfg)

@@ -2,7 +2,7 @@
 
 Pool tensor of a group's kind: [num_blocks + 1, members, per_block, *row]; row i of a member lives
 in block table[i // per_block] at offset i % per_block. Rows are fp32 for compressor projections
-(official numerics; cache/spec.py),
+(official numerics; cache/spec.py), in a kind's own dtype where it fixes one (V4.1's token ids: int64),
 packed uint8 rows for the K=V kinds of an FP8 cache (ops/kvfp8.py: written packed, read decoded,
 handed to the paged ops as `Fp8Rows`) and the compute dtype otherwise. The last block of every pool is the trash block: no request ever
 holds it; a lookup of a row in a block its request does not hold lands there (so nothing another
@@ -48,8 +48,7 @@ class CachePools:
                     self.layouts[(g.name, kind)] = layout
                 shape = (num_blocks[g.name] + 1, len(g.layers), g.per_block,
                          *((layout.width,) if layout is not None else spec.row))
-                self.tensors[(g.name, kind)] = zeros(
-                    shape, torch.uint8 if layout is not None else torch.float32 if spec.fp32 else dtype, device)
+                self.tensors[(g.name, kind)] = zeros(shape, spec.pool_dtype(dtype), device)
                 for m, layer in enumerate(g.layers):
                     self.route[(layer, kind)] = (g.name, m)
         # each (layer, kind)'s rows as one flat view starting at its member's first row: row r of
@@ -252,7 +251,8 @@ class PagedBatchCache:
 
     def write(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
         group, pool = self.pools.member_rows[(layer, kind)]
-        protect = None if self.protect is None else (self.pools.groups[group].ratio if kind.startswith("ent:") else 1)
+        # rows of a group of ratio r (compressed entries, indexer keys) are protected below protect // r
+        protect = None if self.protect is None else self.pools.groups[group].ratio
         flat, keep = self._lookup(group, seq, index, protect)
         if keep is not None:
             values = values[keep]

@@ -37,6 +37,13 @@ class KindSpec:
     row: tuple[int, ...]
     fp32: bool = False
     fp8_rope: int = 0  # > 0: a packed FP8 row (ops/kvfp8.py) whose last fp8_rope dims stay in the compute dtype
+    dtype: torch.dtype | None = None  # a fixed row dtype whatever the compute dtype (V4.1's token ids: int64)
+
+    def pool_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The pool's element dtype under compute dtype `dtype` (packed FP8 kinds: uint8)."""
+        if self.fp8_rope:
+            return torch.uint8
+        return self.dtype or (torch.float32 if self.fp32 else dtype)
 
     def layout(self, dtype: torch.dtype):
         """The packed row format of an FP8 kind in compute dtype `dtype` (None for other kinds)."""
@@ -48,7 +55,7 @@ class KindSpec:
     def row_bytes(self, dtype: torch.dtype) -> int:
         if self.fp8_rope:
             return self.layout(dtype).width
-        return math.prod(self.row) * (4 if self.fp32 else torch.tensor([], dtype=dtype).element_size())
+        return math.prod(self.row) * torch.tensor([], dtype=self.pool_dtype(dtype)).element_size()
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,24 @@ def cache_groups(args: ModelArgs, block_size: int, with_mtp: bool, kv_cache_dtyp
                                 window_ratio=r))
         groups.append(GroupSpec(f"entries r{r}", members, ents, block_size // r, r, "all"))
     return groups
+
+
+def model_cache_groups(model, block_size: int, with_mtp: bool, kv_cache_dtype: str = "auto") -> list[GroupSpec]:
+    """The engine's cache groups for `model`: its own `cache_groups` where it has one (DeepSeek-V4.1,
+    v41/served.py), else V4's from its args (compressor rows fp32 per `fp32_compressor_rows`)."""
+    own = getattr(model, "cache_groups", None)
+    if own is not None:
+        return own(block_size, with_mtp, kv_cache_dtype)
+    return cache_groups(model.args, block_size, with_mtp, kv_cache_dtype, model.fp32_compressor_rows)
+
+
+def model_fixed_bytes(model, with_mtp: bool, kv_cache_dtype: str = "auto") -> int:
+    """`fixed_bytes_per_sequence` of `model` (its own where it has one, as `model_cache_groups`)."""
+    own = getattr(model, "fixed_bytes_per_sequence", None)
+    if own is not None:
+        return own(with_mtp, kv_cache_dtype)
+    return fixed_bytes_per_sequence(model.args, model.compute_dtype, with_mtp, kv_cache_dtype,
+                                    model.fp32_compressor_rows)
 
 
 def _kv_row_bytes(args: ModelArgs, dtype: torch.dtype, kv_cache_dtype: str) -> int:

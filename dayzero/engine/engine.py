@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from dayzero.cache.manager import KVCacheManager
-from dayzero.cache.spec import cache_groups, check_kv_cache_dtype, fixed_bytes_per_sequence
+from dayzero.cache.spec import check_kv_cache_dtype, model_cache_groups, model_fixed_bytes
 from dayzero.engine.request import Request, Status
 from dayzero.engine.drafter import DraftPlan, check_speculative_config, make_drafter, resolve
 from dayzero.engine.draft_policy import DraftPolicy
@@ -101,14 +101,14 @@ class Engine:
         # is placed when admitted from position 0 (`_place`)
         self.dp = lay.dp
         self.dp_owner: dict[str, int] = {}  # request id -> its rank (distributed/dp.py)
+        getattr(model, "check_engine_args", lambda e: None)(eargs)  # a model's own refusals (V4.1: v41/served.py)
         args = self.args = model.args
         self.block_size = bs = eargs.block_size or _default_block_size(args)
         self.spec_method, self.spec_k = resolve(args, eargs.speculative_config, eargs.num_speculative_tokens)
         self.drafter = make_drafter(self)
         self.spec_enabled = self.drafter is not None
         self.policy = DraftPolicy((eargs.speculative_config or {}).get("draft_policy", "adaptive"))
-        self.groups = cache_groups(args, bs, with_mtp=self.spec_enabled, kv_cache_dtype=eargs.kv_cache_dtype,
-                                   fp32_rows=model.fp32_compressor_rows)
+        self.groups = model_cache_groups(model, bs, self.spec_enabled, eargs.kv_cache_dtype)
         self.ranks = ranks
         wspec = WorkerSpec(ops=eargs.ops, prepare_weights=prepare_weights, cpu_experts=eargs.cpu_experts,
                            capture=getattr(self.drafter, "captures", False))
@@ -203,9 +203,7 @@ class Engine:
             "compressor_rows_dtype": "float32" if self.model.fp32_compressor_rows
             else str(self.model.compute_dtype).removeprefix("torch."),
             "max_tokens_in_cache": self.max_tokens,
-            "fixed_bytes_per_sequence": fixed_bytes_per_sequence(self.args, self.model.compute_dtype,
-                                                                 self.spec_enabled, self.eargs.kv_cache_dtype,
-                                                                 self.model.fp32_compressor_rows),
+            "fixed_bytes_per_sequence": model_fixed_bytes(self.model, self.spec_enabled, self.eargs.kv_cache_dtype),
             "kv_usage": self.kv.usage(),
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),

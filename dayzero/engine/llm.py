@@ -23,6 +23,7 @@ from dayzero.distributed import runtime
 from dayzero.distributed.layout import Layout
 from dayzero.loader.model_io import load_model, read_args
 from dayzero.tokenizer import Tokenizer
+from dayzero.v41.served import check_engine_args, is_v41_dir, load_served
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -88,10 +89,14 @@ class LLM:
     DP-attention + EP): the model is split over N ranks (distributed/layout.py); this
     process is rank 0 and starts the other N - 1 on this host, or, under torchrun, joins the ranks
     torchrun started (there `LLM(...)` returns on rank 0 only: the other ranks follow rank 0's
-    steps and exit the process when it closes). `close()` stops the other ranks."""
+    steps and exit the process when it closes). `close()` stops the other ranks.
+
+    numerics: "official" (default for DeepSeek-V4) or "transformers". A DeepSeek-V4.1 checkpoint
+    (config.json model_type deepseek_v41) runs on one rank with "transformers" numerics only
+    (v41/served.py names what it refuses: speculation, parallel layouts, FP8 cache, "official")."""
 
     def __init__(self, model: str | os.PathLike | None = None, device=None, dtype=None,
-                 numerics: str = "official", **engine_options):
+                 numerics: str | None = None, **engine_options):
         known = {f.name for f in fields(EngineArgs)}
         unknown = sorted(set(engine_options) - known)
         if unknown:
@@ -103,6 +108,13 @@ class LLM:
         tp, ep, dp = eargs.tensor_parallel_size, eargs.enable_expert_parallel, eargs.data_parallel_size
         drafter = resolve_drafter((eargs.speculative_config or {}).get("model"))  # a DSpark drafter of its own
         self.group = None
+        if is_v41_dir(path):  # DeepSeek-V4.1: one rank, numerics "transformers" (v41/served.py)
+            check_engine_args(eargs, numerics)
+            if runtime.torchrun_env() is not None:
+                raise ValueError("DeepSeek-V4.1 runs on one rank: torchrun's ranks are not built for it (docs/V41.md)")
+            self._start(path, eargs, load_served(path, dt, self.device))
+            return
+        numerics = numerics or "official"
         if tp * dp > 1 or runtime.torchrun_env() is not None:
             Layout(tp, 0, ep, dp).check(read_args(path))  # an impossible layout fails before any rank starts
             load = {"path": str(Path(path).resolve()), "numerics": numerics, "ep": ep, "tp": tp, "dp": dp,
@@ -120,16 +132,20 @@ class LLM:
                 if rank != 0:  # torchrun: this process follows rank 0's steps, then exits
                     self.group.follow(self.model)
                     raise SystemExit(0)
-            self.args = self.model.args
-            tok_file = path / "tokenizer.json"
-            self.tokenizer = Tokenizer(tok_file) if tok_file.is_file() else None
-            self.engine = Engine(self.model, eargs, dev, self.tokenizer, ranks=self.group, prepare_weights=True)
-            print(self.engine.memory_line(), file=sys.stderr)
+            self._start(path, eargs, self.model, dev)
         except BaseException:
             self.close()
             raise
         if self.group is not None:
             atexit.register(self.close)
+
+    def _start(self, path: Path, eargs: EngineArgs, model, device=None) -> None:
+        self.model, self.args = model, model.args
+        tok_file = path / "tokenizer.json"
+        self.tokenizer = Tokenizer(tok_file) if tok_file.is_file() else None
+        self.engine = Engine(model, eargs, device or self.device, self.tokenizer, ranks=self.group,
+                             prepare_weights=True)
+        print(self.engine.memory_line(), file=sys.stderr)
         self._ids = itertools.count()
 
     def close(self) -> None:

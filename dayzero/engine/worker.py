@@ -57,7 +57,7 @@ class Worker:
         if spec.cpu_experts:  # hybrid placement: the routed experts on the CPU's own table
             self.host_ops = host_table(model)
         model.set_ops(self.ops)
-        if spec.prepare_weights:
+        if spec.prepare_weights and getattr(model, "prepares_weights", True):
             from dayzero.loader.model_io import keep_dequantized
             # no FP8/FP4 kernels: dequantise small models once; with them, only cast dense weights
             kernels = self.ops.kernels
@@ -97,13 +97,16 @@ class Worker:
         self.graphs_off = "enforce_eager" if spec.enforce_eager else "not a CUDA device"
         if device.type == "cuda" and not spec.enforce_eager:
             self.graphs_off = ("more than one rank: steps with collectives are not recorded"
-                               if model.layout.world > 1 else unsupported(model))
+                               if model.layout.world > 1 else graphs_unsupported(model))
             if self.graphs_off is None:
                 self.use_graphs("cuda")
 
     def use_graphs(self, backend: str) -> None:
         """Replay decode steps from recorded graphs (engine/graphs.py): "cuda" on a GPU; "trace"
         records aten ops on any device (how the CPU tests check replayed steps)."""
+        why = getattr(self.model, "graphs_unsupported", None)
+        if why:
+            raise ValueError(f"recorded steps ({backend}): {why}")
         s = self.pool_spec
         self.graphs = StepGraphs(self.model, self.pools, s.max_num_seqs, s.max_tokens_per_step, s.block_size,
                                  self.model.args.max_seq_len, self.device, backend, self.tables, self.capture)
@@ -253,6 +256,11 @@ def _module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
             vs = v if isinstance(v, (tuple, list)) else (v,)
             tensors += [t for t in vs if isinstance(t, torch.Tensor)]
     return tensors
+
+
+def graphs_unsupported(model) -> str | None:
+    """Why `model`'s steps cannot be recorded: its own reason (DeepSeek-V4.1), else graphs.py's."""
+    return getattr(model, "graphs_unsupported", None) or unsupported(model)
 
 
 def host_table(model: Transformer):

@@ -4,7 +4,8 @@ The library converts and validates requests, but its errors name no field path (
 `content``, `Invalid temperature value ...`). These checks run first so that a malformed body is a
 400 whose `param` is the exact field (`messages[1].tool_calls[0].function.arguments`); what they let
 through, the library judges (its error's `param` is then the request field its message names, if any).
-They also refuse what dayzero's engine cannot do: non-text content parts (images, audio, files).
+They also refuse what dayzero's engine cannot do: non-text content parts (images, audio, files); image
+parts of every API (`image_part`) with an error naming vision as not supported.
 """
 from __future__ import annotations
 
@@ -33,6 +34,32 @@ def _content(content, param: str) -> None:
                                            "by this server")
         return
     raise bad(param, f"must be a string, null or a list of text parts, got {type(content).__name__}")
+
+
+IMAGE_TYPES = ("image_url", "image", "input_image")  # Chat Completions, Anthropic Messages, Responses
+
+
+def image_part(body: dict, api: str) -> tuple[str, str] | None:
+    """(field path, part type) of the first image content part of a chat body (in `messages`, or
+    `input` for Responses, at any depth: tool results too), None if there is none."""
+    field = "input" if api == "responses" else "messages"
+
+    def walk(x, path):
+        if isinstance(x, dict):
+            if x.get("type") in IMAGE_TYPES:
+                return path, x["type"]
+            items = x.items()
+        elif isinstance(x, list):
+            items = ((f"[{i}]", v) for i, v in enumerate(x))
+        else:
+            return None
+        for k, v in items:
+            found = walk(v, path + (k if k.startswith("[") else f".{k}"))
+            if found:
+                return found
+        return None
+
+    return walk(body.get(field), field)
 
 
 def _tool_calls(calls, param: str) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import deepseek_recipe as dr
 
 from dayzero.engine.sampling import SamplingParams
-from dayzero.server.chat_checks import check_chat, param_named
+from dayzero.server.chat_checks import check_chat, image_part, param_named
 from dayzero.server.protocol import APIError, bad
 from dayzero.server.text import TextState
 
@@ -130,6 +130,10 @@ class Protocol:
                                  f"{self.model_name!r}", "model")
             e.code = "model_not_found"
             raise e
+        image = image_part(body, api)
+        if image is not None:  # before the library, which renders a V4 image as text
+            raise _error(api, 400, f"{image[0]}: image input ({image[1]!r} part) is not supported: vision is not "
+                                   f"built; dayzero runs DeepSeek-V4 and V4.1 on text only", image[0])
         if api == "chat":
             try:
                 check_chat(body, self.context)

@@ -35,7 +35,9 @@ def add_arguments(p) -> None:
                    help="KV cache budget per rank (default: the memory free after the weights, less a margin, "
                         "shared by the local CPU ranks; engine/capacity.py)")
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--numerics", choices=["official", "transformers"], default="official")
+    p.add_argument("--numerics", choices=["official", "transformers"], default=None,
+                   help="official (the default for DeepSeek-V4) or transformers (DeepSeek-V4.1's only mode, "
+                        "its default)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--ops", choices=["triton", "cpu", "ref"], default=None,

@@ -120,12 +120,12 @@ def test_library_rejections_are_400s(full_tok):
     with pytest.raises(APIError) as e:
         proto.prepare("chat", {"model": "other", "messages": CONVERSATIONS["user"]})
     assert e.value.status == 404
-    # V4.1 passes images on (V4 renders them as "[Unsupported Image]"); dayzero's engine is text only
+    # V4.1 passes images on (V4 renders them as "[Unsupported Image]"); dayzero refuses both first
     image = [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]
     with pytest.raises(APIError) as e:
         _proto(full_tok, "v4.1").prepare("messages", {"messages": image, "max_tokens": 5})
-    assert e.value.status == 400 and "images are not supported" in e.value.message
+    assert e.value.status == 400 and "vision is not built" in e.value.message  # test_image_inputs.py: all APIs
 
 
 def test_prompt_past_the_context_names_the_apis_own_field(full_tok):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dayzero.config import ModelArgs, V41NotBuiltError, flash, flash_0731
+from dayzero.config import ModelArgs, V41ConfigError, flash, flash_0731
 from dayzero.config_keys import ConfigError
 from dayzero.loader.model_io import read_args
 from dayzero.v41 import V41Args, is_v41_config
@@ -65,21 +65,25 @@ def test_v41_is_recognised_only_for_v41():
 
 
 @pytest.mark.parametrize("path", [FLASH_DIR, FLASH_DIR / "inference"])
-def test_loading_v41_is_refused_after_validation(path):
+def test_v4s_model_args_refuse_v41_after_validation(path):
     with pytest.raises(ValueError) as e:
         read_args(path)
     msg = str(e.value)
     assert f"{path / 'config.json'}: a DeepSeek-V4.1 config" in msg
     assert "read and validated (40 layers, KV sources [2, 8, 14, 20]" in msg
-    assert "cannot serve the V4.1 model yet: only its reference forward exists" in msg and "issue 23" in msg
-    assert "with its checkpoint loader (dayzero.v41.loader.load_v41)" in msg
-    with pytest.raises(V41NotBuiltError):
+    assert "it is not a DeepSeek-V4 config: V4's ModelArgs and loader do not read V4.1" in msg
+    assert "`dayzero serve` run it on one rank (dayzero.v41.served" in msg
+    assert "dayzero.v41.loader.load_v41 loads it" in msg
+    with pytest.raises(V41ConfigError):
         ModelArgs.from_dir(path)
 
 
-def test_the_offline_api_says_the_same():
+def test_the_offline_api_takes_the_v41_loader_path():
+    """LLM reads a V4.1 config with the V4.1 loader (tests/v41/test_engine.py runs it): this
+    directory has the released config but no weights or tokenizer, which the loader names."""
     from dayzero import LLM
-    with pytest.raises(ValueError, match=r"read and validated .* cannot serve the V4.1 model yet"):
+    from dayzero.loader.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match=r"v41_flash: the config has Engram layers \[1, 14\], .* no tokenizer.json"):
         LLM(model=str(FLASH_DIR))
 
 
@@ -90,7 +94,7 @@ def test_an_inconsistent_v41_config_gets_its_own_error_not_the_refusal(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError) as e:
         ModelArgs.from_dir(tmp_path)
-    assert not isinstance(e.value, V41NotBuiltError)
+    assert not isinstance(e.value, V41ConfigError)
     assert str(e.value) == (f"{tmp_path / 'config.json'}: key `text_config.compress_ratios`: layer 20 has ratio 1 "
                             "but reads the compressed KV of layer 14, whose ratio is 2")
 

@@ -253,7 +253,6 @@ def test_toy_v41_flash_writes_a_loadable_official_layout(tmp_path):
     assert model.args.engram_layer_ids == (1, 3) and model.hasher is not None
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[0, 5, 9, 17]]))).all()
-    r = dayzero("generate", "--model", d, "--token-ids", "0,5", check=False)
-    assert r.returncode != 0 and "cannot serve the V4.1 model yet" in r.stderr
+    assert "run it with `dayzero generate --model" in r.stdout
     r = dayzero("toy", tmp_path / "x", "--preset", "v41-flash", "--format", "fp8-base", check=False)
     assert r.returncode == 2 and "a V4.1 toy checkpoint is one of fp8, bf16, got 'fp8-base'" in r.stderr

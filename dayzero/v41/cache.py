@@ -1,0 +1,88 @@
+"""The paged cache groups of DeepSeek-V4.1 (cache/spec.py `GroupSpec`s; the engine's pools are
+cache/paged.py, its block tables cache/manager.py).
+
+What the V4.1 forward keeps between calls (v41/attention.py, v41/engram.py), as groups of the
+engine's paged cache, every group paged in blocks of `block_size` tokens:
+
+  window           ("kv")          every backbone layer: one K=V row [head_dim] per token; a request
+                                   keeps the blocks of its last `window - 1` tokens
+  entries L<s>     ("c:ent",       ONE pool per KV source s (ratio r), shared by its whole group:
+                    "c:key")       compressed entry i [head_dim] and indexer key i [index_head_dim],
+                                   bs / r per block; all kept (the long-range context)
+  rows L<s>        ("c:rows")      pooled (ratio-2) sources only: the compressor's fp32 (kv, gate)
+                                   projections [2, head_dim] per token, kept from the start of the
+                                   open pooling window
+  engram           ("engram:tok")  Engram models only, layer -1: the sequence's compressed token id
+                                   per token (int64: ids round-trip exactly), the n-gram history;
+                                   kept like the window (the hash reads the last max_ngram - 1)
+
+Rows are in the compute dtype except "c:rows" (fp32, as the compressor computes them) and
+"engram:tok" (int64). The KV report's 890 B/token for V4.1-Flash (v41/presets.py `kv_plan`, QAT
+formats) is the plan; these pools hold the rows unpacked, in the compute dtype (`bytes_per_token`:
+3,200 B/token for V4.1-Flash in bf16, kv_plan's all-bf16 figure; 6,400 in fp32).
+"""
+from __future__ import annotations
+
+import torch
+
+from dayzero.cache.spec import GroupSpec, KindSpec, check_kv_cache_dtype
+from dayzero.v41.config import V41Args
+from dayzero.v41.engram import HISTORY
+
+TOKEN_DTYPE = torch.int64  # the Engram history's rows: compressed token ids, stored exactly
+
+
+def _check(args: V41Args, block_size: int, kv_cache_dtype: str) -> None:
+    check_kv_cache_dtype(kv_cache_dtype)
+    if kv_cache_dtype != "auto":
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: DeepSeek-V4.1's cache has no packed FP8 rows yet "
+                         "(its window and compressed entries are kept in the compute dtype); use 'auto'")
+    ratios = sorted({r for r in args.compress_ratios if r})
+    for r in ratios:
+        if block_size % r:
+            raise ValueError(f"block_size {block_size} must be a multiple of every compression ratio "
+                             f"({ratios}): a block holds block_size/r compressed entries")
+    if args.engram_layer_ids and args.engram_max_ngram_size > args.window_size:
+        raise ValueError(f"engram_max_ngram_size {args.engram_max_ngram_size} exceeds the window of "
+                         f"{args.window_size} tokens: the paged cache keeps the n-gram history for the window")
+
+
+def v41_cache_groups(args: V41Args, block_size: int, kv_cache_dtype: str = "auto") -> list[GroupSpec]:
+    """The cache groups of a V4.1 model (module docstring). ValueError naming the setting when
+    `block_size` is not a multiple of every ratio, or for kv_cache_dtype "fp8" (not built)."""
+    _check(args, block_size, kv_cache_dtype)
+    groups = [GroupSpec("window", tuple(range(args.n_layers)), {"kv": KindSpec((args.head_dim,))}, block_size, 1,
+                        "window")]
+    for layer in args.layers:
+        if not layer.is_kv_source:
+            continue
+        s, r = layer.layer_id, layer.compress_ratio
+        if layer.pooled:
+            groups.append(GroupSpec(f"rows L{s}", (s,), {"c:rows": KindSpec((2, args.head_dim), fp32=True)},
+                                    block_size, 1, "open-window", window_ratio=r))
+        groups.append(GroupSpec(f"entries L{s}", (s,), {"c:ent": KindSpec((args.head_dim,)),
+                                                         "c:key": KindSpec((args.index_head_dim,))},
+                                block_size // r, r, "all"))
+    if args.engram_layer_ids:
+        layer, kind = HISTORY
+        groups.append(GroupSpec("engram", (layer,), {kind: KindSpec((), dtype=TOKEN_DTYPE)}, block_size, 1, "window"))
+    return groups
+
+
+def bytes_per_token(args: V41Args, dtype: torch.dtype) -> float:
+    """Compressed entries + indexer keys per token over every KV-source group (the window, the
+    pooling rows and the Engram history are a fixed cost per sequence)."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    return sum((args.head_dim + args.index_head_dim) * size / layer.compress_ratio
+               for layer in args.layers if layer.is_kv_source)
+
+
+def fixed_bytes_per_sequence(args: V41Args, dtype: torch.dtype) -> int:
+    """Window rows (last window - 1 tokens, every layer), open pooling windows (fp32) and the Engram
+    history (last max_ngram - 1 ids): the rows a sequence holds, not the whole blocks paging them."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    total = args.n_layers * (args.window_size - 1) * args.head_dim * size
+    total += sum(layer.compress_ratio * 2 * args.head_dim * 4 for layer in args.layers if layer.is_kv_source and layer.pooled)
+    if args.engram_layer_ids:
+        total += (args.engram_max_ngram_size - 1) * torch.tensor([], dtype=TOKEN_DTYPE).element_size()
+    return total
