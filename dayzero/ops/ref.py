@@ -149,6 +149,13 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     return (y * n ** -0.5).to(x.dtype)
 
 
+def hadamard_fp4_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """FP4 simulation after the Hadamard rotation: the indexer's queries and keys under official
+    numerics (v4-architecture.md 3.5). A fused op (ops/__init__.py FUSED_NAMES): this composition
+    is its twin."""
+    return fp4_act_sim(hadamard(x), block)
+
+
 # ---- attention ---------------------------------------------------------------------------
 def sparse_attn_gathered(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, sink: torch.Tensor,
                          scale: float) -> torch.Tensor:

@@ -122,7 +122,7 @@ class Compressor(UsesOps, nn.Module):
         entries = self.ops.apply_rope(entries, *batch.closing_rope(r, self.overlap, inv_freq))
         if self.official:
             if self.rotate:
-                entries = ref.fp4_act_sim(ref.hadamard(entries), 32)
+                entries = self.ops.hadamard_fp4_sim(entries, 32)
             else:
                 entries = _fp8_nope_sim(self.ops, entries, self.rope_dim)
         cache.write(layer, "ent:" + kind, seq, ids, entries)
@@ -171,7 +171,7 @@ class Indexer(UsesOps, nn.Module):
         q = self.wq_b(q_lat).unflatten(-1, (self.n_heads, self.head_dim))
         q = self.ops.apply_rope(q, *batch.rope(inv_freq, heads=True))
         if self.official:
-            q = ref.fp4_act_sim(ref.hadamard(q), 32)
+            q = self.ops.hadamard_fp4_sim(q, 32)
         w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
         scores = self.ops.indexer_scores_paged(q, w, pool, rows)  # [N, T], -inf where not usable
         if self.capture is not None:
