@@ -22,7 +22,7 @@ OP_NAMES = ("rms_norm", "fp8_act_sim", "apply_rope", "fp32_linear", "sparse_attn
 # fused ops: one call for a sequence of twins the model runs on every step (per-op dispatch is most
 # of a small model's CPU decode step). Their twin is that sequence (ops/ref.py), the default of
 # every table; a table with a kernel for one lists it in `fused` (ops/cpu/fused.c: bit-exact)
-FUSED_NAMES = ("hadamard_fp4_sim",)
+FUSED_NAMES = ("hadamard_fp4_sim", "act_rms_norm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,7 @@ class OpTable:
     # memory-mapped checkpoint, nothing copied) as well as stacks; otherwise the model stacks them
     moe_per_expert: bool = False
     hadamard_fp4_sim: Callable = ref.hadamard_fp4_sim  # FUSED_NAMES: the twins' composition unless replaced
+    act_rms_norm: Callable = ref.act_rms_norm
     fused: tuple[str, ...] = ()  # fused ops that run a kernel of the table
 
 

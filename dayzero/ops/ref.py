@@ -46,6 +46,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return y.to(x.dtype)
 
 
+def act_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weightless RMSNorm over the last dim in x's dtype, the rsqrt taken in fp32 and rounded (the
+    official reference normalises each query head so; torch's bf16 rsqrt rounds differently in its
+    vector and scalar paths). A fused op (ops/__init__.py FUSED_NAMES)."""
+    return x * torch.rsqrt((row_mean(x.square()) + eps).float()).to(x.dtype)
+
+
 # ---- dense fp32 linears (LM head, routers, compressor projections) ---------------------------
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ weight [O, K]^T in fp32 (x and the weight, e.g. bf16 as stored, upcast

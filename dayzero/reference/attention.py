@@ -229,10 +229,8 @@ class Attention(UsesOps, nn.Module):
         q_lat, kv = fused_pair(self.wq_a, self.wkv, x)
         q_lat = self.q_norm(q_lat)
         q = self.wq_b(q_lat).unflatten(-1, (self.n_heads, self.head_dim))
-        if self.official:
-            # the reference normalises in the activation dtype; rsqrt taken in fp32 and rounded
-            # (torch's bf16 rsqrt rounds differently in its vector and scalar paths)
-            q = q * torch.rsqrt((ref.row_mean(q.square()) + self.eps).float()).to(q.dtype)
+        if self.official:  # the reference normalises in the activation dtype (ref.act_rms_norm)
+            q = self.ops.act_rms_norm(q, self.eps)
         else:
             q = self.ops.rms_norm(q, None, self.eps)
         q = self.ops.apply_rope(q, *batch.rope(inv_freq, heads=True))

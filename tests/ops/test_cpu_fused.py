@@ -28,8 +28,10 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _same(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Bit for bit, NaN where the twin has NaN (a NaN's sign and payload carry no value)."""
     assert got.dtype == want.dtype and got.shape == want.shape
-    same = _bits(got) == _bits(want)
+    assert torch.equal(got.isnan(), want.isnan())
+    same = (_bits(got) == _bits(want)) | want.isnan()
     assert same.all(), f"{(~same).sum().item()} of {got.numel()} differ: {got[~same][:4]} vs {want[~same][:4]}"
 
 
@@ -102,7 +104,32 @@ def test_hadamard_fp4_sim_falls_back_to_the_twin():
 
 
 def test_tables_carry_the_fused_ops():
-    assert FUSED_NAMES == ("hadamard_fp4_sim",)
-    assert REF.fused == () and REF.hadamard_fp4_sim is ref.hadamard_fp4_sim
+    assert FUSED_NAMES == ("hadamard_fp4_sim", "act_rms_norm")
+    assert REF.fused == () and all(getattr(REF, name) is getattr(ref, name) for name in FUSED_NAMES)
     cpu = for_device("cpu", "cpu")
-    assert cpu.fused == FUSED_NAMES and cpu.hadamard_fp4_sim is fused.hadamard_fp4_sim
+    assert cpu.fused == FUSED_NAMES and all(getattr(cpu, name) is getattr(fused, name) for name in FUSED_NAMES)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("n", [1, 3, 64, 128, 512])
+def test_act_rms_norm_bit_exact(dtype, n):
+    g = torch.Generator().manual_seed(n)
+    for mag in (1e-20, 1e-3, 1.0, 1e3, 1e15):
+        x = (torch.randn(3, 17, n, generator=g) * mag * torch.rand(3, 17, 1, generator=g)).to(dtype)
+        x[0, 0] = 0.0  # rsqrt(eps)
+        for eps in (1e-6, 1e-5, 0.0):
+            _same(fused.act_rms_norm(x, eps), ref.act_rms_norm(x, eps))
+
+
+def test_act_rms_norm_threads_strided_rows_alike_and_fallback():
+    x = torch.randn(400, 4, 128, generator=torch.Generator().manual_seed(2)) * 30
+    want = ref.act_rms_norm(x, 1e-6)
+    for t in (1, 2):
+        with _threads(t):
+            _same(fused.act_rms_norm(x, 1e-6), want)
+    _same(fused.act_rms_norm(x.transpose(0, 1).contiguous().transpose(0, 1), 1e-6), want)
+    _same(fused.act_rms_norm(x[5:6], 1e-6), want[5:6])
+    x[1, 2, 3] = float("nan")
+    assert torch.equal(fused.act_rms_norm(x, 1e-6).isnan(), ref.act_rms_norm(x, 1e-6).isnan())
+    h = torch.randn(3, 64).half()  # fp16: the twin
+    _same(fused.act_rms_norm(h, 1e-6).float(), ref.act_rms_norm(h, 1e-6).float())

@@ -3,7 +3,9 @@
  * with the composition of twins it replaces (ops/ref.py), which tests/ops/test_cpu_fused.py checks.
  *
  * dz_hadamard_fp4_sim: ref.fp4_act_sim(ref.hadamard(x), block), the indexer's query/key rotation
- * and FP4 simulation under official numerics (v4-architecture.md 3.5). */
+ * and FP4 simulation under official numerics (v4-architecture.md 3.5).
+ * dz_act_rms_norm: ref.act_rms_norm, the weightless RMSNorm of each attention head's query under
+ * official numerics, normalised in the activation dtype with the rsqrt taken in fp32. */
 #include "common.h"
 
 /* Nearest e2m1 magnitude of a >= 0 (a <= 6 after the clamp), ties to the even code, as
@@ -76,5 +78,30 @@ void dz_hadamard_fp4_sim(const void *x, int64_t bf16, int64_t rows, int64_t n, i
         float y[n];
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) row(x, (int)bf16, r, n, block, scale, out, y);
+    }
+}
+
+static inline float act_round(float v, int bf16) { return bf16 ? dz_bf16_to_f32(dz_f32_to_bf16(v)) : v; }
+
+/* x * rsqrt(row_mean(x^2) + eps), each step rounded where the twin's tensors are (x's dtype):
+ * the squares in x's dtype; row_mean's fp32 cumsum, which PyTorch's CPU kernel accumulates in
+ * double (each partial rounded to fp32: the last one is the double sum rounded), divided by n in
+ * fp32 and rounded to x's dtype; + eps in x's dtype (PyTorch rounds the scalar to a bf16 tensor's
+ * dtype first); rsqrt in fp32 (1 / sqrt, as PyTorch's vector
+ * and scalar paths both compute it) rounded to x's dtype; the product in x's dtype. */
+void dz_act_rms_norm(const void *x, int64_t bf16, int64_t rows, int64_t n, float eps, void *out,
+                     int64_t nthreads) {
+    if (rows <= 0 || n <= 0) return;
+    int nt = rows * n >= 32768 ? dz_threads(nthreads, rows) : 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        double acc = 0.0;
+        for (int64_t k = 0; k < n; k++) {
+            const float v = dz_load(x, r * n + k, (int)bf16);
+            acc += (double)act_round(v * v, (int)bf16);
+        }
+        const float mean = act_round((float)acc / (float)n, (int)bf16);
+        const float rs = act_round(1.0f / sqrtf(act_round(mean + act_round(eps, (int)bf16), (int)bf16)), (int)bf16);
+        for (int64_t k = 0; k < n; k++) dz_store(out, r * n + k, dz_load(x, r * n + k, (int)bf16) * rs, (int)bf16);
     }
 }

@@ -14,6 +14,7 @@ _F32, _BF16 = torch.float32, torch.bfloat16
 _MAX_N = 4096  # fused.c keeps a row on the stack
 
 _had = build.function("fused", "dz_hadamard_fp4_sim", "piiiifpi")
+_arms = build.function("fused", "dz_act_rms_norm", "piiifpi")
 
 
 def hadamard_fp4_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
@@ -28,4 +29,17 @@ def hadamard_fp4_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     out = torch.empty_like(x)
     if x.numel():
         _had(x.data_ptr(), dt is _BF16, x.numel() // n, n, block, n ** -0.5, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def act_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """ref.act_rms_norm in one call (fp32/bf16 CPU tensors; anything else runs the twin)."""
+    dt = x.dtype
+    if (dt is not _F32 and dt is not _BF16) or not x.is_cpu or x.dim() == 0 or x.shape[-1] == 0:
+        return ref.act_rms_norm(x, eps)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    n = x.shape[-1]
+    if x.numel():
+        _arms(x.data_ptr(), dt is _BF16, x.numel() // n, n, eps, out.data_ptr(), torch.get_num_threads())
     return out
