@@ -22,7 +22,7 @@ OP_NAMES = ("rms_norm", "fp8_act_sim", "apply_rope", "fp32_linear", "sparse_attn
 # fused ops: one call for a sequence of twins the model runs on every step (per-op dispatch is most
 # of a small model's CPU decode step). Their twin is that sequence (ops/ref.py), the default of
 # every table; a table with a kernel for one lists it in `fused` (ops/cpu/fused.c: bit-exact)
-FUSED_NAMES = ("hadamard_fp4_sim", "act_rms_norm")
+FUSED_NAMES = ("hadamard_fp4_sim", "act_rms_norm", "fp8_nope_sim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,7 @@ class OpTable:
     moe_per_expert: bool = False
     hadamard_fp4_sim: Callable = ref.hadamard_fp4_sim  # FUSED_NAMES: the twins' composition unless replaced
     act_rms_norm: Callable = ref.act_rms_norm
+    fp8_nope_sim: Callable = ref.fp8_nope_sim
     fused: tuple[str, ...] = ()  # fused ops that run a kernel of the table
 
 

@@ -125,6 +125,12 @@ def fp8_act_sim(x: torch.Tensor, block: int = 128) -> torch.Tensor:
     return q.flatten(-2)[..., :n].to(x.dtype)
 
 
+def fp8_nope_sim(x: torch.Tensor, rope_dim: int, block: int = 64) -> torch.Tensor:
+    """FP8 simulation of the non-rope dims in blocks of `block`; the last `rope_dim` dims stay as
+    they are (the official K=V rows and compressed entries). A fused op (ops/__init__.py)."""
+    return torch.cat([fp8_act_sim(x[..., :-rope_dim], block), x[..., -rope_dim:]], -1)
+
+
 def fp4_round(v: torch.Tensor) -> torch.Tensor:
     """Nearest e2m1 value for |v| <= 6, ties to the even code (as a float4 cast rounds)."""
     grid = _on(_E2M1, v.device)

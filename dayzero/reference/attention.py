@@ -88,8 +88,8 @@ class Compressor(UsesOps, nn.Module):
         both = self.__dict__.get("_wkv_wgate")  # inference: one GEMM for both projections
         if both is not None and not torch.is_grad_enabled():
             rows = self.ops.fp32_linear(x, both).unflatten(-1, (2, -1))
-            rows[:, 1] += self.ape[positions % self.ratio]
-            return rows.to(rows_dtype)
+            rows.select(1, 1).add_(self.ape[positions % self.ratio])  # in place (no write-back copy)
+            return rows if rows.dtype == rows_dtype else rows.to(rows_dtype)
         kv = self.wkv(x)
         gate = self.wgate(x) + self.ape[positions % self.ratio]
         return torch.stack([kv, gate], 1).to(rows_dtype)
@@ -129,7 +129,10 @@ class Compressor(UsesOps, nn.Module):
 
 
 def _fp8_nope_sim(ops: OpTable, x: torch.Tensor, rope_dim: int) -> torch.Tensor:
-    """FP8 simulation of the non-rope dims in blocks of 64; the rope dims stay as they are."""
+    """FP8 simulation of the non-rope dims in blocks of 64; the rope dims stay as they are: the
+    table's fused kernel where it has one (bit-exact with ref.fp8_nope_sim), else its fp8_act_sim."""
+    if "fp8_nope_sim" in ops.fused:
+        return ops.fp8_nope_sim(x, rope_dim, 64)
     return torch.cat([ops.fp8_act_sim(x[..., :-rope_dim], 64), x[..., -rope_dim:]], -1)
 
 

@@ -104,7 +104,7 @@ def test_hadamard_fp4_sim_falls_back_to_the_twin():
 
 
 def test_tables_carry_the_fused_ops():
-    assert FUSED_NAMES == ("hadamard_fp4_sim", "act_rms_norm")
+    assert FUSED_NAMES == ("hadamard_fp4_sim", "act_rms_norm", "fp8_nope_sim")
     assert REF.fused == () and all(getattr(REF, name) is getattr(ref, name) for name in FUSED_NAMES)
     cpu = for_device("cpu", "cpu")
     assert cpu.fused == FUSED_NAMES and all(getattr(cpu, name) is getattr(fused, name) for name in FUSED_NAMES)
@@ -133,3 +133,39 @@ def test_act_rms_norm_threads_strided_rows_alike_and_fallback():
     assert torch.equal(fused.act_rms_norm(x, 1e-6).isnan(), ref.act_rms_norm(x, 1e-6).isnan())
     h = torch.randn(3, 64).half()  # fp16: the twin
     _same(fused.act_rms_norm(h, 1e-6).float(), ref.act_rms_norm(h, 1e-6).float())
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("n,rope,block", [(128, 64, 64), (512, 64, 64), (100, 36, 64), (9, 1, 4), (2, 1, 1)])
+def test_fp8_nope_sim_bit_exact(dtype, n, rope, block):
+    g = torch.Generator().manual_seed(n + rope)
+    for mag in (1e-8, 1e-3, 1.0, 1e3, 1e30):
+        x = (torch.randn(4, 11, n, generator=g) * mag).to(dtype)
+        x[0, 0] = 0.0
+        x[0, 1] = -0.0
+        _same(fused.fp8_nope_sim(x, rope, block), ref.fp8_nope_sim(x, rope, block))
+
+
+def test_fp8_nope_sim_every_bf16_value_nonfinite_threads():
+    # every finite bf16 bit pattern as the nope dims (blocks of 64 with one shared scale each)
+    allbits = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(BF16)
+    allbits = allbits[allbits.float().isfinite()]
+    allbits = allbits[: allbits.numel() // 64 * 64].view(-1, 64)
+    x = torch.cat([allbits, allbits.flip(0)], 1)  # [rows, 128]: nope 64 (every value), rope 64
+    for dtype in (BF16, F32):
+        xd = x.to(dtype)
+        _same(fused.fp8_nope_sim(xd, 64, 64), ref.fp8_nope_sim(xd, 64, 64))
+        _same(fused.fp8_nope_sim(xd, 64, 16), ref.fp8_nope_sim(xd, 64, 16))
+    # single values per block: each is its own amax (scale boundaries)
+    one = allbits.reshape(-1, 1)
+    xs = torch.cat([one, one], 1)
+    _same(fused.fp8_nope_sim(xs, 1, 1), ref.fp8_nope_sim(xs, 1, 1))
+    xf = torch.randn(300, 128, generator=torch.Generator().manual_seed(4)) * 100
+    xf[3, 7] = float("nan")
+    xf[5, 100] = float("inf")  # a rope dim: copied
+    xf[6, 10] = float("-inf")
+    want = ref.fp8_nope_sim(xf, 64, 64)
+    for t in (1, 2):
+        with _threads(t):
+            _same(fused.fp8_nope_sim(xf, 64, 64), want)
+    _same(fused.fp8_nope_sim(xf.t().contiguous().t()[10:20], 64, 64), want[10:20])

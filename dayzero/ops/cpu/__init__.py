@@ -32,7 +32,7 @@ _PROVIDERS = {
     "moe_experts": "gemm",
 }
 
-FUSED = ("hadamard_fp4_sim", "act_rms_norm")  # the fused ops (dayzero.ops FUSED_NAMES) fused.c provides
+FUSED = ("hadamard_fp4_sim", "act_rms_norm", "fp8_nope_sim")  # the fused ops (dayzero.ops FUSED_NAMES) fused.c provides
 
 __all__ = ["NativeUnavailable", "available", "table", "unavailable"]
 

@@ -4,6 +4,8 @@
  *
  * dz_hadamard_fp4_sim: ref.fp4_act_sim(ref.hadamard(x), block), the indexer's query/key rotation
  * and FP4 simulation under official numerics (v4-architecture.md 3.5).
+ * dz_fp8_nope_sim: ref.fp8_nope_sim, FP8 simulation of a K=V row's non-rope dims (3.4), the rope
+ * dims copied.
  * dz_act_rms_norm: ref.act_rms_norm, the weightless RMSNorm of each attention head's query under
  * official numerics, normalised in the activation dtype with the rsqrt taken in fp32. */
 #include "common.h"
@@ -103,5 +105,69 @@ void dz_act_rms_norm(const void *x, int64_t bf16, int64_t rows, int64_t n, float
         const float mean = act_round((float)acc / (float)n, (int)bf16);
         const float rs = act_round(1.0f / sqrtf(act_round(mean + act_round(eps, (int)bf16), (int)bf16)), (int)bf16);
         for (int64_t k = 0; k < n; k++) dz_store(out, r * n + k, dz_load(x, r * n + k, (int)bf16) * rs, (int)bf16);
+    }
+}
+
+/* Nearest float8_e4m3fn value of fp32 v (|v| <= 448), ties to even (mhc.c ve4m3, one lane): the
+ * 24-bit significand drops clamp(14 - e, 20, 25) bits (25 rounds zero and subnormals to 0). */
+static inline float e4m3(float v) {
+    uint32_t a;
+    memcpy(&a, &v, 4);
+    const uint32_t sign = a & 0x80000000u, mag = a & 0x7fffffffu;
+    const int32_t e = (int32_t)(mag >> 23) - 127;
+    const uint32_t sig = (mag & 0x7fffffu) | 0x800000u;
+    int32_t drop = 14 - e;
+    drop = drop < 20 ? 20 : (drop > 25 ? 25 : drop);
+    uint32_t q = sig >> drop;
+    const uint32_t rem = sig & ((1u << drop) - 1u), half = 1u << (drop - 1);
+    q += (rem > half) || (rem == half && (q & 1u));
+    const uint32_t qb = (uint32_t)(e - 23 + drop + 127) << 23;
+    float quantum;
+    memcpy(&quantum, &qb, 4);
+    float val = (float)q * quantum; /* q <= 16: exact */
+    uint32_t vb;
+    memcpy(&vb, &val, 4);
+    vb |= sign;
+    memcpy(&val, &vb, 4);
+    return val;
+}
+
+/* rows of n: dims [0, n - rope) FP8-simulated per `block` (mhc.c fp8_rows' scale: the smallest
+ * 2^k with amax <= 448 * 2^k, amax floored at 1e-4; inf/NaN in a block: all NaN), the last `rope`
+ * dims copied as they are. */
+void dz_fp8_nope_sim(const void *x, int64_t bf16, int64_t rows, int64_t n, int64_t rope, int64_t block,
+                     void *out, int64_t nthreads) {
+    if (rows <= 0 || n <= 0 || block <= 0) return;
+    const int64_t nope = n - rope;
+    int nt = rows * n >= 32768 ? dz_threads(nthreads, rows) : 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t o = r * n;
+        for (int64_t b0 = 0; b0 < nope; b0 += block) {
+            const int64_t len = block < nope - b0 ? block : nope - b0;
+            uint32_t am = 0;
+            for (int64_t k = 0; k < len; k++) {
+                const float v = dz_load(x, o + b0 + k, (int)bf16);
+                uint32_t u;
+                memcpy(&u, &v, 4);
+                u &= 0x7fffffffu;
+                am = u > am ? u : am;
+            }
+            if (am >= 0x7f800000u) {
+                for (int64_t k = 0; k < len; k++) dz_store(out, o + b0 + k, NAN, (int)bf16);
+                continue;
+            }
+            const uint32_t floor_bits = 0x38d1b717u; /* (float)1e-4 */
+            if (am < floor_bits) am = floor_bits;
+            const int32_t es = (int32_t)(am >> 23) - 8 + ((am & 0x7fffffu) > 0x600000u);
+            uint32_t sb = (uint32_t)es << 23, ib = (uint32_t)(254 - es) << 23;
+            float sc, inv;
+            memcpy(&sc, &sb, 4);
+            memcpy(&inv, &ib, 4);
+            for (int64_t k = 0; k < len; k++)
+                dz_store(out, o + b0 + k, e4m3(dz_load(x, o + b0 + k, (int)bf16) * inv) * sc, (int)bf16);
+        }
+        if (rope > 0) memcpy((char *)out + (o + nope) * (bf16 ? 2 : 4), (const char *)x + (o + nope) * (bf16 ? 2 : 4),
+                             (size_t)rope * (bf16 ? 2 : 4));
     }
 }

@@ -15,6 +15,7 @@ _MAX_N = 4096  # fused.c keeps a row on the stack
 
 _had = build.function("fused", "dz_hadamard_fp4_sim", "piiiifpi")
 _arms = build.function("fused", "dz_act_rms_norm", "piiifpi")
+_nope = build.function("fused", "dz_fp8_nope_sim", "piiiiipi")
 
 
 def hadamard_fp4_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
@@ -42,4 +43,18 @@ def act_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     n = x.shape[-1]
     if x.numel():
         _arms(x.data_ptr(), dt is _BF16, x.numel() // n, n, eps, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def fp8_nope_sim(x: torch.Tensor, rope_dim: int, block: int = 64) -> torch.Tensor:
+    """ref.fp8_nope_sim in one call (fp32/bf16 CPU tensors; anything else runs the twin)."""
+    dt = x.dtype
+    n = x.shape[-1] if x.dim() else 0
+    if ((dt is not _F32 and dt is not _BF16) or not x.is_cpu or type(rope_dim) is not int
+            or not 0 < rope_dim < n or type(block) is not int or block < 1):
+        return ref.fp8_nope_sim(x, rope_dim, block)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    if x.numel():
+        _nope(x.data_ptr(), dt is _BF16, x.numel() // n, n, rope_dim, block, out.data_ptr(), torch.get_num_threads())
     return out
