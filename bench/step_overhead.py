@@ -102,6 +102,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-record", dest="record", action="store_false",
+                    help="print only (no line in bench/results/step_overhead.jsonl)")
     ap.add_argument("--compare", action="store_true",
                     help="also run an engine with the op table's fused ops put back to their twins, interleaved")
     a = ap.parse_args(argv)
@@ -139,7 +141,8 @@ def main(argv=None) -> None:
                 print(f"{name} batch {b}{label}: {min(ms):.3f} ms/step min, {statistics.median(ms):.3f} median; "
                       f"CPU time {min(cpu):.3f} ms/step min, {statistics.median(cpu):.3f} median ({a.reps} reps of "
                       f"{a.new_tokens} tokens; {torch.get_num_threads()} threads)", flush=True)
-    print("appended to", append("step_overhead.jsonl", records))
+    if a.record:
+        print("appended to", append("step_overhead.jsonl", records))
 
 
 if __name__ == "__main__":
