@@ -19,6 +19,10 @@ from dayzero.ops import ref
 
 OP_NAMES = ("rms_norm", "fp8_act_sim", "apply_rope", "fp32_linear", "sparse_attn_paged", "indexer_scores_paged",
             "topk_select", "compress_pool", "hc_pre", "hc_post", "fp8_linear", "fp4_linear", "moe_experts")
+# fused ops: one call for a sequence of twins the model runs on every step (per-op dispatch is most
+# of a small model's CPU decode step). Their twin is that sequence (ops/ref.py), the default of
+# every table; a table with a kernel for one lists it in `fused` (ops/cpu/fused.c: bit-exact)
+FUSED_NAMES = ("hadamard_fp4_sim", "act_rms_norm", "fp8_nope_sim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,10 @@ class OpTable:
     # moe_experts takes each expert's tensors where they lie (ops/experts.py PerExpert: the
     # memory-mapped checkpoint, nothing copied) as well as stacks; otherwise the model stacks them
     moe_per_expert: bool = False
+    hadamard_fp4_sim: Callable = ref.hadamard_fp4_sim  # FUSED_NAMES: the twins' composition unless replaced
+    act_rms_norm: Callable = ref.act_rms_norm
+    fp8_nope_sim: Callable = ref.fp8_nope_sim
+    fused: tuple[str, ...] = ()  # fused ops that run a kernel of the table
 
 
 REF = OpTable(name="ref", **{op: getattr(ref, op) for op in OP_NAMES})

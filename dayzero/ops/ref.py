@@ -46,6 +46,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return y.to(x.dtype)
 
 
+def act_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weightless RMSNorm over the last dim in x's dtype, the rsqrt taken in fp32 and rounded (the
+    official reference normalises each query head so; torch's bf16 rsqrt rounds differently in its
+    vector and scalar paths). A fused op (ops/__init__.py FUSED_NAMES)."""
+    return x * torch.rsqrt((row_mean(x.square()) + eps).float()).to(x.dtype)
+
+
 # ---- dense fp32 linears (LM head, routers, compressor projections) ---------------------------
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ weight [O, K]^T in fp32 (x and the weight, e.g. bf16 as stored, upcast
@@ -118,6 +125,12 @@ def fp8_act_sim(x: torch.Tensor, block: int = 128) -> torch.Tensor:
     return q.flatten(-2)[..., :n].to(x.dtype)
 
 
+def fp8_nope_sim(x: torch.Tensor, rope_dim: int, block: int = 64) -> torch.Tensor:
+    """FP8 simulation of the non-rope dims in blocks of `block`; the last `rope_dim` dims stay as
+    they are (the official K=V rows and compressed entries). A fused op (ops/__init__.py)."""
+    return torch.cat([fp8_act_sim(x[..., :-rope_dim], block), x[..., -rope_dim:]], -1)
+
+
 def fp4_round(v: torch.Tensor) -> torch.Tensor:
     """Nearest e2m1 value for |v| <= 6, ties to the even code (as a float4 cast rounds)."""
     grid = _on(_E2M1, v.device)
@@ -147,6 +160,13 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
         y = torch.stack((a + b, a - b), dim=-2).flatten(-3)
         h *= 2
     return (y * n ** -0.5).to(x.dtype)
+
+
+def hadamard_fp4_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """FP4 simulation after the Hadamard rotation: the indexer's queries and keys under official
+    numerics (v4-architecture.md 3.5). A fused op (ops/__init__.py FUSED_NAMES): this composition
+    is its twin."""
+    return fp4_act_sim(hadamard(x), block)
 
 
 # ---- attention ---------------------------------------------------------------------------

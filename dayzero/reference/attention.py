@@ -88,8 +88,8 @@ class Compressor(UsesOps, nn.Module):
         both = self.__dict__.get("_wkv_wgate")  # inference: one GEMM for both projections
         if both is not None and not torch.is_grad_enabled():
             rows = self.ops.fp32_linear(x, both).unflatten(-1, (2, -1))
-            rows[:, 1] += self.ape[positions % self.ratio]
-            return rows.to(rows_dtype)
+            rows.select(1, 1).add_(self.ape[positions % self.ratio])  # in place (no write-back copy)
+            return rows if rows.dtype == rows_dtype else rows.to(rows_dtype)
         kv = self.wkv(x)
         gate = self.wgate(x) + self.ape[positions % self.ratio]
         return torch.stack([kv, gate], 1).to(rows_dtype)
@@ -122,14 +122,17 @@ class Compressor(UsesOps, nn.Module):
         entries = self.ops.apply_rope(entries, *batch.closing_rope(r, self.overlap, inv_freq))
         if self.official:
             if self.rotate:
-                entries = ref.fp4_act_sim(ref.hadamard(entries), 32)
+                entries = self.ops.hadamard_fp4_sim(entries, 32)
             else:
                 entries = _fp8_nope_sim(self.ops, entries, self.rope_dim)
         cache.write(layer, "ent:" + kind, seq, ids, entries)
 
 
 def _fp8_nope_sim(ops: OpTable, x: torch.Tensor, rope_dim: int) -> torch.Tensor:
-    """FP8 simulation of the non-rope dims in blocks of 64; the rope dims stay as they are."""
+    """FP8 simulation of the non-rope dims in blocks of 64; the rope dims stay as they are: the
+    table's fused kernel where it has one (bit-exact with ref.fp8_nope_sim), else its fp8_act_sim."""
+    if "fp8_nope_sim" in ops.fused:
+        return ops.fp8_nope_sim(x, rope_dim, 64)
     return torch.cat([ops.fp8_act_sim(x[..., :-rope_dim], 64), x[..., -rope_dim:]], -1)
 
 
@@ -171,7 +174,7 @@ class Indexer(UsesOps, nn.Module):
         q = self.wq_b(q_lat).unflatten(-1, (self.n_heads, self.head_dim))
         q = self.ops.apply_rope(q, *batch.rope(inv_freq, heads=True))
         if self.official:
-            q = ref.fp4_act_sim(ref.hadamard(q), 32)
+            q = self.ops.hadamard_fp4_sim(q, 32)
         w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
         scores = self.ops.indexer_scores_paged(q, w, pool, rows)  # [N, T], -inf where not usable
         if self.capture is not None:
@@ -229,10 +232,8 @@ class Attention(UsesOps, nn.Module):
         q_lat, kv = fused_pair(self.wq_a, self.wkv, x)
         q_lat = self.q_norm(q_lat)
         q = self.wq_b(q_lat).unflatten(-1, (self.n_heads, self.head_dim))
-        if self.official:
-            # the reference normalises in the activation dtype; rsqrt taken in fp32 and rounded
-            # (torch's bf16 rsqrt rounds differently in its vector and scalar paths)
-            q = q * torch.rsqrt((ref.row_mean(q.square()) + self.eps).float()).to(q.dtype)
+        if self.official:  # the reference normalises in the activation dtype (ref.act_rms_norm)
+            q = self.ops.act_rms_norm(q, self.eps)
         else:
             q = self.ops.rms_norm(q, None, self.eps)
         q = self.ops.apply_rope(q, *batch.rope(inv_freq, heads=True))

@@ -32,6 +32,8 @@ _PROVIDERS = {
     "moe_experts": "gemm",
 }
 
+FUSED = ("hadamard_fp4_sim", "act_rms_norm", "fp8_nope_sim")  # the fused ops (dayzero.ops FUSED_NAMES) fused.c provides
+
 __all__ = ["NativeUnavailable", "available", "table", "unavailable"]
 
 
@@ -54,4 +56,8 @@ def table() -> OpTable:
         raise NativeUnavailable("; ".join(failed.values()))
     t = assemble("cpu", __name__, _PROVIDERS, frozenset(failed))
     # gemm.c's MoE reads an address table: experts stay where the checkpoint maps them
-    return dataclasses.replace(t, moe_per_expert="moe_experts" in t.kernels)
+    t = dataclasses.replace(t, moe_per_expert="moe_experts" in t.kernels)
+    if build.available("fused"):  # fused.c: one call for a sequence of twins (ops FUSED_NAMES)
+        from dayzero.ops.cpu import fused
+        t = dataclasses.replace(t, fused=FUSED, **{name: getattr(fused, name) for name in FUSED})
+    return t
