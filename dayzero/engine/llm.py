@@ -94,8 +94,8 @@ class LLM:
 
     numerics: "official" (default for DeepSeek-V4) or "transformers". A DeepSeek-V4.1 checkpoint
     (config.json model_type deepseek_v41) runs with "transformers" numerics only, on one rank or over
-    tensor (and expert) parallel local ranks (v41/served.py names what it refuses: speculation,
-    DP-attention, torchrun, hybrid experts, FP8 cache, "official")."""
+    tensor (and expert) parallel ranks, local or torchrun's (v41/served.py names what it refuses:
+    speculation, DP-attention, hybrid experts, FP8 cache, "official")."""
 
     def __init__(self, model: str | os.PathLike | None = None, device=None, dtype=None,
                  numerics: str | None = None, **engine_options):
@@ -113,9 +113,6 @@ class LLM:
         v41 = is_v41_dir(path)  # DeepSeek-V4.1: numerics "transformers", TP / TP + EP (v41/served.py)
         if v41:
             check_engine_args(eargs, numerics)
-            if runtime.torchrun_env() is not None:
-                raise ValueError("DeepSeek-V4.1 under torchrun is not built (tensor_parallel_size starts local "
-                                 "ranks instead; docs/V41.md)")
         numerics = "transformers" if v41 else numerics or "official"
         if tp * dp > 1 or runtime.torchrun_env() is not None:
             # an impossible layout fails before any rank starts

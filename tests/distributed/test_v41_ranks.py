@@ -6,6 +6,8 @@ FP8 32x32 dense weights and MXFP4 experts, at sizes whose per-rank shares keep t
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import time
 
 import pytest
@@ -16,6 +18,7 @@ from dayzero.distributed.layout import Layout, LayoutError
 from dayzero.v41.checkpoint import expected_tensors
 from dayzero.v41.loader import load_v41, read_v41_args
 from dayzero.v41.toy import TEXT, write_toy
+from tests.distributed.test_tensor_parallel import _env, _run
 from tests.engine.helpers import staggered
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3)
@@ -71,7 +74,7 @@ def test_impossible_layouts_name_the_field(ckpt):
         Layout(2, 0, ep=True).check(args.replace(n_routed_experts=3))
     from dayzero.v41.presets import v41_flash  # as released: o_groups 8, shares of 32 up to 8 ranks
     for ep in (False, True):
-        with pytest.raises(LayoutError, match=r"`o_groups`=8 .*\n.*values that fit it.*: \[1, 2, 4, 8\]"):
+        with pytest.raises(LayoutError, match=r"(?s)`o_groups`=8 .*values that fit it.*: \[1, 2, 4, 8\]"):
             Layout(16, 0, ep).check(v41_flash())
         Layout(8, 7, ep).check(v41_flash())
     t = time.monotonic()
@@ -143,3 +146,17 @@ def test_the_model_checks_its_layout(ckpt):
     args, _ = read_v41_args(ckpt)
     with torch.device("meta"), pytest.raises(LayoutError, match="`vocab_size`=321"):
         V41Transformer(args.replace(vocab_size=321), layout=Layout(2))
+
+
+def test_torchrun_gives_the_one_rank_tokens(ckpt):
+    """`dayzero generate` under torchrun: 2 ranks (the ranks torchrun started join; rank 1 prints nothing)."""
+    args = ["generate", "--model", str(ckpt), "--token-ids", "6,17,42,99,30,8", "--max-tokens", "8", "--ignore-eos",
+            "--dtype", "float32"]
+    one = subprocess.run([sys.executable, "-m", "dayzero", *args], capture_output=True, text=True, timeout=120,
+                         env=_env())
+    assert one.returncode == 0, one.stderr
+    from tests.server.conftest import free_port
+    run = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(free_port()), "-m", "dayzero", *args, "--tensor-parallel-size", "2"], timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout == one.stdout and "[8 tokens" in one.stderr and "[8 tokens" in run.stderr
