@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default="flash", help="flash (SWA+CSA+HCA, hash MoE, MTP), pro (HCA first), mixed, "
                         "flash-0731 (flash with DeepSeek's three-stage DSpark drafter in mtp.*, as V4-Flash-0731), "
                         "v41-flash (a tiny DeepSeek-V4.1 with Engram in the official V4.1 layout; fp8 or bf16 only; "
-                        "generate / serve run it on one rank: docs/V41.md)")
+                        "generate / serve run it on one rank or over --tensor-parallel-size ranks: docs/V41.md)")
     t.add_argument("--format", choices=sorted(FORMATS), default="fp8")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--overwrite", action="store_true")

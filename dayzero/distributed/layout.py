@@ -30,6 +30,12 @@ experts (dp > 1 without `ep`) are not built: `check` refuses them.
 A split dimension must divide evenly, and where a weight is FP8 its 128-wide scale blocks (FP4:
 32) must not be cut, nor the 128-wide blocks of the official activation simulation; `check` names
 the field, its value and the sizes that would work. N = 1 is the whole model (the same code).
+
+DeepSeek-V4.1 (v41/, `V41Args`) is split by the same rules over the same names (attn.wq_b, wo_a, wo_b,
+attn_sink, ffn.experts, shared_experts, embed, head); its compressors, indexers, Engram and mHC are
+replicated. Its FP8 dense weights have 32x32 scale blocks and its MXFP4 experts 32-wide ones (there is
+no activation simulation beyond its fixed fake-quant points, none of which is split), so a V4.1 share
+must be a multiple of 32 where V4's must be of 128. DP-attention is not built for V4.1.
 """
 from __future__ import annotations
 
@@ -80,7 +86,7 @@ class Layout:
         r = self.rank % self.tp
         return r * n, (r + 1) * n
 
-    def experts(self, args: ModelArgs) -> range:
+    def experts(self, args) -> range:
         """The routed experts this rank holds (whole or split, see `expert_inter`): under expert
         parallel E/N of them by rank over all N = tp x dp ranks."""
         if not self.ep:
@@ -88,7 +94,7 @@ class Layout:
         n = args.n_routed_experts // self.world
         return range(self.rank * n, (self.rank + 1) * n)
 
-    def expert_inter(self, args: ModelArgs) -> int:
+    def expert_inter(self, args) -> int:
         """Inner width of this rank's routed experts."""
         return args.moe_inter_dim if self.ep else args.moe_inter_dim // self.tp
 
@@ -140,19 +146,30 @@ class Layout:
                 extra = f" with each rank's share a multiple of {block} ({why})" if block > 1 and value % n == 0 else ""
                 out.append(f"config `{field}`={value} ({what}) does not split {n} ways{extra}")
 
-        blk = 128 if args.linear_format == "fp8" else 1
+        blk, eblk, efmt = blocks(args)
         need("num_attention_heads", args.n_heads, "attention heads: wq_b rows and sinks by head", args.head_dim,
-             blk, "FP8 128-row blocks of wq_b")
+             blk, f"FP8 {blk}-row blocks of wq_b")
         need("o_groups", args.o_groups, "wo_a output groups and wo_b input columns by group", args.o_lora_rank,
-             blk, "FP8 128 blocks of wo_b")
+             blk, f"FP8 {blk} blocks of wo_a and wo_b")
         need("vocab_size", args.vocab_size, "embedding and head rows by vocabulary")
         if self.ep:
             need("n_routed_experts", args.n_routed_experts, "routed experts, whole, E/N per rank")
             need("moe_intermediate_size", args.moe_inter_dim, "the shared expert's inner dim", 1, blk,
-                 "FP8 128 blocks of its weights and activations")
+                 f"FP8 {blk} blocks of its weights and activations")
         else:
-            eblk = max(blk, 128 if args.routed_expert_format != "dense" else 1)
             need("moe_intermediate_size", args.moe_inter_dim,
                  "the shared and routed experts' inner dim; enable_expert_parallel keeps routed experts whole",
-                 1, eblk, f"{args.routed_expert_format} weight and activation blocks")
+                 1, max(blk, eblk), f"{efmt} weight and activation blocks")
         return out
+
+
+def blocks(args) -> tuple[int, int, str]:
+    """(dense block, routed-expert block, routed-expert format) a split share must keep whole: V4
+    (`ModelArgs`): FP8 128 and FP4 128 (its weight blocks and the official activation simulation);
+    V4.1 (`V41Args`, no `linear_format`): FP8 32x32 dense blocks and MXFP4 32-wide expert blocks."""
+    if hasattr(args, "linear_format"):
+        blk = 128 if args.linear_format == "fp8" else 1
+        return blk, 128 if args.routed_expert_format != "dense" else 1, args.routed_expert_format
+    if args.quant != "fp8":
+        return 1, 1, "dense"
+    return args.weight_block_size[0], 32, f"{args.expert_dtype}"

@@ -306,9 +306,14 @@ def _spawned(argv: list[str] | None = None) -> int:
     init_process_group(backend_for(dev), store=store, rank=a.rank, world_size=a.world, timeout=_timeout())
     _threads(a.world)
     group = Group(a.rank, a.world, dev)
-    model = load_model(load["path"], numerics=load["numerics"], dtype=resolve_dtype(load["dtype"]), device=dev,
-                       progress=False, layout=Layout(load["tp"], a.rank, load["ep"], load["dp"]),
-                       cpu_experts=load.get("cpu_experts", False), drafter=load.get("drafter"))
+    layout = Layout(load["tp"], a.rank, load["ep"], load["dp"])
+    if load.get("v41"):  # DeepSeek-V4.1 (v41/served.py)
+        from dayzero.v41.served import load_served
+        model = load_served(load["path"], resolve_dtype(load["dtype"]), dev, progress=False, layout=layout)
+    else:
+        model = load_model(load["path"], numerics=load["numerics"], dtype=resolve_dtype(load["dtype"]), device=dev,
+                           progress=False, layout=layout, cpu_experts=load.get("cpu_experts", False),
+                           drafter=load.get("drafter"))
     model.set_comm(group.comm)
     group.follow(model)
     return 0

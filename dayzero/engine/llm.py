@@ -23,6 +23,7 @@ from dayzero.distributed import runtime
 from dayzero.distributed.layout import Layout
 from dayzero.loader.model_io import load_model, read_args
 from dayzero.tokenizer import Tokenizer
+from dayzero.v41.loader import read_v41_args
 from dayzero.v41.served import check_engine_args, is_v41_dir, load_served
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -92,8 +93,9 @@ class LLM:
     steps and exit the process when it closes). `close()` stops the other ranks.
 
     numerics: "official" (default for DeepSeek-V4) or "transformers". A DeepSeek-V4.1 checkpoint
-    (config.json model_type deepseek_v41) runs on one rank with "transformers" numerics only
-    (v41/served.py names what it refuses: speculation, parallel layouts, FP8 cache, "official")."""
+    (config.json model_type deepseek_v41) runs with "transformers" numerics only, on one rank or over
+    tensor (and expert) parallel ranks, local or torchrun's (v41/served.py names what it refuses:
+    speculation, DP-attention, hybrid experts, FP8 cache, "official")."""
 
     def __init__(self, model: str | os.PathLike | None = None, device=None, dtype=None,
                  numerics: str | None = None, **engine_options):
@@ -108,25 +110,27 @@ class LLM:
         tp, ep, dp = eargs.tensor_parallel_size, eargs.enable_expert_parallel, eargs.data_parallel_size
         drafter = resolve_drafter((eargs.speculative_config or {}).get("model"))  # a DSpark drafter of its own
         self.group = None
-        if is_v41_dir(path):  # DeepSeek-V4.1: one rank, numerics "transformers" (v41/served.py)
+        v41 = is_v41_dir(path)  # DeepSeek-V4.1: numerics "transformers", TP / TP + EP (v41/served.py)
+        if v41:
             check_engine_args(eargs, numerics)
-            if runtime.torchrun_env() is not None:
-                raise ValueError("DeepSeek-V4.1 runs on one rank: torchrun's ranks are not built for it (docs/V41.md)")
-            self._start(path, eargs, load_served(path, dt, self.device))
-            return
-        numerics = numerics or "official"
+        numerics = "transformers" if v41 else numerics or "official"
         if tp * dp > 1 or runtime.torchrun_env() is not None:
-            Layout(tp, 0, ep, dp).check(read_args(path))  # an impossible layout fails before any rank starts
+            # an impossible layout fails before any rank starts
+            Layout(tp, 0, ep, dp).check(read_v41_args(path)[0] if v41 else read_args(path))
             load = {"path": str(Path(path).resolve()), "numerics": numerics, "ep": ep, "tp": tp, "dp": dp,
                     "cpu_experts": eargs.cpu_experts, "drafter": None if drafter is None else str(drafter.resolve()),
-                    "dtype": None if dt is None else str(dt).removeprefix("torch.")}
+                    "dtype": None if dt is None else str(dt).removeprefix("torch."), "v41": v41}
             self.group = runtime.join(tp * dp, self.device, load)
         rank = self.group.rank if self.group else 0
         try:
             dev = self.group.device if self.group else self.device
-            self.model = load_model(path, numerics=numerics, dtype=dt, device=dev,
-                                    progress=None if rank == 0 else False, layout=Layout(tp, rank, ep, dp),
-                                    cpu_experts=eargs.cpu_experts, drafter=drafter)
+            if v41:
+                self.model = load_served(path, dt, dev, progress=None if rank == 0 else False,
+                                         layout=Layout(tp, rank, ep, dp))
+            else:
+                self.model = load_model(path, numerics=numerics, dtype=dt, device=dev,
+                                        progress=None if rank == 0 else False, layout=Layout(tp, rank, ep, dp),
+                                        cpu_experts=eargs.cpu_experts, drafter=drafter)
             if self.group is not None:
                 self.model.set_comm(self.group.comm)
                 if rank != 0:  # torchrun: this process follows rank 0's steps, then exits

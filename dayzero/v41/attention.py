@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dayzero.distributed.layout import Layout
 from dayzero.ops import ref
 from dayzero.reference.attention import Attention, rope_table, rows_of
 from dayzero.reference.layers import Linear, RMSNorm, UsesOps
@@ -123,20 +124,28 @@ class CSA2Indexer(UsesOps, nn.Module):
 
 
 class CSA2Attention(UsesOps, nn.Module):
-    def __init__(self, args, layer: V41Layer, dtype: torch.dtype):
+    """Tensor parallel (`layout.tp` = N > 1, distributed/layout.py): this rank's H/N heads (wq_b rows,
+    sinks) and G/N output groups (wo_a rows, wo_b input columns), their wo_b partial sums added over
+    ranks in fp32; wq_a, wkv, the norms, compressor and indexer are whole on every rank (the window and
+    compressed caches are replicated)."""
+
+    def __init__(self, args, layer: V41Layer, dtype: torch.dtype, layout: Layout = Layout()):
         super().__init__()
+        tp, split = layout.tp, None if layout.single else 0
         self.layer, self.ratio = layer, layer.compress_ratio
-        self.n_heads, self.head_dim, self.window = args.n_heads, args.head_dim, args.window_size
-        self.o_groups = args.o_groups
-        self.attn_sink = nn.Parameter(torch.zeros(args.n_heads), requires_grad=False)
+        self.n_heads, self.head_dim, self.window = args.n_heads // tp, args.head_dim, args.window_size
+        self.o_groups = args.o_groups // tp
+        self.attn_sink = nn.Parameter(torch.zeros(self.n_heads), requires_grad=False)
+        self.param_splits = {} if layout.single else {"attn_sink": 0}  # reference/model.py Transformer.shard_plan
         self.wq_a = v41_linear(args, args.dim, args.q_lora_rank, dtype)
         self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps, dtype)
-        self.wq_b = v41_linear(args, args.q_lora_rank, args.n_heads * args.head_dim, dtype)
+        self.wq_b = v41_linear(args, args.q_lora_rank, self.n_heads * args.head_dim, dtype, split=split)
         self.wkv = v41_linear(args, args.dim, args.head_dim, dtype)
         self.kv_norm = RMSNorm(args.head_dim, args.norm_eps, dtype)
         self.wo_a = v41_linear(args, args.n_heads * args.head_dim // args.o_groups,
-                               args.o_groups * args.o_lora_rank, dtype)
-        self.wo_b = v41_linear(args, args.o_groups * args.o_lora_rank, args.dim, dtype)
+                               self.o_groups * args.o_lora_rank, dtype, split=split)
+        self.wo_b = v41_linear(args, self.o_groups * args.o_lora_rank, args.dim, dtype,
+                               split=None if layout.single else 1)
         if layer.is_kv_source:
             self.compressor = CSA2Compressor(args, self.ratio, dtype)
         if layer.is_index_source:
@@ -170,7 +179,9 @@ class CSA2Attention(UsesOps, nn.Module):
                 sources.append((pool, torch.gather(rows, 1, top.clamp(min=0)).masked_fill_(top < 0, -1)))
         o = self.ops.sparse_attn_paged(q, sources, self.attn_sink, self.head_dim ** -0.5)
         o = self.ops.apply_rope(o, *batch.rope(inv_freq, heads=True), inverse=True)
-        return self.wo_b(Attention._grouped_wo_a(self, o.reshape(o.shape[0], self.o_groups, -1)))
+        y = self.wo_b(Attention._grouped_wo_a(self, o.reshape(o.shape[0], self.o_groups, -1)))
+        # tensor parallel: this rank's groups' partial output, summed over ranks in fp32 and rounded once
+        return y if self.comm.world == 1 else self.comm.all_reduce(y.float()).to(y.dtype)
 
     def _publish(self, x: torch.Tensor, batch: Batch, inv_freq: torch.Tensor) -> None:
         """KV source: store the group's entries and indexer keys that this batch closes."""

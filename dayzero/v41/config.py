@@ -4,8 +4,8 @@ inference/config.json (research/v41-and-dspark.md 1.2), typed and validated. Err
 and the key as that file spells it (`text_config.kv_source_layer_ids` in a hub config,
 `kv_source_layers` in the official one), and for schedule errors the layer and its value.
 
-The reference forward built from it is dayzero/v41/model.py; the engine runs it on one rank through
-dayzero/v41/served.py (docs/V41.md).
+The reference forward built from it is dayzero/v41/model.py; the engine runs it (one rank, or tensor /
+expert parallel ranks) through dayzero/v41/served.py (docs/V41.md).
 """
 from __future__ import annotations
 

@@ -47,10 +47,10 @@ class Fp8Linear32(Linear):
     (to x's dtype, exactly: e4m3 values times powers of two) and multiplies, as transformers' model does
     with the dequantised weight (no activation quantisation: `transformers` numerics)."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, split: int | None = None):
         nn.Module.__init__(self)  # not Linear.__init__: no dense weight to allocate
         self.in_features, self.out_features, self.fmt = in_features, out_features, "fp8_32"
-        self.split, self.reads_dequant, self.quant_input = None, False, False
+        self.split, self.reads_dequant, self.quant_input = split, False, False  # split: as Linear's (a rank's slice)
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn),
                                    requires_grad=False)
         self.scale = nn.Parameter(torch.zeros(math.ceil(out_features / DENSE_BLOCK), math.ceil(in_features / DENSE_BLOCK),
@@ -68,12 +68,14 @@ class Fp8Linear32(Linear):
         return ref.linear(x, self.dequant(x.dtype))
 
 
-def v41_linear(args, in_features: int, out_features: int, dtype: torch.dtype, dense_role: bool = True) -> Linear:
+def v41_linear(args, in_features: int, out_features: int, dtype: torch.dtype, dense_role: bool = True,
+               split: int | None = None) -> Linear:
     """A DENSE-role linear: FP8 32x32 when the checkpoint is quantised (`args.quant`), else `dtype`;
-    dense_role=False: always `dtype` (the BF16 projections of the table above)."""
+    dense_role=False: always `dtype` (the BF16 projections of the table above). split: a tensor-parallel
+    rank's slice along that dim of the weight (and its scale), in_/out_features already the slice's."""
     if dense_role and args.quant == "fp8":
-        return Fp8Linear32(in_features, out_features)
-    return Linear(in_features, out_features, "dense", dtype)
+        return Fp8Linear32(in_features, out_features, split)
+    return Linear(in_features, out_features, "dense", dtype, split=split)
 
 
 def expert_format(args) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from dayzero.distributed.layout import Layout
 from dayzero.loader.checkpoint import CheckpointError, list_tensors, load_state, read_config
 from dayzero.loader.finite import check_small_finite
 from dayzero.v41.checkpoint import expected_tensors, storage_dtype
@@ -54,9 +55,11 @@ def read_v41_args(path: str | os.PathLike) -> tuple[V41Args, torch.dtype]:
 
 
 def load_v41(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-             progress: bool | None = None):
+             progress: bool | None = None, layout: Layout = Layout()):
     """The V41Transformer of the checkpoint at `path` (compute `dtype`, on `device`), loaded strictly, its
-    Engram tables memory-mapped, the tokenizer.json bound for Engram."""
+    Engram tables memory-mapped, the tokenizer.json bound for Engram. With a tensor / expert parallel
+    `layout` (distributed/layout.py) only this rank's tensors and slices are read from the mapped shards,
+    after the whole checkpoint's inventory is checked against the headers (as V4's loader/model_io.py)."""
     from dayzero.v41.model import V41Transformer
 
     args, storage = read_v41_args(path)
@@ -69,12 +72,21 @@ def load_v41(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
         from tokenizers import Tokenizer
         tokenizer = Tokenizer.from_file(str(file))
     _check_quantisation(path, args)
-    state = load_state(path, expected_tensors(args, storage), device=device, ignore=not_loaded, progress=progress,
-                       host=is_engram_table)
-    check_small_finite(state, str(path))
     with torch.device("meta"):
-        model = V41Transformer(args, dtype=dtype)
+        model = V41Transformer(args, dtype=dtype, layout=layout)
     params = model.state_dict()
+    expected = expected_tensors(args, storage)
+    slices = {}
+    for name, dim in model.shard_plan().items():
+        n = params[name].shape[dim]
+        if expected[name].shape[dim] != n * layout.tp:  # layout.check rules this out; a guard for new splits
+            raise CheckpointError(f"tensor {name!r}: dim {dim} of {list(expected[name].shape)} does not split into "
+                                  f"{layout.tp} slices of {n}")
+        r = layout.rank % layout.tp
+        slices[name] = (dim, r * n, (r + 1) * n)
+    state = load_state(path, expected, device=device, ignore=not_loaded, progress=progress, host=is_engram_table,
+                       only=None if layout.whole else set(params), slices=slices)
+    check_small_finite(state, str(path))
     for name, t in state.items():
         # storage -> compute dtype for unquantised floats; quantised weights and the tables stay as read
         if t.dtype != params[name].dtype and not is_engram_table(name):

@@ -17,9 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dayzero.distributed.comm import SINGLE, Comm
+from dayzero.distributed.layout import Layout
 from dayzero.ops import ref
 from dayzero.reference.layers import Linear, RMSNorm, UsesOps
-from dayzero.reference.model import ModelState
+from dayzero.reference.model import ModelState, Transformer
 from dayzero.reference.seqcache import Batch
 from dayzero.v41.attention import Context, CSA2Attention
 from dayzero.v41.config import V41Args
@@ -42,7 +44,7 @@ class V41Block(UsesOps, nn.Module):
     layer's FFN site; the first attention: stream 0); its own `pre` goes to the next site, and the
     last FFN site's to the final collapse (no hc_head)."""
 
-    def __init__(self, args: V41Args, layer_id: int, dtype: torch.dtype):
+    def __init__(self, args: V41Args, layer_id: int, dtype: torch.dtype, layout: Layout = Layout()):
         super().__init__()
         n, mix = args.hc_mult, (2 + args.hc_mult) * args.hc_mult
         self.layer_id, self.iters, self.hc_eps, self.norm_eps = layer_id, args.hc_sinkhorn_iters, args.hc_eps, args.norm_eps
@@ -51,8 +53,8 @@ class V41Block(UsesOps, nn.Module):
             self.engram = Engram(args, args.engram_layer_ids.index(layer_id), dtype)
         self.attn_norm = RMSNorm(args.dim, args.norm_eps, dtype)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, dtype)
-        self.attn = CSA2Attention(args, layer, dtype)
-        self.ffn = V41MoE(args, dtype)
+        self.attn = CSA2Attention(args, layer, dtype, layout)
+        self.ffn = V41MoE(args, dtype, layout=layout)
         self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = _f32(mix, n * args.dim), _f32(mix), _f32(3)
         self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = _f32(mix, n * args.dim), _f32(mix), _f32(3)
 
@@ -73,18 +75,54 @@ class V41Block(UsesOps, nn.Module):
 
 
 class V41Transformer(nn.Module):
-    def __init__(self, args: V41Args, numerics: str = "transformers", dtype: torch.dtype = torch.float32):
+    """`layout` (distributed/layout.py): this rank's slice of a tensor / expert parallel model (the
+    default: the whole model); a sliced model computes the whole model's outputs once `set_comm`
+    installs its process group's collectives. Vocab-parallel embedding (each token's row comes from
+    the one rank holding it, the others add zeros) and head (fp32 logits all-gathered); the Engram
+    tables, mHC and norms are whole on every rank."""
+
+    def __init__(self, args: V41Args, numerics: str = "transformers", dtype: torch.dtype = torch.float32,
+                 layout: Layout = Layout()):
         super().__init__()
         if numerics not in NUMERICS:
             raise ValueError(f"DeepSeek-V4.1 numerics must be one of {NUMERICS}, got {numerics!r} (the official "
                              f"mode's extra quantisation simulation is not built for V4.1)")
-        self.args, self.numerics, self.compute_dtype = args, numerics, dtype
-        self.embed = nn.Embedding(args.vocab_size, args.dim, dtype=dtype)
+        layout.check(args)
+        self.args, self.numerics, self.compute_dtype, self.layout = args, numerics, dtype, layout
+        self.vocab = layout.part(args.vocab_size)  # this rank's rows of embed and head: [start, stop)
+        vocab = self.vocab[1] - self.vocab[0]
+        self.embed = nn.Embedding(vocab, args.dim, dtype=dtype)
         self.embed.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(V41Block(args, i, dtype) for i in range(args.n_layers))
+        self.embed.param_splits = {} if layout.single else {"weight": 0}
+        self.layers = nn.ModuleList(V41Block(args, i, dtype, layout) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, dtype)
-        self.head = Linear(args.dim, args.vocab_size, "dense", dtype)
+        self.head = Linear(args.dim, vocab, "dense", dtype, split=None if layout.single else 0)
         self.hasher: NgramHasher | None = None
+
+    def set_comm(self, comm: Comm) -> None:
+        """Install the collectives of this rank's process group in every module (as V4's)."""
+        Transformer.set_comm(self, comm)
+
+    @property
+    def group_comm(self) -> Comm:
+        return self.__dict__.get("_group_comm", SINGLE)
+
+    def shard_plan(self) -> dict[str, int]:
+        """Tensors this rank holds a slice of: name -> the dim it is sliced along (as V4's)."""
+        return Transformer.shard_plan(self)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.layout.single:
+            return self.embed(input_ids).to(self.compute_dtype)
+        lo, hi = self.vocab  # vocab-parallel: each token's row lives on one rank, the others add zeros (exact)
+        mine = (input_ids >= lo) & (input_ids < hi)
+        e = self.embed(torch.where(mine, input_ids - lo, 0)).to(self.compute_dtype)
+        return self.group_comm.all_reduce(e * mine.unsqueeze(-1).to(e.dtype))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits over the whole vocabulary of final collapsed hidden h [N, dim] (before `norm`);
+        a vocab-parallel head's slices gathered."""
+        return self.group_comm.all_gather(ref.fp32_linear(self.norm(h), self.head.weight), -1)
 
     def bind_tokenizer(self, tokenizer) -> "V41Transformer":
         """Derive the Engram token map from the checkpoint's tokenizer (a `tokenizers.Tokenizer`)."""
@@ -112,7 +150,7 @@ class V41Transformer(nn.Module):
                                  f"{list(self.args.engram_layer_ids)}: bind the checkpoint's tokenizer first "
                                  "(V41Transformer.bind_tokenizer), its token map defines the n-gram hashes")
             hash_ids = self.hasher(input_ids, batch)
-        X = self.embed(input_ids).to(self.compute_dtype).unsqueeze(1).repeat(1, self.args.hc_mult, 1)
+        X = self.embed_tokens(input_ids).unsqueeze(1).repeat(1, self.args.hc_mult, 1)
         pre = torch.zeros(X.shape[:2], device=X.device)
         pre[:, 0] = 1.0  # the first site reads stream 0
         ctx = Context()
@@ -152,11 +190,11 @@ class V41Transformer(nn.Module):
                                 None if floor is None else [floor] * B)
         state.pos += S
         if floor is None:
-            return ref.fp32_linear(self.norm(h), self.head.weight).view(B, S, -1)
+            return self.logits(h).view(B, S, -1)
         keep = ~h.isnan().any(-1)
         logits = torch.full((B * S, self.args.vocab_size), float("nan"), device=h.device)
         if keep.any():
-            logits[keep] = ref.fp32_linear(self.norm(h[keep]), self.head.weight)
+            logits[keep] = self.logits(h[keep])
         return logits.view(B, S, -1)
 
     def _replay_floor(self, state: ModelState, S: int, bounded_replay: bool, replay_from: int | None) -> int | None:

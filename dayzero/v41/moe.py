@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from dayzero.distributed.comm import SINGLE
+from dayzero.distributed.layout import Layout
 from dayzero.ops import ref
 from dayzero.reference.layers import UsesOps
 from dayzero.reference.moe import MoE, Expert, Experts
@@ -38,21 +39,31 @@ class V41Gate(UsesOps, nn.Module):
 
 
 class V41MoE(MoE):
-    """V4's MoE (its forward, expert loop and grouped FP4 path) with the V4.1 gate, on one rank: the
-    tensor/expert-parallel layouts of V4 are not wired for V4.1 yet, so the attributes MoE.__init__
-    derives from a V4 layout are set here for the single-rank case."""
+    """V4's MoE (its forward, expert loop, grouped FP4 path and tensor / expert parallel split,
+    reference/moe.py) with the V4.1 gate. `layout` (distributed/layout.py): the shared expert split by
+    its inner dim over the tensor-parallel ranks, the routed experts split the same way or, with
+    `layout.ep`, whole with E/N per rank; the gate is whole on every rank. DP-attention is not built
+    for V4.1 (`layout.dp` must be 1)."""
 
-    def __init__(self, args, dtype: torch.dtype, official: bool = False):
+    def __init__(self, args, dtype: torch.dtype, official: bool = False, layout: Layout = Layout()):
         nn.Module.__init__(self)
+        if layout.dp != 1:
+            raise ValueError(f"data_parallel_size={layout.dp}: DP-attention is not built for DeepSeek-V4.1")
         self.gate = V41Gate(args, args.n_routed_experts, args.n_activated_experts, dtype)
         fmt = expert_format(args)  # MXFP4 in a quantised checkpoint (V4's format and expert path)
-        self.experts = Experts({str(e): Expert(args.dim, args.moe_inter_dim, fmt, dtype, official, args.swiglu_limit)
-                                for e in range(args.n_routed_experts)})
-        self.shared_experts = Expert(args.dim, args.moe_inter_dim, "dense", dtype, official, args.swiglu_limit)
+        split = not layout.single
+        self.experts = Experts({str(e): Expert(args.dim, layout.expert_inter(args), fmt, dtype, official,
+                                               args.swiglu_limit, split=split and not layout.ep)
+                                for e in layout.experts(args)})
+        inter = args.moe_inter_dim // layout.tp
+        self.shared_experts = Expert(args.dim, inter, "dense", dtype, official, args.swiglu_limit, split=split)
         if args.quant == "fp8":  # the shared expert is a DENSE-role weight: FP8 in 32x32 blocks
-            for name, (i, o) in (("w1", (args.dim, args.moe_inter_dim)), ("w2", (args.moe_inter_dim, args.dim)),
-                                 ("w3", (args.dim, args.moe_inter_dim))):
-                setattr(self.shared_experts, name, v41_linear(args, i, o, dtype))
+            for name, (i, o, dim) in (("w1", (args.dim, inter, 0)), ("w2", (inter, args.dim, 1)),
+                                      ("w3", (args.dim, inter, 0))):
+                setattr(self.shared_experts, name, v41_linear(args, i, o, dtype, split=dim if split else None))
         self.official, self.limit = official, args.swiglu_limit
-        self.local, self.data_parallel, self.comm = None, False, SINGLE
+        # expert parallel: the routed ids this rank runs, [lo, hi) (all of them otherwise)
+        held = layout.experts(args)
+        self.local = None if not layout.ep or layout.whole else (held.start, held.stop)
+        self.data_parallel, self.comm = False, SINGLE
         self.dim, self.topk = args.dim, args.n_activated_experts

@@ -7,11 +7,15 @@ model's (the paged cache is the Batch's cache, v41/cache.py says which groups it
 is the model's final norm and fp32 head (what `V41Transformer.forward` does), `forward` is the
 model's full forward (`LLM.score`). `args` is the engine's view of the config (`EngineView`).
 
+Ranks: tensor parallel (`tensor_parallel_size`) with or without expert parallel
+(`enable_expert_parallel`) runs the model's layout (distributed/layout.py, v41/model.py): each rank a
+ServedV41 over its slice, the collectives installed by `set_comm`, driven by distributed/runtime.py as V4.
+
 What is refused, by name, before anything runs (`check_engine_args`, also from `LLM`):
 speculation (V4.1's DSpark stages `mtp.*` are not loaded: the drafter is not built for V4.1),
-tensor / expert / data parallel layouts and hybrid expert placement (V4.1's layers are built for one
-rank), kv_cache_dtype "fp8" (no packed V4.1 rows), `numerics="official"` (only transformers'
-semantics are built for V4.1); recorded steps (CUDA graphs, trace) are off (`graphs_unsupported`).
+data parallel (DP-attention) and hybrid expert placement (not built for V4.1), kv_cache_dtype "fp8"
+(no packed V4.1 rows), `numerics="official"` (only transformers' semantics are built for V4.1);
+recorded steps (CUDA graphs, trace) are off (`graphs_unsupported`).
 """
 from __future__ import annotations
 
@@ -21,7 +25,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dayzero.distributed.comm import SINGLE
 from dayzero.distributed.layout import Layout
 from dayzero.ops import ref
 from dayzero.v41 import cache
@@ -60,14 +63,12 @@ def check_engine_args(eargs, numerics: str | None = None) -> None:
         raise ValueError(f"numerics={numerics!r}: DeepSeek-V4.1 runs with numerics='transformers' only (what "
                          f"transformers' deepseek_v41 computes, its fake-quant points included); the official "
                          f"mode's extra simulation is not built for V4.1 {NOT_BUILT}")
-    for name in ("tensor_parallel_size", "data_parallel_size"):
-        if getattr(eargs, name) != 1:
-            raise ValueError(f"{name}={getattr(eargs, name)}: DeepSeek-V4.1 runs on one rank only; its tensor, "
-                             f"expert and data parallel layouts are not built {NOT_BUILT}")
-    for name, why in (("enable_expert_parallel", "expert parallel layouts are not built for V4.1"),
-                      ("cpu_experts", "hybrid expert placement is not built for V4.1")):
-        if getattr(eargs, name):
-            raise ValueError(f"{name}=True: {why} {NOT_BUILT}")
+    if eargs.data_parallel_size != 1:
+        raise ValueError(f"data_parallel_size={eargs.data_parallel_size}: DP-attention is not built for "
+                         f"DeepSeek-V4.1; use tensor_parallel_size={eargs.data_parallel_size} (with "
+                         f"enable_expert_parallel to keep routed experts whole) {NOT_BUILT}")
+    if eargs.cpu_experts:
+        raise ValueError(f"cpu_experts=True: hybrid expert placement is not built for V4.1 {NOT_BUILT}")
     spec = eargs.speculative_config or {}
     k = spec.get("num_speculative_tokens", eargs.num_speculative_tokens)
     if spec.get("method") is not None or spec.get("model") is not None or k:
@@ -81,9 +82,7 @@ def check_engine_args(eargs, numerics: str | None = None) -> None:
 
 
 class ServedV41(nn.Module):
-    """A V41Transformer as engine/worker.py drives a model (one rank, no drafter)."""
-    layout = Layout()  # one rank
-    group_comm = SINGLE
+    """A V41Transformer (or one rank's slice of it) as engine/worker.py drives a model (no drafter)."""
     mtp = ()
     fp32_compressor_rows = True  # the pooled sources' "c:rows" are fp32, as the compressor computes them
     prepares_weights = False  # FP8 32x32 linears dequantise per call (no kept copies for V4.1 yet)
@@ -96,6 +95,17 @@ class ServedV41(nn.Module):
         self.v41, self.numerics, self.compute_dtype = v, model.numerics, model.compute_dtype
         self.args = EngineView(v.vocab_size, v.window_size, v.max_seq_len, tuple(v.compress_ratios), v.n_layers,
                                eos_token_id)
+
+    @property
+    def layout(self) -> Layout:
+        return self.model.layout
+
+    @property
+    def group_comm(self):
+        return self.model.group_comm
+
+    def set_comm(self, comm) -> None:
+        self.model.set_comm(comm)
 
     def check_engine_args(self, eargs) -> None:
         check_engine_args(eargs)
@@ -120,14 +130,15 @@ class ServedV41(nn.Module):
         return self.model.head.weight
 
     def logits(self, X: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of final streams X (collapsed), as V41Transformer.forward computes them."""
-        return ref.fp32_linear(self.model.norm(X), head)
+        """fp32 logits of final streams X (collapsed), as V41Transformer.forward computes them (over
+        ranks: this rank's vocabulary slice of `head`, the slices all-gathered)."""
+        return self.model.group_comm.all_gather(ref.fp32_linear(self.model.norm(X), head), -1)
 
     def forward(self, input_ids: torch.Tensor, state=None) -> torch.Tensor:
         return self.model(input_ids, state)
 
     def idle(self, mtp: bool = False) -> None:
-        raise RuntimeError("DeepSeek-V4.1 runs on one rank: no rank is ever idle")
+        raise RuntimeError("DeepSeek-V4.1 has no DP-attention: no rank is ever idle")
 
 
 def is_v41_dir(path: str | Path) -> bool:
@@ -142,12 +153,13 @@ def is_v41_dir(path: str | Path) -> bool:
 
 
 def load_served(path: str | Path, dtype: torch.dtype | None, device: torch.device,
-                progress: bool | None = None) -> ServedV41:
-    """The V4.1 checkpoint at `path` loaded strictly (v41/loader.py, its tokenizer bound for Engram),
-    ready for the engine. dtype None: fp32 on CPUs, bf16 elsewhere (as V4)."""
+                progress: bool | None = None, layout: Layout = Layout()) -> ServedV41:
+    """The V4.1 checkpoint at `path` (this rank's slices under `layout`) loaded strictly (v41/loader.py,
+    its tokenizer bound for Engram), ready for the engine. dtype None: fp32 on CPUs, bf16 elsewhere (as V4)."""
     import json
 
     from dayzero.loader.model_io import default_compute_dtype
     from dayzero.v41.loader import load_v41
-    model = load_v41(path, dtype=dtype or default_compute_dtype(device), device=device, progress=progress)
+    model = load_v41(path, dtype=dtype or default_compute_dtype(device), device=device, progress=progress,
+                     layout=layout)
     return ServedV41(model, eos_of(json.loads((Path(path) / "config.json").read_text())))
