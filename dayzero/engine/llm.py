@@ -95,7 +95,7 @@ class LLM:
     numerics: "official" (default for DeepSeek-V4) or "transformers". A DeepSeek-V4.1 checkpoint
     (config.json model_type deepseek_v41) runs with "transformers" numerics only, on one rank or over
     tensor (and expert) parallel ranks, local or torchrun's (v41/served.py names what it refuses:
-    speculation, DP-attention, hybrid experts, FP8 cache, "official")."""
+    speculation, FP8 cache, "official"; DP-attention + EP and hybrid experts run as for V4)."""
 
     def __init__(self, model: str | os.PathLike | None = None, device=None, dtype=None,
                  numerics: str | None = None, **engine_options):
@@ -126,7 +126,7 @@ class LLM:
             dev = self.group.device if self.group else self.device
             if v41:
                 self.model = load_served(path, dt, dev, progress=None if rank == 0 else False,
-                                         layout=Layout(tp, rank, ep, dp))
+                                         layout=Layout(tp, rank, ep, dp), cpu_experts=eargs.cpu_experts)
             else:
                 self.model = load_model(path, numerics=numerics, dtype=dt, device=dev,
                                         progress=None if rank == 0 else False, layout=Layout(tp, rank, ep, dp),

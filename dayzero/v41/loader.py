@@ -27,6 +27,7 @@ import torch
 from dayzero.distributed.layout import Layout
 from dayzero.loader.checkpoint import CheckpointError, list_tensors, load_state, read_config
 from dayzero.loader.finite import check_small_finite
+from dayzero.loader.model_io import is_routed_expert
 from dayzero.v41.checkpoint import expected_tensors, storage_dtype
 from dayzero.v41.config import V41Args
 
@@ -55,11 +56,13 @@ def read_v41_args(path: str | os.PathLike) -> tuple[V41Args, torch.dtype]:
 
 
 def load_v41(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-             progress: bool | None = None, layout: Layout = Layout()):
+             progress: bool | None = None, layout: Layout = Layout(), cpu_experts: bool = False):
     """The V41Transformer of the checkpoint at `path` (compute `dtype`, on `device`), loaded strictly, its
     Engram tables memory-mapped, the tokenizer.json bound for Engram. With a tensor / expert parallel
     `layout` (distributed/layout.py) only this rank's tensors and slices are read from the mapped shards,
-    after the whole checkpoint's inventory is checked against the headers (as V4's loader/model_io.py)."""
+    after the whole checkpoint's inventory is checked against the headers (as V4's loader/model_io.py).
+    `cpu_experts`: the routed experts (`ffn.experts.*`) stay in host memory whatever `device` is (hybrid
+    placement, as V4's `load_model(..., cpu_experts=True)`)."""
     from dayzero.v41.model import V41Transformer
 
     args, storage = read_v41_args(path)
@@ -84,7 +87,8 @@ def load_v41(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
                                   f"{layout.tp} slices of {n}")
         r = layout.rank % layout.tp
         slices[name] = (dim, r * n, (r + 1) * n)
-    state = load_state(path, expected, device=device, ignore=not_loaded, progress=progress, host=is_engram_table,
+    host = (lambda n: is_engram_table(n) or is_routed_expert(n)) if cpu_experts else is_engram_table
+    state = load_state(path, expected, device=device, ignore=not_loaded, progress=progress, host=host,
                        only=None if layout.whole else set(params), slices=slices)
     check_small_finite(state, str(path))
     for name, t in state.items():

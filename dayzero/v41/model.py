@@ -79,7 +79,9 @@ class V41Transformer(nn.Module):
     default: the whole model); a sliced model computes the whole model's outputs once `set_comm`
     installs its process group's collectives. Vocab-parallel embedding (each token's row comes from
     the one rank holding it, the others add zeros) and head (fp32 logits all-gathered); the Engram
-    tables, mHC and norms are whole on every rank."""
+    tables, mHC and norms are whole on every rank. DP-attention + EP (`layout.dp` > 1): everything but
+    the routed experts whole on every rank, run on its own requests; only the MoE layers meet the
+    other ranks (`set_comm`, V41MoE), and a rank with no tokens joins them (`idle`)."""
 
     def __init__(self, args: V41Args, numerics: str = "transformers", dtype: torch.dtype = torch.float32,
                  layout: Layout = Layout()):
@@ -107,6 +109,24 @@ class V41Transformer(nn.Module):
     def group_comm(self) -> Comm:
         return self.__dict__.get("_group_comm", SINGLE)
 
+    @property
+    def head_comm(self) -> Comm:
+        """The collectives of the vocab-parallel head: the group's under tensor parallel; none (SINGLE)
+        where the head is whole (one rank, DP-attention: each rank's logits are its own requests')."""
+        return SINGLE if self.layout.single else self.group_comm
+
+    def idle(self) -> None:
+        """A DP-attention rank with no requests this step (or none left after a bounded replay's cut):
+        join every MoE layer's dispatch and combine, in the order the other ranks run them."""
+        self._idle_from(0)
+
+    def _idle_from(self, first: int) -> None:
+        if self.layout.dp == 1:
+            return
+        device = self.norm.weight.device
+        for layer in self.layers[first:]:
+            layer.ffn.idle(self.compute_dtype, device)
+
     def shard_plan(self) -> dict[str, int]:
         """Tensors this rank holds a slice of: name -> the dim it is sliced along (as V4's)."""
         return Transformer.shard_plan(self)
@@ -122,7 +142,7 @@ class V41Transformer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits over the whole vocabulary of final collapsed hidden h [N, dim] (before `norm`);
         a vocab-parallel head's slices gathered."""
-        return self.group_comm.all_gather(ref.fp32_linear(self.norm(h), self.head.weight), -1)
+        return self.head_comm.all_gather(ref.fp32_linear(self.norm(h), self.head.weight), -1)
 
     def bind_tokenizer(self, tokenizer) -> "V41Transformer":
         """Derive the Engram token map from the checkpoint's tokenizer (a `tokenizers.Tokenizer`)."""
@@ -160,6 +180,7 @@ class V41Transformer(nn.Module):
             if len(skip) and layer.layer_id == skip.start:
                 keep = kept_rows(batch, floors)
                 if not keep.any():
+                    self._idle_from(layer.layer_id)  # DP-attention: the other ranks' MoE collectives
                     break
                 batch, X, pre, input_ids = ReplayBatch(batch, floors), X[keep], pre[keep], input_ids[keep]
                 hash_ids = None if hash_ids is None else hash_ids[keep]

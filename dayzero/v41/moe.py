@@ -42,13 +42,13 @@ class V41MoE(MoE):
     """V4's MoE (its forward, expert loop, grouped FP4 path and tensor / expert parallel split,
     reference/moe.py) with the V4.1 gate. `layout` (distributed/layout.py): the shared expert split by
     its inner dim over the tensor-parallel ranks, the routed experts split the same way or, with
-    `layout.ep`, whole with E/N per rank; the gate is whole on every rank. DP-attention is not built
-    for V4.1 (`layout.dp` must be 1)."""
+    `layout.ep`, whole with E/N per rank; the gate is whole on every rank. DP-attention + EP
+    (`layout.dp` > 1): the shared expert whole, E/N routed experts per rank, each step's tokens of
+    every rank all-gathered with their routing and the partial sums reduce-scattered back (V4's
+    `MoE._forward_dp`, the same code). Hybrid placement: V4's `host_experts`."""
 
     def __init__(self, args, dtype: torch.dtype, official: bool = False, layout: Layout = Layout()):
         nn.Module.__init__(self)
-        if layout.dp != 1:
-            raise ValueError(f"data_parallel_size={layout.dp}: DP-attention is not built for DeepSeek-V4.1")
         self.gate = V41Gate(args, args.n_routed_experts, args.n_activated_experts, dtype)
         fmt = expert_format(args)  # MXFP4 in a quantised checkpoint (V4's format and expert path)
         split = not layout.single
@@ -65,5 +65,5 @@ class V41MoE(MoE):
         # expert parallel: the routed ids this rank runs, [lo, hi) (all of them otherwise)
         held = layout.experts(args)
         self.local = None if not layout.ep or layout.whole else (held.start, held.stop)
-        self.data_parallel, self.comm = False, SINGLE
+        self.data_parallel, self.comm = layout.dp > 1, SINGLE
         self.dim, self.topk = args.dim, args.n_activated_experts

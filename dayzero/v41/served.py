@@ -63,12 +63,6 @@ def check_engine_args(eargs, numerics: str | None = None) -> None:
         raise ValueError(f"numerics={numerics!r}: DeepSeek-V4.1 runs with numerics='transformers' only (what "
                          f"transformers' deepseek_v41 computes, its fake-quant points included); the official "
                          f"mode's extra simulation is not built for V4.1 {NOT_BUILT}")
-    if eargs.data_parallel_size != 1:
-        raise ValueError(f"data_parallel_size={eargs.data_parallel_size}: DP-attention is not built for "
-                         f"DeepSeek-V4.1; use tensor_parallel_size={eargs.data_parallel_size} (with "
-                         f"enable_expert_parallel to keep routed experts whole) {NOT_BUILT}")
-    if eargs.cpu_experts:
-        raise ValueError(f"cpu_experts=True: hybrid expert placement is not built for V4.1 {NOT_BUILT}")
     spec = eargs.speculative_config or {}
     k = spec.get("num_speculative_tokens", eargs.num_speculative_tokens)
     if spec.get("method") is not None or spec.get("model") is not None or k:
@@ -132,13 +126,22 @@ class ServedV41(nn.Module):
     def logits(self, X: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         """fp32 logits of final streams X (collapsed), as V41Transformer.forward computes them (over
         ranks: this rank's vocabulary slice of `head`, the slices all-gathered)."""
-        return self.model.group_comm.all_gather(ref.fp32_linear(self.model.norm(X), head), -1)
+        return self.model.head_comm.all_gather(ref.fp32_linear(self.model.norm(X), head), -1)
 
     def forward(self, input_ids: torch.Tensor, state=None) -> torch.Tensor:
         return self.model(input_ids, state)
 
     def idle(self, mtp: bool = False) -> None:
-        raise RuntimeError("DeepSeek-V4.1 has no DP-attention: no rank is ever idle")
+        """DP-attention: a rank with no requests this step joins every MoE layer's collectives."""
+        assert not mtp, "no drafter for V4.1 (check_engine_args)"
+        self.model.idle()
+
+    def host_experts(self, table) -> int:
+        """Hybrid placement (`cpu_experts`): every MoE layer's routed experts run on `table` (the
+        host's op table) over weights in host memory (`load_served(..., cpu_experts=True)`), as V4's
+        `Transformer.host_experts`. Returns the number of MoE layers placed."""
+        from dayzero.reference.model import Transformer
+        return Transformer.host_experts(self, table)
 
 
 def is_v41_dir(path: str | Path) -> bool:
@@ -153,13 +156,14 @@ def is_v41_dir(path: str | Path) -> bool:
 
 
 def load_served(path: str | Path, dtype: torch.dtype | None, device: torch.device,
-                progress: bool | None = None, layout: Layout = Layout()) -> ServedV41:
+                progress: bool | None = None, layout: Layout = Layout(), cpu_experts: bool = False) -> ServedV41:
     """The V4.1 checkpoint at `path` (this rank's slices under `layout`) loaded strictly (v41/loader.py,
-    its tokenizer bound for Engram), ready for the engine. dtype None: fp32 on CPUs, bf16 elsewhere (as V4)."""
+    its tokenizer bound for Engram), ready for the engine. dtype None: fp32 on CPUs, bf16 elsewhere (as V4).
+    `cpu_experts`: the routed experts stay in host memory (hybrid placement, engine/worker.py `host_table`)."""
     import json
 
     from dayzero.loader.model_io import default_compute_dtype
     from dayzero.v41.loader import load_v41
     model = load_v41(path, dtype=dtype or default_compute_dtype(device), device=device, progress=progress,
-                     layout=layout)
+                     layout=layout, cpu_experts=cpu_experts)
     return ServedV41(model, eos_of(json.loads((Path(path) / "config.json").read_text())))

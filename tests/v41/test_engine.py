@@ -155,9 +155,7 @@ def test_seeded_sampling_is_batch_invariant(model):
 @pytest.mark.parametrize("opts, match", [
     (dict(num_speculative_tokens=1), "speculative decoding on DeepSeek-V4.1 is not built"),
     (dict(speculative_config={"method": "dspark"}), "speculative decoding on DeepSeek-V4.1 is not built"),
-    (dict(data_parallel_size=2, enable_expert_parallel=True), r"data_parallel_size=2: DP-attention is not built for "
-     r"DeepSeek-V4.1"),  # tensor / expert parallel ranks: tests/distributed/test_v41_ranks.py
-    (dict(cpu_experts=True), r"cpu_experts=True: hybrid expert placement is not built for V4.1"),
+    # ranks (TP, TP + EP, DP-attention + EP) and cpu_experts: tests/distributed/test_v41_{ranks,dp}.py
     (dict(kv_cache_dtype="fp8"), r"kv_cache_dtype='fp8': DeepSeek-V4.1's cache has no packed FP8 rows"),
     (dict(numerics="official"), r"numerics='official': DeepSeek-V4.1 runs with numerics='transformers' only"),
 ])
