@@ -12,12 +12,17 @@ import copy
 import pytest
 import torch
 
-from dayzero import LLM, SamplingParams
+from dayzero import LLM
+from dayzero.distributed.comm import Comm
+from dayzero.distributed.layout import Layout
 from dayzero.loader.checkpoint import list_tensors
 from dayzero.loader.model_io import is_routed_expert
+from dayzero.v41.loader import load_v41
 from dayzero.v41.moe import V41MoE
+from dayzero.v41.replay import decoder_layers
 from dayzero.v41.toy import TEXT, write_toy
 from tests.distributed.test_data_parallel import owners_seen, stopped
+from tests.distributed.test_tensor_parallel import tokens
 from tests.distributed.test_v41_ranks import GREEDY, OPTS, SIZES, prompts, rel, staggered_outputs
 
 DP2 = dict(data_parallel_size=2, enable_expert_parallel=True)
@@ -104,3 +109,50 @@ def test_dp_ranks_with_cpu_experts(ckpt, one):
         assert [o.token_ids for o in two.generate(ps, GREEDY)] == want
         host = [r["host_expert_bytes"] for r in two.engine.stats()["ranks"]]
     assert host[0] == host[1] == expert_bytes(ckpt) // 2 > 0
+
+
+def test_prefix_caching_under_two_dp_ranks(ckpt, one):
+    """A request whose prompt shares a prefix that another request left on rank 1 is placed on rank 1
+    and resumes from the cached blocks there (rank 0 would win at equal load); one rank's tokens."""
+    p, q = prompts(2, seed=7)[:2]
+    p, q = (p * 3)[:40], (q * 4)[:40]  # two 40-token prefixes: 2 whole blocks of 16 each
+    first, later = [p + [5, 6], q + [7]], [q + [300, 301, 302]]
+    want = tokens(one.generate(first, GREEDY)) + tokens(one.generate(later, GREEDY))
+    with LLM(ckpt, **OPTS, **DP2) as two:
+        seen = owners_seen(two)
+        got = tokens(two.generate(first, GREEDY))
+        assert {0, 1} in seen  # p on rank 0, q on rank 1
+        seen.clear()
+        hits = two.engine.stats()["prefix_cache_hit_tokens"]
+        got += tokens(two.generate(later, GREEDY))
+        assert got == want
+        assert seen and all(s == {1} for s in seen)
+        assert two.engine.stats()["prefix_cache_hit_tokens"] - hits == 32
+    assert stopped(two)
+
+
+class Recorded(Comm):
+    """Rank 0 of two, alone: records the rows each MoE layer dispatches (its own only)."""
+    world, rank = 2, 0
+
+    def __init__(self):
+        self.rows = []
+
+    def dispatch(self, x, weights, ids):
+        self.rows.append(x.shape[0])
+        return x, weights, ids, [x.shape[0]]
+
+
+def test_a_rank_whose_rows_a_bounded_replay_cuts_still_joins_every_moe_layer(ckpt):
+    """Bounded replay (opt-in, v41/replay.py) stops a forward whose rows are all below their floor
+    before the decoder layers; under DP-attention that rank still joins those layers' collectives
+    (with no tokens), or the other ranks would wait on it."""
+    model = load_v41(ckpt, layout=Layout(1, 0, True, 2))
+    comm = Recorded()
+    model.set_comm(comm)
+    skipped = decoder_layers(model.args)
+    assert len(skipped) and skipped.stop == model.args.n_layers
+    with torch.no_grad():
+        out = model(torch.arange(6, 11)[None], model.new_state(), replay_from=30)  # every row below the floor
+    assert out.isnan().all()
+    assert comm.rows == [5] * skipped.start + [0] * len(skipped)
