@@ -35,7 +35,8 @@ DeepSeek-V4.1 (v41/, `V41Args`) is split by the same rules over the same names (
 attn_sink, ffn.experts, shared_experts, embed, head); its compressors, indexers, Engram and mHC are
 replicated. Its FP8 dense weights have 32x32 scale blocks and its MXFP4 experts 32-wide ones (there is
 no activation simulation beyond its fixed fake-quant points, none of which is split), so a V4.1 share
-must be a multiple of 32 where V4's must be of 128. DP-attention is not built for V4.1.
+must be a multiple of 32 where V4's must be of 128. DP-attention + EP runs V4.1 as V4 (only its routed
+experts are split, whole, E/N per rank).
 """
 from __future__ import annotations
 

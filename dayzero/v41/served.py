@@ -8,12 +8,16 @@ is the model's final norm and fp32 head (what `V41Transformer.forward` does), `f
 model's full forward (`LLM.score`). `args` is the engine's view of the config (`EngineView`).
 
 Ranks: tensor parallel (`tensor_parallel_size`) with or without expert parallel
-(`enable_expert_parallel`) runs the model's layout (distributed/layout.py, v41/model.py): each rank a
-ServedV41 over its slice, the collectives installed by `set_comm`, driven by distributed/runtime.py as V4.
+(`enable_expert_parallel`), or DP-attention + EP (`data_parallel_size` with `enable_expert_parallel`),
+runs the model's layout (distributed/layout.py, v41/model.py): each rank a ServedV41 over its slice, the
+collectives installed by `set_comm`, driven by distributed/runtime.py and distributed/dp.py as V4 (a DP
+rank with no requests joins the MoE layers' collectives: `idle`). Hybrid placement (`cpu_experts`): the
+routed experts loaded into host memory (`load_served(..., cpu_experts=True)`) and run on the CPU's op
+table (engine/worker.py `host_table`, `host_experts` here), as V4.
 
 What is refused, by name, before anything runs (`check_engine_args`, also from `LLM`):
 speculation (V4.1's DSpark stages `mtp.*` are not loaded: the drafter is not built for V4.1),
-data parallel (DP-attention) and hybrid expert placement (not built for V4.1), kv_cache_dtype "fp8"
+kv_cache_dtype "fp8"
 (no packed V4.1 rows), `numerics="official"` (only transformers' semantics are built for V4.1);
 recorded steps (CUDA graphs, trace) are off (`graphs_unsupported`).
 """
