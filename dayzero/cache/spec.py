@@ -18,6 +18,8 @@ Byte layout of one block of a group: for each kind, a [members, per_block, *row]
 kind's dtype (rows fp32 or the compute dtype as above, everything else the compute dtype), members in layer order. With
 kv_cache_dtype "fp8" the K=V rows ("kv", "ent:attn") are packed uint8 rows instead
 ([members, per_block, width], ops/kvfp8.py: FP8 nope dims + compute-dtype rope dims + scales).
+DeepSeek-V4.1's groups are its own (v41/cache.py); with kv_cache_dtype "qat" its quantised kinds are
+packed uint8 rows of a `KindSpec.qat` format (v41/kvpack.py).
 """
 from __future__ import annotations
 
