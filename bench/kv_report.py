@@ -9,11 +9,16 @@ a budget splits (derived max_num_seqs, the bounded reserve, tokens of entries), 
 compute) and a GPU (bf16 compute); compressor rows fp32 under official numerics, bf16 under
 transformers numerics on a GPU.
 
-V4.1-Flash (dayzero/v41/presets.py `kv_plan`): the PLANNED layout's bytes, the V4.1 engine path is not
-built. Window rows on every layer (40 backbone + 3 DSpark stages); compressed entries and indexer keys
+V4.1-Flash, two accountings side by side. PLANNED (dayzero/v41/presets.py `kv_plan`): window rows on
+every layer (40 backbone + 3 DSpark stages, `window_size` rows each); compressed entries and indexer keys
 stored once per KV-source group (layers 2, 8, 14 at ratio 2, layer 20 at ratio 1), from V41Args' layer
 schedule. Storage: "qat" = the QAT points (window FP8 e4m3 + UE8M0 per 32; entries FP4 e2m1 + e4m3 per
-16; indexer keys FP4 + UE8M0 per 32), "bf16" = every row bf16. Shown next to V4-Flash's rows.
+16; indexer keys FP4 + UE8M0 per 32), "bf16" = every row bf16. ENGINE (dayzero/v41/cache.py, what the
+paged pools hold): kv_cache_dtype "auto" (bf16 rows) and "qat" (the same QAT formats, packed, lossless;
+v41/kvpack.py); per token the same bytes as the plan (890 / 3,200); per sequence the window's last
+`window_size - 1` rows on the 40 backbone layers only (the DSpark drafter is not built), the open
+ratio-2 pooling rows (fp32) and the Engram history (int64 ids), not the whole blocks paging them.
+Shown next to V4-Flash's rows.
 
     python -m bench.kv_report [--v41-only] [--out DIR]  # prints tables, writes bench/results/kv_bytes.json
 """
@@ -27,6 +32,8 @@ from bench.common import RESULTS, environment
 from dayzero.cache.spec import cache_groups, fixed_bytes_per_sequence, kv_report
 from dayzero.config import flash, pro
 from dayzero.engine.capacity import Sizes, bounded_blocks, plan
+from dayzero.v41.cache import bytes_per_token as v41_bytes_per_token
+from dayzero.v41.cache import fixed_bytes_per_sequence as v41_fixed
 from dayzero.v41.presets import PLANS, kv_plan, v41_flash
 
 # (device, compute dtype, numerics) profiles and the budgets shown for them (bytes per rank)
@@ -72,7 +79,8 @@ CONTEXTS = ("8192", "131072", "1048576")
 
 def v41_rows(out: dict) -> None:
     """V4.1-Flash's planned bytes per token next to V4-Flash's engine accounting (bf16 and fp8 rows)."""
-    print("\nv4.1-flash: PLANNED layout (the V4.1 engine path is not built); V4-Flash from the engine's accounting")
+    print("\nv4.1-flash: PLANNED layout (kv_plan) and the engine's pools (v41/cache.py); V4-Flash from the engine's "
+          "accounting")
     print(f"{'model':10} {'storage':34} {'B/token':>8} {'fixed/seq':>10} {'8K':>10} {'128K':>10} {'1M':>10}")
     v4 = {kv: kv_report(flash(), torch.bfloat16, kv_cache_dtype=kv) for kv in ("auto", "fp8")}
     for kv, rep in v4.items():
@@ -90,10 +98,18 @@ def v41_rows(out: dict) -> None:
         print(f"{'v4.1-flash':10} {name + ' ' + fmt:34} {p['bytes_per_token_all_layers']:8.0f} "
               f"{p['fixed_bytes_per_sequence'] / 2**20:8.1f}Mi "
               + " ".join(f"{seq[k] / 2**30:8.3f}Gi" for k in CONTEXTS))
+    for kv in ("auto", "qat"):
+        per_tok, fixed = v41_bytes_per_token(args, torch.bfloat16, kv), v41_fixed(args, torch.bfloat16, kv)
+        seq = {c: int(per_tok * int(c) + fixed) for c in CONTEXTS}
+        rows[f"engine {kv}"] = {"kv_cache_dtype": kv, "bytes_per_token_all_layers": per_tok,
+                                "fixed_bytes_per_sequence": fixed, "per_sequence_bytes": seq}
+        print(f"{'v4.1-flash':10} {kv + ' (engine, bf16 compute)':34} {per_tok:8.0f} {fixed / 2**20:8.1f}Mi "
+              + " ".join(f"{seq[k] / 2**30:8.3f}Gi" for k in CONTEXTS))
     q = rows["qat"]["bytes_per_token_all_layers"]
     print(f"v4.1-flash qat / v4-flash published FP8+FP4 ({PUBLISHED_FP8_FP4['v4-flash']} B/token): "
           f"{q / PUBLISHED_FP8_FP4['v4-flash']:.3f}")
-    out["models"]["v4.1-flash"] = {"status": "planned layout; the V4.1 engine path is not built", **rows}
+    out["models"]["v4.1-flash"] = {"status": "planned layout (qat, bf16) and the engine's pools (engine auto, "
+                                             "engine qat)", **rows}
 
 
 def main(argv=None) -> None:

@@ -4,7 +4,8 @@ Pool tensor of a group's kind: [num_blocks + 1, members, per_block, *row]; row i
 in block table[i // per_block] at offset i % per_block. Rows are fp32 for compressor projections
 (official numerics; cache/spec.py), in a kind's own dtype where it fixes one (V4.1's token ids: int64),
 packed uint8 rows for the K=V kinds of an FP8 cache (ops/kvfp8.py: written packed, read decoded,
-handed to the paged ops as `Fp8Rows`) and the compute dtype otherwise. The last block of every pool is the trash block: no request ever
+handed to the paged ops as `Fp8Rows`), packed uint8 rows for DeepSeek-V4.1's QAT kinds (v41/kvpack.py:
+the rows a step reads handed to the paged ops decoded) and the compute dtype otherwise. The last block of every pool is the trash block: no request ever
 holds it; a lookup of a row in a block its request does not hold lands there (so nothing another
 request owns is touched) and is reported by `PagedBatchCache.check`, once per step, without a host
 synchronisation per lookup.
@@ -60,7 +61,7 @@ class CachePools:
             self.member_rows[(layer, kind)] = (name, t.view(-1, *t.shape[3:])[m * self.groups[name].per_block:])
         # what the paged ops receive for a packed kind: the member view with its row format
         self.packed: dict[tuple[int, str], kvfp8.Fp8Rows] = {
-            (layer, kind): kvfp8.Fp8Rows(self.member_rows[(layer, kind)][1], self.layouts[(name, kind)])
+            (layer, kind): self.layouts[(name, kind)].rows(self.member_rows[(layer, kind)][1])
             for (layer, kind), (name, _) in self.route.items() if (name, kind) in self.layouts}
 
     def rows_per_block(self, group: str) -> int:
@@ -258,7 +259,7 @@ class PagedBatchCache:
             values = values[keep]
         if flat.numel():
             packed = self.pools.packed.get((layer, kind))
-            pool[flat] = values.to(pool.dtype) if packed is None else kvfp8.pack(values, packed.layout)
+            pool[flat] = values.to(pool.dtype) if packed is None else packed.layout.pack(values)
 
     def read(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Rows as stored; packed FP8 rows decoded to the compute dtype."""
@@ -283,4 +284,7 @@ class PagedBatchCache:
             first = tab[seq, (index // g.per_block).clamp(0, tab.shape[1] - 1)]
             self._flag(group, (first == self._trash[group]) & valid, seq)
             memo = self._memo[key] = (index, valid, seq, torch.where(valid, first + index % g.per_block, -1))
-        return self.pools.packed.get((layer, kind), pool), memo[3]
+        packed = self.pools.packed.get((layer, kind))
+        if packed is not None and hasattr(packed, "compact"):  # V4.1 QAT rows: the step's rows decoded
+            return packed.compact(memo[3], self._memo)
+        return (pool if packed is None else packed), memo[3]

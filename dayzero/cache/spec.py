@@ -18,6 +18,8 @@ Byte layout of one block of a group: for each kind, a [members, per_block, *row]
 kind's dtype (rows fp32 or the compute dtype as above, everything else the compute dtype), members in layer order. With
 kv_cache_dtype "fp8" the K=V rows ("kv", "ent:attn") are packed uint8 rows instead
 ([members, per_block, width], ops/kvfp8.py: FP8 nope dims + compute-dtype rope dims + scales).
+DeepSeek-V4.1's groups are its own (v41/cache.py); with kv_cache_dtype "qat" its quantised kinds are
+packed uint8 rows of a `KindSpec.qat` format (v41/kvpack.py).
 """
 from __future__ import annotations
 
@@ -29,7 +31,11 @@ import torch
 from dayzero.config import ModelArgs
 
 
-KV_CACHE_DTYPES = ("auto", "fp8")
+# "auto": rows in the compute dtype; "fp8": DeepSeek-V4's K=V rows packed as FP8 nope + compute-dtype rope
+# dims (ops/kvfp8.py; rounds the nope dims under numerics="transformers"); "qat": DeepSeek-V4.1's cached rows
+# in the formats its QAT fake-quantisers produce (v41/kvpack.py: FP8 window, FP4 entries and indexer keys,
+# lossless because the model caches quantiser outputs). Each model family refuses the other's value.
+KV_CACHE_DTYPES = ("auto", "fp8", "qat")
 
 
 @dataclass(frozen=True)
@@ -38,22 +44,26 @@ class KindSpec:
     fp32: bool = False
     fp8_rope: int = 0  # > 0: a packed FP8 row (ops/kvfp8.py) whose last fp8_rope dims stay in the compute dtype
     dtype: torch.dtype | None = None  # a fixed row dtype whatever the compute dtype (V4.1's token ids: int64)
+    qat: str = ""  # a V4.1 QAT row format (v41/kvpack.py FORMATS): the row packed as codes + scales
 
     def pool_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The pool's element dtype under compute dtype `dtype` (packed FP8 kinds: uint8)."""
-        if self.fp8_rope:
+        """The pool's element dtype under compute dtype `dtype` (packed FP8 / QAT kinds: uint8)."""
+        if self.fp8_rope or self.qat:
             return torch.uint8
         return self.dtype or (torch.float32 if self.fp32 else dtype)
 
     def layout(self, dtype: torch.dtype):
-        """The packed row format of an FP8 kind in compute dtype `dtype` (None for other kinds)."""
+        """The packed row format of an FP8 or QAT kind in compute dtype `dtype` (None for other kinds)."""
+        if self.qat:
+            from dayzero.v41.kvpack import QatLayout
+            return QatLayout(self.row[0], self.qat, dtype)
         if not self.fp8_rope:
             return None
         from dayzero.ops.kvfp8 import Fp8Layout
         return Fp8Layout(self.row[0], self.fp8_rope, dtype)
 
     def row_bytes(self, dtype: torch.dtype) -> int:
-        if self.fp8_rope:
+        if self.fp8_rope or self.qat:
             return self.layout(dtype).width
         return math.prod(self.row) * torch.tensor([], dtype=self.pool_dtype(dtype)).element_size()
 
@@ -87,6 +97,13 @@ def check_kv_cache_dtype(kv_cache_dtype: str) -> None:
         raise ValueError(f"kv_cache_dtype: must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
 
 
+def _check_v4(kv_cache_dtype: str) -> None:
+    check_kv_cache_dtype(kv_cache_dtype)
+    if kv_cache_dtype == "qat":
+        raise ValueError("kv_cache_dtype='qat' is DeepSeek-V4.1's (its QAT row formats); DeepSeek-V4 takes 'auto' "
+                         "or 'fp8'")
+
+
 def drafter_layers(args: ModelArgs) -> int:
     """Window layers a checkpoint's drafter keeps per sequence: 1 for MTP, one per DSpark stage."""
     return args.dspark_stages or args.n_mtp_layers
@@ -97,7 +114,7 @@ def cache_groups(args: ModelArgs, block_size: int, with_mtp: bool, kv_cache_dtyp
     """kv_cache_dtype "auto": every row in the compute dtype (compressor rows fp32 if `fp32_rows`);
     "fp8": K=V rows (window and compressed attention entries) packed as FP8 nope + compute-dtype
     rope dims. fp32_rows: the model's `fp32_compressor_rows` (official numerics)."""
-    check_kv_cache_dtype(kv_cache_dtype)
+    _check_v4(kv_cache_dtype)
     kv = KindSpec((args.head_dim,), fp8_rope=args.rope_head_dim if kv_cache_dtype == "fp8" else 0)
     ratios = sorted({r for r in args.compress_ratios if r})
     for r in ratios:
@@ -142,7 +159,7 @@ def model_fixed_bytes(model, with_mtp: bool, kv_cache_dtype: str = "auto") -> in
 
 
 def _kv_row_bytes(args: ModelArgs, dtype: torch.dtype, kv_cache_dtype: str) -> int:
-    check_kv_cache_dtype(kv_cache_dtype)
+    _check_v4(kv_cache_dtype)
     return KindSpec((args.head_dim,), fp8_rope=args.rope_head_dim if kv_cache_dtype == "fp8" else 0).row_bytes(dtype)
 
 

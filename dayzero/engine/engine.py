@@ -45,7 +45,8 @@ class EngineArgs:
     speculative_min_acceptance: float = 0.3
     ops: str | None = None  # kernel table: "triton", "cpu" (native C), "ref" (PyTorch twins) or None (by device)
     enforce_eager: bool = False  # never replay CUDA graphs (engine/graphs.py); CPUs always run eagerly
-    kv_cache_dtype: str = "auto"  # "auto": the compute dtype; "fp8": K=V rows as FP8 nope + rope dims (ops/kvfp8.py)
+    kv_cache_dtype: str = "auto"  # "auto": the compute dtype; "fp8": K=V rows as FP8 nope + rope dims (ops/kvfp8.py);
+    # "qat": DeepSeek-V4.1's cached rows in its QAT formats (v41/kvpack.py)
     tensor_parallel_size: int = 1  # ranks the model is split over (distributed/layout.py); 1: this process alone
     enable_expert_parallel: bool = False  # routed experts whole, E/N per rank, instead of split by inner dim
     data_parallel_size: int = 1  # ranks each running attention on its own requests (with enable_expert_parallel)

@@ -64,6 +64,14 @@ class Fp8Layout:
     def width(self) -> int:
         return -(-(self.scale_off + self.blocks) // 8) * 8
 
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """`pack(x, self)` (the paged cache packs through its kinds' layouts, FP8 or V4.1's QAT)."""
+        return pack(x, self)
+
+    def rows(self, data: torch.Tensor) -> "Fp8Rows":
+        """`Fp8Rows(data, self)`: the pool the paged ops receive."""
+        return Fp8Rows(data, self)
+
 
 class Fp8Rows:
     """A pool of packed rows for the paged ops: data uint8 [P, width] (row stride may exceed

@@ -2,9 +2,9 @@
 parameter / byte census by role, computed from the checkpoint inventory that dayzero/v41/checkpoint.py
 derives, and the planned KV-cache bytes of the V4.1 engine path.
 
-The V4.1 engine path (paged cache, TP/EP ranks) is NOT built (issue 23, docs/V41.md): `kv_plan` gives the
-bytes of the planned layout (window rows per layer; compressed entries and indexer keys stored once per
-KV-source group), not of a running cache.
+`kv_plan` gives the bytes of the planned layout (window rows per layer; compressed entries and indexer
+keys stored once per KV-source group, in the QAT formats or bf16), not of a running cache: the engine's
+own figures are v41/cache.py's (`kv_cache_dtype="qat"` stores the same 890 B/token, docs/V41.md).
 
 Census roles:
   backbone_dense   every backbone tensor except the routed experts and the Engram tables (attention,

@@ -17,8 +17,8 @@ table (engine/worker.py `host_table`, `host_experts` here), as V4.
 
 What is refused, by name, before anything runs (`check_engine_args`, also from `LLM`):
 speculation (V4.1's DSpark stages `mtp.*` are not loaded: the drafter is not built for V4.1),
-kv_cache_dtype "fp8"
-(no packed V4.1 rows), `numerics="official"` (only transformers' semantics are built for V4.1);
+kv_cache_dtype "fp8" (V4's packed format; V4.1 takes "qat", v41/kvpack.py), `numerics="official"` (only
+transformers' semantics are built for V4.1);
 recorded steps (CUDA graphs, trace) are off (`graphs_unsupported`).
 """
 from __future__ import annotations
@@ -73,10 +73,9 @@ def check_engine_args(eargs, numerics: str | None = None) -> None:
         raise ValueError("speculative decoding on DeepSeek-V4.1 is not built: its DSpark drafter (the mtp.* stages, "
                          f"not loaded) has no engine path yet; drop speculative_config / num_speculative_tokens "
                          f"{NOT_BUILT}")
-    if eargs.kv_cache_dtype != "auto":
-        raise ValueError(f"kv_cache_dtype={eargs.kv_cache_dtype!r}: DeepSeek-V4.1's cache has no packed FP8 rows "
-                         f"yet (its window and compressed entries are kept in the compute dtype); use 'auto' "
-                         f"{NOT_BUILT}")
+    if eargs.kv_cache_dtype == "fp8":
+        raise ValueError(f"kv_cache_dtype='fp8': DeepSeek-V4.1's cache has no packed FP8 rows of V4's format (FP8 "
+                         f"nope + bf16 rope dims); use 'qat' (its rows in their QAT formats, lossless) or 'auto'")
 
 
 class ServedV41(nn.Module):
@@ -113,7 +112,7 @@ class ServedV41(nn.Module):
         return cache.v41_cache_groups(self.v41, block_size, kv_cache_dtype)
 
     def fixed_bytes_per_sequence(self, with_mtp: bool = False, kv_cache_dtype: str = "auto") -> int:
-        return cache.fixed_bytes_per_sequence(self.v41, self.compute_dtype)
+        return cache.fixed_bytes_per_sequence(self.v41, self.compute_dtype, kv_cache_dtype)
 
     def set_ops(self, table) -> None:
         from dayzero.reference.model import Transformer

@@ -180,5 +180,5 @@ def test_engine_fp8_cache_gives_the_same_tokens_and_logprobs(ops, dtype):
 
 
 def test_engine_rejects_an_unknown_kv_cache_dtype():
-    with pytest.raises(ValueError, match="kv_cache_dtype: must be one of auto, fp8, got 'int4'"):
+    with pytest.raises(ValueError, match="kv_cache_dtype: must be one of auto, fp8, qat, got 'int4'"):
         LLM(device="cpu", kv_cache_dtype="int4")

@@ -79,11 +79,17 @@ def test_reports_print_the_v41_rows(tmp_path, capsys, script, out):
 
     importlib.import_module(f"bench.{script}").main(["--v41-only", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
-    assert "v4.1-flash: PLANNED layout (the V4.1 engine path is not built)" in printed
+    header, status = (("v4.1-flash: PLANNED layout (kv_plan) and the engine's pools (v41/cache.py)",
+                       "planned layout (qat, bf16) and the engine's pools (engine auto, engine qat)")
+                      if script == "kv_report" else ("v4.1-flash: PLANNED layout (the V4.1 engine path is not built)",
+                                                     "planned layout; the V4.1 engine path is not built"))
+    assert header in printed
     data = json.loads((tmp_path / out).read_text())["models"]["v4.1-flash"]
-    assert data["status"] == "planned layout; the V4.1 engine path is not built"
+    assert data["status"] == status
     if script == "kv_report":
         assert data["qat"]["bytes_per_token_all_layers"] == 890 and data["bf16"]["bytes_per_token_all_layers"] == 3200
+        assert data["engine qat"]["bytes_per_token_all_layers"] == 890  # the pools, as planned
+        assert data["engine auto"]["bytes_per_token_all_layers"] == 3200
     else:
         rows = {r["layout"]: r for r in data["rows"]}
         c = census(v41_flash())
