@@ -71,6 +71,11 @@ static int use_bf16dot = 1;
 
 void dz_gemm_options(int64_t bf16dot) { use_bf16dot = (int)bf16dot; }
 
+/* tests / bench: 0 decodes weights by the float route only (fastdecode.h: the same bf16 words) */
+static int use_fast_decode = 1;
+
+void dz_gemm_fast_decode(int64_t on) { use_fast_decode = (int)on; }
+
 static const float E2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                                -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 static float E4M3[256];
@@ -511,6 +516,8 @@ AI void fp8_step_bf(const uint8_t *w, int64_t ldw, __m512 vs, const uint16_t *co
     }
 }
 
+#include "fastdecode.h"
+
 /* the nr rows are in one 128-row block (one scale row s), as fp8_micro */
 AI void fp8_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, const uint16_t *const *xr, int64_t n,
                      const int nr, const int mb, float *out) {
@@ -519,8 +526,25 @@ AI void fp8_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, con
     __m512 a0[2][MB], a1[2][MB];
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
-    /* whole 128-weight blocks: a branch-free body, so the accumulators stay in registers */
-    for (int64_t k = 0; k < nf; k += 128) {
+    /* whole 128-weight blocks: a branch-free body, so the accumulators stay in registers; the
+     * integer decode (fastdecode.h) where every block's E8M0 scale allows it, the same words */
+    const int fast = e8m0 && fp8_scales_fast((const uint8_t *)s, nf >> 7);
+    if (fast) {
+        const __m512 codes = e4m3_x2m8(_mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0));
+        for (int64_t k = 0; k < nf; k += 128) {
+            const uint8_t sb = ((const uint8_t *)s)[k >> 7];
+            const __m512i off = fp8_fast_off(sb), sub = fp8_fast_sub(codes, _mm512_set1_ps(scale_bits(s, k >> 7, 1) * 256.0f));
+            for (int r = 0; r < nr; r++) {
+                _mm_prefetch((const char *)w + r * ldw + pfd + k, _MM_HINT_T0);
+                _mm_prefetch((const char *)w + r * ldw + pfd + k + 64, _MM_HINT_T0);
+            }
+            fp8_step_fast(w, ldw, off, sub, xr, k, nr, mb, 0, a0, a1);
+            fp8_step_fast(w, ldw, off, sub, xr, k + 32, nr, mb, two, a0, a1);
+            fp8_step_fast(w, ldw, off, sub, xr, k + 64, nr, mb, 0, a0, a1);
+            fp8_step_fast(w, ldw, off, sub, xr, k + 96, nr, mb, two, a0, a1);
+        }
+    }
+    for (int64_t k = fast ? nf : 0; k < nf; k += 128) {
         const __m512 vs = _mm512_set1_ps(scale_at(s, k >> 7, e8m0) * 256.0f);
         for (int r = 0; r < nr; r++) {
             _mm_prefetch((const char *)w + r * ldw + pfd + k, _MM_HINT_T0);
