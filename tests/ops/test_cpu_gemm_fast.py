@@ -110,3 +110,65 @@ def test_fp8_fast_batch_invariant_and_near_twin():
         assert torch.equal(G.fp8_linear(x[m:], w, s), full[m:]), m
     want = ref.fp8_linear(x, w, s)
     _within(full, want, _lin_bound(x, _fp8_deq(w, s, torch.bfloat16), want), "fast fp8")
+
+
+# ---- FP4 ------------------------------------------------------------------------------------------
+FP4_LO, FP4_HI = 2, 252  # fastdecode.h: FP4_SB_LO, FP4_SB_HI
+
+
+def test_fp4_fast_words_every_byte_and_scale():
+    """x = I reads W back: all 256 packed bytes (every nibble pair) at scale bytes around and inside
+    the fast range (one scale per group, so one call covers several), fast == float route bit for
+    bit, and the twin where it does not flush (the range test_cpu_gemm checks)."""
+    w = torch.arange(256, dtype=torch.uint8).repeat(2).view(4, 128).view(torch.int8)  # K = 256: 8 groups
+    eye = torch.eye(256, dtype=torch.bfloat16)
+    for bytes_ in ((0, 1, FP4_LO, 3, 127, 200, FP4_HI, 253), (FP4_LO, FP4_LO + 1, 100, 127, 128, 150, FP4_HI - 1, FP4_HI)):
+        s = torch.tensor([bytes_] * 4, dtype=torch.uint8).view(E8M0)
+        for i in (0, 1, 3, 6):
+            fast, slow = _both(lambda: G.fp4_linear(eye[i:i + 5], w, s))
+            assert _same(fast, slow), (bytes_, i)
+        if min(bytes_) >= FP4_LO:
+            assert _same(G.fp4_linear(eye, w, s), ref.fp4_linear(eye, w, s)), bytes_
+
+
+@pytest.mark.parametrize("O,K", [(33, 544), (64, 4096), (7, 96)])
+def test_fp4_fast_equals_float_route(O, K):
+    """Random packed bytes, scale bytes in the fast range except one out-of-range byte in the last
+    row (that row takes the float route; its pair row too); an odd number of groups (K = 544, 96:
+    the last group on the float route); M = 1..9 and 17 (many-rows path); bf16 x: equal bit for
+    bit. fp32 scales never take the integer decode (checked equal as well)."""
+    gen = torch.Generator().manual_seed(O * K)
+    w = torch.randint(-128, 128, (O, K // 2), generator=gen, dtype=torch.int8)
+    sb = torch.randint(110, 135, (O, K // 32), generator=gen, dtype=torch.uint8)
+    sb[-1, -1] = 1
+    for s in (sb.view(E8M0), ref.e8m0_float(sb.view(E8M0)) * 1.37):
+        for M in (1, 2, 3, 4, 5, 8, 9, 17):
+            x = _x(M, K, torch.bfloat16, M)
+            fast, slow = _both(lambda: G.fp4_linear(x, w, s))
+            assert _same(fast, slow), (M, s.dtype)
+
+
+def test_fp4_fast_batch_invariant_and_near_twin():
+    """Each row of an M-row call equals the row alone bit for bit; within the parity bound of the
+    twin (quant_fp4 weights)."""
+    from tests.ops.bounds import fp4_weights
+    w, s = fp4_weights(128, 2048, 5)
+    assert int(s.view(torch.uint8).min()) >= FP4_LO and int(s.view(torch.uint8).max()) <= FP4_HI
+    x = _x(9, 2048, torch.bfloat16, 4)
+    full = G.fp4_linear(x, w, s)
+    for m in range(9):
+        assert torch.equal(G.fp4_linear(x[m:m + 1], w, s), full[m:m + 1]), m
+        assert torch.equal(G.fp4_linear(x[m:], w, s), full[m:]), m
+    want = ref.fp4_linear(x, w, s)
+    _within(full, want, _lin_bound(x, ref.fp4_dequant(w, s).to(x.dtype), want), "fast fp4")
+
+
+def test_moe_fast_equals_float_route():
+    """The routed experts (bf16 x: the FP4 vdpbf16ps kernels, gate / up / down) with the integer
+    decode equal the float route bit for bit, h_act_sim on and off, 1 and 7 tokens."""
+    from tests.ops.test_cpu_gemm import _moe_inputs
+    for N in (1, 7):
+        args = _moe_inputs(N, 6, 2, 256, 160, torch.bfloat16, seed=N)
+        for sim in (False, True):
+            fast, slow = _both(lambda: G.moe_experts(*args, 0.7, sim))
+            assert _same(fast, slow), (N, sim)

@@ -9,18 +9,34 @@
  * (the NaN codes 0x7f / 0xff give +-480 * scale, as the float route). Codes with e = 0 (zeros and
  * subnormals) come from a 16-entry table per block built by the float route itself (vpermw on
  * their low bits, masked to those lanes). Per 32 weights: vpmovsxbw, vpsllw, vpand, vpaddw,
- * vptestnmw, vpermw, vpternlog (the float route: about twice as many micro-ops). */
+ * vptestnmw, vpermw, vpternlog (the float route: about twice as many micro-ops).
+ *
+ * FP4 (e2m1, a scale per 32): the float route builds, per pair of groups, a 32-entry bf16 table
+ * (the 16 e2m1 values times each group's scale: two multiplies and a conversion per row). The
+ * nonzero e2m1 values times 2^(sb - 127) are the bf16 words of the values plus (sb - 127) << 7
+ * (exponent fields 126..129 + sb - 127 stay in 1..254 for sb in [FP4_SB_LO, FP4_SB_HI]), so the
+ * table is one constant plus a broadcast 32-bit word (both groups' offsets), added under a mask
+ * that skips the two zeros: the table interleaves the groups (entry 2n + group = value n), and
+ * the indices are (nibble << 1) | group (vpshldw puts the group bit in). The x layout is the float
+ * route's (split64_row); the words are the same. */
 #ifndef DAYZERO_CPU_FASTDECODE_H
 #define DAYZERO_CPU_FASTDECODE_H
 
 #define FP8_SB_LO 7
 #define FP8_SB_HI 246
+#define FP4_SB_LO 2
+#define FP4_SB_HI 252
 
-/* every scale byte of n in [FP8_SB_LO, FP8_SB_HI] */
-static inline int fp8_scales_fast(const uint8_t *s, int64_t n) {
+/* every scale byte of nr rows (lds apart) x n in [lo, hi] */
+static inline int scales_in(const uint8_t *s, int64_t lds, int nr, int64_t n, int lo, int hi) {
     if (!use_fast_decode) return 0;
-    for (int64_t i = 0; i < n; i++)
-        if (s[i] < FP8_SB_LO || s[i] > FP8_SB_HI) return 0;
+    const __m512i vlo = _mm512_set1_epi8((char)lo), vhi = _mm512_set1_epi8((char)hi);
+    for (int r = 0; r < nr; r++)
+        for (int64_t i = 0; i < n; i += 64) {
+            const __mmask64 km = n - i >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - i)) - 1);
+            const __m512i v = _mm512_maskz_loadu_epi8(km, s + r * lds + i);
+            if ((_mm512_mask_cmplt_epu8_mask(km, v, vlo) | _mm512_mask_cmpgt_epu8_mask(km, v, vhi)) != 0) return 0;
+        }
     return 1;
 }
 
@@ -53,6 +69,42 @@ AI void fp8_step_fast(const uint8_t *w, int64_t ldw, __m512i off, __m512i sub, c
                 a1[r][m] = _mm512_dpbf16_ps(a1[r][m], (__m512bh)wv[r], xv);
             else
                 a0[r][m] = _mm512_dpbf16_ps(a0[r][m], (__m512bh)wv[r], xv);
+        }
+    }
+}
+
+/* FP4: the two groups' exponent offsets as one word pair (group g low, g + 1 high) */
+AI uint32_t fp4_off2(const uint8_t *sb) {
+    return (uint32_t)(uint16_t)((sb[0] - 127) << 7) | (uint32_t)(uint16_t)((sb[1] - 127) << 7) << 16;
+}
+
+/* groups g, g + 1 of nr rows (both present) into the accumulators, as fp4_step_bf */
+AI void fp4_step_fast(const uint8_t *w, int64_t ldw, const uint32_t *od, int64_t g, const uint16_t *const *xr,
+                      const int nr, const int mb, const int two, __m512 (*a0)[MB], __m512 (*a1)[MB]) {
+    /* bf16 e2m1 values, entry 2n + group: 0, .5, 1, 1.5, 2, 3, 4, 6, -0, -.5, ... (twice each) */
+    const __m512i base = _mm512_set_epi16(
+        (short)0xc0c0, (short)0xc0c0, (short)0xc080, (short)0xc080, (short)0xc040, (short)0xc040, (short)0xc000,
+        (short)0xc000, (short)0xbfc0, (short)0xbfc0, (short)0xbf80, (short)0xbf80, (short)0xbf00, (short)0xbf00,
+        (short)0x8000, (short)0x8000, 0x40c0, 0x40c0, 0x4080, 0x4080, 0x4040, 0x4040, 0x4000, 0x4000, 0x3fc0, 0x3fc0,
+        0x3f80, 0x3f80, 0x3f00, 0x3f00, 0, 0);
+    const __mmask32 nz = ~(__mmask32)0x00030003u; /* entries 0, 1, 16, 17: +-0 */
+    const __m512i gb = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16((short)0x8000), 1);
+    __m512i lo[2], hi[2];
+    for (int r = 0; r < nr; r++) {
+        const __m512i tbl = _mm512_mask_add_epi16(base, nz, base, _mm512_set1_epi32((int)od[r]));
+        const __m512i h = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + r * ldw + 16 * g)));
+        lo[r] = _mm512_permutexvar_epi16(_mm512_shldi_epi16(h, gb, 1), tbl);                         /* (h << 1) | group */
+        hi[r] = _mm512_permutexvar_epi16(_mm512_shldi_epi16(_mm512_srli_epi16(h, 4), gb, 1), tbl);
+    }
+    for (int m = 0; m < mb; m++) {
+        const __m512bh xe = (__m512bh)_mm512_loadu_si512(xr[m] + 32 * g);
+        const __m512bh xo = (__m512bh)_mm512_loadu_si512(xr[m] + 32 * g + 32);
+        for (int r = 0; r < nr; r++) {
+            a0[r][m] = _mm512_dpbf16_ps(a0[r][m], (__m512bh)lo[r], xe);
+            if (two)
+                a1[r][m] = _mm512_dpbf16_ps(a1[r][m], (__m512bh)hi[r], xo);
+            else
+                a0[r][m] = _mm512_dpbf16_ps(a0[r][m], (__m512bh)hi[r], xo);
         }
     }
 }

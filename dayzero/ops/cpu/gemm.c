@@ -406,6 +406,8 @@ AI float scale_bits(const void *s, int64_t i, int e8m0) {
     return f;
 }
 
+#include "fastdecode.h"
+
 /* bf16 x (split64_row layout) with FP4 weights: two groups (64 weights, 32 bytes) per step; the
  * 32-entry bf16 table holds both groups' scaled e2m1 values (exact for E8M0 scales; fp32 scales
  * rounded to bf16 as the twin rounds W), indexed by vpermw with the group in bit 4; vdpbf16ps
@@ -450,10 +452,24 @@ AI void fp4_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, 
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
     float s0[2], s1[2];
-    /* gcc keeps the accumulator arrays in registers only across a branch-free innermost loop:
-     * up to 2 accumulators (decode-bound) the scales are loaded 16 groups at a time and the
-     * accumulators stored once per chunk; beyond that one flat loop reads each pair's scales */
-    if (nr * mb <= 2) {
+    if (e8m0 && scales_in((const uint8_t *)s, lds, nr, G, FP4_SB_LO, FP4_SB_HI)) { /* fastdecode.h */
+        int64_t g = 0;
+        for (; g + 1 < G; g += 2) {
+            uint32_t od[2];
+            for (int r = 0; r < nr; r++) {
+                _mm_prefetch((const char *)w + r * ldw + pfd + 16 * g, _MM_HINT_T0);
+                od[r] = fp4_off2((const uint8_t *)s + r * lds + g);
+            }
+            fp4_step_fast(w, ldw, od, g, xr, nr, mb, two, a0, a1);
+        }
+        if (g < G) {
+            for (int r = 0; r < nr; r++) s0[r] = scale_bits(s, r * lds + g, e8m0);
+            fp4_step_bf(w, ldw, s0, s1, g, 0, xr, nr, mb, two, a0, a1);
+        }
+    } else if (nr * mb <= 2) {
+        /* gcc keeps the accumulator arrays in registers only across a branch-free innermost loop:
+         * up to 2 accumulators (decode-bound) the scales are loaded 16 groups at a time and the
+         * accumulators stored once per chunk; beyond that one flat loop reads each pair's scales */
         float sc[2][16] __attribute__((aligned(64)));
         for (int64_t g0 = 0; g0 < G; g0 += 16) {
             const int ng = (int)min64(16, G - g0);
@@ -516,8 +532,6 @@ AI void fp8_step_bf(const uint8_t *w, int64_t ldw, __m512 vs, const uint16_t *co
     }
 }
 
-#include "fastdecode.h"
-
 /* the nr rows are in one 128-row block (one scale row s), as fp8_micro */
 AI void fp8_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, const uint16_t *const *xr, int64_t n,
                      const int nr, const int mb, float *out) {
@@ -528,7 +542,7 @@ AI void fp8_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, con
         for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
     /* whole 128-weight blocks: a branch-free body, so the accumulators stay in registers; the
      * integer decode (fastdecode.h) where every block's E8M0 scale allows it, the same words */
-    const int fast = e8m0 && fp8_scales_fast((const uint8_t *)s, nf >> 7);
+    const int fast = e8m0 && scales_in((const uint8_t *)s, 0, 1, nf >> 7, FP8_SB_LO, FP8_SB_HI);
     if (fast) {
         const __m512 codes = e4m3_x2m8(_mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0));
         for (int64_t k = 0; k < nf; k += 128) {
