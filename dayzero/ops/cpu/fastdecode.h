@@ -73,13 +73,17 @@ AI void fp8_step_fast(const uint8_t *w, int64_t ldw, __m512i off, __m512i sub, c
     }
 }
 
-/* FP4: the two groups' exponent offsets as one word pair (group g low, g + 1 high) */
-AI uint32_t fp4_off2(const uint8_t *sb) {
-    return (uint32_t)(uint16_t)((sb[0] - 127) << 7) | (uint32_t)(uint16_t)((sb[1] - 127) << 7) << 16;
+/* FP4: the exponent offsets (sb - 127) << 7 of n <= 16 groups of nr rows (lds bytes apart) as
+ * word pairs: od[r][j] = group 2j's offset (low word), group 2j + 1's (high word) */
+AI void fp4_offsets16(const uint8_t *s, int64_t lds, int n, const int nr, uint32_t (*od)[8]) {
+    for (int r = 0; r < nr; r++) {
+        const __m256i b = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1), s + r * lds));
+        _mm256_store_si256((__m256i *)od[r], _mm256_slli_epi16(_mm256_sub_epi16(b, _mm256_set1_epi16(127)), 7));
+    }
 }
 
-/* groups g, g + 1 of nr rows (both present) into the accumulators, as fp4_step_bf */
-AI void fp4_step_fast(const uint8_t *w, int64_t ldw, const uint32_t *od, int64_t g, const uint16_t *const *xr,
+/* groups g, g + 1 of nr rows (both present; offsets od[r][j]) into the accumulators, as fp4_step_bf */
+AI void fp4_step_fast(const uint8_t *w, int64_t ldw, uint32_t (*od)[8], int j, int64_t g, const uint16_t *const *xr,
                       const int nr, const int mb, const int two, __m512 (*a0)[MB], __m512 (*a1)[MB]) {
     /* bf16 e2m1 values, entry 2n + group: 0, .5, 1, 1.5, 2, 3, 4, 6, -0, -.5, ... (twice each) */
     const __m512i base = _mm512_set_epi16(
@@ -91,7 +95,7 @@ AI void fp4_step_fast(const uint8_t *w, int64_t ldw, const uint32_t *od, int64_t
     const __m512i gb = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16((short)0x8000), 1);
     __m512i lo[2], hi[2];
     for (int r = 0; r < nr; r++) {
-        const __m512i tbl = _mm512_mask_add_epi16(base, nz, base, _mm512_set1_epi32((int)od[r]));
+        const __m512i tbl = _mm512_mask_add_epi16(base, nz, base, _mm512_set1_epi32((int)od[r][j]));
         const __m512i h = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + r * ldw + 16 * g)));
         lo[r] = _mm512_permutexvar_epi16(_mm512_shldi_epi16(h, gb, 1), tbl);                         /* (h << 1) | group */
         hi[r] = _mm512_permutexvar_epi16(_mm512_shldi_epi16(_mm512_srli_epi16(h, 4), gb, 1), tbl);

@@ -15,6 +15,9 @@
  *   kernel; checkpoints never contain them). bf16 x (AVX512-BF16, any number of rows): the scaled
  *   weights are rounded to bf16 (exact for E8M0 scales; the twin's W for fp32 scales) and
  *   vdpbf16ps takes 32 per instruction.
+ * - Where a block's E8M0 scale byte allows it (FP8: 7..246 over a row block; FP4: 2..252 over a
+ *   row), the vdpbf16ps decode kernels form the same bf16 words by integer operations instead
+ *   (fastdecode.h: about half the micro-ops per FP8 weight; FP4 tables without multiplies).
  * Products are exact inside FMAs / vdpbf16ps, sums are fp32, one rounding to x.dtype at the end:
  * results differ from the twins only by fp32 summation order (bf16: and the output rounding of
  * values that differ by it).
@@ -453,15 +456,17 @@ AI void fp4_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, 
         for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
     float s0[2], s1[2];
     if (e8m0 && scales_in((const uint8_t *)s, lds, nr, G, FP4_SB_LO, FP4_SB_HI)) { /* fastdecode.h */
-        int64_t g = 0;
-        for (; g + 1 < G; g += 2) {
-            uint32_t od[2];
-            for (int r = 0; r < nr; r++) {
-                _mm_prefetch((const char *)w + r * ldw + pfd + 16 * g, _MM_HINT_T0);
-                od[r] = fp4_off2((const uint8_t *)s + r * lds + g);
+        const int64_t Ge = G & ~(int64_t)1; /* whole group pairs */
+        uint32_t od[2][8] __attribute__((aligned(32)));
+        for (int64_t g0 = 0; g0 < Ge; g0 += 16) { /* 8 pairs' offsets at a time, then their steps */
+            const int np = (int)min64(8, (Ge - g0) >> 1);
+            fp4_offsets16((const uint8_t *)s + g0, lds, 2 * np, nr, od);
+            for (int j = 0; j < np; j++) {
+                for (int r = 0; r < nr; r++) _mm_prefetch((const char *)w + r * ldw + pfd + 16 * (g0 + 2 * j), _MM_HINT_T0);
+                fp4_step_fast(w, ldw, od, j, g0 + 2 * j, xr, nr, mb, two, a0, a1);
             }
-            fp4_step_fast(w, ldw, od, g, xr, nr, mb, two, a0, a1);
         }
+        const int64_t g = Ge;
         if (g < G) {
             for (int r = 0; r < nr; r++) s0[r] = scale_bits(s, r * lds + g, e8m0);
             fp4_step_bf(w, ldw, s0, s1, g, 0, xr, nr, mb, two, a0, a1);
