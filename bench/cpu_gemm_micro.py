@@ -1,6 +1,7 @@
 """Microbenchmark of the native CPU GEMMs (dayzero/ops/cpu/gemm.c) against their twins.
 
     OMP_NUM_THREADS=2 python -m bench.cpu_gemm_micro [--reps 200] [--no-small] [--no-s1] [--no-flash] [--s4]
+    OMP_NUM_THREADS=1 python -m bench.cpu_gemm_micro --cpu-time ...   (a shared machine: CPU time, one core)
 
 Decode-sized calls of the built-in model (M = 1, 2; FP8 256x256 and 512x128, FP4 256x256,
 MoE dim 256 x inter 256) in us per call (median and best) against the twins; Flash-sized
@@ -212,7 +213,16 @@ if __name__ == "__main__":
     ap.add_argument("--no-flash", action="store_true", help="skip the 4096x4096 linears")
     ap.add_argument("--no-small", action="store_true", help="skip the built-in model's decode-sized calls")
     ap.add_argument("--s4", action="store_true", help="also the S4 decode step (small slice), integer decode on / off")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by the process's CPU time (time.process_time, also inside dayzero.scenarios: the copy "
+                         "bandwidth too) instead of wall time: on a shared machine it leaves out the waits for a core; "
+                         "one thread only (OMP_NUM_THREADS=1)")
     a = ap.parse_args()
+    if a.cpu_time:
+        if torch.get_num_threads() != 1:
+            ap.error(f"--cpu-time needs one thread (OMP_NUM_THREADS=1), not {torch.get_num_threads()}: "
+                     "CPU time adds up the threads")
+        time.perf_counter = time.process_time  # this module and dayzero.scenarios read time.perf_counter per call
     print(f"threads {torch.get_num_threads()}")
     if not a.no_small:
         small(a.reps)
