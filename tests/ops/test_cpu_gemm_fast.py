@@ -172,3 +172,21 @@ def test_moe_fast_equals_float_route():
         for sim in (False, True):
             fast, slow = _both(lambda: G.moe_experts(*args, 0.7, sim))
             assert _same(fast, slow), (N, sim)
+
+
+def test_build_without_vbmi2(monkeypatch, tmp_path):
+    """gemm.c built for a CPU with AVX512-BF16 but without VBMI2 (Cooper Lake: FP8 on the integer
+    route, FP4 on the float route, no vpshldw emitted), in a private cache: both routes equal bit
+    for bit and the twins' bounds hold."""
+    from tests.ops.bounds import fp4_weights, fp8_weights, native_build
+    monkeypatch.setattr(G, "kernels", G.bind(native_build("gemm", "cooperlake", "avx512_bf16", monkeypatch, tmp_path)))
+    w8, s8 = fp8_weights(130, 640, E8M0, 1)
+    w4, s4 = fp4_weights(33, 544, 2)
+    for M in (1, 3, 9):
+        x8, x4 = _x(M, 640, torch.bfloat16, M), _x(M, 544, torch.bfloat16, M)
+        for fn, x, w, s, deq in ((G.fp8_linear, x8, w8, s8, _fp8_deq(w8, s8, torch.bfloat16)),
+                                 (G.fp4_linear, x4, w4, s4, ref.fp4_dequant(w4, s4).to(torch.bfloat16))):
+            fast, slow = _both(lambda: fn(x, w, s))
+            assert _same(fast, slow), (fn.__name__, M)
+            want = (ref.fp8_linear if fn is G.fp8_linear else ref.fp4_linear)(x, w, s)
+            _within(fast, want, _lin_bound(x, deq, want), f"{fn.__name__} M{M}")

@@ -9,7 +9,8 @@
  * (the NaN codes 0x7f / 0xff give +-480 * scale, as the float route). Codes with e = 0 (zeros and
  * subnormals) come from a 16-entry table per block built by the float route itself (vpermw on
  * their low bits, masked to those lanes). Per 32 weights: vpmovsxbw, vpsllw, vpand, vpaddw,
- * vptestnmw, vpermw, vpternlog (the float route: about twice as many micro-ops).
+ * vptestnmw, vpermw, vpternlog (the float route: about 10 instructions, two conversions to fp32,
+ * two multiplies and a conversion to bf16 among them).
  *
  * FP4 (e2m1, a scale per 32): the float route builds, per pair of groups, a 32-entry bf16 table
  * (the 16 e2m1 values times each group's scale: two multiplies and a conversion per row). The
@@ -73,6 +74,9 @@ AI void fp8_step_fast(const uint8_t *w, int64_t ldw, __m512i off, __m512i sub, c
     }
 }
 
+#if defined(__AVX512VBMI2__) /* vpshldw: FP4 on the integer route only with VBMI2 (Ice Lake, Zen 4 and later) */
+#define DZ_FAST_FP4 1
+
 /* FP4: the exponent offsets (sb - 127) << 7 of n <= 16 groups of nr rows (lds bytes apart) as
  * word pairs: od[r][j] = group 2j's offset (low word), group 2j + 1's (high word) */
 AI void fp4_offsets16(const uint8_t *s, int64_t lds, int n, const int nr, uint32_t (*od)[8]) {
@@ -112,5 +116,7 @@ AI void fp4_step_fast(const uint8_t *w, int64_t ldw, uint32_t (*od)[8], int j, i
         }
     }
 }
+
+#endif /* __AVX512VBMI2__ */
 
 #endif

@@ -455,6 +455,7 @@ AI void fp4_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, 
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
     float s0[2], s1[2];
+#if DZ_FAST_FP4
     if (e8m0 && scales_in((const uint8_t *)s, lds, nr, G, FP4_SB_LO, FP4_SB_HI)) { /* fastdecode.h */
         const int64_t Ge = G & ~(int64_t)1; /* whole group pairs */
         uint32_t od[2][8] __attribute__((aligned(32)));
@@ -471,7 +472,9 @@ AI void fp4_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, 
             for (int r = 0; r < nr; r++) s0[r] = scale_bits(s, r * lds + g, e8m0);
             fp4_step_bf(w, ldw, s0, s1, g, 0, xr, nr, mb, two, a0, a1);
         }
-    } else if (nr * mb <= 2) {
+    } else
+#endif
+    if (nr * mb <= 2) {
         /* gcc keeps the accumulator arrays in registers only across a branch-free innermost loop:
          * up to 2 accumulators (decode-bound) the scales are loaded 16 groups at a time and the
          * accumulators stored once per chunk; beyond that one flat loop reads each pair's scales */
