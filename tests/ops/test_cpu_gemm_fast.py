@@ -79,8 +79,9 @@ def test_fp8_fast_words_every_byte_and_scale():
 def test_fp8_fast_equals_float_route(O, K):
     """Random bytes with every code in each row, scale bytes in the fast range except a few blocks
     outside it (6, 247) in the last row block: its rows take the float route, the others the
-    integer decode; partial 128-blocks (K = 1100) and row blocks (O = 130); M = 1..9 (blocks of 4 rows)
-    and 17 (the many-rows path, which decodes by the float route): equal bit for bit."""
+    integer decode; partial 128-blocks (K = 1100) and row blocks (O = 130); M = 1..9 (with the
+    integer decode 5-8 rows run one weight row against all of them, off: blocks of 4 rows) and 17
+    (the many-rows path, which decodes by the float route): equal bit for bit."""
     w = _every_byte_weight(O, K, O + K)
     gen = torch.Generator().manual_seed(K)
     sb = torch.randint(100, 140, ((O + 127) // 128, (K + 127) // 128), generator=gen, dtype=torch.uint8)
@@ -165,10 +166,11 @@ def test_fp4_fast_batch_invariant_and_near_twin():
 
 def test_moe_fast_equals_float_route():
     """The routed experts (bf16 x: the FP4 vdpbf16ps kernels, gate / up / down) with the integer
-    decode equal the float route bit for bit, h_act_sim on and off, 1 and 7 tokens."""
+    decode equal the float route bit for bit, h_act_sim on and off, 1 and 7 tokens; k = 6 of 6
+    experts: every expert has 7 pairs (the 5-8-row kernels, one weight row against all of them)."""
     from tests.ops.test_cpu_gemm import _moe_inputs
-    for N in (1, 7):
-        args = _moe_inputs(N, 6, 2, 256, 160, torch.bfloat16, seed=N)
+    for N, k in ((1, 2), (7, 2), (7, 6)):
+        args = _moe_inputs(N, 6, k, 256, 160, torch.bfloat16, seed=N)
         for sim in (False, True):
             fast, slow = _both(lambda: G.moe_experts(*args, 0.7, sim))
             assert _same(fast, slow), (N, sim)

@@ -28,8 +28,9 @@
  * 32-position halves of each 64), over all of K, reduced once at the end. So a request's logits
  * do not depend on what else is in the step (tests/engine/test_batch_invariance.py).
  * Blocking (decode, M < ROWS_MIN): one weight row pair shares each activation load with up to
- * MR4 = 4 activation rows (2 x 2 x 4 accumulators); work items are tiles of <= TILE output rows of
- * blocks of MB = 8 activation rows; K is walked whole. Weight streams are
+ * MR4 = 4 activation rows (2 x 2 x 4 accumulators; bf16 x with the integer decode: 5-8 rows run
+ * one weight row against all of them, 2 x 8, so each weight is decoded once); work items are tiles
+ * of <= TILE output rows of blocks of MB = 8 activation rows; K is walked whole. Weight streams are
  * software-prefetched PF bytes ahead. The micro-kernels keep their accumulators in arrays that gcc
  * holds in registers only across a branch-free innermost loop: their loops are shaped for that
  * (whole 128-weight blocks for FP8, flat group pairs for FP4), with partial blocks after the loop.
@@ -807,8 +808,26 @@ static void fp8_rows(const uint8_t *w, int64_t ldw, const void *s, int e8m0, int
 }
 
 #if DZ_BF16DOT
+/* 5-8 activation rows: one weight row at a time against all of them (2 x 8 accumulators), so each
+ * weight is decoded once, not once per block of MR4 rows; the same per-(row, x row) order */
+#define ROW8_CASES(F)                                                                                             \
+    case 5: F(1, 5); break;                                                                                       \
+    case 6: F(1, 6); break;                                                                                       \
+    case 7: F(1, 7); break;                                                                                       \
+    default: F(1, MB); break;
+
 static void fp4_rows_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, int e8m0,
                         const uint16_t *const *xr, int64_t n, int nr, int mb, float *out) {
+    if (mb > MR4 && use_fast_decode) {
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *wr = w + r * ldw;
+            const void *sr = (const char *)s + r * lds * (e8m0 ? 1 : 4);
+#define FR(NR, M) fp4_micro_bf(wr, ldw, sr, lds, e8m0, xr, n, NR, M, out + r)
+            switch (mb) { ROW8_CASES(FR) }
+#undef FR
+        }
+        return;
+    }
 #define FB(NR, M) fp4_micro_bf(w, ldw, s, lds, e8m0, xr + m0, n, NR, M, out + m0 * TILE)
     MR4_LOOP(FB)
 #undef FB
@@ -816,6 +835,15 @@ static void fp4_rows_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t ld
 
 static void fp8_rows_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, const uint16_t *const *xr, int64_t n,
                         int nr, int mb, float *out) {
+    if (mb > MR4 && use_fast_decode) { /* both rows in one 128-row block: the same scale row s */
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *wr = w + r * ldw;
+#define FR(NR, M) fp8_micro_bf(wr, ldw, s, e8m0, xr, n, NR, M, out + r)
+            switch (mb) { ROW8_CASES(FR) }
+#undef FR
+        }
+        return;
+    }
 #define FB(NR, M) fp8_micro_bf(w, ldw, s, e8m0, xr + m0, n, NR, M, out + m0 * TILE)
     MR4_LOOP(FB)
 #undef FB
