@@ -1,16 +1,20 @@
 """Microbenchmark of the native CPU GEMMs (dayzero/ops/cpu/gemm.c) against their twins.
 
-    OMP_NUM_THREADS=2 python -m bench.cpu_gemm_micro [--reps 200] [--no-s1] [--no-flash]
+    OMP_NUM_THREADS=2 python -m bench.cpu_gemm_micro [--reps 200] [--no-small] [--no-s1] [--no-flash] [--s4]
+    OMP_NUM_THREADS=1 python -m bench.cpu_gemm_micro --cpu-time ...   (a shared machine: CPU time, one core)
 
 Decode-sized calls of the built-in model (M = 1, 2; FP8 256x256 and 512x128, FP4 256x256,
 MoE dim 256 x inter 256) in us per call (median and best) against the twins; Flash-sized
 linears (4096x4096 FP8 and FP4, bf16 x, M = 1..16) streamed from memory (12 copies of the
 weights, beyond the last-level cache), in GB/s of weight bytes and as a fraction of the copy
 bandwidth measured in the same run, beside the same call on the fp32 kernels
-(`options(0)`, the path without AVX512-BF16) and torch's bf16 matmul on the dequantised weights;
-and the S1 MoE scenario at batch 1 and 8 (16 experts, dim 4096 x inter 2048, top-6, FP4) as a
-fraction of the copy bandwidth (dayzero.scenarios.peaks / s1_moe accounting). On a shared
-machine the best times are the steadier ones. Prints; writes nothing.
+(`options(0)`, the path without AVX512-BF16), the same kernels with the float-route weight decoding
+(`fast_decode(0)`: gemm.c before fastdecode.h, the same results), timed alternately with the
+native column, and torch's bf16 matmul on the dequantised weights; and the S1 MoE scenario at
+batch 1 and 8 (16 experts, dim 4096 x inter 2048, top-6, FP4) as a fraction of the copy bandwidth
+(dayzero.scenarios.peaks / s1_moe accounting), with and without the integer decoding, alternately;
+--s4: the S4 decode step of `dayzero bench --size small` (B = 1, 8 at 1K context) the same way.
+On a shared machine the best times are the steadier ones. Prints; writes nothing.
 """
 from __future__ import annotations
 
@@ -82,7 +86,8 @@ def flash(rows=(1, 2, 4, 8, 12, 16), copies: int = 12, reps: int = 5) -> None:
     w = torch.randn(4096, 4096, generator=g) * 0.05
     mats = {"fp8": quant_fp8_block(w), "fp4": quant_fp4(w)}
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s; best of {reps} sweeps over {copies} weight copies, us per call")
-    print(f"{'linear':16s} {'native':>8s} {'GB/s':>6s} {'of copy':>8s} {'fp32 kernels':>13s} {'bf16 matmul':>12s}")
+    print(f"{'linear':16s} {'native':>8s} {'GB/s':>6s} {'of copy':>8s} {'float route':>12s} {'of copy':>8s} "
+          f"{'fp32 kernels':>13s} {'bf16 matmul':>12s}")
     for name, (q, sc) in mats.items():
         qs = [(q.clone(), sc.clone()) for _ in range(copies)]
         fn = gemm.fp8_linear if name == "fp8" else gemm.fp4_linear
@@ -92,7 +97,7 @@ def flash(rows=(1, 2, 4, 8, 12, 16), copies: int = 12, reps: int = 5) -> None:
         for M in rows:
             x = torch.randn(M, 4096, generator=g).bfloat16()
 
-            def sweep(f, ws):
+            def sweep(f, ws, reps=reps):
                 best = float("inf")
                 for _ in range(reps):
                     t0 = time.perf_counter()
@@ -100,7 +105,14 @@ def flash(rows=(1, 2, 4, 8, 12, 16), copies: int = 12, reps: int = 5) -> None:
                         f(a)
                     best = min(best, (time.perf_counter() - t0) / len(ws))
                 return best * 1e6
-            nat = sweep(lambda a: fn(x, *a), qs)
+            nat, flt = float("inf"), float("inf")
+            for _ in range(reps):  # native and float-route sweeps alternate (a shared machine's load hits both)
+                nat = min(nat, sweep(lambda a: fn(x, *a), qs, 1))
+                gemm.kernels.fast_decode(0)
+                try:
+                    flt = min(flt, sweep(lambda a: fn(x, *a), qs, 1))
+                finally:
+                    gemm.kernels.fast_decode(1)
             gemm.kernels.options(0)
             try:
                 f32 = sweep(lambda a: fn(x, *a), qs)
@@ -108,7 +120,7 @@ def flash(rows=(1, 2, 4, 8, 12, 16), copies: int = 12, reps: int = 5) -> None:
                 gemm.kernels.options(1)
             mm = sweep(lambda a: x @ a.T, dense)
             print(f"{name + ' M=' + str(M):16s} {nat:8.0f} {nbytes / nat / 1e3:6.1f} {100 * nbytes / nat * 1e6 / bw:7.1f}% "
-                  f"{f32:13.0f} {mm:12.0f}")
+                  f"{flt:12.0f} {100 * nbytes / flt * 1e6 / bw:7.1f}% {f32:13.0f} {mm:12.0f}")
 
 
 def s1(batches=(1, 8), reps: int = 10) -> None:
@@ -128,11 +140,70 @@ def s1(batches=(1, 8), reps: int = 10) -> None:
         x = torch.randn(b, 4096, generator=g).to(torch.bfloat16)
         ids = torch.stack([torch.randperm(16, generator=g)[:6] for _ in range(b)])
         wts = torch.rand(b, 6, generator=g)
-        med, best = _us(lambda a=(x, wts, ids, *stacks): table.moe_experts(*a, 10.0), reps)
+        call = lambda a=(x, wts, ids, *stacks): table.moe_experts(*a, 10.0)  # noqa: E731
+        ts = {1: [], 0: []}
+        for _ in range(3):
+            call()
+        for _ in range(reps):  # integer decode on / off alternately
+            for f in (1, 0):
+                gemm.kernels.fast_decode(f)
+                try:
+                    t0 = time.perf_counter()
+                    call()
+                    ts[f].append(time.perf_counter() - t0)
+                finally:
+                    gemm.kernels.fast_decode(1)
+        med, best = statistics.median(ts[1]) * 1e6, min(ts[1]) * 1e6
+        fmed, fbest = statistics.median(ts[0]) * 1e6, min(ts[0]) * 1e6
         print(f"S1 B={b}: {r['time_s'] * 1e3:.2f} ms = {100 * nbytes / r['time_s'] / bw:.1f}% of copy bandwidth "
               f"(bench accounting); {reps} more calls: median {med / 1e3:.2f} ms ({100 * nbytes / med * 1e6 / bw:.1f}%), "
-              f"best {best / 1e3:.2f} ms ({100 * nbytes / best * 1e6 / bw:.1f}%); twin {r['baseline_time_s'] * 1e3:.0f} ms "
-              f"({r['shape']})")
+              f"best {best / 1e3:.2f} ms ({100 * nbytes / best * 1e6 / bw:.1f}%); float route (alternating): median "
+              f"{fmed / 1e3:.2f} ms ({100 * nbytes / fmed * 1e6 / bw:.1f}%), best {fbest / 1e3:.2f} ms "
+              f"({100 * nbytes / fbest * 1e6 / bw:.1f}%); twin {r['baseline_time_s'] * 1e3:.0f} ms ({r['shape']})")
+
+
+def s4(batches=(1, 8), context: int = 1024, reps: int = 7) -> None:
+    """dayzero bench S4 at --size small (2-layer Flash slice, 16 experts, `context` tokens): the
+    decode step timed with the integer decoding on and off alternately (best / median of `reps`
+    steps each), as a fraction of the copy bandwidth measured here (scenarios.decode_bytes)."""
+    from dayzero.bench import SIZES, _prepared
+    from dayzero.ops import for_device
+    from dayzero.reference.seqcache import Batch
+    from dayzero.scenarios import FilledCache, decode_bytes, peaks
+    from dayzero.synthetic import flash_slice, random_model
+    dev = torch.device("cpu")
+    cfg = SIZES["small"]
+    args = flash_slice(layer_types=cfg["layers"], n_routed_experts=cfg["experts"]).replace(**cfg.get("slice", {}))
+    model = _prepared(random_model(args, device=dev), for_device(dev, "cpu"))
+    bw = peaks(dev)["bandwidth"]
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s")
+    for b in batches:
+        filled = FilledCache(model, b, context, dev)
+        ids = torch.randint(0, args.vocab_size, (b,))
+        nbytes = decode_bytes(model, b, context)
+
+        def step():
+            with torch.no_grad():
+                X = model.forward_packed(ids, Batch([context] * b, [1] * b, filled.cache, dev))
+                return model.logits(X, model.head_weight())
+        ts = {1: [], 0: []}
+        for _ in range(2):
+            step()
+        for _ in range(reps):
+            for f in (1, 0):
+                gemm.kernels.fast_decode(f)
+                try:
+                    t0 = time.perf_counter()
+                    step()
+                    ts[f].append(time.perf_counter() - t0)
+                finally:
+                    gemm.kernels.fast_decode(1)
+        line = []
+        for f, name in ((1, "integer decode"), (0, "float route")):
+            best, med = min(ts[f]), statistics.median(ts[f])
+            line.append(f"{name} best {best * 1e3:.1f} ms ({100 * nbytes / best / bw:.1f}%), median {med * 1e3:.1f} ms "
+                        f"({100 * nbytes / med / bw:.1f}%)")
+        print(f"S4 B={b} ctx={context} ({nbytes / 1e6:.0f} MB): " + "; ".join(line))
 
 
 if __name__ == "__main__":
@@ -140,10 +211,24 @@ if __name__ == "__main__":
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--no-s1", action="store_true", help="skip the S1 scenario")
     ap.add_argument("--no-flash", action="store_true", help="skip the 4096x4096 linears")
+    ap.add_argument("--no-small", action="store_true", help="skip the built-in model's decode-sized calls")
+    ap.add_argument("--s4", action="store_true", help="also the S4 decode step (small slice), integer decode on / off")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by the process's CPU time (time.process_time, also inside dayzero.scenarios: the copy "
+                         "bandwidth too) instead of wall time: on a shared machine it leaves out the waits for a core; "
+                         "one thread only (OMP_NUM_THREADS=1)")
     a = ap.parse_args()
+    if a.cpu_time:
+        if torch.get_num_threads() != 1:
+            ap.error(f"--cpu-time needs one thread (OMP_NUM_THREADS=1), not {torch.get_num_threads()}: "
+                     "CPU time adds up the threads")
+        time.perf_counter = time.process_time  # this module and dayzero.scenarios read time.perf_counter per call
     print(f"threads {torch.get_num_threads()}")
-    small(a.reps)
+    if not a.no_small:
+        small(a.reps)
     if not a.no_flash:
         flash()
     if not a.no_s1:
         s1()
+    if a.s4:
+        s4()

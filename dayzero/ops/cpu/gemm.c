@@ -15,6 +15,9 @@
  *   kernel; checkpoints never contain them). bf16 x (AVX512-BF16, any number of rows): the scaled
  *   weights are rounded to bf16 (exact for E8M0 scales; the twin's W for fp32 scales) and
  *   vdpbf16ps takes 32 per instruction.
+ * - Where a block's E8M0 scale byte allows it (FP8: 7..246 over a row block; FP4: 2..252 over a
+ *   row), the vdpbf16ps decode kernels form the same bf16 words by integer operations instead
+ *   (fastdecode.h: about half the micro-ops per FP8 weight; FP4 tables without multiplies).
  * Products are exact inside FMAs / vdpbf16ps, sums are fp32, one rounding to x.dtype at the end:
  * results differ from the twins only by fp32 summation order (bf16: and the output rounding of
  * values that differ by it).
@@ -25,8 +28,9 @@
  * 32-position halves of each 64), over all of K, reduced once at the end. So a request's logits
  * do not depend on what else is in the step (tests/engine/test_batch_invariance.py).
  * Blocking (decode, M < ROWS_MIN): one weight row pair shares each activation load with up to
- * MR4 = 4 activation rows (2 x 2 x 4 accumulators); work items are tiles of <= TILE output rows of
- * blocks of MB = 8 activation rows; K is walked whole. Weight streams are
+ * MR4 = 4 activation rows (2 x 2 x 4 accumulators; bf16 x with the integer decode: 5-8 rows run
+ * one weight row against all of them, 2 x 8, so each weight is decoded once); work items are tiles
+ * of <= TILE output rows of blocks of MB = 8 activation rows; K is walked whole. Weight streams are
  * software-prefetched PF bytes ahead. The micro-kernels keep their accumulators in arrays that gcc
  * holds in registers only across a branch-free innermost loop: their loops are shaped for that
  * (whole 128-weight blocks for FP8, flat group pairs for FP4), with partial blocks after the loop.
@@ -70,6 +74,11 @@
 static int use_bf16dot = 1;
 
 void dz_gemm_options(int64_t bf16dot) { use_bf16dot = (int)bf16dot; }
+
+/* tests / bench: 0 decodes weights by the float route only (fastdecode.h: the same bf16 words) */
+static int use_fast_decode = 1;
+
+void dz_gemm_fast_decode(int64_t on) { use_fast_decode = (int)on; }
 
 static const float E2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                                -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
@@ -401,6 +410,8 @@ AI float scale_bits(const void *s, int64_t i, int e8m0) {
     return f;
 }
 
+#include "fastdecode.h"
+
 /* bf16 x (split64_row layout) with FP4 weights: two groups (64 weights, 32 bytes) per step; the
  * 32-entry bf16 table holds both groups' scaled e2m1 values (exact for E8M0 scales; fp32 scales
  * rounded to bf16 as the twin rounds W), indexed by vpermw with the group in bit 4; vdpbf16ps
@@ -445,10 +456,29 @@ AI void fp4_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, 
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
     float s0[2], s1[2];
-    /* gcc keeps the accumulator arrays in registers only across a branch-free innermost loop:
-     * up to 2 accumulators (decode-bound) the scales are loaded 16 groups at a time and the
-     * accumulators stored once per chunk; beyond that one flat loop reads each pair's scales */
+#if DZ_FAST_FP4
+    if (e8m0 && scales_in((const uint8_t *)s, lds, nr, G, FP4_SB_LO, FP4_SB_HI)) { /* fastdecode.h */
+        const int64_t Ge = G & ~(int64_t)1; /* whole group pairs */
+        uint32_t od[2][8] __attribute__((aligned(32)));
+        for (int64_t g0 = 0; g0 < Ge; g0 += 16) { /* 8 pairs' offsets at a time, then their steps */
+            const int np = (int)min64(8, (Ge - g0) >> 1);
+            fp4_offsets16((const uint8_t *)s + g0, lds, 2 * np, nr, od);
+            for (int j = 0; j < np; j++) {
+                for (int r = 0; r < nr; r++) _mm_prefetch((const char *)w + r * ldw + pfd + 16 * (g0 + 2 * j), _MM_HINT_T0);
+                fp4_step_fast(w, ldw, od, j, g0 + 2 * j, xr, nr, mb, two, a0, a1);
+            }
+        }
+        const int64_t g = Ge;
+        if (g < G) {
+            for (int r = 0; r < nr; r++) s0[r] = scale_bits(s, r * lds + g, e8m0);
+            fp4_step_bf(w, ldw, s0, s1, g, 0, xr, nr, mb, two, a0, a1);
+        }
+    } else
+#endif
     if (nr * mb <= 2) {
+        /* gcc keeps the accumulator arrays in registers only across a branch-free innermost loop:
+         * up to 2 accumulators (decode-bound) the scales are loaded 16 groups at a time and the
+         * accumulators stored once per chunk; beyond that one flat loop reads each pair's scales */
         float sc[2][16] __attribute__((aligned(64)));
         for (int64_t g0 = 0; g0 < G; g0 += 16) {
             const int ng = (int)min64(16, G - g0);
@@ -519,8 +549,25 @@ AI void fp8_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, con
     __m512 a0[2][MB], a1[2][MB];
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
-    /* whole 128-weight blocks: a branch-free body, so the accumulators stay in registers */
-    for (int64_t k = 0; k < nf; k += 128) {
+    /* whole 128-weight blocks: a branch-free body, so the accumulators stay in registers; the
+     * integer decode (fastdecode.h) where every block's E8M0 scale allows it, the same words */
+    const int fast = e8m0 && scales_in((const uint8_t *)s, 0, 1, nf >> 7, FP8_SB_LO, FP8_SB_HI);
+    if (fast) {
+        const __m512 codes = e4m3_x2m8(_mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0));
+        for (int64_t k = 0; k < nf; k += 128) {
+            const uint8_t sb = ((const uint8_t *)s)[k >> 7];
+            const __m512i off = fp8_fast_off(sb), sub = fp8_fast_sub(codes, _mm512_set1_ps(scale_bits(s, k >> 7, 1) * 256.0f));
+            for (int r = 0; r < nr; r++) {
+                _mm_prefetch((const char *)w + r * ldw + pfd + k, _MM_HINT_T0);
+                _mm_prefetch((const char *)w + r * ldw + pfd + k + 64, _MM_HINT_T0);
+            }
+            fp8_step_fast(w, ldw, off, sub, xr, k, nr, mb, 0, a0, a1);
+            fp8_step_fast(w, ldw, off, sub, xr, k + 32, nr, mb, two, a0, a1);
+            fp8_step_fast(w, ldw, off, sub, xr, k + 64, nr, mb, 0, a0, a1);
+            fp8_step_fast(w, ldw, off, sub, xr, k + 96, nr, mb, two, a0, a1);
+        }
+    }
+    for (int64_t k = fast ? nf : 0; k < nf; k += 128) {
         const __m512 vs = _mm512_set1_ps(scale_at(s, k >> 7, e8m0) * 256.0f);
         for (int r = 0; r < nr; r++) {
             _mm_prefetch((const char *)w + r * ldw + pfd + k, _MM_HINT_T0);
@@ -761,8 +808,26 @@ static void fp8_rows(const uint8_t *w, int64_t ldw, const void *s, int e8m0, int
 }
 
 #if DZ_BF16DOT
+/* 5-8 activation rows: one weight row at a time against all of them (2 x 8 accumulators), so each
+ * weight is decoded once, not once per block of MR4 rows; the same per-(row, x row) order */
+#define ROW8_CASES(F)                                                                                             \
+    case 5: F(1, 5); break;                                                                                       \
+    case 6: F(1, 6); break;                                                                                       \
+    case 7: F(1, 7); break;                                                                                       \
+    default: F(1, MB); break;
+
 static void fp4_rows_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, int e8m0,
                         const uint16_t *const *xr, int64_t n, int nr, int mb, float *out) {
+    if (mb > MR4 && use_fast_decode) {
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *wr = w + r * ldw;
+            const void *sr = (const char *)s + r * lds * (e8m0 ? 1 : 4);
+#define FR(NR, M) fp4_micro_bf(wr, ldw, sr, lds, e8m0, xr, n, NR, M, out + r)
+            switch (mb) { ROW8_CASES(FR) }
+#undef FR
+        }
+        return;
+    }
 #define FB(NR, M) fp4_micro_bf(w, ldw, s, lds, e8m0, xr + m0, n, NR, M, out + m0 * TILE)
     MR4_LOOP(FB)
 #undef FB
@@ -770,6 +835,15 @@ static void fp4_rows_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t ld
 
 static void fp8_rows_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, const uint16_t *const *xr, int64_t n,
                         int nr, int mb, float *out) {
+    if (mb > MR4 && use_fast_decode) { /* both rows in one 128-row block: the same scale row s */
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *wr = w + r * ldw;
+#define FR(NR, M) fp8_micro_bf(wr, ldw, s, e8m0, xr, n, NR, M, out + r)
+            switch (mb) { ROW8_CASES(FR) }
+#undef FR
+        }
+        return;
+    }
 #define FB(NR, M) fp8_micro_bf(w, ldw, s, e8m0, xr + m0, n, NR, M, out + m0 * TILE)
     MR4_LOOP(FB)
 #undef FB

@@ -30,6 +30,7 @@ _SIGNATURES = {
     "moe": ("dz_moe_fp4", "piiiiippippippippifippi"),
     "sim": ("dz_gemm_fp8_sim", "piiiip"),
     "options": ("dz_gemm_options", "i"),  # tests: options(0) runs bf16 x on the fp32 kernels
+    "fast_decode": ("dz_gemm_fast_decode", "i"),  # tests / bench: 0 decodes by the float route only
 }
 
 

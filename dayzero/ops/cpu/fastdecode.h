@@ -1,0 +1,122 @@
+/* Integer-only weight decoding for the vdpbf16ps kernels of gemm.c (included there, AVX512-BF16
+ * builds), used where a block's E8M0 scale byte keeps every scaled weight a normal bf16 number.
+ * The bf16 words are bit for bit the ones gemm.c's float route forms (decode, multiply by the
+ * scale in fp32, round to bf16), so results do not change; only the instructions per weight do.
+ *
+ * FP8 e4m3 byte s.eeee.mmm (e >= 1) times 2^(sb - 127) is exactly the bf16 number with sign s,
+ * exponent field e - 7 + sb and mantissa mmm0000: its bits are (eeee.mmm << 4) + ((sb - 7) << 7)
+ * with the sign at bit 15, a normal number for e in 1..15 when sb lies in [FP8_SB_LO, FP8_SB_HI]
+ * (the NaN codes 0x7f / 0xff give +-480 * scale, as the float route). Codes with e = 0 (zeros and
+ * subnormals) come from a 16-entry table per block built by the float route itself (vpermw on
+ * their low bits, masked to those lanes). Per 32 weights: vpmovsxbw, vpsllw, vpand, vpaddw,
+ * vptestnmw, vpermw, vpternlog (the float route: about 10 instructions, two conversions to fp32,
+ * two multiplies and a conversion to bf16 among them).
+ *
+ * FP4 (e2m1, a scale per 32): the float route builds, per pair of groups, a 32-entry bf16 table
+ * (the 16 e2m1 values times each group's scale: two multiplies and a conversion per row). The
+ * nonzero e2m1 values times 2^(sb - 127) are the bf16 words of the values plus (sb - 127) << 7
+ * (exponent fields 126..129 + sb - 127 stay in 1..254 for sb in [FP4_SB_LO, FP4_SB_HI]), so the
+ * table is one constant plus a broadcast 32-bit word (both groups' offsets), added under a mask
+ * that skips the two zeros: the table interleaves the groups (entry 2n + group = value n), and
+ * the indices are (nibble << 1) | group (vpshldw puts the group bit in). The x layout is the float
+ * route's (split64_row); the words are the same. */
+#ifndef DAYZERO_CPU_FASTDECODE_H
+#define DAYZERO_CPU_FASTDECODE_H
+
+#define FP8_SB_LO 7
+#define FP8_SB_HI 246
+#define FP4_SB_LO 2
+#define FP4_SB_HI 252
+
+/* every scale byte of nr rows (lds apart) x n in [lo, hi] */
+static inline int scales_in(const uint8_t *s, int64_t lds, int nr, int64_t n, int lo, int hi) {
+    if (!use_fast_decode) return 0;
+    const __m512i vlo = _mm512_set1_epi8((char)lo), vhi = _mm512_set1_epi8((char)hi);
+    for (int r = 0; r < nr; r++)
+        for (int64_t i = 0; i < n; i += 64) {
+            const __mmask64 km = n - i >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - i)) - 1);
+            const __m512i v = _mm512_maskz_loadu_epi8(km, s + r * lds + i);
+            if ((_mm512_mask_cmplt_epu8_mask(km, v, vlo) | _mm512_mask_cmpgt_epu8_mask(km, v, vhi)) != 0) return 0;
+        }
+    return 1;
+}
+
+/* the block constants: exponent offset (sb - 7) << 7 and the e = 0 table (codes 0..7 scaled by the
+ * float route: e4m3_x2m8(code) * fl(scale * 2^8), rounded to bf16 to nearest even) */
+AI __m512i fp8_fast_off(uint8_t sb) { return _mm512_set1_epi16((short)((sb - FP8_SB_LO) << 7)); }
+
+AI __m512i fp8_fast_sub(__m512 codes_x2m8, __m512 vs) {
+    return _mm512_zextsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(codes_x2m8, vs)));
+}
+
+/* 32 e4m3 bytes -> 32 bf16 words (see above) */
+AI __m512i fp8_fast_decode(__m256i b, __m512i off, __m512i sub) {
+    const __m512i h = _mm512_cvtepi8_epi16(b); /* sign-extended: bit 15 = sign, low 7 bits = eeee.mmm */
+    const __m512i v = _mm512_add_epi16(_mm512_and_si512(_mm512_slli_epi16(h, 4), _mm512_set1_epi16(0x07f0)), off);
+    const __mmask32 z = _mm512_testn_epi16_mask(h, _mm512_set1_epi16(0x78)); /* e = 0 */
+    const __m512i f = _mm512_mask_permutexvar_epi16(v, z, h, sub);           /* index: low bits = mmm */
+    return _mm512_ternarylogic_epi32(f, h, _mm512_set1_epi16((short)0x8000), 0xF8); /* f | (h & sign) */
+}
+
+/* fp8_step_bf with the integer decode: 32 weights of nr rows at k, whole steps only */
+AI void fp8_step_fast(const uint8_t *w, int64_t ldw, __m512i off, __m512i sub, const uint16_t *const *xr, int64_t k,
+                      const int nr, const int mb, const int sel, __m512 (*a0)[MB], __m512 (*a1)[MB]) {
+    __m512i wv[2];
+    for (int r = 0; r < nr; r++) wv[r] = fp8_fast_decode(_mm256_loadu_si256((const __m256i *)(w + r * ldw + k)), off, sub);
+    for (int m = 0; m < mb; m++) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xr[m] + k);
+        for (int r = 0; r < nr; r++) {
+            if (sel)
+                a1[r][m] = _mm512_dpbf16_ps(a1[r][m], (__m512bh)wv[r], xv);
+            else
+                a0[r][m] = _mm512_dpbf16_ps(a0[r][m], (__m512bh)wv[r], xv);
+        }
+    }
+}
+
+#if defined(__AVX512VBMI2__) /* vpshldw: FP4 on the integer route only with VBMI2 (Ice Lake, Zen 4 and later) */
+#define DZ_FAST_FP4 1
+
+/* FP4: the exponent offsets (sb - 127) << 7 of n <= 16 groups of nr rows (lds bytes apart) as
+ * word pairs: od[r][j] = group 2j's offset (low word), group 2j + 1's (high word) */
+AI void fp4_offsets16(const uint8_t *s, int64_t lds, int n, const int nr, uint32_t (*od)[8]) {
+    for (int r = 0; r < nr; r++) {
+        const __m256i b = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1), s + r * lds));
+        _mm256_store_si256((__m256i *)od[r], _mm256_slli_epi16(_mm256_sub_epi16(b, _mm256_set1_epi16(127)), 7));
+    }
+}
+
+/* groups g, g + 1 of nr rows (both present; offsets od[r][j]) into the accumulators, as fp4_step_bf */
+AI void fp4_step_fast(const uint8_t *w, int64_t ldw, uint32_t (*od)[8], int j, int64_t g, const uint16_t *const *xr,
+                      const int nr, const int mb, const int two, __m512 (*a0)[MB], __m512 (*a1)[MB]) {
+    /* bf16 e2m1 values, entry 2n + group: 0, .5, 1, 1.5, 2, 3, 4, 6, -0, -.5, ... (twice each) */
+    const __m512i base = _mm512_set_epi16(
+        (short)0xc0c0, (short)0xc0c0, (short)0xc080, (short)0xc080, (short)0xc040, (short)0xc040, (short)0xc000,
+        (short)0xc000, (short)0xbfc0, (short)0xbfc0, (short)0xbf80, (short)0xbf80, (short)0xbf00, (short)0xbf00,
+        (short)0x8000, (short)0x8000, 0x40c0, 0x40c0, 0x4080, 0x4080, 0x4040, 0x4040, 0x4000, 0x4000, 0x3fc0, 0x3fc0,
+        0x3f80, 0x3f80, 0x3f00, 0x3f00, 0, 0);
+    const __mmask32 nz = ~(__mmask32)0x00030003u; /* entries 0, 1, 16, 17: +-0 */
+    const __m512i gb = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16((short)0x8000), 1);
+    __m512i lo[2], hi[2];
+    for (int r = 0; r < nr; r++) {
+        const __m512i tbl = _mm512_mask_add_epi16(base, nz, base, _mm512_set1_epi32((int)od[r][j]));
+        const __m512i h = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + r * ldw + 16 * g)));
+        lo[r] = _mm512_permutexvar_epi16(_mm512_shldi_epi16(h, gb, 1), tbl);                         /* (h << 1) | group */
+        hi[r] = _mm512_permutexvar_epi16(_mm512_shldi_epi16(_mm512_srli_epi16(h, 4), gb, 1), tbl);
+    }
+    for (int m = 0; m < mb; m++) {
+        const __m512bh xe = (__m512bh)_mm512_loadu_si512(xr[m] + 32 * g);
+        const __m512bh xo = (__m512bh)_mm512_loadu_si512(xr[m] + 32 * g + 32);
+        for (int r = 0; r < nr; r++) {
+            a0[r][m] = _mm512_dpbf16_ps(a0[r][m], (__m512bh)lo[r], xe);
+            if (two)
+                a1[r][m] = _mm512_dpbf16_ps(a1[r][m], (__m512bh)hi[r], xo);
+            else
+                a0[r][m] = _mm512_dpbf16_ps(a0[r][m], (__m512bh)hi[r], xo);
+        }
+    }
+}
+
+#endif /* __AVX512VBMI2__ */
+
+#endif
