@@ -23,6 +23,7 @@ from dayzero.distributed import runtime
 from dayzero.distributed.layout import Layout
 from dayzero.loader.model_io import load_model, read_args
 from dayzero.tokenizer import Tokenizer
+from dayzero.v41.replay import refuse_v41_options
 from dayzero.v41.served import check_engine_args, is_v41_dir, load_served
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -93,7 +94,8 @@ class LLM:
 
     numerics: "official" (default for DeepSeek-V4) or "transformers". A DeepSeek-V4.1 checkpoint
     (config.json model_type deepseek_v41) runs on one rank with "transformers" numerics only
-    (v41/served.py names what it refuses: speculation, parallel layouts, FP8 cache, "official")."""
+    (v41/served.py names what it refuses: speculation, parallel layouts, FP8 cache, "official");
+    `v41_bounded_replay=True` opts its prefills into bounded replay (docs/V41.md; refused for V4)."""
 
     def __init__(self, model: str | os.PathLike | None = None, device=None, dtype=None,
                  numerics: str | None = None, **engine_options):
@@ -114,6 +116,7 @@ class LLM:
                 raise ValueError("DeepSeek-V4.1 runs on one rank: torchrun's ranks are not built for it (docs/V41.md)")
             self._start(path, eargs, load_served(path, dt, self.device))
             return
+        refuse_v41_options(eargs)  # before loading: v41_bounded_replay names a V4.1-only option
         numerics = numerics or "official"
         if tp * dp > 1 or runtime.torchrun_env() is not None:
             Layout(tp, 0, ep, dp).check(read_args(path))  # an impossible layout fails before any rank starts
@@ -180,7 +183,8 @@ class LLM:
     # ---- API ---------------------------------------------------------------------------------
     @torch.no_grad()
     def score(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """Next-token logits at every position of one sequence: [len, vocab] fp32 (one full forward)."""
+        """Next-token logits at every position of one sequence: [len, vocab] fp32 (one full forward;
+        always the exact prefill, also with v41_bounded_replay, whose dropped rows have no logits)."""
         ids, _ = self._token_ids(token_ids)
         return self.engine.runner.score(ids)
 

@@ -111,10 +111,12 @@ class ServedV41(nn.Module):
         from dayzero.reference.model import Transformer
         Transformer.set_ops(self, table)  # every UsesOps module's table, the FP4 experts grouped
 
-    def forward_packed(self, input_ids: torch.Tensor, batch, captured=None) -> torch.Tensor:
+    def forward_packed(self, input_ids: torch.Tensor, batch, captured=None, replay_from=None) -> torch.Tensor:
+        """replay_from: each sequence's bounded-replay floor (engine option v41_bounded_replay; rows below
+        a floor are NaN, v41/replay.py); None: the exact forward."""
         if captured is not None:
             raise ValueError("DeepSeek-V4.1 has no DSpark capture (its drafter is not built)")
-        return self.model.forward_packed(input_ids, batch)
+        return self.model.forward_packed(input_ids, batch, replay_from)
 
     def head_weight(self) -> torch.Tensor:
         return self.model.head.weight
