@@ -9,11 +9,14 @@ a budget splits (derived max_num_seqs, the bounded reserve, tokens of entries), 
 compute) and a GPU (bf16 compute); compressor rows fp32 under official numerics, bf16 under
 transformers numerics on a GPU.
 
-V4.1-Flash (dayzero/v41/presets.py `kv_plan`): the PLANNED layout's bytes, the V4.1 engine path is not
-built. Window rows on every layer (40 backbone + 3 DSpark stages); compressed entries and indexer keys
-stored once per KV-source group (layers 2, 8, 14 at ratio 2, layer 20 at ratio 1), from V41Args' layer
-schedule. Storage: "qat" = the QAT points (window FP8 e4m3 + UE8M0 per 32; entries FP4 e2m1 + e4m3 per
-16; indexer keys FP4 + UE8M0 per 32), "bf16" = every row bf16. Shown next to V4-Flash's rows.
+V4.1-Flash: what the engine allocates, and the planned QAT layout. The engine runs V4.1 on one rank
+(v41/served.py) with its pools in the compute dtype (dayzero/v41/cache.py `bytes_per_token`,
+`fixed_bytes_per_sequence`): compressed entries + indexer keys once per KV-source group (layers 2, 8, 14
+at ratio 2, layer 20 at ratio 1), window rows on the 40 backbone layers (no DSpark stages: its drafter is
+not built), the pooled sources' open fp32 rows and the Engram history; bf16 on a GPU, fp32 on a CPU.
+The plan (dayzero/v41/presets.py `kv_plan`; window rows on 40 + 3 DSpark stages): "qat" = the QAT points
+(window FP8 e4m3 + UE8M0 per 32; entries FP4 e2m1 + e4m3 per 16; indexer keys FP4 + UE8M0 per 32), not
+built in the engine; "bf16" = every row bf16. Shown next to V4-Flash's rows.
 
     python -m bench.kv_report [--v41-only] [--out DIR]  # prints tables, writes bench/results/kv_bytes.json
 """
@@ -27,6 +30,8 @@ from bench.common import RESULTS, environment
 from dayzero.cache.spec import cache_groups, fixed_bytes_per_sequence, kv_report
 from dayzero.config import flash, pro
 from dayzero.engine.capacity import Sizes, bounded_blocks, plan
+from dayzero.v41.cache import bytes_per_token as v41_bytes_per_token
+from dayzero.v41.cache import fixed_bytes_per_sequence as v41_fixed_bytes
 from dayzero.v41.presets import PLANS, kv_plan, v41_flash
 
 # (device, compute dtype, numerics) profiles and the budgets shown for them (bytes per rank)
@@ -72,7 +77,8 @@ CONTEXTS = ("8192", "131072", "1048576")
 
 def v41_rows(out: dict) -> None:
     """V4.1-Flash's planned bytes per token next to V4-Flash's engine accounting (bf16 and fp8 rows)."""
-    print("\nv4.1-flash: PLANNED layout (the V4.1 engine path is not built); V4-Flash from the engine's accounting")
+    print("\nv4.1-flash: the engine's pools (compute dtype) and the planned layouts; V4-Flash from the engine's "
+          "accounting")
     print(f"{'model':10} {'storage':34} {'B/token':>8} {'fixed/seq':>10} {'8K':>10} {'128K':>10} {'1M':>10}")
     v4 = {kv: kv_report(flash(), torch.bfloat16, kv_cache_dtype=kv) for kv in ("auto", "fp8")}
     for kv, rep in v4.items():
@@ -90,10 +96,24 @@ def v41_rows(out: dict) -> None:
         print(f"{'v4.1-flash':10} {name + ' ' + fmt:34} {p['bytes_per_token_all_layers']:8.0f} "
               f"{p['fixed_bytes_per_sequence'] / 2**20:8.1f}Mi "
               + " ".join(f"{seq[k] / 2**30:8.3f}Gi" for k in CONTEXTS))
+    engine = {}
+    for dt in (torch.bfloat16, torch.float32):
+        name = str(dt).removeprefix("torch.")
+        per, fixed = v41_bytes_per_token(args, dt), v41_fixed_bytes(args, dt)
+        e = engine[name] = {"compute_dtype": name, "bytes_per_token_all_layers": per, "fixed_bytes_per_sequence": fixed,
+                            "per_sequence_bytes": {k: int(per * int(k) + fixed) for k in CONTEXTS},
+                            "vs_qat_plan": per / rows["qat"]["bytes_per_token_all_layers"]}
+        seq = e["per_sequence_bytes"]
+        print(f"{'v4.1-flash':10} {'engine (' + name + ', as computed)':34} {per:8.0f} {fixed / 2**20:8.1f}Mi "
+              + " ".join(f"{seq[k] / 2**30:8.3f}Gi" for k in CONTEXTS))
     q = rows["qat"]["bytes_per_token_all_layers"]
     print(f"v4.1-flash qat / v4-flash published FP8+FP4 ({PUBLISHED_FP8_FP4['v4-flash']} B/token): "
           f"{q / PUBLISHED_FP8_FP4['v4-flash']:.3f}")
-    out["models"]["v4.1-flash"] = {"status": "planned layout; the V4.1 engine path is not built", **rows}
+    print(f"v4.1-flash engine bf16 / qat plan: {engine['bfloat16']['vs_qat_plan']:.2f}x the bytes per token "
+          f"(the QAT cache formats are not built)")
+    out["models"]["v4.1-flash"] = {
+        "status": "the engine runs V4.1 on one rank with its pools in the compute dtype ('engine'); 'qat' is the "
+                  "planned packed layout, not built in the engine", "engine": engine, **rows}
 
 
 def main(argv=None) -> None:

@@ -79,12 +79,20 @@ def test_reports_print_the_v41_rows(tmp_path, capsys, script, out):
 
     importlib.import_module(f"bench.{script}").main(["--v41-only", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
-    assert "v4.1-flash: PLANNED layout (the V4.1 engine path is not built)" in printed
     data = json.loads((tmp_path / out).read_text())["models"]["v4.1-flash"]
-    assert data["status"] == "planned layout; the V4.1 engine path is not built"
     if script == "kv_report":
+        assert "v4.1-flash: the engine's pools (compute dtype) and the planned layouts" in printed
+        assert data["status"].startswith("the engine runs V4.1 on one rank with its pools in the compute dtype")
         assert data["qat"]["bytes_per_token_all_layers"] == 890 and data["bf16"]["bytes_per_token_all_layers"] == 3200
+        # the engine's pools: entries + keys (512 + 128) x 2 B (bf16) over ratios 2, 2, 2, 1 = the all-bf16 plan
+        eng = data["engine"]
+        assert eng["bfloat16"]["bytes_per_token_all_layers"] == 3200 and eng["float32"]["bytes_per_token_all_layers"] == 6400
+        assert eng["bfloat16"]["vs_qat_plan"] == 3200 / 890
+        # fixed: 40 layers x 127 window rows x 512 x 2 B + 3 pooled sources' 2 x 2 x 512 fp32 rows + 3 int64 ids
+        assert eng["bfloat16"]["fixed_bytes_per_sequence"] == 40 * 127 * 512 * 2 + 3 * 2 * 2 * 512 * 4 + 3 * 8
     else:
+        assert "v4.1-flash: PLANNED layout (the V4.1 engine path is not built)" in printed
+        assert data["status"] == "planned layout; the V4.1 engine path is not built"
         rows = {r["layout"]: r for r in data["rows"]}
         c = census(v41_flash())
         whole = c["text_total"]["bytes"] - c["engram_tables"]["bytes"]
