@@ -144,3 +144,15 @@ def test_the_option_is_refused_for_deepseek_v4_by_name(make_ckpt):
                torch.device("cpu"))
     with pytest.raises(ValueError, match="v41_bounded_replay: must be True or False, got 'yes'"):
         EngineArgs(v41_bounded_replay="yes")
+
+
+def test_the_cli_flag_reaches_the_engine(make_ckpt, capsys):
+    from dayzero.cli import build_parser, main
+    v4 = make_ckpt("flash", mtp=0)
+    # generate: the flag becomes the engine option (a V4 checkpoint refuses it by name), off by default
+    assert main(["generate", "--model", str(v4), "--token-ids", "6,7", "--max-tokens", "1", "--v41-bounded-replay"]) == 2
+    assert "v41_bounded_replay=True: " in capsys.readouterr().err
+    assert not build_parser().parse_args(["generate", "--token-ids", "6"]).v41_bounded_replay
+    # serve: the same flag, off by default
+    assert build_parser().parse_args(["serve", "--v41-bounded-replay"]).v41_bounded_replay
+    assert not build_parser().parse_args(["serve"]).v41_bounded_replay
