@@ -21,7 +21,14 @@ cache: every layer's window rows, each compressed layer's top-k entries, each in
 keys over the whole history, the Engram n-gram history ids. Roofline fraction = bytes / time / the copy
 bandwidth measured in the same run (dayzero.scenarios.peaks, as `dayzero bench`).
 
+Op table: both models run with the table the engine picks on this device (`dayzero.ops.for_device`: the
+native CPU kernels where they build), applied as the engine applies it: V4.1 through `ServedV41.set_ops`
+(its FP8 32x32 linears dequantise per call either way: no table has an FP8-32 kernel), V4 through
+`dayzero.bench._prepared` (what `LLM`'s worker does). `--ops ref|cpu|triton` picks another; `--twins`
+adds a V4.1 row on the PyTorch twins (the reference table) at the first context, for comparison.
+
     PYTHONPATH=. python bench/v41_step.py [--size flash|tiny] [--contexts 512,4096] [--no-baseline]
+                                          [--ops ref|cpu|triton] [--twins]
 """
 from __future__ import annotations
 
@@ -162,6 +169,13 @@ def _elsize(model) -> int:
     return torch.tensor([], dtype=model.compute_dtype).element_size()
 
 
+def with_table(model, table):
+    """The V4.1 model with `table` installed as the engine installs it (ServedV41.set_ops)."""
+    from dayzero.v41.served import ServedV41
+    ServedV41(model).set_ops(table)
+    return model
+
+
 def time_step(model, state, context: int, reps: int = 3) -> float:
     ids = torch.randint(0, model.args.vocab_size, (1,))
     cache = DenseBatchCache(state.caches[:1])
@@ -180,13 +194,14 @@ def time_step(model, state, context: int, reps: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def v4_baseline(context: int, size: str, vocab: int, experts: int) -> tuple[float, int]:
+def v4_baseline(context: int, size: str, vocab: int, experts: int, table) -> tuple[float, int]:
+    from dayzero.bench import _prepared
     from dayzero.scenarios import decode_step
     from dayzero.synthetic import flash_slice, random_model
     args = flash_slice(layer_types=V4_LAYERS, n_routed_experts=experts, vocab_size=vocab)
     if size == "tiny":
         args = args.replace(**TINY_V4)
-    model = random_model(args, device="cpu")
+    model = _prepared(random_model(args, device="cpu"), table)  # as the engine's worker prepares it
     try:
         return decode_step(model, 1, context, torch.device("cpu"))
     finally:
@@ -194,24 +209,30 @@ def v4_baseline(context: int, size: str, vocab: int, experts: int) -> tuple[floa
 
 
 def run(size: str = "flash", contexts=(512, 4096), baseline: bool = True, out: str | None = None,
-        log=print) -> list[dict]:
+        log=print, ops: str | None = None, twins: bool = False) -> list[dict]:
+    from dayzero.ops import REF, for_device
     from dayzero.scenarios import commit, peaks, versions
     from dayzero.testing import tiny_tokenizer
     dev = torch.device("cpu")
+    table = for_device(dev, ops)  # what the engine picks here (ops None), or the one asked for
     pk = peaks(dev)
-    log(f"cpu copy bandwidth {pk['bandwidth'] / 1e9:.1f} GB/s (measured now), threads {torch.get_num_threads()}")
+    log(f"cpu copy bandwidth {pk['bandwidth'] / 1e9:.1f} GB/s (measured now), threads {torch.get_num_threads()}, "
+        f"ops table {table.name} (kernels: {', '.join(table.kernels) or 'none'})")
     recs = []
     with tempfile.TemporaryDirectory() as tmp:
         tok = Path(tmp) / "tokenizer.json"
         tiny_tokenizer(tok, vocab_size=320)
         args = slice_args(tok, size)
         model = random_v41(args, tok)
-        for ctx in contexts:
-            state = filled_state(model, ctx)
+        # the twins' row first: the engine's table may group the experts for its kernels (set_ops)
+        runs = ([(contexts[0], REF)] if twins and table is not REF else []) + [(ctx, table) for ctx in contexts]
+        for ctx, tab in runs:
+            state = filled_state(with_table(model, tab), ctx)
             t = time_step(model, state, ctx)
             parts = step_bytes(model, ctx)
             del state
             recs.append(dict(scenario="v41 decode step", size=size, batch=1, context=ctx, time_us=t * 1e6,
+                             ops=tab.name, kernels=list(tab.kernels),
                              bytes=parts["total"], bytes_by_part=parts, achieved_gbps=parts["total"] / t / 1e9,
                              roofline_fraction=parts["total"] / t / pk["bandwidth"], layers=list(ROLES),
                              shape=dict(dim=args.dim, heads=args.n_heads, head_dim=args.head_dim,
@@ -221,17 +242,18 @@ def run(size: str = "flash", contexts=(512, 4096), baseline: bool = True, out: s
         vocab, experts = args.vocab_size, args.n_routed_experts
         del model
     for r in recs:
-        if baseline:
-            tb, nb = v4_baseline(r["context"], size, vocab, experts)
+        if baseline and r["ops"] == table.name:
+            tb, nb = v4_baseline(r["context"], size, vocab, experts, table)
             r.update(baseline_name=f"V4-Flash-shaped {'/'.join(V4_LAYERS)} slice, dayzero V4 path (paged cache)",
-                     baseline_time_us=tb * 1e6, baseline_bytes=nb, baseline_roofline_fraction=nb / tb / pk["bandwidth"])
+                     baseline_ops=table.name, baseline_time_us=tb * 1e6, baseline_bytes=nb,
+                     baseline_roofline_fraction=nb / tb / pk["bandwidth"])
         r.update(peaks=pk, device="cpu: " + (platform.processor() or platform.machine()),
                  threads=torch.get_num_threads(), commit=commit(), versions=versions(),
                  date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         base = "" if "baseline_time_us" not in r else (
             f" | V4 slice {r['baseline_time_us'] / 1e3:8.1f} ms {r['baseline_bytes'] / 1e6:7.1f} MB "
             f"{100 * r['baseline_roofline_fraction']:5.1f}%")
-        log(f"V4.1 slice ctx {r['context']:5d}: {r['time_us'] / 1e3:8.1f} ms {r['bytes'] / 1e6:7.1f} MB "
+        log(f"V4.1 slice ({r['ops']}) ctx {r['context']:5d}: {r['time_us'] / 1e3:8.1f} ms {r['bytes'] / 1e6:7.1f} MB "
             f"{r['achieved_gbps']:6.2f} GB/s {100 * r['roofline_fraction']:5.1f}% of copy bandwidth{base}")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -245,10 +267,13 @@ def main(argv=None):
     p.add_argument("--size", choices=("flash", "tiny"), default="flash")
     p.add_argument("--contexts", default="512,4096")
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--ops", choices=("ref", "cpu", "triton"), default=None,
+                   help="op table for both models (default: the engine's pick on this device)")
+    p.add_argument("--twins", action="store_true", help="also a V4.1 row on the PyTorch twins (first context)")
     p.add_argument("--out", default=None, help="JSON record path (default bench/results/v41_step-<size>.json)")
     a = p.parse_args(argv)
     return run(a.size, tuple(int(c) for c in a.contexts.split(",")), not a.no_baseline,
-               a.out or f"bench/results/v41_step-{a.size}.json")
+               a.out or f"bench/results/v41_step-{a.size}.json", ops=a.ops, twins=a.twins)
 
 
 if __name__ == "__main__":

@@ -123,7 +123,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
               speculative_config=speculative_config(a.speculative_config),
               ops=a.ops, enforce_eager=a.enforce_eager, kv_cache_dtype=a.kv_cache_dtype,
               tensor_parallel_size=a.tensor_parallel_size, enable_expert_parallel=a.enable_expert_parallel,
-              data_parallel_size=a.data_parallel_size, cpu_experts=a.cpu_experts)
+              data_parallel_size=a.data_parallel_size, cpu_experts=a.cpu_experts,
+              v41_bounded_replay=a.v41_bounded_replay)
     try:
         # as the server: prompt + --max-tokens must fit the context (was silently capped)
         context = min(llm.args.max_seq_len, llm.engine.max_tokens)
@@ -282,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "triton on GPUs, cpu on CPUs where it builds, else ref")
     g.add_argument("--enforce-eager", action="store_true",
                    help="never replay decode steps from CUDA graphs (default: graphs on CUDA GPUs)")
+    g.add_argument("--v41-bounded-replay", action="store_true",
+                   help="DeepSeek-V4.1 only: bounded-replay prefill, an approximation (its decoder layers run on each "
+                        "prompt's last window tokens; docs/V41.md); off: the exact prefill")
     g.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "qat"], default="auto",
                    help="auto: cache rows in the compute dtype; fp8 (DeepSeek-V4): K=V rows stored as FP8 (blocks "
                         "of 64, power-of-two scales) + rope dims, 584 instead of 1024 bytes a V4 row; lossless "

@@ -208,8 +208,8 @@ class ModelArgs:
                 f"{source}: a DeepSeek-V4.1 config (deepseek_v41): read and validated ({v41.n_layers} layers, "
                 f"KV sources {list(v41.kv_source_layers)}, index sources {list(v41.index_source_layers)}), but "
                 "it is not a DeepSeek-V4 config: V4's ModelArgs and loader do not read V4.1. LLM(model=...), "
-                "`dayzero generate` and `dayzero serve` run it on one rank or tensor / expert parallel ranks "
-                "(dayzero.v41.served; its DSpark, DP-attention and vision are not built); "
+                "`dayzero generate` and `dayzero serve` run it on one rank or over ranks (tensor / expert parallel, "
+                "DP-attention + EP; dayzero.v41.served; its DSpark and vision are not built); "
                 "dayzero.v41.loader.load_v41 loads it (docs/V41.md)")
         official = "dim" in cfg and "hidden_size" not in cfg
         try:

@@ -17,13 +17,18 @@ from dayzero.cache.block_pool import BlockPool
 from dayzero.cache.spec import GroupSpec
 
 
-def chain_hashes(tokens: list[int], block_size: int, n_blocks: int, start: list[int] | None = None) -> list[int]:
+def chain_hashes(tokens: list[int], block_size: int, n_blocks: int, start: list[int] | None = None,
+                 salt: int = 0) -> list[int]:
+    """The chain hash of each whole block; `salt` starts the chain (a different salt, disjoint names)."""
     out = list(start or [])
-    h = out[-1] if out else 0
+    h = out[-1] if out else salt
     for k in range(len(out), n_blocks):
         h = hash((h, tuple(tokens[k * block_size:(k + 1) * block_size])))
         out.append(h)
     return out
+
+
+BOUNDED_SALT = hash("dayzero: DeepSeek-V4.1 bounded-replay blocks")
 
 
 class KVCacheManager:
@@ -40,6 +45,15 @@ class KVCacheManager:
         self.hashes: dict[str, list[int]] = {}
         self.part: dict[str, int] = {}  # request -> its partition (DP rank) where not 0
         self.hits = self.queries = 0  # prefix-cache tokens hit / asked, for stats
+        # DeepSeek-V4.1 bounded replay (engine option v41_bounded_replay): rid -> its replay floor (0: exact).
+        # A request with a floor f > 0 names and finds its blocks in a salted chain (exact requests never
+        # take blocks its decoder layers left unwritten or approximated) and takes a hit of at most f tokens
+        self.floor_of = None
+
+    def _replay(self, rid: str | None) -> tuple[int, int | None]:
+        """(chain salt, hit cap in tokens) of a request: (0, None) unless it has a bounded-replay floor."""
+        f = self.floor_of(rid) if self.floor_of is not None and rid is not None else 0
+        return (0, None) if not f else (BOUNDED_SALT, f)
 
     def part_of(self, rid: str) -> int:
         return self.part.get(rid, 0)
@@ -56,13 +70,16 @@ class KVCacheManager:
         return g.keep_from(max(n - 1, 0), self.window) // self.bs
 
     # ---- prefix cache ------------------------------------------------------------------------
-    def _longest(self, tokens: list[int], part: int):
+    def _longest(self, tokens: list[int], part: int, rid: str | None = None):
         """The longest cached prefix of `tokens` in partition `part`: (blocks k, the blocks each
         group holds of it, the chain hashes), k = 0 if none."""
+        salt, cap = self._replay(rid)
         m = (len(tokens) - 1) // self.bs
+        if cap is not None:
+            m = min(m, cap // self.bs)
         if not self.caching or m == 0:
             return 0, {}, []
-        hashes, pools = chain_hashes(tokens, self.bs, m), self.parts[part]
+        hashes, pools = chain_hashes(tokens, self.bs, m, salt=salt), self.parts[part]
         for k in range(m, 0, -1):
             found = {}
             for g in self.groups:
@@ -89,7 +106,7 @@ class KVCacheManager:
             self.part[rid] = part
         else:
             self.part.pop(rid, None)
-        k, found, hashes = self._longest(tokens, part)
+        k, found, hashes = self._longest(tokens, part, rid)
         if k == 0:
             return 0
         tab, pools = self.table(rid), self.parts[part]
@@ -124,7 +141,7 @@ class KVCacheManager:
         full = num_computed // self.bs
         if self.caching:
             old = self.hashes.get(rid, [])
-            hashes = self.hashes[rid] = chain_hashes(tokens, self.bs, full, old)
+            hashes = self.hashes[rid] = chain_hashes(tokens, self.bs, full, old, self._replay(rid)[0])
             for k in range(len(old), full):
                 for g in self.groups:
                     b = tab[g.name][k]

@@ -26,6 +26,7 @@ from dayzero.engine.capacity import DEFAULT_MAX_NUM_SEQS, Capacity, derived_budg
 from dayzero.engine.worker import PoolSpec, Worker, WorkerSpec
 from dayzero.distributed.dp import assign
 from dayzero.reference.model import Transformer
+from dayzero.v41.replay import engine_floor, refuse_v41_options
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class EngineArgs:
     enable_expert_parallel: bool = False  # routed experts whole, E/N per rank, instead of split by inner dim
     data_parallel_size: int = 1  # ranks each running attention on its own requests (with enable_expert_parallel)
     cpu_experts: bool = False  # hybrid placement: routed experts in host memory on the CPU's kernels, the rest on the device
+    v41_bounded_replay: bool = False  # DeepSeek-V4.1 only: the opt-in bounded-replay prefill (docs/V41.md)
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -74,7 +76,7 @@ class EngineArgs:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {v!r}")
-        for name in ("enable_expert_parallel", "cpu_experts"):
+        for name in ("enable_expert_parallel", "cpu_experts", "v41_bounded_replay"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be True or False, got {getattr(self, name)!r}")
 
@@ -102,7 +104,7 @@ class Engine:
         # is placed when admitted from position 0 (`_place`)
         self.dp = lay.dp
         self.dp_owner: dict[str, int] = {}  # request id -> its rank (distributed/dp.py)
-        getattr(model, "check_engine_args", lambda e: None)(eargs)  # a model's own refusals (V4.1: v41/served.py)
+        getattr(model, "check_engine_args", refuse_v41_options)(eargs)  # a model's own refusals (V4.1: v41/served.py)
         args = self.args = model.args
         self.block_size = bs = eargs.block_size or _default_block_size(args)
         self.spec_method, self.spec_k = resolve(args, eargs.speculative_config, eargs.num_speculative_tokens)
@@ -126,6 +128,8 @@ class Engine:
         # DP-attention: one cache per rank, each of num_blocks, max_num_seqs requests a rank
         self.kv = KVCacheManager(self.groups, self.num_blocks, bs, args.window_size, eargs.enable_prefix_caching,
                                  lookahead=int(self.spec_enabled), partitions=self.dp)
+        if eargs.v41_bounded_replay:  # each request's floor, from its original prompt (v41/replay.py)
+            self.kv.floor_of = lambda rid: engine_floor(self.requests.get(rid), args.window_size)
         self.scheduler = Scheduler(self.kv, self.max_num_seqs * self.dp, eargs.max_num_batched_tokens)
         if self.dp > 1:
             self.scheduler.place = self._place
@@ -345,6 +349,9 @@ class Engine:
         if self.dp > 1:  # each request on its rank, placed when admitted from position 0 (`_place`)
             owners = [self.dp_owner[r.rid] for r in reqs]
             return self.runner.forward(ids, starts, lengths, tables, protect, want, owners)
+        if self.eargs.v41_bounded_replay:  # V4.1: every step passes each request's floor (to every TP rank)
+            return self.runner.forward(ids, starts, lengths, tables, protect, want, None,
+                                       [engine_floor(r, self.args.window_size) for r in reqs])
         return self.runner.forward(ids, starts, lengths, tables, protect, want)
 
     def _sample(self, r: Request, s: Scheduled, logits, rows, last_row: int) -> None:

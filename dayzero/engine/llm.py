@@ -24,6 +24,7 @@ from dayzero.distributed.layout import Layout
 from dayzero.loader.model_io import load_model, read_args
 from dayzero.tokenizer import Tokenizer
 from dayzero.v41.loader import read_v41_args
+from dayzero.v41.replay import refuse_v41_options
 from dayzero.v41.served import check_engine_args, is_v41_dir, load_served
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -95,7 +96,8 @@ class LLM:
     numerics: "official" (default for DeepSeek-V4) or "transformers". A DeepSeek-V4.1 checkpoint
     (config.json model_type deepseek_v41) runs with "transformers" numerics only, on one rank or over
     tensor (and expert) parallel ranks, local or torchrun's (v41/served.py names what it refuses:
-    speculation, FP8 cache, "official"; DP-attention + EP and hybrid experts run as for V4)."""
+    speculation, FP8 cache, "official"; DP-attention + EP and hybrid experts run as for V4);
+    `v41_bounded_replay=True` opts its prefills into bounded replay (docs/V41.md; refused for V4)."""
 
     def __init__(self, model: str | os.PathLike | None = None, device=None, dtype=None,
                  numerics: str | None = None, **engine_options):
@@ -113,6 +115,8 @@ class LLM:
         v41 = is_v41_dir(path)  # DeepSeek-V4.1: numerics "transformers", TP / TP + EP (v41/served.py)
         if v41:
             check_engine_args(eargs, numerics)
+        else:
+            refuse_v41_options(eargs)  # before loading: v41_bounded_replay names a V4.1-only option
         numerics = "transformers" if v41 else numerics or "official"
         if tp * dp > 1 or runtime.torchrun_env() is not None:
             # an impossible layout fails before any rank starts
@@ -184,7 +188,8 @@ class LLM:
     # ---- API ---------------------------------------------------------------------------------
     @torch.no_grad()
     def score(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """Next-token logits at every position of one sequence: [len, vocab] fp32 (one full forward)."""
+        """Next-token logits at every position of one sequence: [len, vocab] fp32 (one full forward;
+        always the exact prefill, also with v41_bounded_replay, whose dropped rows have no logits)."""
         ids, _ = self._token_ids(token_ids)
         return self.engine.runner.score(ids)
 

@@ -132,15 +132,17 @@ class Worker:
         return PagedBatchCache.of_slots(self.pools, self.tables, self.tables.update(tables), protect, self.device)
 
     def forward(self, ids: list[int], starts: list[int], lengths: list[int], tables: list[dict],
-                protect: list[int], want: list[int], counts: list[int] | None = None) -> torch.Tensor | None:
+                protect: list[int], want: list[int], counts: list[int] | None = None,
+                floors: list[int] | None = None) -> torch.Tensor | None:
         """One step: sequence b's tokens ids[sum(lengths[:b]):][:lengths[b]] at positions
         starts[b].., reading and writing the blocks tables[b]; writes below protect[b] (a
         prefix-cache hit) are filtered. Returns fp32 logits of the `want` rows on the host (None
         if none); the final streams stay here for `draft`. Under DP-attention + EP a rank given no
         sequences this step (an idle rank) joins the MoE layers' collectives and returns None;
-        `counts`: every rank's rows this step (rank 0 sends them, so no MoE layer gathers them)."""
+        `counts`: every rank's rows this step (rank 0 sends them, so no MoE layer gathers them).
+        `floors` (DeepSeek-V4.1 bounded replay): each sequence's replay floor, passed to the model."""
         with self.model.group_comm.counted(counts):
-            return self._forward(ids, starts, lengths, tables, protect, want)
+            return self._forward(ids, starts, lengths, tables, protect, want, floors)
 
     def draft(self, rows: list[int], seqs: list[int], starts: list[int], lengths: list[int], next_ids: list[int],
               tables: list[dict], counts: list[int] | None = None) -> torch.Tensor:
@@ -169,13 +171,14 @@ class Worker:
             return self._score(ids, keep)
 
     @torch.no_grad()
-    def _forward(self, ids, starts, lengths, tables, protect, want):
+    def _forward(self, ids, starts, lengths, tables, protect, want, floors=None):
         self._last = self.captured = None
         if not lengths:
             self.model.idle()
             return None
         end = max(a + n for a, n in zip(starts, lengths))
-        if not any(protect):
+        replay = {} if floors is None else {"replay_from": floors}
+        if not any(protect) and not replay:
             run = self._replayed(ids, [b for b, n in enumerate(lengths) for _ in range(n)],
                                  [p for a, n in zip(starts, lengths) for p in range(a, a + n)], tables, end)
             if run is not None:
@@ -187,8 +190,10 @@ class Worker:
         cache = self._eager_cache(tables, protect)
         captured = {} if self.capture else None
         X = self.model.forward_packed(torch.tensor(ids, device=self.device), Batch(starts, lengths, cache, self.device),
-                                      captured)
+                                      captured, **replay)
         logits = self.model.logits(X[want], self.model.head_weight()).float().cpu() if want else None
+        if replay and want and logits.isnan().any():  # a row below a floor (not computed) is never sampled
+            raise RuntimeError(f"bounded replay: a sampled row is below its sequence's replay floor {floors}")
         cache.check()  # after the step's first synchronisation: lookups outside held blocks are bugs
         self._last, self.captured = (X, cache), captured
         return logits

@@ -45,6 +45,9 @@ def add_arguments(p) -> None:
                         "triton on GPUs, cpu on CPUs where it builds, else ref")
     p.add_argument("--enforce-eager", action="store_true",
                    help="never replay decode steps from CUDA graphs (default: graphs on CUDA GPUs)")
+    p.add_argument("--v41-bounded-replay", action="store_true",
+                   help="DeepSeek-V4.1 only: bounded-replay prefill, an approximation (its decoder layers run on each "
+                        "prompt's last window tokens; docs/V41.md); off: the exact prefill")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                    help="auto: cache rows in the compute dtype; fp8: K=V rows stored as FP8 (blocks of 64, "
                         "power-of-two scales) + rope dims, 584 instead of 1024 bytes a V4 row; lossless "
@@ -83,7 +86,8 @@ def serve(a) -> int:
               speculative_config=speculative_config(a.speculative_config),
               ops=a.ops, enforce_eager=a.enforce_eager, kv_cache_dtype=a.kv_cache_dtype,
               tensor_parallel_size=a.tensor_parallel_size, enable_expert_parallel=a.enable_expert_parallel,
-              data_parallel_size=a.data_parallel_size, cpu_experts=a.cpu_experts)
+              data_parallel_size=a.data_parallel_size, cpu_experts=a.cpu_experts,
+              v41_bounded_replay=a.v41_bounded_replay)
     name = a.served_model_name or (Path(a.model).resolve().name if a.model else BUILTIN_NAME)
     sargs = ServerArgs(model_name=name, api_key=a.api_key or os.environ.get("DAYZERO_API_KEY") or None,
                        max_model_len=a.max_model_len, max_in_flight=a.max_in_flight, max_body_bytes=a.max_body_bytes,

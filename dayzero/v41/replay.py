@@ -103,3 +103,17 @@ def check_floors(batch: Batch, replay_from) -> list[int] | None:
             raise ValueError(f"replay_from[{j}] is {f!r}: a replay floor is a token position >= 0 "
                              f"(0: exact prefill)")
     return floors if any(floors) else None
+
+
+def engine_floor(request, window: int) -> int:
+    """The engine's replay floor of a request (engine option `v41_bounded_replay`): fixed by its ORIGINAL
+    prompt, so a recompute after preemption (prompt + generated tokens) uses the same floor; 0 for none."""
+    return 0 if request is None else replay_start(len(request.prompt_ids), window)
+
+
+def refuse_v41_options(eargs) -> None:
+    """A DeepSeek-V4 model's refusal of the engine options that exist for V4.1 only."""
+    if getattr(eargs, "v41_bounded_replay", False):
+        raise ValueError("v41_bounded_replay=True: bounded replay is DeepSeek-V4.1's causal encoder-decoder "
+                         "approximation (its layers after the last KV source); this is a DeepSeek-V4 model, which "
+                         "has no such layers: drop the option (docs/V41.md)")

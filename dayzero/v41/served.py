@@ -73,6 +73,10 @@ def check_engine_args(eargs, numerics: str | None = None) -> None:
         raise ValueError("speculative decoding on DeepSeek-V4.1 is not built: its DSpark drafter (the mtp.* stages, "
                          f"not loaded) has no engine path yet; drop speculative_config / num_speculative_tokens "
                          f"{NOT_BUILT}")
+    if getattr(eargs, "v41_bounded_replay", False) and eargs.data_parallel_size > 1:
+        raise ValueError(f"v41_bounded_replay=True with data_parallel_size={eargs.data_parallel_size}: bounded replay "
+                         f"under DP-attention is not built (each rank would need its requests' floors); use one rank or "
+                         f"tensor parallel ranks {NOT_BUILT}")
     if eargs.kv_cache_dtype == "fp8":
         raise ValueError(f"kv_cache_dtype='fp8': DeepSeek-V4.1's cache has no packed FP8 rows of V4's format (FP8 "
                          f"nope + bf16 rope dims); use 'qat' (its rows in their QAT formats, lossless) or 'auto'")
@@ -118,10 +122,12 @@ class ServedV41(nn.Module):
         from dayzero.reference.model import Transformer
         Transformer.set_ops(self, table)  # every UsesOps module's table, the FP4 experts grouped
 
-    def forward_packed(self, input_ids: torch.Tensor, batch, captured=None) -> torch.Tensor:
+    def forward_packed(self, input_ids: torch.Tensor, batch, captured=None, replay_from=None) -> torch.Tensor:
+        """replay_from: each sequence's bounded-replay floor (engine option v41_bounded_replay; rows below
+        a floor are NaN, v41/replay.py); None: the exact forward."""
         if captured is not None:
             raise ValueError("DeepSeek-V4.1 has no DSpark capture (its drafter is not built)")
-        return self.model.forward_packed(input_ids, batch)
+        return self.model.forward_packed(input_ids, batch, replay_from)
 
     def head_weight(self) -> torch.Tensor:
         return self.model.head.weight

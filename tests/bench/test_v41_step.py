@@ -81,3 +81,7 @@ def test_record_fields(tiny, tmp_path):
     assert abs(r["achieved_gbps"] * 1e9 - r["bytes"] / (r["time_us"] / 1e6)) <= 1e-6 * r["bytes"] / (r["time_us"] / 1e6)
     assert abs(r["roofline_fraction"] - r["achieved_gbps"] * 1e9 / r["peaks"]["bandwidth"]) < 1e-9
     assert any("% of copy bandwidth" in line for line in lines)
+    from dayzero.ops import for_device
+    engine_table = for_device(torch.device("cpu"))  # both models on the table the engine picks here
+    assert r["ops"] == r["baseline_ops"] == engine_table.name and r["kernels"] == list(engine_table.kernels)
+    assert any(f"ops table {engine_table.name}" in line for line in lines)

@@ -164,3 +164,17 @@ def test_torchrun_gives_the_one_rank_tokens(ckpt):
                 str(free_port()), "-m", "dayzero", *args, "--tensor-parallel-size", "2"], timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout == one.stdout and "[8 tokens" in one.stderr and "[8 tokens" in run.stderr
+
+
+def test_bounded_replay_over_tensor_parallel_ranks(ckpt, one):
+    """The opt-in bounded replay (docs/V41.md) passes each request's floor to every rank: TP 2 gives the
+    one-rank bounded tokens (the toy's window is 4, so every prompt has a floor); under DP-attention it is
+    refused by name before any rank starts."""
+    ps = prompts()
+    with LLM(ckpt, **OPTS, v41_bounded_replay=True) as bounded:
+        want = staggered_outputs(bounded, ps)
+    assert want != staggered_outputs(one, ps)  # the approximation is in play on these prompts
+    with LLM(ckpt, **OPTS, tensor_parallel_size=2, v41_bounded_replay=True) as two:
+        assert staggered_outputs(two, ps) == want
+    with pytest.raises(ValueError, match="bounded replay under DP-attention is not built"):
+        LLM(ckpt, **OPTS, data_parallel_size=2, enable_expert_parallel=True, v41_bounded_replay=True)
