@@ -81,8 +81,8 @@ def test_reports_print_the_v41_rows(tmp_path, capsys, script, out):
     printed = capsys.readouterr().out
     header, status = (("v4.1-flash: PLANNED layout (kv_plan) and the engine's pools (v41/cache.py)",
                        "planned layout (qat, bf16) and the engine's pools (engine auto, engine qat)")
-                      if script == "kv_report" else ("v4.1-flash: PLANNED layout (the V4.1 engine path is not built)",
-                                                     "planned layout; the V4.1 engine path is not built"))
+                      if script == "kv_report" else ("v4.1-flash: the engine's layouts (DSpark stages counted, not loaded yet)",
+                                                     "the engine's layouts; DSpark stages counted, not loaded yet"))
     assert header in printed
     data = json.loads((tmp_path / out).read_text())["models"]["v4.1-flash"]
     assert data["status"] == status
