@@ -20,8 +20,9 @@ def _bind() -> tuple:
         lib = build.lib("lookup")
         lk = build.bind(lib, "dz_lookup", "piipipiiiipipppp")
         lc = build.bind(lib, "dz_locate", "piipiipiipiiiiiippp")
-        lk.restype = lc.restype = ctypes.c_int64
-        _fns.extend((lk, lc))
+        sc = build.bind(lib, "dz_scatter_rows", "piipipii")
+        lk.restype = lc.restype = sc.restype = ctypes.c_int64
+        _fns.extend((lk, lc, sc))
     return _fns[0], _fns[1]
 
 
@@ -86,3 +87,30 @@ def locate(tab: torch.Tensor, seq: torch.Tensor, index: torch.Tensor, valid: tor
         raise IndexError(f"paged locate: a sequence of {seq.unique().tolist()} is out of range for a batch "
                          f"of {tab.shape[0]} block tables")
     return out
+
+
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    """Each row t[i] is one contiguous run of bytes."""
+    expect = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expect:
+            return False
+        expect *= size
+    return True
+
+
+def scatter_rows(pool: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> bool:
+    """pool[flat] = values by row copies, where both are CPU tensors of one dtype, values
+    [len(flat), *pool.shape[1:]] with contiguous rows, flat contiguous int64; returns False
+    (nothing written) for anything else, which the caller writes with index_put_."""
+    if (not pool.is_cpu or not values.is_cpu or values.dtype != pool.dtype or flat.dtype is not _I64
+            or flat.dim() != 1 or not flat.is_contiguous() or values.shape[0] != flat.shape[0]
+            or values.shape[1:] != pool.shape[1:] or not _rows_contiguous(pool) or not _rows_contiguous(values)):
+        return False
+    sz = pool.element_size()
+    rc = _fns[2](pool.data_ptr(), pool.shape[0], pool.stride(0) * sz, flat.data_ptr(), flat.shape[0],
+                 values.data_ptr(), values.stride(0) * sz, values[0].numel() * sz if len(values) else 0)
+    if rc < 0:
+        raise IndexError(f"paged write: row id {int(flat[-1 - rc])} is out of range for a pool of "
+                         f"{pool.shape[0]} rows")
+    return True
