@@ -280,10 +280,8 @@ class PagedBatchCache:
             values = values[keep]
         if flat.numel():
             packed = self.pools.packed.get((layer, kind))
-            values = values.to(pool.dtype) if packed is None else kvfp8.pack(values, packed.layout)
-            # eager CPU steps copy rows natively; else index_put_ (what pool[flat] = ... runs, less its view)
-            if not (self._native and native.scatter_rows(pool, flat, values)):
-                pool.index_put_((flat,), values)
+            # index_put_ is what pool[flat] = ... runs, without the view __setitem__ takes first
+            pool.index_put_((flat,), values.to(pool.dtype) if packed is None else kvfp8.pack(values, packed.layout))
 
     def read(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Rows as stored; packed FP8 rows decoded to the compute dtype."""

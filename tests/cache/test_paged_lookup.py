@@ -117,22 +117,3 @@ def test_a_sequence_outside_the_batch_is_an_index_error():
     with pytest.raises(IndexError, match="out of range for a batch of 2"):
         fast.locate_rows(spec.layers[0], next(iter(spec.kinds)), torch.tensor([[2]]), torch.tensor([[0]]),
                          torch.tensor([[True]]))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8, torch.int64])
-def test_native_row_writes_match_index_put(dtype):
-    g = torch.Generator().manual_seed(4)
-    base = torch.randint(0, 100, (12, 3, 5), generator=g).to(dtype)
-    pool = base.view(-1, 5)[2:]  # a member view: rows 2.., as CachePools.member_rows
-    flat = torch.tensor([7, 0, 33, 7, 5])  # a repeated id: the last write wins, as index_put_ on the CPU
-    values = torch.randint(0, 100, (5, 5), generator=g).to(dtype)
-    want = pool.clone().index_put_((flat,), values)
-    assert native.scatter_rows(pool, flat, values)
-    assert torch.equal(pool, want)
-    strided = torch.randint(0, 100, (5, 10), generator=g).to(dtype)[:, ::2]  # rows not contiguous
-    assert not native.scatter_rows(pool, flat, strided)
-    assert not native.scatter_rows(pool, flat, values[:, None])  # a shape index_put_ would broadcast
-    assert not native.scatter_rows(pool, flat, values.double() if dtype != torch.float64 else values.float())
-    assert torch.equal(pool, want)  # nothing written by a refusal
-    with pytest.raises(IndexError, match="row id 34 is out of range for a pool of 34 rows"):
-        native.scatter_rows(pool, torch.tensor([1, 34]), values[:2])

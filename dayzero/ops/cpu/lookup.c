@@ -6,7 +6,6 @@
  * tab: [B, W] int64 first flat rows of each block (W = table width + 1; trash where not held).
  * Floor division and modulo as PyTorch's // and % on int64 (the sign of the divisor, pb > 0). */
 #include <stdint.h>
-#include <string.h>
 
 static inline int64_t fdiv(int64_t a, int64_t b) {
     int64_t q = a / b;
@@ -66,18 +65,5 @@ int64_t dz_locate(const int64_t *tab, int64_t nseq, int64_t w, const int64_t *se
             out[r * cols + c] = first + fmod64(x, pb);
         }
     *bad += nbad;
-    return 0;
-}
-
-/* pool row flat[i] (of `rows` rows, `pstride` bytes apart) = src row i (`sstride` bytes apart),
- * `row` bytes each, in order (a repeated id keeps the last, as index_put_ on the CPU). Returns 0,
- * or -1 - i when flat[i] is not in [0, rows) (nothing written from i on). */
-int64_t dz_scatter_rows(char *pool, int64_t rows, int64_t pstride, const int64_t *flat, int64_t n,
-                        const char *src, int64_t sstride, int64_t row) {
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t f = flat[i];
-        if (f < 0 || f >= rows) return -1 - i;
-        memcpy(pool + f * pstride, src + i * sstride, (size_t)row);
-    }
     return 0;
 }

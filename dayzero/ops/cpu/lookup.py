@@ -20,9 +20,8 @@ def _bind() -> tuple:
         lib = build.lib("lookup")
         lk = build.bind(lib, "dz_lookup", "piipipiiiipipppp")
         lc = build.bind(lib, "dz_locate", "piipiipiipiiiiiippp")
-        sc = build.bind(lib, "dz_scatter_rows", "piipipii")
-        lk.restype = lc.restype = sc.restype = ctypes.c_int64
-        _fns.extend((lk, lc, sc))
+        lk.restype = lc.restype = ctypes.c_int64
+        _fns.extend((lk, lc))
     return _fns[0], _fns[1]
 
 
@@ -77,40 +76,17 @@ def locate(tab: torch.Tensor, seq: torch.Tensor, index: torch.Tensor, valid: tor
     if index.dim() != 2 or valid.shape != index.shape:
         raise ValueError(f"paged locate: index {tuple(index.shape)} must be 2-D with valid "
                          f"{tuple(valid.shape)} of its shape")
-    seq = seq.expand(index.shape)
     rows, cols = index.shape
+    if seq.dim() == 2 and seq.shape[0] == rows and seq.shape[1] in (1, cols):  # broadcast by strides
+        ss0, ss1 = seq.stride(0), (0 if seq.shape[1] == 1 else seq.stride(1))
+    else:
+        seq = seq.expand(rows, cols)
+        ss0, ss1 = seq.stride()
     out = torch.empty(rows, cols, dtype=_I64)
-    rc = lc(tab.data_ptr(), tab.shape[0], tab.shape[1], seq.data_ptr(), seq.stride(0), seq.stride(1),
+    rc = lc(tab.data_ptr(), tab.shape[0], tab.shape[1], seq.data_ptr(), ss0, ss1,
             index.data_ptr(), index.stride(0), index.stride(1), valid.data_ptr(), valid.stride(0), valid.stride(1),
             rows, cols, per_block, trash, _ptr(live), out.data_ptr(), ctypes.addressof(bad))
     if rc < 0:
         raise IndexError(f"paged locate: a sequence of {seq.unique().tolist()} is out of range for a batch "
                          f"of {tab.shape[0]} block tables")
     return out
-
-
-def _rows_contiguous(t: torch.Tensor) -> bool:
-    """Each row t[i] is one contiguous run of bytes."""
-    expect = 1
-    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
-        if size != 1 and stride != expect:
-            return False
-        expect *= size
-    return True
-
-
-def scatter_rows(pool: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> bool:
-    """pool[flat] = values by row copies, where both are CPU tensors of one dtype, values
-    [len(flat), *pool.shape[1:]] with contiguous rows, flat contiguous int64; returns False
-    (nothing written) for anything else, which the caller writes with index_put_."""
-    if (not pool.is_cpu or not values.is_cpu or values.dtype != pool.dtype or flat.dtype is not _I64
-            or flat.dim() != 1 or not flat.is_contiguous() or values.shape[0] != flat.shape[0]
-            or values.shape[1:] != pool.shape[1:] or not _rows_contiguous(pool) or not _rows_contiguous(values)):
-        return False
-    sz = pool.element_size()
-    rc = _fns[2](pool.data_ptr(), pool.shape[0], pool.stride(0) * sz, flat.data_ptr(), flat.shape[0],
-                 values.data_ptr(), values.stride(0) * sz, values[0].numel() * sz if len(values) else 0)
-    if rc < 0:
-        raise IndexError(f"paged write: row id {int(flat[-1 - rc])} is out of range for a pool of "
-                         f"{pool.shape[0]} rows")
-    return True
