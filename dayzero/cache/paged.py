@@ -172,7 +172,12 @@ def check_flags(flags: list[tuple[str, torch.Tensor]]) -> None:
 class PagedBatchCache:
     """The BatchCache of one engine step: sequence b is a request with its block tables.
     `protect[b]`: token count below which nothing of sequence b is written (a prefix-cache hit's
-    shared blocks are re-read but never rewritten); all zeros: no check at all."""
+    shared blocks are re-read but never rewritten); all zeros: no check at all.
+    `native_lookups` (class-wide, default True): eager CPU steps look rows up through
+    ops/cpu/lookup.c where it builds; False keeps the PyTorch path (the same row ids; for A/B
+    timing, bench/step_overhead.py --compare lookups)."""
+
+    native_lookups = True
 
     def __init__(self, pools: CachePools, tables: list[dict[str, list[int | None]]], protect: list[int],
                  device: torch.device):
@@ -215,7 +220,7 @@ class PagedBatchCache:
         self._bad: list[tuple[str, torch.Tensor]] = []
         # eager CPU steps look rows up natively (ops/cpu/lookup.c: one call per lookup, the same row
         # ids) and count the rows flagged per group in Python ints: nothing to reduce at `check`
-        self._native = (cpu and native.available() and native.fits((*tables.values(), protect), (live,))
+        self._native = (cpu and PagedBatchCache.native_lookups and native.available() and native.fits((*tables.values(), protect), (live,))
                         and all(t.dim() == 2 and t.is_contiguous() for t in tables.values()))
         self._nbad: dict[str, ctypes.c_int64] = {}
 
