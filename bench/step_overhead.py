@@ -2,7 +2,7 @@
 engine (`LLM`), greedy, speculation and prefix caching off, after a short prompt.
 
     python -m bench.step_overhead [--models builtin,toy] [--batches 1,8] [--new-tokens 64] [--reps 5]
-                                  [--compare] [--profile] [--threads 2]
+                                  [--compare [fused|lookups]] [--profile] [--threads 2]
 
 builtin: the built-in model (dayzero/builtin/shakespeare); toy: `dayzero toy --preset flash` (random,
 FP8 linears + FP4 experts) written to a temporary directory. Each rep decodes `--new-tokens` tokens
@@ -147,8 +147,8 @@ def main(argv=None) -> None:
                     runs[key].append(run(key, llm, ps, a.new_tokens))
             for key, rs in runs.items():
                 ms, cpu = [r[0] for r in rs], [r[1] for r in rs]
-                records.append({"scenario": "cpu decode ms/step", "model": name, "batch": b, "ops": key, "compare": a.compare,
-                                "new_tokens": a.new_tokens, "reps": a.reps, "threads": torch.get_num_threads(),
+                records.append({"scenario": "cpu decode ms/step", "model": name, "batch": b, "ops": key,
+                                "compare": a.compare, "new_tokens": a.new_tokens, "reps": a.reps, "threads": torch.get_num_threads(),
                                 "ms_per_step_min": min(ms), "ms_per_step_median": statistics.median(ms),
                                 "cpu_ms_per_step_min": min(cpu), "cpu_ms_per_step_median": statistics.median(cpu),
                                 "loadavg_1m": os.getloadavg()[0], **env})

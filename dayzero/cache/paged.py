@@ -220,7 +220,8 @@ class PagedBatchCache:
         self._bad: list[tuple[str, torch.Tensor]] = []
         # eager CPU steps look rows up natively (ops/cpu/lookup.c: one call per lookup, the same row
         # ids) and count the rows flagged per group in Python ints: nothing to reduce at `check`
-        self._native = (cpu and PagedBatchCache.native_lookups and native.available() and native.fits((*tables.values(), protect), (live,))
+        self._native = (cpu and PagedBatchCache.native_lookups and native.available()
+                        and native.fits((*tables.values(), protect), (live,))
                         and all(t.dim() == 2 and t.is_contiguous() for t in tables.values()))
         self._nbad: dict[str, ctypes.c_int64] = {}
 
