@@ -2,16 +2,18 @@
 engine (`LLM`), greedy, speculation and prefix caching off, after a short prompt.
 
     python -m bench.step_overhead [--models builtin,toy] [--batches 1,8] [--new-tokens 64] [--reps 5]
-                                  [--compare] [--profile] [--threads 2]
+                                  [--compare [fused|lookups]] [--profile] [--threads 2]
 
 builtin: the built-in model (dayzero/builtin/shakespeare); toy: `dayzero toy --preset flash` (random,
 FP8 linears + FP4 experts) written to a temporary directory. Each rep decodes `--new-tokens` tokens
 for `--batches` requests of 16-token prompts; ms/step is the decode steps' time (after every
 request has its first token) over their number; the minimum and median over reps are printed, and
 the process's CPU time per step (at --threads 1 the figure least moved by other jobs on a shared
-machine; minima are the steadier figure). `--compare` loads a second engine whose op table has its
-fused ops (ops/cpu/fused.c) replaced by their twins, i.e. the decode path before them, checks both
-give the same tokens and times them in alternating reps. Records are appended to
+machine; minima are the steadier figure). `--compare` (= `--compare fused`) loads a second engine
+whose op table has its fused ops (ops/cpu/fused.c) replaced by their twins, i.e. the decode path
+before them, checks both give the same tokens and times them in alternating reps; `--compare
+lookups` does the same with the paged cache's native lookups (ops/cpu/lookup.c) off in the second
+configuration (PagedBatchCache.native_lookups, switched around each of its reps). Records are appended to
 bench/results/step_overhead.jsonl. `--profile` also prints cProfile's top
 functions of one rep and torch.profiler's op table.
 """
@@ -75,6 +77,16 @@ def without_fused(llm) -> None:
     eng.worker.ops = table
 
 
+def run(key: str, llm, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, list[list[int]]]:
+    """decode_ms with the paged cache's native lookups off for the "torch-lookups" configuration."""
+    from dayzero.cache.paged import PagedBatchCache
+    PagedBatchCache.native_lookups = key != "torch-lookups"
+    try:
+        return decode_ms(llm, prompts, new_tokens)
+    finally:
+        PagedBatchCache.native_lookups = True
+
+
 def prompts_for(llm, batch: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(7)
     return torch.randint(4, llm.args.vocab_size, (batch, 16), generator=g).tolist()
@@ -104,8 +116,9 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-record", dest="record", action="store_false",
                     help="print only (no line in bench/results/step_overhead.jsonl)")
-    ap.add_argument("--compare", action="store_true",
-                    help="also run an engine with the op table's fused ops put back to their twins, interleaved")
+    ap.add_argument("--compare", nargs="?", const="fused", choices=("fused", "lookups"), default=None,
+                    help="also time, interleaved, a second engine with the op table's fused ops put back to "
+                         "their twins (fused, the default) or with the paged cache's PyTorch lookups (lookups)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -114,26 +127,28 @@ def main(argv=None) -> None:
     tmp = tempfile.mkdtemp()
     for name in a.models.split(","):
         llms = {"fused": load(name, tmp)}
+        base = {"fused": "unfused", "lookups": "torch-lookups"}.get(a.compare)
         if a.compare:
-            llms["unfused"] = load(name, tmp)
-            without_fused(llms["unfused"])
+            llms[base] = load(name, tmp)
+            if a.compare == "fused":
+                without_fused(llms[base])
         for b in (int(x) for x in a.batches.split(",")):
             ps = prompts_for(llms["fused"], b)
             toks = {}
             for key, llm in llms.items():
-                toks[key] = decode_ms(llm, ps, 8)[2]  # warm-up
-            if a.compare and toks["fused"] != toks["unfused"]:
-                raise AssertionError(f"{name} batch {b}: the fused ops changed the tokens")
+                toks[key] = run(key, llm, ps, 8)[2]  # warm-up
+            if a.compare and toks["fused"] != toks[base]:
+                raise AssertionError(f"{name} batch {b}: {a.compare} changed the tokens")
             if a.profile:
                 profile(llms["fused"], ps, a.new_tokens)
             runs = {key: [] for key in llms}
             for _ in range(a.reps):  # interleaved: each rep runs every configuration once
                 for key, llm in llms.items():
-                    runs[key].append(decode_ms(llm, ps, a.new_tokens))
+                    runs[key].append(run(key, llm, ps, a.new_tokens))
             for key, rs in runs.items():
                 ms, cpu = [r[0] for r in rs], [r[1] for r in rs]
                 records.append({"scenario": "cpu decode ms/step", "model": name, "batch": b, "ops": key,
-                                "new_tokens": a.new_tokens, "reps": a.reps, "threads": torch.get_num_threads(),
+                                "compare": a.compare, "new_tokens": a.new_tokens, "reps": a.reps, "threads": torch.get_num_threads(),
                                 "ms_per_step_min": min(ms), "ms_per_step_median": statistics.median(ms),
                                 "cpu_ms_per_step_min": min(cpu), "cpu_ms_per_step_median": statistics.median(cpu),
                                 "loadavg_1m": os.getloadavg()[0], **env})

@@ -12,6 +12,7 @@ synchronisation per lookup.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
 
@@ -19,6 +20,7 @@ import torch
 
 from dayzero.cache.spec import GroupSpec
 from dayzero.ops import kvfp8
+from dayzero.ops.cpu import lookup as native
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -171,7 +173,12 @@ def check_flags(flags: list[tuple[str, torch.Tensor]]) -> None:
 class PagedBatchCache:
     """The BatchCache of one engine step: sequence b is a request with its block tables.
     `protect[b]`: token count below which nothing of sequence b is written (a prefix-cache hit's
-    shared blocks are re-read but never rewritten); all zeros: no check at all."""
+    shared blocks are re-read but never rewritten); all zeros: no check at all.
+    `native_lookups` (class-wide, default True): eager CPU steps look rows up through
+    ops/cpu/lookup.c where it builds; False keeps the PyTorch path (the same row ids; for A/B
+    timing, bench/step_overhead.py --compare lookups)."""
+
+    native_lookups = True
 
     def __init__(self, pools: CachePools, tables: list[dict[str, list[int | None]]], protect: list[int],
                  device: torch.device):
@@ -180,7 +187,8 @@ class PagedBatchCache:
         # for indices past the table, so one gather addresses and one compare flags every lookup
         self._setup(pools, {name: torch.tensor(flat, dtype=torch.long, device=device)
                             for name, flat in table_rows(pools, tables).items()},
-                    torch.tensor(protect, dtype=torch.long, device=device) if any(protect) else None, None)
+                    torch.tensor(protect, dtype=torch.long, device=device) if any(protect) else None, None,
+                    torch.device(device).type == "cpu")
 
     @classmethod
     def of_slots(cls, pools: CachePools, tables: DeviceTables, slots: list[int], protect: list[int],
@@ -191,7 +199,8 @@ class PagedBatchCache:
         self = cls.__new__(cls)
         idx = torch.tensor(slots, dtype=torch.long, device=device)
         self._setup(pools, {name: t.index_select(0, idx) for name, t in tables.tensors.items()},
-                    torch.tensor(protect, dtype=torch.long, device=device) if any(protect) else None, None)
+                    torch.tensor(protect, dtype=torch.long, device=device) if any(protect) else None, None,
+                    torch.device(device).type == "cpu")
         return self
 
     @classmethod
@@ -201,24 +210,37 @@ class PagedBatchCache:
         so a recorded step (a CUDA graph) reads whatever the buffers hold when it replays.
         live [S] bool: only lookups of live sequences are checked (padding slots look up trash)."""
         self = cls.__new__(cls)
-        self._setup(pools, tables, None, live)
+        self._setup(pools, tables, None, live, False)  # recorded: every lookup an op the recorder sees
         return self
 
     def _setup(self, pools: CachePools, tables: dict[str, torch.Tensor], protect: torch.Tensor | None,
-               live: torch.Tensor | None) -> None:
+               live: torch.Tensor | None, cpu: bool) -> None:
         self.pools, self._tables, self.protect, self.live = pools, tables, protect, live
         self._trash = {name: pools.first_row(name, None) for name in pools.groups}
         self._memo: dict[tuple, tuple] = {}
         self._bad: list[tuple[str, torch.Tensor]] = []
+        # eager CPU steps look rows up natively (ops/cpu/lookup.c: one call per lookup, the same row
+        # ids) and count the rows flagged per group in Python ints: nothing to reduce at `check`
+        self._native = (cpu and PagedBatchCache.native_lookups and native.available()
+                        and native.fits((*tables.values(), protect), (live,))
+                        and all(t.dim() == 2 and t.is_contiguous() for t in tables.values()))
+        self._nbad: dict[str, ctypes.c_int64] = {}
+
+    def _counter(self, group: str) -> ctypes.c_int64:
+        c = self._nbad.get(group)
+        if c is None:
+            c = self._nbad[group] = ctypes.c_int64(0)
+        return c
 
     def check(self) -> None:
         """Raise if a lookup of this step fell in a block its request does not hold (an engine
         bug: those rows went to the trash block). One host synchronisation for the whole step."""
-        check_flags(self._bad)
+        check_flags(self.flags())
 
     def flags(self) -> list[tuple[str, torch.Tensor]]:
-        """(group, device bool) per lookup of the step: True where a row lay outside held blocks."""
-        return self._bad
+        """(group, device bool) per lookup of the step: True where a row lay outside held blocks
+        (native lookups: one entry per group they flagged)."""
+        return self._bad + [(g, torch.tensor(True)) for g, c in self._nbad.items() if c.value]
 
     def _flag(self, group: str, bad: torch.Tensor, seq: torch.Tensor) -> None:
         if self.live is not None:
@@ -237,6 +259,12 @@ class PagedBatchCache:
         g = self.pools.groups[group]
         tab = self._tables[group]
         trash = self._trash[group]
+        if self._native and native.fits((seq, index)):
+            flat, keep = native.lookup(tab, seq, index, g.per_block, trash,
+                                       None if protect_ratio is None else self.protect, protect_ratio, self.live,
+                                       self._counter(group))
+            self._memo[key] = (seq, index, flat, keep)
+            return flat, keep
         first = tab[seq, (index // g.per_block).clamp_(0, tab.shape[1] - 1)]
         first = torch.where(index < 0, trash, first)  # never a request's row (callers pass no negatives)
         self._flag(group, first == trash, seq)
@@ -259,7 +287,8 @@ class PagedBatchCache:
             values = values[keep]
         if flat.numel():
             packed = self.pools.packed.get((layer, kind))
-            pool[flat] = values.to(pool.dtype) if packed is None else packed.layout.pack(values)
+            # index_put_ is what pool[flat] = ... runs, without the view __setitem__ takes first
+            pool.index_put_((flat,), values.to(pool.dtype) if packed is None else packed.layout.pack(values))
 
     def read(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Rows as stored; packed FP8 rows decoded to the compute dtype."""
@@ -281,9 +310,13 @@ class PagedBatchCache:
         if memo is None or memo[0] is not index or memo[1] is not valid or memo[2] is not seq:
             g = self.pools.groups[group]
             tab = self._tables[group]
-            first = tab[seq, (index // g.per_block).clamp(0, tab.shape[1] - 1)]
-            self._flag(group, (first == self._trash[group]) & valid, seq)
-            memo = self._memo[key] = (index, valid, seq, torch.where(valid, first + index % g.per_block, -1))
+            if self._native and native.fits((seq, index), (valid,)):
+                memo = self._memo[key] = (index, valid, seq, native.locate(
+                    tab, seq, index, valid, g.per_block, self._trash[group], self.live, self._counter(group)))
+            else:
+                first = tab[seq, (index // g.per_block).clamp(0, tab.shape[1] - 1)]
+                self._flag(group, (first == self._trash[group]) & valid, seq)
+                memo = self._memo[key] = (index, valid, seq, torch.where(valid, first + index % g.per_block, -1))
         packed = self.pools.packed.get((layer, kind))
         if packed is not None and hasattr(packed, "compact"):  # V4.1 QAT rows: the step's rows decoded
             return packed.compact(memo[3], self._memo)

@@ -18,7 +18,7 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             or not weight.is_cpu or weight.dim() != 2 or x.shape[-1] != weight.shape[1] or weight.shape[1] == 0):
         return ref.fp32_linear(x, weight)
     O, K = weight.shape
-    flat = x.reshape(-1, K)
+    flat = x if x.dim() == 2 else x.reshape(-1, K)  # 2-D (the decode case): no view to make and undo
     if flat.dtype is not torch.float32:
         flat = flat.float()
     if not flat.is_contiguous():
@@ -28,4 +28,4 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = torch.empty(flat.shape[0], O, dtype=torch.float32)
     if out.numel():
         _kernel(flat.data_ptr(), flat.shape[0], K, weight.data_ptr(), bf16, O, out.data_ptr(), torch.get_num_threads())
-    return out.view(*x.shape[:-1], O)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], O)

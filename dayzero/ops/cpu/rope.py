@@ -18,7 +18,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
             or x.shape[-1] < 2 * half or cos.shape != sin.shape):
         return ref.apply_rope(x, cos, sin, inverse)
     if cos.shape[:-1] == x.shape[:-1]:
-        N, H = x[..., 0].numel(), 1
+        N, H = (x.numel() // x.shape[-1] if x.shape[-1] else 0), 1  # no select view (x[..., 0])
     elif x.dim() == 3 and cos.shape == (x.shape[0], 1, half):
         N, H = x.shape[0], x.shape[1]
     else:

@@ -1,0 +1,92 @@
+"""Paged-cache row lookups on the CPU in one native call each (lookup.c through ctypes), for
+cache/paged.py's eager steps: the same row ids as its PyTorch path (integer arithmetic), without
+~10 PyTorch ops per lookup. `available()` is False where lookup.c cannot be built; the cache then
+keeps its PyTorch path.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from dayzero.ops.cpu import build
+
+_I64, _BOOL = torch.int64, torch.bool
+_fns: list = []
+
+
+def _bind() -> tuple:
+    if not _fns:
+        lib = build.lib("lookup")
+        lk = build.bind(lib, "dz_lookup", "piipipiiiipipppp")
+        lc = build.bind(lib, "dz_locate", "piipiipiipiiiiiippp")
+        lk.restype = lc.restype = ctypes.c_int64
+        _fns.extend((lk, lc))
+    return _fns[0], _fns[1]
+
+
+def available() -> bool:
+    try:
+        _bind()
+        return True
+    except build.NativeUnavailable:
+        return False
+
+
+def fits(ints: tuple[torch.Tensor | None, ...], bools: tuple[torch.Tensor | None, ...] = ()) -> bool:
+    """Whether these tensors suit the native path: int64 (`ints`) and bool (`bools`) CPU tensors
+    (None: absent). Anything else takes the PyTorch path, whose errors are its own."""
+    return (all(t is None or (t.dtype is _I64 and t.is_cpu) for t in ints)
+            and all(t is None or (t.dtype is _BOOL and t.is_cpu) for t in bools))
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def lookup(tab: torch.Tensor, seq: torch.Tensor, index: torch.Tensor, per_block: int, trash: int,
+           protect: torch.Tensor | None, ratio: int | None, live: torch.Tensor | None,
+           bad: ctypes.c_int64) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(flat row ids of the rows kept, keep mask or None when all are kept) of 1-D int64 seq/index;
+    `bad` grows by the rows that land in the trash block (of live sequences)."""
+    lk, _ = _bind()
+    n = index.shape[0]
+    if seq.dim() != 1 or index.dim() != 1 or seq.shape[0] != n:
+        raise ValueError(f"paged lookup: seq {tuple(seq.shape)} and index {tuple(index.shape)} must be 1-D "
+                         "of one length")
+    out = torch.empty(n, dtype=_I64)
+    keep = None if protect is None else torch.empty(n, dtype=_BOOL)
+    if protect is not None:
+        protect = protect.contiguous()
+    m = lk(tab.data_ptr(), tab.shape[0], tab.shape[1], seq.data_ptr(), seq.stride(0), index.data_ptr(),
+           index.stride(0), n, per_block, trash, _ptr(protect), ratio or 1, _ptr(live), out.data_ptr(),
+           _ptr(keep), ctypes.addressof(bad))
+    if m < 0:
+        raise IndexError(f"paged lookup: sequence {int(seq[-1 - m])} is out of range for a batch of "
+                         f"{tab.shape[0]} block tables")
+    if m == n:
+        return out, None
+    return out[:m], keep
+
+
+def locate(tab: torch.Tensor, seq: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, per_block: int,
+           trash: int, live: torch.Tensor | None, bad: ctypes.c_int64) -> torch.Tensor:
+    """ids [N, K]: rows index[n, k] of sequences seq (broadcast to index) where valid, else -1."""
+    _, lc = _bind()
+    if index.dim() != 2 or valid.shape != index.shape:
+        raise ValueError(f"paged locate: index {tuple(index.shape)} must be 2-D with valid "
+                         f"{tuple(valid.shape)} of its shape")
+    rows, cols = index.shape
+    if seq.dim() == 2 and seq.shape[0] == rows and seq.shape[1] in (1, cols):  # broadcast by strides
+        ss0, ss1 = seq.stride(0), (0 if seq.shape[1] == 1 else seq.stride(1))
+    else:
+        seq = seq.expand(rows, cols)
+        ss0, ss1 = seq.stride()
+    out = torch.empty(rows, cols, dtype=_I64)
+    rc = lc(tab.data_ptr(), tab.shape[0], tab.shape[1], seq.data_ptr(), ss0, ss1,
+            index.data_ptr(), index.stride(0), index.stride(1), valid.data_ptr(), valid.stride(0), valid.stride(1),
+            rows, cols, per_block, trash, _ptr(live), out.data_ptr(), ctypes.addressof(bad))
+    if rc < 0:
+        raise IndexError(f"paged locate: a sequence of {seq.unique().tolist()} is out of range for a batch "
+                         f"of {tab.shape[0]} block tables")
+    return out
