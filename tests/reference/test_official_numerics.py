@@ -43,14 +43,16 @@ def test_fp8_linears_quantise_their_input_and_wo_a_does_not(make_ckpt):
     assert attn.wq_a.quant_input and attn.wkv.quant_input and attn.wo_b.quant_input
     assert not attn.wo_a.quant_input and not model.layers[1].attn.compressor.wkv.quant_input
     assert model.layers[0].ffn.experts[0].w1.quant_input and model.head.fmt == "dense"
+    g = torch.Generator().manual_seed(0)
     lin = Linear(256, 8, "dense", torch.float32)
-    lin.weight.copy_(torch.randn(8, 256))
+    lin.weight.copy_(torch.randn(8, 256, generator=g))
     lin8 = Linear(256, 8, "fp8", torch.float32, official=True)
     from dayzero.loader.formats import quant_fp8_block
     w8, s8 = quant_fp8_block(lin.weight)
     lin8.weight.copy_(w8), lin8.scale.copy_(s8)
-    x = torch.randn(3, 256)
-    want = torch.nn.functional.linear(ref.fp8_act_sim(x, 128), lin8.dequant(torch.float32))
+    x = torch.randn(3, 256, generator=g)
+    # the same GEMM the layer runs (ref.linear: each row alike in any batch), on the FP8-simulated input
+    want = ref.linear(ref.fp8_act_sim(x, 128), lin8.dequant(torch.float32))
     assert torch.equal(lin8(x), want)
 
 
