@@ -17,17 +17,12 @@ if cpu.unavailable().get("gemm"):
 from dayzero.ops.cpu import gemm as G  # noqa: E402
 
 from tests.ops.bounds import fp8_dequant as _fp8_deq, lin_bound as _lin_bound, rand_x as _x, within as _within  # noqa: E402
+from tests.ops.test_cpu_gemm_rows import _one_thread  # noqa: E402, F401 (autouse: one thread in this module)
 
 E8M0 = torch.float8_e8m0fnu
 FAST_LO, FAST_HI = 7, 246  # fastdecode.h: FP8_SB_LO, FP8_SB_HI
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _both(fn):

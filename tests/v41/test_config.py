@@ -72,7 +72,8 @@ def test_v4s_model_args_refuse_v41_after_validation(path):
     assert f"{path / 'config.json'}: a DeepSeek-V4.1 config" in msg
     assert "read and validated (40 layers, KV sources [2, 8, 14, 20]" in msg
     assert "it is not a DeepSeek-V4 config: V4's ModelArgs and loader do not read V4.1" in msg
-    assert "`dayzero serve` run it on one rank or tensor / expert parallel ranks (dayzero.v41.served" in msg
+    assert ("`dayzero serve` run it on one rank or over ranks (tensor / expert parallel, DP-attention + EP; "
+            "dayzero.v41.served; its DSpark and vision are not built)") in msg
     assert "dayzero.v41.loader.load_v41 loads it" in msg
     with pytest.raises(V41ConfigError):
         ModelArgs.from_dir(path)

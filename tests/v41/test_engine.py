@@ -50,11 +50,11 @@ def engine(model, **opts) -> Engine:
 
 
 @torch.no_grad()
-def reference_greedy(model, prompt, n):
-    """The reference forward: the prompt in one call, then one token per call."""
+def reference_greedy(model, prompt, n, bounded_replay: bool = False):
+    """The reference forward: the prompt in one call (opt-in bounded replay), then one token per call."""
     v41 = model.model
     state = v41.new_state()
-    logits = v41(torch.tensor([prompt]), state)[0, -1]
+    logits = v41(torch.tensor([prompt]), state, bounded_replay=bounded_replay)[0, -1]
     out = []
     for _ in range(n):
         out.append(int(logits.argmax()))

@@ -33,17 +33,9 @@ def engine(model, **opts) -> Engine:
     return Engine(model, EngineArgs(ops="ref", v41_bounded_replay=True, **opts), torch.device("cpu"))
 
 
-@torch.no_grad()
 def reference_bounded(model, prompt, n):
     """The reference: the prompt in one bounded-replay call, then one token per call (the same state)."""
-    v41 = model.model
-    state = v41.new_state()
-    logits = v41(torch.tensor([prompt]), state, bounded_replay=True)[0, -1]
-    out = []
-    for _ in range(n):
-        out.append(int(logits.argmax()))
-        logits = v41(torch.tensor([[out[-1]]]), state)[0, -1]
-    return out
+    return reference_greedy(model, prompt, n, bounded_replay=True)
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,7 @@ from bench.v41_replay import SCHEDULES, build
 from dayzero.reference.model import ModelState
 from dayzero.reference.seqcache import Batch, DenseBatchCache, DenseSeqCache
 from dayzero.v41.replay import decoder_layers, replay_start
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.v41.ckpt import one_thread  # noqa: F401 (autouse: this module's forwards on one thread)
 
 
 @functools.lru_cache(maxsize=None)
