@@ -5,24 +5,15 @@ import copy
 import json
 from pathlib import Path
 
+from dayzero.v41 import toy
+
 FLASH_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "v41_flash"  # values of research 1.2
 
-TEXT = {
-    "model_type": "deepseek_v41_text", "vocab_size": 64, "hidden_size": 64, "num_hidden_layers": 6,
-    "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 64, "qk_rope_head_dim": 16,
-    "q_lora_rank": 32, "o_groups": 2, "o_lora_rank": 16, "sliding_window": 4, "hidden_act": "silu",
-    "swiglu_limit": 10.0, "rms_norm_eps": 1e-20, "tie_word_embeddings": False, "max_position_embeddings": 4096,
-    "rope_theta": 10000, "compress_rope_theta": 160000,
-    "rope_scaling": {"rope_type": "yarn", "factor": 4, "beta_fast": 32, "beta_slow": 1,
-                     "original_max_position_embeddings": 256},
-    "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-    "scoring_func": "sqrtsoftplus", "topk_method": "noaux_tc", "norm_topk_prob": True,
-    "routed_scaling_factor": 1.5, "index_n_heads": 8, "index_head_dim": 32, "index_topk": 4,
-    "candidate_topk_blocks": 2, "candidate_block_size": 2, "hc_mult": 2, "hc_sinkhorn_iters": 3, "hc_eps": 1e-6,
-    "compress_ratios": [0, 2, 2, 2, 1, 1], "kv_source_layer_ids": [1, 4], "index_source_layer_ids": [1, 3, 4, 5],
-    "candidate_source_layer_id": 4, "engram_layer_ids": [], "engram_num_embeddings": [],
-    "num_nextn_predict_layers": 0,
-}
+# the toy checkpoint's config (dayzero/v41/toy.py) without Engram, on a 6-layer schedule with 8 indexer heads
+TEXT = {**{k: v for k, v in copy.deepcopy(toy.TEXT).items() if not k.startswith("engram")},
+        "vocab_size": 64, "num_hidden_layers": 6, "index_n_heads": 8, "compress_ratios": [0, 2, 2, 2, 1, 1],
+        "kv_source_layer_ids": [1, 4], "index_source_layer_ids": [1, 3, 4, 5], "candidate_source_layer_id": 4,
+        "engram_layer_ids": [], "engram_num_embeddings": []}
 
 # (name, compress_ratios, kv sources, index sources, candidate source)
 SCHEDULES = [
