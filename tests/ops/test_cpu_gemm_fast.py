@@ -171,6 +171,43 @@ def test_moe_fast_equals_float_route():
             assert _same(fast, slow), (N, sim)
 
 
+def _streams(fn):
+    """fn() with the MoE's decode blocks on their row-pair streams, then on the tile walk (restored)."""
+    try:
+        G.kernels.moe_streams(1)
+        a = fn()
+        G.kernels.moe_streams(0)
+        b = fn()
+    finally:
+        G.kernels.moe_streams(1)
+    return a, b
+
+
+@pytest.mark.parametrize("N,E,k", [(1, 6, 6), (2, 6, 6), (3, 4, 4), (5, 4, 4), (8, 3, 3), (7, 6, 2), (20, 2, 2)])
+def test_moe_streams_equal_tile_walk(N, E, k):
+    """The decode-sized MoE blocks (bf16 x, E8M0 scales) read gate row o with up row o and the two
+    halves of each down tile (gemm.c moe_pair_bf): every output equals the tile walk's bit for bit
+    with 1 .. 8 pairs per expert (2-4: one block of rows; 5-8: one weight row against all; 20 on
+    2 experts: blocks of 8, 8, 4), odd group counts (dim 544 = 17 groups, inter 96 = 3), partial
+    tiles (inter 96: 64 + 32 rows; dim 544: a last down tile of 32), rows whose scale bytes leave the
+    fast range (alone in their pair and both of a pair), h_act_sim on and off."""
+    from tests.ops.test_cpu_gemm import _moe_inputs
+    args = list(_moe_inputs(N, E, k, 544, 96, torch.bfloat16, seed=N + 10 * k))
+    # s1, s3 [E, 96, 17]: gate / up row 5 both out, up row 6 alone; s2 [E, 544, 3]: down rows 40 and
+    # 72 (a pair: tile 0's halves), 300 alone
+    for j, rows in ((4, (5,)), (6, (5, 6)), (8, (40, 72, 300))):
+        t = args[j].clone()
+        for r in rows:
+            if r < t.shape[1]:
+                t.view(torch.uint8)[0, r, 1] = 1 if r % 2 else 254  # outside [FP4_LO, FP4_HI]
+        assert t.dtype == E8M0
+        args[j] = t
+    for sim in (False, True):
+        new, old = _streams(lambda: G.moe_experts(*args, 0.7, sim))
+        assert _same(new, old), (N, sim)
+        assert bool(torch.isfinite(new).any())
+
+
 def test_build_without_vbmi2(monkeypatch, tmp_path):
     """gemm.c built for a CPU with AVX512-BF16 but without VBMI2 (Cooper Lake: FP8 on the integer
     route, FP4 on the float route, no vpshldw emitted), in a private cache: both routes equal bit

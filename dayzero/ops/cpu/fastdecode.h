@@ -77,17 +77,18 @@ AI void fp8_step_fast(const uint8_t *w, int64_t ldw, __m512i off, __m512i sub, c
 #if defined(__AVX512VBMI2__) /* vpshldw: FP4 on the integer route only with VBMI2 (Ice Lake, Zen 4 and later) */
 #define DZ_FAST_FP4 1
 
-/* FP4: the exponent offsets (sb - 127) << 7 of n <= 16 groups of nr rows (lds bytes apart) as
- * word pairs: od[r][j] = group 2j's offset (low word), group 2j + 1's (high word) */
-AI void fp4_offsets16(const uint8_t *s, int64_t lds, int n, const int nr, uint32_t (*od)[8]) {
+/* FP4: the exponent offsets (sb - 127) << 7 of n <= 16 groups of nr rows (row r's scales at sr[r])
+ * as word pairs: od[r][j] = group 2j's offset (low word), group 2j + 1's (high word) */
+AI void fp4_offsets16(const uint8_t *const *sr, int64_t g0, int n, const int nr, uint32_t (*od)[8]) {
     for (int r = 0; r < nr; r++) {
-        const __m256i b = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1), s + r * lds));
+        const __m256i b = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1), sr[r] + g0));
         _mm256_store_si256((__m256i *)od[r], _mm256_slli_epi16(_mm256_sub_epi16(b, _mm256_set1_epi16(127)), 7));
     }
 }
 
-/* groups g, g + 1 of nr rows (both present; offsets od[r][j]) into the accumulators, as fp4_step_bf */
-AI void fp4_step_fast(const uint8_t *w, int64_t ldw, uint32_t (*od)[8], int j, int64_t g, const uint16_t *const *xr,
+/* groups g, g + 1 of nr rows (row r's bytes at wr[r]; both groups present; offsets od[r][j]) into
+ * the accumulators, as fp4_step_bf */
+AI void fp4_step_fast(const uint8_t *const *wr, uint32_t (*od)[8], int j, int64_t g, const uint16_t *const *xr,
                       const int nr, const int mb, const int two, __m512 (*a0)[MB], __m512 (*a1)[MB]) {
     /* bf16 e2m1 values, entry 2n + group: 0, .5, 1, 1.5, 2, 3, 4, 6, -0, -.5, ... (twice each) */
     const __m512i base = _mm512_set_epi16(
@@ -100,7 +101,7 @@ AI void fp4_step_fast(const uint8_t *w, int64_t ldw, uint32_t (*od)[8], int j, i
     __m512i lo[2], hi[2];
     for (int r = 0; r < nr; r++) {
         const __m512i tbl = _mm512_mask_add_epi16(base, nz, base, _mm512_set1_epi32((int)od[r][j]));
-        const __m512i h = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + r * ldw + 16 * g)));
+        const __m512i h = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wr[r] + 16 * g)));
         lo[r] = _mm512_permutexvar_epi16(_mm512_shldi_epi16(h, gb, 1), tbl);                         /* (h << 1) | group */
         hi[r] = _mm512_permutexvar_epi16(_mm512_shldi_epi16(_mm512_srli_epi16(h, 4), gb, 1), tbl);
     }

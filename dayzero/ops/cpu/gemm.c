@@ -80,6 +80,12 @@ static int use_fast_decode = 1;
 
 void dz_gemm_fast_decode(int64_t on) { use_fast_decode = (int)on; }
 
+/* tests / bench: 0 runs the MoE's decode-sized blocks through the tile walk (the row pairs of
+ * moe_pair_bf off: the same results, see there) */
+static int use_moe_streams = 1;
+
+void dz_gemm_moe_streams(int64_t on) { use_moe_streams = (int)on; }
+
 static const float E2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                                -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 static float E4M3[256];
@@ -448,6 +454,33 @@ AI void fp4_step_bf(const uint8_t *w, int64_t ldw, const float *s0, const float 
     }
 }
 
+#if DZ_FAST_FP4
+/* the integer-decode walk of fp4_micro_bf over G groups of nr rows at their own addresses (row r:
+ * bytes wr[r], E8M0 scales sr[r], every scale in [FP4_SB_LO, FP4_SB_HI]): whole group pairs, then an
+ * odd last group by the float route (the same words). Each row's stream is prefetched pf bytes
+ * ahead into L2, once per 64 bytes (T0 prefetches hold an L1 fill buffer for the whole miss: fewer
+ * weight lines in flight). */
+AI void fp4_fast_rows(const uint8_t *const *wr, const uint8_t *const *sr, int64_t pf, const uint16_t *const *xr,
+                      int64_t G, const int nr, const int mb, const int two, __m512 (*a0)[MB], __m512 (*a1)[MB]) {
+    const int64_t Ge = G & ~(int64_t)1; /* whole group pairs */
+    uint32_t od[2][8] __attribute__((aligned(32)));
+    for (int64_t g0 = 0; g0 < Ge; g0 += 16) { /* 8 pairs' offsets at a time, then their steps */
+        const int np = (int)min64(8, (Ge - g0) >> 1);
+        fp4_offsets16(sr, g0, 2 * np, nr, od);
+        for (int j = 0; j < np; j++) {
+            if (!(j & 1))
+                for (int r = 0; r < nr; r++) _mm_prefetch((const char *)wr[r] + pf + 16 * (g0 + 2 * j), _MM_HINT_T1);
+            fp4_step_fast(wr, od, j, g0 + 2 * j, xr, nr, mb, two, a0, a1);
+        }
+    }
+    if (Ge < G)
+        for (int r = 0; r < nr; r++) {
+            const float s0 = scale_bits(sr[r], Ge, 1);
+            fp4_step_bf(wr[r], 0, &s0, &s0, Ge, 0, xr, 1, mb, two, a0 + r, a1 + r);
+        }
+}
+#endif
+
 AI void fp4_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, int e8m0, const uint16_t *const *xr,
                      int64_t n, const int nr, const int mb, float *out) {
     const int64_t G = n >> 5, pfd = cdiv(PF, nr * ldw) * nr * ldw;
@@ -458,21 +491,8 @@ AI void fp4_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, 
     float s0[2], s1[2];
 #if DZ_FAST_FP4
     if (e8m0 && scales_in((const uint8_t *)s, lds, nr, G, FP4_SB_LO, FP4_SB_HI)) { /* fastdecode.h */
-        const int64_t Ge = G & ~(int64_t)1; /* whole group pairs */
-        uint32_t od[2][8] __attribute__((aligned(32)));
-        for (int64_t g0 = 0; g0 < Ge; g0 += 16) { /* 8 pairs' offsets at a time, then their steps */
-            const int np = (int)min64(8, (Ge - g0) >> 1);
-            fp4_offsets16((const uint8_t *)s + g0, lds, 2 * np, nr, od);
-            for (int j = 0; j < np; j++) {
-                for (int r = 0; r < nr; r++) _mm_prefetch((const char *)w + r * ldw + pfd + 16 * (g0 + 2 * j), _MM_HINT_T0);
-                fp4_step_fast(w, ldw, od, j, g0 + 2 * j, xr, nr, mb, two, a0, a1);
-            }
-        }
-        const int64_t g = Ge;
-        if (g < G) {
-            for (int r = 0; r < nr; r++) s0[r] = scale_bits(s, r * lds + g, e8m0);
-            fp4_step_bf(w, ldw, s0, s1, g, 0, xr, nr, mb, two, a0, a1);
-        }
+        const uint8_t *wr[2] = {w, w + ldw}, *sr[2] = {(const uint8_t *)s, (const uint8_t *)s + lds};
+        fp4_fast_rows(wr, sr, pfd, xr, G, nr, mb, two, a0, a1);
     } else
 #endif
     if (nr * mb <= 2) {
@@ -1350,6 +1370,77 @@ static void swiglu_store(const float *g, const float *u, int64_t n, int64_t o0, 
     }
 }
 
+#if DZ_BF16DOT && DZ_FAST_FP4
+/* Decode-sized blocks (mb <= MB pairs of an expert) with bf16 x, E8M0 scales: the two weight rows
+ * sharing each activation load are taken from two separate streams (gate row o with up row o; the
+ * two halves of a down tile), each stream walking consecutive rows, i.e. sequential memory, so a
+ * stream never shares a 4 KiB page with another one (the hardware prefetchers follow it) and its
+ * software prefetch runs one row ahead. Every (row, x row) sum is formed as fp4_micro_bf forms it
+ * (the same steps, the same two accumulators, reduced once): bit-identical to the tile path.
+ * moe_pair_bf: rows wa (scales sa, sums into oa[m * TILE]) and, unless wb is NULL, wb (sb, ob),
+ * K columns each, against mb <= MB activation rows (split64_row layout). */
+AI void moe_micro_fast(const uint8_t *const *wr, const uint8_t *const *sr, int64_t pf, const uint16_t *const *xr,
+                       int64_t G, const int nr, const int mb, float *const *out) {
+    __m512 a0[2][MB], a1[2][MB];
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
+    fp4_fast_rows(wr, sr, pf, xr, G, nr, mb, 1, a0, a1);
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mb; m++) out[r][m * TILE] += _mm512_reduce_add_ps(_mm512_add_ps(a0[r][m], a1[r][m]));
+}
+
+static void moe_pair_bf(const uint8_t *wa, const uint8_t *sa, float *oa, const uint8_t *wb, const uint8_t *sb,
+                        float *ob, int64_t K, const uint16_t *const *xr, int mb) {
+    const int64_t G = K / 32, H = K / 2, pf = cdiv(PF, H) * H;
+    const int nr = wb ? 2 : 1;
+    if (!scales_in(sa, 0, 1, G, FP4_SB_LO, FP4_SB_HI) || (wb && !scales_in(sb, 0, 1, G, FP4_SB_LO, FP4_SB_HI))) {
+        fp4_rows_bf(wa, H, sa, G, 1, xr, K, 1, mb, oa); /* the float route (the same words) */
+        if (wb) fp4_rows_bf(wb, H, sb, G, 1, xr, K, 1, mb, ob);
+        return;
+    }
+    const uint8_t *wr[2] = {wa, wb}, *sr[2] = {sa, sb};
+    if (mb > MR4) { /* one row at a time against all mb x rows (as fp4_rows_bf) */
+        for (int r = 0; r < nr; r++) {
+            float *o[1] = {r ? ob : oa};
+#define FR(NR, M) moe_micro_fast(wr + r, sr + r, pf, xr, G, NR, M, o)
+            switch (mb) { ROW8_CASES(FR) }
+#undef FR
+        }
+        return;
+    }
+    float *o[2] = {oa, ob};
+#define FB(NR, M) moe_micro_fast(wr, sr, pf, xr, G, NR, M, o)
+    if (nr == 2) {
+        switch (mb) { MR4_CASES(FB, 2) }
+    } else {
+        switch (mb) { MR4_CASES(FB, 1) }
+    }
+#undef FB
+}
+
+/* gate and up rows o0 .. o1 - 1 (r1, r3: res layout) of one block of mb pairs */
+static void moe_gate_up_bf(const QMat *q1, const QMat *q3, const uint16_t *const *xr, int mb, int64_t o0, int64_t o1,
+                           float *r1, float *r3) {
+    const int64_t H = q1->K / 2, G = q1->K / 32;
+    memset(r1, 0, sizeof(float) * (size_t)(mb * TILE));
+    memset(r3, 0, sizeof(float) * (size_t)(mb * TILE));
+    for (int64_t o = o0; o < o1; o++)
+        moe_pair_bf(q1->w + o * H, (const uint8_t *)q1->s + o * G, r1 + (o - o0), q3->w + o * H,
+                    (const uint8_t *)q3->s + o * G, r3 + (o - o0), q1->K, xr, mb);
+}
+
+/* down rows o0 .. o1 - 1 of one block: the tile's two halves as the two streams */
+static void moe_down_bf(const QMat *q2, const uint16_t *const *xr, int mb, int64_t o0, int64_t o1, float *res) {
+    const int64_t H = q2->K / 2, G = q2->K / 32, h = (o1 - o0 + 1) / 2;
+    memset(res, 0, sizeof(float) * (size_t)(mb * TILE));
+    for (int64_t i = 0; i < h; i++) {
+        const int64_t a = o0 + i, b = o0 + h + i;
+        moe_pair_bf(q2->w + a * H, (const uint8_t *)q2->s + a * G, res + (a - o0), b < o1 ? q2->w + b * H : NULL,
+                    (const uint8_t *)q2->s + b * G, res + (b - o0), q2->K, xr, mb);
+    }
+}
+#endif
+
 /* y [N, dim] fp32 = sum_j w2_e(h_j), h_j = (rw_j * swiglu(w1_e x, w3_e x)) in x's dtype,
  * e = ids[n, j]: gate / up are rounded to x's dtype first (the twin's fp4_linear outputs), h
  * optionally FP8-simulated per 128 (h_act_sim), each pair's down projection rounded to x's dtype,
@@ -1458,8 +1549,15 @@ void dz_moe_fp4(const void *x, int64_t bf16, int64_t N, int64_t dim, int64_t int
                 const int mb = (int)min64(MB, start[e + 1] - q0);
                 const void *xr[MB];
                 for (int i = 0; i < mb; i++) xr[i] = xs + (order[q0 + i] / k) * ldx * esz;
-                tile(&q1, xr, mb, o0, o1, r1);
-                tile(&q3, xr, mb, o0, o1, r3);
+#if DZ_BF16DOT && DZ_FAST_FP4
+                if (bfd && use_moe_streams && use_fast_decode && e1 && e3)
+                    moe_gate_up_bf(&q1, &q3, (const uint16_t *const *)xr, mb, o0, o1, r1, r3);
+                else
+#endif
+                {
+                    tile(&q1, xr, mb, o0, o1, r1);
+                    tile(&q3, xr, mb, o0, o1, r3);
+                }
                 for (int i = 0; i < mb; i++) {
                     const int64_t p = order[q0 + i];
                     swiglu_store(r1 + i * TILE, r3 + i * TILE, o1 - o0, o0, rw[p], limit, xb, bfd, hs + p * ldh * esz);
@@ -1496,7 +1594,12 @@ void dz_moe_fp4(const void *x, int64_t bf16, int64_t N, int64_t dim, int64_t int
                 const int mb = (int)min64(MB, start[e + 1] - q0);
                 const void *hr[MB];
                 for (int i = 0; i < mb; i++) hr[i] = hs + order[q0 + i] * ldh * esz;
-                tile(&q2, hr, mb, o0, o1, r1);
+#if DZ_BF16DOT && DZ_FAST_FP4
+                if (bfd && use_moe_streams && use_fast_decode && e2)
+                    moe_down_bf(&q2, (const uint16_t *const *)hr, mb, o0, o1, r1);
+                else
+#endif
+                    tile(&q2, hr, mb, o0, o1, r1);
                 for (int i = 0; i < mb; i++)
                     for (int64_t o = o0; o < o1; o++) yp[order[q0 + i] * dim + o] = round_to(r1[i * TILE + o - o0], xb);
             }

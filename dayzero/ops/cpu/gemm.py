@@ -31,6 +31,7 @@ _SIGNATURES = {
     "sim": ("dz_gemm_fp8_sim", "piiiip"),
     "options": ("dz_gemm_options", "i"),  # tests: options(0) runs bf16 x on the fp32 kernels
     "fast_decode": ("dz_gemm_fast_decode", "i"),  # tests / bench: 0 decodes by the float route only
+    "moe_streams": ("dz_gemm_moe_streams", "i"),  # tests / bench: 0 runs MoE decode blocks on the tile walk
 }
 
 
