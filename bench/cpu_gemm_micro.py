@@ -12,7 +12,9 @@ bandwidth measured in the same run, beside the same call on the fp32 kernels
 (`fast_decode(0)`: gemm.c before fastdecode.h, the same results), timed alternately with the
 native column, and torch's bf16 matmul on the dequantised weights; and the S1 MoE scenario at
 batch 1 and 8 (16 experts, dim 4096 x inter 2048, top-6, FP4) as a fraction of the copy bandwidth
-(dayzero.scenarios.peaks / s1_moe accounting), with and without the integer decoding, alternately;
+(dayzero.scenarios.peaks / s1_moe accounting), with and without the integer decoding and with the
+decode-sized blocks on the tile walk instead of gemm.c's row-pair streams (`moe_streams(0)`),
+alternately;
 --s4: the S4 decode step of `dayzero bench --size small` (B = 1, 8 at 1K context) the same way.
 On a shared machine the best times are the steadier ones. Prints; writes nothing.
 """
@@ -141,25 +143,31 @@ def s1(batches=(1, 8), reps: int = 10) -> None:
         ids = torch.stack([torch.randperm(16, generator=g)[:6] for _ in range(b)])
         wts = torch.rand(b, 6, generator=g)
         call = lambda a=(x, wts, ids, *stacks): table.moe_experts(*a, 10.0)  # noqa: E731
-        ts = {1: [], 0: []}
+        ts = {1: [], 0: [], 2: []}
         for _ in range(3):
             call()
-        for _ in range(reps):  # integer decode on / off alternately
-            for f in (1, 0):
-                gemm.kernels.fast_decode(f)
+        for _ in range(reps):  # integer decode on / off, and on without the row-pair streams, alternately
+            for f in (1, 0, 2):
+                gemm.kernels.fast_decode(int(f != 0))
+                gemm.kernels.moe_streams(int(f != 2))
                 try:
                     t0 = time.perf_counter()
                     call()
                     ts[f].append(time.perf_counter() - t0)
                 finally:
                     gemm.kernels.fast_decode(1)
+                    gemm.kernels.moe_streams(1)
         med, best = statistics.median(ts[1]) * 1e6, min(ts[1]) * 1e6
-        fmed, fbest = statistics.median(ts[0]) * 1e6, min(ts[0]) * 1e6
+
+        def other(f, name):
+            m, bb = statistics.median(ts[f]) * 1e6, min(ts[f]) * 1e6
+            return (f"{name}: median {m / 1e3:.2f} ms ({100 * nbytes / m * 1e6 / bw:.1f}%), best {bb / 1e3:.2f} ms "
+                    f"({100 * nbytes / bb * 1e6 / bw:.1f}%)")
         print(f"S1 B={b}: {r['time_s'] * 1e3:.2f} ms = {100 * nbytes / r['time_s'] / bw:.1f}% of copy bandwidth "
               f"(bench accounting); {reps} more calls: median {med / 1e3:.2f} ms ({100 * nbytes / med * 1e6 / bw:.1f}%), "
-              f"best {best / 1e3:.2f} ms ({100 * nbytes / best * 1e6 / bw:.1f}%); float route (alternating): median "
-              f"{fmed / 1e3:.2f} ms ({100 * nbytes / fmed * 1e6 / bw:.1f}%), best {fbest / 1e3:.2f} ms "
-              f"({100 * nbytes / fbest * 1e6 / bw:.1f}%); twin {r['baseline_time_s'] * 1e3:.0f} ms ({r['shape']})")
+              f"best {best / 1e3:.2f} ms ({100 * nbytes / best * 1e6 / bw:.1f}%); alternating with them: "
+              f"{other(2, 'tile walk (moe_streams(0))')}; {other(0, 'float route')}; "
+              f"twin {r['baseline_time_s'] * 1e3:.0f} ms ({r['shape']})")
 
 
 def s4(batches=(1, 8), context: int = 1024, reps: int = 7) -> None:
