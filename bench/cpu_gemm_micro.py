@@ -172,8 +172,9 @@ def s1(batches=(1, 8), reps: int = 10) -> None:
 
 def s4(batches=(1, 8), context: int = 1024, reps: int = 7) -> None:
     """dayzero bench S4 at --size small (2-layer Flash slice, 16 experts, `context` tokens): the
-    decode step timed with the integer decoding on and off alternately (best / median of `reps`
-    steps each), as a fraction of the copy bandwidth measured here (scenarios.decode_bytes)."""
+    decode step timed with the integer decoding on, on with the MoE's decode blocks on the tile
+    walk (`moe_streams(0)`) and off, alternately (best / median of `reps` steps each), as a
+    fraction of the copy bandwidth measured here (scenarios.decode_bytes)."""
     from dayzero.bench import SIZES, _prepared
     from dayzero.ops import for_device
     from dayzero.reference.seqcache import Batch
@@ -194,20 +195,22 @@ def s4(batches=(1, 8), context: int = 1024, reps: int = 7) -> None:
             with torch.no_grad():
                 X = model.forward_packed(ids, Batch([context] * b, [1] * b, filled.cache, dev))
                 return model.logits(X, model.head_weight())
-        ts = {1: [], 0: []}
+        ts = {1: [], 0: [], 2: []}
         for _ in range(2):
             step()
         for _ in range(reps):
-            for f in (1, 0):
-                gemm.kernels.fast_decode(f)
+            for f in (1, 0, 2):
+                gemm.kernels.fast_decode(int(f != 0))
+                gemm.kernels.moe_streams(int(f != 2))
                 try:
                     t0 = time.perf_counter()
                     step()
                     ts[f].append(time.perf_counter() - t0)
                 finally:
                     gemm.kernels.fast_decode(1)
+                    gemm.kernels.moe_streams(1)
         line = []
-        for f, name in ((1, "integer decode"), (0, "float route")):
+        for f, name in ((1, "integer decode"), (2, "MoE tile walk"), (0, "float route")):
             best, med = min(ts[f]), statistics.median(ts[f])
             line.append(f"{name} best {best * 1e3:.1f} ms ({100 * nbytes / best / bw:.1f}%), median {med * 1e3:.1f} ms "
                         f"({100 * nbytes / med / bw:.1f}%)")

@@ -31,7 +31,9 @@
  * MR4 = 4 activation rows (2 x 2 x 4 accumulators; bf16 x with the integer decode: 5-8 rows run
  * one weight row against all of them, 2 x 8, so each weight is decoded once); work items are tiles
  * of <= TILE output rows of blocks of MB = 8 activation rows; K is walked whole. Weight streams are
- * software-prefetched PF bytes ahead. The micro-kernels keep their accumulators in arrays that gcc
+ * software-prefetched PF bytes ahead. The MoE's decode-sized blocks (bf16 x, E8M0 scales) pair
+ * rows of separate streams instead (gate row o with up row o, the halves of a down tile: each
+ * stream sequential in memory, see moe_pair_bf), the same sums bit for bit. The micro-kernels keep their accumulators in arrays that gcc
  * holds in registers only across a branch-free innermost loop: their loops are shaped for that
  * (whole 128-weight blocks for FP8, flat group pairs for FP4), with partial blocks after the loop.
  * Many rows (prefill, M >= ROWS_MIN; MoE: an expert's pairs; AVX-512 builds): each weight is
