@@ -1,6 +1,6 @@
 """Microbenchmark of the native CPU GEMMs (dayzero/ops/cpu/gemm.c) against their twins.
 
-    OMP_NUM_THREADS=2 python -m bench.cpu_gemm_micro [--reps 200] [--no-small] [--no-s1] [--no-flash] [--s4]
+    OMP_NUM_THREADS=2 python -m bench.cpu_gemm_micro [--reps 200] [--no-small] [--no-s1] [--no-flash] [--s4] [--moe-cold]
     OMP_NUM_THREADS=1 python -m bench.cpu_gemm_micro --cpu-time ...   (a shared machine: CPU time, one core)
 
 Decode-sized calls of the built-in model (M = 1, 2; FP8 256x256 and 512x128, FP4 256x256,
@@ -15,7 +15,8 @@ batch 1 and 8 (16 experts, dim 4096 x inter 2048, top-6, FP4) as a fraction of t
 (dayzero.scenarios.peaks / s1_moe accounting), with and without the integer decoding and with the
 decode-sized blocks on the tile walk instead of gemm.c's row-pair streams (`moe_streams(0)`),
 alternately;
---s4: the S4 decode step of `dayzero bench --size small` (B = 1, 8 at 1K context) the same way.
+--s4: the S4 decode step of `dayzero bench --size small` (B = 1, 8 at 1K context) the same way;
+--moe-cold: the S1 shapes with the experts streamed from memory on every call (as in a decode step).
 On a shared machine the best times are the steadier ones. Prints; writes nothing.
 """
 from __future__ import annotations
@@ -170,6 +171,46 @@ def s1(batches=(1, 8), reps: int = 10) -> None:
               f"twin {r['baseline_time_s'] * 1e3:.0f} ms ({r['shape']})")
 
 
+def moe_cold(rows=(1, 2, 8), sets: int = 8, reps: int = 24) -> None:
+    """The S1 shapes (dim 4096 x inter 2048, top-6, FP4, bf16 x) as a decode step meets them: every
+    call reads experts the last sets - 1 calls did not (48 experts, `sets` disjoint groups of 6 in
+    turn, ~600 MB: beyond the last-level cache), so the weights stream from memory each time; each
+    row picks the group's 6 experts (N pairs per expert). The row-pair streams and the tile walk
+    (`moe_streams(0)`) alternate call by call; GB/s of expert bytes, as a fraction of the copy
+    bandwidth measured here."""
+    from dayzero.ops import for_device
+    from dayzero.scenarios import _fp4_stack, peaks
+    dev = torch.device("cpu")
+    table = for_device(dev, "cpu")
+    bw = peaks(dev)["bandwidth"]
+    g = torch.Generator().manual_seed(0)
+    E, dim, inter = 6 * sets, 4096, 2048
+    stacks = [t for o, i in ((inter, dim), (inter, dim), (dim, inter)) for t in _fp4_stack(E, o, i, dev, g)]
+    nbytes = 6 * sum(t[0].numel() * t.element_size() for t in stacks)
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s")
+    for n in rows:
+        x = torch.randn(n, dim, generator=g).to(torch.bfloat16)
+        wts = torch.rand(n, 6, generator=g)
+        groups = [torch.arange(6 * j, 6 * j + 6).expand(n, 6).contiguous() for j in range(sets)]
+        ts, i = {1: [], 0: []}, 0
+        for r in range(reps + 2):
+            for f in (1, 0):
+                gemm.kernels.moe_streams(f)
+                try:
+                    t0 = time.perf_counter()
+                    table.moe_experts(x, wts, groups[i % sets], *stacks, 10.0)
+                    dt = time.perf_counter() - t0
+                finally:
+                    gemm.kernels.moe_streams(1)
+                i += 1
+                if r >= 2:
+                    ts[f].append(dt)
+        line = [f"{name} median {statistics.median(ts[f]) * 1e3:.2f} ms ({100 * nbytes / statistics.median(ts[f]) / bw:.1f}%), "
+                f"best {min(ts[f]) * 1e3:.2f} ms ({100 * nbytes / min(ts[f]) / bw:.1f}%)"
+                for f, name in ((1, "row-pair streams"), (0, "tile walk"))]
+        print(f"MoE cold N={n} ({nbytes / 1e6:.0f} MB a call): " + "; ".join(line))
+
+
 def s4(batches=(1, 8), context: int = 1024, reps: int = 7) -> None:
     """dayzero bench S4 at --size small (2-layer Flash slice, 16 experts, `context` tokens): the
     decode step timed with the integer decoding on, on with the MoE's decode blocks on the tile
@@ -224,6 +265,9 @@ if __name__ == "__main__":
     ap.add_argument("--no-flash", action="store_true", help="skip the 4096x4096 linears")
     ap.add_argument("--no-small", action="store_true", help="skip the built-in model's decode-sized calls")
     ap.add_argument("--s4", action="store_true", help="also the S4 decode step (small slice), integer decode on / off")
+    ap.add_argument("--moe-cold", action="store_true",
+                    help="also the S1-shaped MoE with the experts streamed from memory every call (N = 1, 2, 8), "
+                         "row-pair streams against the tile walk")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time by the process's CPU time (time.process_time, also inside dayzero.scenarios: the copy "
                          "bandwidth too) instead of wall time: on a shared machine it leaves out the waits for a core; "
@@ -241,5 +285,7 @@ if __name__ == "__main__":
         flash()
     if not a.no_s1:
         s1()
+    if a.moe_cold:
+        moe_cold()
     if a.s4:
         s4()
