@@ -33,7 +33,8 @@
  * of <= TILE output rows of blocks of MB = 8 activation rows; K is walked whole. Weight streams are
  * software-prefetched PF bytes ahead. The MoE's decode-sized blocks (bf16 x, E8M0 scales) pair
  * rows of separate streams instead (gate row o with up row o, the halves of a down tile: each
- * stream sequential in memory, see moe_pair_bf), the same sums bit for bit. The micro-kernels keep their accumulators in arrays that gcc
+ * stream sequential in memory, see moe_pair_bf), the same sums bit for bit. The micro-kernels
+ * keep their accumulators in arrays that gcc
  * holds in registers only across a branch-free innermost loop: their loops are shaped for that
  * (whole 128-weight blocks for FP8, flat group pairs for FP4), with partial blocks after the loop.
  * Many rows (prefill, M >= ROWS_MIN; MoE: an expert's pairs; AVX-512 builds): each weight is
@@ -493,7 +494,8 @@ AI void fp4_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, 
     float s0[2], s1[2];
 #if DZ_FAST_FP4
     if (e8m0 && scales_in((const uint8_t *)s, lds, nr, G, FP4_SB_LO, FP4_SB_HI)) { /* fastdecode.h */
-        const uint8_t *wr[2] = {w, w + ldw}, *sr[2] = {(const uint8_t *)s, (const uint8_t *)s + lds};
+        const uint8_t *wr[2] = {w, nr > 1 ? w + ldw : w};
+        const uint8_t *sr[2] = {(const uint8_t *)s, nr > 1 ? (const uint8_t *)s + lds : (const uint8_t *)s};
         fp4_fast_rows(wr, sr, pfd, xr, G, nr, mb, two, a0, a1);
     } else
 #endif
