@@ -14,7 +14,9 @@ Census roles:
   dspark           the `mtp.{0,1,2}` stages: each a sliding-only block with DSpark's own expert bank
                    (dayzero's V41Block at a sliding-only layer with `dspark_n_routed_experts`), plus the stage
                    extras of research 2.2 (`mtp.0.main_proj` FP8 32x32, `mtp.0.main_norm`, `mtp.2.norm`,
-                   `mtp.2.markov_head.markov_w{1,2}` BF16, `mtp.2.confidence_head.proj` F32; no hc_head).
+                   `mtp.2.markov_head.{embed,head}` BF16 (V4-0731 names them markov_w1 / markov_w2),
+                   `mtp.2.confidence_head.proj` BF16 (sources disagree: a header-checked inventory says BF16,
+                   research 2.2 says F32; a loader accepts either, CONFIDENCE_DTYPES); no hc_head).
                    The DSpark model itself is not built in dayzero; these are its checkpoint shapes.
   vision           not in the inventory (the vision tower is not built; research gives its config, not its
                    tensors): absent here; docs/V41.md states it by difference from the published total.
@@ -95,6 +97,9 @@ def _params(shape, dtype: torch.dtype, name: str) -> int:
     return math.prod(shape) * (2 if dtype == torch.int8 else 1)  # MXFP4: two e2m1 codes per byte
 
 
+CONFIDENCE_DTYPES = (torch.bfloat16, torch.float32)  # the confidence head's storage: in doubt (see above)
+
+
 def dspark_tensors(args: V41Args, storage: torch.dtype = torch.bfloat16) -> dict:
     """name -> TensorSpec of the `mtp.*` tensors (checkpoint shapes; the DSpark model is not built)."""
     from dayzero.loader.checkpoint import TensorSpec
@@ -120,9 +125,11 @@ def dspark_tensors(args: V41Args, storage: torch.dtype = torch.bfloat16) -> dict
         out[first + "main_proj.scale"] = TensorSpec((-(-d // 32), -(-taps * d // 32)), torch.float8_e8m0fnu)
     out[first + "main_norm.weight"] = TensorSpec((d,), storage)
     out[last + "norm.weight"] = TensorSpec((d,), storage)
-    for w in ("markov_w1", "markov_w2"):
+    for w in ("embed", "head"):  # V4.1's names (V4-0731's are markov_w1 / markov_w2)
         out[f"{last}markov_head.{w}.weight"] = TensorSpec((args.vocab_size, r), storage)
-    out[last + "confidence_head.proj.weight"] = TensorSpec((1, d + r), torch.float32)
+    # storage dtype in doubt: a header-checked inventory says BF16, research 2.2 says F32 (maybe V4-0731's);
+    # BF16 here (CONFIDENCE_DTYPES: what a loader accepts)
+    out[last + "confidence_head.proj.weight"] = TensorSpec((1, d + r), storage)
     return out
 
 
