@@ -1,0 +1,204 @@
+"""DeepSeek-V4.1's DSpark (v41/dspark.py) on a random-weight toy with stages (`toy.dspark_text()`). There is
+no oracle of the V4.1 DSpark forward, so these are invariants that a wrong build fails: strict loading
+under V4.1's names; the capture is the ENTRY stream of the target layers (not their output); the draft
+equals a dense rendering of the method (context rows exactly c - window .. c - 1 rotated at their main
+positions and FP8-window-quantised, all block rows visible to every row, no per-head q norm, the single-
+pass pre chained over the stages, the last FFN pre collapsing); the Markov head's prev chain; and in the
+engine, tokens with speculation on == off (Engram on and off), seeded sampling unchanged, and a drafter
+built to agree with its target gets its drafts accepted."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dayzero.loader.checkpoint import CheckpointError
+from dayzero.ops import ref
+from dayzero.reference.attention import rope_table
+from dayzero.reference.seqcache import Batch, DenseBatchCache, DenseSeqCache
+from dayzero.v41 import dspark, quant, toy
+from dayzero.v41.loader import load_v41
+from tests.v41.ckpt import one_thread  # noqa: F401 (autouse fixture)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return toy.write_toy(tmp_path_factory.mktemp("v41ds") / "toy", seed=3, text=toy.dspark_text())
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return load_v41(ckpt, drafter=True)
+
+
+def _batch(start, n, cache):
+    return Batch([start], [n], cache, CPU)
+
+
+def test_stages_load_strictly_under_the_v41_names(ckpt, model, tmp_path):
+    names = set(model.state_dict())
+    for n in ("mtp.0.main_proj.weight", "mtp.0.main_proj.scale", "mtp.0.main_norm.weight", "mtp.2.norm.weight",
+              "mtp.2.markov_head.embed.weight", "mtp.2.markov_head.head.weight", "mtp.2.confidence_head.proj.weight",
+              "mtp.1.ffn.gate.bias_vl", "mtp.1.attn.attn_sink", "mtp.0.hc_ffn_fn"):
+        assert n in names, n
+    assert not [n for n in names if n.startswith("mtp.") and any(
+        k in n for k in ("markov_w", "hc_head", "compressor", "indexer", "engram", "tid2eid"))]
+    assert len(model.mtp[1].ffn.experts) == model.args.dspark_n_routed_experts
+    assert model.mtp[1].ffn.gate.topk == model.args.dspark_n_activated_experts
+    assert not hasattr(load_v41(ckpt), "mtp")  # drafter off: mtp.* recognised and not read
+    from dayzero.v41.presets import dspark_tensors
+    want = {n: (s.shape, s.dtype) for n, s in dspark_tensors(model.args).items()}
+    from safetensors import safe_open
+    got = {}
+    for f in ckpt.glob("*.safetensors"):
+        with safe_open(f, "pt") as h:
+            got.update({n: (tuple(h.get_slice(n).get_shape()), h.get_tensor(n).dtype) for n in h.keys()
+                        if n.startswith("mtp.")})
+    assert got == want  # the census's names and shapes are what the loader reads
+
+
+def test_drafter_on_names_a_missing_stage_tensor(ckpt, tmp_path):
+    from tests.v41.ckpt import rewrite
+    import shutil
+    d = tmp_path / "c"
+    shutil.copytree(ckpt, d)
+    rewrite(d, lambda t: t.pop("mtp.2.markov_head.head.weight"))
+    with pytest.raises(CheckpointError, match=r"(?s)mtp\.2\.markov_head\.head\.weight.*hint: speculation is on"):
+        load_v41(d, drafter=True)
+    load_v41(d)  # drafter off: the stages are not read
+    plain = toy.write_toy(tmp_path / "plain")
+    with pytest.raises(CheckpointError, match="num_nextn_predict_layers` is 0"):
+        load_v41(plain, drafter=True)
+
+
+def _entry_streams(m, ids):
+    """The backbone run layer by layer: the hc-mean of the streams entering each layer, and the output."""
+    cache = DenseBatchCache([DenseSeqCache()])
+    batch, ctx = _batch(0, len(ids), cache), __import__("dayzero.v41.attention", fromlist=["Context"]).Context()
+    hash_ids = m.hasher(ids, batch) if m.hasher is not None else None
+    X = m.embed_tokens(ids).unsqueeze(1).repeat(1, m.args.hc_mult, 1)
+    pre = torch.zeros(X.shape[:2])
+    pre[:, 0] = 1.0
+    entry = {}
+    for layer in m.layers:
+        entry[layer.layer_id] = X.mean(1)
+        X, pre = layer(X, pre, batch, ctx, ids, hash_ids)
+    return entry, ref.hc_collapse(X, pre)
+
+
+def test_capture_is_the_entry_stream_of_the_target_layers(model):
+    ids = torch.randint(2, 300, (11,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        entry, out = _entry_streams(model, ids)
+        cap = {}
+        h = model.forward_packed(ids, _batch(0, 11, DenseBatchCache([DenseSeqCache()])), capture=cap)
+        plain = model.forward_packed(ids, _batch(0, 11, DenseBatchCache([DenseSeqCache()])))
+    assert torch.equal(h, plain) and torch.equal(h, out)  # capturing changes nothing
+    assert sorted(cap) == [4, 6, 7]
+    for i in cap:
+        assert torch.equal(cap[i], entry[i])  # the input of layer i ...
+        assert not torch.allclose(cap[i], entry[i + 1] if i + 1 in entry else out)  # ... not its output
+    hidden = dspark.main_hidden(cap, model.args)
+    assert torch.equal(hidden, torch.cat([entry[4], entry[6], entry[7]], -1))
+    with pytest.raises(ValueError, match="bounded replay is not built"):
+        model.forward_packed(ids, _batch(0, 11, DenseBatchCache([DenseSeqCache()])), [5], capture={})
+
+
+def _context_and_draft(m, ids, anchor, k, main_x=None):
+    cache = DenseBatchCache([DenseSeqCache()])
+    L = len(ids)
+    cap = {}
+    m.forward_packed(ids, _batch(0, L, cache), capture=cap)
+    mx = dspark.main_x(m.mtp, dspark.main_hidden(cap, m.args)) if main_x is None else main_x
+    for st in m.mtp:
+        st.write_context(mx, _batch(0, L, cache))
+    h, U = dspark.draft_block(m, m.mtp, torch.tensor([anchor]), _batch(L, k, cache), k)
+    return mx, h[0], U[0]
+
+
+def test_draft_block_matches_a_dense_rendering_of_the_method(model):
+    m, args = model, model.args
+    L, k, W, anchor = 13, 5, model.args.window_size, 77
+    ids = torch.randint(2, 300, (L,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        main_x, h, U = _context_and_draft(m, ids, anchor, k)
+        inv = rope_table(args, False, None)
+        ctx_pos, blk_pos = torch.arange(L - W, L), torch.arange(L, L + k)  # exactly the W positions before c = L
+        x_ids = torch.tensor([anchor] + [args.dspark_noise_token_id] * (k - 1))
+        X = m.embed_tokens(x_ids).unsqueeze(1).repeat(1, args.hc_mult, 1)
+        pre = torch.zeros(k, args.hc_mult)
+        pre[:, 0] = 1
+
+        def rot(t, pos, inverse=False):
+            return ref.apply_rope(t, *[c[:, None] if t.dim() == 3 else c for c in ref.rope_cos_sin(pos, inv)],
+                                  inverse=inverse)
+
+        for st in m.mtp:
+            a = st.attn
+            ctx_kv = quant.window_kv(rot(a.kv_norm(a.wkv(main_x)), torch.arange(L)))[ctx_pos]
+
+            def attend(x, a=a, ctx_kv=ctx_kv):
+                q = rot(a.wq_b(a.q_norm(a.wq_a(x))).unflatten(-1, (a.n_heads, a.head_dim)), blk_pos)  # no q norm
+                keys = torch.cat([ctx_kv, quant.window_kv(rot(a.kv_norm(a.wkv(x)), blk_pos))])  # every block row
+                logits = torch.einsum("nhd,kd->nhk", q, keys) * a.head_dim ** -0.5
+                full = torch.cat([logits, a.attn_sink.view(1, -1, 1).expand(k, -1, 1)], -1)
+                o = torch.einsum("nhk,kd->nhd", full.softmax(-1)[..., :-1], keys)
+                o = rot(o, blk_pos, inverse=True).reshape(k, a.o_groups, -1)
+                w = a.wo_a.dequant(o.dtype).view(a.o_groups, -1, o.shape[-1])  # group g through its rows of wo_a
+                return a.wo_b(torch.einsum("ngd,grd->ngr", o, w).flatten(1))
+
+            X, pre = st._site(X, pre, st.hc_attn_fn, st.hc_attn_scale, st.hc_attn_base,
+                              lambda u, st=st, attend=attend: attend(st.attn_norm(u)))
+            X, pre = st._site(X, pre, st.hc_ffn_fn, st.hc_ffn_scale, st.hc_ffn_base,
+                              lambda u, st=st: st.ffn(st.ffn_norm(u), x_ids))
+        h_ref = ref.hc_collapse(X, pre)
+        U_ref = ref.fp32_linear(m.mtp[-1].norm(h_ref), m.head.weight)
+    assert torch.allclose(h, h_ref, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(U, U_ref, atol=1e-3, rtol=1e-3)
+
+
+def test_context_is_exactly_the_window_before_the_block_and_the_block_is_not_causal(model):
+    m, L, k, W = model, 13, 5, model.args.window_size
+    ids = torch.randint(2, 300, (L,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        main_x, h, U = _context_and_draft(m, ids, 77, k)
+
+        def moved(p):  # the draft with main position p's context row changed
+            mx = main_x.clone()
+            mx[p] += 1.0
+            return _context_and_draft(m, ids, 77, k, mx)[1]
+
+        assert torch.equal(moved(L - W - 1), h)  # one before the window: not read
+        assert not torch.allclose(moved(L - W), h) and not torch.allclose(moved(L - 1), h)
+        # the anchor row (row 0) sees the later noise rows: another noise token changes it
+        m.args = m.args.replace(dspark_noise_token_id=m.args.dspark_noise_token_id + 1)
+        try:
+            h2 = _context_and_draft(m, ids, 77, k)[1]
+        finally:
+            m.args = m.args.replace(dspark_noise_token_id=m.args.dspark_noise_token_id - 1)
+        assert not torch.allclose(h2[0], h[0])
+
+
+def test_markov_head_chains_each_draft_into_the_next(model):
+    from dayzero.engine.dspark_drafter import _markov
+    from dayzero.engine.sampling import SamplingParams
+    last, k = model.mtp[-1], 5
+    g = torch.Generator().manual_seed(5)
+    U = torch.randn(1, k, model.args.vocab_size, generator=g)
+    h = torch.randn(1, k, model.args.dim, generator=g)
+    greedy = SamplingParams(temperature=0.0, max_tokens=10)
+    (drafts, conf), = _markov(last, h, U, torch.tensor([42]), [(0, 0, 42, k, greedy, 0, 0)], k, 0.0)
+    prev, want = 42, []
+    E, Hd = last.markov_head.embed.weight.float(), last.markov_head.head.weight.float()
+    for i in range(k):
+        tok = int((U[0, i] + Hd @ E[prev]).argmax())
+        want.append(tok)
+        prev = tok
+    assert drafts == want
+    assert not all(int(U[0, i].argmax()) == t for i, t in enumerate(want))  # the bias matters here
+    e = E[torch.tensor([42] + want[:-1])]
+    c = torch.sigmoid(torch.cat([h[0], e], -1) @ last.confidence_head.proj.weight.float().T).squeeze(-1)
+    assert torch.allclose(torch.tensor(conf), c, atol=1e-6)
