@@ -202,3 +202,91 @@ def test_markov_head_chains_each_draft_into_the_next(model):
     e = E[torch.tensor([42] + want[:-1])]
     c = torch.sigmoid(torch.cat([h[0], e], -1) @ last.confidence_head.proj.weight.float().T).squeeze(-1)
     assert torch.allclose(torch.tensor(conf), c, atol=1e-6)
+
+
+# ---- the engine -------------------------------------------------------------------------------------
+
+from dayzero import LLM, SamplingParams  # noqa: E402
+from tests.engine.helpers import FIXED, staggered  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+SPEC = dict(speculative_min_acceptance=0.0, speculative_config=FIXED)  # every proposed draft verified
+
+
+def prompts(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 300, (L,), generator=g).tolist() for L in [5, 23, 12, 17][:n]]
+
+
+@pytest.fixture(scope="module")
+def plain_ckpt(tmp_path_factory):
+    """The same toy without Engram."""
+    return toy.write_toy(tmp_path_factory.mktemp("v41ds") / "plain", seed=3, text=toy.dspark_text(engram_layer_ids=[]))
+
+
+@pytest.mark.parametrize("engram", [True, False], ids=["engram", "no-engram"])
+def test_engine_tokens_with_dspark_on_equal_off(ckpt, plain_ckpt, engram):
+    d = ckpt if engram else plain_ckpt
+    off = LLM(d, num_speculative_tokens=0)
+    assert off.engine.spec_method is None and not off.model.mtp and off.engine.worker.capture is False
+    want = [r.output_ids for r in staggered(off.engine, prompts(), GREEDY)]
+    on = LLM(d, max_num_batched_tokens=7, max_num_seqs=2, **SPEC)  # chunked prefill, blocks cut by the budget
+    e = on.engine
+    assert (e.spec_method, e.spec_k) == ("dspark", 5) and len(on.model.mtp) == 3  # the default follows the checkpoint
+    assert e.groups[0].layers == tuple(range(8 + 3))  # the stages' context rows in the window group
+    assert [r.output_ids for r in staggered(e, prompts(), GREEDY)] == want
+    assert e.stats()["spec_draft_tokens"] > 0
+    hits = e.kv.hits
+    assert [o.token_ids for o in on.generate(prompts(), GREEDY)] == want and e.kv.hits > hits  # after prefix hits
+    k3 = LLM(d, speculative_config={"num_speculative_tokens": 3, **FIXED}, speculative_min_acceptance=0.0)
+    assert k3.engine.spec_k == 3 and [o.token_ids for o in k3.generate(prompts(), GREEDY)] == want
+
+
+def test_seeded_sampling_does_not_change(ckpt):
+    p = SamplingParams(temperature=0.9, top_k=50, seed=3, max_tokens=10, ignore_eos=True)
+    plain = LLM(ckpt, num_speculative_tokens=0).generate(prompts(3), p)
+    spec = LLM(ckpt, **SPEC)
+    assert [o.token_ids for o in spec.generate(prompts(3), p)] == [o.token_ids for o in plain]
+    assert spec.engine.stats()["spec_draft_tokens"] > 0
+
+
+def test_a_drafter_that_agrees_gets_its_drafts_accepted(ckpt):
+    """With the (shared) LM head zeroed, the target's greedy token is always 0 (all logits tie), and so is
+    the draft's when the Markov bias is zero too: every draft is accepted, several tokens a step; with the
+    Markov head's own weights the drafts disagree and are rejected, the tokens the same."""
+    def build(markov_zero):
+        llm = LLM(ckpt, **SPEC)
+        m = llm.model.model
+        m.head.weight.zero_()
+        if markov_zero:
+            m.mtp[-1].markov_head.head.weight.zero_()
+        return llm
+
+    agree, disagree = build(True), build(False)
+    want = [[0] * 10] * 3
+    assert [o.token_ids for o in agree.generate(prompts(3), GREEDY)] == want
+    assert [o.token_ids for o in disagree.generate(prompts(3), GREEDY)] == want
+    sa, sd = agree.engine.stats(), disagree.engine.stats()
+    assert sa["spec_accepted_tokens"] == sa["spec_draft_tokens"] > 0 and sa["spec_mean_accepted_length"] > 2
+    assert sd["spec_draft_tokens"] > 0 and sd["spec_accepted_tokens"] < sd["spec_draft_tokens"]
+
+
+@pytest.mark.parametrize("opts, msg", [
+    (dict(speculative_config={"method": "mtp"}), "no MTP module"),
+    (dict(num_speculative_tokens=6), "at most 5"),
+    (dict(speculative_config={"model": "x"}), "a separate drafter is not built for V4.1"),
+    (dict(num_speculative_tokens=2, tensor_parallel_size=2), "with tensor / data parallel ranks is not built"),
+    (dict(num_speculative_tokens=2, v41_bounded_replay=True), "with v41_bounded_replay=True is not built"),
+])
+def test_option_errors(ckpt, opts, msg):
+    with pytest.raises(ValueError, match=msg):
+        LLM(ckpt, **opts)
+
+
+def test_bounded_replay_leaves_dspark_off_and_a_toy_without_stages_refuses_it(ckpt, tmp_path):
+    llm = LLM(ckpt, v41_bounded_replay=True)
+    assert llm.engine.spec_method is None and not llm.model.mtp
+    plain = toy.write_toy(tmp_path / "plain")
+    with pytest.raises(ValueError, match="this checkpoint has no DSpark drafter"):
+        LLM(plain, speculative_config={"method": "dspark"})
+    assert LLM(plain).engine.spec_method is None
