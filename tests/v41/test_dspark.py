@@ -238,7 +238,9 @@ def test_engine_tokens_with_dspark_on_equal_off(ckpt, plain_ckpt, engram):
     assert e.stats()["spec_draft_tokens"] > 0
     hits = e.kv.hits
     assert [o.token_ids for o in on.generate(prompts(), GREEDY)] == want and e.kv.hits > hits  # after prefix hits
-    k3 = LLM(d, speculative_config={"num_speculative_tokens": 3, **FIXED}, speculative_min_acceptance=0.0)
+    k3 = LLM(d, speculative_config={"num_speculative_tokens": 3, **FIXED}, speculative_min_acceptance=0.0,
+             kv_cache_dtype="qat")  # the stages' rows packed too (FP8 + UE8M0 per 32, lossless)
+    assert k3.engine.groups[0].kinds["kv"].qat == "fp8" and k3.engine.groups[0].layers[-1] == 10
     assert k3.engine.spec_k == 3 and [o.token_ids for o in k3.generate(prompts(), GREEDY)] == want
 
 
@@ -290,3 +292,22 @@ def test_bounded_replay_leaves_dspark_off_and_a_toy_without_stages_refuses_it(ck
     with pytest.raises(ValueError, match="this checkpoint has no DSpark drafter"):
         LLM(plain, speculative_config={"method": "dspark"})
     assert LLM(plain).engine.spec_method is None
+
+
+def test_drafts_do_not_depend_on_batching_chunking_or_prefix_hits(ckpt):
+    """Not only the tokens: the drafts themselves (context rows of every earlier position, written per
+    prefill chunk; the block; the Markov head) are the same alone, batched in 7-token chunks, and after
+    a prefix-cache hit (context rows restored from cached blocks)."""
+    from tests.engine.test_dspark import recorded_drafts
+    alone = LLM(ckpt, **SPEC)
+    want = recorded_drafts(alone)
+    for p in prompts(3):
+        alone.generate([p], GREEDY)
+    batched = LLM(ckpt, max_num_batched_tokens=7, **SPEC)
+    got = recorded_drafts(batched)
+    staggered(batched.engine, prompts(3), GREEDY)
+    assert got == want and sum(len(v) for v in want.values()) >= 3 * 5
+    got.clear()
+    hits = batched.engine.kv.hits
+    batched.generate(prompts(3), GREEDY)
+    assert batched.engine.kv.hits > hits and got == want
