@@ -311,3 +311,34 @@ def test_drafts_do_not_depend_on_batching_chunking_or_prefix_hits(ckpt):
     hits = batched.engine.kv.hits
     batched.generate(prompts(3), GREEDY)
     assert batched.engine.kv.hits > hits and got == want
+
+
+@pytest.mark.parametrize("engram", [True, False], ids=["engram", "no-engram"])
+def test_partly_accepted_drafts_roll_back_the_v41_state(ckpt, plain_ckpt, engram):
+    """Rollback after a partly accepted block: the DSpark drafter runs, then each request's draft is replaced
+    by the true continuation (speculation off) with one token changed at a cut that moves from step to
+    step (0 .. k - 1), so each verification accepts a prefix and rejects the rest. The rejected positions'
+    window rows, compressed entries, indexer keys, pooling rows and Engram history were written by the
+    verification step; the tokens after them must still be the speculation-free ones."""
+    d = ckpt if engram else plain_ckpt
+    want = {tuple(p): o.token_ids for p, o in zip(prompts(), LLM(d, num_speculative_tokens=0).generate(
+        prompts(), SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)))}
+    llm = LLM(d, max_num_batched_tokens=9, **SPEC)
+    propose, step = llm.engine.drafter.propose, [0]
+
+    def steered(engine, plan):
+        propose(engine, plan)
+        for b in plan.seqs:
+            r = plan.reqs[b]
+            if r.draft:
+                n, cut = len(r.output_ids), step[0] % len(r.draft)
+                truth = list(want[tuple(r.prompt_ids)][n:n + len(r.draft)])
+                truth[cut] = (truth[cut] + 1) % 300  # wrong from here on
+                r.draft, r.draft_conf = truth, [1.0] * len(truth)
+                step[0] += 1
+
+    llm.engine.drafter.propose = steered
+    got = staggered(llm.engine, prompts(), SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    assert [r.output_ids for r in got] == [want[tuple(p)] for p in prompts()]
+    st = llm.engine.stats()
+    assert 0 < st["spec_accepted_tokens"] < st["spec_draft_tokens"] and st["spec_mean_accepted_length"] > 1
