@@ -234,6 +234,8 @@ def test_engine_tokens_with_dspark_on_equal_off(ckpt, plain_ckpt, engram):
     e = on.engine
     assert (e.spec_method, e.spec_k) == ("dspark", 5) and len(on.model.mtp) == 3  # the default follows the checkpoint
     assert e.groups[0].layers == tuple(range(8 + 3))  # the stages' context rows in the window group
+    row = 64 * 4  # head_dim fp32 values (toy; the compute dtype on the CPU)
+    assert e.stats()["fixed_bytes_per_sequence"] - off.engine.stats()["fixed_bytes_per_sequence"] == 3 * 3 * row
     assert [r.output_ids for r in staggered(e, prompts(), GREEDY)] == want
     assert e.stats()["spec_draft_tokens"] > 0
     hits = e.kv.hits
