@@ -1,5 +1,6 @@
 """The DSpark drafter behind the engine's drafter seam (engine/drafter.py; the module itself:
-reference/dspark.py), on one rank or many (tensor parallel, TP + EP, DP-attention + EP).
+reference/dspark.py; DeepSeek-V4.1's: v41/dspark.py, through its ServedV41's `dspark_hidden` /
+`dspark_draft`, one rank), on one rank or many (tensor parallel, TP + EP, DP-attention + EP).
 
 After each step, on the step's cache (before its commits), every rank (`dspark_step`, through the
 engine's runner, as the step's forward):
@@ -74,7 +75,8 @@ def dspark_step(worker, rows: list[int], seqs: list[int], starts: list[int], len
     if cache is None and rows:
         cache = worker._eager_cache(tables, [0] * len(tables))
     if rows:
-        hidden = main_hidden(worker.captured, model.args)[torch.tensor(rows, device=dev)]
+        own = getattr(model, "dspark_hidden", None)  # DeepSeek-V4.1 (v41/served.py): its capture and stages
+        hidden = (own(worker.captured) if own else main_hidden(worker.captured, model.args))[torch.tensor(rows, device=dev)]
         st0 = stages[0]
         main_x = st0.main_norm(st0.main_proj(hidden))
         ctx = Batch(starts, lengths, cache, dev, ids=seqs)
@@ -89,7 +91,8 @@ def dspark_step(worker, rows: list[int], seqs: list[int], starts: list[int], len
         return []
     anchors = torch.tensor([blk[2] for blk in blocks], device=dev)
     batch = Batch([blk[1] for blk in blocks], [k] * len(blocks), cache, dev, ids=[blk[0] for blk in blocks])
-    h, U = draft_block(model, stages, anchors, batch, k)
+    own = getattr(model, "dspark_draft", None)
+    h, U = own(anchors, batch, k) if own else draft_block(model, stages, anchors, batch, k)
     out = _markov(stages[-1], h, U, anchors, blocks, k, threshold)
     cache.check()
     return out

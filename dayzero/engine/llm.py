@@ -25,7 +25,7 @@ from dayzero.loader.model_io import load_model, read_args
 from dayzero.tokenizer import Tokenizer
 from dayzero.v41.loader import read_v41_args
 from dayzero.v41.replay import refuse_v41_options
-from dayzero.v41.served import check_engine_args, is_v41_dir, load_served
+from dayzero.v41.served import check_engine_args, is_v41_dir, load_served, spec_of
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -113,8 +113,10 @@ class LLM:
         drafter = resolve_drafter((eargs.speculative_config or {}).get("model"))  # a DSpark drafter of its own
         self.group = None
         v41 = is_v41_dir(path)  # DeepSeek-V4.1: numerics "transformers", TP / TP + EP (v41/served.py)
+        v41_drafter = False
         if v41:
             check_engine_args(eargs, numerics)
+            v41_drafter = spec_of(read_v41_args(path)[0], eargs)[0] == "dspark"  # load its DSpark stages
         else:
             refuse_v41_options(eargs)  # before loading: v41_bounded_replay names a V4.1-only option
         numerics = "transformers" if v41 else numerics or "official"
@@ -130,7 +132,8 @@ class LLM:
             dev = self.group.device if self.group else self.device
             if v41:
                 self.model = load_served(path, dt, dev, progress=None if rank == 0 else False,
-                                         layout=Layout(tp, rank, ep, dp), cpu_experts=eargs.cpu_experts)
+                                         layout=Layout(tp, rank, ep, dp), cpu_experts=eargs.cpu_experts,
+                                         drafter=v41_drafter)
             else:
                 self.model = load_model(path, numerics=numerics, dtype=dt, device=dev,
                                         progress=None if rank == 0 else False, layout=Layout(tp, rank, ep, dp),

@@ -4,8 +4,10 @@ cache/paged.py, its block tables cache/manager.py).
 What the V4.1 forward keeps between calls (v41/attention.py, v41/engram.py), as groups of the
 engine's paged cache, every group paged in blocks of `block_size` tokens:
 
-  window           ("kv")          every backbone layer: one K=V row [head_dim] per token; a request
-                                   keeps the blocks of its last `window - 1` tokens
+  window           ("kv")          every backbone layer (and, speculation on, each DSpark stage at layer
+                                   n_layers + i: its context row of position p stored at p + 1): one
+                                   K=V row [head_dim] per token; a request keeps the blocks of its last
+                                   `window - 1` tokens
   entries L<s>     ("c:ent",       ONE pool per KV source s (ratio r), shared by its whole group:
                     "c:key")       compressed entry i [head_dim] and indexer key i [index_head_dim],
                                    bs / r per block; all kept (the long-range context)
@@ -63,11 +65,14 @@ def _kind(kind: str, width: int, kv_cache_dtype: str) -> KindSpec:
     return KindSpec((width,), qat=fmt if kv_cache_dtype == "qat" and width % block == 0 else "")
 
 
-def v41_cache_groups(args: V41Args, block_size: int, kv_cache_dtype: str = "auto") -> list[GroupSpec]:
-    """The cache groups of a V4.1 model (module docstring). ValueError naming the setting when
-    `block_size` is not a multiple of every ratio, or for kv_cache_dtype "fp8" (V4's format)."""
+def v41_cache_groups(args: V41Args, block_size: int, kv_cache_dtype: str = "auto", stages: int = 0
+                     ) -> list[GroupSpec]:
+    """The cache groups of a V4.1 model (module docstring; `stages`: the DSpark stages' window layers, 0
+    without speculation). ValueError naming the setting when `block_size` is not a multiple of every
+    ratio, or for kv_cache_dtype "fp8" (V4's format)."""
     _check(args, block_size, kv_cache_dtype)
-    groups = [GroupSpec("window", tuple(range(args.n_layers)), {"kv": _kind("kv", args.head_dim, kv_cache_dtype)},
+    layers = tuple(range(args.n_layers + stages))
+    groups = [GroupSpec("window", layers, {"kv": _kind("kv", args.head_dim, kv_cache_dtype)},
                         block_size, 1, "window")]
     for layer in args.layers:
         if not layer.is_kv_source:
@@ -94,11 +99,11 @@ def bytes_per_token(args: V41Args, dtype: torch.dtype, kv_cache_dtype: str = "au
     return sum((ent + key) / layer.compress_ratio for layer in args.layers if layer.is_kv_source)
 
 
-def fixed_bytes_per_sequence(args: V41Args, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
-    """Window rows (last window - 1 tokens, every layer), open pooling windows (fp32) and the Engram
-    history (last max_ngram - 1 ids): the rows a sequence holds, not the whole blocks paging them."""
+def fixed_bytes_per_sequence(args: V41Args, dtype: torch.dtype, kv_cache_dtype: str = "auto", stages: int = 0) -> int:
+    """Window rows (last window - 1 tokens, every layer and DSpark stage in use), open pooling windows (fp32)
+    and the Engram history (last max_ngram - 1 ids): the rows a sequence holds, not the whole blocks paging them."""
     check_kv_cache_dtype(kv_cache_dtype)
-    total = args.n_layers * (args.window_size - 1) * _kind("kv", args.head_dim, kv_cache_dtype).row_bytes(dtype)
+    total = (args.n_layers + stages) * (args.window_size - 1) * _kind("kv", args.head_dim, kv_cache_dtype).row_bytes(dtype)
     total += sum(layer.compress_ratio * 2 * args.head_dim * 4 for layer in args.layers if layer.is_kv_source and layer.pooled)
     if args.engram_layer_ids:
         total += (args.engram_max_ngram_size - 1) * torch.tensor([], dtype=TOKEN_DTYPE).element_size()

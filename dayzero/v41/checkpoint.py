@@ -34,24 +34,29 @@ def storage_dtype(cfg: dict, source: str = "config.json") -> torch.dtype:
     return STORAGE_DTYPES[name]
 
 
-def checkpoint_model(args: V41Args, storage: torch.dtype):
-    """The model in checkpoint storage, on the meta device (no memory): its state_dict is the inventory."""
+def checkpoint_model(args: V41Args, storage: torch.dtype, drafter: bool = False):
+    """The model in checkpoint storage, on the meta device (no memory): its state_dict is the inventory
+    (`drafter`: with the DSpark stages `mtp.*`, v41/dspark.py)."""
     from dayzero.v41.model import V41Transformer
 
     with torch.device("meta"):
-        return V41Transformer(args, dtype=storage)
+        return V41Transformer(args, dtype=storage, drafter=drafter)
 
 
-def expected_tensors(args: V41Args, storage: torch.dtype = torch.bfloat16) -> dict[str, TensorSpec]:
-    """Every backbone tensor of a V4.1 checkpoint for `args`: name -> (shape, dtype)."""
-    return {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in checkpoint_model(args, storage).state_dict().items()}
+def expected_tensors(args: V41Args, storage: torch.dtype = torch.bfloat16, drafter: bool = False
+                     ) -> dict[str, TensorSpec]:
+    """Every backbone tensor of a V4.1 checkpoint for `args` (`drafter`: and the DSpark stages'): name ->
+    (shape, dtype)."""
+    return {n: TensorSpec(tuple(t.shape), t.dtype)
+            for n, t in checkpoint_model(args, storage, drafter).state_dict().items()}
 
 
 def checkpoint_state(args: V41Args, dense: Mapping[str, torch.Tensor], storage: torch.dtype = torch.bfloat16
                      ) -> dict[str, torch.Tensor]:
     """Dense tensors by official name (a dense V41Transformer's state) -> the exact tensors of a checkpoint
-    for `args`: FP8 32x32 / MXFP4 / FP8 1x32 by role when `args.quant` says so, storage dtypes elsewhere."""
-    expected = checkpoint_model(args, storage).state_dict()
+    for `args`: FP8 32x32 / MXFP4 / FP8 1x32 by role when `args.quant` says so, storage dtypes elsewhere.
+    A dense state with `mtp.*` tensors (a V41Transformer built with drafter=True) writes the DSpark stages."""
+    expected = checkpoint_model(args, storage, any(n.startswith("mtp.") for n in dense)).state_dict()
     out: dict[str, torch.Tensor] = {}
     for name, want in expected.items():
         if name in out:

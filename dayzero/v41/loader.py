@@ -13,8 +13,10 @@ copied: they stay the shard's memory map, on the host whatever `device` is, and 
 the rows a batch's n-gram hashes address (v41/engram.py EngramTable).
 
 Recognised and not loaded: the vision tower and aligner (`vision.*`, `aligner.*`, `image_start`,
-`image_end`, `image_newline`: dayzero runs V4.1 on text only) and the DSpark drafter (`mtp.*`, not built
-for V4.1). Every other tensor must be one the config implies.
+`image_end`, `image_newline`: dayzero runs V4.1 on text only) and, unless `drafter=True` (speculation on),
+the DSpark stages (`mtp.*`). With `drafter=True` the stages are loaded strictly as the rest (v41/dspark.py;
+the confidence head may be stored BF16 or F32: the sources disagree, v41/presets.py). Every other tensor
+must be one the config implies.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 from dayzero.distributed.layout import Layout
-from dayzero.loader.checkpoint import CheckpointError, list_tensors, load_state, read_config
+from dayzero.loader.checkpoint import CheckpointError, TensorSpec, list_tensors, load_state, read_config
 from dayzero.loader.finite import check_small_finite
 from dayzero.loader.model_io import is_routed_expert
 from dayzero.v41.checkpoint import expected_tensors, storage_dtype
@@ -37,8 +39,13 @@ _ENGRAM_TABLE = re.compile(r"^layers\.\d+\.engram\.embed\.(weight|scale)$")
 
 def not_loaded(name: str) -> bool:
     """A checkpoint tensor dayzero recognises and leaves unread: vision tower, aligner, image delimiters
-    (text only) and the DSpark stages `mtp.*` (V4.1's drafter is not built)."""
+    (text only) and the DSpark stages `mtp.*` (read only with the drafter on: `drafter_not_loaded`)."""
     return bool(_NOT_LOADED.match(name))
+
+
+def drafter_not_loaded(name: str) -> bool:
+    """With the DSpark drafter on: everything `not_loaded` leaves unread but the stages."""
+    return not_loaded(name) and not name.startswith("mtp.")
 
 
 def is_engram_table(name: str) -> bool:
@@ -56,13 +63,15 @@ def read_v41_args(path: str | os.PathLike) -> tuple[V41Args, torch.dtype]:
 
 
 def load_v41(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-             progress: bool | None = None, layout: Layout = Layout(), cpu_experts: bool = False):
+             progress: bool | None = None, layout: Layout = Layout(), cpu_experts: bool = False,
+             drafter: bool = False):
     """The V41Transformer of the checkpoint at `path` (compute `dtype`, on `device`), loaded strictly, its
     Engram tables memory-mapped, the tokenizer.json bound for Engram. With a tensor / expert parallel
     `layout` (distributed/layout.py) only this rank's tensors and slices are read from the mapped shards,
     after the whole checkpoint's inventory is checked against the headers (as V4's loader/model_io.py).
     `cpu_experts`: the routed experts (`ffn.experts.*`) stay in host memory whatever `device` is (hybrid
-    placement, as V4's `load_model(..., cpu_experts=True)`)."""
+    placement, as V4's `load_model(..., cpu_experts=True)`). `drafter`: also build and load the DSpark
+    stages `mtp.*` (v41/dspark.py), strictly; a config without stages is a named error."""
     from dayzero.v41.model import V41Transformer
 
     args, storage = read_v41_args(path)
@@ -75,10 +84,19 @@ def load_v41(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
         from tokenizers import Tokenizer
         tokenizer = Tokenizer.from_file(str(file))
     _check_quantisation(path, args)
+    if drafter and not args.n_mtp_layers:
+        raise CheckpointError(f"{Path(path) / 'config.json'}: speculation asks for the DSpark drafter, but "
+                              f"`num_nextn_predict_layers` is 0 (no mtp.* stages): drop num_speculative_tokens")
     with torch.device("meta"):
-        model = V41Transformer(args, dtype=dtype, layout=layout)
+        model = V41Transformer(args, dtype=dtype, layout=layout, drafter=drafter)
     params = model.state_dict()
-    expected = expected_tensors(args, storage)
+    expected = expected_tensors(args, storage, drafter)
+    if drafter:  # the confidence head's storage is in doubt (v41/presets.py): BF16 or F32 read
+        from dayzero.v41.presets import CONFIDENCE_DTYPES
+        conf = f"mtp.{args.n_mtp_layers - 1}.confidence_head.proj.weight"
+        got = list_tensors(path).get(conf)
+        if got is not None and got.dtype in CONFIDENCE_DTYPES:
+            expected[conf] = TensorSpec(expected[conf].shape, got.dtype)
     slices = {}
     for name, dim in model.shard_plan().items():
         n = params[name].shape[dim]
@@ -88,8 +106,14 @@ def load_v41(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
         r = layout.rank % layout.tp
         slices[name] = (dim, r * n, (r + 1) * n)
     host = (lambda n: is_engram_table(n) or is_routed_expert(n)) if cpu_experts else is_engram_table
-    state = load_state(path, expected, device=device, ignore=not_loaded, progress=progress, host=host,
-                       only=None if layout.whole else set(params), slices=slices)
+    try:
+        state = load_state(path, expected, device=device, ignore=drafter_not_loaded if drafter else not_loaded,
+                           progress=progress, host=host, only=None if layout.whole else set(params), slices=slices)
+    except CheckpointError as e:
+        if drafter and "mtp." in str(e):
+            raise CheckpointError(f"{e}\nhint: speculation is on, so the DSpark stages mtp.* are read strictly; "
+                                  f"num_speculative_tokens=0 runs without them") from None
+        raise
     check_small_finite(state, str(path))
     for name, t in state.items():
         # storage -> compute dtype for unquantised floats; quantised weights and the tables stay as read

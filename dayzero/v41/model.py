@@ -44,11 +44,12 @@ class V41Block(UsesOps, nn.Module):
     layer's FFN site; the first attention: stream 0); its own `pre` goes to the next site, and the
     last FFN site's to the final collapse (no hc_head)."""
 
-    def __init__(self, args: V41Args, layer_id: int, dtype: torch.dtype, layout: Layout = Layout()):
+    def __init__(self, args: V41Args, layer_id: int, dtype: torch.dtype, layout: Layout = Layout(),
+                 layer=None):
         super().__init__()
         n, mix = args.hc_mult, (2 + args.hc_mult) * args.hc_mult
         self.layer_id, self.iters, self.hc_eps, self.norm_eps = layer_id, args.hc_sinkhorn_iters, args.hc_eps, args.norm_eps
-        layer = args.layers[layer_id]
+        layer = args.layers[layer_id] if layer is None else layer  # a DSpark stage passes its own (v41/dspark.py)
         if layer.engram:
             self.engram = Engram(args, args.engram_layer_ids.index(layer_id), dtype)
         self.attn_norm = RMSNorm(args.dim, args.norm_eps, dtype)
@@ -84,7 +85,7 @@ class V41Transformer(nn.Module):
     other ranks (`set_comm`, V41MoE), and a rank with no tokens joins them (`idle`)."""
 
     def __init__(self, args: V41Args, numerics: str = "transformers", dtype: torch.dtype = torch.float32,
-                 layout: Layout = Layout()):
+                 layout: Layout = Layout(), drafter: bool = False):
         super().__init__()
         if numerics not in NUMERICS:
             raise ValueError(f"DeepSeek-V4.1 numerics must be one of {NUMERICS}, got {numerics!r} (the official "
@@ -100,6 +101,11 @@ class V41Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps, dtype)
         self.head = Linear(args.dim, vocab, "dense", dtype, split=None if layout.single else 0)
         self.hasher: NgramHasher | None = None
+        if drafter:  # the DSpark stages mtp.0.. (v41/dspark.py); without them `mtp.*` is not built
+            if not args.n_mtp_layers:
+                raise ValueError("drafter=True: this DeepSeek-V4.1 config has no DSpark stages (num_nextn_predict_layers 0)")
+            from dayzero.v41.dspark import build_stages
+            self.mtp = build_stages(args, dtype, layout)
 
     def set_comm(self, comm: Comm) -> None:
         """Install the collectives of this rank's process group in every module (as V4's)."""
@@ -153,14 +159,22 @@ class V41Transformer(nn.Module):
     def new_state(self) -> V41State:
         return V41State()
 
-    def forward_packed(self, input_ids: torch.Tensor, batch: Batch, replay_from=None) -> torch.Tensor:
+    def forward_packed(self, input_ids: torch.Tensor, batch: Batch, replay_from=None,
+                       capture: dict | None = None) -> torch.Tensor:
         """input_ids [N] packed as `batch` -> the final collapsed hidden [N, dim] (before `norm`).
 
         replay_from (opt-in bounded replay, v41/replay.py): one floor per batch member, the same on every
         call of that sequence (`replay_start(prompt length, window)`; 0: exact). The layers after the last
         KV source run only on positions >= the floor, with their windows cut at it; the rows of the
-        positions below it are NaN (no hidden state is computed for them)."""
+        positions below it are NaN (no hidden state is computed for them).
+
+        capture (DSpark, v41/dspark.py): a dict that gets, for each layer L of `dspark_target_layer_ids`,
+        the streams ENTERING layer L averaged over hc, [N, dim] (not the layer's output)."""
         floors = check_floors(batch, replay_from)
+        if capture is not None and floors is not None:
+            raise ValueError("DSpark capture under bounded replay is not built (the target layers run on the kept "
+                             "rows only); use the exact forward")
+        targets = set(self.args.dspark_target_layer_ids) if capture is not None else ()
         if batch.end > self.args.max_seq_len:
             raise ValueError(f"sequence of {batch.end} tokens exceeds max_position_embeddings={self.args.max_seq_len}")
         hash_ids = None
@@ -188,6 +202,8 @@ class V41Transformer(nn.Module):
                 ctx = Context(topk=None if ctx.topk is None else ctx.topk[keep],
                               candidates=None if ctx.candidates is None
                               else ctx.candidates[keep][:, :batch.entry_span(ratio)])
+            if layer.layer_id in targets:
+                capture[layer.layer_id] = X.mean(1)  # the entry streams (before an Engram injection)
             X, pre = layer(X, pre, batch, ctx, input_ids, hash_ids)
         if keep is None:
             return ref.hc_collapse(X, pre)

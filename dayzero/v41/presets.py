@@ -12,10 +12,12 @@ Census roles:
   routed_experts   `layers.{i}.ffn.experts.*` (MXFP4: 2 parameters per stored int8 byte)
   engram_tables    `layers.{i}.engram.embed.*` (FP8 rows + E8M0 per 32)
   dspark           the `mtp.{0,1,2}` stages: each a sliding-only block with DSpark's own expert bank
-                   (dayzero's V41Block at a sliding-only layer with `dspark_n_routed_experts`), plus the stage
-                   extras of research 2.2 (`mtp.0.main_proj` FP8 32x32, `mtp.0.main_norm`, `mtp.2.norm`,
-                   `mtp.2.markov_head.markov_w{1,2}` BF16, `mtp.2.confidence_head.proj` F32; no hc_head).
-                   The DSpark model itself is not built in dayzero; these are its checkpoint shapes.
+                   (v41/dspark.py V41DSparkStage: a V41Block at a sliding-only layer with
+                   `dspark_n_routed_experts`; the census is the built stages' state), plus the stage extras
+                   (`mtp.0.main_proj` FP8 32x32, `mtp.0.main_norm`, `mtp.2.norm`,
+                   `mtp.2.markov_head.{embed,head}` BF16 (V4-0731 names them markov_w1 / markov_w2),
+                   `mtp.2.confidence_head.proj` BF16 (sources disagree: a header-checked inventory says BF16,
+                   research 2.2 says F32; a loader accepts either, CONFIDENCE_DTYPES); no hc_head).
   vision           not in the inventory (the vision tower is not built; research gives its config, not its
                    tensors): absent here; docs/V41.md states it by difference from the published total.
 Logical parameters count an MXFP4 value as one parameter and leave out `.scale` tensors.
@@ -95,35 +97,20 @@ def _params(shape, dtype: torch.dtype, name: str) -> int:
     return math.prod(shape) * (2 if dtype == torch.int8 else 1)  # MXFP4: two e2m1 codes per byte
 
 
+CONFIDENCE_DTYPES = (torch.bfloat16, torch.float32)  # the confidence head's storage: in doubt (see above)
+
+
 def dspark_tensors(args: V41Args, storage: torch.dtype = torch.bfloat16) -> dict:
-    """name -> TensorSpec of the `mtp.*` tensors (checkpoint shapes; the DSpark model is not built)."""
+    """name -> TensorSpec of the `mtp.*` tensors: the state of the DSpark stages dayzero builds and loads
+    (v41/dspark.py), in checkpoint storage."""
     from dayzero.loader.checkpoint import TensorSpec
-    from dayzero.v41.model import V41Block
+    from dayzero.v41.dspark import build_stages
 
     if not args.n_mtp_layers:
         return {}
-    sliding = [la.layer_id for la in args.layers if la.sliding_only and not la.engram]
-    if not sliding:
-        raise ValueError("DSpark census: the schedule has no sliding-only layer without Engram to model a stage on")
-    stage_args = args.replace(n_routed_experts=args.dspark_n_routed_experts,
-                              n_activated_experts=args.dspark_n_activated_experts)
     with torch.device("meta"):
-        block = V41Block(stage_args, sliding[0], storage)
-    out = {}
-    for k in range(args.n_mtp_layers):
-        out.update({f"mtp.{k}.{n}": TensorSpec(tuple(t.shape), t.dtype) for n, t in block.state_dict().items()})
-    first, last, d, r = "mtp.0.", f"mtp.{args.n_mtp_layers - 1}.", args.dim, args.dspark_markov_rank
-    taps = len(args.dspark_target_layer_ids)
-    fp8 = args.quant == "fp8"
-    out[first + "main_proj.weight"] = TensorSpec((d, taps * d), torch.float8_e4m3fn if fp8 else storage)
-    if fp8:
-        out[first + "main_proj.scale"] = TensorSpec((-(-d // 32), -(-taps * d // 32)), torch.float8_e8m0fnu)
-    out[first + "main_norm.weight"] = TensorSpec((d,), storage)
-    out[last + "norm.weight"] = TensorSpec((d,), storage)
-    for w in ("markov_w1", "markov_w2"):
-        out[f"{last}markov_head.{w}.weight"] = TensorSpec((args.vocab_size, r), storage)
-    out[last + "confidence_head.proj.weight"] = TensorSpec((1, d + r), torch.float32)
-    return out
+        stages = build_stages(args, storage)
+    return {f"mtp.{n}": TensorSpec(tuple(t.shape), t.dtype) for n, t in stages.state_dict().items()}
 
 
 def inventory(args: V41Args, storage: torch.dtype = torch.bfloat16) -> dict:

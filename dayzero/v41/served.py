@@ -15,9 +15,15 @@ rank with no requests joins the MoE layers' collectives: `idle`). Hybrid placeme
 routed experts loaded into host memory (`load_served(..., cpu_experts=True)`) and run on the CPU's op
 table (engine/worker.py `host_table`, `host_experts` here), as V4.
 
+Speculation: V4.1's DSpark (v41/dspark.py) through the engine's drafter seam, with V4's options
+(`num_speculative_tokens`, `speculative_config` method "dspark", confidence_threshold, draft_policy) and V4's
+default (on, k = dspark_block_size, when the checkpoint has stages; k = 0 turns it off): `spec_of` decides
+before loading whether the stages `mtp.*` are loaded (`load_served(..., drafter=True)`). One rank only:
+with tensor / data parallel ranks or bounded replay the default is off and asking for it is refused by name.
+
 What is refused, by name, before anything runs (`check_engine_args`, also from `LLM`):
-speculation (V4.1's DSpark stages `mtp.*` are not loaded: the drafter is not built for V4.1),
-kv_cache_dtype "fp8" (V4's packed format; V4.1 takes "qat", v41/kvpack.py), `numerics="official"` (only
+a separate drafter (`speculative_config` "model": V4.1's drafter is the checkpoint's own stages), method "mtp"
+(V4.1 has no MTP module; the engine's `resolve` says so), kv_cache_dtype "fp8" (V4's packed format; V4.1 takes "qat", v41/kvpack.py), `numerics="official"` (only
 transformers' semantics are built for V4.1);
 recorded steps (CUDA graphs, trace) are off (`graphs_unsupported`).
 """
@@ -46,9 +52,33 @@ class EngineView:
     compress_ratios: tuple[int, ...]
     n_layers: int
     eos_token_id: int
-    n_mtp_layers: int = 0  # V4.1's DSpark stages (mtp.*) are not loaded: the engine has no drafter for it
-    dspark_stages: int = 0
+    n_mtp_layers: int = 0  # V4.1 has no MTP module (its mtp.* are DSpark stages)
+    dspark_stages: int = 0  # the DSpark stages loaded (0: the drafter is off)
     dspark_block_size: int = 0
+
+
+def engine_view(v: V41Args, eos_token_id: int, stages: int) -> EngineView:
+    return EngineView(v.vocab_size, v.window_size, v.max_seq_len, tuple(v.compress_ratios), v.n_layers, eos_token_id,
+                      0, stages, v.dspark_block_size if stages else 0)
+
+
+def spec_of(args: V41Args, eargs) -> tuple[str | None, int]:
+    """(method, k) that an engine over this V4.1 config runs (engine/drafter.py `resolve`, on the config's
+    stages): V4's options and default on one rank; under tensor / data parallel ranks or bounded replay
+    speculation is not built: off by default, refused by name when asked for."""
+    from dayzero.engine.drafter import resolve
+
+    spec = eargs.speculative_config or {}
+    k = spec.get("num_speculative_tokens", eargs.num_speculative_tokens)
+    why = ("tensor / data parallel ranks" if eargs.tensor_parallel_size * eargs.data_parallel_size > 1 else
+           "v41_bounded_replay=True" if getattr(eargs, "v41_bounded_replay", False) else None)
+    if why is not None:
+        if spec.get("method") is not None or k:
+            raise ValueError(f"speculative decoding on DeepSeek-V4.1 with {why} is not built (its DSpark drafter runs "
+                             f"on one rank with the exact prefill); drop speculative_config / num_speculative_tokens "
+                             f"{NOT_BUILT}")
+        return None, 0
+    return resolve(engine_view(args, 1, args.n_mtp_layers), eargs.speculative_config, eargs.num_speculative_tokens)
 
 
 def eos_of(cfg: dict) -> int:
@@ -67,12 +97,9 @@ def check_engine_args(eargs, numerics: str | None = None) -> None:
         raise ValueError(f"numerics={numerics!r}: DeepSeek-V4.1 runs with numerics='transformers' only (what "
                          f"transformers' deepseek_v41 computes, its fake-quant points included); the official "
                          f"mode's extra simulation is not built for V4.1 {NOT_BUILT}")
-    spec = eargs.speculative_config or {}
-    k = spec.get("num_speculative_tokens", eargs.num_speculative_tokens)
-    if spec.get("method") is not None or spec.get("model") is not None or k:
-        raise ValueError("speculative decoding on DeepSeek-V4.1 is not built: its DSpark drafter (the mtp.* stages, "
-                         f"not loaded) has no engine path yet; drop speculative_config / num_speculative_tokens "
-                         f"{NOT_BUILT}")
+    if (eargs.speculative_config or {}).get("model") is not None:
+        raise ValueError("speculative_config.model: DeepSeek-V4.1's DSpark drafter is the checkpoint's own mtp.* "
+                         f"stages; a separate drafter is not built for V4.1 (drop 'model') {NOT_BUILT}")
     if getattr(eargs, "v41_bounded_replay", False) and eargs.data_parallel_size > 1:
         raise ValueError(f"v41_bounded_replay=True with data_parallel_size={eargs.data_parallel_size}: bounded replay "
                          f"under DP-attention is not built (each rank would need its requests' floors); use one rank or "
@@ -83,8 +110,9 @@ def check_engine_args(eargs, numerics: str | None = None) -> None:
 
 
 class ServedV41(nn.Module):
-    """A V41Transformer (or one rank's slice of it) as engine/worker.py drives a model (no drafter)."""
-    mtp = ()
+    """A V41Transformer (or one rank's slice of it) as engine/worker.py drives a model; `mtp`: its DSpark
+    stages when loaded with the drafter (engine/dspark_drafter.py drives them through `dspark_hidden` and
+    `dspark_draft`), else none."""
     fp32_compressor_rows = True  # the pooled sources' "c:rows" are fp32, as the compressor computes them
     prepares_weights = False  # FP8 32x32 linears dequantise per call (no kept copies for V4.1 yet)
     graphs_unsupported = "DeepSeek-V4.1: recorded steps (CUDA graphs, trace) are not built for its forward"
@@ -94,8 +122,11 @@ class ServedV41(nn.Module):
         self.model = model
         v: V41Args = model.args
         self.v41, self.numerics, self.compute_dtype = v, model.numerics, model.compute_dtype
-        self.args = EngineView(v.vocab_size, v.window_size, v.max_seq_len, tuple(v.compress_ratios), v.n_layers,
-                               eos_token_id)
+        self.args = engine_view(v, eos_token_id, len(self.mtp))
+
+    @property
+    def mtp(self):
+        return self.model.mtp if hasattr(self.model, "mtp") else ()
 
     @property
     def layout(self) -> Layout:
@@ -110,13 +141,16 @@ class ServedV41(nn.Module):
 
     def check_engine_args(self, eargs) -> None:
         check_engine_args(eargs)
+        if self.mtp:
+            spec_of(self.v41, eargs)  # the drafter's own refusals (ranks, bounded replay)
 
     def cache_groups(self, block_size: int, with_mtp: bool = False, kv_cache_dtype: str = "auto"):
-        assert not with_mtp, "no drafter for V4.1 (check_engine_args)"
-        return cache.v41_cache_groups(self.v41, block_size, kv_cache_dtype)
+        assert not with_mtp or self.mtp, "speculation without the DSpark stages loaded (load_served(drafter=True))"
+        return cache.v41_cache_groups(self.v41, block_size, kv_cache_dtype, len(self.mtp) if with_mtp else 0)
 
     def fixed_bytes_per_sequence(self, with_mtp: bool = False, kv_cache_dtype: str = "auto") -> int:
-        return cache.fixed_bytes_per_sequence(self.v41, self.compute_dtype, kv_cache_dtype)
+        return cache.fixed_bytes_per_sequence(self.v41, self.compute_dtype, kv_cache_dtype,
+                                              len(self.mtp) if with_mtp else 0)
 
     def set_ops(self, table) -> None:
         from dayzero.reference.model import Transformer
@@ -124,10 +158,19 @@ class ServedV41(nn.Module):
 
     def forward_packed(self, input_ids: torch.Tensor, batch, captured=None, replay_from=None) -> torch.Tensor:
         """replay_from: each sequence's bounded-replay floor (engine option v41_bounded_replay; rows below
-        a floor are NaN, v41/replay.py); None: the exact forward."""
-        if captured is not None:
-            raise ValueError("DeepSeek-V4.1 has no DSpark capture (its drafter is not built)")
-        return self.model.forward_packed(input_ids, batch, replay_from)
+        a floor are NaN, v41/replay.py); None: the exact forward. captured: a dict that gets the DSpark
+        target layers' entry streams (v41/model.py)."""
+        return self.model.forward_packed(input_ids, batch, replay_from, captured)
+
+    def dspark_hidden(self, captured: dict) -> torch.Tensor:
+        """The DSpark capture of a forward, [N, T * dim] (v41/dspark.py `main_hidden`)."""
+        from dayzero.v41.dspark import main_hidden
+        return main_hidden(captured, self.v41)
+
+    def dspark_draft(self, anchors: torch.Tensor, batch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draft blocks after `anchors` (v41/dspark.py `draft_block`): (h [n, k, dim], U [n, k, vocab])."""
+        from dayzero.v41.dspark import draft_block
+        return draft_block(self.model, self.mtp, anchors, batch, k)
 
     def head_weight(self) -> torch.Tensor:
         return self.model.head.weight
@@ -142,7 +185,7 @@ class ServedV41(nn.Module):
 
     def idle(self, mtp: bool = False) -> None:
         """DP-attention: a rank with no requests this step joins every MoE layer's collectives."""
-        assert not mtp, "no drafter for V4.1 (check_engine_args)"
+        assert not mtp, "V4.1 has no MTP module; its DSpark runs on one rank (spec_of)"
         self.model.idle()
 
     def host_experts(self, table) -> int:
@@ -165,14 +208,16 @@ def is_v41_dir(path: str | Path) -> bool:
 
 
 def load_served(path: str | Path, dtype: torch.dtype | None, device: torch.device,
-                progress: bool | None = None, layout: Layout = Layout(), cpu_experts: bool = False) -> ServedV41:
+                progress: bool | None = None, layout: Layout = Layout(), cpu_experts: bool = False,
+                drafter: bool = False) -> ServedV41:
     """The V4.1 checkpoint at `path` (this rank's slices under `layout`) loaded strictly (v41/loader.py,
     its tokenizer bound for Engram), ready for the engine. dtype None: fp32 on CPUs, bf16 elsewhere (as V4).
-    `cpu_experts`: the routed experts stay in host memory (hybrid placement, engine/worker.py `host_table`)."""
+    `cpu_experts`: the routed experts stay in host memory (hybrid placement, engine/worker.py `host_table`).
+    `drafter`: the DSpark stages `mtp.*` loaded too (strictly), for speculation (`spec_of`)."""
     import json
 
     from dayzero.loader.model_io import default_compute_dtype
     from dayzero.v41.loader import load_v41
     model = load_v41(path, dtype=dtype or default_compute_dtype(device), device=device, progress=progress,
-                     layout=layout, cpu_experts=cpu_experts)
+                     layout=layout, cpu_experts=cpu_experts, drafter=drafter)
     return ServedV41(model, eos_of(json.loads((Path(path) / "config.json").read_text())))

@@ -27,6 +27,18 @@ TEXT = {
     "engram_layer_ids": [1, 3], "engram_max_ngram_size": 3, "engram_vocab_size": 40, "engram_n_heads": 2,
     "engram_head_dim": 32, "engram_pad_id": 5, "num_nextn_predict_layers": 0,
 }
+# DSpark stages for a toy (v41/dspark.py): 3 stages at V4.1-Flash's structure, the targets the last three
+# layers that are not KV sources (as the released [37, 38, 39]), 4 experts top-2, Markov rank 8
+DSPARK = {"num_nextn_predict_layers": 3, "dspark_block_size": 5, "dspark_noise_token_id": 300,
+          "dspark_target_layer_ids": [4, 6, 7], "dspark_markov_rank": 8, "dspark_n_routed_experts": 4,
+          "dspark_num_experts_per_tok": 2}
+
+
+def dspark_text(text: dict | None = None, **changes) -> dict:
+    """A toy text config (`text`, else TEXT) with DSpark stages (DSPARK, then `changes`)."""
+    return {**copy.deepcopy(text or TEXT), **DSPARK, **changes}
+
+
 QUANTIZATION = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [32, 32],
                 "scale_fmt": "ue8m0", "expert_dtype": "fp4"}
 FORMATS = ("fp8", "bf16")  # the release's FP8 + MXFP4 layout, or every weight dense in BF16
@@ -58,7 +70,8 @@ def tiny_config(tokenizer_json: str | os.PathLike, fmt: str = "fp8", text: dict 
 
 def write_toy(path: str | os.PathLike, seed: int = 0, fmt: str = "fp8", overwrite: bool = False,
               text: dict | None = None) -> Path:
-    """Write the tiny random-weight V4.1 checkpoint (with its tokenizer.json) to `path`."""
+    """Write the tiny random-weight V4.1 checkpoint (with its tokenizer.json) to `path`; a `text` with
+    `num_nextn_predict_layers` > 0 (`dspark_text()`) also writes the DSpark stages `mtp.*`."""
     from dayzero.testing import random_state, tiny_tokenizer
     from dayzero.v41.checkpoint import save_v41
     from dayzero.v41.config import V41Args
@@ -68,5 +81,6 @@ def write_toy(path: str | os.PathLike, seed: int = 0, fmt: str = "fp8", overwrit
         tok = Path(tmp) / "tokenizer.json"
         tiny_tokenizer(tok, vocab_size=320)
         cfg = tiny_config(tok, fmt, text)
-        dense = V41Transformer(V41Args.from_dict(cfg).replace(quant=None, expert_dtype=None))
+        args = V41Args.from_dict(cfg).replace(quant=None, expert_dtype=None)
+        dense = V41Transformer(args, drafter=args.n_mtp_layers > 0)
         return save_v41(path, random_state(dense, seed=seed), cfg, tokenizer_json=tok, overwrite=overwrite)

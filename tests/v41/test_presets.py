@@ -103,3 +103,17 @@ def test_reports_print_the_v41_rows(tmp_path, capsys, script, out):
         assert data["engram_gather"] == {"rows_per_token": 2 * 3 * 8, "row_bytes": 256 + 8,
                                          "bytes_per_token": 48 * 264}  # 2 layers x (2,3,4-grams x 8 heads)
         assert not rows["TP16+EP"]["fits"] and "o_groups 8" in rows["TP16+EP"]["why"]
+
+
+def test_dspark_census_uses_v41_markov_names_and_a_bf16_confidence_head():
+    import torch
+
+    from dayzero.v41.presets import CONFIDENCE_DTYPES, dspark_tensors
+    t = dspark_tensors(v41_flash())
+    assert t["mtp.2.markov_head.embed.weight"].shape == t["mtp.2.markov_head.head.weight"].shape == (129280, 256)
+    assert not [n for n in t if "markov_w" in n or "hc_head" in n]  # V4-0731's names; V4.1 has no hc_head
+    assert t["mtp.2.confidence_head.proj.weight"].shape == (1, 5120 + 256)
+    assert t["mtp.2.confidence_head.proj.weight"].dtype == torch.bfloat16 and torch.float32 in CONFIDENCE_DTYPES
+    assert [n for n in t if "markov" in n or "confidence" in n or "main_" in n or n.endswith("2.norm.weight")] == [
+        "mtp.0.main_proj.weight", "mtp.0.main_proj.scale", "mtp.0.main_norm.weight", "mtp.2.norm.weight",
+        "mtp.2.markov_head.embed.weight", "mtp.2.markov_head.head.weight", "mtp.2.confidence_head.proj.weight"]
