@@ -225,3 +225,31 @@ def test_triton_table_sends_32_blocks_to_the_twin():
     w, s = w32(70, 333, E8M0, 0)
     x = rand_x(4, 333, torch.bfloat16, 0)
     assert torch.equal(T.fp8_linear(x, w, s, block=32), ref.fp8_linear(x, w, s, block=32))
+
+
+@torch.no_grad()
+def test_v41_toy_forward_on_the_kernel_is_the_reference_up_to_summation_order(tmp_path):
+    """The toy V4.1 checkpoint (FP8 32x32 dense weights), fp32: its Fp8Linear32 modules on the native
+    kernel, every other op on the twins, against the reference forward (all twins): logits apart by
+    fp32 summation order only (as two tensor-parallel ranks are, tests/distributed/test_v41_ranks.py),
+    the same greedy continuation."""
+    from dayzero.v41.formats import Fp8Linear32
+    from dayzero.v41.served import load_served
+    from dayzero.v41.toy import write_toy
+    model = load_served(write_toy(tmp_path / "m"), torch.float32, torch.device("cpu")).model
+    fp8 = [m for m in model.modules() if isinstance(m, Fp8Linear32)]
+    assert fp8
+
+    def run(ops):
+        for m in fp8:
+            m.ops = ops
+        state = model.new_state()
+        logits = [model(torch.tensor([[6, 40, 7, 99, 250, 31, 8, 12, 300]]), state)[0, -1]]
+        for _ in range(4):
+            logits.append(model(logits[-1].argmax().view(1, 1), state)[0, -1])
+        return torch.stack(logits)
+
+    want, got = run(REF), run(cpu.table())
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert not torch.equal(got, want)  # the kernel ran (another summation order)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
