@@ -108,6 +108,38 @@ def test_identity_rows_give_every_weight_exactly(dt, path):
             assert torch.equal(G.fp8_linear(eye[k0:k0 + n], w, s, block=32), want[k0:k0 + n]), (path, O, K, k0, n)
 
 
+def test_every_byte_at_scale_bytes_around_the_fast_range():
+    """x = I reads each decoded weight back: every e4m3 byte in every 32-block of a row (8 rows, each all
+    256 codes, rolled by a block per row), at scale bytes on both sides of the integer decode's bounds for
+    32-blocks (fastdecode.h FP8_SB_LO32 = 10, FP8_SB_HI = 246; a row with one byte outside takes the float
+    route), through the 1-4-row and 5-8-row decode kernels: the integer decode's words equal the float
+    route's bit for bit, and the twin's where its bf16 matmul does not flush (scales >= 2^-27) and the
+    kernels' scale x 2^8 does not overflow (<= 2^119: the 128 path's range, test_cpu_gemm)."""
+    b = torch.arange(256, dtype=torch.uint8)
+    b[0x7F], b[0xFF] = 0, 0x80  # the NaN codes (+-480 in the kernels, NaN in the twin): left out
+    w = torch.stack([b.roll(32 * r) for r in range(8)]).view(torch.float8_e4m3fn)  # [8, 256]: 8 blocks of 32
+    eye = torch.eye(256, dtype=torch.bfloat16)
+    for row in ((10, 11, 12, 100, 127, 140, 200, 246), (9, 10, 11, 100, 127, 140, 200, 246),
+                (100, 127, 140, 200, 246, 247, 10, 11), (7, 8, 100, 1, 0, 254, 255, 127)):
+        s = torch.tensor([row], dtype=torch.uint8).view(E8M0)
+        for n in (3, 8):
+            for i in range(0, 256, n):
+                x = eye[i:i + n]
+                G.kernels.fast_decode(1)
+                fast = G.fp8_linear(x, w, s, block=32)
+                G.kernels.fast_decode(0)
+                slow = G.fp8_linear(x, w, s, block=32)
+                G.kernels.fast_decode(1)
+                assert torch.equal(fast.view(torch.int16), slow.view(torch.int16)), (row, i, n)
+                if min(row) >= 100 and max(row) <= 246:
+                    assert torch.equal(fast, ref.fp8_linear(x, w, s, block=32)), (row, i, n)
+    for dt in DTYPES:  # the many-rows path (float route) and the fp32 kernels
+        s = torch.tensor([(100, 127, 140, 200, 246, 110, 120, 130)], dtype=torch.uint8).view(E8M0)
+        eye = torch.eye(256, dtype=dt)
+        assert torch.equal(G.fp8_linear(eye, w, s, block=32), ref.fp8_linear(eye, w, s, block=32)), dt
+        assert torch.equal(G.fp8_linear(eye[:5], w, s, block=32), ref.fp8_linear(eye[:5], w, s, block=32)), dt
+
+
 def test_threads():
     """Above the size where the kernels use a team: 1 and 2 threads give the same bits (decode rows and
     the many-rows path)."""

@@ -563,13 +563,19 @@ AI void fp8_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, con
         for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
     /* whole 128-weight blocks: a branch-free body, so the accumulators stay in registers; the
      * integer decode (fastdecode.h) where every block's E8M0 scale allows it, the same words */
-    const int fast = e8m0 && scales_in((const uint8_t *)s, 0, 1, nf >> lg, FP8_SB_LO, FP8_SB_HI);
+    const int fast = e8m0 && scales_in((const uint8_t *)s, 0, 1, nf >> lg, lg < 7 ? FP8_SB_LO32 : FP8_SB_LO, FP8_SB_HI);
     if (fast) {
         const __m512 codes = e4m3_x2m8(_mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0));
         __m512i off, sub; /* the block constants at weight kk (lg < 7: each 32-weight step's own block) */
 #define FAST_AT(kk)                                                                                               \
-    (off = fp8_fast_off(((const uint8_t *)s)[(kk) >> lg]),                                                        \
-     sub = fp8_fast_sub(codes, _mm512_set1_ps(scale_bits(s, (kk) >> lg, 1) * 256.0f)))
+    do {                                                                                                          \
+        if (lg < 7) {                                                                                             \
+            fp8_fast_consts32(((const uint8_t *)s)[(kk) >> lg], &off, &sub);                                      \
+        } else {                                                                                                  \
+            off = fp8_fast_off(((const uint8_t *)s)[(kk) >> lg]);                                                 \
+            sub = fp8_fast_sub(codes, _mm512_set1_ps(scale_bits(s, (kk) >> lg, 1) * 256.0f));                    \
+        }                                                                                                         \
+    } while (0)
         for (int64_t k = 0; k < nf; k += 128) {
             FAST_AT(k);
             for (int r = 0; r < nr; r++) {
