@@ -54,8 +54,8 @@ AI __m512i fp8_fast_sub(__m512 codes_x2m8, __m512 vs) {
  * normal bf16 numbers for sb >= FP8_SB_LO32, whose words are FP8_SUB_W[m] + (sb << 7) (exponent field
  * sb - 9 + floor(log2 m), mantissa the bits of m after its leading one): the words fp8_fast_sub forms */
 #define FP8_SB_LO32 10
-static const short FP8_SUB_W[8] = {0, -9 << 7, -8 << 7, (-8 << 7) + 0x40, -7 << 7, (-7 << 7) + 0x20,
-                                   (-7 << 7) + 0x40, (-7 << 7) + 0x60};
+static const short FP8_SUB_W[8] = {0, -9 * 128, -8 * 128, -8 * 128 + 0x40, -7 * 128, -7 * 128 + 0x20,
+                                   -7 * 128 + 0x40, -7 * 128 + 0x60};
 
 AI void fp8_fast_consts32(uint8_t sb, __m512i *off, __m512i *sub) {
     const __m512i v = _mm512_set1_epi16((short)(sb << 7));
