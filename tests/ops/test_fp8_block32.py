@@ -11,6 +11,8 @@ before (`block=128` and `dz_fp8_linear` give the same bits).
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -260,28 +262,38 @@ def test_triton_table_sends_32_blocks_to_the_twin():
 
 
 @torch.no_grad()
-def test_v41_toy_forward_on_the_kernel_is_the_reference_up_to_summation_order(tmp_path):
-    """The toy V4.1 checkpoint (FP8 32x32 dense weights), fp32: its Fp8Linear32 modules on the native
-    kernel, every other op on the twins, against the reference forward (all twins): logits apart by
-    fp32 summation order only (as two tensor-parallel ranks are, tests/distributed/test_v41_ranks.py),
-    the same greedy continuation."""
+def test_v41_toy_forward_on_the_kernel_is_the_reference_up_to_summation_order(tmp_path, monkeypatch):
+    """The toy V4.1 checkpoint (FP8 32x32 dense weights), fp32, on the native CPU table as the engine installs
+    it (ServedV41.set_ops) against the reference forward (the twins): every FP8 32x32 weight, wo_a group by
+    group included, goes through the 32x32 kernel; logits apart by fp32 summation order only (as two
+    tensor-parallel ranks are, tests/distributed/test_v41_ranks.py), the same greedy continuation."""
     from dayzero.v41.formats import Fp8Linear32
     from dayzero.v41.served import load_served
-    from dayzero.v41.toy import write_toy
-    model = load_served(write_toy(tmp_path / "m"), torch.float32, torch.device("cpu")).model
-    fp8 = [m for m in model.modules() if isinstance(m, Fp8Linear32)]
-    assert fp8
+    from dayzero.v41.toy import TEXT, write_toy
+    text = dict(copy.deepcopy(TEXT), o_lora_rank=32)  # wo_a groups of whole 32-row scale blocks (the toy's 16: dequantised)
+    served = load_served(write_toy(tmp_path / "m", text=text), torch.float32, torch.device("cpu"))
+    model = served.model
+    fp8 = {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear32)}
+    assert any(n.endswith("attn.wo_a") for n in fp8) and any(".shared_experts." in n for n in fp8)
+    seen = set()
+    real = G.kernels.fp8_b
+    monkeypatch.setattr(G.kernels, "fp8_b", lambda *a: (seen.add((a[3], a[-1])), real(*a))[1])
 
     def run(ops):
-        for m in fp8:
-            m.ops = ops
+        served.set_ops(ops)
         state = model.new_state()
         logits = [model(torch.tensor([[6, 40, 7, 99, 250, 31, 8, 12, 300]]), state)[0, -1]]
         for _ in range(4):
             logits.append(model(logits[-1].argmax().view(1, 1), state)[0, -1])
         return torch.stack(logits)
 
-    want, got = run(REF), run(cpu.table())
+    want = run(REF)
+    assert not seen
+    got = run(cpu.table())
+    for name, m in fp8.items():  # every FP8 32x32 weight read by the kernel, with block=32
+        parts = model.args.o_groups if name.endswith("attn.wo_a") else 1
+        rows = m.out_features // parts
+        for g in range(parts):
+            assert (m.weight.data_ptr() + g * rows * m.in_features, 32) in seen, (name, g)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
-    assert not torch.equal(got, want)  # the kernel ran (another summation order)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
