@@ -194,8 +194,9 @@ class CSA2Attention(UsesOps, nn.Module):
             return Attention._grouped_wo_a(self, o)
         groups = lin.__dict__.get("_groups")
         if groups is None or groups[0][0].data_ptr() != lin.weight.data_ptr():  # views, made once
-            groups = lin.__dict__["_groups"] = [
-                (lin.weight[g * r:(g + 1) * r], lin.scale[g * r // DENSE_BLOCK:(g + 1) * r // DENSE_BLOCK]) for g in range(G)]
+            b = r // DENSE_BLOCK  # scale rows per group
+            groups = lin.__dict__["_groups"] = [(lin.weight[g * r:(g + 1) * r], lin.scale[g * b:(g + 1) * b])
+                                                for g in range(G)]
         return torch.cat([self.ops.fp8_linear(o[:, g], w, s, block=DENSE_BLOCK) for g, (w, s) in enumerate(groups)], -1)
 
     def _publish(self, x: torch.Tensor, batch: Batch, inv_freq: torch.Tensor) -> None:

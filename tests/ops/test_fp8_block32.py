@@ -270,7 +270,7 @@ def test_v41_toy_forward_on_the_kernel_is_the_reference_up_to_summation_order(tm
     from dayzero.v41.formats import Fp8Linear32
     from dayzero.v41.served import load_served
     from dayzero.v41.toy import TEXT, write_toy
-    text = dict(copy.deepcopy(TEXT), o_lora_rank=32)  # wo_a groups of whole 32-row scale blocks (the toy's 16: dequantised)
+    text = dict(copy.deepcopy(TEXT), o_lora_rank=32)  # wo_a groups of whole 32-row blocks (the toy's 16: dequantised)
     served = load_served(write_toy(tmp_path / "m", text=text), torch.float32, torch.device("cpu"))
     model = served.model
     fp8 = {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear32)}

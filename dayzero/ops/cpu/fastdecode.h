@@ -60,7 +60,8 @@ static const short FP8_SUB_W[8] = {0, -9 * 128, -8 * 128, -8 * 128 + 0x40, -7 * 
 AI void fp8_fast_consts32(uint8_t sb, __m512i *off, __m512i *sub) {
     const __m512i v = _mm512_set1_epi16((short)(sb << 7));
     *off = _mm512_sub_epi16(v, _mm512_set1_epi16(FP8_SB_LO << 7));
-    *sub = _mm512_maskz_add_epi16((__mmask32)0xFE, _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i *)FP8_SUB_W)), v);
+    const __m512i base = _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i *)FP8_SUB_W));
+    *sub = _mm512_maskz_add_epi16((__mmask32)0xFE, base, v); /* entries 1..7; 0 (code 0) and 8..31 zero */
 }
 
 /* 32 e4m3 bytes -> 32 bf16 words (see above) */

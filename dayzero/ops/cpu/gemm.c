@@ -940,7 +940,7 @@ static void tile_walk(const QMat *q, const void *const *xr, int mb, int64_t o0, 
             const int64_t n = min64(kc, K - k0), b1 = min64(o1, b0 + SUB);
             const void *xc[MB];
             for (int i = 0; i < mb; i++) xc[i] = (const char *)xr[i] + k0 * esz;
-            for (int64_t o = b0; o < b1; o += 2) /* o is even (tiles start even): an FP8 pair is in one 128- (32-) row block */
+            for (int64_t o = b0; o < b1; o += 2) /* o is even (tiles start even): an FP8 pair is in one 128-row block */
                 pair(q, o, k0, n, xc, o + 1 < b1 ? 2 : 1, mb, res + (o - o0));
         }
 }
