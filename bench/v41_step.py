@@ -16,14 +16,16 @@ needs no prefill). Weights are random in the official formats.
 Bytes a decoded token must move (the floor; counted from the model's tensors, not from timings):
 weights: every tensor except the routed experts (6 of them counted), the embedding (one row) and the
 Engram tables (the 24 gathered FP8 rows + E8M0 scales per Engram layer); FP8 weights count their FP8
-bytes + scales (dayzero's `Fp8Linear32` dequantises them per call, so it moves more than this floor);
+bytes + scales (the native CPU table's FP8 32x32 kernel reads just these; on the twins `Fp8Linear32`
+dequantises them per call, so it moves more than this floor);
 cache: every layer's window rows, each compressed layer's top-k entries, each index source's indexer
 keys over the whole history, the Engram n-gram history ids. Roofline fraction = bytes / time / the copy
 bandwidth measured in the same run (dayzero.scenarios.peaks, as `dayzero bench`).
 
 Op table: both models run with the table the engine picks on this device (`dayzero.ops.for_device`: the
 native CPU kernels where they build), applied as the engine applies it: V4.1 through `ServedV41.set_ops`
-(its FP8 32x32 linears dequantise per call either way: no table has an FP8-32 kernel), V4 through
+(its FP8 32x32 linears run the table's `fp8_linear` with block=32: the native kernel on the `cpu` table,
+dequantised per call on the twins), V4 through
 `dayzero.bench._prepared` (what `LLM`'s worker does). `--ops ref|cpu|triton` picks another; `--twins`
 adds a V4.1 row on the PyTorch twins (the reference table) at the first context, for comparison.
 

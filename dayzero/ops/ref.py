@@ -320,14 +320,15 @@ def e8m0_float(scale: torch.Tensor) -> torch.Tensor:
     return torch.exp2((b - 127).float())
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool = False) -> torch.Tensor:
-    """x [M,K] @ W^T with W float8_e4m3fn [O,K] in 128x128 blocks scaled by `scale`
-    [ceil(O/128), ceil(K/128)] (E8M0 or fp32) -> [M,O] in x.dtype (W dequantised to x.dtype).
-    act_quant=True: x is FP8-simulated per 128 first (official numerics; kernels with FP8 tensor
-    cores quantise x themselves and multiply FP8 by FP8)."""
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool = False,
+               block: int = 128) -> torch.Tensor:
+    """x [M,K] @ W^T with W float8_e4m3fn [O,K] in block x block blocks (128: V4's; 32: V4.1's dense
+    weights) scaled by `scale` [ceil(O/block), ceil(K/block)] (E8M0 or fp32) -> [M,O] in x.dtype (W
+    dequantised to x.dtype). act_quant=True: x is FP8-simulated per 128 first (official numerics;
+    kernels with FP8 tensor cores quantise x themselves and multiply FP8 by FP8)."""
     if act_quant:
         x = fp8_act_sim(x, 128)
-    s = e8m0_float(scale).repeat_interleave(128, 0).repeat_interleave(128, 1)[:weight.shape[0], :weight.shape[1]]
+    s = e8m0_float(scale).repeat_interleave(block, 0).repeat_interleave(block, 1)[:weight.shape[0], :weight.shape[1]]
     w = (weight.float() * s).to(x.dtype)
     return linear(x, w)
 

@@ -35,7 +35,7 @@ from dayzero.reference.attention import Attention, rope_table, rows_of
 from dayzero.reference.layers import Linear, RMSNorm, UsesOps
 from dayzero.reference.seqcache import Batch
 from dayzero.v41 import quant
-from dayzero.v41.formats import v41_linear
+from dayzero.v41.formats import DENSE_BLOCK, v41_linear
 from dayzero.v41.schedule import V41Layer
 
 
@@ -179,9 +179,25 @@ class CSA2Attention(UsesOps, nn.Module):
                 sources.append((pool, torch.gather(rows, 1, top.clamp(min=0)).masked_fill_(top < 0, -1)))
         o = self.ops.sparse_attn_paged(q, sources, self.attn_sink, self.head_dim ** -0.5)
         o = self.ops.apply_rope(o, *batch.rope(inv_freq, heads=True), inverse=True)
-        y = self.wo_b(Attention._grouped_wo_a(self, o.reshape(o.shape[0], self.o_groups, -1)))
+        y = self.wo_b(self._grouped_wo_a(o.reshape(o.shape[0], self.o_groups, -1)))
         # tensor parallel: this rank's groups' partial output, summed over ranks in fp32 and rounded once
         return y if self.comm.world == 1 else self.comm.all_reduce(y.float()).to(y.dtype)
+
+    def _grouped_wo_a(self, o: torch.Tensor) -> torch.Tensor:
+        """V4's grouped wo_a (reference/attention.py) on o [N, G, d]; an FP8 32x32 wo_a on a table with an
+        fp8_linear kernel: each group's rows (whole 32-row scale blocks) through it with block=32, as
+        Fp8Linear32.forward (the twins' table: dequantised per call, as V4's reads a non-128 format)."""
+        G, lin = self.o_groups, self.wo_a
+        r = lin.out_features // G
+        if (lin.fmt != "fp8_32" or "fp8_linear" not in self.ops.kernels or r % DENSE_BLOCK
+                or lin.__dict__.get("_dequantized") is not None):
+            return Attention._grouped_wo_a(self, o)
+        groups = lin.__dict__.get("_groups")
+        if groups is None or groups[0][0].data_ptr() != lin.weight.data_ptr():  # views, made once
+            b = r // DENSE_BLOCK  # scale rows per group
+            groups = lin.__dict__["_groups"] = [(lin.weight[g * r:(g + 1) * r], lin.scale[g * b:(g + 1) * b])
+                                                for g in range(G)]
+        return torch.cat([self.ops.fp8_linear(o[:, g], w, s, block=DENSE_BLOCK) for g, (w, s) in enumerate(groups)], -1)
 
     def _publish(self, x: torch.Tensor, batch: Batch, inv_freq: torch.Tensor) -> None:
         """KV source: store the group's entries and indexer keys that this batch closes."""

@@ -43,9 +43,12 @@ ROW_BLOCK = 32
 
 
 class Fp8Linear32(Linear):
-    """y = x W^T with W float8_e4m3fn [out, in] and an E8M0 scale per 32x32 block; the forward dequantises
-    (to x's dtype, exactly: e4m3 values times powers of two) and multiplies, as transformers' model does
-    with the dequantised weight (no activation quantisation: `transformers` numerics)."""
+    """y = x W^T with W float8_e4m3fn [out, in] and an E8M0 scale per 32x32 block, no activation
+    quantisation (`transformers` numerics). With the twins' table (the reference forward, what the oracle
+    tests compare) or a kept dequantised copy: W dequantised (to x's dtype, exactly: e4m3 values times
+    powers of two) and multiplied, as transformers' model does. With a table that has an fp8_linear kernel:
+    that op with block=32 (the native CPU kernel decodes W in registers: the same W, fp32 sums in another
+    order; other devices' tables, dtypes or shapes they do not take run the twin, which dequantises)."""
 
     def __init__(self, in_features: int, out_features: int, split: int | None = None):
         nn.Module.__init__(self)  # not Linear.__init__: no dense weight to allocate
@@ -65,7 +68,13 @@ class Fp8Linear32(Linear):
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         if out_dtype is not None and out_dtype != x.dtype:
             x = x.to(out_dtype)
-        return ref.linear(x, self.dequant(x.dtype))
+        if "fp8_linear" not in self.ops.kernels or self.__dict__.get("_dequantized") is not None:
+            return ref.linear(x, self.dequant(x.dtype))
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # the kernels take [M, K]
+        if flat.shape[0] == 0:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        y = self.ops.fp8_linear(flat, self.weight, self.scale, block=DENSE_BLOCK)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
 
 def v41_linear(args, in_features: int, out_features: int, dtype: torch.dtype, dense_role: bool = True,

@@ -114,7 +114,8 @@ class ServedV41(nn.Module):
     stages when loaded with the drafter (engine/dspark_drafter.py drives them through `dspark_hidden` and
     `dspark_draft`), else none."""
     fp32_compressor_rows = True  # the pooled sources' "c:rows" are fp32, as the compressor computes them
-    prepares_weights = False  # FP8 32x32 linears dequantise per call (no kept copies for V4.1 yet)
+    prepares_weights = False  # no kept copies for V4.1: FP8 32x32 linears run the table's fp8_linear (the CPU
+    # kernel reads them in place) or, with the twins, dequantise per call
     graphs_unsupported = "DeepSeek-V4.1: recorded steps (CUDA graphs, trace) are not built for its forward"
 
     def __init__(self, model, eos_token_id: int = 1):

@@ -49,6 +49,21 @@ AI __m512i fp8_fast_sub(__m512 codes_x2m8, __m512 vs) {
     return _mm512_zextsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(codes_x2m8, vs)));
 }
 
+/* 32x32 blocks (V4.1; gemm.c's lg = 5: new constants every 32 weights) form both constants from the
+ * scale byte by integer operations: the e = 0 codes m = 1..7 times 2^(sb - 127) are m * 2^(sb - 136),
+ * normal bf16 numbers for sb >= FP8_SB_LO32, whose words are FP8_SUB_W[m] + (sb << 7) (exponent field
+ * sb - 9 + floor(log2 m), mantissa the bits of m after its leading one): the words fp8_fast_sub forms */
+#define FP8_SB_LO32 10
+static const short FP8_SUB_W[8] = {0, -9 * 128, -8 * 128, -8 * 128 + 0x40, -7 * 128, -7 * 128 + 0x20,
+                                   -7 * 128 + 0x40, -7 * 128 + 0x60};
+
+AI void fp8_fast_consts32(uint8_t sb, __m512i *off, __m512i *sub) {
+    const __m512i v = _mm512_set1_epi16((short)(sb << 7));
+    *off = _mm512_sub_epi16(v, _mm512_set1_epi16(FP8_SB_LO << 7));
+    const __m512i base = _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i *)FP8_SUB_W));
+    *sub = _mm512_maskz_add_epi16((__mmask32)0xFE, base, v); /* entries 1..7; 0 (code 0) and 8..31 zero */
+}
+
 /* 32 e4m3 bytes -> 32 bf16 words (see above) */
 AI __m512i fp8_fast_decode(__m256i b, __m512i off, __m512i sub) {
     const __m512i h = _mm512_cvtepi8_epi16(b); /* sign-extended: bit 15 = sign, low 7 bits = eeee.mmm */

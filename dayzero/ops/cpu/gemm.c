@@ -9,7 +9,9 @@
  *   de-interleaved per group (evens, then odds), so nibbles are never interleaved in registers.
  *   bf16 x (AVX512-BF16): a 32-entry bf16 table covers two groups, vpermw decodes 32 weights per
  *   instruction and vdpbf16ps multiplies pairs exactly, accumulating in fp32.
- * - FP8 e4m3 (128x128 block scales): byte s.eeee.mmm moved to fp16 bits s.0eeee.mmm0000000 is the
+ * - FP8 e4m3 (128x128 block scales, V4; or 32x32, V4.1: QMat.b32, dz_fp8_linear_b; the block side
+ *   is a compile-time constant of each micro-kernel, `lg` = log2 of it, so V4's 128 path is the
+ *   code it was): byte s.eeee.mmm moved to fp16 bits s.0eeee.mmm0000000 is the
  *   value times 2^-8 (subnormals included), converted by vcvtph2ps and multiplied by the block
  *   scale times 2^8. The NaN codes 0x7f / 0xff decode as +-480 in the SIMD paths (as in the Triton
  *   kernel; checkpoints never contain them). bf16 x (AVX512-BF16, any number of rows): the scaled
@@ -381,9 +383,10 @@ AI void fp8_step(const uint8_t *w, int64_t ldw, __m512 vs, int rnd, const float 
     }
 }
 
-/* the nr rows are in one 128-row block (callers pair rows 2i, 2i + 1): one scale row s */
+/* the nr rows are in one 128-row block (callers pair rows 2i, 2i + 1): one scale row s; lg: log2 of
+ * the block side (7: 128, 5: 32, a scale per 32-weight step; the same steps and accumulators) */
 AI void fp8_micro(const uint8_t *w, int64_t ldw, const void *s, int e8m0, int rnd, const float *const *xr,
-                  int64_t n, const int nr, const int mb, float *out) {
+                  int64_t n, const int nr, const int mb, float *out, const int lg) {
     const int two = 1; /* fixed: a row's sums never depend on mb (batch invariance) */
     const int64_t pfd = cdiv(PF, nr * ldw) * nr * ldw;
     __m512 a0[2][MB], a1[2][MB];
@@ -391,18 +394,27 @@ AI void fp8_micro(const uint8_t *w, int64_t ldw, const void *s, int e8m0, int rn
         for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
     const int64_t nf = n & ~(int64_t)127;
     for (int64_t k = 0; k < nf; k += 128) { /* whole blocks: branch-free, accumulators in registers */
-        const __m512 vs = _mm512_set1_ps(scale_at(s, k >> 7, e8m0) * 256.0f);
+        __m512 vs = _mm512_set1_ps(scale_at(s, k >> lg, e8m0) * 256.0f);
         for (int r = 0; r < nr; r++) {
             _mm_prefetch((const char *)w + r * ldw + pfd + k, _MM_HINT_T0);
             _mm_prefetch((const char *)w + r * ldw + pfd + k + 64, _MM_HINT_T0);
         }
-        for (int i = 0; i < 128; i += 32) fp8_step(w, ldw, vs, rnd, xr, k + i, 32, 1, nr, mb, two, a0, a1);
+        for (int i = 0; i < 128; i += 32) {
+            if (lg < 7 && i) vs = _mm512_set1_ps(scale_at(s, (k + i) >> lg, e8m0) * 256.0f);
+            fp8_step(w, ldw, vs, rnd, xr, k + i, 32, 1, nr, mb, two, a0, a1);
+        }
     }
-    if (nf < n) { /* the last, partial block */
-        const __m512 vs = _mm512_set1_ps(scale_at(s, nf >> 7, e8m0) * 256.0f);
+    if (nf < n) { /* the last, partial block (lg < 7: blocks) */
+        __m512 vs = _mm512_set1_ps(scale_at(s, nf >> lg, e8m0) * 256.0f);
         int64_t k = nf;
-        for (; k + 32 <= n; k += 32) fp8_step(w, ldw, vs, rnd, xr, k, 32, 1, nr, mb, two, a0, a1);
-        if (k < n) fp8_step(w, ldw, vs, rnd, xr, k, n - k, 0, nr, mb, two, a0, a1);
+        for (; k + 32 <= n; k += 32) {
+            if (lg < 7) vs = _mm512_set1_ps(scale_at(s, k >> lg, e8m0) * 256.0f);
+            fp8_step(w, ldw, vs, rnd, xr, k, 32, 1, nr, mb, two, a0, a1);
+        }
+        if (k < n) {
+            if (lg < 7) vs = _mm512_set1_ps(scale_at(s, k >> lg, e8m0) * 256.0f);
+            fp8_step(w, ldw, vs, rnd, xr, k, n - k, 0, nr, mb, two, a0, a1);
+        }
     }
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mb; m++)
@@ -565,9 +577,9 @@ AI void fp8_step_bf(const uint8_t *w, int64_t ldw, __m512 vs, const uint16_t *co
     }
 }
 
-/* the nr rows are in one 128-row block (one scale row s), as fp8_micro */
+/* the nr rows are in one 128-row block (one scale row s), as fp8_micro (lg: as there) */
 AI void fp8_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, const uint16_t *const *xr, int64_t n,
-                     const int nr, const int mb, float *out) {
+                     const int nr, const int mb, float *out, const int lg) {
     const int two = 1; /* fixed: a row's sums never depend on mb (batch invariance) */
     const int64_t pfd = cdiv(PF, nr * ldw) * nr * ldw, nf = n & ~(int64_t)127;
     __m512 a0[2][MB], a1[2][MB];
@@ -575,48 +587,72 @@ AI void fp8_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, con
         for (int m = 0; m < mb; m++) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
     /* whole 128-weight blocks: a branch-free body, so the accumulators stay in registers; the
      * integer decode (fastdecode.h) where every block's E8M0 scale allows it, the same words */
-    const int fast = e8m0 && scales_in((const uint8_t *)s, 0, 1, nf >> 7, FP8_SB_LO, FP8_SB_HI);
+    const int fast = e8m0 && scales_in((const uint8_t *)s, 0, 1, nf >> lg, lg < 7 ? FP8_SB_LO32 : FP8_SB_LO, FP8_SB_HI);
     if (fast) {
         const __m512 codes = e4m3_x2m8(_mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0));
+        __m512i off, sub; /* the block constants at weight kk (lg < 7: each 32-weight step's own block) */
+#define FAST_AT(kk)                                                                                               \
+    do {                                                                                                          \
+        if (lg < 7) {                                                                                             \
+            fp8_fast_consts32(((const uint8_t *)s)[(kk) >> lg], &off, &sub);                                      \
+        } else {                                                                                                  \
+            off = fp8_fast_off(((const uint8_t *)s)[(kk) >> lg]);                                                 \
+            sub = fp8_fast_sub(codes, _mm512_set1_ps(scale_bits(s, (kk) >> lg, 1) * 256.0f));                    \
+        }                                                                                                         \
+    } while (0)
         for (int64_t k = 0; k < nf; k += 128) {
-            const uint8_t sb = ((const uint8_t *)s)[k >> 7];
-            const __m512i off = fp8_fast_off(sb), sub = fp8_fast_sub(codes, _mm512_set1_ps(scale_bits(s, k >> 7, 1) * 256.0f));
+            FAST_AT(k);
             for (int r = 0; r < nr; r++) {
                 _mm_prefetch((const char *)w + r * ldw + pfd + k, _MM_HINT_T0);
                 _mm_prefetch((const char *)w + r * ldw + pfd + k + 64, _MM_HINT_T0);
             }
             fp8_step_fast(w, ldw, off, sub, xr, k, nr, mb, 0, a0, a1);
+            if (lg < 7) FAST_AT(k + 32);
             fp8_step_fast(w, ldw, off, sub, xr, k + 32, nr, mb, two, a0, a1);
+            if (lg < 7) FAST_AT(k + 64);
             fp8_step_fast(w, ldw, off, sub, xr, k + 64, nr, mb, 0, a0, a1);
+            if (lg < 7) FAST_AT(k + 96);
             fp8_step_fast(w, ldw, off, sub, xr, k + 96, nr, mb, two, a0, a1);
         }
+#undef FAST_AT
     }
+    __m512 vs; /* the float route's block scale x 2^8 at weight kk (lg < 7: per 32-weight step) */
+#define VS_AT(kk) (vs = _mm512_set1_ps(scale_at(s, (kk) >> lg, e8m0) * 256.0f))
     for (int64_t k = fast ? nf : 0; k < nf; k += 128) {
-        const __m512 vs = _mm512_set1_ps(scale_at(s, k >> 7, e8m0) * 256.0f);
+        VS_AT(k);
         for (int r = 0; r < nr; r++) {
             _mm_prefetch((const char *)w + r * ldw + pfd + k, _MM_HINT_T0);
             _mm_prefetch((const char *)w + r * ldw + pfd + k + 64, _MM_HINT_T0);
         }
         fp8_step_bf(w, ldw, vs, xr, k, 32, 1, nr, mb, 0, a0, a1);
+        if (lg < 7) VS_AT(k + 32);
         fp8_step_bf(w, ldw, vs, xr, k + 32, 32, 1, nr, mb, two, a0, a1);
+        if (lg < 7) VS_AT(k + 64);
         fp8_step_bf(w, ldw, vs, xr, k + 64, 32, 1, nr, mb, 0, a0, a1);
+        if (lg < 7) VS_AT(k + 96);
         fp8_step_bf(w, ldw, vs, xr, k + 96, 32, 1, nr, mb, two, a0, a1);
     }
-    if (nf < n) { /* the last, partial block */
-        const __m512 vs = _mm512_set1_ps(scale_at(s, nf >> 7, e8m0) * 256.0f);
+    if (nf < n) { /* the last, partial block (lg < 7: blocks) */
+        VS_AT(nf);
         int64_t k = nf; /* 32-weight steps alternate a0, a1 as in whole blocks (the many-rows path's order) */
         for (; k + 64 <= n; k += 64) {
+            if (lg < 7) VS_AT(k);
             fp8_step_bf(w, ldw, vs, xr, k, 32, 1, nr, mb, 0, a0, a1);
+            if (lg < 7) VS_AT(k + 32);
             fp8_step_bf(w, ldw, vs, xr, k + 32, 32, 1, nr, mb, two, a0, a1);
         }
         if (k + 32 <= n) {
+            if (lg < 7) VS_AT(k);
             fp8_step_bf(w, ldw, vs, xr, k, 32, 1, nr, mb, 0, a0, a1);
             k += 32;
+            if (lg < 7 && k < n) VS_AT(k);
             if (k < n) fp8_step_bf(w, ldw, vs, xr, k, n - k, 0, nr, mb, two, a0, a1);
         } else if (k < n) {
+            if (lg < 7) VS_AT(k);
             fp8_step_bf(w, ldw, vs, xr, k, n - k, 0, nr, mb, 0, a0, a1);
         }
     }
+#undef VS_AT
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mb; m++)
             out[m * TILE + r] += _mm512_reduce_add_ps(two ? _mm512_add_ps(a0[r][m], a1[r][m]) : a0[r][m]);
@@ -679,17 +715,17 @@ AI void fp4_micro(const uint8_t *w, const void *s, int e8m0, int rnd, const floa
 }
 
 AI void fp8_micro(const uint8_t *w, const void *s, int e8m0, int elem, int rnd, const float *const *xr,
-                  int64_t n, const int mb, float *out) {
+                  int64_t n, const int mb, float *out, const int lg) {
     __m256 acc[MB], p0[MB];
     float tail[MB];
     for (int m = 0; m < mb; m++) {
         acc[m] = _mm256_setzero_ps();
         tail[m] = 0.0f;
     }
-    for (int64_t k0 = 0; k0 < n; k0 += 128) {
-        const float sf = scale_at(s, k0 >> 7, e8m0) * 256.0f;
+    for (int64_t k0 = 0; k0 < n; k0 += (int64_t)1 << lg) {
+        const float sf = scale_at(s, k0 >> lg, e8m0) * 256.0f;
         const __m256 vs = _mm256_set1_ps(sf);
-        const int64_t k1 = min64(k0 + 128, n);
+        const int64_t k1 = min64(k0 + ((int64_t)1 << lg), n);
         for (int m = 0; m < mb; m++) p0[m] = _mm256_setzero_ps();
         int64_t k = k0;
         for (; k + 8 <= k1; k += 8) {
@@ -743,12 +779,12 @@ AI void fp4_micro(const uint8_t *w, const void *s, int e8m0, int rnd, const floa
 }
 
 AI void fp8_micro(const uint8_t *w, const void *s, int e8m0, int elem, int rnd, const float *const *xr,
-                  int64_t n, const int mb, float *out) {
+                  int64_t n, const int mb, float *out, const int lg) {
     float acc[MB];
     for (int m = 0; m < mb; m++) acc[m] = 0.0f;
-    for (int64_t k0 = 0; k0 < n; k0 += 128) {
-        const float sf = scale_at(s, k0 >> 7, e8m0);
-        const int64_t k1 = min64(k0 + 128, n);
+    for (int64_t k0 = 0; k0 < n; k0 += (int64_t)1 << lg) {
+        const float sf = scale_at(s, k0 >> lg, e8m0);
+        const int64_t k1 = min64(k0 + ((int64_t)1 << lg), n);
         for (int m = 0; m < mb; m++) {
             float t = 0.0f;
             for (int64_t k = k0; k < k1; k++) {
@@ -795,7 +831,8 @@ AI void fp8_micro(const uint8_t *w, const void *s, int e8m0, int elem, int rnd, 
 #endif
 
 /* rows o, o + nr - 1 (nr <= 2) of a matrix: w / s point at row o, ldw bytes and lds scale
- * entries per row; FP8: both rows in one 128-row block (s = its scale row) */
+ * entries per row; FP8: both rows in one 128-row block (s = its scale row; lg: 5 for 32x32 blocks,
+ * whose row blocks hold the pair too, else 7) */
 static void fp4_rows(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, int e8m0, int rnd,
                      const float *const *xr, int64_t n, int nr, int mb, float *out) {
 #if DZ_AVX512
@@ -815,16 +852,22 @@ static void fp4_rows(const uint8_t *w, int64_t ldw, const void *s, int64_t lds, 
 }
 
 static void fp8_rows(const uint8_t *w, int64_t ldw, const void *s, int e8m0, int rnd, const float *const *xr,
-                     int64_t n, int nr, int mb, float *out) {
+                     int64_t n, int nr, int mb, float *out, int lg) {
 #if DZ_AVX512
-#define F8(NR, M) fp8_micro(w, ldw, s, e8m0, rnd, xr + m0, n, NR, M, out + m0 * TILE)
-    MR4_LOOP(F8)
+#define F8(NR, M) fp8_micro(w, ldw, s, e8m0, rnd, xr + m0, n, NR, M, out + m0 * TILE, 7)
+#define F8_32(NR, M) fp8_micro(w, ldw, s, e8m0, rnd, xr + m0, n, NR, M, out + m0 * TILE, 5)
+    if (lg == 5) {
+        MR4_LOOP(F8_32)
+    } else {
+        MR4_LOOP(F8)
+    }
+#undef F8_32
 #undef F8
 #else
     for (int r = 0; r < nr; r++) {
         const uint8_t *wr = w + r * ldw;
         float *o = out + r;
-#define F8(NR, M) fp8_micro(wr, s, e8m0, !e8m0, rnd, xr, n, M, o)
+#define F8(NR, M) fp8_micro(wr, s, e8m0, !e8m0, rnd, xr, n, M, o, lg)
         switch (mb) { MB_CASES(F8, 1) }
 #undef F8
     }
@@ -858,18 +901,30 @@ static void fp4_rows_bf(const uint8_t *w, int64_t ldw, const void *s, int64_t ld
 }
 
 static void fp8_rows_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, const uint16_t *const *xr, int64_t n,
-                        int nr, int mb, float *out) {
+                        int nr, int mb, float *out, int lg) {
     if (mb > MR4 && use_fast_decode) { /* both rows in one 128-row block: the same scale row s */
         for (int r = 0; r < nr; r++) {
             const uint8_t *wr = w + r * ldw;
-#define FR(NR, M) fp8_micro_bf(wr, ldw, s, e8m0, xr, n, NR, M, out + r)
-            switch (mb) { ROW8_CASES(FR) }
+#define FR(NR, M) fp8_micro_bf(wr, ldw, s, e8m0, xr, n, NR, M, out + r, 7)
+#define FR_32(NR, M) fp8_micro_bf(wr, ldw, s, e8m0, xr, n, NR, M, out + r, 5)
+            if (lg == 5) {
+                switch (mb) { ROW8_CASES(FR_32) }
+            } else {
+                switch (mb) { ROW8_CASES(FR) }
+            }
+#undef FR_32
 #undef FR
         }
         return;
     }
-#define FB(NR, M) fp8_micro_bf(w, ldw, s, e8m0, xr + m0, n, NR, M, out + m0 * TILE)
-    MR4_LOOP(FB)
+#define FB(NR, M) fp8_micro_bf(w, ldw, s, e8m0, xr + m0, n, NR, M, out + m0 * TILE, 7)
+#define FB_32(NR, M) fp8_micro_bf(w, ldw, s, e8m0, xr + m0, n, NR, M, out + m0 * TILE, 5)
+    if (lg == 5) {
+        MR4_LOOP(FB_32)
+    } else {
+        MR4_LOOP(FB)
+    }
+#undef FB_32
 #undef FB
 }
 #endif
@@ -889,7 +944,11 @@ typedef struct {
     const char *s;    /* scales */
     int64_t K, O;
     int e8m0, rnd;
+    int b32; /* FP8 scale blocks: 0 = 128x128 (V4; what an initializer without it gives), 1 = 32x32 (V4.1) */
 } QMat;
+
+/* log2 of an FP8 matrix's scale block side: scale of (o, k) at s[(o >> lg) * cdiv(K, 1 << lg) + (k >> lg)] */
+static inline int fp8_lg(const QMat *q) { return q->b32 ? 5 : 7; }
 
 /* rows o, o + nr - 1 of q over k in [k0, k0 + n) against the mb activation rows xc (at k0) */
 typedef void (*pair_fn)(const QMat *q, int64_t o, int64_t k0, int64_t n, const void *const *xc, int nr, int mb,
@@ -920,8 +979,9 @@ static void fp4_pair(const QMat *q, int64_t o, int64_t k0, int64_t n, const void
 static void fp8_pair(const QMat *q, int64_t o, int64_t k0, int64_t n, const void *const *xc, int nr, int mb,
                      float *out) {
     const int64_t K = q->K;
-    fp8_rows(q->w + o * K + k0, K, q->s + ((o >> 7) * cdiv(K, 128) + (k0 >> 7)) * (q->e8m0 ? 1 : 4), q->e8m0, q->rnd,
-             (const float *const *)xc, n, nr, mb, out);
+    const int lg = fp8_lg(q);
+    fp8_rows(q->w + o * K + k0, K, q->s + ((o >> lg) * cdiv(K, (int64_t)1 << lg) + (k0 >> lg)) * (q->e8m0 ? 1 : 4),
+             q->e8m0, q->rnd, (const float *const *)xc, n, nr, mb, out, lg);
 }
 
 static void fp4_tile(const QMat *q, const void *const *xr, int mb, int64_t o0, int64_t o1, float *res) {
@@ -950,8 +1010,9 @@ static void fp4_pair_bf(const QMat *q, int64_t o, int64_t k0, int64_t n, const v
 static void fp8_pair_bf(const QMat *q, int64_t o, int64_t k0, int64_t n, const void *const *xc, int nr, int mb,
                         float *out) {
     const int64_t K = q->K;
-    fp8_rows_bf(q->w + o * K + k0, K, q->s + ((o >> 7) * cdiv(K, 128) + (k0 >> 7)) * (q->e8m0 ? 1 : 4), q->e8m0,
-                (const uint16_t *const *)xc, n, nr, mb, out);
+    const int lg = fp8_lg(q);
+    fp8_rows_bf(q->w + o * K + k0, K, q->s + ((o >> lg) * cdiv(K, (int64_t)1 << lg) + (k0 >> lg)) * (q->e8m0 ? 1 : 4),
+                q->e8m0, (const uint16_t *const *)xc, n, nr, mb, out, lg);
 }
 
 static void fp4_tile_bf(const QMat *q, const void *const *xr, int mb, int64_t o0, int64_t o1, float *res) {
@@ -1011,10 +1072,11 @@ static void rows_decode(const QMat *q, int fp8, int bfd, int64_t o, void *dst, i
     const int e8 = q->e8m0;
     if (fp8) {
         const uint8_t *w = q->w + o * K;
-        const int64_t srow = (o >> 7) * cdiv(K, 128);
-        for (int64_t k0 = 0; k0 < K; k0 += 128) {
-            const float sf = scale_at(q->s, srow + (k0 >> 7), e8);
-            const int64_t k1 = min64(K, k0 + 128);
+        const int lg = fp8_lg(q);
+        const int64_t B = (int64_t)1 << lg, srow = (o >> lg) * cdiv(K, B);
+        for (int64_t k0 = 0; k0 < K; k0 += B) {
+            const float sf = scale_at(q->s, srow + (k0 >> lg), e8);
+            const int64_t k1 = min64(K, k0 + B);
             int64_t k = k0;
 #if DZ_AVX512
             const __m512 vs = _mm512_set1_ps(sf * 256.0f);
@@ -1284,11 +1346,21 @@ void dz_fp4_linear(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, c
     free(xs);
 }
 
+void dz_fp8_linear_b(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, const void *s, int64_t e8m0,
+                     void *out, int64_t M, int64_t O, int64_t K, int64_t act_quant, int64_t nthreads, int64_t block);
+
 /* out [M, O] = x [M, K] @ W^T, W e4m3 [O, K], s [ceil(O/128), ceil(K/128)]; act_quant: x is
  * FP8-simulated per 128 first (ref.fp8_act_sim) */
 void dz_fp8_linear(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, const void *s, int64_t e8m0,
                    void *out, int64_t M, int64_t O, int64_t K, int64_t act_quant, int64_t nthreads) {
-    const QMat q = {w, (const char *)s, K, O, (int)e8m0, bf16 && !e8m0};
+    dz_fp8_linear_b(x, ldx, bf16, w, s, e8m0, out, M, O, K, act_quant, nthreads, 128);
+}
+
+/* dz_fp8_linear with scale blocks of block x block (128: V4's; 32: V4.1's dense weights), s
+ * [ceil(O/block), ceil(K/block)]; the activation simulation stays per 128 (ref.fp8_act_sim) */
+void dz_fp8_linear_b(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, const void *s, int64_t e8m0,
+                     void *out, int64_t M, int64_t O, int64_t K, int64_t act_quant, int64_t nthreads, int64_t block) {
+    const QMat q = {w, (const char *)s, K, O, (int)e8m0, bf16 && !e8m0, block == 32};
 #if DZ_BF16DOT
     if (bf16 && use_bf16dot) { /* bf16 rows (FP8-simulated in bf16), zeros to Kp; every row count (the
                                 * fp32 kernels decode 1-2 rows faster, but round differently: a row's

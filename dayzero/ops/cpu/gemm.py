@@ -27,6 +27,7 @@ MOE_CHUNK_PAIRS = 4096  # (token, slot) pairs per MoE kernel call (its buffers: 
 _SIGNATURES = {
     "fp4": ("dz_fp4_linear", "piippipiiii"),
     "fp8": ("dz_fp8_linear", "piippipiiiii"),
+    "fp8_b": ("dz_fp8_linear_b", "piippipiiiiii"),  # + the scale block side (128 or 32)
     "moe": ("dz_moe_fp4", "piiiiippippippippifippi"),
     "sim": ("dz_gemm_fp8_sim", "piiiip"),
     "options": ("dz_gemm_options", "i"),  # tests: options(0) runs bf16 x on the fp32 kernels
@@ -49,18 +50,20 @@ def _scale_kind(scale: torch.Tensor) -> int:
     return 1 if dt is _E8M0_DT or dt is _U8 else 0 if dt is _F32 else -1
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool = False) -> torch.Tensor:
-    """ref.fp8_linear: x [M,K] @ W^T, W e4m3 [O,K], 128x128 block scales -> [M,O] in x.dtype.
-    act_quant: x is FP8-simulated per 128 inside the kernel, bit-exact with ref.fp8_act_sim."""
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool = False,
+               block: int = 128) -> torch.Tensor:
+    """ref.fp8_linear: x [M,K] @ W^T, W e4m3 [O,K], block x block scales (128: V4's; 32: V4.1's dense
+    weights) -> [M,O] in x.dtype. act_quant: x is FP8-simulated per 128 inside the kernel, bit-exact with
+    ref.fp8_act_sim."""
     dt = x.dtype
     e8 = _scale_kind(scale)
     if (dt is not _BF16 and dt is not _F32) or e8 < 0 or weight.dtype is not _E4M3 or x.dim() != 2 \
-            or not (x.is_cpu and weight.is_cpu and scale.is_cpu):
-        return ref.fp8_linear(x, weight, scale, act_quant)
+            or not (x.is_cpu and weight.is_cpu and scale.is_cpu) or (block != 128 and block != 32):
+        return ref.fp8_linear(x, weight, scale, act_quant, block)
     M, Kx = x.shape
     O, Kw = weight.shape
-    if Kx != Kw or scale.shape != ((O + 127) // 128, (Kw + 127) // 128):
-        return ref.fp8_linear(x, weight, scale, act_quant)  # the twin's own error
+    if Kx != Kw or scale.shape != ((O + block - 1) // block, (Kw + block - 1) // block):
+        return ref.fp8_linear(x, weight, scale, act_quant, block)  # the twin's own error
     if x.stride(1) != 1:
         x = x.contiguous()
     if not weight.is_contiguous():
@@ -69,8 +72,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_q
         scale = scale.contiguous()
     out = torch.empty((M, O), dtype=dt)
     if M and O:
-        kernels.fp8(x.data_ptr(), x.stride(0), dt is _BF16, weight.data_ptr(), scale.data_ptr(), e8, out.data_ptr(),
-              M, O, Kw, act_quant, torch.get_num_threads())
+        kernels.fp8_b(x.data_ptr(), x.stride(0), dt is _BF16, weight.data_ptr(), scale.data_ptr(), e8, out.data_ptr(),
+                      M, O, Kw, act_quant, torch.get_num_threads(), block)
     return out
 
 

@@ -286,9 +286,13 @@ def _fp8_tensor_cores(device: torch.device) -> bool:
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, act_quant: bool = False,
-               config: dict | None = None) -> torch.Tensor:
+               config: dict | None = None, block: int = 128) -> torch.Tensor:
     """ref.fp8_linear. act_quant=True: x is FP8-simulated first (ref.fp8_act_sim, blocks of 128):
-    on FP8 tensor cores (cc >= 8.9) fused into a W8A8 kernel, elsewhere simulated then W8A16."""
+    on FP8 tensor cores (cc >= 8.9) fused into a W8A8 kernel, elsewhere simulated then W8A16.
+    block: the weight's scale blocks; the kernels take V4's 128x128, other blocks (V4.1's 32x32) run
+    the twin (W dequantised per call, then multiplied)."""
+    if block != 128:
+        return ref.fp8_linear(x, weight, scale, act_quant, block)
     if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn:
         raise ValueError(f"weight must be 2-D float8_e4m3fn, got {weight.dtype} {tuple(weight.shape)}")
     O, K = weight.shape
