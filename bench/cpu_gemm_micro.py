@@ -213,7 +213,9 @@ def s4(batches=(1, 8), context: int = 1024, reps: int = 7) -> None:
 
 def grouped(rows=(1, 8), copies: int = 16, reps: int = 9, threads=(1, 2)) -> None:
     """The grouped wo_a A/B: per layer (one pass over a copy), best / median of `reps` alternating
-    sweeps over `copies` weight copies, wall and process CPU time (both threads' CPU under 2)."""
+    sweeps over `copies` weight copies, wall and process CPU time (both threads' CPU under 2).
+    "whole": one fp8_linear over all G * R rows against x's first K columns (the same weight
+    bytes in one call, not the same computation): what one big call streams at."""
     G, R, K = 8, 1024, 4096
     g = torch.Generator().manual_seed(0)
     w0, s0 = quant_fp8_block(torch.randn(G * R, K, generator=g) * 0.05)
@@ -221,32 +223,32 @@ def grouped(rows=(1, 8), copies: int = 16, reps: int = 9, threads=(1, 2)) -> Non
     views = [[(w[i * R:(i + 1) * R], s[i * R // 128:(i + 1) * R // 128]) for i in range(G)] for w, s in mats]
     nbytes = w0.numel() + s0.numel() * s0.element_size()
     before = torch.get_num_threads()
+    names = ("8 calls", "grouped", "whole")
     print(f"grouped wo_a: {G} groups of [M, {K}] x [{R}, {K}] FP8 ({nbytes / 1e6:.1f} MB a layer), bf16 x, "
-          f"{copies} copies; ms per layer, best / median of {reps} alternating sweeps")
-    print(f"{'case':24s} {'8 calls wall':>16s} {'grouped wall':>16s} {'8 calls CPU':>16s} {'grouped CPU':>16s} "
-          f"{'GB/s (best wall)':>18s}")
+          f"{copies} copies; ms per layer, best / median of {reps} alternating sweeps (GB/s of the best)")
+    print(f"{'':16s}" + "".join(f"{n + ' wall':>24s}" for n in names) + "".join(f"{n + ' CPU':>16s}" for n in names))
     try:
         for nt in threads:
             torch.set_num_threads(nt)
             for M in rows:
                 o = torch.randn(M, G, K, generator=g).bfloat16()
                 flat = o.reshape(M, G * K)
-                loop = lambda i: torch.cat([gemm.fp8_linear(o[:, j], w, s) for j, (w, s) in enumerate(views[i])], -1)  # noqa: E731
-                one = lambda i: gemm.fp8_linear_grouped(flat, *mats[i], G)  # noqa: E731
-                assert torch.equal(loop(0).view(torch.int16), one(0).view(torch.int16))
-                ts = {"loop": ([], []), "one": ([], [])}
+                fns = (lambda i: torch.cat([gemm.fp8_linear(o[:, j], w, s) for j, (w, s) in enumerate(views[i])], -1),
+                       lambda i: gemm.fp8_linear_grouped(flat, *mats[i], G),
+                       lambda i: gemm.fp8_linear(flat[:, :K], *mats[i]))
+                assert torch.equal(fns[0](0).view(torch.int16), fns[1](0).view(torch.int16))
+                wall, cpu = [[] for _ in fns], [[] for _ in fns]
                 for _ in range(reps):
-                    for name, fn in (("loop", loop), ("one", one)):
+                    for f, fn in enumerate(fns):
                         t0, c0 = time.monotonic(), time.process_time()  # monotonic: --cpu-time patches perf_counter
                         for i in range(copies):
                             fn(i)
-                        ts[name][0].append((time.monotonic() - t0) / copies * 1e3)
-                        ts[name][1].append((time.process_time() - c0) / copies * 1e3)
-                cells = [f"{min(ts[n][k]):7.2f} / {statistics.median(ts[n][k]):6.2f}"
-                         for k in (0, 1) for n in ("loop", "one")]
-                bw = [nbytes / min(ts[n][0]) / 1e6 for n in ("loop", "one")]
-                print(f"{f'threads {nt} M={M}':24s} {cells[0]:>16s} {cells[1]:>16s} {cells[2]:>16s} {cells[3]:>16s} "
-                      f"{bw[0]:8.1f} -> {bw[1]:5.1f}")
+                        wall[f].append((time.monotonic() - t0) / copies * 1e3)
+                        cpu[f].append((time.process_time() - c0) / copies * 1e3)
+                line = "".join(f"{min(t):7.2f} / {statistics.median(t):6.2f} ({nbytes / min(t) / 1e6:4.1f})"
+                               for t in wall)
+                line += "".join(f"{min(t):7.2f} / {statistics.median(t):6.2f}" for t in cpu)
+                print(f"{f'threads {nt} M={M}':16s}{line}")
     finally:
         torch.set_num_threads(before)
 

@@ -89,7 +89,8 @@ def test_threads_one_and_two(dt):
     """Sizes where both the grouped call and each per-group call start a team (>= 2^20
     multiply-adds), the Flash shape's 8 groups scaled down: the same bits for 1 and 2 threads,
     equal to the loop run with 2 threads."""
-    for M, groups, R, K in ((1, 8, 256, 513), (3, 8, 128, 1025), (17, 2, 384, 1499), (2, 1, 1024, 1031)):
+    for M, groups, R, K in ((1, 8, 256, 513), (3, 8, 128, 1025), (8, 2, 128, 2049), (17, 2, 384, 1499),
+                            (2, 1, 1024, 1031)):
         x, w, s = _inputs(groups, R, K, M, dt, E8M0, K)
         one, two = per_threads(lambda: G.fp8_linear_grouped(x, w, s, groups))
         loop = per_threads(lambda: _loop(x, w, s, groups), (2,))[0]
@@ -178,7 +179,10 @@ def test_attention_output_unchanged_with_the_grouped_op(monkeypatch):
     model = random_model(args, device=torch.device("cpu"))
     table = for_device("cpu", "cpu")
     calls = []
-    spy = dataclasses.replace(table, fp8_linear_grouped=lambda *a: (calls.append(a[3]), table.fp8_linear_grouped(*a))[1])
+    def grouped(*a):
+        calls.append(a[3])
+        return table.fp8_linear_grouped(*a)
+    spy = dataclasses.replace(table, fp8_linear_grouped=grouped)
     without = dataclasses.replace(table, fused=tuple(n for n in table.fused if n != "fp8_linear_grouped"))
     outs = []
     for t in (spy, without):
