@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=2 python -m bench.cpu_gemm_micro [--reps 200] [--no-small] [--no-s1] [--no-flash] [--s4] [--moe-cold]
     OMP_NUM_THREADS=1 python -m bench.cpu_gemm_micro --cpu-time ...   (a shared machine: CPU time, one core)
+    OMP_NUM_THREADS=1 python -m bench.cpu_gemm_micro --grouped-only    (the grouped wo_a A/B alone)
 
 Decode-sized calls of the built-in model (M = 1, 2; FP8 256x256 and 512x128, FP4 256x256,
 MoE dim 256 x inter 256) in us per call (median and best) against the twins; Flash-sized
@@ -16,7 +17,11 @@ batch 1 and 8 (16 experts, dim 4096 x inter 2048, top-6, FP4) as a fraction of t
 decode-sized blocks on the tile walk instead of gemm.c's row-pair streams (`moe_streams(0)`),
 alternately;
 --s4: the S4 decode step of `dayzero bench --size small` (B = 1, 8 at 1K context) the same way;
---moe-cold: the S1 shapes with the experts streamed from memory on every call (as in a decode step).
+--moe-cold: the S1 shapes with the experts streamed from memory on every call (as in a decode step);
+--grouped / --grouped-only: the Flash attention's grouped wo_a (8 groups of [M, 4096] x [1024, 4096]
+FP8, bf16 x, 32 MB a layer, weights rotated over 16 layers' copies) as 8 fp8_linear calls + cat
+(Attention._grouped_wo_a before the grouped op) against one fp8_linear_grouped call, alternately,
+for 1 and 2 kernel threads: best and median per layer of wall time and of process CPU time.
 On a shared machine the best times are the steadier ones. Prints; writes nothing.
 """
 from __future__ import annotations
@@ -258,6 +263,48 @@ def s4(batches=(1, 8), context: int = 1024, reps: int = 7) -> None:
         print(f"S4 B={b} ctx={context} ({nbytes / 1e6:.0f} MB): " + "; ".join(line))
 
 
+def grouped(rows=(1, 8), copies: int = 16, reps: int = 9, threads=(1, 2)) -> None:
+    """The grouped wo_a A/B: per layer (one pass over a copy), best / median of `reps` alternating
+    sweeps over `copies` weight copies, wall and process CPU time (both threads' CPU under 2).
+    "whole": one fp8_linear over all G * R rows against x's first K columns (the same weight
+    bytes in one call, not the same computation): what one big call streams at."""
+    G, R, K = 8, 1024, 4096
+    g = torch.Generator().manual_seed(0)
+    w0, s0 = quant_fp8_block(torch.randn(G * R, K, generator=g) * 0.05)
+    mats = [(w0.clone(), s0.clone()) for _ in range(copies)]
+    views = [[(w[i * R:(i + 1) * R], s[i * R // 128:(i + 1) * R // 128]) for i in range(G)] for w, s in mats]
+    nbytes = w0.numel() + s0.numel() * s0.element_size()
+    before = torch.get_num_threads()
+    names = ("8 calls", "grouped", "whole")
+    print(f"grouped wo_a: {G} groups of [M, {K}] x [{R}, {K}] FP8 ({nbytes / 1e6:.1f} MB a layer), bf16 x, "
+          f"{copies} copies; ms per layer, best / median of {reps} alternating sweeps (GB/s of the best)")
+    print(f"{'':16s}" + "".join(f"{n + ' wall':>24s}" for n in names) + "".join(f"{n + ' CPU':>16s}" for n in names))
+    try:
+        for nt in threads:
+            torch.set_num_threads(nt)
+            for M in rows:
+                o = torch.randn(M, G, K, generator=g).bfloat16()
+                flat = o.reshape(M, G * K)
+                fns = (lambda i: torch.cat([gemm.fp8_linear(o[:, j], w, s) for j, (w, s) in enumerate(views[i])], -1),
+                       lambda i: gemm.fp8_linear_grouped(flat, *mats[i], G),
+                       lambda i: gemm.fp8_linear(flat[:, :K], *mats[i]))
+                assert torch.equal(fns[0](0).view(torch.int16), fns[1](0).view(torch.int16))
+                wall, cpu = [[] for _ in fns], [[] for _ in fns]
+                for _ in range(reps):
+                    for f, fn in enumerate(fns):
+                        t0, c0 = time.monotonic(), time.process_time()  # monotonic: --cpu-time patches perf_counter
+                        for i in range(copies):
+                            fn(i)
+                        wall[f].append((time.monotonic() - t0) / copies * 1e3)
+                        cpu[f].append((time.process_time() - c0) / copies * 1e3)
+                line = "".join(f"{min(t):7.2f} / {statistics.median(t):6.2f} ({nbytes / min(t) / 1e6:4.1f})"
+                               for t in wall)
+                line += "".join(f"{min(t):7.2f} / {statistics.median(t):6.2f}" for t in cpu)
+                print(f"{f'threads {nt} M={M}':16s}{line}")
+    finally:
+        torch.set_num_threads(before)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=200)
@@ -268,6 +315,9 @@ if __name__ == "__main__":
     ap.add_argument("--moe-cold", action="store_true",
                     help="also the S1-shaped MoE with the experts streamed from memory every call (N = 1, 2, 8), "
                          "row-pair streams against the tile walk")
+    ap.add_argument("--grouped", action="store_true",
+                    help="also the grouped wo_a A/B (8 fp8_linear calls vs one fp8_linear_grouped), 1 and 2 threads")
+    ap.add_argument("--grouped-only", action="store_true", help="only the grouped wo_a A/B")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time by the process's CPU time (time.process_time, also inside dayzero.scenarios: the copy "
                          "bandwidth too) instead of wall time: on a shared machine it leaves out the waits for a core; "
@@ -279,6 +329,9 @@ if __name__ == "__main__":
                      "CPU time adds up the threads")
         time.perf_counter = time.process_time  # this module and dayzero.scenarios read time.perf_counter per call
     print(f"threads {torch.get_num_threads()}")
+    if a.grouped_only:
+        grouped()
+        raise SystemExit
     if not a.no_small:
         small(a.reps)
     if not a.no_flash:
@@ -289,3 +342,5 @@ if __name__ == "__main__":
         moe_cold()
     if a.s4:
         s4()
+    if a.grouped:
+        grouped()

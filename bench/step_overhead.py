@@ -10,9 +10,9 @@ for `--batches` requests of 16-token prompts; ms/step is the decode steps' time 
 request has its first token) over their number; the minimum and median over reps are printed, and
 the process's CPU time per step (at --threads 1 the figure least moved by other jobs on a shared
 machine; minima are the steadier figure). `--compare` (= `--compare fused`) loads a second engine
-whose op table has its fused ops (ops/cpu/fused.c) replaced by their twins, i.e. the decode path
-before them, checks both give the same tokens and times them in alternating reps; `--compare
-lookups` does the same with the paged cache's native lookups (ops/cpu/lookup.c) off in the second
+whose op table has its fused ops (ops/cpu/fused.c, gemm.c's grouped FP8 linear) replaced by their
+twins, i.e. the decode path before them, checks both give the same tokens and times them in
+alternating reps; `--compare lookups` does the same with the paged cache's native lookups (ops/cpu/lookup.c) off in the second
 configuration (PagedBatchCache.native_lookups, switched around each of its reps). Records are appended to
 bench/results/step_overhead.jsonl. `--profile` also prints cProfile's top
 functions of one rep and torch.profiler's op table.
@@ -64,7 +64,8 @@ def load(name: str, tmp: str):
 
 def without_fused(llm) -> None:
     """Put the twins back for the op table's fused ops (ops FUSED_NAMES) in this engine's model:
-    the decode path as it was before ops/cpu/fused.c, for an interleaved comparison."""
+    the decode path as it was before ops/cpu/fused.c and the grouped FP8 linear (gemm.c), for an
+    interleaved comparison."""
     import dataclasses
 
     from dayzero.ops import FUSED_NAMES, REF

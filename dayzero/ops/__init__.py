@@ -21,8 +21,12 @@ OP_NAMES = ("rms_norm", "fp8_act_sim", "apply_rope", "fp32_linear", "sparse_attn
             "topk_select", "compress_pool", "hc_pre", "hc_post", "fp8_linear", "fp4_linear", "moe_experts")
 # fused ops: one call for a sequence of twins the model runs on every step (per-op dispatch is most
 # of a small model's CPU decode step). Their twin is that sequence (ops/ref.py), the default of
-# every table; a table with a kernel for one lists it in `fused` (ops/cpu/fused.c: bit-exact)
-FUSED_NAMES = ("hadamard_fp4_sim", "act_rms_norm", "fp8_nope_sim")
+# every table; a table with a kernel for one lists it in `fused` (ops/cpu/fused.c: bit-exact), and
+# models call it only then (elsewhere they keep calling the table's own ops in sequence).
+# fp8_linear_grouped (the attention's grouped wo_a: G fp8_linears side by side): ops/cpu/gemm.c's
+# kernel is bit-identical to the CPU table's fp8_linear per group (which is the twin's up to fp32
+# summation order, as for fp8_linear itself)
+FUSED_NAMES = ("hadamard_fp4_sim", "act_rms_norm", "fp8_nope_sim", "fp8_linear_grouped")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +57,7 @@ class OpTable:
     hadamard_fp4_sim: Callable = ref.hadamard_fp4_sim  # FUSED_NAMES: the twins' composition unless replaced
     act_rms_norm: Callable = ref.act_rms_norm
     fp8_nope_sim: Callable = ref.fp8_nope_sim
+    fp8_linear_grouped: Callable = ref.fp8_linear_grouped
     fused: tuple[str, ...] = ()  # fused ops that run a kernel of the table
 
 

@@ -333,6 +333,30 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_q
     return linear(x, w)
 
 
+def fp8_groups(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int) -> list[tuple]:
+    """The G = `groups` independent linears of a grouped FP8 linear (fp8_linear_grouped), as
+    (x columns, weight rows, scale rows) views: x [..., G*K], W [G*R, K] with R a multiple of 128
+    (each group whole 128-row scale blocks), scale [G*R/128, ceil(K/128)]."""
+    O, K = weight.shape
+    if type(groups) is not int or groups < 1 or O % groups or O // groups % 128:
+        raise ValueError(f"fp8_linear_grouped: {O} weight rows do not split into {groups} groups of whole "
+                         "128-row scale blocks")
+    if x.shape[-1] != groups * K or scale.dim() != 2 or scale.shape[0] != O // 128:
+        raise ValueError(f"fp8_linear_grouped: x [..., {x.shape[-1]}] and scale {tuple(scale.shape)} do not fit "
+                         f"{groups} groups of weight [{O}, {K}] (x [..., {groups * K}], scale [{O // 128}, ...])")
+    r = O // groups
+    return [(x[..., g * K:(g + 1) * K], weight[g * r:(g + 1) * r], scale[g * r // 128:(g + 1) * r // 128])
+            for g in range(groups)]
+
+
+def fp8_linear_grouped(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int) -> torch.Tensor:
+    """G = `groups` FP8 linears side by side: x [M, G*K], W e4m3 [G*R, K] (R % 128 == 0), scale
+    [G*R/128, ceil(K/128)] -> [M, G*R] in x.dtype, columns g*R .. (g+1)*R - 1 = fp8_linear of x's
+    columns g*K .. (g+1)*K - 1 with W's rows g*R .. (g+1)*R - 1 (the attention's grouped wo_a).
+    A fused op (ops/__init__.py FUSED_NAMES): this loop + cat is its twin."""
+    return torch.cat([fp8_linear(*part) for part in fp8_groups(x, weight, scale, groups)], -1)
+
+
 _E2M1_SIGNED = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
 

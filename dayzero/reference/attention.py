@@ -274,11 +274,14 @@ class Attention(UsesOps, nn.Module):
     def _grouped_wo_a(self, o: torch.Tensor) -> torch.Tensor:
         """The grouped low-rank output projection: group g of o [N, G, d] through rows
         g*r .. (g+1)*r of wo_a -> [N, G*r]. FP8 weights without a dequantised copy go through the
-        table's fp8_linear one group at a time (each group's rows are whole 128-row scale blocks)."""
+        table's fp8_linear one group at a time (each group's rows are whole 128-row scale blocks), or
+        its fp8_linear_grouped kernel where it has one (all groups in one call, the same results)."""
         G, lin = self.o_groups, self.wo_a
         if lin.fmt != "fp8" or lin.__dict__.get("_dequantized") is not None or lin.out_features // G % 128:
             w = lin.dequant(o.dtype).view(G, -1, o.shape[-1])
             return torch.cat([ref.linear(o[:, g], w[g]) for g in range(G)], -1)  # rows alike in any batch
+        if "fp8_linear_grouped" in self.ops.fused:
+            return self.ops.fp8_linear_grouped(o.reshape(o.shape[0], -1), lin.weight, lin.scale, G)
         groups = lin.__dict__.get("_groups")
         if groups is None or groups[0][0].data_ptr() != lin.weight.data_ptr():  # views, made once
             r = lin.out_features // G

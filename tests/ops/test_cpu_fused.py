@@ -104,10 +104,12 @@ def test_hadamard_fp4_sim_falls_back_to_the_twin():
 
 
 def test_tables_carry_the_fused_ops():
-    assert FUSED_NAMES == ("hadamard_fp4_sim", "act_rms_norm", "fp8_nope_sim")
+    assert FUSED_NAMES == ("hadamard_fp4_sim", "act_rms_norm", "fp8_nope_sim", "fp8_linear_grouped")
     assert REF.fused == () and all(getattr(REF, name) is getattr(ref, name) for name in FUSED_NAMES)
     cpu = for_device("cpu", "cpu")
-    assert cpu.fused == FUSED_NAMES and all(getattr(cpu, name) is getattr(fused, name) for name in FUSED_NAMES)
+    assert cpu.fused == FUSED_NAMES and all(getattr(cpu, name) is getattr(fused, name) for name in FUSED_NAMES[:3])
+    from dayzero.ops.cpu import gemm  # the fourth is gemm.c's (tests/ops/test_fp8_grouped.py)
+    assert cpu.fp8_linear_grouped is gemm.fp8_linear_grouped
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])

@@ -33,6 +33,7 @@ _PROVIDERS = {
 }
 
 FUSED = ("hadamard_fp4_sim", "act_rms_norm", "fp8_nope_sim")  # the fused ops (dayzero.ops FUSED_NAMES) fused.c provides
+# (the fourth, fp8_linear_grouped, is gemm.c's: the table has it where the FP8 linear kernel builds)
 
 __all__ = ["NativeUnavailable", "available", "table", "unavailable"]
 
@@ -60,4 +61,7 @@ def table() -> OpTable:
     if build.available("fused"):  # fused.c: one call for a sequence of twins (ops FUSED_NAMES)
         from dayzero.ops.cpu import fused
         t = dataclasses.replace(t, fused=FUSED, **{name: getattr(fused, name) for name in FUSED})
+    if "fp8_linear" in t.kernels:  # gemm.c's grouped FP8 linear (a fused op too)
+        from dayzero.ops.cpu import gemm
+        t = dataclasses.replace(t, fused=t.fused + ("fp8_linear_grouped",), fp8_linear_grouped=gemm.fp8_linear_grouped)
     return t

@@ -1405,6 +1405,112 @@ void dz_fp8_linear_b(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w,
     free(xf);
 }
 
+/* ---- grouped FP8 linear (the attention's grouped wo_a) ---------------------------------------------
+ * out[m, g*R + o] = x[m, g*K : (g+1)*K] . W[g*R + o] for G groups: W e4m3 [G*R, K] with 128x128 block
+ * scales s [G*R/128, ceil(K/128)], R % 128 == 0 (each group is whole scale blocks); x [M, G*K] (row
+ * stride ldx elements) and out [M, G*R] in x's dtype. One call instead of G dz_fp8_linear calls: one
+ * team, started once, over work items that are (group, tile of rows), so every thread has work
+ * (G calls of a decode-sized group each started a team for a few items per thread). Each group is
+ * the QMat dz_fp8_linear would see for it alone, its activation rows prepared the way dz_fp8_linear
+ * prepares them (same path for the same M and dtype), and every output comes from the same tile /
+ * panel functions: bit-identical to the G calls (results depend on neither tiling nor threads).
+ * No act_quant (the caller's grouped op has none). */
+
+/* one decode work item: rows [o0, o1) of group q against its M activation rows (ldb bytes apart),
+ * stored at out[m * ldo + o] (out: the group's first column) */
+static void grouped_item(const QMat *q, tile_fn tile, const char *xs, int64_t ldb, int64_t M, void *out,
+                         int64_t ldo, int bf16, int64_t o0, int64_t o1) {
+    float res[TILE * MB];
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        const int mb = (int)min64(MB, M - m0);
+        const void *xr[MB];
+        for (int i = 0; i < mb; i++) xr[i] = xs + (m0 + i) * ldb;
+        tile(q, xr, mb, o0, o1, res);
+        for (int i = 0; i < mb; i++)
+            for (int64_t o = o0; o < o1; o++) dz_store(out, (m0 + i) * ldo + o, res[i * TILE + o - o0], bf16);
+    }
+}
+
+void dz_fp8_linear_grouped(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, const void *s, int64_t e8m0,
+                           void *out, int64_t M, int64_t G, int64_t R, int64_t K, int64_t nthreads) {
+    const int64_t ldo = G * R, osz = bf16 ? 2 : 4, xsz = bf16 ? 2 : 4;
+    const int64_t gs = (R >> 7) * cdiv(K, 128) * (e8m0 ? 1 : 4); /* scale bytes of one group */
+    const char *xs;     /* group g's row m at xs + g * gx + m * ldb */
+    int64_t ldb, gx;
+    tile_fn tile = fp8_tile;
+    int bfd = 0;
+    void *buf = NULL;
+#if DZ_BF16DOT
+    if (bf16 && use_bf16dot) { /* dz_fp8_linear's bf16 rows: zeros from K to Kp */
+        const int64_t Kp = rows_kp(K, 1, 1);
+        uint16_t *xb = (uint16_t *)(buf = dz_alloc(G * M * Kp * 2));
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t m = 0; m < M; m++) {
+                uint16_t *r = xb + (g * M + m) * Kp;
+                memcpy(r, (const uint16_t *)x + m * ldx + g * K, (size_t)K * 2);
+                memset(r + K, 0, (size_t)(Kp - K) * 2);
+            }
+        xs = (const char *)xb, ldb = Kp * 2, gx = M * Kp * 2, tile = fp8_tile_bf, bfd = 1;
+    } else
+#endif
+    if (!bf16 && M <= 2) { /* fp32 rows used in place, as dz_fp8_linear */
+        xs = (const char *)x, ldb = ldx * 4, gx = K * 4;
+    } else { /* fp32 rows, zeros from K to the many-rows path's Kp */
+        const int64_t ld = pad_ld(K);
+        float *xf = (float *)(buf = dz_alloc(G * M * ld * 4));
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t m = 0; m < M; m++) {
+                float *r = xf + (g * M + m) * ld;
+                dz_load_row((const char *)x + (m * ldx + g * K) * xsz, K, (int)bf16, r);
+                memset(r + K, 0, (size_t)(rows_kp(K, 1, 0) - K) * 4);
+            }
+        xs = (const char *)xf, ldb = ld * 4, gx = M * ld * 4;
+    }
+#define GROUP_Q(g) {w + (g) * R * K, (const char *)s + (g) * gs, K, R, (int)e8m0, bf16 && !e8m0}
+    const int64_t macs = M * G * R * K;
+#if MANY_ROWS
+    if (M >= ROWS_MIN) { /* rows_linear's panels of OP rows, per group */
+        const int64_t Kp = rows_kp(K, 1, bfd), per = cdiv(R, OP), items = G * per;
+        const char **xr = (const char **)dz_alloc(G * M * (int64_t)sizeof(char *));
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t m = 0; m < M; m++) xr[g * M + m] = xs + g * gx + m * ldb;
+        const int nt = team(nthreads, macs, items);
+#pragma omp parallel num_threads(nt)
+        {
+            void *wbuf = dz_alloc(OP * Kp * (bfd ? 2 : 4));
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t it = 0; it < items; it++) {
+                const int64_t g = it / per, o0 = it % per * OP;
+                const QMat q = GROUP_Q(g);
+                rows_item(&q, 1, bfd, xr + g * M, M, o0, min64(R, o0 + OP), wbuf, (char *)out + g * R * osz, ldo, 0,
+                          (int)bf16);
+            }
+            free(wbuf);
+        }
+        free(xr);
+        free(buf);
+        return;
+    }
+#endif
+    (void)bfd; /* read by the many-rows path only (AVX-512 builds) */
+    /* linear()'s tiles, sized over all G * R rows (>= 8 items per thread where they allow) */
+    const int nt = team(nthreads, macs, G * cdiv(R, 16));
+    int64_t Rt = TILE;
+    if (nt > 1) {
+        Rt = (cdiv(G * R, 8 * nt) + 1) & ~(int64_t)1;
+        Rt = Rt > TILE ? TILE : (Rt < 16 ? 16 : Rt);
+    }
+    const int64_t per = cdiv(R, Rt), items = G * per;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; it++) {
+        const int64_t g = it / per, o0 = it % per * Rt;
+        const QMat q = GROUP_Q(g);
+        grouped_item(&q, tile, xs + g * gx, ldb, M, (char *)out + g * R * osz, ldo, (int)bf16, o0, min64(R, o0 + Rt));
+    }
+#undef GROUP_Q
+    free(buf);
+}
+
 /* ---- routed experts ----------------------------------------------------------------------------- */
 /* h = rw * (silu(g') * u') for the n outputs o0.. of one pair, g' = min(g, limit), u' = u clamped
  * to +-limit (limit > 0), g and u first rounded to x's dtype (the twin's fp4_linear outputs); h is

@@ -1,5 +1,6 @@
 """FP8 / FP4 linears and the routed-expert MoE on the CPU (gemm.c), same signatures and results as
-the twins ref.fp8_linear, ref.fp4_linear, ref.moe_experts up to fp32 summation order.
+the twins ref.fp8_linear, ref.fp4_linear, ref.moe_experts up to fp32 summation order; the grouped
+FP8 linear (ref.fp8_linear_grouped, a fused op) bit-identical to fp8_linear per group.
 
 Activations fp32 or bf16 on the CPU; scales E8M0 (float8_e8m0fnu or uint8 bytes) or fp32. Anything
 else (fp16 activations, other devices, shapes the kernels do not take) runs the twin. Per-call
@@ -28,6 +29,7 @@ _SIGNATURES = {
     "fp4": ("dz_fp4_linear", "piippipiiii"),
     "fp8": ("dz_fp8_linear", "piippipiiiii"),
     "fp8_b": ("dz_fp8_linear_b", "piippipiiiiii"),  # + the scale block side (128 or 32)
+    "fp8_grouped": ("dz_fp8_linear_grouped", "piippipiiiii"),
     "moe": ("dz_moe_fp4", "piiiiippippippippifippi"),
     "sim": ("dz_gemm_fp8_sim", "piiiip"),
     "options": ("dz_gemm_options", "i"),  # tests: options(0) runs bf16 x on the fp32 kernels
@@ -76,6 +78,40 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_q
                       M, O, Kw, act_quant, torch.get_num_threads(), block)
     return out
 
+
+
+def fp8_linear_grouped(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int) -> torch.Tensor:
+    """ref.fp8_linear_grouped (x [M, G*K], W e4m3 [G*R, K], R % 128 == 0 -> [M, G*R]) in one call
+    (dz_fp8_linear_grouped: one team over every group's tiles): bit-identical to this module's
+    fp8_linear per group + cat, the loop that cases the kernel does not take run (fp8_linear runs
+    the twin where it does not take a group either); shapes that are no grouped linear raise the
+    twin's ValueError."""
+    dt = x.dtype
+    e8 = _scale_kind(scale)
+    if ((dt is not _BF16 and dt is not _F32) or e8 < 0 or weight.dtype is not _E4M3 or x.dim() != 2
+            or weight.dim() != 2 or type(groups) is not int or groups < 1
+            or not (x.is_cpu and weight.is_cpu and scale.is_cpu)):
+        return _grouped_loop(x, weight, scale, groups)
+    M, Kx = x.shape
+    O, K = weight.shape
+    if O % groups or O // groups % 128 or Kx != groups * K or scale.shape != (O // 128, (K + 127) // 128):
+        return _grouped_loop(x, weight, scale, groups)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    if not scale.is_contiguous():
+        scale = scale.contiguous()
+    out = torch.empty((M, O), dtype=dt)
+    if M and O:
+        kernels.fp8_grouped(x.data_ptr(), x.stride(0), dt is _BF16, weight.data_ptr(), scale.data_ptr(), e8,
+                            out.data_ptr(), M, groups, O // groups, K, torch.get_num_threads())
+    return out
+
+
+def _grouped_loop(x, weight, scale, groups) -> torch.Tensor:
+    """fp8_linear_grouped as G calls of fp8_linear (ref.fp8_groups: the twin's checks and views)."""
+    return torch.cat([fp8_linear(*part) for part in ref.fp8_groups(x, weight, scale, groups)], -1)
 
 def fp4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """ref.fp4_linear: x [M,K] @ W^T, W packed e2m1 int8 [O,K/2], per-32 scales [O,K/32] -> [M,O] x.dtype."""
