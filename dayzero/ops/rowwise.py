@@ -4,7 +4,10 @@ their cures:
 
 - elementwise transcendental ops: torch computes whole vectors with SLEEF polynomials and the tail
   of a range with the scalar libm function, an ulp apart -> `lanewise`;
-- matmuls: BLAS takes other paths for 1-3 rows (MKL gemv) -> `linear` pads to 16 rows;
+- matmuls: BLAS takes other paths for 1-3 rows (MKL gemv), and on CPUs with AVX512-BF16 (an Intel
+  Xeon of 2026-12) MKL's sgemm and oneDNN's bf16 GEMM round rows differently at many row counts
+  (measured: 1-8 of 9+ rows at 1024x1024 fp32; 201 of 256 row counts at 256x512 bf16) -> `linear`
+  runs calls of exactly 16 rows, the last padded with zero rows;
 - batched matmuls: the path depends on the batch count and the memory layout -> `bmm` in calls of
   exactly 16, contiguous;
 - a row mean in the activation dtype -> `row_mean`, summed left to right.
@@ -43,18 +46,22 @@ _MIN_ROWS = 16
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, w) with a row's bits independent of the rows beside it on the CPU: BLAS takes
-    other paths (gemv) for a few rows (measured with MKL: 1-3 rows differ from 4 or more, which
-    agree with each other), so calls of fewer than 16 rows run padded to 16 with zero rows."""
+    """F.linear(x, w) with a row's bits independent of the rows beside it on the CPU: BLAS picks its
+    path (and so its rounding) by the row count (MKL's gemv for 1-3 rows; on AVX512-BF16 CPUs other
+    sgemm and bf16 kernels at many counts), so every call runs in chunks of exactly 16 rows, the last
+    padded with zero rows: one shape, one path (checked on fp32 and bf16 at M = 1..200)."""
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.device.type != "cpu" or m == 0:
         return F.linear(x, w)
-    x = x.contiguous()  # one memory layout (BLAS's transposed paths round otherwise)
-    if m >= _MIN_ROWS:
-        return F.linear(x, w)
-    flat = x.reshape(m, x.shape[-1])
-    padded = torch.cat([flat, flat.new_zeros(_MIN_ROWS - m, flat.shape[1])])
-    return F.linear(padded, w)[:m].view(*x.shape[:-1], w.shape[0])
+    flat = x.reshape(m, x.shape[-1]).contiguous()  # one memory layout (BLAS's transposed paths round otherwise)
+    pad = -m % _MIN_ROWS
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
+    if flat.shape[0] == _MIN_ROWS:
+        out = F.linear(flat, w)
+    else:
+        out = torch.cat([F.linear(c, w) for c in flat.split(_MIN_ROWS)])
+    return out[:m].view(*x.shape[:-1], w.shape[0])
 
 
 def bmm(a: torch.Tensor, b: torch.Tensor, block: int = _MIN_ROWS) -> torch.Tensor:
