@@ -127,8 +127,10 @@ def test_hc_pre_sharp_strided_zero_token_and_n8():
 def test_hc_pre_threads_and_batch_invariant():
     """Threaded paths (token tiles in parallel; (token, K-slab) items for few long tokens) give
     the twin's results, and bitwise the same ones at 1 and 2 threads and for a token alone or in
-    a batch: no reduction depends on how the work was split."""
-    for N, n, d in ((64, 4, 256), (2, 4, 1024), (1, 3, 3000)):
+    a batch: no reduction depends on how the work was split. Teams start from 1 M multiply-adds
+    (mhc.c dz_hc_pre): (3, 4, 4096) and (1, 8, 3000) take the split path, the smaller ones one
+    thread."""
+    for N, n, d in ((64, 4, 256), (2, 4, 1024), (1, 3, 3000), (3, 4, 4096), (1, 8, 3000)):
         x, fn, scale, base = _pre_inputs(N, n, d, BF16, seed=d)
         with _threads(2):
             got = mhc.hc_pre(x, fn, scale, base, 20, **EPS)

@@ -10,16 +10,21 @@
  * official numerics, normalised in the activation dtype with the rsqrt taken in fp32. */
 #include "common.h"
 
-/* Nearest e2m1 magnitude of a >= 0 (a <= 6 after the clamp), ties to the even code, as
- * ref.fp4_round: the grid 0, .5, 1, 1.5, 2, 3, 4, 6; a midpoint goes to the even code. */
+/* Nearest e2m1 magnitude of a >= 0 (NaN -> 0; values above 6 -> 6), ties to the even code, as
+ * ref.fp4_round: the grid 0, .5, 1, 1.5, 2, 3, 4, 6 bucketized by the midpoints .25, .75, 1.25,
+ * 1.75, 2.5, 3.5, 5 (right=False: a == mid stays below), then a tie at an odd code's upper
+ * midpoint (.75, 1.75, 3.5) moves up to the even code: ">=" at those three. Selects, no branches:
+ * the codes are data-dependent, and a search loop mispredicted most of a row's time. */
 static inline float e2m1(float a) {
-    static const float grid[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-    static const float mids[7] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f};
-    if (a > 6.0f) a = 6.0f;
-    int i = 0;
-    while (i < 7 && a > mids[i]) i++; /* bucketize, right=False: a == mid stays at i */
-    if (i < 7 && a == mids[i] && (i & 1)) i++;
-    return grid[i];
+    float q = 0.0f;
+    q = a > 0.25f ? 0.5f : q;
+    q = a >= 0.75f ? 1.0f : q;
+    q = a > 1.25f ? 1.5f : q;
+    q = a >= 1.75f ? 2.0f : q;
+    q = a > 2.5f ? 3.0f : q;
+    q = a >= 3.5f ? 4.0f : q;
+    q = a > 5.0f ? 6.0f : q;
+    return q;
 }
 
 /* One row of n (a power of two) values: the Sylvester-Hadamard butterflies in the twin's order
@@ -91,20 +96,37 @@ static inline float act_round(float v, int bf16) { return bf16 ? dz_bf16_to_f32(
  * fp32 and rounded to x's dtype; + eps in x's dtype (PyTorch rounds the scalar to a bf16 tensor's
  * dtype first); rsqrt in fp32 (1 / sqrt, as PyTorch's vector
  * and scalar paths both compute it) rounded to x's dtype; the product in x's dtype. */
+/* rows [r0, r0 + nb), nb <= RB: each row's double sum in its own order (k = 0..n-1), the RB rows'
+ * chains side by side (a single chain waits on each double add's latency) */
+#define RB 8
+static void arms_rows(const void *x, int bf16, int64_t r0, int64_t nb, int64_t n, float eps, void *out) {
+    double acc[RB] = {0};
+    for (int64_t k = 0; k < n; k++)
+        for (int64_t l = 0; l < nb; l++) {
+            const float v = dz_load(x, (r0 + l) * n + k, bf16);
+            acc[l] += (double)act_round(v * v, bf16);
+        }
+    for (int64_t l = 0; l < nb; l++) {
+        const int64_t r = r0 + l;
+        const float mean = act_round((float)acc[l] / (float)n, bf16);
+        const float rs = act_round(1.0f / sqrtf(act_round(mean + act_round(eps, bf16), bf16)), bf16);
+        for (int64_t k = 0; k < n; k++) dz_store(out, r * n + k, dz_load(x, r * n + k, bf16) * rs, bf16);
+    }
+}
+
 void dz_act_rms_norm(const void *x, int64_t bf16, int64_t rows, int64_t n, float eps, void *out,
                      int64_t nthreads) {
     if (rows <= 0 || n <= 0) return;
-    int nt = rows * n >= 32768 ? dz_threads(nthreads, rows) : 1;
+    const int64_t blocks = (rows + RB - 1) / RB;
+    /* ~1 ns an element on one thread: a team pays off only for large calls (decode: 64 x 512) */
+    int nt = rows * n >= ((int64_t)1 << 18) ? dz_threads(nthreads, blocks) : 1;
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        double acc = 0.0;
-        for (int64_t k = 0; k < n; k++) {
-            const float v = dz_load(x, r * n + k, (int)bf16);
-            acc += (double)act_round(v * v, (int)bf16);
-        }
-        const float mean = act_round((float)acc / (float)n, (int)bf16);
-        const float rs = act_round(1.0f / sqrtf(act_round(mean + act_round(eps, (int)bf16), (int)bf16)), (int)bf16);
-        for (int64_t k = 0; k < n; k++) dz_store(out, r * n + k, dz_load(x, r * n + k, (int)bf16) * rs, (int)bf16);
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t r0 = b * RB, nb = rows - r0 < RB ? rows - r0 : RB;
+        if (bf16)
+            arms_rows(x, 1, r0, nb, n, eps, out);
+        else
+            arms_rows(x, 0, r0, nb, n, eps, out);
     }
 }
 

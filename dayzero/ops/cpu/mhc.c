@@ -688,8 +688,11 @@ void dz_hc_pre(const void *x, int64_t bf16, int64_t N, int64_t n, int64_t d, con
     if (N <= 0 || n <= 0 || n > HC_MAX || d <= 0) return;
     hc_args a = {x, (int)bf16, (int)n, (int)((2 + n) * n), N, d, n * d, iters, fn, scale, base, norm_eps, hc_eps,
                  u, post, comb};
+    /* one thread runs ~15 G multiply-adds a second (fn in cache; ~3 from DRAM): a decode call (N = 1,
+     * n = 4, d = 4096: 0.4 M) takes 30-140 us there, and a team (fork, a split's partials, two
+     * barriers) saves less than it risks where the other cores are busy: teams from 1 M */
     const int64_t work = N * a.R * a.K;
-    int nt = work >= 2 * PAR_MIN ? dz_threads(nthreads, work / PAR_MIN) : 1;
+    int nt = work >= 16 * PAR_MIN ? dz_threads(nthreads, work / PAR_MIN) : 1;
     if (nt <= 1) {
         hc_tokens(&a, 0, N);
         return;
