@@ -175,9 +175,25 @@ def convert(root: Path, hf_dir: Path, out: Path, python: str = sys.executable, l
 
 
 # ---- runs --------------------------------------------------------------------------------------
+# llama.cpp's weight repacking (its CPU "extra buffer types": interleaved layouts, AMX tiles), on by
+# default in its tools. On a Xeon with AMX (2026-12-07) llama-bench aborted on the Flash-shaped model
+# with it on (a ggml assertion: GGML_ASSERT(*cur_backend_id != -1) in sched_reserve; with -n 1,
+# GGML_ASSERT(i01 >= 0 && i01 < ne01) in ops.cpp) and ran with it off; vs_llamacpp then measures with it
+# off and records so (`set_repack`).
+REPACK = {"on": True}
+REPACK_ABORT = "GGML_ASSERT"
+
+
+def set_repack(on: bool) -> None:
+    REPACK["on"] = bool(on)
+
+
 def _tool(bdir: Path, name: str, args, timeout: float = 1800, stderr: list | None = None) -> str:
     cmd = [str(bdir / name), *map(str, args)]
-    p = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
+    if name == "llama-bench":
+        cmd += ["--repack", "1" if REPACK["on"] else "0"]
+    env = dict(os.environ, LLAMA_ARG_REPACK="1" if REPACK["on"] else "0")  # the common-args tools
+    p = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout, env=env)
     if stderr is not None:
         stderr.append(p.stderr)
     if p.returncode:
@@ -195,19 +211,22 @@ def bench_tokens(bdir: Path, gguf: Path, threads: int, prompt: int = 0, gen: int
     return float(recs[0]["avg_ts"])
 
 
-def batched_decode(bdir: Path, gguf: Path, threads: int, batch: int, prompt: int, gen: int) -> dict:
+def batched_decode(bdir: Path, gguf: Path, threads: int, batch: int, prompt: int, gen: int, tries: int = 3) -> dict:
     """llama-batched-bench: `batch` sequences of `prompt` random tokens, then `gen` decode steps;
-    returns its jsonl record (speed_tg: aggregate decode tokens/s)."""
+    returns its jsonl record (speed_tg: aggregate decode tokens/s). It sometimes exits 0 having printed
+    nothing at all (measured: 1 call in 6 on the built-in model, 2026-12-07): such a call is run again,
+    up to `tries` calls in all."""
     ctx = -(-batch * (prompt + gen) // 2048) * 2048  # llama.cpp rounds n_ctx; a multiple of 2048 (and of 8, 32) stays
-    err: list[str] = []
-    out = _tool(bdir, "llama-batched-bench", ["-m", gguf, "-t", threads, "-fa", "on", "-c", ctx, "-b", 2048,
-                                              "-ub", 512, "-np", batch, "-npp", prompt, "-ntg", gen, "-npl", batch,
-                                              "--output-format", "jsonl"], stderr=err)
-    lines = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
-    if not lines:
-        tail = "\n".join((out + err[0]).strip().splitlines()[-15:])
-        raise LlamaCppError(f"llama-batched-bench (batch {batch}, n_ctx {ctx}) printed no result line:\n{tail}")
-    return lines[-1]
+    for _ in range(tries):
+        err: list[str] = []
+        out = _tool(bdir, "llama-batched-bench", ["-m", gguf, "-t", threads, "-fa", "on", "-c", ctx, "-b", 2048,
+                                                  "-ub", 512, "-np", batch, "-npp", prompt, "-ntg", gen, "-npl", batch,
+                                                  "--output-format", "jsonl"], stderr=err)
+        lines = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+        if lines:
+            return lines[-1]
+    tail = "\n".join((out + err[0]).strip().splitlines()[-15:])
+    raise LlamaCppError(f"llama-batched-bench (batch {batch}, n_ctx {ctx}) printed no result line in {tries} calls:\n{tail}")
 
 
 def tokenize(bdir: Path, gguf: Path, text: str) -> list[int]:

@@ -221,6 +221,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "the built-in model 512,2048)")
     ap.add_argument("--batches", default=None, help="decode batch sizes, comma-separated (default 8,32)")
     ap.add_argument("--no-prefill", action="store_true", help="skip the 512-token prefill case")
+    ap.add_argument("--llamacpp-repack", choices=("auto", "on", "off"), default="auto",
+                    help="llama.cpp's weight repacking (its CPU extra buffer types; on by default in its tools). "
+                         "auto: on, unless a two-token probe per model aborts on a ggml assertion with it on and runs with it off (seen on a "
+                         "Xeon with AMX); then off for that model, printed and recorded per row")
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON record (default bench/results)")
     a = ap.parse_args(argv)
     bad = [m for m in a.models.split(",") if m not in MODELS]
@@ -281,6 +285,7 @@ def run(a: argparse.Namespace, log=print) -> int:
         d = write_checkpoint(s, a.work_dir / s.name, log)
         gguf = lc.convert(a.llamacpp_dir, d, a.work_dir / f"{s.name}.gguf", log=log)
         b = bins[s.hca_ratio]
+        repack = pick_repack(a.llamacpp_repack, b, gguf, a.threads, log)
         tensors = checkpoint_tensor_bytes(d)
         cfg = json.loads((d / "config.json").read_text())
         E, k, vocab = cfg["n_routed_experts"], cfg["num_experts_per_tok"], cfg["vocab_size"]
@@ -310,11 +315,16 @@ def run(a: argparse.Namespace, log=print) -> int:
             B = int(case.split()[1][1:]) if case.startswith("decode") else None
             nbytes = weight_bytes(tensors, E, k, B) if B else None
             r = row(s.name, case, statistics.median(ll), statistics.median(dz), nbytes, bw, tokens_per_step=B or 1)
-            r.update(llamacpp_all=ll, dayzero_all=dz)
+            r.update(llamacpp_all=ll, dayzero_all=dz, llamacpp_repack=repack)
             rows.append(r)
             log(fmt_row(r))
         if s.greedy:
-            greedy = greedy_agreement(llm, b, gguf, 64, log)
+            try:
+                greedy = greedy_agreement(llm, b, gguf, 64, log)
+            except lc.LlamaCppError as e:  # llama-simple has no repacking switch: it aborts where repacking does
+                first = next((ln for ln in str(e).splitlines() if lc.REPACK_ABORT in ln), str(e).splitlines()[0])
+                greedy = dict(model=s.name, error=first.strip())
+                log(f"greedy agreement not measured: llama-simple failed ({first.strip()})")
         del llm
     record = dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), threads=a.threads, reps=a.reps,
                   quick=a.quick, new_tokens=a.new_tokens, copy_bandwidth=bw, llamacpp=f"llama-cpp-python {lc.SDIST_VERSION} sdist",
@@ -325,6 +335,27 @@ def run(a: argparse.Namespace, log=print) -> int:
     path.write_text(json.dumps(record, indent=1) + "\n")
     log(f"wrote {path}")
     return 0
+
+
+def pick_repack(choice: str, bdir: Path, gguf: Path, threads: int, log=print) -> bool:
+    """Whether llama.cpp's tools run with weight repacking for this model (lc.set_repack): "on" / "off"
+    as asked; "auto": on unless a two-token llama-bench aborts on a ggml assertion with it on and runs with it off."""
+    if choice != "auto":
+        lc.set_repack(choice == "on")
+        return choice == "on"
+    lc.set_repack(True)
+    try:
+        lc.bench_tokens(bdir, gguf, threads, gen=2)
+        return True
+    except lc.LlamaCppError as e:
+        if lc.REPACK_ABORT not in str(e):
+            raise
+        first = next((ln for ln in str(e).splitlines() if lc.REPACK_ABORT in ln), "")
+    lc.set_repack(False)
+    lc.bench_tokens(bdir, gguf, threads, gen=2)  # the same probe must run without repacking (else its error stands)
+    log(f"llama.cpp aborted with weight repacking on ({first.strip()}) on {gguf.name}: measuring it with "
+        "--repack 0 / LLAMA_ARG_REPACK=0 (recorded as llamacpp_repack false)")
+    return False
 
 
 def greedy_agreement(llm, bdir: Path, gguf: Path, n: int, log=print) -> dict:

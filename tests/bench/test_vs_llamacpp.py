@@ -123,3 +123,34 @@ def test_case_overrides():
     for bad in ("8k", "0", "-5"):
         with pytest.raises(SystemExit):
             v.parse_args(["--contexts", bad])
+
+
+def test_repack_choice_and_flags(monkeypatch, tmp_path):
+    """auto: repacking on unless the probe aborts on ggml's backend assertion (then off, recorded);
+    other failures are not swallowed; the flag reaches llama-bench (--repack) and the common-args
+    tools (LLAMA_ARG_REPACK)."""
+    import subprocess
+    import types
+
+    seen = []
+
+    def run(cmd, **kw):
+        seen.append((cmd, kw["env"].get("LLAMA_ARG_REPACK")))
+        abort = "--repack" in cmd and cmd[cmd.index("--repack") + 1] == "1" and mode["abort"]
+        return types.SimpleNamespace(returncode=-6 if abort else 0, stderr=lc.REPACK_ABORT if abort else "",
+                                     stdout="" if abort else '[{"avg_ts": 12.5}]')
+
+    mode = {"abort": False}
+    monkeypatch.setattr(subprocess, "run", run)
+    gguf = tmp_path / "m.gguf"
+    assert v.pick_repack("auto", tmp_path, gguf, 2) is True and lc.REPACK["on"]
+    assert seen[-1][0][-2:] == ["--repack", "1"] and seen[-1][1] == "1"
+    mode["abort"] = True
+    assert v.pick_repack("auto", tmp_path, gguf, 2, log=lambda m: None) is False and not lc.REPACK["on"]
+    assert lc.bench_tokens(tmp_path, gguf, 2, gen=4) == 12.5 and seen[-1][0][-2:] == ["--repack", "0"]
+    assert seen[-1][1] == "0"
+    assert v.pick_repack("on", tmp_path, gguf, 2) is True and lc.REPACK["on"]
+    monkeypatch.setattr(lc, "bench_tokens", lambda *a, **k: (_ for _ in ()).throw(lc.LlamaCppError("other failure")))
+    with pytest.raises(lc.LlamaCppError, match="other failure"):
+        v.pick_repack("auto", tmp_path, gguf, 2)
+    lc.set_repack(True)
