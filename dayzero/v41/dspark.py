@@ -1,6 +1,6 @@
 """DSpark of DeepSeek-V4.1 (`mtp.0` .. `mtp.{n-1}`, layer ids n_layers + i): the three-stage block drafter
 as V4.1 ships it. There is no public oracle (transformers' `deepseek_v41` skips `mtp.*`); the facts and
-their sources are in briefs/dspark41-report.md (vLLM, TokenSpeed, fastllm, NeMo AutoModel, a reference
+their sources are in docs/V41_DSPARK.md (vLLM, TokenSpeed, fastllm, NeMo AutoModel, a reference
 port). What differs from V4-0731's (reference/dspark.py):
 
 - capture: the target's hidden state is the mean over the hc streams at the ENTRY of each layer of
