@@ -39,6 +39,23 @@ PATCHES = (
 )
 
 
+# The "noamx" variant: GGML_NATIVE's instruction sets without AMX (-march=native -mno-amx-*), so that
+# ggml builds no AMX buffer type. On a Xeon with AMX (2026-12-07) the native build aborted on these
+# models with weight repacking on (its AMX buffers hold the Q8_0 linears; see REPACK below) and the
+# noamx build runs them with repacking on. Its tools go to bin-noamx/ (bin-hca<R>-noamx/).
+VARIANTS = ("native", "noamx")
+_NOAMX_ARCH = "-march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def cmake_flags(variant: str = "native") -> tuple[str, ...]:
+    if variant == "native":
+        return CMAKE_FLAGS
+    if variant == "noamx":
+        return tuple(f for f in CMAKE_FLAGS if f != "-DGGML_NATIVE=ON") + (
+            "-DGGML_NATIVE=OFF", f"-DCMAKE_C_FLAGS={_NOAMX_ARCH}", f"-DCMAKE_CXX_FLAGS={_NOAMX_ARCH}")
+    raise ValueError(f"llama.cpp build variant {variant!r}: one of {', '.join(VARIANTS)}")
+
+
 class LlamaCppError(RuntimeError):
     """Something about llama.cpp (not built, a failed build, conversion or run), said plainly."""
 
@@ -47,15 +64,17 @@ def source_dir(root: Path) -> Path:
     return Path(root) / f"llama_cpp_python-{SDIST_VERSION}" / "vendor" / "llama.cpp"
 
 
-def bin_dir(root: Path, hca_ratio: int = 128) -> Path:
-    return Path(root) / ("bin" if hca_ratio == 128 else f"bin-hca{hca_ratio}")
+def bin_dir(root: Path, hca_ratio: int = 128, variant: str = "native") -> Path:
+    name = "bin" if hca_ratio == 128 else f"bin-hca{hca_ratio}"
+    return Path(root) / (name if variant == "native" else f"{name}-{variant}")
 
 
-def build_command(root: Path) -> str:
-    return f"python -m bench.vs_llamacpp --build --llamacpp-dir {root}"
+def build_command(root: Path, variant: str = "native") -> str:
+    return f"python -m bench.vs_llamacpp --build --llamacpp-dir {root}" + (
+        "" if variant == "native" else f" --llamacpp-variant {variant}")
 
 
-def require_built(root: Path, hca_ratio: int = 128) -> Path:
+def require_built(root: Path, hca_ratio: int = 128, variant: str = "native") -> Path:
     """The directory of the built tools, or a LlamaCppError naming what is missing and the command."""
     root = Path(root)
     if not root.is_dir():
@@ -63,12 +82,12 @@ def require_built(root: Path, hca_ratio: int = 128) -> Path:
     if not (source_dir(root) / "convert_hf_to_gguf.py").is_file():
         raise LlamaCppError(f"{root} holds no llama.cpp source ({source_dir(root)}/convert_hf_to_gguf.py is missing): "
                             f"build it first with `{build_command(root)}`")
-    b = bin_dir(root, hca_ratio)
+    b = bin_dir(root, hca_ratio, variant)
     missing = [t for t in TOOLS if not (b / t).is_file()]
     if missing:
         what = "" if hca_ratio == 128 else f" (the HCA-ratio-{hca_ratio} copy)"
         raise LlamaCppError(f"llama.cpp tools{what} not built in {b}: missing {', '.join(missing)}; "
-                            f"build them with `{build_command(root)}`")
+                            f"build them with `{build_command(root, variant)}`")
     return b
 
 
@@ -87,9 +106,11 @@ def _run(cmd, log, cwd=None, what="command") -> None:
         raise LlamaCppError(f"{what} failed (exit {p.returncode}):\n{tail}")
 
 
-def build(root: Path, jobs: int = 2, hca_ratios=(128, 32), log=print) -> Path:
+def build(root: Path, jobs: int = 2, hca_ratios=(128, 32), log=print, variant: str = "native") -> Path:
     """Download the sdist, unpack it, configure and build TOOLS (nice -n 10, -j jobs) into
-    bin/ and, per extra HCA ratio, a patched copy into bin-hca<R>/ (the source is restored after)."""
+    bin/ and, per extra HCA ratio, a patched copy into bin-hca<R>/ (the source is restored after);
+    variant "noamx": into bin-noamx/, bin-hca<R>-noamx/ (cmake_flags)."""
+    flags = cmake_flags(variant)
     _check_toolchain()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -101,8 +122,8 @@ def build(root: Path, jobs: int = 2, hca_ratios=(128, 32), log=print) -> Path:
     if not (src / "CMakeLists.txt").is_file():
         with tarfile.open(sdist) as tf:
             tf.extractall(root, filter="data")
-    build_dir = src / "build"
-    _run(["cmake", "-S", src, "-B", build_dir, *CMAKE_FLAGS], log, what="cmake configure")
+    build_dir = src / ("build" if variant == "native" else f"build-{variant}")
+    _run(["cmake", "-S", src, "-B", build_dir, *flags], log, what="cmake configure")
     for r in hca_ratios:
         _patch(src, r)
         try:
@@ -110,12 +131,12 @@ def build(root: Path, jobs: int = 2, hca_ratios=(128, 32), log=print) -> Path:
                  what=f"cmake build (HCA ratio {r})")
         finally:
             _patch(src, 128)
-        out = bin_dir(root, r)
+        out = bin_dir(root, r, variant)
         out.mkdir(exist_ok=True)
         for t in TOOLS:
             shutil.copy2(build_dir / "bin" / t, out / t)
-        log(f"built {', '.join(TOOLS)} (HCA ratio {r}) into {out}")
-    return bin_dir(root)
+        log(f"built {', '.join(TOOLS)} (HCA ratio {r}, {variant}) into {out}")
+    return bin_dir(root, 128, variant)
 
 
 def _patch(src: Path, ratio: int) -> None:

@@ -6,8 +6,11 @@
 
 llama.cpp is the one vendored in the PyPI sdist of llama-cpp-python 0.3.36, built with cmake
 (Release, GGML_NATIVE, OpenMP) into ~/.cache/dayzero/llamacpp (--llamacpp-dir) only with --build;
-it is never a dependency of dayzero. Checkpoints are written with dayzero's own writer and
-converted with llama.cpp's own convert_hf_to_gguf.py:
+it is never a dependency of dayzero. `--llamacpp-variant noamx` (with --build and with the runs) is
+the same build without AMX (-march=native -mno-amx-*: bin-noamx/), for CPUs with AMX, where the native
+build's AMX buffers abort these models unless weight repacking is off (`--llamacpp-repack`).
+Checkpoints are written with dayzero's own writer and converted with llama.cpp's own
+convert_hf_to_gguf.py:
 
   builtin  the built-in model (a copy). llama.cpp hard-codes the HCA compression ratio 128; this
            model's is 32, so it runs on a copy of llama.cpp's tools built with exactly three lines
@@ -221,6 +224,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "the built-in model 512,2048)")
     ap.add_argument("--batches", default=None, help="decode batch sizes, comma-separated (default 8,32)")
     ap.add_argument("--no-prefill", action="store_true", help="skip the 512-token prefill case")
+    ap.add_argument("--llamacpp-variant", choices=lc.VARIANTS, default="native",
+                    help="which llama.cpp build --build makes and the runs use: native (GGML_NATIVE, bin/) or noamx "
+                         "(-march=native without AMX, bin-noamx/: on a CPU with AMX the native build's AMX buffers "
+                         "abort these models with repacking on)")
     ap.add_argument("--llamacpp-repack", choices=("auto", "on", "off"), default="auto",
                     help="llama.cpp's weight repacking (its CPU extra buffer types; on by default in its tools). "
                          "auto: on, unless a two-token probe per model aborts on a ggml assertion with it on and runs with it off (seen on a "
@@ -255,7 +262,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     try:
         if a.build:
-            lc.build(a.llamacpp_dir, jobs=a.jobs)
+            lc.build(a.llamacpp_dir, jobs=a.jobs, variant=a.llamacpp_variant)
             return 0
         return run(a)
     except lc.LlamaCppError as e:
@@ -270,7 +277,8 @@ def run(a: argparse.Namespace, log=print) -> int:
         from dataclasses import replace
         chosen = [replace(s, contexts=s.contexts if a.contexts is None else a.contexts,
                           batches=s.batches if a.batches is None else a.batches) for s in chosen]
-    bins = {s.hca_ratio: lc.require_built(a.llamacpp_dir, s.hca_ratio) for s in chosen}  # fail before any work
+    bins = {s.hca_ratio: lc.require_built(a.llamacpp_dir, s.hca_ratio, a.llamacpp_variant)
+            for s in chosen}  # fail before any work
 
     import torch
 
@@ -328,6 +336,7 @@ def run(a: argparse.Namespace, log=print) -> int:
         del llm
     record = dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), threads=a.threads, reps=a.reps,
                   quick=a.quick, new_tokens=a.new_tokens, copy_bandwidth=bw, llamacpp=f"llama-cpp-python {lc.SDIST_VERSION} sdist",
+                  llamacpp_variant=a.llamacpp_variant, llamacpp_cmake=list(lc.cmake_flags(a.llamacpp_variant)),
                   hca_patch=[p[0] + ": " + p[1] for p in lc.PATCHES], rows=rows, greedy=greedy,
                   environment=_environment())
     a.out.mkdir(parents=True, exist_ok=True)

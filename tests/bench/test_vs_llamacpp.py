@@ -154,3 +154,21 @@ def test_repack_choice_and_flags(monkeypatch, tmp_path):
     with pytest.raises(lc.LlamaCppError, match="other failure"):
         v.pick_repack("auto", tmp_path, gguf, 2)
     lc.set_repack(True)
+
+
+def test_noamx_variant(tmp_path):
+    """The noamx build: GGML_NATIVE's flags with native off and -march=native without AMX, its own
+    bin directories, and require_built / the runs naming the variant's build command."""
+    flags = lc.cmake_flags("noamx")
+    assert "-DGGML_NATIVE=ON" not in flags and "-DGGML_NATIVE=OFF" in flags
+    assert "-DCMAKE_CXX_FLAGS=-march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in flags
+    assert set(lc.CMAKE_FLAGS) - {"-DGGML_NATIVE=ON"} <= set(flags) and lc.cmake_flags() == lc.CMAKE_FLAGS
+    assert lc.bin_dir(tmp_path, 128, "noamx").name == "bin-noamx" and lc.bin_dir(tmp_path, 32, "noamx").name == "bin-hca32-noamx"
+    with pytest.raises(ValueError, match="native, noamx"):
+        lc.cmake_flags("amx")
+    src = lc.source_dir(tmp_path)
+    src.mkdir(parents=True)
+    (src / "convert_hf_to_gguf.py").write_text("")
+    with pytest.raises(lc.LlamaCppError, match="bin-noamx.*--llamacpp-variant noamx"):
+        lc.require_built(tmp_path, 128, "noamx")
+    assert v.parse_args(["--llamacpp-variant", "noamx"]).llamacpp_variant == "noamx"
