@@ -79,7 +79,6 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_q
     return out
 
 
-
 def fp8_linear_grouped(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int) -> torch.Tensor:
     """ref.fp8_linear_grouped (x [M, G*K], W e4m3 [G*R, K], R % 128 == 0 -> [M, G*R]) in one call
     (dz_fp8_linear_grouped: one team over every group's tiles): bit-identical to this module's
