@@ -223,6 +223,27 @@ def _tool(bdir: Path, name: str, args, timeout: float = 1800, stderr: list | Non
     return p.stdout
 
 
+def pick_repack(choice: str, bdir: Path, gguf: Path, threads: int, log=print) -> bool:
+    """Whether llama.cpp's tools run with weight repacking for this model (set_repack): "on" / "off"
+    as asked; "auto": on unless a two-token llama-bench aborts on a ggml assertion with it on and runs with it off."""
+    if choice != "auto":
+        set_repack(choice == "on")
+        return choice == "on"
+    set_repack(True)
+    try:
+        bench_tokens(bdir, gguf, threads, gen=2)
+        return True
+    except LlamaCppError as e:
+        if REPACK_ABORT not in str(e):
+            raise
+        first = next((ln for ln in str(e).splitlines() if REPACK_ABORT in ln), "")
+    set_repack(False)
+    bench_tokens(bdir, gguf, threads, gen=2)  # the same probe must run without repacking (else its error stands)
+    log(f"llama.cpp aborted with weight repacking on ({first.strip()}) on {gguf.name}: measuring it with "
+        "--repack 0 / LLAMA_ARG_REPACK=0 (recorded as llamacpp_repack false)")
+    return False
+
+
 def bench_tokens(bdir: Path, gguf: Path, threads: int, prompt: int = 0, gen: int = 0, depth: int = 0) -> float:
     """llama-bench tokens/s: prompt>0 and gen=0: prefill of `prompt` tokens; gen>0: decode of `gen`
     tokens after `depth` tokens in the cache. One repetition (the caller alternates and repeats)."""

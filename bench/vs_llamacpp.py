@@ -293,7 +293,7 @@ def run(a: argparse.Namespace, log=print) -> int:
         d = write_checkpoint(s, a.work_dir / s.name, log)
         gguf = lc.convert(a.llamacpp_dir, d, a.work_dir / f"{s.name}.gguf", log=log)
         b = bins[s.hca_ratio]
-        repack = pick_repack(a.llamacpp_repack, b, gguf, a.threads, log)
+        repack = lc.pick_repack(a.llamacpp_repack, b, gguf, a.threads, log)
         tensors = checkpoint_tensor_bytes(d)
         cfg = json.loads((d / "config.json").read_text())
         E, k, vocab = cfg["n_routed_experts"], cfg["num_experts_per_tok"], cfg["vocab_size"]
@@ -344,27 +344,6 @@ def run(a: argparse.Namespace, log=print) -> int:
     path.write_text(json.dumps(record, indent=1) + "\n")
     log(f"wrote {path}")
     return 0
-
-
-def pick_repack(choice: str, bdir: Path, gguf: Path, threads: int, log=print) -> bool:
-    """Whether llama.cpp's tools run with weight repacking for this model (lc.set_repack): "on" / "off"
-    as asked; "auto": on unless a two-token llama-bench aborts on a ggml assertion with it on and runs with it off."""
-    if choice != "auto":
-        lc.set_repack(choice == "on")
-        return choice == "on"
-    lc.set_repack(True)
-    try:
-        lc.bench_tokens(bdir, gguf, threads, gen=2)
-        return True
-    except lc.LlamaCppError as e:
-        if lc.REPACK_ABORT not in str(e):
-            raise
-        first = next((ln for ln in str(e).splitlines() if lc.REPACK_ABORT in ln), "")
-    lc.set_repack(False)
-    lc.bench_tokens(bdir, gguf, threads, gen=2)  # the same probe must run without repacking (else its error stands)
-    log(f"llama.cpp aborted with weight repacking on ({first.strip()}) on {gguf.name}: measuring it with "
-        "--repack 0 / LLAMA_ARG_REPACK=0 (recorded as llamacpp_repack false)")
-    return False
 
 
 def greedy_agreement(llm, bdir: Path, gguf: Path, n: int, log=print) -> dict:

@@ -143,16 +143,16 @@ def test_repack_choice_and_flags(monkeypatch, tmp_path):
     mode = {"abort": False}
     monkeypatch.setattr(subprocess, "run", run)
     gguf = tmp_path / "m.gguf"
-    assert v.pick_repack("auto", tmp_path, gguf, 2) is True and lc.REPACK["on"]
+    assert lc.pick_repack("auto", tmp_path, gguf, 2) is True and lc.REPACK["on"]
     assert seen[-1][0][-2:] == ["--repack", "1"] and seen[-1][1] == "1"
     mode["abort"] = True
-    assert v.pick_repack("auto", tmp_path, gguf, 2, log=lambda m: None) is False and not lc.REPACK["on"]
+    assert lc.pick_repack("auto", tmp_path, gguf, 2, log=lambda m: None) is False and not lc.REPACK["on"]
     assert lc.bench_tokens(tmp_path, gguf, 2, gen=4) == 12.5 and seen[-1][0][-2:] == ["--repack", "0"]
     assert seen[-1][1] == "0"
-    assert v.pick_repack("on", tmp_path, gguf, 2) is True and lc.REPACK["on"]
+    assert lc.pick_repack("on", tmp_path, gguf, 2) is True and lc.REPACK["on"]
     monkeypatch.setattr(lc, "bench_tokens", lambda *a, **k: (_ for _ in ()).throw(lc.LlamaCppError("other failure")))
     with pytest.raises(lc.LlamaCppError, match="other failure"):
-        v.pick_repack("auto", tmp_path, gguf, 2)
+        lc.pick_repack("auto", tmp_path, gguf, 2)
     lc.set_repack(True)
 
 
