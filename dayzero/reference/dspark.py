@@ -119,15 +119,7 @@ class DSparkStage(Block, HCHead):
             q = ops.rms_norm(q, None, a.eps)
         q = ops.apply_rope(q, *batch.rope(inv, heads=True))
         kv = self._kv(kv, batch, inv)
-        M, dev, W = x.shape[0], x.device, a.window
-        first = torch.repeat_interleave(torch.tensor(batch.starts, device=dev), k)
-        # context: main positions c - W .. c - 1 before the block's first position c, stored at + 1
-        stored = first[:, None] - W + 1 + torch.arange(W, device=dev)[None, :]
-        ctx = rows_of(batch.cache, self.layer_id, "kv", batch.seq[:, None], stored, stored >= 1,
-                      (a.head_dim,), q.dtype)
-        own = (torch.arange(M, device=dev) // k * k)[:, None] + torch.arange(k, device=dev)[None, :]
-        o = ops.sparse_attn_paged(q, [ctx, (kv, own)], a.attn_sink, a.head_dim ** -0.5)
-        o = ops.apply_rope(o, *batch.rope(inv, heads=True), inverse=True)
+        o = block_core(ops, a, self.layer_id, q, kv, batch, k, inv)
         return a.output(o)  # tensor parallel: this rank's heads, partial sums all-reduced
 
     def forward_block(self, X: torch.Tensor, batch: Batch, ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -162,3 +154,18 @@ def draft_block(model, stages: nn.ModuleList, anchors: torch.Tensor, batch: Batc
         X = st.forward_block(X, batch, ids, k)
     h, U = stages[-1].head(X, model.head_weight())
     return h.view(n, k, -1), U.view(n, k, -1)
+
+
+def block_core(ops, a, layer_id: int, q: torch.Tensor, kv: torch.Tensor, batch: Batch, k: int,
+               inv: torch.Tensor) -> torch.Tensor:
+    """A DSpark stage's block attention after its projections (V4's stages and V4.1's, v41/dspark.py):
+    q [n * k, H, D] (RoPE'd), kv [n * k, D] the blocks' own rows; every query of block j attends to the
+    stage's context rows of main positions c - window .. c - 1 (c = batch.starts[j], stored at + 1) and
+    to all k rows of its block (non-causal), with the sink -> o [n * k, H, D], RoPE undone."""
+    M, dev, W = q.shape[0], q.device, a.window
+    first = torch.repeat_interleave(torch.tensor(batch.starts, device=dev), k)
+    stored = first[:, None] - W + 1 + torch.arange(W, device=dev)[None, :]
+    ctx = rows_of(batch.cache, layer_id, "kv", batch.seq[:, None], stored, stored >= 1, (a.head_dim,), q.dtype)
+    own = (torch.arange(M, device=dev) // k * k)[:, None] + torch.arange(k, device=dev)[None, :]
+    o = ops.sparse_attn_paged(q, [ctx, (kv, own)], a.attn_sink, a.head_dim ** -0.5)
+    return ops.apply_rope(o, *batch.rope(inv, heads=True), inverse=True)

@@ -35,7 +35,8 @@ from torch import nn
 
 from dayzero.distributed.layout import Layout
 from dayzero.ops import ref
-from dayzero.reference.attention import rope_table, rows_of
+from dayzero.reference.attention import rope_table
+from dayzero.reference.dspark import block_core
 from dayzero.reference.layers import RMSNorm, UsesOps
 from dayzero.reference.seqcache import Batch
 from dayzero.v41 import quant
@@ -135,15 +136,8 @@ class V41DSparkStage(V41Block):
         q = a.wq_b(a.q_norm(a.wq_a(x))).unflatten(-1, (a.n_heads, a.head_dim))  # no per-head q norm (V4.1)
         q = ops.apply_rope(q, *batch.rope(inv, heads=True))
         kv = self._kv(a.wkv(x), batch, inv)
-        M, dev, W = x.shape[0], x.device, a.window
-        first = torch.repeat_interleave(torch.tensor(batch.starts, device=dev), k)
-        # context: main positions c - W .. c - 1 before the block's first position c, stored at + 1
-        stored = first[:, None] - W + 1 + torch.arange(W, device=dev)[None, :]
-        ctx = rows_of(batch.cache, self.layer_id, "kv", batch.seq[:, None], stored, stored >= 1,
-                      (a.head_dim,), q.dtype)
-        own = (torch.arange(M, device=dev) // k * k)[:, None] + torch.arange(k, device=dev)[None, :]
-        o = ops.sparse_attn_paged(q, [ctx, (kv, own)], a.attn_sink, a.head_dim ** -0.5)
-        o = ops.apply_rope(o, *batch.rope(inv, heads=True), inverse=True)
+        o = block_core(ops, a, self.layer_id, q, kv, batch, k, inv)  # V4's: context window + the whole block
+        M = x.shape[0]
         return a.wo_b(a._grouped_wo_a(o.reshape(M, a.o_groups, -1)))  # CSA2Attention: FP8 32x32 groups on the kernel
 
     def forward_block(self, X: torch.Tensor, pre: torch.Tensor, batch: Batch, ids: torch.Tensor, k: int

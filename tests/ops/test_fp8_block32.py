@@ -25,20 +25,12 @@ if cpu.unavailable().get("gemm"):
 from dayzero.ops.cpu import gemm as G  # noqa: E402
 
 from tests.ops.bounds import lin_bound, native_build, per_threads, rand_x, within  # noqa: E402
+from tests.ops.test_cpu_gemm_rows import _one_thread  # noqa: E402, F401 (autouse: one thread in this module)
 
 E8M0 = torch.float8_e8m0fnu
 DTYPES = [torch.float32, torch.bfloat16]
 # O, K: whole blocks, edge blocks in O and K (partial 32-blocks, a partial last 128-run of K, K < 32)
 SHAPES = [(32, 32), (70, 333), (33, 95), (128, 1000), (2, 17), (64, 4096)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread for the twins (a shared machine); the kernels' teams: test_threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def w32(O, K, sdt=E8M0, seed=0):

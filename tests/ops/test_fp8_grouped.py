@@ -22,18 +22,10 @@ from dayzero.ops.cpu import gemm as G  # noqa: E402
 
 from tests.ops.bounds import (fp8_dequant, fp8_weights, lin_bound, native_build, per_threads,  # noqa: E402
                               rand_x, within)
+from tests.ops.test_cpu_gemm_rows import _one_thread  # noqa: E402, F401 (autouse: one thread in this module)
 
 E8M0 = torch.float8_e8m0fnu
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread unless a test asks for more (per_threads): a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,12 @@ def _scale_kind(scale: torch.Tensor) -> int:
     return 1 if dt is _E8M0_DT or dt is _U8 else 0 if dt is _F32 else -1
 
 
+def _dense(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor):
+    """The layouts the kernels read: x's rows unit-stride (row stride passed), weight and scale contiguous."""
+    return (x if x.stride(1) == 1 else x.contiguous(), weight if weight.is_contiguous() else weight.contiguous(),
+            scale if scale.is_contiguous() else scale.contiguous())
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool = False,
                block: int = 128) -> torch.Tensor:
     """ref.fp8_linear: x [M,K] @ W^T, W e4m3 [O,K], block x block scales (128: V4's; 32: V4.1's dense
@@ -66,12 +72,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_q
     O, Kw = weight.shape
     if Kx != Kw or scale.shape != ((O + block - 1) // block, (Kw + block - 1) // block):
         return ref.fp8_linear(x, weight, scale, act_quant, block)  # the twin's own error
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if not weight.is_contiguous():
-        weight = weight.contiguous()
-    if not scale.is_contiguous():
-        scale = scale.contiguous()
+    x, weight, scale = _dense(x, weight, scale)
     out = torch.empty((M, O), dtype=dt)
     if M and O:
         kernels.fp8_b(x.data_ptr(), x.stride(0), dt is _BF16, weight.data_ptr(), scale.data_ptr(), e8, out.data_ptr(),
@@ -95,12 +96,7 @@ def fp8_linear_grouped(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     O, K = weight.shape
     if O % groups or O // groups % 128 or Kx != groups * K or scale.shape != (O // 128, (K + 127) // 128):
         return _grouped_loop(x, weight, scale, groups)
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if not weight.is_contiguous():
-        weight = weight.contiguous()
-    if not scale.is_contiguous():
-        scale = scale.contiguous()
+    x, weight, scale = _dense(x, weight, scale)
     out = torch.empty((M, O), dtype=dt)
     if M and O:
         kernels.fp8_grouped(x.data_ptr(), x.stride(0), dt is _BF16, weight.data_ptr(), scale.data_ptr(), e8,
@@ -124,12 +120,7 @@ def fp4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
     O, Kh = weight.shape
     if Kx != 2 * Kh or Kx % 32 or scale.shape != (O, Kx // 32):
         return ref.fp4_linear(x, weight, scale)
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if not weight.is_contiguous():
-        weight = weight.contiguous()
-    if not scale.is_contiguous():
-        scale = scale.contiguous()
+    x, weight, scale = _dense(x, weight, scale)
     out = torch.empty((M, O), dtype=dt)
     if M and O:
         kernels.fp4(x.data_ptr(), x.stride(0), dt is _BF16, weight.data_ptr(), scale.data_ptr(), e8, out.data_ptr(),
