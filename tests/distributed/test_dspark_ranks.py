@@ -11,7 +11,7 @@ from dayzero import LLM, SamplingParams
 from tests.distributed.test_data_parallel import DP2, stopped
 from tests.distributed.test_tensor_parallel import GREEDY, OPTS, prompts, tokens
 from tests.engine.helpers import FIXED, staggered
-from tests.engine.test_dspark import recorded_drafts as recorded
+from tests.engine.helpers import recorded_drafts as recorded
 
 SPEC = dict(**OPTS, speculative_min_acceptance=0.0, speculative_config=FIXED)  # every proposed draft verified
 

@@ -67,3 +67,39 @@ def chosen_lengths(engine) -> list[int]:
 
     engine.policy.cut = recording
     return seen
+
+
+def recorded_drafts(llm) -> dict:
+    """{prompt: [(output tokens so far, the draft proposed then), ...]} of every draft the engine's
+    DSpark drafter proposes from here on."""
+    seen: dict = {}
+    propose = llm.engine.drafter.propose
+
+    def recording(engine, plan):
+        propose(engine, plan)
+        for b in plan.seqs:
+            r = plan.reqs[b]
+            if r.draft:
+                seen.setdefault(tuple(r.prompt_ids), []).append((len(r.output_ids), tuple(r.draft)))
+
+    llm.engine.drafter.propose = recording
+    return seen
+
+
+def drafts_alike_alone_batched_and_after_hits(ckpt, spec: dict, prompts: list, params, min_drafts: int) -> None:
+    """The DSpark drafts themselves (not only the tokens) are the same for each prompt run alone, batched in
+    7-token chunks with staggered arrivals, and again after prefix-cache hits (asserted to happen); at least
+    `min_drafts` drafts are compared."""
+    from dayzero import LLM
+    alone = LLM(ckpt, **spec)
+    want = recorded_drafts(alone)
+    for p in prompts:
+        alone.generate([p], params)
+    batched = LLM(ckpt, max_num_batched_tokens=7, **spec)
+    got = recorded_drafts(batched)
+    staggered(batched.engine, prompts, params)
+    assert got == want and sum(len(v) for v in want.values()) >= min_drafts
+    got.clear()
+    hits = batched.engine.kv.hits
+    batched.generate(prompts, params)
+    assert batched.engine.kv.hits > hits and got == want

@@ -14,7 +14,7 @@ from dayzero.cli import main, speculative_config
 from dayzero.engine.capacity import Sizes
 from dayzero.loader.checkpoint import CheckpointError
 from dayzero.reference.dspark import DSparkStage
-from tests.engine.helpers import FIXED, FrozenCost, chosen_lengths, staggered
+from tests.engine.helpers import FIXED, FrozenCost, chosen_lengths, drafts_alike_alone_batched_and_after_hits, staggered
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 # every proposed draft verified: these tests are about the drafts and their verification
@@ -146,39 +146,11 @@ def test_dspark_prefix_hits_and_preemption(ckpt, expected):
     assert small.engine.scheduler.num_preemptions > 0
 
 
-def recorded_drafts(llm) -> dict:
-    """{prompt: [(output tokens so far, the draft proposed then), ...]} of every draft the engine's
-    DSpark drafter proposes from here on."""
-    seen: dict = {}
-    propose = llm.engine.drafter.propose
-
-    def recording(engine, plan):
-        propose(engine, plan)
-        for b in plan.seqs:
-            r = plan.reqs[b]
-            if r.draft:
-                seen.setdefault(tuple(r.prompt_ids), []).append((len(r.output_ids), tuple(r.draft)))
-
-    llm.engine.drafter.propose = recording
-    return seen
-
-
 def test_dspark_drafts_do_not_depend_on_batching_chunking_or_prefix_hits(ckpt):
     """Not only the tokens: the drafts themselves (context rows of every earlier position, the
     draft block, the Markov head) are the same for a request alone, batched in 7-token chunks, and
     after a prefix-cache hit."""
-    alone = LLM(ckpt, **SPEC)
-    want = recorded_drafts(alone)
-    for p in prompts(3):
-        alone.generate([p], GREEDY)
-    batched = LLM(ckpt, max_num_batched_tokens=7, **SPEC)
-    got = recorded_drafts(batched)
-    staggered(batched.engine, prompts(3), GREEDY)
-    assert got == want and sum(len(v) for v in want.values()) >= 3 * 8
-    got.clear()
-    hits = batched.engine.kv.hits
-    batched.generate(prompts(3), GREEDY)
-    assert batched.engine.kv.hits > hits and got == want
+    drafts_alike_alone_batched_and_after_hits(ckpt, SPEC, prompts(3), GREEDY, min_drafts=3 * 8)
 
 
 def test_dspark_seeded_sampling_does_not_change(ckpt):

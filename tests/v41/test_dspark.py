@@ -8,7 +8,6 @@ engine, tokens with speculation on == off (Engram on and off), seeded sampling u
 built to agree with its target gets its drafts accepted."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -207,7 +206,7 @@ def test_markov_head_chains_each_draft_into_the_next(model):
 # ---- the engine -------------------------------------------------------------------------------------
 
 from dayzero import LLM, SamplingParams  # noqa: E402
-from tests.engine.helpers import FIXED, staggered  # noqa: E402
+from tests.engine.helpers import FIXED, drafts_alike_alone_batched_and_after_hits, staggered  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 SPEC = dict(speculative_min_acceptance=0.0, speculative_config=FIXED)  # every proposed draft verified
@@ -300,19 +299,7 @@ def test_drafts_do_not_depend_on_batching_chunking_or_prefix_hits(ckpt):
     """Not only the tokens: the drafts themselves (context rows of every earlier position, written per
     prefill chunk; the block; the Markov head) are the same alone, batched in 7-token chunks, and after
     a prefix-cache hit (context rows restored from cached blocks)."""
-    from tests.engine.test_dspark import recorded_drafts
-    alone = LLM(ckpt, **SPEC)
-    want = recorded_drafts(alone)
-    for p in prompts(3):
-        alone.generate([p], GREEDY)
-    batched = LLM(ckpt, max_num_batched_tokens=7, **SPEC)
-    got = recorded_drafts(batched)
-    staggered(batched.engine, prompts(3), GREEDY)
-    assert got == want and sum(len(v) for v in want.values()) >= 3 * 5
-    got.clear()
-    hits = batched.engine.kv.hits
-    batched.generate(prompts(3), GREEDY)
-    assert batched.engine.kv.hits > hits and got == want
+    drafts_alike_alone_batched_and_after_hits(ckpt, SPEC, prompts(3), GREEDY, min_drafts=3 * 5)
 
 
 @pytest.mark.parametrize("engram", [True, False], ids=["engram", "no-engram"])
