@@ -195,6 +195,11 @@ def _worker(args) -> int:
         w, s = _fp8_w(1024, 4096, f32)  # fp32 block scales (loader.formats.quant_fp8_block supports them)
         out.append(("M1-O1024-K4096-fp32scale", lambda cfg, x=T(1, 4096, dt=act), w=w, s=s:
                     gemm.fp8_linear(x, w, s, act_quant=act_quant, config=cfg)))
+        if not act_quant:  # DeepSeek-V4.1's dense 32x32 blocks (W8A16 only): wq_b and wo_b of V4.1-Flash
+            for M, O, K in ((1, 32768, 1280), (512, 5120, 8192)):
+                w, s = T(O, K, dt=e4m3), T(triton.cdiv(O, 32), triton.cdiv(K, 32), dt=e8m0)
+                out.append((f"M{M}-O{O}-K{K}-b32", lambda cfg, x=T(M, K, dt=act), w=w, s=s:
+                            gemm.fp8_linear(x, w, s, config=cfg, block=32)))
         return out
 
     def fp32_cases(act):

@@ -132,15 +132,17 @@ def _fp4_group(acc, xr, x_ok, k, K, wr, sr, o_ok, E8M0: tl.constexpr, ACT_SIM: t
 @triton.jit
 def _fp8_kernel(X, W, S, Y, M, O, K, KB, sxm, sys, KSPLIT, SPLITS, BLOCK_M: tl.constexpr,
                 BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, E8M0: tl.constexpr, ACT_Q: tl.constexpr,
-                INTERP: tl.constexpr, IEEE: tl.constexpr):
+                INTERP: tl.constexpr, IEEE: tl.constexpr, SB: tl.constexpr = 128):
     """ACT_Q=False: W8A16, weight tile decoded, scaled, rounded to x.dtype, dotted.
     ACT_Q=True (BLOCK_K=128): W8A8, each x row block quantised to e4m3 with a power-of-two
-    scale (as ref.fp8_act_sim), FP8 tensor-core dot, both scales on the fp32 partial sum."""
+    scale (as ref.fp8_act_sim), FP8 tensor-core dot, both scales on the fp32 partial sum.
+    SB: the scale blocks' side (128: V4's, one scale per weight row over a K tile, BLOCK_K | 128;
+    32: V4.1's dense 32x32 blocks, W8A16 only, a [BLOCK_K, BLOCK_O] scale tile: a scale per 32 of K)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ro = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     rk = tl.arange(0, BLOCK_K)
     m_ok, o_ok = rm < M, ro < O
-    srow = S + (ro // 128) * KB
+    srow = S + (ro // SB) * KB
     total = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
     for sp in range(tl.program_id(2) * SPLITS, (tl.program_id(2) + 1) * SPLITS):  # K ranges, in order
         acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
@@ -149,22 +151,31 @@ def _fp8_kernel(X, W, S, Y, M, O, K, KB, sxm, sys, KSPLIT, SPLITS, BLOCK_M: tl.c
             k_ok = kk < K
             x = tl.load(X + rm[:, None] * sxm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
             b = tl.load(W + ro[None, :] * K + kk[:, None], mask=o_ok[None, :] & k_ok[:, None], other=0)
-            s = _scale_f32(tl.load(srow + k0 // 128, mask=o_ok, other=1), E8M0)
-            if ACT_Q:
-                xf = x.to(tl.float32)
-                sa, inv = _act_scale(tl.max(tl.abs(xf), axis=1))
-                v = xf * inv[:, None]
-                if INTERP:  # the interpreter's fp32->fp8 cast misrounds: exact e4m3 values in fp32
-                    p = tl.dot(_e4m3_round(v), _e4m3_x2m8(b) * 256.0, input_precision="ieee")
-                else:
-                    p = tl.dot(v.to(tl.float8e4nv), b.to(tl.float8e4nv, bitcast=True))
-                acc += p * sa[:, None] * s[None, :]
-            else:
-                w = _round(_e4m3_x2m8(b) * (s * 256.0)[None, :], x.dtype, INTERP)
+            if SB != 128:  # a scale per SB of K: W decoded and scaled as in the twin, element by element
+                s2 = _scale_f32(tl.load(srow[None, :] + (kk // SB)[:, None], mask=o_ok[None, :] & k_ok[:, None],
+                                        other=1), E8M0)
+                w = _round(_e4m3_x2m8(b) * (s2 * 256.0), x.dtype, INTERP)
                 if INTERP or IEEE:
                     acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
                 else:
                     acc = tl.dot(x, w, acc)
+            else:
+                s = _scale_f32(tl.load(srow + k0 // 128, mask=o_ok, other=1), E8M0)
+                if ACT_Q:
+                    xf = x.to(tl.float32)
+                    sa, inv = _act_scale(tl.max(tl.abs(xf), axis=1))
+                    v = xf * inv[:, None]
+                    if INTERP:  # the interpreter's fp32->fp8 cast misrounds: exact e4m3 values in fp32
+                        p = tl.dot(_e4m3_round(v), _e4m3_x2m8(b) * 256.0, input_precision="ieee")
+                    else:
+                        p = tl.dot(v.to(tl.float8e4nv), b.to(tl.float8e4nv, bitcast=True))
+                    acc += p * sa[:, None] * s[None, :]
+                else:
+                    w = _round(_e4m3_x2m8(b) * (s * 256.0)[None, :], x.dtype, INTERP)
+                    if INTERP or IEEE:
+                        acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(x, w, acc)
         total += acc
     yp = Y + tl.program_id(2) * sys + rm[:, None] * O + ro[None, :]
     tl.store(yp, _round(total, Y.dtype.element_ty, INTERP), mask=m_ok[:, None] & o_ok[None, :])
@@ -289,28 +300,32 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
                config: dict | None = None, block: int = 128) -> torch.Tensor:
     """ref.fp8_linear. act_quant=True: x is FP8-simulated first (ref.fp8_act_sim, blocks of 128):
     on FP8 tensor cores (cc >= 8.9) fused into a W8A8 kernel, elsewhere simulated then W8A16.
-    block: the weight's scale blocks; the kernels take V4's 128x128, other blocks (V4.1's 32x32) run
-    the twin (W dequantised per call, then multiplied)."""
-    if block != 128:
+    block: the weight's scale blocks, 128 (V4's) or 32 (V4.1's dense 32x32 weights: the W8A16 kernel with
+    a scale per 32 of K and of O, x FP8-simulated first where act_quant; tuned under "O{O}-K{K}-b32");
+    other sides run the twin (W dequantised per call, then multiplied)."""
+    if block not in (128, 32):
         return ref.fp8_linear(x, weight, scale, act_quant, block)
     if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn:
         raise ValueError(f"weight must be 2-D float8_e4m3fn, got {weight.dtype} {tuple(weight.shape)}")
     O, K = weight.shape
     x = _x2d(x, K, weight.device)
-    scale = _scale_arg(scale, (triton.cdiv(O, 128), triton.cdiv(K, 128)), x.device)
+    scale = _scale_arg(scale, (triton.cdiv(O, block), triton.cdiv(K, block)), x.device)
     M = x.shape[0]
     if M == 0 or O == 0 or K == 0:
         return torch.zeros((M, O), device=x.device, dtype=x.dtype)
     w = weight.contiguous().view(torch.uint8)
     # with fp32 scales the twin rounds W to x.dtype: only the W8A16 kernel reproduces that
-    tc = act_quant and _fp8_tensor_cores(x.device) and (scale.dtype == torch.uint8 or x.dtype == torch.float32)
+    tc = (act_quant and block == 128 and _fp8_tensor_cores(x.device)
+          and (scale.dtype == torch.uint8 or x.dtype == torch.float32))
     if act_quant and not tc:
         x = ref.fp8_act_sim(x, 128)
     name = "fp8_linear_w8a8" if tc else "fp8_linear"
-    cfg = config or tuning.config(name, f"O{O}-K{K}", _default(name), x.device)  # never M: see the docstring
-    # a K tile stays inside one 128-block of scales; the W8A8 kernel quantises whole blocks
-    _check_cfg(cfg, lambda bk: bk == 128 if tc else 128 % bk == 0)
-    return _launch_linear(_fp8_kernel, x, w, scale, O, K, cfg, (triton.cdiv(K, 128),), ACT_Q=tc)
+    key = f"O{O}-K{K}" if block == 128 else f"O{O}-K{K}-b{block}"
+    cfg = config or tuning.config(name, key, _default(name), x.device)  # never M: see the docstring
+    # a K tile stays inside one 128-block of scales (32-blocks: any tile, the scales are a tile of their
+    # own); the W8A8 kernel quantises whole blocks
+    _check_cfg(cfg, lambda bk: bk == 128 if tc else (128 % bk == 0 or block != 128))
+    return _launch_linear(_fp8_kernel, x, w, scale, O, K, cfg, (triton.cdiv(K, block),), ACT_Q=tc, SB=block)
 
 
 def fp4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *,
