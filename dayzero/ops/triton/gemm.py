@@ -301,7 +301,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
     """ref.fp8_linear. act_quant=True: x is FP8-simulated first (ref.fp8_act_sim, blocks of 128):
     on FP8 tensor cores (cc >= 8.9) fused into a W8A8 kernel, elsewhere simulated then W8A16.
     block: the weight's scale blocks, 128 (V4's) or 32 (V4.1's dense 32x32 weights: the W8A16 kernel with
-    a scale per 32 of K and of O, x FP8-simulated first where act_quant; tuned under "O{O}-K{K}-b32");
+    a scale per 32 of K and of O, x FP8-simulated first where act_quant; its config looked up under
+    "O{O}-K{K}-b32", which `dayzero tune` has no cases for yet: the default);
     other sides run the twin (W dequantised per call, then multiplied)."""
     if block not in (128, 32):
         return ref.fp8_linear(x, weight, scale, act_quant, block)
