@@ -50,8 +50,8 @@ def add_speculative_arguments(p) -> None:
                         'also takes "confidence_threshold": t, cutting a block where its cumulative confidence < t, '
                         'and "model": a DSpark drafter directory or built-in drafter name (shakespeare-dspark) '
                         'loaded onto the target (DeepSeek-V4 only: DeepSeek-V4.1\'s DSpark is its checkpoint\'s own mtp.* '
-                        'stages, run on one rank without --v41-bounded-replay; with ranks or bounded replay its default '
-                        'is off and asking for it is an error); '
+                        'stages, run on one rank or over ranks; with --v41-bounded-replay its default is off and '
+                        'asking for it is an error); '
                         '"draft_policy": "adaptive" (default: per request and step, the number of drafts that '
                         "maximises expected tokens per second from their acceptance probabilities and the measured "
                         'cost of a step, none where drafting does not pay) or "fixed" (every draft the budget holds))')

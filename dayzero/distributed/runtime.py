@@ -310,7 +310,7 @@ def _spawned(argv: list[str] | None = None) -> int:
     if load.get("v41"):  # DeepSeek-V4.1 (v41/served.py)
         from dayzero.v41.served import load_served
         model = load_served(load["path"], resolve_dtype(load["dtype"]), dev, progress=False, layout=layout,
-                            cpu_experts=load.get("cpu_experts", False))
+                            cpu_experts=load.get("cpu_experts", False), drafter=load.get("v41_drafter", False))
     else:
         model = load_model(load["path"], numerics=load["numerics"], dtype=resolve_dtype(load["dtype"]), device=dev,
                            progress=False, layout=layout, cpu_experts=load.get("cpu_experts", False),

@@ -1,6 +1,6 @@
 """The DSpark drafter behind the engine's drafter seam (engine/drafter.py; the module itself:
 reference/dspark.py; DeepSeek-V4.1's: v41/dspark.py, through its ServedV41's `dspark_hidden` /
-`dspark_draft`, one rank), on one rank or many (tensor parallel, TP + EP, DP-attention + EP).
+`dspark_draft`), on one rank or many (tensor parallel, TP + EP, DP-attention + EP).
 
 After each step, on the step's cache (before its commits), every rank (`dspark_step`, through the
 engine's runner, as the step's forward):

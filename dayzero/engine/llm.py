@@ -96,7 +96,8 @@ class LLM:
     numerics: "official" (default for DeepSeek-V4) or "transformers". A DeepSeek-V4.1 checkpoint
     (config.json model_type deepseek_v41) runs with "transformers" numerics only, on one rank or over
     tensor (and expert) parallel ranks, local or torchrun's (v41/served.py names what it refuses:
-    speculation, FP8 cache, "official"; DP-attention + EP and hybrid experts run as for V4);
+    a separate drafter, speculation with bounded replay, FP8 cache, "official"; DP-attention + EP, hybrid
+    experts and its DSpark speculation over ranks run as for V4);
     `v41_bounded_replay=True` opts its prefills into bounded replay (docs/V41.md; refused for V4)."""
 
     def __init__(self, model: str | os.PathLike | None = None, device=None, dtype=None,
@@ -123,9 +124,13 @@ class LLM:
         if tp * dp > 1 or runtime.torchrun_env() is not None:
             # an impossible layout fails before any rank starts
             Layout(tp, 0, ep, dp).check(read_v41_args(path)[0] if v41 else read_args(path))
+            if v41_drafter:  # V4.1's DSpark stages have their own expert bank (v41/dspark.py)
+                from dayzero.v41.dspark import check_layout
+                check_layout(read_v41_args(path)[0], Layout(tp, 0, ep, dp))
             load = {"path": str(Path(path).resolve()), "numerics": numerics, "ep": ep, "tp": tp, "dp": dp,
                     "cpu_experts": eargs.cpu_experts, "drafter": None if drafter is None else str(drafter.resolve()),
-                    "dtype": None if dt is None else str(dt).removeprefix("torch."), "v41": v41}
+                    "dtype": None if dt is None else str(dt).removeprefix("torch."), "v41": v41,
+                    "v41_drafter": v41_drafter}
             self.group = runtime.join(tp * dp, self.device, load)
         rank = self.group.rank if self.group else 0
         try:

@@ -27,13 +27,23 @@ n_layers + i, stored at p + 1 (as V4's DSpark: a cached block's rows then depend
 it). A draft block after the last computed position c - 1 is [anchor, noise x (k - 1)] at positions
 c .. c + k - 1; every block row attends to the context rows of positions c - window .. c - 1 and to
 all k block rows (non-causal inside the block).
+
+Ranks (distributed/layout.py, as V4's stages, reference/dspark.py): a stage is sliced as a backbone layer,
+its attention by heads (wq_b rows, sinks) and output groups (wo_a rows, wo_b input columns; the partial
+outputs summed over the tensor-parallel ranks in fp32, as CSA2Attention's), its MoE as V4.1's (shared
+expert by inner dim; routed experts by inner dim or, under EP, whole: `dspark_n_routed_experts` / N per
+rank); wq_a, wkv, the norms and mHC whole, so the context rows are replicated as the backbone's window
+rows. `main_proj` / `main_norm` (its output feeds every stage's whole wkv), `norm` and the Markov and
+confidence heads are whole on every rank (vLLM's DSpark `main_proj` is a ReplicatedLinear too); the head
+is the target's vocab-parallel one, its slices all-gathered. Under DP-attention + EP only the stages'
+routed experts meet the other ranks.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from dayzero.distributed.layout import Layout
+from dayzero.distributed.layout import Layout, LayoutError
 from dayzero.ops import ref
 from dayzero.reference.attention import rope_table
 from dayzero.reference.dspark import block_core
@@ -94,20 +104,30 @@ def stage_args(args: V41Args) -> V41Args:
                         n_activated_experts=args.dspark_n_activated_experts)
 
 
+def check_layout(args: V41Args, layout: Layout) -> None:
+    """What the stages need of a layout beyond the backbone's (`layout.check`): their own routed experts,
+    whole, E/N per rank under expert parallel (heads, groups and inner dims are the backbone's)."""
+    e, n = args.dspark_n_routed_experts, layout.world
+    if layout.ep and e % n:
+        fits = [k for k in range(1, 65) if e % k == 0]
+        size = f"data_parallel_size={layout.dp}" if layout.dp > 1 else f"tensor_parallel_size={layout.tp}"
+        raise LayoutError(f"{size} with enable_expert_parallel does not fit the DSpark stages: config "
+                          f"`dspark_n_routed_experts`={e} (their routed experts, whole, E/N per rank) does not split "
+                          f"{n} ways; sizes that fit them: {fits} (or num_speculative_tokens=0: no stages)")
+
+
 def build_stages(args: V41Args, dtype: torch.dtype, layout: Layout = Layout()) -> nn.ModuleList:
-    if not layout.single:
-        raise ValueError("DeepSeek-V4.1 DSpark is built for one rank (tensor / expert / data parallel stages are "
-                         "not built, docs/V41.md)")
-    return nn.ModuleList(V41DSparkStage(args, i, dtype) for i in range(args.n_mtp_layers))
+    check_layout(args, layout)
+    return nn.ModuleList(V41DSparkStage(args, i, dtype, layout) for i in range(args.n_mtp_layers))
 
 
 class V41DSparkStage(V41Block):
     """Stage i: a V41Block (sites, attention projections, MoE) at `stage_layer(args, i)`; stage 0 also
     projects the capture (`main_proj`, FP8 32x32 in a quantised checkpoint, `main_norm`), the last stage
-    holds `norm` and the Markov and confidence heads."""
+    holds `norm` and the Markov and confidence heads. `layout`: this rank's slice (the module docstring)."""
 
-    def __init__(self, args: V41Args, i: int, dtype: torch.dtype):
-        super().__init__(stage_args(args), args.n_layers + i, dtype, layer=stage_layer(args, i))
+    def __init__(self, args: V41Args, i: int, dtype: torch.dtype, layout: Layout = Layout()):
+        super().__init__(stage_args(args), args.n_layers + i, dtype, layout, layer=stage_layer(args, i))
         self.stage = i
         if i == 0:
             n_t = len(args.dspark_target_layer_ids)
@@ -138,7 +158,9 @@ class V41DSparkStage(V41Block):
         kv = self._kv(a.wkv(x), batch, inv)
         o = block_core(ops, a, self.layer_id, q, kv, batch, k, inv)  # V4's: context window + the whole block
         M = x.shape[0]
-        return a.wo_b(a._grouped_wo_a(o.reshape(M, a.o_groups, -1)))  # CSA2Attention: FP8 32x32 groups on the kernel
+        y = a.wo_b(a._grouped_wo_a(o.reshape(M, a.o_groups, -1)))  # CSA2Attention: FP8 32x32 groups on the kernel
+        # tensor parallel: this rank's heads' partial output, summed over ranks in fp32 (as CSA2Attention.forward)
+        return y if a.comm.world == 1 else a.comm.all_reduce(y.float()).to(y.dtype)
 
     def forward_block(self, X: torch.Tensor, pre: torch.Tensor, batch: Batch, ids: torch.Tensor, k: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,6 @@
-"""DeepSeek-V4.1 in the engine (one rank): `ServedV41` is the seam between the V4.1 reference model
-(v41/model.py `V41Transformer`, loaded by v41/loader.py `load_v41`) and engine/engine.py + worker.py.
+"""DeepSeek-V4.1 in the engine (one rank or several, below): `ServedV41` is the seam between the V4.1
+reference model (v41/model.py `V41Transformer`, loaded by v41/loader.py `load_v41`) and engine/engine.py +
+worker.py.
 
 The engine drives a model through a few attributes and calls (DESIGN.md seam 4); this module gives
 V41Transformer exactly those, computing nothing of its own: `forward_packed(ids, Batch)` is the
@@ -18,8 +19,9 @@ table (engine/worker.py `host_table`, `host_experts` here), as V4.
 Speculation: V4.1's DSpark (v41/dspark.py) through the engine's drafter seam, with V4's options
 (`num_speculative_tokens`, `speculative_config` method "dspark", confidence_threshold, draft_policy) and V4's
 default (on, k = dspark_block_size, when the checkpoint has stages; k = 0 turns it off): `spec_of` decides
-before loading whether the stages `mtp.*` are loaded (`load_served(..., drafter=True)`). One rank only:
-with tensor / data parallel ranks or bounded replay the default is off and asking for it is refused by name.
+before loading whether the stages `mtp.*` are loaded (`load_served(..., drafter=True)`, every rank its slices
+of them). On one rank and over the ranks above (TP, TP + EP, DP-attention + EP: engine/dspark_drafter.py on
+every rank, as V4's); with bounded replay the default is off and asking for it is refused by name.
 
 What is refused, by name, before anything runs (`check_engine_args`, also from `LLM`):
 a separate drafter (`speculative_config` "model": V4.1's drafter is the checkpoint's own stages), method "mtp"
@@ -64,19 +66,17 @@ def engine_view(v: V41Args, eos_token_id: int, stages: int) -> EngineView:
 
 def spec_of(args: V41Args, eargs) -> tuple[str | None, int]:
     """(method, k) that an engine over this V4.1 config runs (engine/drafter.py `resolve`, on the config's
-    stages): V4's options and default on one rank; under tensor / data parallel ranks or bounded replay
-    speculation is not built: off by default, refused by name when asked for."""
+    stages): V4's options and default, on one rank or over tensor / expert / data parallel ranks; with
+    bounded replay speculation is not built: off by default, refused by name when asked for."""
     from dayzero.engine.drafter import resolve
 
     spec = eargs.speculative_config or {}
     k = spec.get("num_speculative_tokens", eargs.num_speculative_tokens)
-    why = ("tensor / data parallel ranks" if eargs.tensor_parallel_size * eargs.data_parallel_size > 1 else
-           "v41_bounded_replay=True" if getattr(eargs, "v41_bounded_replay", False) else None)
-    if why is not None:
+    if getattr(eargs, "v41_bounded_replay", False):
         if spec.get("method") is not None or k:
-            raise ValueError(f"speculative decoding on DeepSeek-V4.1 with {why} is not built (its DSpark drafter runs "
-                             f"on one rank with the exact prefill); drop speculative_config / num_speculative_tokens "
-                             f"{NOT_BUILT}")
+            raise ValueError("speculative decoding on DeepSeek-V4.1 with v41_bounded_replay=True is not built (its "
+                             "DSpark drafter reads the target layers of the exact prefill); drop speculative_config / "
+                             f"num_speculative_tokens {NOT_BUILT}")
         return None, 0
     return resolve(engine_view(args, 1, args.n_mtp_layers), eargs.speculative_config, eargs.num_speculative_tokens)
 
@@ -143,7 +143,7 @@ class ServedV41(nn.Module):
     def check_engine_args(self, eargs) -> None:
         check_engine_args(eargs)
         if self.mtp:
-            spec_of(self.v41, eargs)  # the drafter's own refusals (ranks, bounded replay)
+            spec_of(self.v41, eargs)  # the drafter's own refusals (bounded replay)
 
     def cache_groups(self, block_size: int, with_mtp: bool = False, kv_cache_dtype: str = "auto"):
         assert not with_mtp or self.mtp, "speculation without the DSpark stages loaded (load_served(drafter=True))"
@@ -186,7 +186,7 @@ class ServedV41(nn.Module):
 
     def idle(self, mtp: bool = False) -> None:
         """DP-attention: a rank with no requests this step joins every MoE layer's collectives."""
-        assert not mtp, "V4.1 has no MTP module; its DSpark runs on one rank (spec_of)"
+        assert not mtp, "V4.1 has no MTP module (its DSpark stages join the collectives in dspark_step)"
         self.model.idle()
 
     def host_experts(self, table) -> int:

@@ -278,7 +278,8 @@ def test_a_drafter_that_agrees_gets_its_drafts_accepted(ckpt):
     (dict(speculative_config={"method": "mtp"}), "no MTP module"),
     (dict(num_speculative_tokens=6), "at most 5"),
     (dict(speculative_config={"model": "x"}), "a separate drafter is not built for V4.1"),
-    (dict(num_speculative_tokens=2, tensor_parallel_size=2), "with tensor / data parallel ranks is not built"),
+    (dict(num_speculative_tokens=2, tensor_parallel_size=2, v41_bounded_replay=True),
+     "with v41_bounded_replay=True is not built"),  # refused before any rank starts
     (dict(num_speculative_tokens=2, v41_bounded_replay=True), "with v41_bounded_replay=True is not built"),
 ])
 def test_option_errors(ckpt, opts, msg):
