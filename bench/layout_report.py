@@ -10,7 +10,8 @@ of bytes all-gathered, the fp32 partial sums reduce-scattered (reference/moe.py 
 token counts come with the step call).
 
 V4.1-Flash rows (`v41_layout`): per-rank bytes of the layouts the engine runs V4.1 in
-(distributed/layout.py; the DSpark stages are counted though the engine does not load them yet). Tensors from the census inventory (dayzero/v41/presets.py: backbone from
+(distributed/layout.py; the DSpark stages included, as the engine loads them with speculation on). Tensors from the
+census inventory (dayzero/v41/presets.py: backbone from
 checkpoint.expected_tensors, DSpark stages from dspark_tensors: `inventory`), in their checkpoint dtypes, split by
 V4's TP rules (wq_b / attn_sink by heads, wo_a / wo_b by output group, shared expert by its inner dim,
 routed experts by inner dim, or E/N whole under EP, embed / head by vocab; everything else, DSpark's
@@ -115,7 +116,7 @@ def v41_rank_bytes(args, n: int, ep: bool, dp: int) -> dict:
 def v41_layout(out: dict) -> None:
     args = v41_flash()
     kv = kv_plan(args)["bytes_per_token_all_layers"]
-    print(f"\nv4.1-flash: the engine's layouts (DSpark stages counted, not loaded yet); KV {kv:,.0f} B/token "
+    print(f"\nv4.1-flash: the engine's layouts (DSpark stages included); KV {kv:,.0f} B/token "
           f"(QAT formats) on every rank under TP, own requests only under DP")
     print(f"{'layout':14} {'GPU weights/rank':>17} {'experts':>10} {'other':>9} {'host Engram (mmap, per host)':>30}")
     rows = []
@@ -136,7 +137,7 @@ def v41_layout(out: dict) -> None:
               "bytes_per_token": len(args.engram_layer_ids) * args.engram_hash_columns * row}
     print(f"Engram gathers per token: {gather['rows_per_token']} rows of {row} B = {gather['bytes_per_token']:,} B "
           f"(host RAM or NVMe -> GPU)")
-    out["models"]["v4.1-flash"] = {"status": "the engine's layouts; DSpark stages counted, not loaded yet", "rows": rows,
+    out["models"]["v4.1-flash"] = {"status": "the engine's layouts; DSpark stages included", "rows": rows,
                                    "engram_gather": gather}
 
 

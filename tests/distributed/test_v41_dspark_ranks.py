@@ -8,6 +8,8 @@ The drafts are the one-rank drafts and the tokens those without speculation. The
 with the toy's three DSpark stages (`toy.dspark_text`)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -76,7 +78,12 @@ def test_each_rank_reads_only_its_slices_of_the_stages(ckpt):
             k in n for k in ("main_", "markov", "confidence", ".norm.", "wkv", "wq_a", "gate."))]
 
 
-def test_a_layout_the_stages_experts_do_not_split_is_named(ckpt):
+def test_a_layout_the_stages_experts_do_not_split_is_named(ckpt, tmp_path):
+    two = toy.write_toy(tmp_path / "two", text=toy.dspark_text({**toy.TEXT, **SIZES}, dspark_n_routed_experts=2))
+    t = time.monotonic()
+    with pytest.raises(LayoutError, match=r"data_parallel_size=4 .*the DSpark stages.*`dspark_n_routed_experts`=2"):
+        LLM(two, **SPEC, data_parallel_size=4, enable_expert_parallel=True)  # the backbone's 4 experts split
+    assert time.monotonic() - t < 5  # before any rank starts
     args, _ = read_v41_args(ckpt)
     six = args.replace(dspark_n_routed_experts=6)
     with pytest.raises(LayoutError, match=r"data_parallel_size=4 .*`dspark_n_routed_experts`=6.*\[1, 2, 3, 6\]"):

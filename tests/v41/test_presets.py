@@ -81,8 +81,8 @@ def test_reports_print_the_v41_rows(tmp_path, capsys, script, out):
     printed = capsys.readouterr().out
     header, status = (("v4.1-flash: PLANNED layout (kv_plan) and the engine's pools (v41/cache.py)",
                        "planned layout (qat, bf16) and the engine's pools (engine auto, engine qat)")
-                      if script == "kv_report" else ("v4.1-flash: the engine's layouts (DSpark stages counted, not loaded yet)",
-                                                     "the engine's layouts; DSpark stages counted, not loaded yet"))
+                      if script == "kv_report" else ("v4.1-flash: the engine's layouts (DSpark stages included)",
+                                                     "the engine's layouts; DSpark stages included"))
     assert header in printed
     data = json.loads((tmp_path / out).read_text())["models"]["v4.1-flash"]
     assert data["status"] == status
@@ -103,6 +103,16 @@ def test_reports_print_the_v41_rows(tmp_path, capsys, script, out):
         assert data["engram_gather"] == {"rows_per_token": 2 * 3 * 8, "row_bytes": 256 + 8,
                                          "bytes_per_token": 48 * 264}  # 2 layers x (2,3,4-grams x 8 heads)
         assert not rows["TP16+EP"]["fits"] and "o_groups 8" in rows["TP16+EP"]["why"]
+        # the report's per-rank bytes are those of the rank's model as the engine builds it, DSpark stages included
+        import torch
+
+        from dayzero.distributed.layout import Layout
+        from dayzero.v41.model import V41Transformer
+        for label, layout in (("TP8+EP", Layout(8, 0, True)), ("DP16+EP", Layout(1, 0, True, 16))):
+            with torch.device("meta"):
+                m = V41Transformer(v41_flash(), dtype=torch.bfloat16, layout=layout, drafter=True)
+            built = sum(t.numel() * t.element_size() for n, t in m.state_dict().items() if ".engram.embed." not in n)
+            assert rows[label]["gpu_weight_bytes"] == built, label
 
 
 def test_dspark_census_uses_v41_markov_names_and_a_bf16_confidence_head():
