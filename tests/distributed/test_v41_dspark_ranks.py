@@ -13,12 +13,13 @@ import time
 import pytest
 import torch
 
-from dayzero import LLM
+from dayzero import LLM, SamplingParams
 from dayzero.distributed.layout import Layout, LayoutError
 from dayzero.v41 import toy
 from dayzero.v41.dspark import check_layout
 from dayzero.v41.loader import load_v41, read_v41_args
 from tests.distributed.test_data_parallel import DP2, stopped
+from tests.distributed.test_tensor_parallel import tokens
 from tests.distributed.test_v41_ranks import GREEDY, SIZES, prompts
 from tests.distributed.test_v41_ranks import OPTS as RANK_OPTS
 from tests.engine.helpers import FIXED, staggered
@@ -27,6 +28,7 @@ from tests.engine.helpers import recorded_drafts as recorded
 # 16-token steps: prefill chunks beside verifications of blocks of 5 drafts, and steps where two requests draft
 OPTS = {**RANK_OPTS, "max_num_batched_tokens": 16}
 SPEC = dict(**OPTS, speculative_min_acceptance=0.0, speculative_config=FIXED)  # every proposed draft verified
+SEEDED = SamplingParams(temperature=0.9, top_k=50, seed=3, max_tokens=8, ignore_eos=True)
 
 
 @pytest.fixture(autouse=True)
@@ -43,13 +45,15 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one(ckpt):
-    """(tokens without speculation, tokens with one-rank DSpark, its drafts) of 3 prompts, staggered."""
-    plain = [r.output_ids for r in staggered(LLM(ckpt, **OPTS, num_speculative_tokens=0).engine, prompts(3), GREEDY)]
+    """(tokens without speculation, tokens with one-rank DSpark, its drafts) of 3 prompts, staggered, and the
+    seeded-sampling tokens without speculation of 2 prompts."""
+    off = LLM(ckpt, **OPTS, num_speculative_tokens=0)
+    plain = [r.output_ids for r in staggered(off.engine, prompts(3), GREEDY)]
     llm = LLM(ckpt, **SPEC)
     assert llm.engine.spec_method == "dspark" and len(llm.model.mtp) == 3
     drafts = recorded(llm)
     spec = [r.output_ids for r in staggered(llm.engine, prompts(3), GREEDY)]
-    return plain, spec, drafts
+    return plain, spec, drafts, tokens(off.generate(prompts(2), SEEDED))
 
 
 def test_each_rank_reads_only_its_slices_of_the_stages(ckpt):
@@ -100,7 +104,7 @@ def test_a_layout_the_stages_experts_do_not_split_is_named(ckpt, tmp_path):
                                     dict(tensor_parallel_size=2, enable_expert_parallel=True), DP2],
                          ids=["tp2", "tp2-ep", "dp2-ep"])
 def test_dspark_over_two_ranks_drafts_what_one_rank_drafts(ckpt, one, layout):
-    plain, spec, want = one
+    plain, spec, want, seeded = one
     assert spec == plain and sum(len(v) for v in want.values()) >= 3 * 5
     with LLM(ckpt, **SPEC, **layout) as two:
         assert two.engine.spec_method == "dspark" and two.engine.worker.capture
@@ -111,6 +115,9 @@ def test_dspark_over_two_ranks_drafts_what_one_rank_drafts(ckpt, one, layout):
         assert two.engine.stats()["spec_draft_tokens"] == sum(len(d) for v in want.values() for _, d in v)
         if drafting is not None:  # DP: draft steps with blocks on both ranks, and with one rank idle in the stages
             assert {0, 1} in drafting and ({0} in drafting or {1} in drafting), drafting
+        drafted = two.engine.stats()["spec_draft_tokens"]
+        assert tokens(two.generate(prompts(2), SEEDED)) == seeded  # drafts sampled with each request's own noise
+        assert two.engine.stats()["spec_draft_tokens"] > drafted
     assert stopped(two)
 
 
