@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=2 python -m bench.cpu_gemm_micro [--reps 200] [--no-small] [--no-s1] [--no-flash] [--s4] [--moe-cold]
     OMP_NUM_THREADS=1 python -m bench.cpu_gemm_micro --cpu-time ...   (a shared machine: CPU time, one core)
     OMP_NUM_THREADS=1 python -m bench.cpu_gemm_micro --grouped-only    (the grouped wo_a A/B alone)
+    python -m bench.cpu_gemm_micro --ab LIB    (FP4 decode calls against another tree's gemm library)
 
 Decode-sized calls of the built-in model (M = 1, 2; FP8 256x256 and 512x128, FP4 256x256,
 MoE dim 256 x inter 256) in us per call (median and best) against the twins; Flash-sized
@@ -21,7 +22,9 @@ alternately;
 --grouped / --grouped-only: the Flash attention's grouped wo_a (8 groups of [M, 4096] x [1024, 4096]
 FP8, bf16 x, 32 MB a layer, weights rotated over 16 layers' copies) as 8 fp8_linear calls + cat
 (Attention._grouped_wo_a before the grouped op) against one fp8_linear_grouped call, alternately,
-for 1 and 2 kernel threads: best and median per layer of wall time and of process CPU time.
+for 1 and 2 kernel threads: best and median per layer of wall time and of process CPU time;
+--ab LIB: this tree's gemm library against another build (LIB), call by call in one process, one
+thread, CPU time: fp4_linear at 1 and 2 rows in cache, the S1-shaped MoE at N = 1 from memory.
 On a shared machine the best times are the steadier ones. Prints; writes nothing.
 """
 from __future__ import annotations
@@ -216,6 +219,59 @@ def moe_cold(rows=(1, 2, 8), sets: int = 8, reps: int = 24) -> None:
         print(f"MoE cold N={n} ({nbytes / 1e6:.0f} MB a call): " + "; ".join(line))
 
 
+def ab(path: str, reps: int = 1500, sets: int = 16) -> None:
+    """This tree's gemm library against another build of gemm.c at `path` (e.g. main's: run
+    `python -c "from dayzero.ops.cpu import build; print(build.build('gemm'))"` in that tree), call by
+    call in one process, one thread, process CPU time (p10 / median): fp4_linear at 1 and 2 bf16 rows
+    in cache (E8M0 scale bytes 118..129), and the S1-shaped MoE at N = 1 with the experts streamed
+    from memory (6 x `sets` experts in turn); whether the two agree bit for bit."""
+    import ctypes
+    before, libs = torch.get_num_threads(), {"this tree": gemm.kernels, "other": gemm.bind(ctypes.CDLL(path))}
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    print(f"A/B against {path}: one thread, process CPU time per call, p10 / median")
+
+    def run(name, fn, n, nbytes):  # fn(i): the i-th call's result (the same inputs for both libraries at i = -1)
+        ts, out = {k: [] for k in libs}, {}
+        try:
+            for r in range(n):
+                for j, (k, kern) in enumerate(libs.items()):
+                    gemm.kernels = kern
+                    t0 = time.process_time()
+                    fn(2 * r + j)
+                    ts[k].append(time.process_time() - t0)
+            for k, kern in libs.items():
+                gemm.kernels = kern
+                out[k] = fn(-1)
+        finally:
+            gemm.kernels = libs["this tree"]
+        cols = [f"{k} {sorted(t)[len(t) // 10] * 1e6:8.1f} / {statistics.median(t) * 1e6:8.1f} us "
+                f"({nbytes / sorted(t)[len(t) // 10] / 1e9:5.2f} GB/s)" for k, t in ts.items()]
+        same = torch.equal(*out.values())
+        print(f"{name:36s}" + "   ".join(cols) + ("   bit-identical" if same else "   RESULTS DIFFER"))
+
+    try:
+        for O, K in ((256, 4096), (512, 2048)):
+            w = torch.randint(-128, 128, (O, K // 2), dtype=torch.int8, generator=g)
+            s = torch.randint(118, 130, (O, K // 32), dtype=torch.uint8, generator=g).view(torch.float8_e8m0fnu)
+            for M in (1, 2):
+                x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+                run(f"fp4_linear M={M} {O}x{K} (in cache)", lambda i, x=x, w=w, s=s: gemm.fp4_linear(x, w, s), reps,
+                    O * K // 2)
+        E, dim, inter = 6 * sets, 4096, 2048
+        st = []
+        for o, i in ((inter, dim), (inter, dim), (dim, inter)):
+            st += [torch.randint(-128, 128, (E, o, i // 2), dtype=torch.int8, generator=g),
+                   torch.randint(118, 130, (E, o, i // 32), dtype=torch.uint8, generator=g).view(torch.float8_e8m0fnu)]
+        x, wts = torch.randn(1, dim, generator=g).to(torch.bfloat16), torch.rand(1, 6, generator=g)
+
+        def moe(i):  # call i: the experts of set i % sets, so from memory (6 x sets x 12.6 MB in turn)
+            return gemm.moe_experts(x, wts, torch.arange(6).view(1, 6) + 6 * (i % sets), *st, 10.0)
+        run("MoE N=1 dim 4096 x 2048 (cold)", moe, 24, 6 * 3 * dim * inter * 17 // 32)
+    finally:
+        torch.set_num_threads(before)
+
+
 def s4(batches=(1, 8), context: int = 1024, reps: int = 7) -> None:
     """dayzero bench S4 at --size small (2-layer Flash slice, 16 experts, `context` tokens): the
     decode step timed with the integer decoding on, on with the MoE's decode blocks on the tile
@@ -318,6 +374,8 @@ if __name__ == "__main__":
     ap.add_argument("--grouped", action="store_true",
                     help="also the grouped wo_a A/B (8 fp8_linear calls vs one fp8_linear_grouped), 1 and 2 threads")
     ap.add_argument("--grouped-only", action="store_true", help="only the grouped wo_a A/B")
+    ap.add_argument("--ab", metavar="LIB", help="only: FP4 decode calls of this tree's gemm library against the gemm "
+                    "library at LIB (another tree's build), alternating, one thread, CPU time")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time by the process's CPU time (time.process_time, also inside dayzero.scenarios: the copy "
                          "bandwidth too) instead of wall time: on a shared machine it leaves out the waits for a core; "
@@ -331,6 +389,9 @@ if __name__ == "__main__":
     print(f"threads {torch.get_num_threads()}")
     if a.grouped_only:
         grouped()
+        raise SystemExit
+    if a.ab:
+        ab(a.ab)
         raise SystemExit
     if not a.no_small:
         small(a.reps)

@@ -127,6 +127,27 @@ def test_fp4_fast_words_every_byte_and_scale():
             assert _same(G.fp4_linear(eye, w, s), ref.fp4_linear(eye, w, s)), bytes_
 
 
+@pytest.mark.parametrize("O", [502, 501])
+def test_fp4_fast_every_scale_byte_pair(O):
+    """The integer decode's tables (fastdecode.h FP4_T, one per scale byte, two per group pair): row
+    pair (2i, 2i + 1) holds all 256 packed bytes, group j of it the scale byte 2 + (i + 37 j) % 251,
+    so every scale byte of the fast range meets every byte, next to a different one in its pair;
+    x = I reads each decoded weight back in 1-3-row calls (pairs of rows and, O odd, a row alone):
+    equal to the float route and to the exact dequantised weight (-0 read back as +0), bit for bit."""
+    i = torch.arange(O)[:, None] // 2
+    w = (torch.arange(128)[None, :] + 128 * (torch.arange(O)[:, None] % 2)).to(torch.uint8).view(torch.int8)
+    sb = (FP4_LO + (i + 37 * torch.arange(8)[None, :]) % (FP4_HI - FP4_LO + 1)).to(torch.uint8)
+    assert int(sb.min()) == FP4_LO and int(sb.max()) == FP4_HI
+    s = sb.view(E8M0)
+    want = ref.fp4_dequant(w, s).to(torch.bfloat16).T + 0  # [256, O]: exact (e2m1 times a power of two); -0 sums to +0
+    eye = torch.eye(256, dtype=torch.bfloat16)
+    for m0, mb in ((0, 1), (1, 2), (3, 3), (6, 3), (9, 2), (11, 1)) + tuple((m, 3) for m in range(12, 256, 3)):
+        x = eye[m0:m0 + mb]
+        fast, slow = _both(lambda: G.fp4_linear(x, w, s))
+        assert _same(fast, slow), m0
+        assert _same(fast, want[m0:m0 + mb]), m0
+
+
 @pytest.mark.parametrize("O,K", [(33, 544), (64, 4096), (7, 96)])
 def test_fp4_fast_equals_float_route(O, K):
     """Random packed bytes, scale bytes in the fast range except one out-of-range byte in the last
@@ -208,9 +229,9 @@ def test_moe_streams_equal_tile_walk(N, E, k):
         assert bool(torch.isfinite(new).any())
 
 
-def test_build_without_vbmi2(monkeypatch, tmp_path):
-    """gemm.c built for a CPU with AVX512-BF16 but without VBMI2 (Cooper Lake: FP8 on the integer
-    route, FP4 on the float route, no vpshldw emitted), in a private cache: both routes equal bit
+def test_build_without_vbmi(monkeypatch, tmp_path):
+    """gemm.c built for a CPU with AVX512-BF16 but without VBMI (Cooper Lake: FP8 on the integer
+    route, FP4 on the float route, no vpermb emitted), in a private cache: both routes equal bit
     for bit and the twins' bounds hold."""
     from tests.ops.bounds import fp4_weights, fp8_weights, native_build
     monkeypatch.setattr(G, "kernels", G.bind(native_build("gemm", "cooperlake", "avx512_bf16", monkeypatch, tmp_path)))

@@ -15,11 +15,16 @@
  * FP4 (e2m1, a scale per 32): the float route builds, per pair of groups, a 32-entry bf16 table
  * (the 16 e2m1 values times each group's scale: two multiplies and a conversion per row). The
  * nonzero e2m1 values times 2^(sb - 127) are the bf16 words of the values plus (sb - 127) << 7
- * (exponent fields 126..129 + sb - 127 stay in 1..254 for sb in [FP4_SB_LO, FP4_SB_HI]), so the
- * table is one constant plus a broadcast 32-bit word (both groups' offsets), added under a mask
- * that skips the two zeros: the table interleaves the groups (entry 2n + group = value n), and
- * the indices are (nibble << 1) | group (vpshldw puts the group bit in). The x layout is the float
- * route's (split64_row); the words are the same. */
+ * (exponent fields 126..129 + sb - 127 stay in 1..254 for sb in [FP4_SB_LO, FP4_SB_HI]), so each
+ * scale byte's 16 words are a constant 32-byte table (FP4_T, built once, low bytes then high
+ * bytes) and a group pair's table is two of them (a load and a merge-masked broadcast). The words
+ * are looked up a byte at a time (vpermb, VBMI: one micro-op where vpermw takes two): the 32
+ * weight bytes are copied to both bytes of their word (one vpermb), and per 32 weights a vpternlog
+ * (after a shift for the high nibbles) keeps the nibble at index bits 0..3 and sets bit 4 (the
+ * byte's half of the word) and bit 5 (the group). Per 64 weights: 7 vector micro-ops besides the
+ * two vdpbf16ps (zero-extension, 3 shifts, 2 vpermw and a table add before: 9); on the 2-core Xeon
+ * VM a vdpbf16ps keeps both 512-bit ports busy about 2 cycles, so every decode micro-op adds to the
+ * time of a step. The x layout is the float route's (split64_row); the words are the same. */
 #ifndef DAYZERO_CPU_FASTDECODE_H
 #define DAYZERO_CPU_FASTDECODE_H
 
@@ -89,36 +94,57 @@ AI void fp8_step_fast(const uint8_t *w, int64_t ldw, __m512i off, __m512i sub, c
     }
 }
 
-#if defined(__AVX512VBMI2__) /* vpshldw: FP4 on the integer route only with VBMI2 (Ice Lake, Zen 4 and later) */
+#if defined(__AVX512VBMI__) /* vpermb: FP4 on the integer route only with VBMI (Ice Lake, Zen 4 and later) */
 #define DZ_FAST_FP4 1
 
-/* FP4: the exponent offsets (sb - 127) << 7 of n <= 16 groups of nr rows (row r's scales at sr[r])
- * as word pairs: od[r][j] = group 2j's offset (low word), group 2j + 1's (high word) */
-AI void fp4_offsets16(const uint8_t *const *sr, int64_t g0, int n, const int nr, uint32_t (*od)[8]) {
-    for (int r = 0; r < nr; r++) {
-        const __m256i b = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1), sr[r] + g0));
-        _mm256_store_si256((__m256i *)od[r], _mm256_slli_epi16(_mm256_sub_epi16(b, _mm256_set1_epi16(127)), 7));
-    }
+/* FP4_T[s] (s in [FP4_SB_LO, FP4_SB_HI]; zeros elsewhere): the 16 e2m1 values times 2^(s - 127) as
+ * bf16 words, split by bytes: [0, 16) their low bytes, [16, 32) their high bytes. A group pair's
+ * 64-byte table is two of them, so vpermb index bits 0..3 = the nibble, 4 = the byte's half of the
+ * word, 5 = the group. */
+static uint8_t FP4_T[256][32] __attribute__((aligned(64)));
+
+__attribute__((constructor)) static void fp4_fast_init(void) {
+    static const uint16_t V[8] = {0, 0x3f00, 0x3f80, 0x3fc0, 0x4000, 0x4040, 0x4080, 0x40c0}; /* 0 .. 6 */
+    for (int s = FP4_SB_LO; s <= FP4_SB_HI; s++)
+        for (int n = 0; n < 16; n++) {
+            const uint16_t w = (uint16_t)((n & 7 ? V[n & 7] + ((s - 127) << 7) : 0) | (n & 8 ? 0x8000 : 0));
+            FP4_T[s][n] = (uint8_t)w;
+            FP4_T[s][16 + n] = (uint8_t)(w >> 8);
+        }
 }
 
-/* groups g, g + 1 of nr rows (row r's bytes at wr[r]; both groups present; offsets od[r][j]) into
- * the accumulators, as fp4_step_bf */
-AI void fp4_step_fast(const uint8_t *const *wr, uint32_t (*od)[8], int j, int64_t g, const uint16_t *const *xr,
+/* the FP4_T byte offsets (32 s) of n <= 16 groups' scale bytes s of nr rows (row r's at sr[r] + g0),
+ * read once into a word array (byte loads inside the step would make gcc keep the accumulators in
+ * memory: a char access may alias them) */
+AI void fp4_toffs16(const uint8_t *const *sr, int64_t g0, int n, const int nr, uint16_t (*to)[16]) {
+    for (int r = 0; r < nr; r++)
+        _mm256_store_si256((__m256i *)to[r],
+                           _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1), sr[r] + g0)), 5));
+}
+
+/* groups g, g + 1 of nr rows (row r's bytes at wr[r]; both groups present; FP4_T offsets to[r][j],
+ * to[r][j + 1]) into the accumulators, as fp4_step_bf */
+AI void fp4_step_fast(const uint8_t *const *wr, const uint16_t (*to)[16], int j, int64_t g, const uint16_t *const *xr,
                       const int nr, const int mb, const int two, __m512 (*a0)[MB], __m512 (*a1)[MB]) {
-    /* bf16 e2m1 values, entry 2n + group: 0, .5, 1, 1.5, 2, 3, 4, 6, -0, -.5, ... (twice each) */
-    const __m512i base = _mm512_set_epi16(
-        (short)0xc0c0, (short)0xc0c0, (short)0xc080, (short)0xc080, (short)0xc040, (short)0xc040, (short)0xc000,
-        (short)0xc000, (short)0xbfc0, (short)0xbfc0, (short)0xbf80, (short)0xbf80, (short)0xbf00, (short)0xbf00,
-        (short)0x8000, (short)0x8000, 0x40c0, 0x40c0, 0x4080, 0x4080, 0x4040, 0x4040, 0x4000, 0x4000, 0x3fc0, 0x3fc0,
-        0x3f80, 0x3f80, 0x3f00, 0x3f00, 0, 0);
-    const __mmask32 nz = ~(__mmask32)0x00030003u; /* entries 0, 1, 16, 17: +-0 */
-    const __m512i gb = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16((short)0x8000), 1);
+    /* byte 2i and 2i + 1 <- weight byte i */
+    const __m512i dup = _mm512_set_epi8(31, 31, 30, 30, 29, 29, 28, 28, 27, 27, 26, 26, 25, 25, 24, 24, 23, 23, 22, 22,
+                                        21, 21, 20, 20, 19, 19, 18, 18, 17, 17, 16, 16, 15, 15, 14, 14, 13, 13, 12, 12,
+                                        11, 11, 10, 10, 9, 9, 8, 8, 7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    /* index bits 4..5: the byte's half of the word (odd bytes: 16), the group (words 16..31: 32) */
+    const __m512i hg = _mm512_set_epi64(0x3020302030203020LL, 0x3020302030203020LL, 0x3020302030203020LL,
+                                        0x3020302030203020LL, 0x1000100010001000LL, 0x1000100010001000LL,
+                                        0x1000100010001000LL, 0x1000100010001000LL);
+    const __m512i nib = _mm512_set1_epi8(0x0f);
     __m512i lo[2], hi[2];
     for (int r = 0; r < nr; r++) {
-        const __m512i tbl = _mm512_mask_add_epi16(base, nz, base, _mm512_set1_epi32((int)od[r][j]));
-        const __m512i h = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wr[r] + 16 * g)));
-        lo[r] = _mm512_permutexvar_epi16(_mm512_shldi_epi16(h, gb, 1), tbl);                         /* (h << 1) | group */
-        hi[r] = _mm512_permutexvar_epi16(_mm512_shldi_epi16(_mm512_srli_epi16(h, 4), gb, 1), tbl);
+        const char *t = (const char *)FP4_T; /* [FP4_T[s_g], FP4_T[s_g+1]]: the second broadcast, merged into bytes 32..63 */
+        const __m512i tbl = _mm512_mask_broadcast_i64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i *)(t + to[r][j]))),
+                                                        0xF0, _mm256_load_si256((const __m256i *)(t + to[r][j + 1])));
+        const __m512i d = _mm512_permutexvar_epi8(dup, _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(wr[r] + 16 * g))));
+        /* d & 15 | hg: the low nibbles; (d >> 4, as words: both bytes get the high nibble at bits 0..3) & 15 | hg */
+        const __m512i ih = _mm512_ternarylogic_epi32(_mm512_srli_epi16(d, 4), nib, hg, 0xEA);
+        hi[r] = _mm512_permutexvar_epi8(ih, tbl);
+        lo[r] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(d, nib, hg, 0xEA), tbl); /* d's last use */
     }
     for (int m = 0; m < mb; m++) {
         const __m512bh xe = (__m512bh)_mm512_loadu_si512(xr[m] + 32 * g);
@@ -133,6 +159,6 @@ AI void fp4_step_fast(const uint8_t *const *wr, uint32_t (*od)[8], int j, int64_
     }
 }
 
-#endif /* __AVX512VBMI2__ */
+#endif /* __AVX512VBMI__ */
 
 #endif

@@ -478,14 +478,14 @@ AI void fp4_step_bf(const uint8_t *w, int64_t ldw, const float *s0, const float 
 AI void fp4_fast_rows(const uint8_t *const *wr, const uint8_t *const *sr, int64_t pf, const uint16_t *const *xr,
                       int64_t G, const int nr, const int mb, const int two, __m512 (*a0)[MB], __m512 (*a1)[MB]) {
     const int64_t Ge = G & ~(int64_t)1; /* whole group pairs */
-    uint32_t od[2][8] __attribute__((aligned(32)));
-    for (int64_t g0 = 0; g0 < Ge; g0 += 16) { /* 8 pairs' offsets at a time, then their steps */
+    uint16_t to[2][16] __attribute__((aligned(32)));
+    for (int64_t g0 = 0; g0 < Ge; g0 += 16) { /* 8 pairs' table offsets at a time, then their steps */
         const int np = (int)min64(8, (Ge - g0) >> 1);
-        fp4_offsets16(sr, g0, 2 * np, nr, od);
+        fp4_toffs16(sr, g0, 2 * np, nr, to);
         for (int j = 0; j < np; j++) {
             if (!(j & 1))
                 for (int r = 0; r < nr; r++) _mm_prefetch((const char *)wr[r] + pf + 16 * (g0 + 2 * j), _MM_HINT_T1);
-            fp4_step_fast(wr, od, j, g0 + 2 * j, xr, nr, mb, two, a0, a1);
+            fp4_step_fast(wr, to, 2 * j, g0 + 2 * j, xr, nr, mb, two, a0, a1);
         }
     }
     if (Ge < G)
