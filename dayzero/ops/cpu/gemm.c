@@ -80,7 +80,8 @@ static int use_bf16dot = 1;
 
 void dz_gemm_options(int64_t bf16dot) { use_bf16dot = (int)bf16dot; }
 
-/* tests / bench: 0 decodes weights by the float route only (fastdecode.h: the same bf16 words) */
+/* tests / bench: 0 decodes weights by the float route only, 2 FP8 by the integer route without its
+ * byte tables (fastdecode.h: the same bf16 words every way) */
 static int use_fast_decode = 1;
 
 void dz_gemm_fast_decode(int64_t on) { use_fast_decode = (int)on; }
@@ -588,6 +589,22 @@ AI void fp8_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, con
     /* whole 128-weight blocks: a branch-free body, so the accumulators stay in registers; the
      * integer decode (fastdecode.h) where every block's E8M0 scale allows it, the same words */
     const int fast = e8m0 && scales_in((const uint8_t *)s, 0, 1, nf >> lg, lg < 7 ? FP8_SB_LO32 : FP8_SB_LO, FP8_SB_HI);
+#if DZ_FP8_TAB
+    if (fast && lg == 7 && fp8_tab_ok && use_fast_decode == 1) { /* the byte tables (fastdecode.h) */
+        const __m512i il = _mm512_load_si512(FP8_IL);
+        for (int64_t k = 0; k < nf; k += 128) {
+            const __m512i *tp = (const __m512i *)FP8_TAB[((const uint8_t *)s)[k >> 7]];
+            const __m512i t[4] = {_mm512_load_si512(tp), _mm512_load_si512(tp + 1), _mm512_load_si512(tp + 2),
+                                  _mm512_load_si512(tp + 3)};
+            for (int r = 0; r < nr; r++) {
+                _mm_prefetch((const char *)w + r * ldw + pfd + k, _MM_HINT_T0);
+                _mm_prefetch((const char *)w + r * ldw + pfd + k + 64, _MM_HINT_T0);
+            }
+            fp8_tab_step(w, ldw, t, il, xr, k, nr, mb, a0, a1);
+            fp8_tab_step(w, ldw, t, il, xr, k + 64, nr, mb, a0, a1);
+        }
+    } else
+#endif
     if (fast) {
         const __m512 codes = e4m3_x2m8(_mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0));
         __m512i off, sub; /* the block constants at weight kk (lg < 7: each 32-weight step's own block) */
