@@ -157,6 +157,21 @@ def test_fp8_tables_equal_other_routes(O, K):
             assert _same(tab, integer) and _same(tab, flt), M
 
 
+def test_fp8_items_of_several_tiles_one_and_two_threads():
+    """With 2 threads the decode's work items take up to FP8_ITEM_ROWS rows (several 64-row tiles:
+    O = 2050 gives items of 130 rows, the last one 100 rows ending in a single row): the same bits
+    as one thread, M = 1, 2, bf16 and fp32 x (the fp32 x also through the fp32 kernels)."""
+    from tests.ops.bounds import per_threads
+    w = _every_byte_weight(2050, 1024, 11)
+    gen = torch.Generator().manual_seed(5)
+    s = torch.randint(110, 140, (17, 8), generator=gen, dtype=torch.uint8).view(E8M0)
+    for M in (1, 2):
+        for dt in (torch.bfloat16, torch.float32):
+            x = _x(M, 1024, dt, M)
+            one, two = per_threads(lambda: G.fp8_linear(x, w, s))
+            assert _same(one, two), (M, dt)
+
+
 # ---- FP4 ------------------------------------------------------------------------------------------
 FP4_LO, FP4_HI = 2, 252  # fastdecode.h: FP4_SB_LO, FP4_SB_HI
 
