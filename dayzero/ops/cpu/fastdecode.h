@@ -10,7 +10,8 @@
  * subnormals) come from a 16-entry table per block built by the float route itself (vpermw on
  * their low bits, masked to those lanes). Per 32 weights: vpmovsxbw, vpsllw, vpand, vpaddw,
  * vptestnmw, vpermw, vpternlog (the float route: about 10 instructions, two conversions to fp32,
- * two multiplies and a conversion to bf16 among them).
+ * two multiplies and a conversion to bf16 among them). With 128x128 blocks and AVX512-VBMI the
+ * FP8 words come from byte tables instead (FP8_TAB below: fewer shuffles, the same words).
  *
  * FP4 (e2m1, a scale per 32): the float route builds, per pair of groups, a 32-entry bf16 table
  * (the 16 e2m1 values times each group's scale: two multiplies and a conversion per row). The
@@ -118,9 +119,10 @@ __attribute__((constructor)) static void fp8_tab_init(void) {
     for (int sb = 0; sb < 256; sb++) {
         const __m512 vs = _mm512_set1_ps(scale_bits(&codes[sb], 0, 1) * 256.0f); /* fp8_micro_bf's VS_AT */
         uint16_t wd[256];
-        for (int c = 0; c < 256; c += 16)
-            _mm256_storeu_si256((__m256i *)(wd + c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(
-                                                         e4m3_x2m8(_mm_loadu_si128((const __m128i *)(codes + c))), vs)));
+        for (int c = 0; c < 256; c += 16) {
+            const __m512 v = _mm512_mul_ps(e4m3_x2m8(_mm_loadu_si128((const __m128i *)(codes + c))), vs);
+            _mm256_storeu_si256((__m256i *)(wd + c), (__m256i)_mm512_cvtneps_pbh(v));
+        }
         for (int c = 0; c < 128; c++) {
             FP8_TAB[sb][c >> 6][c & 63] = (uint8_t)wd[c];
             FP8_TAB[sb][2 + (c >> 6)][c & 63] = (uint8_t)(wd[c] >> 8);
