@@ -100,8 +100,8 @@ AI void fp8_step_fast(const uint8_t *w, int64_t ldw, __m512i off, __m512i sub, c
  * look each byte's low 7 bits up in both halves, vpternlog puts the byte's sign bit into the high
  * byte, and vpunpcklbw / vpunpckhbw interleave low and high bytes into the 2 x 32 words in natural
  * order (6 instructions; the integer route above: 14; measured on a Xeon with AVX512-BF16, where
- * shuffles and vdpbf16ps share one port, about 12.4 cycles per 64 weights with vdpbf16ps, the integer
- * route 15.5, interleaving by two vpermt2b 13.4: docs/BENCHMARKS.md). The words are the
+ * shuffles and vdpbf16ps share one port: 12.4-13.7 cycles per 64 weights with vdpbf16ps, the integer
+ * route 15.5-17.4, interleaving by two vpermt2b 13.4-14.9; docs/BENCHMARKS.md). The words are the
  * float route's wherever the word of c | 0x80 is the word of c with bit 15 set: fp8_tab_init checks
  * that for every code and every scale byte in [FP8_SB_LO, FP8_SB_HI] (the bytes scales_in lets in)
  * and leaves the tables off (fp8_tab_ok = 0: the integer route runs) if one differs. 64 KiB; a
