@@ -108,6 +108,70 @@ def test_fp8_fast_batch_invariant_and_near_twin():
     _within(full, want, _lin_bound(x, _fp8_deq(w, s, torch.bfloat16), want), "fast fp8")
 
 
+# ---- FP8 byte tables (128x128 blocks): kernels.fast_decode(1) tables, (2) the integer route ---------
+def _routes(fn):
+    """fn() by the byte tables, the integer route and the float route (restored to the tables)."""
+    try:
+        out = []
+        for mode in (1, 2, 0):
+            G.kernels.fast_decode(mode)
+            out.append(fn())
+    finally:
+        G.kernels.fast_decode(1)
+    return out
+
+
+def test_fp8_tables_every_byte_every_scale():
+    """Each of the 256 e4m3 bytes at each of the 256 scale bytes, read back one word at a time (x =
+    two rows of the identity, M = 2: the decode path): the byte tables give the words of the integer
+    route and of the float route bit for bit (outside [FAST_LO, FAST_HI] all three run the float route)."""
+    w = torch.arange(256, dtype=torch.uint8).view(2, 128).view(torch.float8_e4m3fn)
+    eye = torch.eye(128, dtype=torch.bfloat16)
+    for byte in range(256):
+        s = torch.full((1, 1), byte, dtype=torch.uint8).view(E8M0)
+        tab, integer, flt = _routes(lambda: torch.cat([G.fp8_linear(eye[i:i + 2], w, s) for i in range(0, 128, 2)]))
+        assert _same(tab, integer) and _same(tab, flt), byte
+
+
+@pytest.mark.parametrize("O,K", [(129, 1024), (257, 1100), (2, 384), (3, 4096)])
+def test_fp8_tables_equal_other_routes(O, K):
+    """Random bytes with every code in each row, odd O (a last single row), a partial last 128-block
+    (K = 1100: its weights take the float route after the tables' whole blocks), one row block's
+    scales outside the fast range; M = 1, 2 (pairs of rows), 3, 5 (one row against all x rows) and
+    the grouped op (2 groups of 128 rows): tables, integer route and float route bit for bit."""
+    w = _every_byte_weight(O, K, 3 * O + K)
+    gen = torch.Generator().manual_seed(O)
+    sb = torch.randint(FAST_LO, FAST_HI + 1, ((O + 127) // 128, (K + 127) // 128), generator=gen, dtype=torch.uint8)
+    if sb.shape[0] > 1:
+        sb[-1, -1] = 250
+    s = sb.view(E8M0)
+    for M in (1, 2, 3, 5):
+        x = _x(M, K, torch.bfloat16, M + K)
+        tab, integer, flt = _routes(lambda: G.fp8_linear(x, w, s))
+        assert _same(tab, integer) and _same(tab, flt), M
+    if O >= 256:
+        wg, sg = w[:256].contiguous(), s[:2].contiguous()
+        for M in (1, 2):
+            x = _x(M, 2 * K, torch.bfloat16, M)
+            tab, integer, flt = _routes(lambda: G.fp8_linear_grouped(x, wg, sg, 2))
+            assert _same(tab, integer) and _same(tab, flt), M
+
+
+def test_fp8_items_of_several_tiles_one_and_two_threads():
+    """With 2 threads the decode's work items take up to FP8_ITEM_ROWS rows (several 64-row tiles:
+    O = 2050 gives items of 130 rows, the last one 100 rows ending in a single row): the same bits
+    as one thread, M = 1, 2, bf16 and fp32 x (the fp32 x also through the fp32 kernels)."""
+    from tests.ops.bounds import per_threads
+    w = _every_byte_weight(2050, 1024, 11)
+    gen = torch.Generator().manual_seed(5)
+    s = torch.randint(110, 140, (17, 8), generator=gen, dtype=torch.uint8).view(E8M0)
+    for M in (1, 2):
+        for dt in (torch.bfloat16, torch.float32):
+            x = _x(M, 1024, dt, M)
+            one, two = per_threads(lambda: G.fp8_linear(x, w, s))
+            assert _same(one, two), (M, dt)
+
+
 # ---- FP4 ------------------------------------------------------------------------------------------
 FP4_LO, FP4_HI = 2, 252  # fastdecode.h: FP4_SB_LO, FP4_SB_HI
 

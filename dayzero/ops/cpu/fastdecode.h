@@ -10,7 +10,8 @@
  * subnormals) come from a 16-entry table per block built by the float route itself (vpermw on
  * their low bits, masked to those lanes). Per 32 weights: vpmovsxbw, vpsllw, vpand, vpaddw,
  * vptestnmw, vpermw, vpternlog (the float route: about 10 instructions, two conversions to fp32,
- * two multiplies and a conversion to bf16 among them).
+ * two multiplies and a conversion to bf16 among them). With 128x128 blocks and AVX512-VBMI the
+ * FP8 words come from byte tables instead (FP8_TAB below: fewer shuffles, the same words).
  *
  * FP4 (e2m1, a scale per 32): the float route builds, per pair of groups, a 32-entry bf16 table
  * (the 16 e2m1 values times each group's scale: two multiplies and a conversion per row). The
@@ -93,6 +94,72 @@ AI void fp8_step_fast(const uint8_t *w, int64_t ldw, __m512i off, __m512i sub, c
         }
     }
 }
+
+#if defined(__AVX512VBMI__) /* vpermi2b / vpermt2b (Ice Lake, Zen 4 and later) */
+#define DZ_FP8_TAB 1
+
+/* FP8 with 128x128 blocks (gemm.c's lg = 7) by byte tables: FP8_TAB[sb] holds, for scale byte sb,
+ * the float route's bf16 word of every magnitude code c = 0..127 (e4m3_x2m8(c) * fl(2^(sb-127) *
+ * 2^8), rounded to nearest even) split into 128 low bytes (vectors 0, 1) and 128 high bytes (2, 3).
+ * Per 64 weights of a row: vpermb puts the bytes in the order vpunpck{l,h}bw undoes, two vpermi2b
+ * look each byte's low 7 bits up in both halves, vpternlog puts the byte's sign bit into the high
+ * byte, and vpunpcklbw / vpunpckhbw interleave low and high bytes into the 2 x 32 words in natural
+ * order (6 instructions; the integer route above: 14; measured on a Xeon with AVX512-BF16, where
+ * shuffles and vdpbf16ps share one port: 12.4-13.7 cycles per 64 weights with vdpbf16ps, the integer
+ * route 15.5-17.4, interleaving by two vpermt2b 13.4-14.9; docs/BENCHMARKS.md). The words are the
+ * float route's wherever the word of c | 0x80 is the word of c with bit 15 set: fp8_tab_init checks
+ * that for every code and every scale byte in [FP8_SB_LO, FP8_SB_HI] (the bytes scales_in lets in)
+ * and leaves the tables off (fp8_tab_ok = 0: the integer route runs) if one differs. 64 KiB; a
+ * matrix's few distinct scale bytes keep their tables in L1. */
+static uint8_t FP8_TAB[256][4][64] __attribute__((aligned(64)));
+/* vpermb: byte 16L + j (j < 8) of each 128-bit lane L <- byte 8L + j, 16L + 8 + j <- 32 + 8L + j, so that
+ * vpunpcklbw gives words 0..31 and vpunpckhbw words 32..63 in order */
+static uint8_t FP8_IL[64] __attribute__((aligned(64)));
+static int fp8_tab_ok;
+
+__attribute__((constructor)) static void fp8_tab_init(void) {
+    uint8_t codes[256];
+    for (int c = 0; c < 256; c++) codes[c] = (uint8_t)c;
+    int ok = 1;
+    for (int sb = 0; sb < 256; sb++) {
+        const __m512 vs = _mm512_set1_ps(scale_bits(&codes[sb], 0, 1) * 256.0f); /* fp8_micro_bf's VS_AT */
+        uint16_t wd[256];
+        for (int c = 0; c < 256; c += 16) {
+            const __m512 v = _mm512_mul_ps(e4m3_x2m8(_mm_loadu_si128((const __m128i *)(codes + c))), vs);
+            _mm256_storeu_si256((__m256i *)(wd + c), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+        for (int c = 0; c < 128; c++) {
+            FP8_TAB[sb][c >> 6][c & 63] = (uint8_t)wd[c];
+            FP8_TAB[sb][2 + (c >> 6)][c & 63] = (uint8_t)(wd[c] >> 8);
+            if (sb >= FP8_SB_LO && sb <= FP8_SB_HI && wd[c | 0x80] != (wd[c] | 0x8000)) ok = 0;
+        }
+    }
+    for (int p = 0; p < 64; p++) FP8_IL[p] = (uint8_t)(8 * (p >> 4) + (p & 7) + (p & 8 ? 32 : 0));
+    fp8_tab_ok = ok;
+}
+
+/* 64 weights of nr rows at k by the tables t (one block's: t[0..3]), weights k..k+31 into a0 and
+ * k+32..k+63 into a1: the two 32-weight steps of fp8_step_fast / fp8_step_bf, the same words */
+AI void fp8_tab_step(const uint8_t *w, int64_t ldw, const __m512i *t, __m512i il, const uint16_t *const *xr,
+                     int64_t k, const int nr, const int mb, __m512 (*a0)[MB], __m512 (*a1)[MB]) {
+    __m512i wv[2][2];
+    for (int r = 0; r < nr; r++) {
+        const __m512i b = _mm512_permutexvar_epi8(il, _mm512_loadu_si512((const void *)(w + r * ldw + k)));
+        const __m512i lo = _mm512_permutex2var_epi8(t[0], b, t[1]);
+        const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t[2], b, t[3]), b,
+                                                     _mm512_set1_epi8((char)0x80), 0xF8); /* hi | (b & sign) */
+        wv[r][0] = _mm512_unpacklo_epi8(lo, hi);
+        wv[r][1] = _mm512_unpackhi_epi8(lo, hi);
+    }
+    for (int m = 0; m < mb; m++) {
+        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xr[m] + k), x1 = (__m512bh)_mm512_loadu_si512(xr[m] + k + 32);
+        for (int r = 0; r < nr; r++) {
+            a0[r][m] = _mm512_dpbf16_ps(a0[r][m], (__m512bh)wv[r][0], x0);
+            a1[r][m] = _mm512_dpbf16_ps(a1[r][m], (__m512bh)wv[r][1], x1);
+        }
+    }
+}
+#endif /* __AVX512VBMI__ */
 
 #if defined(__AVX512VBMI__) /* vpermb: FP4 on the integer route only with VBMI (Ice Lake, Zen 4 and later) */
 #define DZ_FAST_FP4 1

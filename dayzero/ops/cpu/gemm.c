@@ -73,6 +73,10 @@
 #ifndef PF
 #define PF 2048 /* software prefetch distance in weight bytes (rounded up to whole rows) */
 #endif
+#ifndef FP8_PF2
+#define FP8_PF2 8192 /* fp8_micro_bf's byte tables: a second prefetch (into L2) this far ahead where
+                      * it is farther than PF's (rows shorter than 4 KiB; docs/BENCHMARKS.md) */
+#endif
 #define PAR_MIN ((int64_t)1 << 20) /* multiply-adds below which a call stays on the caller's thread */
 
 /* tests: 0 sends bf16 activations through the fp32 kernels as on CPUs without AVX512-BF16 */
@@ -80,7 +84,8 @@ static int use_bf16dot = 1;
 
 void dz_gemm_options(int64_t bf16dot) { use_bf16dot = (int)bf16dot; }
 
-/* tests / bench: 0 decodes weights by the float route only (fastdecode.h: the same bf16 words) */
+/* tests / bench: 0 decodes weights by the float route only, 2 FP8 by the integer route without its
+ * byte tables (fastdecode.h: the same bf16 words every way) */
 static int use_fast_decode = 1;
 
 void dz_gemm_fast_decode(int64_t on) { use_fast_decode = (int)on; }
@@ -588,6 +593,27 @@ AI void fp8_micro_bf(const uint8_t *w, int64_t ldw, const void *s, int e8m0, con
     /* whole 128-weight blocks: a branch-free body, so the accumulators stay in registers; the
      * integer decode (fastdecode.h) where every block's E8M0 scale allows it, the same words */
     const int fast = e8m0 && scales_in((const uint8_t *)s, 0, 1, nf >> lg, lg < 7 ? FP8_SB_LO32 : FP8_SB_LO, FP8_SB_HI);
+#if DZ_FP8_TAB
+    if (fast && lg == 7 && fp8_tab_ok && use_fast_decode == 1) { /* the byte tables (fastdecode.h) */
+        const __m512i il = _mm512_load_si512(FP8_IL);
+        const int64_t pfd2 = cdiv(FP8_PF2, nr * ldw) * nr * ldw;
+        for (int64_t k = 0; k < nf; k += 128) {
+            const __m512i *tp = (const __m512i *)FP8_TAB[((const uint8_t *)s)[k >> 7]];
+            const __m512i t[4] = {_mm512_load_si512(tp), _mm512_load_si512(tp + 1), _mm512_load_si512(tp + 2),
+                                  _mm512_load_si512(tp + 3)};
+            for (int r = 0; r < nr; r++) {
+                _mm_prefetch((const char *)w + r * ldw + pfd + k, _MM_HINT_T0);
+                _mm_prefetch((const char *)w + r * ldw + pfd + k + 64, _MM_HINT_T0);
+                if (pfd2 > pfd) { /* short rows: also into L2 from farther ahead */
+                    _mm_prefetch((const char *)w + r * ldw + pfd2 + k, _MM_HINT_T1);
+                    _mm_prefetch((const char *)w + r * ldw + pfd2 + k + 64, _MM_HINT_T1);
+                }
+            }
+            fp8_tab_step(w, ldw, t, il, xr, k, nr, mb, a0, a1);
+            fp8_tab_step(w, ldw, t, il, xr, k + 64, nr, mb, a0, a1);
+        }
+    } else
+#endif
     if (fast) {
         const __m512 codes = e4m3_x2m8(_mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0));
         __m512i off, sub; /* the block constants at weight kk (lg < 7: each 32-weight step's own block) */
@@ -1288,20 +1314,30 @@ typedef void (*tile_fn)(const QMat *, const void *const *, int, int64_t, int64_t
 static void linear_item(const QMat *q, tile_fn tile, const char *xs, int64_t ldb, int64_t M, void *out, int bf16,
                         int64_t o0, int64_t o1) {
     float res[TILE * MB];
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        const int mb = (int)min64(MB, M - m0);
-        const void *xr[MB];
-        for (int i = 0; i < mb; i++) xr[i] = xs + (m0 + i) * ldb;
-        tile(q, xr, mb, o0, o1, res);
-        for (int i = 0; i < mb; i++)
-            for (int64_t o = o0; o < o1; o++) dz_store(out, (m0 + i) * q->O + o, res[i * TILE + o - o0], bf16);
+    for (int64_t t0 = o0; t0 < o1; t0 += TILE) { /* tiles of the item (o0 even: they start even) */
+        const int64_t t1 = min64(o1, t0 + TILE);
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int mb = (int)min64(MB, M - m0);
+            const void *xr[MB];
+            for (int i = 0; i < mb; i++) xr[i] = xs + (m0 + i) * ldb;
+            tile(q, xr, mb, t0, t1, res);
+            for (int i = 0; i < mb; i++)
+                for (int64_t o = t0; o < t1; o++) dz_store(out, (m0 + i) * q->O + o, res[i * TILE + o - t0], bf16);
+        }
     }
 }
 
-/* work items of R (even, <= TILE) output rows, dynamically scheduled (>= 8 per thread where O
- * allows, so a thread that is descheduled or slower holds up the others by little) */
+#ifndef FP8_ITEM_ROWS
+#define FP8_ITEM_ROWS 1024 /* FP8 linears: the most rows of a work item (FP4: TILE) */
+#endif
+
+/* work items of R (even, <= rmax) output rows, dynamically scheduled (>= 8 per thread where O
+ * allows, so a thread that is descheduled or slower holds up the others by little). An item of
+ * more than TILE rows is consecutive tiles: a thread streams longer runs of contiguous weight
+ * rows (at short K the FP8 decode's 64-row items were 64 KiB, and each jump to the next item
+ * restarts the prefetchers; docs/BENCHMARKS.md). Results depend on neither R nor threads. */
 static void linear(const QMat *q, tile_fn tile, const char *xs, int64_t ld, int64_t M, void *out, int bf16,
-                   int64_t nthreads) {
+                   int64_t nthreads, int64_t rmax) {
     const int64_t O = q->O;
     const int nt = team(nthreads, M * O * q->K, cdiv(O, 16));
     if (nt <= 1) {
@@ -1309,7 +1345,7 @@ static void linear(const QMat *q, tile_fn tile, const char *xs, int64_t ld, int6
         return;
     }
     int64_t R = (cdiv(O, 8 * nt) + 1) & ~(int64_t)1;
-    R = R > TILE ? TILE : (R < 16 ? 16 : R);
+    R = R > rmax ? rmax : (R < 16 ? 16 : R);
     const int64_t items = cdiv(O, R);
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t it = 0; it < items; it++) linear_item(q, tile, xs, ld, M, out, bf16, it * R, min64(O, it * R + R));
@@ -1329,7 +1365,7 @@ void dz_fp4_linear(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, c
             rows_linear(&q, 0, 1, (const char *)xb, ld * 2, M, out, 1, nthreads);
         else
 #endif
-            linear(&q, fp4_tile_bf, (const char *)xb, ld * 2, M, out, 1, nthreads);
+            linear(&q, fp4_tile_bf, (const char *)xb, ld * 2, M, out, 1, nthreads, TILE);
         free(xb);
         return;
     }
@@ -1342,7 +1378,7 @@ void dz_fp4_linear(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, c
         rows_linear(&q, 0, 0, (const char *)xs, ld * 4, M, out, (int)bf16, nthreads);
     else
 #endif
-        linear(&q, fp4_tile, (const char *)xs, ld * 4, M, out, (int)bf16, nthreads);
+        linear(&q, fp4_tile, (const char *)xs, ld * 4, M, out, (int)bf16, nthreads, TILE);
     free(xs);
 }
 
@@ -1379,13 +1415,13 @@ void dz_fp8_linear_b(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w,
             rows_linear(&q, 1, 1, (const char *)xb, Kp * 2, M, out, 1, nthreads);
         else
 #endif
-            linear(&q, fp8_tile_bf, (const char *)xb, Kp * 2, M, out, 1, nthreads);
+            linear(&q, fp8_tile_bf, (const char *)xb, Kp * 2, M, out, 1, nthreads, FP8_ITEM_ROWS);
         free(xb);
         return;
     }
 #endif
     if (!bf16 && !act_quant && M <= 2) { /* fp32 rows used in place */
-        linear(&q, fp8_tile, (const char *)x, ldx * 4, M, out, 0, nthreads);
+        linear(&q, fp8_tile, (const char *)x, ldx * 4, M, out, 0, nthreads, FP8_ITEM_ROWS);
         return;
     }
     const int64_t ld = pad_ld(K);
@@ -1401,7 +1437,7 @@ void dz_fp8_linear_b(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w,
         rows_linear(&q, 1, 0, (const char *)xf, ld * 4, M, out, (int)bf16, nthreads);
     else
 #endif
-        linear(&q, fp8_tile, (const char *)xf, ld * 4, M, out, (int)bf16, nthreads);
+        linear(&q, fp8_tile, (const char *)xf, ld * 4, M, out, (int)bf16, nthreads, FP8_ITEM_ROWS);
     free(xf);
 }
 
@@ -1421,13 +1457,16 @@ void dz_fp8_linear_b(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w,
 static void grouped_item(const QMat *q, tile_fn tile, const char *xs, int64_t ldb, int64_t M, void *out,
                          int64_t ldo, int bf16, int64_t o0, int64_t o1) {
     float res[TILE * MB];
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        const int mb = (int)min64(MB, M - m0);
-        const void *xr[MB];
-        for (int i = 0; i < mb; i++) xr[i] = xs + (m0 + i) * ldb;
-        tile(q, xr, mb, o0, o1, res);
-        for (int i = 0; i < mb; i++)
-            for (int64_t o = o0; o < o1; o++) dz_store(out, (m0 + i) * ldo + o, res[i * TILE + o - o0], bf16);
+    for (int64_t t0 = o0; t0 < o1; t0 += TILE) { /* as linear_item */
+        const int64_t t1 = min64(o1, t0 + TILE);
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int mb = (int)min64(MB, M - m0);
+            const void *xr[MB];
+            for (int i = 0; i < mb; i++) xr[i] = xs + (m0 + i) * ldb;
+            tile(q, xr, mb, t0, t1, res);
+            for (int i = 0; i < mb; i++)
+                for (int64_t o = t0; o < t1; o++) dz_store(out, (m0 + i) * ldo + o, res[i * TILE + o - t0], bf16);
+        }
     }
 }
 
@@ -1493,12 +1532,12 @@ void dz_fp8_linear_grouped(const void *x, int64_t ldx, int64_t bf16, const uint8
     }
 #endif
     (void)bfd; /* read by the many-rows path only (AVX-512 builds) */
-    /* linear()'s tiles, sized over all G * R rows (>= 8 items per thread where they allow) */
+    /* linear()'s items, sized over all G * R rows (>= 8 items per thread where they allow) */
     const int nt = team(nthreads, macs, G * cdiv(R, 16));
     int64_t Rt = TILE;
     if (nt > 1) {
         Rt = (cdiv(G * R, 8 * nt) + 1) & ~(int64_t)1;
-        Rt = Rt > TILE ? TILE : (Rt < 16 ? 16 : Rt);
+        Rt = Rt > FP8_ITEM_ROWS ? FP8_ITEM_ROWS : (Rt < 16 ? 16 : Rt);
     }
     const int64_t per = cdiv(R, Rt), items = G * per;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)

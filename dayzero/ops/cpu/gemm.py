@@ -33,7 +33,7 @@ _SIGNATURES = {
     "moe": ("dz_moe_fp4", "piiiiippippippippifippi"),
     "sim": ("dz_gemm_fp8_sim", "piiiip"),
     "options": ("dz_gemm_options", "i"),  # tests: options(0) runs bf16 x on the fp32 kernels
-    "fast_decode": ("dz_gemm_fast_decode", "i"),  # tests / bench: 0 decodes by the float route only
+    "fast_decode": ("dz_gemm_fast_decode", "i"),  # tests / bench: 0 float route only, 2 FP8 without the byte tables
     "moe_streams": ("dz_gemm_moe_streams", "i"),  # tests / bench: 0 runs MoE decode blocks on the tile walk
 }
 
