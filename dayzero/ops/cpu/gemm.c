@@ -1310,9 +1310,10 @@ static void rows_linear(const QMat *q, int fp8, int bfd, const char *xs, int64_t
 /* ---- linears ------------------------------------------------------------------------------------ */
 typedef void (*tile_fn)(const QMat *, const void *const *, int, int64_t, int64_t, float *);
 
-/* xs: activation rows ldb bytes apart, in the layout `tile` reads */
-static void linear_item(const QMat *q, tile_fn tile, const char *xs, int64_t ldb, int64_t M, void *out, int bf16,
-                        int64_t o0, int64_t o1) {
+/* rows [o0, o1) of q against its M activation rows (xs: ldb bytes apart, in the layout `tile` reads),
+ * stored at out[m * ldo + o], tile by tile: a linear's work item (ldo = O) or one group's (grouped linear) */
+static void tile_item(const QMat *q, tile_fn tile, const char *xs, int64_t ldb, int64_t M, void *out, int64_t ldo,
+                      int bf16, int64_t o0, int64_t o1) {
     float res[TILE * MB];
     for (int64_t t0 = o0; t0 < o1; t0 += TILE) { /* tiles of the item (o0 even: they start even) */
         const int64_t t1 = min64(o1, t0 + TILE);
@@ -1322,9 +1323,14 @@ static void linear_item(const QMat *q, tile_fn tile, const char *xs, int64_t ldb
             for (int i = 0; i < mb; i++) xr[i] = xs + (m0 + i) * ldb;
             tile(q, xr, mb, t0, t1, res);
             for (int i = 0; i < mb; i++)
-                for (int64_t o = t0; o < t1; o++) dz_store(out, (m0 + i) * q->O + o, res[i * TILE + o - t0], bf16);
+                for (int64_t o = t0; o < t1; o++) dz_store(out, (m0 + i) * ldo + o, res[i * TILE + o - t0], bf16);
         }
     }
+}
+
+static void linear_item(const QMat *q, tile_fn tile, const char *xs, int64_t ldb, int64_t M, void *out, int bf16,
+                        int64_t o0, int64_t o1) {
+    tile_item(q, tile, xs, ldb, M, out, q->O, bf16, o0, o1);
 }
 
 #ifndef FP8_ITEM_ROWS
@@ -1452,24 +1458,6 @@ void dz_fp8_linear_b(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w,
  * panel functions: bit-identical to the G calls (results depend on neither tiling nor threads).
  * No act_quant (the caller's grouped op has none). */
 
-/* one decode work item: rows [o0, o1) of group q against its M activation rows (ldb bytes apart),
- * stored at out[m * ldo + o] (out: the group's first column) */
-static void grouped_item(const QMat *q, tile_fn tile, const char *xs, int64_t ldb, int64_t M, void *out,
-                         int64_t ldo, int bf16, int64_t o0, int64_t o1) {
-    float res[TILE * MB];
-    for (int64_t t0 = o0; t0 < o1; t0 += TILE) { /* as linear_item */
-        const int64_t t1 = min64(o1, t0 + TILE);
-        for (int64_t m0 = 0; m0 < M; m0 += MB) {
-            const int mb = (int)min64(MB, M - m0);
-            const void *xr[MB];
-            for (int i = 0; i < mb; i++) xr[i] = xs + (m0 + i) * ldb;
-            tile(q, xr, mb, t0, t1, res);
-            for (int i = 0; i < mb; i++)
-                for (int64_t o = t0; o < t1; o++) dz_store(out, (m0 + i) * ldo + o, res[i * TILE + o - t0], bf16);
-        }
-    }
-}
-
 void dz_fp8_linear_grouped(const void *x, int64_t ldx, int64_t bf16, const uint8_t *w, const void *s, int64_t e8m0,
                            void *out, int64_t M, int64_t G, int64_t R, int64_t K, int64_t nthreads) {
     const int64_t ldo = G * R, osz = bf16 ? 2 : 4, xsz = bf16 ? 2 : 4;
@@ -1544,7 +1532,7 @@ void dz_fp8_linear_grouped(const void *x, int64_t ldx, int64_t bf16, const uint8
     for (int64_t it = 0; it < items; it++) {
         const int64_t g = it / per, o0 = it % per * Rt;
         const QMat q = GROUP_Q(g);
-        grouped_item(&q, tile, xs + g * gx, ldb, M, (char *)out + g * R * osz, ldo, (int)bf16, o0, min64(R, o0 + Rt));
+        tile_item(&q, tile, xs + g * gx, ldb, M, (char *)out + g * R * osz, ldo, (int)bf16, o0, min64(R, o0 + Rt));
     }
 #undef GROUP_Q
     free(buf);
