@@ -144,16 +144,22 @@ def draft_block(model, stages: nn.ModuleList, anchors: torch.Tensor, batch: Batc
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The draft forward of `len(anchors)` blocks of k rows ([anchor, noise x (k - 1)] at positions
     batch.starts[j] ..): (h [n, k, dim], U [n, k, vocab] fp32)."""
-    args = model.args
     n = anchors.shape[0]
-    ids = torch.full((n, k), args.dspark_noise_token_id, dtype=torch.long, device=anchors.device)
-    ids[:, 0] = anchors
-    ids = ids.flatten()
-    X = model.embed_tokens(ids).unsqueeze(1).repeat(1, args.hc_mult, 1)
+    ids, X = block_inputs(model, anchors, k)
     for st in stages:
         X = st.forward_block(X, batch, ids, k)
     h, U = stages[-1].head(X, model.head_weight())
     return h.view(n, k, -1), U.view(n, k, -1)
+
+
+def block_inputs(model, anchors: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draft blocks' token ids [n * k] ([anchor, noise x (k - 1)] per block) and their embeddings
+    as residual streams [n * k, hc, dim] (V4's and V4.1's stages alike)."""
+    args = model.args
+    ids = torch.full((anchors.shape[0], k), args.dspark_noise_token_id, dtype=torch.long, device=anchors.device)
+    ids[:, 0] = anchors
+    ids = ids.flatten()
+    return ids, model.embed_tokens(ids).unsqueeze(1).repeat(1, args.hc_mult, 1)
 
 
 def block_core(ops, a, layer_id: int, q: torch.Tensor, kv: torch.Tensor, batch: Batch, k: int,

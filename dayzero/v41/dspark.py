@@ -46,7 +46,7 @@ from torch import nn
 from dayzero.distributed.layout import Layout, LayoutError
 from dayzero.ops import ref
 from dayzero.reference.attention import rope_table
-from dayzero.reference.dspark import block_core
+from dayzero.reference.dspark import block_core, block_inputs
 from dayzero.reference.layers import RMSNorm, UsesOps
 from dayzero.reference.seqcache import Batch
 from dayzero.v41 import quant
@@ -186,12 +186,8 @@ def draft_block(model, stages: nn.ModuleList, anchors: torch.Tensor, batch: Batc
     """The draft forward of `len(anchors)` blocks of k rows ([anchor, noise x (k - 1)] at positions
     batch.starts[j] ..): (h [n, k, dim] collapsed pre-norm, U [n, k, vocab] fp32 before the Markov bias).
     `model`: a V41Transformer (its embedding, head and head collectives)."""
-    args = model.args
     n = anchors.shape[0]
-    ids = torch.full((n, k), args.dspark_noise_token_id, dtype=torch.long, device=anchors.device)
-    ids[:, 0] = anchors
-    ids = ids.flatten()
-    X = model.embed_tokens(ids).unsqueeze(1).repeat(1, args.hc_mult, 1)
+    ids, X = block_inputs(model, anchors, k)
     pre = torch.zeros(X.shape[:2], device=X.device)
     pre[:, 0] = 1.0  # the first site reads stream 0, as the backbone's
     for st in stages:

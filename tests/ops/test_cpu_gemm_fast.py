@@ -25,16 +25,21 @@ FAST_LO, FAST_HI = 7, 246  # fastdecode.h: FP8_SB_LO, FP8_SB_HI
 
 
 
-def _both(fn):
-    """fn() with the integer decode on, then off (restored to on)."""
+def _toggled(switch, fn):
+    """fn() with a kernel switch (gemm.kernels.fast_decode, .moe_streams) on, then off (restored to on)."""
     try:
-        G.kernels.fast_decode(1)
+        switch(1)
         a = fn()
-        G.kernels.fast_decode(0)
+        switch(0)
         b = fn()
     finally:
-        G.kernels.fast_decode(1)
+        switch(1)
     return a, b
+
+
+def _both(fn):
+    """fn() with the integer decode on, then off."""
+    return _toggled(G.kernels.fast_decode, fn)
 
 
 def _same(a, b):
@@ -257,15 +262,8 @@ def test_moe_fast_equals_float_route():
 
 
 def _streams(fn):
-    """fn() with the MoE's decode blocks on their row-pair streams, then on the tile walk (restored)."""
-    try:
-        G.kernels.moe_streams(1)
-        a = fn()
-        G.kernels.moe_streams(0)
-        b = fn()
-    finally:
-        G.kernels.moe_streams(1)
-    return a, b
+    """fn() with the MoE's decode blocks on their row-pair streams, then on the tile walk."""
+    return _toggled(G.kernels.moe_streams, fn)
 
 
 @pytest.mark.parametrize("N,E,k", [(1, 6, 6), (2, 6, 6), (3, 4, 4), (5, 4, 4), (8, 3, 3), (7, 6, 2), (20, 2, 2)])

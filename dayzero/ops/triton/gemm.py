@@ -136,8 +136,7 @@ def _fp8_kernel(X, W, S, Y, M, O, K, KB, sxm, sys, KSPLIT, SPLITS, BLOCK_M: tl.c
     """ACT_Q=False: W8A16, weight tile decoded, scaled, rounded to x.dtype, dotted.
     ACT_Q=True (BLOCK_K=128): W8A8, each x row block quantised to e4m3 with a power-of-two
     scale (as ref.fp8_act_sim), FP8 tensor-core dot, both scales on the fp32 partial sum.
-    SB: the scale blocks' side (128: V4's, one scale per weight row over a K tile, BLOCK_K | 128;
-    32: V4.1's dense 32x32 blocks, W8A16 only, a [BLOCK_K, BLOCK_O] scale tile: a scale per 32 of K)."""
+    SB: the scale blocks' side, 128 (V4, BLOCK_K | 128) or 32 (V4.1, W8A16 only: a scale tile per K tile)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ro = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     rk = tl.arange(0, BLOCK_K)
@@ -151,31 +150,27 @@ def _fp8_kernel(X, W, S, Y, M, O, K, KB, sxm, sys, KSPLIT, SPLITS, BLOCK_M: tl.c
             k_ok = kk < K
             x = tl.load(X + rm[:, None] * sxm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
             b = tl.load(W + ro[None, :] * K + kk[:, None], mask=o_ok[None, :] & k_ok[:, None], other=0)
-            if SB != 128:  # a scale per SB of K: W decoded and scaled as in the twin, element by element
-                s2 = _scale_f32(tl.load(srow[None, :] + (kk // SB)[:, None], mask=o_ok[None, :] & k_ok[:, None],
-                                        other=1), E8M0)
-                w = _round(_e4m3_x2m8(b) * (s2 * 256.0), x.dtype, INTERP)
+            if SB == 128:  # one scale per weight row over the K tile
+                s = _scale_f32(tl.load(srow + k0 // 128, mask=o_ok, other=1), E8M0)
+                sw = (s * 256.0)[None, :]
+            else:  # V4.1's 32x32 blocks: a scale per SB of K too
+                sw = _scale_f32(tl.load(srow[None, :] + (kk // SB)[:, None], mask=o_ok[None, :] & k_ok[:, None],
+                                        other=1), E8M0) * 256.0
+            if ACT_Q:
+                xf = x.to(tl.float32)
+                sa, inv = _act_scale(tl.max(tl.abs(xf), axis=1))
+                v = xf * inv[:, None]
+                if INTERP:  # the interpreter's fp32->fp8 cast misrounds: exact e4m3 values in fp32
+                    p = tl.dot(_e4m3_round(v), _e4m3_x2m8(b) * 256.0, input_precision="ieee")
+                else:
+                    p = tl.dot(v.to(tl.float8e4nv), b.to(tl.float8e4nv, bitcast=True))
+                acc += p * sa[:, None] * s[None, :]
+            else:
+                w = _round(_e4m3_x2m8(b) * sw, x.dtype, INTERP)
                 if INTERP or IEEE:
                     acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
                 else:
                     acc = tl.dot(x, w, acc)
-            else:
-                s = _scale_f32(tl.load(srow + k0 // 128, mask=o_ok, other=1), E8M0)
-                if ACT_Q:
-                    xf = x.to(tl.float32)
-                    sa, inv = _act_scale(tl.max(tl.abs(xf), axis=1))
-                    v = xf * inv[:, None]
-                    if INTERP:  # the interpreter's fp32->fp8 cast misrounds: exact e4m3 values in fp32
-                        p = tl.dot(_e4m3_round(v), _e4m3_x2m8(b) * 256.0, input_precision="ieee")
-                    else:
-                        p = tl.dot(v.to(tl.float8e4nv), b.to(tl.float8e4nv, bitcast=True))
-                    acc += p * sa[:, None] * s[None, :]
-                else:
-                    w = _round(_e4m3_x2m8(b) * (s * 256.0)[None, :], x.dtype, INTERP)
-                    if INTERP or IEEE:
-                        acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(x, w, acc)
         total += acc
     yp = Y + tl.program_id(2) * sys + rm[:, None] * O + ro[None, :]
     tl.store(yp, _round(total, Y.dtype.element_ty, INTERP), mask=m_ok[:, None] & o_ok[None, :])
@@ -300,10 +295,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
                config: dict | None = None, block: int = 128) -> torch.Tensor:
     """ref.fp8_linear. act_quant=True: x is FP8-simulated first (ref.fp8_act_sim, blocks of 128):
     on FP8 tensor cores (cc >= 8.9) fused into a W8A8 kernel, elsewhere simulated then W8A16.
-    block: the weight's scale blocks, 128 (V4's) or 32 (V4.1's dense 32x32 weights: the W8A16 kernel with
-    a scale per 32 of K and of O, x FP8-simulated first where act_quant; its config looked up under
-    "O{O}-K{K}-b32", which `dayzero tune` has no cases for yet: the default);
-    other sides run the twin (W dequantised per call, then multiplied)."""
+    block: the scale blocks' side, 128 (V4) or 32 (V4.1: W8A16, x simulated first where act_quant; config key
+    "O{O}-K{K}-b32", which `dayzero tune` has no cases for yet); other sides run the twin."""
     if block not in (128, 32):
         return ref.fp8_linear(x, weight, scale, act_quant, block)
     if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn:
@@ -323,8 +316,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
     name = "fp8_linear_w8a8" if tc else "fp8_linear"
     key = f"O{O}-K{K}" if block == 128 else f"O{O}-K{K}-b{block}"
     cfg = config or tuning.config(name, key, _default(name), x.device)  # never M: see the docstring
-    # a K tile stays inside one 128-block of scales (32-blocks: any tile, the scales are a tile of their
-    # own); the W8A8 kernel quantises whole blocks
+    # a K tile stays inside one 128-block of scales (32-blocks: any tile); W8A8 quantises whole blocks
     _check_cfg(cfg, lambda bk: bk == 128 if tc else (128 % bk == 0 or block != 128))
     return _launch_linear(_fp8_kernel, x, w, scale, O, K, cfg, (triton.cdiv(K, block),), ACT_Q=tc, SB=block)
 
