@@ -98,3 +98,23 @@ def test_shapes_and_other_blocks():
     assert torch.equal(G.fp8_linear(x_rows(3, 48, torch.float32, 1), w16, s16, block=16),
                        ref.fp8_linear(x_rows(3, 48, torch.float32, 1), w16, s16, block=16))
     assert G.fp8_linear(x[:0], w, s, block=32).shape == (0, 64)
+
+
+def test_tune_has_cases_for_the_32_blocks(monkeypatch):
+    """`dayzero tune` times fp8_linear on V4.1's 32x32 blocks under their own keys (O..-K..-b32,
+    V4.1-Flash's wq_b and wo_b on GPUs), each case a real block=32 call, and the kernel looks its config
+    up under that key."""
+    assert {(o, k) for _, o, k, b in G._FP8_B32_GPU if b == 32} == {(32768, 1280), (5120, 8192)}
+    cases = dict(G.TUNABLES["fp8_linear"].cases(DEV))
+    assert set(cases) >= {"O70-K320", "O70-K320-b32"}
+    cfg = G.TUNABLES["fp8_linear"].space[0]
+    seen, launched = [], []
+    real, launch = G.tuning.config, G._launch_linear
+    monkeypatch.setattr(G.tuning, "config", lambda name, key, default, dev: seen.append(key) or real(name, key, default, dev))
+    monkeypatch.setattr(G, "_launch_linear", lambda *a, **kw: launched.append((tuple(a[3].shape), kw["SB"])) or launch(*a, **kw))
+    assert cases["O70-K320-b32"](cfg).shape == (3, 70)
+    assert launched == [((3, 10), 32)]  # the case's scales are 32x32 blocks, the kernel reads them so
+    w, s = w32(70, 320)
+    G.fp8_linear(x_rows(3, 320, torch.bfloat16, 1), w, s, block=32)
+    assert seen == ["O70-K320-b32"]
+    assert "-b32" not in "".join(k for k in dict(G.TUNABLES["fp8_linear_w8a8"].cases(DEV)))  # no W8A8 path for 32-blocks

@@ -296,7 +296,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
     """ref.fp8_linear. act_quant=True: x is FP8-simulated first (ref.fp8_act_sim, blocks of 128):
     on FP8 tensor cores (cc >= 8.9) fused into a W8A8 kernel, elsewhere simulated then W8A16.
     block: the scale blocks' side, 128 (V4) or 32 (V4.1: W8A16, x simulated first where act_quant; config key
-    "O{O}-K{K}-b32", which `dayzero tune` has no cases for yet); other sides run the twin."""
+    "O{O}-K{K}-b32", tuned on V4.1-Flash's wq_b and wo_b shapes); other sides run the twin."""
     if block not in (128, 32):
         return ref.fp8_linear(x, weight, scale, act_quant, block)
     if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn:
@@ -363,31 +363,33 @@ def _rand_fp4(*shape, dev):
 
 
 def _lin_cases(fn, make, gpu_shapes, cpu_shapes):
-    """cases(device): bf16 x, V4-Flash (M, O, K) on GPUs (wq_a, wq_b, shared experts, prefill).
-    Keys name the weight shape only: `dayzero tune` picks one config per key for all its M."""
+    """cases(device): bf16 x, V4-Flash (M, O, K) on GPUs (wq_a, wq_b, shared experts, prefill), (M, O, K, 32):
+    V4.1's 32x32 FP8 blocks. Keys name the weight shape only: one config per key for all its M."""
     def cases(device):
         out = []
-        for M, O, K in gpu_shapes if torch.device(device).type == "cuda" else cpu_shapes:
-            args = (torch.randn(M, K, device=device, dtype=torch.bfloat16), *make(O, K, device))
-            out.append((f"O{O}-K{K}", lambda cfg, a=args: fn(*a, config=cfg)))
+        for M, O, K, *b in gpu_shapes if torch.device(device).type == "cuda" else cpu_shapes:
+            kw = {"block": b[0]} if b else {}
+            args = (torch.randn(M, K, device=device, dtype=torch.bfloat16), *make(O, K, device, **kw))
+            out.append((f"O{O}-K{K}" + (f"-b{b[0]}" if b else ""), lambda cfg, a=args, kw=kw: fn(*a, config=cfg, **kw)))
         return out
     return cases
 
 
-def _rand_fp8(O, K, dev):
-    return quant_fp8_block(torch.randn(O, K, device=dev) * 0.05)
+def _rand_fp8(O, K, dev, block=128):
+    return quant_fp8_block(torch.randn(O, K, device=dev) * 0.05, block)
 
 
 # one decode and one prefill M per weight shape: their times are added per key (dayzero tune)
 _FP8_GPU = [(m, o, k) for o, k in ((1024, 4096), (32768, 1024), (2048, 4096), (4096, 2048), (4096, 4096))
             for m in (1, 512)]
+_FP8_B32_GPU = [(m, o, k, 32) for o, k in ((32768, 1280), (5120, 8192)) for m in (1, 512)]  # V4.1-Flash wq_b, wo_b
 _FP4_GPU = [(m, o, k) for o, k in ((2048, 4096), (4096, 2048)) for m in (1, 512)]
 TUNABLES: dict[str, tuning.Tunable] = {
     "fp8_linear": tuning.Tunable(
         space=(_lin(16, 64, 128, 0, 4, 4), _lin(16, 128, 128, 0, 4, 4), _lin(16, 32, 128, 0, 4, 4),
                _lin(16, 64, 64, 0, 4, 6), _lin(16, 64, 128, 2, 4, 4), _lin(32, 64, 128, 4, 4, 3),
                _lin(64, 128, 64, 1, 8, 3)),
-        cases=_lin_cases(fp8_linear, _rand_fp8, _FP8_GPU, [(3, 70, 320)])),
+        cases=_lin_cases(fp8_linear, _rand_fp8, _FP8_GPU + _FP8_B32_GPU, [(3, 70, 320), (3, 70, 320, 32)])),
     "fp8_linear_w8a8": tuning.Tunable(
         space=(_lin(16, 64, 128, 0, 4, 4), _lin(16, 128, 128, 0, 4, 4), _lin(16, 32, 128, 0, 4, 3),
                _lin(32, 64, 128, 2, 4, 4), _lin(64, 128, 128, 1, 8, 3)),
