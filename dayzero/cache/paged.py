@@ -287,8 +287,14 @@ class PagedBatchCache:
             values = values[keep]
         if flat.numel():
             packed = self.pools.packed.get((layer, kind))
-            # index_put_ is what pool[flat] = ... runs, without the view __setitem__ takes first
-            pool.index_put_((flat,), values.to(pool.dtype) if packed is None else packed.layout.pack(values))
+            if packed is not None:
+                values = packed.layout.pack(values)
+            elif values.dtype != pool.dtype:
+                values = values.to(pool.dtype)
+            # eager CPU steps: one native row copy (lookup.c); else index_put_, what pool[flat] = ...
+            # runs without the view __setitem__ takes first
+            if not (self._native and native.scatter_rows(pool, flat, values)):
+                pool.index_put_((flat,), values)
 
     def read(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Rows as stored; packed FP8 rows decoded to the compute dtype."""

@@ -19,6 +19,7 @@ from torch import nn
 from dayzero.config import ModelArgs
 from dayzero.distributed.layout import Layout
 from dayzero.ops import OpTable, ref
+from dayzero.ops.cpu import lookup
 from dayzero.reference.layers import Linear, RMSNorm, UsesOps, fused_pair
 from dayzero.reference.seqcache import Batch, BatchCache
 
@@ -78,20 +79,23 @@ class Compressor(UsesOps, nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, width), requires_grad=False)
         self.norm = RMSNorm(head_dim, args.norm_eps, dtype)
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [N, dim] -> rows [N, 2, width]: (kv, gate + ape[position mod r]), computed in fp32 and
+    def project(self, x: torch.Tensor, phase: torch.Tensor, x32: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, dim], phase [N] = position mod r (Batch.phase), x32: x.float() where the caller
+        has it -> rows [N, 2, width]: (kv, gate + ape[phase]), computed in fp32 and
         kept fp32 under official numerics (DeepSeek's reference keeps fp32 compressor state),
         rounded to the activation dtype otherwise (transformers projects in the model dtype and
         keeps its compressor buffer so): the dtype the cache stores them in (cache/spec.py)."""
         rows_dtype = torch.float32 if self.official else x.dtype
-        x = x.float()
+        x = x.float() if x32 is None else x32
+        ape = self.ape.index_select(0, phase)  # the rows ape[phase] (index_select: one light op)
         both = self.__dict__.get("_wkv_wgate")  # inference: one GEMM for both projections
         if both is not None and not torch.is_grad_enabled():
-            rows = self.ops.fp32_linear(x, both).unflatten(-1, (2, -1))
-            rows.select(1, 1).add_(self.ape[positions % self.ratio])  # in place (no write-back copy)
+            rows = self.ops.fp32_linear(x, both)
+            rows = rows.view(rows.shape[0], 2, -1)
+            rows.select(1, 1).add_(ape)  # in place (no write-back copy)
             return rows if rows.dtype == rows_dtype else rows.to(rows_dtype)
         kv = self.wkv(x)
-        gate = self.wgate(x) + self.ape[positions % self.ratio]
+        gate = self.wgate(x) + ape
         return torch.stack([kv, gate], 1).to(rows_dtype)
 
     def fuse_projections(self, dtype: torch.dtype | None = None) -> None:
@@ -157,12 +161,14 @@ class Indexer(UsesOps, nn.Module):
                                      dtype=dtype, official=official)
 
     def select(self, x: torch.Tensor, q_lat: torch.Tensor, batch: Batch, layer: int,
-               inv_freq: torch.Tensor) -> torch.Tensor:
-        """Each query's compressed-entry ids [N, k], -1 where fewer usable entries exist."""
+               inv_freq: torch.Tensor, x32: torch.Tensor | None = None) -> torch.Tensor:
+        """Each query's compressed-entry ids [N, k], -1 where fewer usable entries exist (x32:
+        x.float() where the caller has it)."""
         positions, dev = batch.positions, x.device
         if self.capture is not None:
-            x, q_lat = x.detach(), q_lat.detach()
-        self.compressor.update(self.compressor.project(x, positions), batch, layer, "index", inv_freq, x.dtype)
+            x, q_lat, x32 = x.detach(), q_lat.detach(), None
+        rows = self.compressor.project(x, batch.phase(self.ratio), x32)
+        self.compressor.update(rows, batch, layer, "index", inv_freq, x.dtype)
         T = batch.entry_span(self.ratio)
         if T == 0:
             if self.capture is not None:
@@ -247,16 +253,17 @@ class Attention(UsesOps, nn.Module):
         seq_col, key_pos, valid = batch.window(self.window, off)
         sources = [rows_of(cache, layer, "kv", seq_col, key_pos, valid, (self.head_dim,), q.dtype)]
         if self.layer_type != "sliding":
-            rows = self.compressor.project(x, positions)
+            x32 = x.float()  # both compressors of a CSA layer project it
+            rows = self.compressor.project(x, batch.phase(self.ratio), x32)
             self.compressor.update(rows, batch, layer, "attn", inv_freq, q.dtype)
             # every closed entry the query may use (the same lookup as the indexer's keys)
             _, ids, usable = batch.entries(self.ratio, batch.entry_span(self.ratio))
             pool, rows = rows_of(cache, layer, "ent:attn", seq_col, ids, usable, (self.head_dim,), q.dtype)
             if self.layer_type == "csa":  # always: its own compressor consumes the batch's rows
-                top = self.indexer.select(x, q_lat, batch, layer, inv_freq)  # [N, k] entry ids, -1 = none
+                top = self.indexer.select(x, q_lat, batch, layer, inv_freq, x32)  # [N, k] entry ids, -1 = none
                 if self.indexer.capture is not None:
                     self.indexer.capture[-1]["target"] = self.entry_target(q, sources[0], batch, layer)
-                rows = torch.gather(rows, 1, top.clamp(min=0)).masked_fill_(top < 0, -1)
+                rows = lookup.pick_rows(rows, top)  # rows[n, top[n, j]], -1 where top is -1
             sources.append((pool, rows))
         o = self.ops.sparse_attn_paged(q, sources, self.attn_sink, self.head_dim ** -0.5)
         o = self.ops.apply_rope(o, *batch.rope(inv_freq, heads=True), inverse=True)

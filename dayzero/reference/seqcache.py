@@ -74,6 +74,15 @@ class Batch:
             got = memo[offset] = self.positions + offset
         return got
 
+    def phase(self, ratio: int) -> torch.Tensor:
+        """positions % ratio (each token's slot in its compression window): one tensor per ratio
+        and batch, shared by every compressor of that ratio."""
+        memo = self.__dict__.setdefault("_phase", {})
+        got = memo.get(ratio)
+        if got is None:
+            got = memo[ratio] = self.positions % ratio
+        return got
+
     def closing(self, ratio: int, overlap: bool) -> tuple[torch.Tensor, ...] | None:
         """The compressed entries at `ratio` that this batch's tokens close (None: none), as
         (seq [E], ids [E], row seq [E * span], row positions [E * span], missing [E, span, 1]):

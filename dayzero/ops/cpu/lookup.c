@@ -4,8 +4,11 @@
  * (cache/paged.py `_torch_lookup`, `_torch_locate`), which tests/cache/test_paged_lookup.py checks.
  *
  * tab: [B, W] int64 first flat rows of each block (W = table width + 1; trash where not held).
- * Floor division and modulo as PyTorch's // and % on int64 (the sign of the divisor, pb > 0). */
+ * Floor division and modulo as PyTorch's // and % on int64 (the sign of the divisor, pb > 0).
+ * Also the step's other integer/copy glue around them: a write's row scatter (instead of
+ * index_put_) and the CSA top-k's pick of located rows (instead of clamp, gather, lt, masked_fill). */
 #include <stdint.h>
+#include <string.h>
 
 static inline int64_t fdiv(int64_t a, int64_t b) {
     int64_t q = a / b;
@@ -65,5 +68,33 @@ int64_t dz_locate(const int64_t *tab, int64_t nseq, int64_t w, const int64_t *se
             out[r * cols + c] = first + fmod64(x, pb);
         }
     *bad += nbad;
+    return 0;
+}
+
+/* Row scatter of a paged-cache write (cache/paged.py PagedBatchCache.write): row i of src (rows
+ * src_stride bytes apart, row_bytes each) is copied to row flat[i] of pool (pool_stride bytes
+ * apart, prows rows), in order (a repeated row keeps the last copy, as the serial index_put_).
+ * Returns 0, or -1 - i when flat[i] is not in [0, prows) (nothing from row i on is written). */
+int64_t dz_scatter_rows(char *pool, int64_t prows, int64_t pool_stride, const int64_t *flat, int64_t n,
+                        const char *src, int64_t src_stride, int64_t row_bytes) {
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t r = flat[i];
+        if (r < 0 || r >= prows) return -1 - i;
+        memcpy(pool + r * pool_stride, src + i * src_stride, (size_t)row_bytes);
+    }
+    return 0;
+}
+
+/* The rows a top-k picks (reference/attention.py, CSA): out[n, j] = rows[n, top[n, j]], -1 where
+ * top[n, j] < 0 (no pick); rows [N, K] (row stride rs), top [N, k] (row stride ts), out [N, k]
+ * contiguous. Returns 0, or -1 when a pick is >= K (nothing meaningful written). */
+int64_t dz_pick_rows(const int64_t *rows, int64_t rs, int64_t K, const int64_t *top, int64_t ts, int64_t N,
+                     int64_t k, int64_t *out) {
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t j = 0; j < k; j++) {
+            const int64_t t = top[n * ts + j];
+            if (t >= K) return -1;
+            out[n * k + j] = t < 0 ? -1 : rows[n * rs + t];
+        }
     return 0;
 }

@@ -1,7 +1,8 @@
 """Paged-cache row lookups on the CPU in one native call each (lookup.c through ctypes), for
 cache/paged.py's eager steps: the same row ids as its PyTorch path (integer arithmetic), without
-~10 PyTorch ops per lookup. `available()` is False where lookup.c cannot be built; the cache then
-keeps its PyTorch path.
+~10 PyTorch ops per lookup; also a write's row scatter (`scatter_rows`, the bytes index_put_
+copies) and the CSA top-k's pick of located rows (`pick_rows`). `available()` is False where
+lookup.c cannot be built; callers then keep their PyTorch paths.
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ def _bind() -> tuple:
         lib = build.lib("lookup")
         lk = build.bind(lib, "dz_lookup", "piipipiiiipipppp")
         lc = build.bind(lib, "dz_locate", "piipiipiipiiiiiippp")
-        lk.restype = lc.restype = ctypes.c_int64
-        _fns.extend((lk, lc))
+        sc = build.bind(lib, "dz_scatter_rows", "piipipii")
+        pk = build.bind(lib, "dz_pick_rows", "piipiiip")
+        lk.restype = lc.restype = sc.restype = pk.restype = ctypes.c_int64
+        _fns.extend((lk, lc, sc, pk))
     return _fns[0], _fns[1]
 
 
@@ -89,4 +92,44 @@ def locate(tab: torch.Tensor, seq: torch.Tensor, index: torch.Tensor, valid: tor
     if rc < 0:
         raise IndexError(f"paged locate: a sequence of {seq.unique().tolist()} is out of range for a batch "
                          f"of {tab.shape[0]} block tables")
+    return out
+
+
+def scatter_rows(pool: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> bool:
+    """pool[flat] = values (pool [P, *row], flat [n] int64, values [n, *row]) as one native row
+    copy, bit for bit what index_put_ stores, when the operands suit it: CPU tensors of one dtype,
+    pool rows contiguous, values contiguous. Returns False (nothing written) where they do not."""
+    n = flat.shape[0]
+    if (values.dtype != pool.dtype or not values.is_contiguous() or flat.dtype is not _I64 or flat.dim() != 1
+            or not flat.is_contiguous() or not pool.is_cpu or not values.is_cpu or not flat.is_cpu):
+        return False
+    shape, strides, inner = pool.shape, pool.stride(), 1
+    if values.shape != (n, *shape[1:]):
+        return False
+    for d in range(len(shape) - 1, 0, -1):  # a pool row's elements contiguous
+        if shape[d] != 1 and strides[d] != inner:
+            return False
+        inner *= shape[d]
+    if not n:
+        return True
+    row_bytes = values.element_size() * inner
+    rc = _bind() and _fns[2](pool.data_ptr(), shape[0], strides[0] * pool.element_size(), flat.data_ptr(), n,
+                             values.data_ptr(), row_bytes, row_bytes)
+    if rc < 0:
+        raise IndexError(f"paged write: row {int(flat[-1 - rc])} is out of range for a pool of {pool.shape[0]} rows")
+    return True
+
+
+def pick_rows(rows: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """rows [N, K] int64, top [N, k] int64 (-1 = none) -> [N, k]: rows[n, top[n, j]], -1 where
+    top[n, j] < 0 (torch.gather(rows, 1, top.clamp(min=0)).masked_fill_(top < 0, -1) in one call)."""
+    if (rows.dtype is not _I64 or top.dtype is not _I64 or rows.dim() != 2 or top.dim() != 2
+            or rows.shape[0] != top.shape[0] or not rows.is_cpu or not top.is_cpu
+            or (rows.stride(1) != 1 and rows.shape[1] > 1) or (top.stride(1) != 1 and top.shape[1] > 1)
+            or not available()):
+        return torch.gather(rows, 1, top.clamp(min=0)).masked_fill_(top < 0, -1)
+    N, k = top.shape
+    out = torch.empty(N, k, dtype=_I64)
+    if _bind() and _fns[3](rows.data_ptr(), rows.stride(0), rows.shape[1], top.data_ptr(), top.stride(0), N, k, out.data_ptr()):
+        raise IndexError(f"top-k pick: an index is out of range for {rows.shape[1]} located rows")
     return out
