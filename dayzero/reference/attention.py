@@ -87,15 +87,17 @@ class Compressor(UsesOps, nn.Module):
         keeps its compressor buffer so): the dtype the cache stores them in (cache/spec.py)."""
         rows_dtype = torch.float32 if self.official else x.dtype
         x = x.float() if x32 is None else x32
-        ape = self.ape.index_select(0, phase)  # the rows ape[phase] (index_select: one light op)
         both = self.__dict__.get("_wkv_wgate")  # inference: one GEMM for both projections
         if both is not None and not torch.is_grad_enabled():
             rows = self.ops.fp32_linear(x, both)
-            rows = rows.view(rows.shape[0], 2, -1)
-            rows.select(1, 1).add_(ape)  # in place (no write-back copy)
+            width = rows.shape[1] // 2
+            # gate += ape[phase] in place (no write-back copy): one native call on CPUs
+            if not lookup.add_rows_at(rows, width, self.ape, phase):
+                rows[:, width:].add_(self.ape.index_select(0, phase))
+            rows = rows.view(rows.shape[0], 2, width)
             return rows if rows.dtype == rows_dtype else rows.to(rows_dtype)
         kv = self.wkv(x)
-        gate = self.wgate(x) + ape
+        gate = self.wgate(x) + self.ape.index_select(0, phase)
         return torch.stack([kv, gate], 1).to(rows_dtype)
 
     def fuse_projections(self, dtype: torch.dtype | None = None) -> None:

@@ -98,3 +98,19 @@ int64_t dz_pick_rows(const int64_t *rows, int64_t rs, int64_t K, const int64_t *
         }
     return 0;
 }
+
+/* dst[n, off + j] += table[idx[n], j] for j < width, n < N (fp32; dst rows dst_stride floats
+ * apart, table rows tstride floats apart): the compressor's ape rows added to its gate
+ * projections in place, one IEEE fp32 add per element as PyTorch's add_. Returns 0, or -1 when
+ * an idx is not in [0, trows) (rows before it are added). */
+int64_t dz_add_rows_at(float *dst, int64_t N, int64_t dst_stride, int64_t off, const float *table, int64_t trows,
+                       int64_t tstride, const int64_t *idx, int64_t width) {
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t r = idx[n];
+        if (r < 0 || r >= trows) return -1;
+        float *d = dst + n * dst_stride + off;
+        const float *t = table + r * tstride;
+        for (int64_t j = 0; j < width; j++) d[j] = d[j] + t[j];
+    }
+    return 0;
+}

@@ -1,7 +1,8 @@
 """Paged-cache row lookups on the CPU in one native call each (lookup.c through ctypes), for
 cache/paged.py's eager steps: the same row ids as its PyTorch path (integer arithmetic), without
 ~10 PyTorch ops per lookup; also a write's row scatter (`scatter_rows`, the bytes index_put_
-copies) and the CSA top-k's pick of located rows (`pick_rows`). `available()` is False where
+copies), the CSA top-k's pick of located rows (`pick_rows`) and the compressor's ape add
+(`add_rows_at`). `available()` is False where
 lookup.c cannot be built; callers then keep their PyTorch paths.
 """
 from __future__ import annotations
@@ -23,8 +24,9 @@ def _bind() -> tuple:
         lc = build.bind(lib, "dz_locate", "piipiipiipiiiiiippp")
         sc = build.bind(lib, "dz_scatter_rows", "piipipii")
         pk = build.bind(lib, "dz_pick_rows", "piipiiip")
-        lk.restype = lc.restype = sc.restype = pk.restype = ctypes.c_int64
-        _fns.extend((lk, lc, sc, pk))
+        ad = build.bind(lib, "dz_add_rows_at", "piiipiipi")
+        lk.restype = lc.restype = sc.restype = pk.restype = ad.restype = ctypes.c_int64
+        _fns.extend((lk, lc, sc, pk, ad))
     return _fns[0], _fns[1]
 
 
@@ -133,3 +135,19 @@ def pick_rows(rows: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     if _bind() and _fns[3](rows.data_ptr(), rows.stride(0), rows.shape[1], top.data_ptr(), top.stride(0), N, k, out.data_ptr()):
         raise IndexError(f"top-k pick: an index is out of range for {rows.shape[1]} located rows")
     return out
+
+
+def add_rows_at(dst: torch.Tensor, off: int, table: torch.Tensor, idx: torch.Tensor) -> bool:
+    """dst[n, off:off + W] += table[idx[n]] in place (dst [N, >= off + W] fp32, table [R, W] fp32,
+    idx [N] int64; CPU, unit inner strides) in one native call: the same fp32 adds as
+    dst[:, off:off + W].add_(table.index_select(0, idx)). Returns False (nothing done) where the
+    operands do not suit it."""
+    if (dst.dtype != torch.float32 or table.dtype != torch.float32 or idx.dtype is not _I64
+            or dst.dim() != 2 or table.dim() != 2 or idx.dim() != 1 or not dst.is_cpu or not table.is_cpu
+            or not idx.is_cpu or idx.shape[0] != dst.shape[0] or dst.shape[1] < off + table.shape[1]
+            or dst.stride(1) != 1 or table.stride(1) != 1 or not idx.is_contiguous() or not available()):
+        return False
+    if _fns[4](dst.data_ptr(), dst.shape[0], dst.stride(0), off, table.data_ptr(), table.shape[0],
+               table.stride(0), idx.data_ptr(), table.shape[1]):
+        raise IndexError(f"add_rows_at: an index is out of range for {table.shape[0]} rows")
+    return True
