@@ -20,8 +20,8 @@ _fns: list = []
 def _bind() -> tuple:
     if not _fns:
         lib = build.lib("lookup")
-        lk = build.bind(lib, "dz_lookup", "piipipiiiipipppp")
-        lc = build.bind(lib, "dz_locate", "piipiipiipiiiiiippp")
+        lk = build.bind(lib, "dz_lookup", "ppiipipiiiipipppp")
+        lc = build.bind(lib, "dz_locate", "ppiipiipiipiiiiiippp")
         sc = build.bind(lib, "dz_scatter_rows", "piipipii")
         pk = build.bind(lib, "dz_pick_rows", "piipiiip")
         ad = build.bind(lib, "dz_add_rows_at", "piiipiipi")
@@ -49,11 +49,20 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def slot_map(slots: list[int], rows: int):
+    """The slot map the lookups take (`slots`): sequence b reads row slots[b] of a table of `rows`
+    rows (cache/paged.py DeviceTables), as a ctypes int64 array (no tensor, no PyTorch op)."""
+    if any(not 0 <= s < rows for s in slots):
+        raise IndexError(f"paged lookup: slots {slots} out of range for tables of {rows} rows")
+    return (ctypes.c_int64 * len(slots))(*slots)
+
+
 def lookup(tab: torch.Tensor, seq: torch.Tensor, index: torch.Tensor, per_block: int, trash: int,
            protect: torch.Tensor | None, ratio: int | None, live: torch.Tensor | None,
-           bad: ctypes.c_int64) -> tuple[torch.Tensor, torch.Tensor | None]:
+           bad: ctypes.c_int64, slots=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(flat row ids of the rows kept, keep mask or None when all are kept) of 1-D int64 seq/index;
-    `bad` grows by the rows that land in the trash block (of live sequences)."""
+    `bad` grows by the rows that land in the trash block (of live sequences). slots (`slot_map`):
+    sequence b's table is row slots[b] of tab (None: row b)."""
     lk, _ = _bind()
     n = index.shape[0]
     if seq.dim() != 1 or index.dim() != 1 or seq.shape[0] != n:
@@ -63,20 +72,22 @@ def lookup(tab: torch.Tensor, seq: torch.Tensor, index: torch.Tensor, per_block:
     keep = None if protect is None else torch.empty(n, dtype=_BOOL)
     if protect is not None:
         protect = protect.contiguous()
-    m = lk(tab.data_ptr(), tab.shape[0], tab.shape[1], seq.data_ptr(), seq.stride(0), index.data_ptr(),
+    nseq = tab.shape[0] if slots is None else len(slots)
+    m = lk(tab.data_ptr(), None if slots is None else ctypes.addressof(slots), nseq, tab.shape[1], seq.data_ptr(), seq.stride(0), index.data_ptr(),
            index.stride(0), n, per_block, trash, _ptr(protect), ratio or 1, _ptr(live), out.data_ptr(),
            _ptr(keep), ctypes.addressof(bad))
     if m < 0:
         raise IndexError(f"paged lookup: sequence {int(seq[-1 - m])} is out of range for a batch of "
-                         f"{tab.shape[0]} block tables")
+                         f"{nseq} block tables")
     if m == n:
         return out, None
     return out[:m], keep
 
 
 def locate(tab: torch.Tensor, seq: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, per_block: int,
-           trash: int, live: torch.Tensor | None, bad: ctypes.c_int64) -> torch.Tensor:
-    """ids [N, K]: rows index[n, k] of sequences seq (broadcast to index) where valid, else -1."""
+           trash: int, live: torch.Tensor | None, bad: ctypes.c_int64, slots=None) -> torch.Tensor:
+    """ids [N, K]: rows index[n, k] of sequences seq (broadcast to index) where valid, else -1
+    (slots: as `lookup`'s)."""
     _, lc = _bind()
     if index.dim() != 2 or valid.shape != index.shape:
         raise ValueError(f"paged locate: index {tuple(index.shape)} must be 2-D with valid "
@@ -88,12 +99,14 @@ def locate(tab: torch.Tensor, seq: torch.Tensor, index: torch.Tensor, valid: tor
         seq = seq.expand(rows, cols)
         ss0, ss1 = seq.stride()
     out = torch.empty(rows, cols, dtype=_I64)
-    rc = lc(tab.data_ptr(), tab.shape[0], tab.shape[1], seq.data_ptr(), ss0, ss1,
+    nseq = tab.shape[0] if slots is None else len(slots)
+    rc = lc(tab.data_ptr(), None if slots is None else ctypes.addressof(slots), nseq, tab.shape[1], seq.data_ptr(),
+            ss0, ss1,
             index.data_ptr(), index.stride(0), index.stride(1), valid.data_ptr(), valid.stride(0), valid.stride(1),
             rows, cols, per_block, trash, _ptr(live), out.data_ptr(), ctypes.addressof(bad))
     if rc < 0:
         raise IndexError(f"paged locate: a sequence of {seq.unique().tolist()} is out of range for a batch "
-                         f"of {tab.shape[0]} block tables")
+                         f"of {nseq} block tables")
     return out
 
 
