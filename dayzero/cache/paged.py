@@ -107,6 +107,7 @@ class DeviceTables:
         self.tensors = {name: torch.full((slots, width + 1), t, dtype=torch.long, device=device)
                         for name, t in self.trash.items()}
         self.live = torch.zeros(slots, dtype=torch.bool, device=device)
+        self._live: frozenset[int] = frozenset()  # the slots `live` marks (uploaded only when they change)
         self._owner: list[dict | None] = [None] * (slots - 1)  # each slot's table dict
         self._state: dict[tuple[int, str], tuple[int, int]] = {}  # (slot, group) -> (length, first held)
         self._extent: dict[tuple[int, str], int] = {}  # (slot, group) -> columns ever written
@@ -134,9 +135,11 @@ class DeviceTables:
             if rows:  # one upload and one scatter per group that changed
                 r, c, v = torch.tensor([rows, cols, vals], dtype=torch.long).to(self.live.device).unbind(0)
                 self.tensors[name].index_put_((r, c), v)
-        live = torch.zeros(self.slots, dtype=torch.bool)
-        live[slots] = True
-        self.live.copy_(live)
+        if self._live != frozenset(slots):  # decode steps of the same requests: no upload
+            live = torch.zeros(self.slots, dtype=torch.bool)
+            live[slots] = True
+            self.live.copy_(live)
+            self._live = frozenset(slots)
         return slots
 
     def _diff(self, s: int, name: str, col: list[int | None], out: tuple[list, list, list]) -> None:

@@ -91,8 +91,8 @@ class Compressor(UsesOps, nn.Module):
         if both is not None and not torch.is_grad_enabled():
             rows = self.ops.fp32_linear(x, both)
             width = rows.shape[1] // 2
-            # gate += ape[phase] in place (no write-back copy): one native call on CPUs
-            if not lookup.add_rows_at(rows, width, self.ape, phase):
+            # gate += ape[phase] in place (no write-back copy): one native call under the CPU table
+            if not (_native_glue(self.ops) and lookup.add_rows_at(rows, width, self.ape, phase)):
                 rows[:, width:].add_(self.ape.index_select(0, phase))
             rows = rows.view(rows.shape[0], 2, width)
             return rows if rows.dtype == rows_dtype else rows.to(rows_dtype)
@@ -132,6 +132,13 @@ class Compressor(UsesOps, nn.Module):
             else:
                 entries = _fp8_nope_sim(self.ops, entries, self.rope_dim)
         cache.write(layer, "ent:" + kind, seq, ids, entries)
+
+
+def _native_glue(ops: OpTable) -> bool:
+    """Whether the step's integer/copy glue may call lookup.c directly: only under the CPU op table,
+    whose steps run eagerly (a recorded step, engine/graphs.py, must see every op; other devices
+    keep the PyTorch ops)."""
+    return ops.name == "cpu"
 
 
 def _fp8_nope_sim(ops: OpTable, x: torch.Tensor, rope_dim: int) -> torch.Tensor:
@@ -265,7 +272,10 @@ class Attention(UsesOps, nn.Module):
                 top = self.indexer.select(x, q_lat, batch, layer, inv_freq, x32)  # [N, k] entry ids, -1 = none
                 if self.indexer.capture is not None:
                     self.indexer.capture[-1]["target"] = self.entry_target(q, sources[0], batch, layer)
-                rows = lookup.pick_rows(rows, top)  # rows[n, top[n, j]], -1 where top is -1
+                if _native_glue(self.ops):  # rows[n, top[n, j]], -1 where top is -1, in one call
+                    rows = lookup.pick_rows(rows, top)
+                else:
+                    rows = torch.gather(rows, 1, top.clamp(min=0)).masked_fill_(top < 0, -1)
             sources.append((pool, rows))
         o = self.ops.sparse_attn_paged(q, sources, self.attn_sink, self.head_dim ** -0.5)
         o = self.ops.apply_rope(o, *batch.rope(inv_freq, heads=True), inverse=True)

@@ -48,8 +48,16 @@ class Batch:
         memo = self.__dict__.setdefault("_window", {})
         got = memo.get((size, offset))
         if got is None:
-            pos = self.positions[:, None] - size + 1 + torch.arange(size, device=self.positions.device)[None, :]
-            got = memo[(size, offset)] = (self.seq[:, None], pos + offset, pos >= 0)
+            pos = self.positions[:, None] + torch.arange(1 - size, 1, device=self.positions.device)
+            got = memo[(size, offset)] = (self.seq_col, pos if offset == 0 else pos + offset, pos >= 0)
+        return got
+
+    @property
+    def seq_col(self) -> torch.Tensor:
+        """seq [N, 1] (one view per batch: window and entry lookups share it)."""
+        got = self.__dict__.get("_seq_col")
+        if got is None:
+            got = self.__dict__["_seq_col"] = self.seq[:, None]
         return got
 
     def entries(self, ratio: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,8 +67,8 @@ class Batch:
         memo = self.__dict__.setdefault("_entries", {})
         got = memo.get((ratio, count))
         if got is None:
-            ids = torch.arange(count, device=self.positions.device)[None, :].expand(self.positions.shape[0], count)
-            got = memo[(ratio, count)] = (self.seq[:, None], ids, ids < ((self.positions + 1) // ratio)[:, None])
+            ids = torch.arange(count, device=self.positions.device).expand(self.positions.shape[0], count)
+            got = memo[(ratio, count)] = (self.seq_col, ids, ids < ((self.positions + 1) // ratio)[:, None])
         return got
 
     def stored(self, offset: int) -> torch.Tensor:
@@ -122,8 +130,12 @@ class Batch:
         memo = self.__dict__.setdefault("_rope", {})
         got = memo.get(id(inv_freq))
         if got is None or got[0] is not inv_freq:
-            from dayzero.ops import ref
-            cos, sin = ref.rope_cos_sin(self.positions, inv_freq)
+            # ref.rope_cos_sin's arithmetic, the positions as fp32 [N, 1] shared by every table
+            pf = self.__dict__.get("_positions_f")
+            if pf is None:
+                pf = self.__dict__["_positions_f"] = self.positions.to(torch.float32)[:, None]
+            freqs = pf * (inv_freq if inv_freq.device == pf.device else inv_freq.to(pf.device))
+            cos, sin = freqs.cos(), freqs.sin()
             got = memo[id(inv_freq)] = (inv_freq, cos, sin, cos[:, None], sin[:, None])
         return (got[3], got[4]) if heads else (got[1], got[2])
 

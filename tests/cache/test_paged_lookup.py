@@ -151,3 +151,18 @@ def test_slot_mapped_lookups_match_gathered_tables(seed):
     assert _flagged(mapped) == _flagged(fast)
     with pytest.raises(IndexError, match="sequence 3 is out of range for a batch of 3"):
         mapped._lookup(next(iter(pools.groups)), torch.tensor([0, 3]), torch.tensor([0, 1]), None)
+
+
+def test_device_tables_live_follows_the_step_requests():
+    """DeviceTables uploads `live` only when the step's slots change: the same requests again keep
+    it, one leaving or arriving rewrites it."""
+    from dayzero.cache.paged import DeviceTables
+    _, pools, tables, _ = _setup(1, 3)
+    dev = DeviceTables(pools, 5, 8, CPU)
+    slots = dev.update(tables)
+    assert dev.live.tolist() == [i in slots for i in range(5)]
+    assert dev.update(tables) == slots and dev.live.tolist() == [i in slots for i in range(5)]
+    rest = dev.update(tables[1:])
+    assert dev.live.tolist() == [i in rest for i in range(5)] and dev.live.sum() == 2
+    back = dev.update(tables)
+    assert dev.live.tolist() == [i in back for i in range(5)] and dev.live.sum() == 3

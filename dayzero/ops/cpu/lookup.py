@@ -144,7 +144,7 @@ def pick_rows(rows: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
             or not available()):
         return torch.gather(rows, 1, top.clamp(min=0)).masked_fill_(top < 0, -1)
     N, k = top.shape
-    out = torch.empty(N, k, dtype=_I64)
+    out = torch.empty(N, k, dtype=_I64, device=rows.device)
     if _bind() and _fns[3](rows.data_ptr(), rows.stride(0), rows.shape[1], top.data_ptr(), top.stride(0), N, k, out.data_ptr()):
         raise IndexError(f"top-k pick: an index is out of range for {rows.shape[1]} located rows")
     return out
