@@ -316,8 +316,16 @@ class PagedBatchCache:
                 values = values.to(pool.dtype)
             # eager CPU steps: one native row copy (lookup.c); else index_put_, what pool[flat] = ...
             # runs without the view __setitem__ takes first
-            if not (self._native and native.scatter_rows(pool, flat, values)):
+            if not (self._native and native.scatter_rows(pool, flat, values, self._pool_rows(layer, kind, pool))):
                 pool.index_put_((flat,), values)
+
+    def _pool_rows(self, layer: int, kind: str, pool: torch.Tensor) -> tuple | None:
+        """lookup.pool_rows of a (layer, kind)'s member view, kept with the pools (they never move)."""
+        memo = self.pools.__dict__.setdefault("_native_rows", {})
+        got = memo.get((layer, kind), False)
+        if got is False or (got is not None and got[0] is not pool):
+            got = memo[(layer, kind)] = native.pool_rows(pool)
+        return got
 
     def read(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Rows as stored; packed FP8 rows decoded to the compute dtype."""

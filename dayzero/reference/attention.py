@@ -186,7 +186,8 @@ class Indexer(UsesOps, nn.Module):
             return torch.empty(x.shape[0], 0, dtype=torch.long, device=dev)
         seq_col, ids, usable = batch.entries(self.ratio, T)  # [N, T]
         pool, rows = rows_of(batch.cache, layer, "ent:index", seq_col, ids, usable, (self.head_dim,), x.dtype)
-        q = self.wq_b(q_lat).unflatten(-1, (self.n_heads, self.head_dim))
+        q = self.wq_b(q_lat)
+        q = q.view(q.shape[0], self.n_heads, self.head_dim)
         q = self.ops.apply_rope(q, *batch.rope(inv_freq, heads=True))
         if self.official:
             q = self.ops.hadamard_fp4_sim(q, 32)
@@ -246,7 +247,8 @@ class Attention(UsesOps, nn.Module):
         cos, sin = batch.rope(inv_freq)
         q_lat, kv = fused_pair(self.wq_a, self.wkv, x)
         q_lat = self.q_norm(q_lat)
-        q = self.wq_b(q_lat).unflatten(-1, (self.n_heads, self.head_dim))
+        q = self.wq_b(q_lat)
+        q = q.view(q.shape[0], self.n_heads, self.head_dim)
         if self.official:  # the reference normalises in the activation dtype (ref.act_rms_norm)
             q = self.ops.act_rms_norm(q, self.eps)
         else:

@@ -142,7 +142,11 @@ class Batch:
     def entry_span(self, ratio: int) -> int:
         """How many compressed entries at `ratio` the batch's lookups cover (ids 0 .. span - 1):
         the most any of its sequences has closed by its last token."""
-        return max((s + n) // ratio for s, n in zip(self.starts, self.lengths))
+        memo = self.__dict__.setdefault("_span", {})
+        got = memo.get(ratio)
+        if got is None:
+            got = memo[ratio] = max((s + n) // ratio for s, n in zip(self.starts, self.lengths))
+        return got
 
     @property
     def end(self) -> int:

@@ -21,6 +21,8 @@ def test_native_row_scatter_and_topk_pick_match_pytorch():
         with pytest.raises(IndexError):
             native.scatter_rows(member, torch.tensor([1, 32]), values[:2])
     assert not native.scatter_rows(torch.zeros(4, 3), torch.tensor([1]), torch.zeros(1, 3, dtype=torch.float64))
+    assert native.pool_rows(torch.zeros(4, 6)[:, ::2]) is None  # a pool whose rows are strided: index_put_
+    assert not native.scatter_rows(torch.zeros(4, 6)[:, ::2], torch.tensor([1]), torch.zeros(1, 3))
     assert not native.scatter_rows(torch.zeros(4, 3), torch.tensor([1, 2]), torch.zeros(2, 6)[:, ::2])  # strided values
     rows = torch.randint(0, 1000, (3, 20), generator=g)
     top = torch.randint(-1, 20, (3, 7), generator=g)

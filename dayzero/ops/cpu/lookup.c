@@ -117,3 +117,16 @@ int64_t dz_add_rows_at(float *dst, int64_t N, int64_t dst_stride, int64_t off, c
     }
     return 0;
 }
+
+/* ---- packed entry points (ops/cpu/lookup.py: one ctypes argument, an int64 block) ---------- */
+int64_t dz_scatter_rows_packed(const int64_t *a) {
+    return dz_scatter_rows((char *)a[0], a[1], a[2], (const int64_t *)a[3], a[4], (const char *)a[5], a[6], a[7]);
+}
+
+int64_t dz_pick_rows_packed(const int64_t *a) {
+    return dz_pick_rows((const int64_t *)a[0], a[1], a[2], (const int64_t *)a[3], a[4], a[5], a[6], (int64_t *)a[7]);
+}
+
+int64_t dz_add_rows_at_packed(const int64_t *a) {
+    return dz_add_rows_at((float *)a[0], a[1], a[2], a[3], (const float *)a[4], a[5], a[6], (const int64_t *)a[7], a[8]);
+}

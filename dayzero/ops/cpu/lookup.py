@@ -8,13 +8,16 @@ lookup.c cannot be built; callers then keep their PyTorch paths.
 from __future__ import annotations
 
 import ctypes
+import struct
 
 import torch
 
 from dayzero.ops.cpu import build
 
-_I64, _BOOL = torch.int64, torch.bool
+_I64, _BOOL, _F32 = torch.int64, torch.bool, torch.float32
 _fns: list = []
+# the packed entry points' argument blocks (per-call overhead: one ctypes argument, not eight)
+_SCATTER, _PICK, _ADD = struct.Struct("=8q"), struct.Struct("=8q"), struct.Struct("=9q")
 
 
 def _bind() -> tuple:
@@ -22,9 +25,9 @@ def _bind() -> tuple:
         lib = build.lib("lookup")
         lk = build.bind(lib, "dz_lookup", "ppiipipiiiipipppp")
         lc = build.bind(lib, "dz_locate", "ppiipiipiipiiiiiippp")
-        sc = build.bind(lib, "dz_scatter_rows", "piipipii")
-        pk = build.bind(lib, "dz_pick_rows", "piipiiip")
-        ad = build.bind(lib, "dz_add_rows_at", "piiipiipi")
+        sc = build.bind(lib, "dz_scatter_rows_packed", "p")
+        pk = build.bind(lib, "dz_pick_rows_packed", "p")
+        ad = build.bind(lib, "dz_add_rows_at_packed", "p")
         lk.restype = lc.restype = sc.restype = pk.restype = ad.restype = ctypes.c_int64
         _fns.extend((lk, lc, sc, pk, ad))
     return _fns[0], _fns[1]
@@ -110,28 +113,40 @@ def locate(tab: torch.Tensor, seq: torch.Tensor, index: torch.Tensor, valid: tor
     return out
 
 
-def scatter_rows(pool: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> bool:
-    """pool[flat] = values (pool [P, *row], flat [n] int64, values [n, *row]) as one native row
-    copy, bit for bit what index_put_ stores, when the operands suit it: CPU tensors of one dtype,
-    pool rows contiguous, values contiguous. Returns False (nothing written) where they do not."""
-    n = flat.shape[0]
-    if (values.dtype != pool.dtype or not values.is_contiguous() or flat.dtype is not _I64 or flat.dim() != 1
-            or not flat.is_contiguous() or not pool.is_cpu or not values.is_cpu or not flat.is_cpu):
-        return False
+def pool_rows(pool: torch.Tensor) -> tuple | None:
+    """What `scatter_rows` needs of a pool [P, *row] that stays put (a cache pool's member view):
+    (pool, dtype, row shape, address, rows, row stride in bytes, row bytes), once per pool; None
+    where its rows are not contiguous or it is not a CPU tensor."""
+    if not pool.is_cpu or pool.dim() < 1:
+        return None
     shape, strides, inner = pool.shape, pool.stride(), 1
-    if values.shape != (n, *shape[1:]):
-        return False
     for d in range(len(shape) - 1, 0, -1):  # a pool row's elements contiguous
         if shape[d] != 1 and strides[d] != inner:
-            return False
+            return None
         inner *= shape[d]
-    if not n:
-        return True
-    row_bytes = values.element_size() * inner
-    rc = _bind() and _fns[2](pool.data_ptr(), shape[0], strides[0] * pool.element_size(), flat.data_ptr(), n,
-                             values.data_ptr(), row_bytes, row_bytes)
-    if rc < 0:
-        raise IndexError(f"paged write: row {int(flat[-1 - rc])} is out of range for a pool of {pool.shape[0]} rows")
+    es = pool.element_size()
+    return pool, pool.dtype, tuple(shape[1:]), pool.data_ptr(), shape[0], strides[0] * es, inner * es
+
+
+def scatter_rows(pool: torch.Tensor, flat: torch.Tensor, values: torch.Tensor, rows: tuple | None = None) -> bool:
+    """pool[flat] = values (pool [P, *row], flat [n] int64, values [n, *row]) as one native row
+    copy, bit for bit what index_put_ stores, when the operands suit it: CPU tensors of one dtype,
+    pool rows contiguous, values contiguous (rows: `pool_rows(pool)`, where the caller keeps it).
+    Returns False (nothing written) where they do not."""
+    info = pool_rows(pool) if rows is None else rows
+    if info is None:
+        return False
+    _, dtype, row, address, prows, stride, row_bytes = info
+    n = flat.shape[0]
+    if (values.dtype != dtype or flat.dtype is not _I64 or flat.dim() != 1 or values.shape[0] != n
+            or values.shape[1:] != row or not values.is_contiguous() or not flat.is_contiguous()
+            or not values.is_cpu or not flat.is_cpu):
+        return False
+    if n:
+        _bind()
+        rc = _fns[2](_SCATTER.pack(address, prows, stride, flat.data_ptr(), n, values.data_ptr(), row_bytes, row_bytes))
+        if rc < 0:
+            raise IndexError(f"paged write: row {int(flat[-1 - rc])} is out of range for a pool of {prows} rows")
     return True
 
 
@@ -145,7 +160,8 @@ def pick_rows(rows: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
         return torch.gather(rows, 1, top.clamp(min=0)).masked_fill_(top < 0, -1)
     N, k = top.shape
     out = torch.empty(N, k, dtype=_I64, device=rows.device)
-    if _bind() and _fns[3](rows.data_ptr(), rows.stride(0), rows.shape[1], top.data_ptr(), top.stride(0), N, k, out.data_ptr()):
+    if _fns[3](_PICK.pack(rows.data_ptr(), rows.stride(0), rows.shape[1], top.data_ptr(), top.stride(0), N, k,
+                          out.data_ptr())):
         raise IndexError(f"top-k pick: an index is out of range for {rows.shape[1]} located rows")
     return out
 
@@ -155,12 +171,12 @@ def add_rows_at(dst: torch.Tensor, off: int, table: torch.Tensor, idx: torch.Ten
     idx [N] int64; CPU, unit inner strides) in one native call: the same fp32 adds as
     dst[:, off:off + W].add_(table.index_select(0, idx)). Returns False (nothing done) where the
     operands do not suit it."""
-    if (dst.dtype != torch.float32 or table.dtype != torch.float32 or idx.dtype is not _I64
+    if (dst.dtype is not _F32 or table.dtype is not _F32 or idx.dtype is not _I64
             or dst.dim() != 2 or table.dim() != 2 or idx.dim() != 1 or not dst.is_cpu or not table.is_cpu
             or not idx.is_cpu or idx.shape[0] != dst.shape[0] or dst.shape[1] < off + table.shape[1]
             or dst.stride(1) != 1 or table.stride(1) != 1 or not idx.is_contiguous() or not available()):
         return False
-    if _fns[4](dst.data_ptr(), dst.shape[0], dst.stride(0), off, table.data_ptr(), table.shape[0],
-               table.stride(0), idx.data_ptr(), table.shape[1]):
+    if _fns[4](_ADD.pack(dst.data_ptr(), dst.shape[0], dst.stride(0), off, table.data_ptr(), table.shape[0],
+                         table.stride(0), idx.data_ptr(), table.shape[1])):
         raise IndexError(f"add_rows_at: an index is out of range for {table.shape[0]} rows")
     return True
