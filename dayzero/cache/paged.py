@@ -107,6 +107,7 @@ class DeviceTables:
         self.tensors = {name: torch.full((slots, width + 1), t, dtype=torch.long, device=device)
                         for name, t in self.trash.items()}
         self.live = torch.zeros(slots, dtype=torch.bool, device=device)
+        self._live: frozenset[int] = frozenset()  # the slots `live` marks (uploaded only when they change)
         self._owner: list[dict | None] = [None] * (slots - 1)  # each slot's table dict
         self._state: dict[tuple[int, str], tuple[int, int]] = {}  # (slot, group) -> (length, first held)
         self._extent: dict[tuple[int, str], int] = {}  # (slot, group) -> columns ever written
@@ -134,9 +135,11 @@ class DeviceTables:
             if rows:  # one upload and one scatter per group that changed
                 r, c, v = torch.tensor([rows, cols, vals], dtype=torch.long).to(self.live.device).unbind(0)
                 self.tensors[name].index_put_((r, c), v)
-        live = torch.zeros(self.slots, dtype=torch.bool)
-        live[slots] = True
-        self.live.copy_(live)
+        if self._live != frozenset(slots):  # decode steps of the same requests: no upload
+            live = torch.zeros(self.slots, dtype=torch.bool)
+            live[slots] = True
+            self.live.copy_(live)
+            self._live = frozenset(slots)
         return slots
 
     def _diff(self, s: int, name: str, col: list[int | None], out: tuple[list, list, list]) -> None:
@@ -194,13 +197,18 @@ class PagedBatchCache:
     def of_slots(cls, pools: CachePools, tables: DeviceTables, slots: list[int], protect: list[int],
                  device: torch.device) -> "PagedBatchCache":
         """The BatchCache of an eager step over `DeviceTables` that `update` has just brought up to
-        date: sequence b reads the rows of slot slots[b], gathered on the device. A step uploads
-        only the entries that changed, not every table (`__init__`: lists built in Python)."""
+        date: sequence b reads the rows of slot slots[b], gathered on the device (on CPUs the
+        native lookups read the slots' rows in place, and a gather happens only if the PyTorch
+        path needs one). A step uploads only the entries that changed, not every table
+        (`__init__`: lists built in Python)."""
         self = cls.__new__(cls)
+        protect_t = torch.tensor(protect, dtype=torch.long, device=device) if any(protect) else None
+        if torch.device(device).type == "cpu":
+            self._setup(pools, tables.tensors, protect_t, None, True, slots)
+            return self
         idx = torch.tensor(slots, dtype=torch.long, device=device)
-        self._setup(pools, {name: t.index_select(0, idx) for name, t in tables.tensors.items()},
-                    torch.tensor(protect, dtype=torch.long, device=device) if any(protect) else None, None,
-                    torch.device(device).type == "cpu")
+        self._setup(pools, {name: t.index_select(0, idx) for name, t in tables.tensors.items()}, protect_t, None,
+                    False)
         return self
 
     @classmethod
@@ -214,8 +222,12 @@ class PagedBatchCache:
         return self
 
     def _setup(self, pools: CachePools, tables: dict[str, torch.Tensor], protect: torch.Tensor | None,
-               live: torch.Tensor | None, cpu: bool) -> None:
-        self.pools, self._tables, self.protect, self.live = pools, tables, protect, live
+               live: torch.Tensor | None, cpu: bool, slots: list[int] | None = None) -> None:
+        """tables: per group, sequence b's row is b, or slots[b] where `slots` is given (then the
+        step's own rows, `_tables`, are gathered only when the PyTorch path asks for them)."""
+        self.pools, self.protect, self.live = pools, protect, live
+        self._full, self._slot_list = tables, slots
+        self._gathered = tables if slots is None else None
         self._trash = {name: pools.first_row(name, None) for name in pools.groups}
         self._memo: dict[tuple, tuple] = {}
         self._bad: list[tuple[str, torch.Tensor]] = []
@@ -224,7 +236,18 @@ class PagedBatchCache:
         self._native = (cpu and PagedBatchCache.native_lookups and native.available()
                         and native.fits((*tables.values(), protect), (live,))
                         and all(t.dim() == 2 and t.is_contiguous() for t in tables.values()))
+        self._slots = (native.slot_map(slots, next(iter(tables.values())).shape[0])
+                       if self._native and slots is not None and tables else None)
         self._nbad: dict[str, ctypes.c_int64] = {}
+
+    @property
+    def _tables(self) -> dict[str, torch.Tensor]:
+        """Per group, the step's block tables [B, W] (sequence b's in row b)."""
+        if self._gathered is None:
+            first = next(iter(self._full.values()))
+            idx = torch.tensor(self._slot_list, dtype=torch.long, device=first.device)
+            self._gathered = {name: t.index_select(0, idx) for name, t in self._full.items()}
+        return self._gathered
 
     def _counter(self, group: str) -> ctypes.c_int64:
         c = self._nbad.get(group)
@@ -257,14 +280,14 @@ class PagedBatchCache:
         if memo is not None and memo[0] is seq and memo[1] is index:
             return memo[2], memo[3]
         g = self.pools.groups[group]
-        tab = self._tables[group]
         trash = self._trash[group]
         if self._native and native.fits((seq, index)):
-            flat, keep = native.lookup(tab, seq, index, g.per_block, trash,
+            flat, keep = native.lookup(self._full[group], seq, index, g.per_block, trash,
                                        None if protect_ratio is None else self.protect, protect_ratio, self.live,
-                                       self._counter(group))
+                                       self._counter(group), self._slots)
             self._memo[key] = (seq, index, flat, keep)
             return flat, keep
+        tab = self._tables[group]
         first = tab[seq, (index // g.per_block).clamp_(0, tab.shape[1] - 1)]
         first = torch.where(index < 0, trash, first)  # never a request's row (callers pass no negatives)
         self._flag(group, first == trash, seq)
@@ -287,8 +310,22 @@ class PagedBatchCache:
             values = values[keep]
         if flat.numel():
             packed = self.pools.packed.get((layer, kind))
-            # index_put_ is what pool[flat] = ... runs, without the view __setitem__ takes first
-            pool.index_put_((flat,), values.to(pool.dtype) if packed is None else packed.layout.pack(values))
+            if packed is not None:
+                values = packed.layout.pack(values)
+            elif values.dtype != pool.dtype:
+                values = values.to(pool.dtype)
+            # eager CPU steps: one native row copy (lookup.c); else index_put_, what pool[flat] = ...
+            # runs without the view __setitem__ takes first
+            if not (self._native and native.scatter_rows(pool, flat, values, self._pool_rows(layer, kind, pool))):
+                pool.index_put_((flat,), values)
+
+    def _pool_rows(self, layer: int, kind: str, pool: torch.Tensor) -> tuple | None:
+        """lookup.pool_rows of a (layer, kind)'s member view, kept with the pools (they never move)."""
+        memo = self.pools.__dict__.setdefault("_native_rows", {})
+        got = memo.get((layer, kind), False)
+        if got is False or (got is not None and got[0] is not pool):
+            got = memo[(layer, kind)] = native.pool_rows(pool)
+        return got
 
     def read(self, layer: int, kind: str, seq: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Rows as stored; packed FP8 rows decoded to the compute dtype."""
@@ -309,11 +346,12 @@ class PagedBatchCache:
         memo = self._memo.get(key)
         if memo is None or memo[0] is not index or memo[1] is not valid or memo[2] is not seq:
             g = self.pools.groups[group]
-            tab = self._tables[group]
             if self._native and native.fits((seq, index), (valid,)):
                 memo = self._memo[key] = (index, valid, seq, native.locate(
-                    tab, seq, index, valid, g.per_block, self._trash[group], self.live, self._counter(group)))
+                    self._full[group], seq, index, valid, g.per_block, self._trash[group], self.live,
+                    self._counter(group), self._slots))
             else:
+                tab = self._tables[group]
                 first = tab[seq, (index // g.per_block).clamp(0, tab.shape[1] - 1)]
                 self._flag(group, (first == self._trash[group]) & valid, seq)
                 memo = self._memo[key] = (index, valid, seq, torch.where(valid, first + index % g.per_block, -1))

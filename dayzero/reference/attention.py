@@ -19,6 +19,7 @@ from torch import nn
 from dayzero.config import ModelArgs
 from dayzero.distributed.layout import Layout
 from dayzero.ops import OpTable, ref
+from dayzero.ops.cpu import lookup
 from dayzero.reference.layers import Linear, RMSNorm, UsesOps, fused_pair
 from dayzero.reference.seqcache import Batch, BatchCache
 
@@ -78,20 +79,25 @@ class Compressor(UsesOps, nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, width), requires_grad=False)
         self.norm = RMSNorm(head_dim, args.norm_eps, dtype)
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [N, dim] -> rows [N, 2, width]: (kv, gate + ape[position mod r]), computed in fp32 and
+    def project(self, x: torch.Tensor, phase: torch.Tensor, x32: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, dim], phase [N] = position mod r (Batch.phase), x32: x.float() where the caller
+        has it -> rows [N, 2, width]: (kv, gate + ape[phase]), computed in fp32 and
         kept fp32 under official numerics (DeepSeek's reference keeps fp32 compressor state),
         rounded to the activation dtype otherwise (transformers projects in the model dtype and
         keeps its compressor buffer so): the dtype the cache stores them in (cache/spec.py)."""
         rows_dtype = torch.float32 if self.official else x.dtype
-        x = x.float()
+        x = x.float() if x32 is None else x32
         both = self.__dict__.get("_wkv_wgate")  # inference: one GEMM for both projections
         if both is not None and not torch.is_grad_enabled():
-            rows = self.ops.fp32_linear(x, both).unflatten(-1, (2, -1))
-            rows.select(1, 1).add_(self.ape[positions % self.ratio])  # in place (no write-back copy)
+            rows = self.ops.fp32_linear(x, both)
+            width = rows.shape[1] // 2
+            # gate += ape[phase] in place (no write-back copy): one native call under the CPU table
+            if not (_native_glue(self.ops) and lookup.add_rows_at(rows, width, self.ape, phase)):
+                rows[:, width:].add_(self.ape.index_select(0, phase))
+            rows = rows.view(rows.shape[0], 2, width)
             return rows if rows.dtype == rows_dtype else rows.to(rows_dtype)
         kv = self.wkv(x)
-        gate = self.wgate(x) + self.ape[positions % self.ratio]
+        gate = self.wgate(x) + self.ape.index_select(0, phase)
         return torch.stack([kv, gate], 1).to(rows_dtype)
 
     def fuse_projections(self, dtype: torch.dtype | None = None) -> None:
@@ -128,6 +134,13 @@ class Compressor(UsesOps, nn.Module):
         cache.write(layer, "ent:" + kind, seq, ids, entries)
 
 
+def _native_glue(ops: OpTable) -> bool:
+    """Whether the step's integer/copy glue may call lookup.c directly: only under the CPU op table,
+    whose steps run eagerly (a recorded step, engine/graphs.py, must see every op; other devices
+    keep the PyTorch ops)."""
+    return ops.name == "cpu"
+
+
 def _fp8_nope_sim(ops: OpTable, x: torch.Tensor, rope_dim: int) -> torch.Tensor:
     """FP8 simulation of the non-rope dims in blocks of 64; the rope dims stay as they are: the
     table's fused kernel where it has one (bit-exact with ref.fp8_nope_sim), else its fp8_act_sim."""
@@ -157,12 +170,14 @@ class Indexer(UsesOps, nn.Module):
                                      dtype=dtype, official=official)
 
     def select(self, x: torch.Tensor, q_lat: torch.Tensor, batch: Batch, layer: int,
-               inv_freq: torch.Tensor) -> torch.Tensor:
-        """Each query's compressed-entry ids [N, k], -1 where fewer usable entries exist."""
+               inv_freq: torch.Tensor, x32: torch.Tensor | None = None) -> torch.Tensor:
+        """Each query's compressed-entry ids [N, k], -1 where fewer usable entries exist (x32:
+        x.float() where the caller has it)."""
         positions, dev = batch.positions, x.device
         if self.capture is not None:
-            x, q_lat = x.detach(), q_lat.detach()
-        self.compressor.update(self.compressor.project(x, positions), batch, layer, "index", inv_freq, x.dtype)
+            x, q_lat, x32 = x.detach(), q_lat.detach(), None
+        rows = self.compressor.project(x, batch.phase(self.ratio), x32)
+        self.compressor.update(rows, batch, layer, "index", inv_freq, x.dtype)
         T = batch.entry_span(self.ratio)
         if T == 0:
             if self.capture is not None:
@@ -171,7 +186,8 @@ class Indexer(UsesOps, nn.Module):
             return torch.empty(x.shape[0], 0, dtype=torch.long, device=dev)
         seq_col, ids, usable = batch.entries(self.ratio, T)  # [N, T]
         pool, rows = rows_of(batch.cache, layer, "ent:index", seq_col, ids, usable, (self.head_dim,), x.dtype)
-        q = self.wq_b(q_lat).unflatten(-1, (self.n_heads, self.head_dim))
+        q = self.wq_b(q_lat)
+        q = q.view(q.shape[0], self.n_heads, self.head_dim)
         q = self.ops.apply_rope(q, *batch.rope(inv_freq, heads=True))
         if self.official:
             q = self.ops.hadamard_fp4_sim(q, 32)
@@ -231,7 +247,8 @@ class Attention(UsesOps, nn.Module):
         cos, sin = batch.rope(inv_freq)
         q_lat, kv = fused_pair(self.wq_a, self.wkv, x)
         q_lat = self.q_norm(q_lat)
-        q = self.wq_b(q_lat).unflatten(-1, (self.n_heads, self.head_dim))
+        q = self.wq_b(q_lat)
+        q = q.view(q.shape[0], self.n_heads, self.head_dim)
         if self.official:  # the reference normalises in the activation dtype (ref.act_rms_norm)
             q = self.ops.act_rms_norm(q, self.eps)
         else:
@@ -247,16 +264,20 @@ class Attention(UsesOps, nn.Module):
         seq_col, key_pos, valid = batch.window(self.window, off)
         sources = [rows_of(cache, layer, "kv", seq_col, key_pos, valid, (self.head_dim,), q.dtype)]
         if self.layer_type != "sliding":
-            rows = self.compressor.project(x, positions)
+            x32 = x.float()  # both compressors of a CSA layer project it
+            rows = self.compressor.project(x, batch.phase(self.ratio), x32)
             self.compressor.update(rows, batch, layer, "attn", inv_freq, q.dtype)
             # every closed entry the query may use (the same lookup as the indexer's keys)
             _, ids, usable = batch.entries(self.ratio, batch.entry_span(self.ratio))
             pool, rows = rows_of(cache, layer, "ent:attn", seq_col, ids, usable, (self.head_dim,), q.dtype)
             if self.layer_type == "csa":  # always: its own compressor consumes the batch's rows
-                top = self.indexer.select(x, q_lat, batch, layer, inv_freq)  # [N, k] entry ids, -1 = none
+                top = self.indexer.select(x, q_lat, batch, layer, inv_freq, x32)  # [N, k] entry ids, -1 = none
                 if self.indexer.capture is not None:
                     self.indexer.capture[-1]["target"] = self.entry_target(q, sources[0], batch, layer)
-                rows = torch.gather(rows, 1, top.clamp(min=0)).masked_fill_(top < 0, -1)
+                if _native_glue(self.ops):  # rows[n, top[n, j]], -1 where top is -1, in one call
+                    rows = lookup.pick_rows(rows, top)
+                else:
+                    rows = torch.gather(rows, 1, top.clamp(min=0)).masked_fill_(top < 0, -1)
             sources.append((pool, rows))
         o = self.ops.sparse_attn_paged(q, sources, self.attn_sink, self.head_dim ** -0.5)
         o = self.ops.apply_rope(o, *batch.rope(inv_freq, heads=True), inverse=True)

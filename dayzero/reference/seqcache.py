@@ -48,8 +48,16 @@ class Batch:
         memo = self.__dict__.setdefault("_window", {})
         got = memo.get((size, offset))
         if got is None:
-            pos = self.positions[:, None] - size + 1 + torch.arange(size, device=self.positions.device)[None, :]
-            got = memo[(size, offset)] = (self.seq[:, None], pos + offset, pos >= 0)
+            pos = self.positions[:, None] + torch.arange(1 - size, 1, device=self.positions.device)
+            got = memo[(size, offset)] = (self.seq_col, pos if offset == 0 else pos + offset, pos >= 0)
+        return got
+
+    @property
+    def seq_col(self) -> torch.Tensor:
+        """seq [N, 1] (one view per batch: window and entry lookups share it)."""
+        got = self.__dict__.get("_seq_col")
+        if got is None:
+            got = self.__dict__["_seq_col"] = self.seq[:, None]
         return got
 
     def entries(self, ratio: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,8 +67,8 @@ class Batch:
         memo = self.__dict__.setdefault("_entries", {})
         got = memo.get((ratio, count))
         if got is None:
-            ids = torch.arange(count, device=self.positions.device)[None, :].expand(self.positions.shape[0], count)
-            got = memo[(ratio, count)] = (self.seq[:, None], ids, ids < ((self.positions + 1) // ratio)[:, None])
+            ids = torch.arange(count, device=self.positions.device).expand(self.positions.shape[0], count)
+            got = memo[(ratio, count)] = (self.seq_col, ids, ids < ((self.positions + 1) // ratio)[:, None])
         return got
 
     def stored(self, offset: int) -> torch.Tensor:
@@ -72,6 +80,15 @@ class Batch:
         got = memo.get(offset)
         if got is None:
             got = memo[offset] = self.positions + offset
+        return got
+
+    def phase(self, ratio: int) -> torch.Tensor:
+        """positions % ratio (each token's slot in its compression window): one tensor per ratio
+        and batch, shared by every compressor of that ratio."""
+        memo = self.__dict__.setdefault("_phase", {})
+        got = memo.get(ratio)
+        if got is None:
+            got = memo[ratio] = self.positions % ratio
         return got
 
     def closing(self, ratio: int, overlap: bool) -> tuple[torch.Tensor, ...] | None:
@@ -113,15 +130,23 @@ class Batch:
         memo = self.__dict__.setdefault("_rope", {})
         got = memo.get(id(inv_freq))
         if got is None or got[0] is not inv_freq:
-            from dayzero.ops import ref
-            cos, sin = ref.rope_cos_sin(self.positions, inv_freq)
+            # ref.rope_cos_sin's arithmetic, the positions as fp32 [N, 1] shared by every table
+            pf = self.__dict__.get("_positions_f")
+            if pf is None:
+                pf = self.__dict__["_positions_f"] = self.positions.to(torch.float32)[:, None]
+            freqs = pf * (inv_freq if inv_freq.device == pf.device else inv_freq.to(pf.device))
+            cos, sin = freqs.cos(), freqs.sin()
             got = memo[id(inv_freq)] = (inv_freq, cos, sin, cos[:, None], sin[:, None])
         return (got[3], got[4]) if heads else (got[1], got[2])
 
     def entry_span(self, ratio: int) -> int:
         """How many compressed entries at `ratio` the batch's lookups cover (ids 0 .. span - 1):
         the most any of its sequences has closed by its last token."""
-        return max((s + n) // ratio for s, n in zip(self.starts, self.lengths))
+        memo = self.__dict__.setdefault("_span", {})
+        got = memo.get(ratio)
+        if got is None:
+            got = memo[ratio] = max((s + n) // ratio for s, n in zip(self.starts, self.lengths))
+        return got
 
     @property
     def end(self) -> int:

@@ -117,3 +117,52 @@ def test_a_sequence_outside_the_batch_is_an_index_error():
     with pytest.raises(IndexError, match="out of range for a batch of 2"):
         fast.locate_rows(spec.layers[0], next(iter(spec.kinds)), torch.tensor([[2]]), torch.tensor([[0]]),
                          torch.tensor([[True]]))
+
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_slot_mapped_lookups_match_gathered_tables(seed):
+    """of_slots on CPUs: native lookups read the device tables' rows through the slot map (no gather
+    of the step's rows), the same ids and flags as a cache over the step's own tables; the PyTorch
+    path of the same cache gathers them on first use."""
+    from dayzero.cache.paged import DeviceTables
+    g, pools, tables, protect = _setup(seed, 3)
+    dev = DeviceTables(pools, 6, 8, CPU)
+    dev.update(tables[::-1] + [{n: [] for n in pools.groups}])  # other slots than the step's order
+    slots = dev.update(tables)
+    assert slots != [0, 1, 2]
+    mapped = PagedBatchCache.of_slots(pools, dev, slots, protect, CPU)
+    assert mapped._native and mapped._gathered is None
+    fast, slow = _pair(pools, tables, protect)
+    gathered = PagedBatchCache.of_slots(pools, dev, slots, protect, CPU)
+    gathered._native = False
+    for name, spec in pools.groups.items():
+        seq = torch.randint(0, 3, (11,), generator=g)
+        index = torch.randint(-3, 6 * spec.per_block, (11,), generator=g)
+        ratio = spec.ratio if any(protect) else None
+        (m, mk), (f, fk) = mapped._lookup(name, seq, index, ratio), fast._lookup(name, seq, index, ratio)
+        assert torch.equal(m, f) and (mk is None) == (fk is None) and (mk is None or torch.equal(mk, fk))
+        assert torch.equal(gathered._lookup(name, seq, index, ratio)[0], f)
+        sq, ix = torch.randint(0, 3, (7, 1), generator=g), torch.randint(0, 6 * spec.per_block, (7, 5), generator=g)
+        valid = torch.rand(7, 5, generator=g) < 0.7
+        layer, kind = spec.layers[0], next(iter(spec.kinds))
+        assert torch.equal(mapped.locate_rows(layer, kind, sq, ix, valid)[1], slow.locate_rows(layer, kind, sq, ix, valid)[1])
+    assert mapped._gathered is None and gathered._gathered is not None
+    assert _flagged(mapped) == _flagged(fast)
+    with pytest.raises(IndexError, match="sequence 3 is out of range for a batch of 3"):
+        mapped._lookup(next(iter(pools.groups)), torch.tensor([0, 3]), torch.tensor([0, 1]), None)
+
+
+def test_device_tables_live_follows_the_step_requests():
+    """DeviceTables uploads `live` only when the step's slots change: the same requests again keep
+    it, one leaving or arriving rewrites it."""
+    from dayzero.cache.paged import DeviceTables
+    _, pools, tables, _ = _setup(1, 3)
+    dev = DeviceTables(pools, 5, 8, CPU)
+    slots = dev.update(tables)
+    assert dev.live.tolist() == [i in slots for i in range(5)]
+    assert dev.update(tables) == slots and dev.live.tolist() == [i in slots for i in range(5)]
+    rest = dev.update(tables[1:])
+    assert dev.live.tolist() == [i in rest for i in range(5)] and dev.live.sum() == 2
+    back = dev.update(tables)
+    assert dev.live.tolist() == [i in back for i in range(5)] and dev.live.sum() == 3

@@ -27,3 +27,10 @@ void dz_rope(const void *x, int64_t bf16, int64_t N, int64_t H, int64_t Dh, cons
         }
     }
 }
+
+/* dz_rope's arguments as one int64 block (x, bf16, N, H, Dh, cos, sin, half, inverse, out,
+ * nthreads): ops/cpu/rope.py passes them packed, one ctypes argument instead of eleven. */
+void dz_rope_packed(const int64_t *a) {
+    dz_rope((const void *)a[0], a[1], a[2], a[3], a[4], (const float *)a[5], (const float *)a[6], a[7], a[8],
+            (void *)a[9], a[10]);
+}
