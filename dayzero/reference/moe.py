@@ -16,6 +16,24 @@ from dayzero.ops.rowwise import _CHUNK, _LANES
 from dayzero.reference.layers import Linear, UsesOps, fused_pair
 
 
+def _flat(ids: torch.Tensor) -> torch.Tensor:
+    return ids if ids.dim() == 1 else ids.reshape(-1)
+
+
+_ROUTE: list = []
+
+
+def _cpu_gate_route():
+    """ops/cpu/fused.gate_route where fused.c builds here, else None (looked up once)."""
+    if not _ROUTE:
+        try:
+            from dayzero.ops.cpu import fused
+            _ROUTE.append(fused.gate_route)
+        except (ImportError, RuntimeError):  # NativeUnavailable is a RuntimeError
+            _ROUTE.append(None)
+    return _ROUTE[0]
+
+
 class Gate(UsesOps, nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype):
         super().__init__()
@@ -29,11 +47,20 @@ class Gate(UsesOps, nn.Module):
             self.bias = nn.Parameter(torch.zeros(args.n_routed_experts), requires_grad=False)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, dim] -> weights [N, k] fp32, expert ids [N, k]; logits in fp32."""
-        logits = self.ops.fp32_linear(x, self.weight)
+        """x [N, dim] -> weights [N, k] fp32, expert ids [N, k]; logits in fp32. The native CPU table
+        runs the sequence below as ops/cpu/fused.gate_route (the same bits, fewer ops) where it
+        applies."""
+        ops = self.ops
+        if ops.name == "cpu" and self.score_func == "sqrtsoftplus" and "fp32_linear" in ops.kernels:
+            route = _cpu_gate_route()
+            got = route and route(x, self.weight, None if self.hash else self.bias, self.topk, self.route_scale,
+                                  self.tid2eid[_flat(input_ids)] if self.hash else None)
+            if got:
+                return got
+        logits = ops.fp32_linear(x, self.weight)
         if self.hash:
             return ref.route(logits, None, self.topk, self.route_scale, self.score_func,
-                             hash_idx=self.tid2eid[input_ids if input_ids.dim() == 1 else input_ids.reshape(-1)])
+                             hash_idx=self.tid2eid[_flat(input_ids)])
         return ref.route(logits, self.bias, self.topk, self.route_scale, self.score_func)
 
 

@@ -136,3 +136,20 @@ def test_swiglu_owned_is_the_twin(M, r):
     g = y[:, :r].clone()
     assert torch.equal(_bits(swiglu_owned(g, y[:, r:].clone(), 0.0)), _bits(want))
     assert torch.equal(_bits(g), _bits(y[:, :r]))  # the twin leaves its inputs as they are
+
+
+@pytest.mark.skipif(bool(cpu.unavailable().get("mhc")), reason="mhc.c does not build here")
+def test_rms_norm_never_serves_a_stale_weight():
+    from dayzero.ops.cpu import mhc as H
+    x = torch.randn(3, 256)
+    w = torch.randn(256).bfloat16()
+    H.rms_norm(x, w, 1e-6)
+    assert H._HELD in w.__dict__
+    keep = w.data
+    w.data = torch.randn(256).bfloat16()
+    assert torch.equal(H.rms_norm(x, w, 1e-6), H.rms_norm(x, _fresh(w), 1e-6))
+    w.data = w.data.float()  # another dtype: read as fp32
+    assert torch.equal(H.rms_norm(x, w, 1e-6), H.rms_norm(x, _fresh(w), 1e-6))
+    w.data = keep[:128]  # the same first byte, a width that no longer fits x: the twin's error
+    with pytest.raises(RuntimeError):
+        H.rms_norm(x, w, 1e-6)
