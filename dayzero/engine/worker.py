@@ -191,7 +191,8 @@ class Worker:
         captured = {} if self.capture else None
         X = self.model.forward_packed(torch.tensor(ids, device=self.device), Batch(starts, lengths, cache, self.device),
                                       captured, **replay)
-        logits = self.model.logits(X[want], self.model.head_weight()).float().cpu() if want else None
+        rows = X if len(want) == X.shape[0] and want == list(range(len(want))) else X[want]  # decode: every row
+        logits = self.model.logits(rows, self.model.head_weight()).float().cpu() if want else None
         if replay and want and logits.isnan().any():  # a row below a floor (not computed) is never sampled
             raise RuntimeError(f"bounded replay: a sampled row is below its sequence's replay floor {floors}")
         cache.check()  # after the step's first synchronisation: lookups outside held blocks are bugs

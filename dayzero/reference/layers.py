@@ -58,9 +58,10 @@ def fused_pair(first: "Linear", second: "Linear", x: torch.Tensor) -> tuple[torc
     y = first.ops.fp8_linear(flat, first.__dict__["_pair_weight"], first.__dict__["_pair_scale"],
                              act_quant=first.quant_input)
     r = first.out_features
+    a, b = torch.split_with_sizes(y, (r, y.shape[1] - r), 1)  # one call for both views
     if x.dim() == 2:
-        return y[:, :r], y[:, r:]
-    return y[:, :r].view(*x.shape[:-1], r), y[:, r:].view(*x.shape[:-1], -1)
+        return a, b
+    return a.view(*x.shape[:-1], r), b.view(*x.shape[:-1], -1)
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:

@@ -5,13 +5,33 @@ the asymmetric clamp; the routing weight multiplies the expert hidden before w2;
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dayzero.config import ModelArgs
 from dayzero.distributed.layout import Layout
 from dayzero.ops import ref
 from dayzero.ops.experts import PerExpert
+from dayzero.ops.rowwise import _CHUNK, _LANES
 from dayzero.reference.layers import Linear, UsesOps, fused_pair
+
+
+def _flat(ids: torch.Tensor) -> torch.Tensor:
+    return ids if ids.dim() == 1 else ids.reshape(-1)
+
+
+_ROUTE: list = []
+
+
+def _cpu_gate_route():
+    """ops/cpu/fused.gate_route where fused.c builds here, else None (looked up once)."""
+    if not _ROUTE:
+        try:
+            from dayzero.ops.cpu import fused
+            _ROUTE.append(fused.gate_route)
+        except (ImportError, RuntimeError):  # NativeUnavailable is a RuntimeError
+            _ROUTE.append(None)
+    return _ROUTE[0]
 
 
 class Gate(UsesOps, nn.Module):
@@ -27,12 +47,35 @@ class Gate(UsesOps, nn.Module):
             self.bias = nn.Parameter(torch.zeros(args.n_routed_experts), requires_grad=False)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, dim] -> weights [N, k] fp32, expert ids [N, k]; logits in fp32."""
-        logits = self.ops.fp32_linear(x, self.weight)
+        """x [N, dim] -> weights [N, k] fp32, expert ids [N, k]; logits in fp32. The native CPU table
+        runs the sequence below as ops/cpu/fused.gate_route (the same bits, fewer ops) where it
+        applies."""
+        ops = self.ops
+        if ops.name == "cpu" and self.score_func == "sqrtsoftplus" and "fp32_linear" in ops.kernels:
+            route = _cpu_gate_route()
+            got = route and route(x, self.weight, None if self.hash else self.bias, self.topk, self.route_scale,
+                                  self.tid2eid[_flat(input_ids)] if self.hash else None)
+            if got:
+                return got
+        logits = ops.fp32_linear(x, self.weight)
         if self.hash:
             return ref.route(logits, None, self.topk, self.route_scale, self.score_func,
-                             hash_idx=self.tid2eid[input_ids.reshape(-1)])
+                             hash_idx=self.tid2eid[_flat(input_ids)])
         return ref.route(logits, self.bias, self.topk, self.route_scale, self.score_func)
+
+
+def swiglu_owned(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """ref.swiglu, the same bits, over projections the caller owns (fresh outputs it does not read
+    again): clamped, silu'd and multiplied in place, 4 ops where the twin makes 7. Elementwise ops
+    compute an element alike in or out of place; what lanewise adds on the CPU (every element on
+    torch's vector path) holds here where each row's width is a multiple of its 64 lanes and the
+    call is one chunk below the thread split. Other cases (no clamp, autograd, other widths) run
+    the twin."""
+    n = gate.shape[-1]
+    if (limit <= 0 or gate.dtype is not torch.float32 or up.dtype is not torch.float32 or torch.is_grad_enabled()
+            or (gate.is_cpu and (n % _LANES or gate.numel() > _CHUNK or gate.stride(-1) != 1))):
+        return ref.swiglu(gate, up, limit)
+    return F.silu(gate.clamp_(max=limit), inplace=True).mul_(up.clamp_(-limit, limit))
 
 
 class Expert(nn.Module):
@@ -48,7 +91,7 @@ class Expert(nn.Module):
         self.w3 = Linear(dim, inter, fmt, dtype, official, split=0 if split else None)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        h = ref.swiglu(*fused_pair(self.w1, self.w3, x), self.limit)
+        h = swiglu_owned(*fused_pair(self.w1, self.w3, x), self.limit)
         if weight is not None:
             h = weight[:, None] * h
         return self.w2(h.to(x.dtype))
@@ -138,7 +181,8 @@ class MoE(UsesOps, nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
+        if len(shape) != 2:
+            x = x.reshape(-1, shape[-1])
         if self.data_parallel:
             return self._forward_dp(x, input_ids).view(shape)
         weights, ids = self.gate(x, input_ids)

@@ -193,3 +193,25 @@ void dz_fp8_nope_sim(const void *x, int64_t bf16, int64_t rows, int64_t n, int64
                              (size_t)rope * (bf16 ? 2 : 4));
     }
 }
+
+/* dz_route_weights: the router's weights from its scores (ref.route after torch's topk, or the hash
+ * ids): w[n, j] = (s_j / sum_j s_j) * scale, s_j = scores[n, idx[n, j]], k <= 2. One thread
+ * (decode-sized), and only operations IEEE 754 rounds exactly once (+, /, *) in the twin's order:
+ * the sum of at most two terms is the same in any order, and scores are >= +0, so 0 + s = s.
+ * An id outside [0, E) sets *bad and writes nothing more (the caller raises, as the twin's gather). */
+void dz_route_weights(const float *scores, int64_t N, int64_t E, const int64_t *idx, int64_t k, float scale,
+                      float *w, int64_t *bad) {
+    for (int64_t n = 0; n < N; n++) {
+        float s[2];
+        for (int64_t j = 0; j < k; j++) {
+            const int64_t e = idx[n * k + j];
+            if (e < 0 || e >= E) {
+                *bad = 1;
+                return;
+            }
+            s[j] = scores[n * E + e];
+        }
+        const float sum = k == 1 ? s[0] : s[0] + s[1];
+        for (int64_t j = 0; j < k; j++) w[n * k + j] = (s[j] / sum) * scale;
+    }
+}

@@ -5,10 +5,13 @@ OP_NAMES: an op table carries them as extra fields whose default is the twins' c
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
+import torch.nn.functional as F
 
 from dayzero.ops import ref
-from dayzero.ops.cpu import build
+from dayzero.ops.cpu import build, dense
 
 _F32, _BF16 = torch.float32, torch.bfloat16
 _MAX_N = 4096  # fused.c keeps a row on the stack
@@ -58,3 +61,41 @@ def fp8_nope_sim(x: torch.Tensor, rope_dim: int, block: int = 64) -> torch.Tenso
     if x.numel():
         _nope(x.data_ptr(), dt is _BF16, x.numel() // n, n, rope_dim, block, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+
+_weights = build.function("fused", "dz_route_weights", "piipifpp")
+_LANES, _CHUNK = 64, 32768 - 64  # ops/rowwise.py lanewise: every element on torch's vector path
+
+
+def gate_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, topk: int, route_scale: float,
+               hash_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The MoE gate, ref.route(dense.fp32_linear(x, weight), bias, topk, route_scale, "sqrtsoftplus",
+    hash_idx), bit for bit, in 6-8 torch ops where the sequence takes 13-14 (decode sizes: up to
+    _CHUNK logits). The logits are written by the same dense.c call into a buffer padded to whole
+    vector lanes, so torch's softplus reads exactly what the twin's lanewise hands it, and torch's
+    sqrt (not correctly rounded on its vector path) reads the same [N, E] view the twin's does;
+    the bias add and topk stay torch's; the weights for k <= 2 (gather, sum, division, scale: exact
+    IEEE operations) run in fused.c, for k > 2 torch's (its sum order). None where this does not
+    apply (the caller runs the sequence)."""
+    if x.dim() != 2 or torch.is_grad_enabled() or (bias is not None and (bias.dtype is not _F32 or not bias.is_cpu)):
+        return None
+    N, E = x.shape[0], weight.shape[0]
+    n = N * E
+    buf = torch.zeros(n + (-n % _LANES), dtype=_F32)
+    if not n or buf.numel() > _CHUNK or not dense.fp32_linear_into(x, weight, buf):
+        return None
+    scores = F.softplus(buf).as_strided((N, E), (E, 1)).sqrt()
+    if hash_idx is not None:
+        idx = hash_idx.long()
+    else:
+        idx = (scores if bias is None else scores + bias).topk(topk, dim=-1).indices
+    if idx.dim() != 2 or idx.shape[1] > 2 or idx.shape[0] != N or not idx.is_contiguous():
+        w = scores.gather(-1, idx)
+        return w / w.sum(-1, keepdim=True) * route_scale, idx
+    w = torch.empty(N, idx.shape[1], dtype=_F32)
+    bad = ctypes.c_int64(0)
+    _weights(scores.data_ptr(), N, E, idx.data_ptr(), idx.shape[1], route_scale, w.data_ptr(), ctypes.addressof(bad))
+    if bad.value:
+        raise RuntimeError(f"gate_route: expert ids must lie in [0, {E})")
+    return w, idx

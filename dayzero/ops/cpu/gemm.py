@@ -58,11 +58,70 @@ def _dense(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor):
             scale if scale.is_contiguous() else scale.contiguous())
 
 
+_HELD = "_dz_gemm_args"  # where a weight keeps its kernel arguments (its __dict__; see _held)
+
+
+def _held(weight: torch.Tensor, scale: torch.Tensor, tag) -> tuple | None:
+    """The kernel arguments `weight` keeps for (scale, tag) (`_hold`), or None. Served only while
+    weight and scale are the same tensors with the same first byte, shape, dtype and layout: a
+    weight replaced in place (`.data =`, set_, resize_, t_) or paired with another scale is
+    checked again, never read at a stale address."""
+    a = weight.__dict__.get(_HELD)
+    if (a is not None and a[0] is scale and a[1] == tag and a[2] == weight.data_ptr() and a[3] == scale.data_ptr()
+            and a[4] == weight.shape and a[5] == scale.shape and a[6] is weight.dtype and a[7] is scale.dtype
+            and weight.is_contiguous() and scale.is_contiguous()):
+        return a
+    return None
+
+
+def _hold(weight: torch.Tensor, scale: torch.Tensor, tag, e8: int, *rest) -> tuple:
+    """Keep on `weight` what its kernel calls read: (scale, tag, the validity key of `_held`,
+    weight pointer, scale pointer, scale kind, *rest)."""
+    a = weight.__dict__[_HELD] = (scale, tag, weight.data_ptr(), scale.data_ptr(), weight.shape, scale.shape,
+                                  weight.dtype, scale.dtype, weight.data_ptr(), scale.data_ptr(), e8, *rest)
+    return a
+
+
+def _fp8_args(weight: torch.Tensor, scale: torch.Tensor, block: int) -> tuple | None:
+    """(..., weight ptr, scale ptr, scale kind, O, K) of a weight the FP8 kernel reads as it lies
+    (CPU, e4m3, contiguous, scales of the block x block grid), kept on the weight; None otherwise.
+    The tags: the block side (fp8_linear), "fp4", ("grouped", G)."""
+    a = _held(weight, scale, block)
+    if a is not None:
+        return a
+    e8 = _scale_kind(scale)
+    if (e8 < 0 or weight.dtype is not _E4M3 or weight.dim() != 2 or scale.dim() != 2 or not weight.is_cpu
+            or not scale.is_cpu or (block != 128 and block != 32) or not weight.is_contiguous()
+            or not scale.is_contiguous()):
+        return None
+    O, K = weight.shape
+    if scale.shape != ((O + block - 1) // block, (K + block - 1) // block):
+        return None
+    return _hold(weight, scale, block, e8, O, K)
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool = False,
                block: int = 128) -> torch.Tensor:
     """ref.fp8_linear: x [M,K] @ W^T, W e4m3 [O,K], block x block scales (128: V4's; 32: V4.1's dense
     weights) -> [M,O] in x.dtype. act_quant: x is FP8-simulated per 128 inside the kernel, bit-exact with
-    ref.fp8_act_sim."""
+    ref.fp8_act_sim. A weight's own arguments are checked once and kept on it (`_fp8_args`)."""
+    a = _fp8_args(weight, scale, block)
+    dt = x.dtype
+    if a is None or (dt is not _BF16 and dt is not _F32) or not x.is_cpu or x.dim() != 2 or x.shape[1] != a[12]:
+        return _fp8_linear(x, weight, scale, act_quant, block)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    M, O = x.shape[0], a[11]
+    out = torch.empty((M, O), dtype=dt)
+    if M and O:
+        kernels.fp8_b(x.data_ptr(), x.stride(0), dt is _BF16, a[8], a[9], a[10], out.data_ptr(), M, O, a[12], act_quant,
+                      torch.get_num_threads(), block)
+    return out
+
+
+def _fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool,
+                block: int) -> torch.Tensor:
+    """fp8_linear for any inputs: strided weights copied, what the kernel does not take to the twin."""
     dt = x.dtype
     e8 = _scale_kind(scale)
     if (dt is not _BF16 and dt is not _F32) or e8 < 0 or weight.dtype is not _E4M3 or x.dim() != 2 \
@@ -86,7 +145,17 @@ def fp8_linear_grouped(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     fp8_linear per group + cat, the loop that cases the kernel does not take run (fp8_linear runs
     the twin where it does not take a group either); shapes that are no grouped linear raise the
     twin's ValueError."""
+    a = _held(weight, scale, ("grouped", groups)) if type(groups) is int else None
     dt = x.dtype
+    if a is not None and (dt is _BF16 or dt is _F32) and x.is_cpu and x.dim() == 2 and x.shape[1] == groups * a[12]:
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        M, O = x.shape[0], a[11]
+        out = torch.empty((M, O), dtype=dt)
+        if M and O:
+            kernels.fp8_grouped(x.data_ptr(), x.stride(0), dt is _BF16, a[8], a[9], a[10], out.data_ptr(), M, groups,
+                                O // groups, a[12], torch.get_num_threads())
+        return out
     e8 = _scale_kind(scale)
     if ((dt is not _BF16 and dt is not _F32) or e8 < 0 or weight.dtype is not _E4M3 or x.dim() != 2
             or weight.dim() != 2 or type(groups) is not int or groups < 1
@@ -96,6 +165,8 @@ def fp8_linear_grouped(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     O, K = weight.shape
     if O % groups or O // groups % 128 or Kx != groups * K or scale.shape != (O // 128, (K + 127) // 128):
         return _grouped_loop(x, weight, scale, groups)
+    if weight.is_contiguous() and scale.is_contiguous():  # read as it lies: kept for the next calls
+        _hold(weight, scale, ("grouped", groups), e8, O, K)
     x, weight, scale = _dense(x, weight, scale)
     out = torch.empty((M, O), dtype=dt)
     if M and O:
@@ -108,9 +179,20 @@ def _grouped_loop(x, weight, scale, groups) -> torch.Tensor:
     """fp8_linear_grouped as G calls of fp8_linear (ref.fp8_groups: the twin's checks and views)."""
     return torch.cat([fp8_linear(*part) for part in ref.fp8_groups(x, weight, scale, groups)], -1)
 
+
 def fp4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """ref.fp4_linear: x [M,K] @ W^T, W packed e2m1 int8 [O,K/2], per-32 scales [O,K/32] -> [M,O] x.dtype."""
+    a = _held(weight, scale, "fp4")
     dt = x.dtype
+    if a is not None and (dt is _BF16 or dt is _F32) and x.is_cpu and x.dim() == 2 and x.shape[1] == a[12]:
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        M, O = x.shape[0], a[11]
+        out = torch.empty((M, O), dtype=dt)
+        if M and O:
+            kernels.fp4(x.data_ptr(), x.stride(0), dt is _BF16, a[8], a[9], a[10], out.data_ptr(), M, O, a[12],
+                        torch.get_num_threads())
+        return out
     e8 = _scale_kind(scale)
     wd = weight.dtype
     if (dt is not _BF16 and dt is not _F32) or e8 < 0 or (wd is not _I8 and wd is not _U8) or x.dim() != 2 \
@@ -120,6 +202,8 @@ def fp4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
     O, Kh = weight.shape
     if Kx != 2 * Kh or Kx % 32 or scale.shape != (O, Kx // 32):
         return ref.fp4_linear(x, weight, scale)
+    if weight.is_contiguous() and scale.is_contiguous():  # read as it lies: kept for the next calls
+        _hold(weight, scale, "fp4", e8, O, Kx)
     x, weight, scale = _dense(x, weight, scale)
     out = torch.empty((M, O), dtype=dt)
     if M and O:

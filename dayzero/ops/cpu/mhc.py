@@ -23,6 +23,7 @@ _pool = build.function("mhc", "dz_compress_pool", "piiipiiiiiipi")
 _pre = build.function("mhc", "dz_hc_pre", "piiiipppiffpppi")
 _post = build.function("mhc", "dz_hc_post", "pipiiiipppi")
 _threads = torch.get_num_threads
+_HELD = "_dz_mhc_args"  # where an RMSNorm weight keeps its checked kernel arguments (its __dict__)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -33,12 +34,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     if weight is None:
         wk, wp = 0, None
     else:
-        wd = weight.dtype
-        if weight.shape != (d,) or not weight.is_cpu or (wd is not _F32 and wd is not _BF16):
-            return ref.rms_norm(x, weight, eps)
-        weight = weight.contiguous()
-        wk, wp = (1 if wd is _F32 else 2), weight.data_ptr()
-    x = x.contiguous()
+        a = weight.__dict__.get(_HELD)
+        if (a is not None and a[0] == weight.data_ptr() and a[1] == weight.shape and a[2] is weight.dtype
+                and weight.is_contiguous() and a[1][0] == d):
+            wk, wp = a[3], a[0]
+        else:
+            wd = weight.dtype
+            if weight.shape != (d,) or not weight.is_cpu or (wd is not _F32 and wd is not _BF16):
+                return ref.rms_norm(x, weight, eps)
+            if weight.is_contiguous():  # read as it lies: kept for the next calls
+                weight.__dict__[_HELD] = (weight.data_ptr(), weight.shape, wd, 1 if wd is _F32 else 2)
+            weight = weight.contiguous()
+            wk, wp = (1 if wd is _F32 else 2), weight.data_ptr()
+    if not x.is_contiguous():
+        x = x.contiguous()
     out = torch.empty_like(x)
     if d:
         _rms(x.data_ptr(), dt is _BF16, x.numel() // d, d, wp, wk, eps, out.data_ptr(), _threads())
