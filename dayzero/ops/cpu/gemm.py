@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import types
+from typing import NamedTuple
 
 import torch
 
@@ -61,31 +62,55 @@ def _dense(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor):
 _HELD = "_dz_gemm_args"  # where a weight keeps its kernel arguments (its __dict__; see _held)
 
 
-def _held(weight: torch.Tensor, scale: torch.Tensor, tag) -> tuple | None:
-    """The kernel arguments `weight` keeps for (scale, tag) (`_hold`), or None. Served only while
-    weight and scale are the same tensors with the same first byte, shape, dtype and layout: a
-    weight replaced in place (`.data =`, set_, resize_, t_) or paired with another scale is
-    checked again, never read at a stale address."""
+class _Args(NamedTuple):
+    """What a weight's kernel calls read (pointers, scale kind, O, K), kept on the weight by `_hold`
+    with what `_held` checks before serving it again."""
+    scale: torch.Tensor
+    tag: object  # the block side (fp8_linear), "fp4", ("grouped", G)
+    w: int
+    s: int
+    wshape: torch.Size
+    sshape: torch.Size
+    wdtype: torch.dtype
+    sdtype: torch.dtype
+    e8: int
+    O: int
+    K: int
+
+
+def _held(weight: torch.Tensor, scale: torch.Tensor, tag) -> _Args | None:
+    """The kernel arguments `weight` keeps for (scale, tag), or None. Served only while weight and
+    scale are the same tensors with the same first byte, shape, dtype and layout: a weight replaced
+    in place (`.data =`, set_, resize_, t_) or paired with another scale is checked again, never
+    read at a stale address."""
     a = weight.__dict__.get(_HELD)
-    if (a is not None and a[0] is scale and a[1] == tag and a[2] == weight.data_ptr() and a[3] == scale.data_ptr()
-            and a[4] == weight.shape and a[5] == scale.shape and a[6] is weight.dtype and a[7] is scale.dtype
-            and weight.is_contiguous() and scale.is_contiguous()):
+    if (a is not None and a.scale is scale and a.tag == tag and a.w == weight.data_ptr() and a.s == scale.data_ptr()
+            and a.wshape == weight.shape and a.sshape == scale.shape and a.wdtype is weight.dtype
+            and a.sdtype is scale.dtype and weight.is_contiguous() and scale.is_contiguous()):
         return a
     return None
 
 
-def _hold(weight: torch.Tensor, scale: torch.Tensor, tag, e8: int, *rest) -> tuple:
-    """Keep on `weight` what its kernel calls read: (scale, tag, the validity key of `_held`,
-    weight pointer, scale pointer, scale kind, *rest)."""
-    a = weight.__dict__[_HELD] = (scale, tag, weight.data_ptr(), scale.data_ptr(), weight.shape, scale.shape,
-                                  weight.dtype, scale.dtype, weight.data_ptr(), scale.data_ptr(), e8, *rest)
+def _hold(weight: torch.Tensor, scale: torch.Tensor, tag, e8: int, O: int, K: int) -> _Args:
+    a = weight.__dict__[_HELD] = _Args(scale, tag, weight.data_ptr(), scale.data_ptr(), weight.shape, scale.shape,
+                                       weight.dtype, scale.dtype, e8, O, K)
     return a
 
 
-def _fp8_args(weight: torch.Tensor, scale: torch.Tensor, block: int) -> tuple | None:
-    """(..., weight ptr, scale ptr, scale kind, O, K) of a weight the FP8 kernel reads as it lies
-    (CPU, e4m3, contiguous, scales of the block x block grid), kept on the weight; None otherwise.
-    The tags: the block side (fp8_linear), "fp4", ("grouped", G)."""
+def _io(x: torch.Tensor, a: _Args | None, K: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x with unit-stride rows, the output [M, a.O] in x's dtype) where kept arguments `a` serve x
+    (bf16 / fp32, CPU, [M, K]); None where the checked path must run."""
+    dt = x.dtype
+    if a is None or (dt is not _BF16 and dt is not _F32) or not x.is_cpu or x.dim() != 2 or x.shape[1] != K:
+        return None
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    return x, torch.empty((x.shape[0], a.O), dtype=dt)
+
+
+def _fp8_args(weight: torch.Tensor, scale: torch.Tensor, block: int) -> _Args | None:
+    """The kept arguments of a weight the FP8 kernel reads as it lies (CPU, e4m3, contiguous, scales
+    of the block x block grid), checked and kept on first use; None otherwise."""
     a = _held(weight, scale, block)
     if a is not None:
         return a
@@ -106,16 +131,13 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_q
     weights) -> [M,O] in x.dtype. act_quant: x is FP8-simulated per 128 inside the kernel, bit-exact with
     ref.fp8_act_sim. A weight's own arguments are checked once and kept on it (`_fp8_args`)."""
     a = _fp8_args(weight, scale, block)
-    dt = x.dtype
-    if a is None or (dt is not _BF16 and dt is not _F32) or not x.is_cpu or x.dim() != 2 or x.shape[1] != a[12]:
+    io = _io(x, a, a.K if a is not None else -1)
+    if io is None:
         return _fp8_linear(x, weight, scale, act_quant, block)
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    M, O = x.shape[0], a[11]
-    out = torch.empty((M, O), dtype=dt)
-    if M and O:
-        kernels.fp8_b(x.data_ptr(), x.stride(0), dt is _BF16, a[8], a[9], a[10], out.data_ptr(), M, O, a[12], act_quant,
-                      torch.get_num_threads(), block)
+    x, out = io
+    if out.numel():
+        kernels.fp8_b(x.data_ptr(), x.stride(0), x.dtype is _BF16, a.w, a.s, a.e8, out.data_ptr(), x.shape[0], a.O,
+                      a.K, act_quant, torch.get_num_threads(), block)
     return out
 
 
@@ -146,16 +168,14 @@ def fp8_linear_grouped(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     the twin where it does not take a group either); shapes that are no grouped linear raise the
     twin's ValueError."""
     a = _held(weight, scale, ("grouped", groups)) if type(groups) is int else None
-    dt = x.dtype
-    if a is not None and (dt is _BF16 or dt is _F32) and x.is_cpu and x.dim() == 2 and x.shape[1] == groups * a[12]:
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        M, O = x.shape[0], a[11]
-        out = torch.empty((M, O), dtype=dt)
-        if M and O:
-            kernels.fp8_grouped(x.data_ptr(), x.stride(0), dt is _BF16, a[8], a[9], a[10], out.data_ptr(), M, groups,
-                                O // groups, a[12], torch.get_num_threads())
+    io = _io(x, a, groups * a.K if a is not None else -1)
+    if io is not None:
+        x, out = io
+        if out.numel():
+            kernels.fp8_grouped(x.data_ptr(), x.stride(0), x.dtype is _BF16, a.w, a.s, a.e8, out.data_ptr(), x.shape[0],
+                                groups, a.O // groups, a.K, torch.get_num_threads())
         return out
+    dt = x.dtype
     e8 = _scale_kind(scale)
     if ((dt is not _BF16 and dt is not _F32) or e8 < 0 or weight.dtype is not _E4M3 or x.dim() != 2
             or weight.dim() != 2 or type(groups) is not int or groups < 1
@@ -183,16 +203,14 @@ def _grouped_loop(x, weight, scale, groups) -> torch.Tensor:
 def fp4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """ref.fp4_linear: x [M,K] @ W^T, W packed e2m1 int8 [O,K/2], per-32 scales [O,K/32] -> [M,O] x.dtype."""
     a = _held(weight, scale, "fp4")
-    dt = x.dtype
-    if a is not None and (dt is _BF16 or dt is _F32) and x.is_cpu and x.dim() == 2 and x.shape[1] == a[12]:
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        M, O = x.shape[0], a[11]
-        out = torch.empty((M, O), dtype=dt)
-        if M and O:
-            kernels.fp4(x.data_ptr(), x.stride(0), dt is _BF16, a[8], a[9], a[10], out.data_ptr(), M, O, a[12],
+    io = _io(x, a, a.K if a is not None else -1)
+    if io is not None:
+        x, out = io
+        if out.numel():
+            kernels.fp4(x.data_ptr(), x.stride(0), x.dtype is _BF16, a.w, a.s, a.e8, out.data_ptr(), x.shape[0], a.O, a.K,
                         torch.get_num_threads())
         return out
+    dt = x.dtype
     e8 = _scale_kind(scale)
     wd = weight.dtype
     if (dt is not _BF16 and dt is not _F32) or e8 < 0 or (wd is not _I8 and wd is not _U8) or x.dim() != 2 \
