@@ -363,8 +363,7 @@ def _rand_fp4(*shape, dev):
 
 
 def _lin_cases(fn, make, gpu_shapes, cpu_shapes):
-    """cases(device): bf16 x, V4-Flash (M, O, K) on GPUs (wq_a, wq_b, shared experts, prefill), (M, O, K, 32):
-    V4.1's 32x32 FP8 blocks. Keys name the weight shape only: one config per key for all its M."""
+    """cases(device): bf16 x; (M, O, K[, 32: V4.1's 32x32 blocks]); keys name the weight, one config for all M."""
     def cases(device):
         out = []
         for M, O, K, *b in gpu_shapes if torch.device(device).type == "cuda" else cpu_shapes:
@@ -398,5 +397,4 @@ TUNABLES: dict[str, tuning.Tunable] = {
         space=(_lin(16, 64, 128, 0, 4, 4), _lin(16, 128, 128, 0, 4, 4), _lin(16, 32, 256, 0, 4, 3),
                _lin(16, 64, 64, 2, 4, 4), _lin(64, 128, 64, 1, 8, 3)),
         cases=_lin_cases(fp4_linear, lambda O, K, dev: _rand_fp4(O, K, dev=dev), _FP4_GPU, [(3, 70, 128)])),
-
 }
